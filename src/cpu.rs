@@ -1,0 +1,56 @@
+//! The one way CPU-heavy work leaves the async runtime: a rayon pool, with a oneshot channel
+//! carrying the answer back to tokio, so a key generation never blocks a runtime thread.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("could not start the key-generation thread pool: {0}")]
+    Build(String),
+    #[error("a key-generation task panicked")]
+    Panicked,
+}
+
+/// A handle to the rayon pool; cheap to clone.
+#[derive(Clone)]
+pub struct CpuPool {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuPool {
+    /// `threads = 0` means one thread per core.
+    pub fn new(threads: usize) -> Result<Self, CpuError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("keyfleet-keygen-{i}"))
+            .build()
+            .map_err(|e| CpuError::Build(e.to_string()))?;
+        Ok(CpuPool {
+            pool: Arc::new(pool),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `f` on the pool and awaits its result. A panic inside `f` is caught on the pool
+    /// thread and reported as an error instead of tearing down the caller.
+    pub async fn run<F, T>(&self, f: F) -> Result<T, CpuError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.pool.spawn(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(out);
+        });
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(CpuError::Panicked),
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The two API dialects keyfleet speaks: Alibaba Cloud ECS `CreateKeyPair` ([`aliyun`]) and
+//! UCloud `CreateUHostKeyPair` ([`ucloud`]).
+//!
+//! This module holds what both share: the provider enum, the catalogue of regions that "exist",
+//! the quota/uniqueness [`Scope`], the validated [`CreateRequest`], the [`ApiError`] taxonomy,
+//! and the dispatchers ([`decode`], [`success_body`], [`error_body`]) that hand each request to
+//! its dialect. Every rule, code and message is taken from the seeds (see DESIGN §2); the
+//! per-dialect files document the check order and the exact wire forms.
+//!
+//! Empty values: a parameter present with `""` is "given as empty". A *required* parameter
+//! given as empty counts as not supplied (`MissingParameter`), because an empty name or region
+//! can only be a blank cell, never a value; an *optional* parameter given as empty is validated
+//! as given (so `Tag.1.Value=""` is an empty tag value, `ResourceGroupId=""` names no group).
+
+pub mod aliyun;
+pub mod ucloud;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+/// Key pairs allowed per [`Scope`] by both clouds (Alibaba: 500 per region and account;
+/// UCloud: the same per project and region, DESIGN §2). The registry enforces it.
+pub const KEY_PAIR_QUOTA: u32 = 500;
+
+/// Longest piece of caller text echoed back inside an error, so a hostile or broken job cannot
+/// blow up log lines and error bodies with its own parameter names or values.
+const ECHO_LIMIT: usize = 64;
+
+/// The cloud whose API semantics a request follows.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Aliyun,
+    Ucloud,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 2] = [Provider::Aliyun, Provider::Ucloud];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Aliyun => "aliyun",
+            Provider::Ucloud => "ucloud",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Provider {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let allowed: Vec<String> = Provider::ALL
+                    .iter()
+                    .map(|p| format!("\"{}\"", p.as_str()))
+                    .collect();
+                format!(
+                    "unknown provider {:?}: expected one of {}",
+                    clip(s),
+                    allowed.join(", ")
+                )
+            })
+    }
+}
+
+/// What exists in the (simulated) cloud: region ids per provider, Alibaba resource groups,
+/// UCloud defaults.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Catalog {
+    pub aliyun_regions: BTreeSet<String>,
+    pub ucloud_regions: BTreeSet<String>,
+    /// Alibaba `ResourceGroupId`s that exist.
+    pub resource_groups: BTreeSet<String>,
+    /// Used when UCloud `Region` is absent.
+    pub ucloud_default_region: String,
+}
+
+/// Alibaba Cloud public ECS region ids (as listed by `DescribeRegions`). Sydney
+/// (`ap-southeast-2`) and Mumbai (`ap-south-1`) are left out: Alibaba closed them, so the real
+/// API would refuse them too.
+pub const ALIYUN_REGIONS: &[&str] = &[
+    "cn-qingdao",
+    "cn-beijing",
+    "cn-zhangjiakou",
+    "cn-huhehaote",
+    "cn-wulanchabu",
+    "cn-hangzhou",
+    "cn-shanghai",
+    "cn-nanjing",
+    "cn-fuzhou",
+    "cn-shenzhen",
+    "cn-heyuan",
+    "cn-guangzhou",
+    "cn-chengdu",
+    "cn-wuhan-lr",
+    "cn-hongkong",
+    "cn-shanghai-finance-1",
+    "cn-shenzhen-finance-1",
+    "cn-beijing-finance-1",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-southeast-1",
+    "ap-southeast-3",
+    "ap-southeast-5",
+    "ap-southeast-6",
+    "ap-southeast-7",
+    "us-east-1",
+    "us-west-1",
+    "na-south-1",
+    "eu-west-1",
+    "eu-central-1",
+    "me-east-1",
+    "me-central-1",
+];
+
+/// UCloud public region ids, plus `cn-zj`, which the seed's request example uses.
+pub const UCLOUD_REGIONS: &[&str] = &[
+    "cn-bj2",
+    "cn-sh2",
+    "cn-gd",
+    "cn-wlcb",
+    "cn-qz",
+    "cn-zj",
+    "hk",
+    "tw-tp",
+    "jpn-tky",
+    "kr-seoul",
+    "sg",
+    "th-bkk",
+    "idn-jakarta",
+    "vn-sng",
+    "ph-mnl",
+    "ind-mumbai",
+    "uae-dubai",
+    "rus-mosc",
+    "ge-fra",
+    "uk-london",
+    "us-ca",
+    "us-ws",
+    "bra-saopaulo",
+    "afr-nigeria",
+];
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog {
+            aliyun_regions: ALIYUN_REGIONS.iter().map(|s| s.to_string()).collect(),
+            ucloud_regions: UCLOUD_REGIONS.iter().map(|s| s.to_string()).collect(),
+            // The seed's example ResourceGroupId.
+            resource_groups: BTreeSet::from(["rg-resourcegroupid1".to_string()]),
+            ucloud_default_region: "cn-bj2".to_string(),
+        }
+    }
+}
+
+impl Catalog {
+    /// The region ids that exist for `provider`.
+    pub fn regions(&self, provider: Provider) -> &BTreeSet<String> {
+        match provider {
+            Provider::Aliyun => &self.aliyun_regions,
+            Provider::Ucloud => &self.ucloud_regions,
+        }
+    }
+}
+
+/// Quota and uniqueness scope: provider + owner + region. For Alibaba owner = the account; for
+/// UCloud owner = the effective ProjectId.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Scope {
+    pub provider: Provider,
+    pub owner: String,
+    pub region: String,
+}
+
+impl Scope {
+    /// `provider:owner:region`, e.g. `aliyun:acct:cn-hangzhou`. Owner and region are
+    /// percent-encoded for `:` and `%` so distinct scopes never share a key (the owner is free
+    /// text), and for `{`/`}` so a key never carries an accidental Redis Cluster hash tag.
+    pub fn key(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.provider.as_str(),
+            escape_key_part(&self.owner),
+            escape_key_part(&self.region)
+        )
+    }
+}
+
+fn escape_key_part(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+/// A validated create request.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreateRequest {
+    pub scope: Scope,
+    /// `KeyPairName`.
+    pub name: String,
+    /// Alibaba only.
+    pub resource_group_id: Option<String>,
+    /// Alibaba only, in N order.
+    pub tags: Vec<Tag>,
+    /// UCloud only.
+    pub zone: Option<String>,
+}
+
+impl CreateRequest {
+    pub fn provider(&self) -> Provider {
+        self.scope.provider
+    }
+}
+
+/// Every way a create can fail, for both dialects. The registry produces `QuotaExceeded` /
+/// `AlreadyExists`. Display is a human sentence for logs; it never contains key material.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// A required parameter is absent (or given as empty); holds its name.
+    #[error("the required parameter {0} is missing")]
+    MissingParameter(String),
+    /// Unknown parameter name, a bad `Action` value (`name == "Action"`, see
+    /// [`ApiError::ACTION`]), a malformed UCloud `ProjectId`, …
+    #[error("parameter {name:?} is not valid: {reason}")]
+    InvalidParameter { name: String, reason: String },
+    #[error("the key pair name is not valid")]
+    NameMalformed,
+    #[error("region {0:?} does not exist")]
+    RegionNotFound(String),
+    /// UCloud: Zone given but not in the region.
+    #[error("zone {0:?} does not exist in the region")]
+    ZoneNotFound(String),
+    #[error("resource group {0:?} does not exist")]
+    ResourceGroupNotFound(String),
+    #[error("two tags have the same key")]
+    DuplicateTagKey,
+    #[error("a tag key is not valid")]
+    TagKeyMalformed,
+    #[error("a tag value is not valid")]
+    TagValueMalformed,
+    #[error("more than 20 tags (a tag index above 20)")]
+    TooManyTags,
+    #[error("the key pair quota of this region is used up")]
+    QuotaExceeded,
+    #[error("a key pair with this name already exists in this region")]
+    AlreadyExists,
+    /// keyfleet itself failed for this request (not the caller's fault).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The parameter name under which a bad `Action` value is reported; dialects answer it with
+    /// their "no such action" code rather than a generic invalid-parameter code.
+    pub const ACTION: &'static str = "Action";
+
+    /// How `provider`'s API answers this error.
+    pub fn reply(&self, provider: Provider) -> ErrorReply {
+        match provider {
+            Provider::Aliyun => aliyun::reply(self),
+            Provider::Ucloud => ucloud::reply(self),
+        }
+    }
+
+    /// Unknown parameter name; the name is clipped before it is echoed anywhere.
+    pub(crate) fn unknown_parameter(name: &str, reason: &str) -> ApiError {
+        ApiError::InvalidParameter {
+            name: clip(name),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// How a dialect answers an error.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorReply {
+    /// Alibaba: the seed's HttpCode; UCloud: always 200.
+    pub http_status: u16,
+    /// Alibaba: the error code (`InvalidKeyPairName.Malformed`, …); UCloud: the RetCode as a
+    /// decimal string.
+    pub code: String,
+    /// Alibaba: the seed's message text exactly; UCloud: a clear message.
+    pub message: String,
+    /// UCloud RetCode, `None` for Alibaba.
+    pub ret_code: Option<i64>,
+}
+
+/// Decode + validate a flat map of API parameter names (Alibaba `RegionId`, `KeyPairName`,
+/// `ResourceGroupId`, `Tag.N.Key`, `Tag.N.Value`, optional `Action`; UCloud `Region`, `Zone`,
+/// `ProjectId`, `KeyPairName`, optional `Action`). Unknown parameter names are an
+/// `InvalidParameter` error: other systems publish jobs to us and must learn about typos.
+/// `owner` is the account (Alibaba) or the default project (UCloud, used when `ProjectId` is
+/// absent). The check order of each dialect is documented in its module.
+pub fn decode(
+    provider: Provider,
+    owner: &str,
+    params: &BTreeMap<String, String>,
+    catalog: &Catalog,
+) -> Result<CreateRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::decode(owner, params, catalog),
+        Provider::Ucloud => ucloud::decode(owner, params, catalog),
+    }
+}
+
+/// What a successful create produced (filled in by the pipeline).
+#[derive(Clone)]
+pub struct Created<'a> {
+    pub request_id: uuid::Uuid,
+    /// UCloud `KeyPairId` (`uhostkp-` + 8 lower-case alphanumerics); unused by Alibaba.
+    pub key_pair_id: &'a str,
+    /// Unix seconds.
+    pub create_time: i64,
+    /// The dialect's `KeyPairFingerPrint`.
+    pub fingerprint: &'a str,
+    /// What goes into `PrivateKeyBody` (the PEM, or a file path in the manifest).
+    pub private_key_body: &'a str,
+}
+
+/// Hand-written so that debug-logging a result never prints a private key.
+impl fmt::Debug for Created<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Created")
+            .field("request_id", &self.request_id)
+            .field("key_pair_id", &self.key_pair_id)
+            .field("create_time", &self.create_time)
+            .field("fingerprint", &self.fingerprint)
+            .field("private_key_body", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The dialect's success response body, exactly as the API answers.
+pub fn success_body(req: &CreateRequest, created: &Created<'_>) -> serde_json::Value {
+    match req.provider() {
+        Provider::Aliyun => aliyun::success_json(req, created),
+        Provider::Ucloud => ucloud::success_json(req, created),
+    }
+}
+
+/// The dialect's error body (Alibaba `{RequestId, HostId, Code, Message, Recommend}`, UCloud
+/// `{RetCode, Action, Message}`).
+pub fn error_body(provider: Provider, err: &ApiError, request_id: uuid::Uuid) -> serde_json::Value {
+    match provider {
+        Provider::Aliyun => aliyun::error_json(err, request_id),
+        Provider::Ucloud => ucloud::error_json(err),
+    }
+}
+
+/// Caller text as it may appear inside an error: at most [`ECHO_LIMIT`] characters.
+pub(crate) fn clip(s: &str) -> String {
+    match s.char_indices().nth(ECHO_LIMIT) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+/// "Chinese character" in both dialects' name rules: CJK Unified Ideographs U+4E00–U+9FFF and
+/// Extension A U+3400–U+4DBF. Extensions B+ (supplementary planes), compatibility ideographs,
+/// radicals and CJK punctuation are not accepted: they are not what either console calls a
+/// Chinese character, and rejecting is the side that cannot create an unusable name.
+pub fn is_chinese(c: char) -> bool {
+    matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3400}'..='\u{4DBF}')
+}
+
+/// Lower-case hex of `bytes`. Hand-rolled because md-5's output type does not keep its hex
+/// formatting traits across versions (0.11 dropped `{:x}`).
+pub(crate) fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_round_trip() {
+        for p in Provider::ALL {
+            assert_eq!(p.as_str().parse::<Provider>(), Ok(p));
+            assert_eq!(p.to_string(), p.as_str());
+            assert_eq!(
+                serde_json::to_value(p).unwrap(),
+                serde_json::json!(p.as_str())
+            );
+        }
+        assert_eq!("ALIYUN".parse::<Provider>(), Ok(Provider::Aliyun));
+        assert_eq!("UCloud".parse::<Provider>(), Ok(Provider::Ucloud));
+    }
+
+    #[test]
+    fn provider_parse_error_names_value_and_choices() {
+        for bad in ["aws", "", " aliyun", "aliyun "] {
+            let err = bad.parse::<Provider>().unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+            assert!(
+                err.contains("\"aliyun\"") && err.contains("\"ucloud\""),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn scope_keys_are_unambiguous() {
+        let s = |p, o: &str, r: &str| Scope {
+            provider: p,
+            owner: o.into(),
+            region: r.into(),
+        };
+        assert_eq!(
+            s(Provider::Aliyun, "acct", "cn-hangzhou").key(),
+            "aliyun:acct:cn-hangzhou"
+        );
+        assert_eq!(s(Provider::Ucloud, "org-1", "hk").key(), "ucloud:org-1:hk");
+        // Without escaping these two would both be "aliyun:a:b:c".
+        assert_ne!(
+            s(Provider::Aliyun, "a:b", "c").key(),
+            s(Provider::Aliyun, "a", "b:c").key()
+        );
+        assert_eq!(
+            s(Provider::Aliyun, "a:b%{x}", "r").key(),
+            "aliyun:a%3Ab%25%7Bx%7D:r"
+        );
+        // An owner that literally contains an escape sequence stays distinct.
+        assert_ne!(
+            s(Provider::Aliyun, "a%3Ab", "r").key(),
+            s(Provider::Aliyun, "a:b", "r").key()
+        );
+    }
+
+    #[test]
+    fn default_catalog() {
+        let c = Catalog::default();
+        for r in [
+            "cn-qingdao",
+            "cn-hangzhou",
+            "ap-southeast-1",
+            "us-west-1",
+            "eu-central-1",
+        ] {
+            assert!(c.aliyun_regions.contains(r), "{r}");
+        }
+        for r in [
+            "cn-bj2", "cn-sh2", "cn-gd", "cn-wlcb", "hk", "us-ca", "cn-zj",
+        ] {
+            assert!(c.ucloud_regions.contains(r), "{r}");
+        }
+        assert!(c.resource_groups.contains("rg-resourcegroupid1"));
+        assert_eq!(c.ucloud_default_region, "cn-bj2");
+        assert!(c.ucloud_regions.contains(&c.ucloud_default_region));
+        assert_eq!(c.regions(Provider::Aliyun), &c.aliyun_regions);
+        assert_eq!(c.regions(Provider::Ucloud), &c.ucloud_regions);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Catalog>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn chinese_ranges() {
+        for (c, ok) in [
+            ('\u{3400}', true),
+            ('\u{4DBF}', true),
+            ('\u{4E00}', true),
+            ('\u{9FFF}', true),
+            ('密', true),
+            ('\u{33FF}', false),
+            ('\u{4DC0}', false), // Yijing hexagram, between Ext A and the main block
+            ('\u{A000}', false),
+            ('\u{20000}', false),
+            ('。', false),
+            ('a', false),
+        ] {
+            assert_eq!(is_chinese(c), ok, "{:?}", c);
+        }
+    }
+
+    #[test]
+    fn clip_limits_echoed_text() {
+        assert_eq!(clip("short"), "short");
+        let long = "密".repeat(100);
+        let clipped = clip(&long);
+        assert_eq!(clipped.chars().count(), ECHO_LIMIT + 1);
+        assert!(clipped.ends_with('…'));
+        assert_eq!(clip(&"x".repeat(ECHO_LIMIT)), "x".repeat(ECHO_LIMIT));
+    }
+
+    #[test]
+    fn hex_is_lower_case_pairs() {
+        assert_eq!(hex_lower(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex_lower(&[]), "");
+    }
+
+    #[test]
+    fn display_is_a_sentence_per_variant() {
+        for e in all_errors() {
+            let s = e.to_string();
+            assert!(!s.is_empty() && !s.contains("BEGIN"), "{s}");
+        }
+    }
+
+    #[test]
+    fn created_debug_redacts_private_key() {
+        let c = Created {
+            request_id: uuid::Uuid::nil(),
+            key_pair_id: "uhostkp-abcd1234",
+            create_time: 1,
+            fingerprint: "fp",
+            private_key_body: "-----BEGIN PRIVATE KEY-----SECRET",
+        };
+        let d = format!("{c:?}");
+        assert!(!d.contains("SECRET") && d.contains("redacted"), "{d}");
+    }
+
+    #[test]
+    fn dispatchers_route_by_provider() {
+        let cat = Catalog::default();
+        let a: BTreeMap<String, String> = [("RegionId", "cn-hangzhou"), ("KeyPairName", "ab")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let req = decode(Provider::Aliyun, "acct", &a, &cat).unwrap();
+        assert_eq!(req.provider(), Provider::Aliyun);
+        let u: BTreeMap<String, String> = [("KeyPairName".to_string(), "k".to_string())].into();
+        let req = decode(Provider::Ucloud, "proj", &u, &cat).unwrap();
+        assert_eq!(req.provider(), Provider::Ucloud);
+        let e = ApiError::NameMalformed;
+        assert_eq!(e.reply(Provider::Aliyun).http_status, 400);
+        assert_eq!(e.reply(Provider::Ucloud).http_status, 200);
+        assert!(error_body(Provider::Aliyun, &e, uuid::Uuid::nil())
+            .get("HostId")
+            .is_some());
+        assert!(error_body(Provider::Ucloud, &e, uuid::Uuid::nil())
+            .get("RetCode")
+            .is_some());
+    }
+
+    /// One value of every variant, for exhaustive reply tables in the dialect tests.
+    pub(crate) fn all_errors() -> Vec<ApiError> {
+        vec![
+            ApiError::MissingParameter("KeyPairName".into()),
+            ApiError::InvalidParameter {
+                name: "Foo".into(),
+                reason: "unknown parameter".into(),
+            },
+            ApiError::NameMalformed,
+            ApiError::RegionNotFound("xx".into()),
+            ApiError::ZoneNotFound("xx-01".into()),
+            ApiError::ResourceGroupNotFound("rg-x".into()),
+            ApiError::DuplicateTagKey,
+            ApiError::TagKeyMalformed,
+            ApiError::TagValueMalformed,
+            ApiError::TooManyTags,
+            ApiError::QuotaExceeded,
+            ApiError::AlreadyExists,
+            ApiError::Internal("disk full".into()),
+        ]
+    }
+}

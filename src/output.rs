@@ -1,0 +1,231 @@
+//! The output folder of `keyfleet run` / `collect`: one key file per created pair (mode 0600,
+//! never overwritten) with its `.pub` beside it, and `manifest.jsonl`, one line per input row in
+//! input order.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::job::{set_private_key_body, JobResult, Status};
+
+pub const MANIFEST: &str = "manifest.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot write to output folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write manifest {path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why one result's key could not be written (the run goes on; that row fails).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("refusing to overwrite existing key file {0}")]
+    Exists(PathBuf),
+    #[error("cannot write key file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct OutputDir {
+    root: PathBuf,
+    manifest_path: PathBuf,
+    manifest: BufWriter<File>,
+    /// The manifest of an earlier run in the same folder, kept under this name.
+    pub rotated: Option<PathBuf>,
+}
+
+/// File-name-safe form of a path component: keeps letters (any script), digits and `-_.:`,
+/// percent-encodes the rest, and never yields `.`/`..` or a leading dot.
+pub fn path_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        let keep = c.is_alphanumeric() || matches!(c, '-' | '_' | ':') || (c == '.' && i > 0);
+        if keep {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+impl OutputDir {
+    /// Creates the folder (and parents) and a fresh manifest. An existing manifest is kept
+    /// beside it as `manifest-<unix seconds>.jsonl` rather than overwritten.
+    pub fn create(root: &Path) -> Result<Self, OutputError> {
+        let folder_err = |source| OutputError::Folder {
+            path: root.to_owned(),
+            source,
+        };
+        fs::create_dir_all(root).map_err(folder_err)?;
+        let manifest_path = root.join(MANIFEST);
+        let mut rotated = None;
+        if manifest_path.exists() {
+            let mut n = crate::job::unix_now();
+            let target = loop {
+                let candidate = root.join(format!("manifest-{n}.jsonl"));
+                if !candidate.exists() {
+                    break candidate;
+                }
+                n += 1;
+            };
+            fs::rename(&manifest_path, &target).map_err(folder_err)?;
+            rotated = Some(target);
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&manifest_path)
+            .map_err(|source| OutputError::Manifest {
+                path: manifest_path.clone(),
+                source,
+            })?;
+        Ok(OutputDir {
+            root: root.to_owned(),
+            manifest_path,
+            manifest: BufWriter::new(file),
+            rotated,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn manifest_path(&self) -> &Path {
+        &self.manifest_path
+    }
+
+    /// Where a created pair's private key goes: `<provider>/<owner>/<region>/<name>.pem`.
+    pub fn key_path(&self, r: &JobResult) -> PathBuf {
+        self.root
+            .join(r.provider.as_str())
+            .join(path_component(&r.owner))
+            .join(path_component(r.region.as_deref().unwrap_or("-")))
+            .join(format!(
+                "{}.pem",
+                path_component(r.key_pair_name.as_deref().unwrap_or("-"))
+            ))
+    }
+
+    /// Writes the private key (0600, created new, synced) and its `.pub`, and points the
+    /// result's `PrivateKeyBody` at the file. The in-memory key is dropped (zeroized) here.
+    pub fn write_key(&self, r: &mut JobResult) -> Result<PathBuf, KeyFileError> {
+        let path = self.key_path(r);
+        let Some(pem) = r.private_key.take() else {
+            return Err(KeyFileError::Io {
+                path,
+                source: std::io::Error::other("no private key to write"),
+            });
+        };
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| KeyFileError::Io { path, source }
+        };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let mut file = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(KeyFileError::Exists(path))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        file.write_all(pem.0.as_bytes()).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        let pub_path = path.with_extension("pub");
+        let public = format!(
+            "{} {}\n",
+            r.public_key.as_deref().unwrap_or_default(),
+            r.key_pair_name.as_deref().unwrap_or_default()
+        );
+        let mut pub_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&pub_path)
+            .map_err(io(&pub_path))?;
+        pub_file.write_all(public.as_bytes()).map_err(io(&pub_path))?;
+        set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
+        Ok(path)
+    }
+
+    /// Appends one manifest line.
+    pub fn append(&mut self, r: &JobResult, key_file: Option<&Path>) -> Result<(), OutputError> {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            #[serde(flatten)]
+            result: &'a JobResult,
+            private_key_file: Option<String>,
+        }
+        debug_assert!(r.status == Status::Failed || key_file.is_some());
+        let line = Line {
+            result: r,
+            private_key_file: key_file.map(|p| p.to_string_lossy().into_owned()),
+        };
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        serde_json::to_writer(&mut self.manifest, &line).map_err(|e| err(e.into()))?;
+        self.manifest.write_all(b"\n").map_err(err)
+    }
+
+    /// Flushes and syncs the manifest.
+    pub fn finish(mut self) -> Result<PathBuf, OutputError> {
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        self.manifest.flush().map_err(err)?;
+        self.manifest.get_ref().sync_all().map_err(err)?;
+        Ok(self.manifest_path)
+    }
+
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        self.manifest.flush().map_err(|source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_components_are_safe() {
+        assert_eq!(path_component("web-01"), "web-01");
+        assert_eq!(path_component("密钥对"), "密钥对");
+        assert_eq!(path_component("a/b"), "a%2Fb");
+        assert_eq!(path_component(".."), "%2E.");
+        assert_eq!(path_component(""), "%00");
+        assert_eq!(path_component("a b"), "a%20b");
+    }
+}

@@ -1,0 +1,1 @@
+//! The prime engine (placeholder, being written).

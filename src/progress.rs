@@ -1,0 +1,125 @@
+//! Progress of a long batch: a bar on a terminal, plain periodic lines otherwise (CI logs,
+//! files), and the counts the end-of-run summary is made from.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::job::{JobResult, Status};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, lines otherwise.
+    #[default]
+    Auto,
+    Bar,
+    Lines,
+    Off,
+}
+
+/// Counts by outcome; what the summary reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Tally {
+    pub rows: u64,
+    pub created: u64,
+    pub failed: u64,
+    /// Failed rows per error code.
+    pub failed_by_code: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub fn add(&mut self, r: &JobResult) {
+        self.rows += 1;
+        match r.status {
+            Status::Created => self.created += 1,
+            Status::Failed => {
+                self.failed += 1;
+                let code = r.code.clone().unwrap_or_else(|| "unknown".into());
+                *self.failed_by_code.entry(code).or_default() += 1;
+            }
+        }
+    }
+}
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    started: Instant,
+    last_line: Instant,
+    every: Duration,
+    total: Option<u64>,
+    pub tally: Tally,
+}
+
+impl Progress {
+    pub fn new(mode: ProgressMode, total: Option<u64>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let (bar, lines) = match mode {
+            ProgressMode::Off => (false, false),
+            ProgressMode::Bar => (true, false),
+            ProgressMode::Lines => (false, true),
+            ProgressMode::Auto => (terminal, !terminal),
+        };
+        let bar = bar.then(|| {
+            let pb = match total {
+                Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()),
+                None => ProgressBar::new_spinner(),
+            };
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {per_sec}  eta {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            pb.set_style(style);
+            pb
+        });
+        let now = Instant::now();
+        Progress {
+            bar,
+            lines,
+            started: now,
+            last_line: now,
+            every: Duration::from_secs(5),
+            total,
+            tally: Tally::default(),
+        }
+    }
+
+    pub fn record(&mut self, r: &JobResult) {
+        self.tally.add(r);
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!(
+                "created {}  failed {}",
+                self.tally.created, self.tally.failed
+            ));
+        } else if self.lines && self.last_line.elapsed() >= self.every {
+            self.last_line = Instant::now();
+            eprintln!("{}", self.line());
+        }
+    }
+
+    fn line(&self) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let of = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+        format!(
+            "progress: {}{of} rows, {} created, {} failed, {:.1} keys/s",
+            self.tally.rows,
+            self.tally.created,
+            self.tally.failed,
+            self.tally.created as f64 / secs
+        )
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn finish(self) -> (Tally, Duration) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        (self.tally, self.started.elapsed())
+    }
+}

@@ -1,0 +1,314 @@
+//! The registry in one local file (redb): what `keyfleet run`, `describe` and `delete` use when
+//! no servers are configured. Every operation is one write transaction, so reserve / commit /
+//! release are atomic and survive a crash at any point.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use uuid::Uuid;
+
+use super::{
+    now_ms, reserve_decision, Entry, Filter, KeyPairRecord, Registry, RegistryError,
+    ReserveDecision, Reserved,
+};
+use crate::dialect::Scope;
+
+/// `scope key \n name` → JSON of [`Entry`].
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+/// `scope key` → slots counted against its quota.
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+
+/// Separates scope and name in an entry key; it cannot occur in either (scope keys escape
+/// control characters and names forbid them).
+const SEP: char = '\n';
+
+#[derive(Clone)]
+pub struct EmbeddedRegistry {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+fn entry_key(scope: &Scope, name: &str) -> String {
+    format!("{}{SEP}{name}", scope.key())
+}
+
+fn decode_entry(bytes: &[u8]) -> Result<Entry, RegistryError> {
+    serde_json::from_slice(bytes).map_err(storage)
+}
+
+fn encode_entry(entry: &Entry) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(entry).map_err(storage)
+}
+
+impl EmbeddedRegistry {
+    /// Opens (or creates) the state file, creating its parent folder.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                RegistryError::Storage(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| {
+            RegistryError::Storage(format!("cannot open state file {}: {e}", path.display()))
+        })?;
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(ENTRIES).map_err(storage)?;
+        txn.open_table(COUNTS).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        Ok(EmbeddedRegistry {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, RegistryError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?
+    }
+}
+
+/// Removes expired reservations of one scope; returns how many slots were freed.
+fn sweep_expired(
+    entries: &mut redb::Table<&str, &[u8]>,
+    scope_key: &str,
+    now: i64,
+) -> Result<u64, RegistryError> {
+    let lo = format!("{scope_key}{SEP}");
+    let hi = format!("{scope_key}{}", char::from(SEP as u8 + 1));
+    let mut expired = Vec::new();
+    for item in entries.range(lo.as_str()..hi.as_str()).map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        if let Entry::Reserved { deadline_ms, .. } = decode_entry(v.value())? {
+            if deadline_ms <= now {
+                expired.push(k.value().to_owned());
+            }
+        }
+    }
+    for k in &expired {
+        entries.remove(k.as_str()).map_err(storage)?;
+    }
+    Ok(expired.len() as u64)
+}
+
+impl Registry for EmbeddedRegistry {
+    async fn reserve(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        quota: u64,
+        ttl_ms: i64,
+    ) -> Result<Reserved, RegistryError> {
+        let scope_key = scope.key();
+        let key = entry_key(scope, name);
+        self.blocking(move |db| {
+            let now = now_ms();
+            let txn = db.begin_write().map_err(storage)?;
+            let outcome = {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let mut counts = txn.open_table(COUNTS).map_err(storage)?;
+                let existing = match entries.get(key.as_str()).map_err(storage)? {
+                    Some(v) => Some(decode_entry(v.value())?),
+                    None => None,
+                };
+                let outcome = match reserve_decision(existing.as_ref(), job_id, now) {
+                    ReserveDecision::Taken => return Err(RegistryError::AlreadyExists),
+                    ReserveDecision::Reuse(how) => how,
+                    ReserveDecision::NeedsSlot => {
+                        let mut used = counts
+                            .get(scope_key.as_str())
+                            .map_err(storage)?
+                            .map(|v| v.value())
+                            .unwrap_or(0);
+                        if used >= quota {
+                            used -= sweep_expired(&mut entries, &scope_key, now)?.min(used);
+                            counts.insert(scope_key.as_str(), used).map_err(storage)?;
+                            if used >= quota {
+                                return Err(RegistryError::QuotaExceeded);
+                            }
+                        }
+                        counts
+                            .insert(scope_key.as_str(), used + 1)
+                            .map_err(storage)?;
+                        Reserved::Fresh
+                    }
+                };
+                let entry = Entry::Reserved {
+                    job_id,
+                    deadline_ms: now + ttl_ms,
+                };
+                entries
+                    .insert(key.as_str(), encode_entry(&entry)?.as_slice())
+                    .map_err(storage)?;
+                outcome
+            };
+            txn.commit().map_err(storage)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn commit(&self, record: &KeyPairRecord) -> Result<(), RegistryError> {
+        let key = entry_key(&record.scope, &record.name);
+        let record = record.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let existing = match entries.get(key.as_str()).map_err(storage)? {
+                    Some(v) => Some(decode_entry(v.value())?),
+                    None => None,
+                };
+                match existing {
+                    Some(Entry::Reserved { job_id, .. }) if job_id == record.job_id => {}
+                    _ => return Err(RegistryError::ReservationLost),
+                }
+                let entry = Entry::Pair(record);
+                entries
+                    .insert(key.as_str(), encode_entry(&entry)?.as_slice())
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn mark_delivered(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+    ) -> Result<(), RegistryError> {
+        let key = entry_key(scope, name);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let existing = match entries.get(key.as_str()).map_err(storage)? {
+                    Some(v) => Some(decode_entry(v.value())?),
+                    None => None,
+                };
+                match existing {
+                    Some(Entry::Pair(mut r)) if r.job_id == job_id => {
+                        r.delivered = true;
+                        entries
+                            .insert(key.as_str(), encode_entry(&Entry::Pair(r))?.as_slice())
+                            .map_err(storage)?;
+                    }
+                    _ => return Err(RegistryError::ReservationLost),
+                }
+            }
+            txn.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn release(&self, scope: &Scope, name: &str, job_id: Uuid) -> Result<(), RegistryError> {
+        let scope_key = scope.key();
+        let key = entry_key(scope, name);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let mut counts = txn.open_table(COUNTS).map_err(storage)?;
+                let existing = match entries.get(key.as_str()).map_err(storage)? {
+                    Some(v) => Some(decode_entry(v.value())?),
+                    None => None,
+                };
+                let mine = match existing {
+                    Some(Entry::Reserved { job_id: j, .. }) => j == job_id,
+                    Some(Entry::Pair(r)) => r.job_id == job_id && !r.delivered,
+                    None => false,
+                };
+                if mine {
+                    entries.remove(key.as_str()).map_err(storage)?;
+                    let used = counts
+                        .get(scope_key.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    counts
+                        .insert(scope_key.as_str(), used.saturating_sub(1))
+                        .map_err(storage)?;
+                }
+            }
+            txn.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn describe(&self, filter: &Filter) -> Result<Vec<KeyPairRecord>, RegistryError> {
+        let filter = filter.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let entries = txn.open_table(ENTRIES).map_err(storage)?;
+            let mut out = Vec::new();
+            for item in entries.iter().map_err(storage)? {
+                let (_, v) = item.map_err(storage)?;
+                if let Entry::Pair(r) = decode_entry(v.value())? {
+                    if filter.matches(&r) {
+                        out.push(r);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, scope: &Scope, name: &str) -> Result<bool, RegistryError> {
+        let scope_key = scope.key();
+        let key = entry_key(scope, name);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(storage)?;
+            let removed = {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let mut counts = txn.open_table(COUNTS).map_err(storage)?;
+                let removed = entries.remove(key.as_str()).map_err(storage)?.is_some();
+                if removed {
+                    let used = counts
+                        .get(scope_key.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    counts
+                        .insert(scope_key.as_str(), used.saturating_sub(1))
+                        .map_err(storage)?;
+                }
+                removed
+            };
+            txn.commit().map_err(storage)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {
+        let scope_key = scope.key();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let counts = txn.open_table(COUNTS).map_err(storage)?;
+            Ok(counts
+                .get(scope_key.as_str())
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(0))
+        })
+        .await
+    }
+}

@@ -1,0 +1,244 @@
+//! The registry of key pairs: atomic reserve / commit / release of names under a per-scope
+//! quota, and the records that `describe` and `delete` work on.
+//!
+//! One trait, one implementation per mode: `embedded.rs` (a redb file, for `keyfleet run`)
+//! and, in distributed mode, Redis. The rules of a reservation are in [`Entry`] so every
+//! implementation applies the same ones.
+
+pub mod embedded;
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::dialect::{Scope, Tag};
+
+/// A registered key pair. Holds the public half only: private keys are never stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPairRecord {
+    pub scope: Scope,
+    pub name: String,
+    pub job_id: Uuid,
+    /// UCloud's `KeyPairId`; `None` for Alibaba, which names pairs by name alone.
+    pub key_pair_id: Option<String>,
+    /// The dialect's `KeyPairFingerPrint` (Alibaba: MD5 of the key; UCloud: its own md5 form).
+    pub key_pair_fingerprint: String,
+    pub fingerprint_md5: String,
+    pub fingerprint_sha256: String,
+    pub public_key: String,
+    pub created_at: i64,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    #[serde(default)]
+    pub resource_group_id: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Whether the private key reached its one destination. An undelivered pair is replaced
+    /// with a fresh one when its job comes back (redelivery, or a re-run after a crash).
+    pub delivered: bool,
+}
+
+/// What a name in a scope is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Entry {
+    /// Held for `job_id` until `deadline_ms` (Unix milliseconds): a crashed worker's
+    /// reservation expires instead of leaking quota.
+    Reserved { job_id: Uuid, deadline_ms: i64 },
+    Pair(KeyPairRecord),
+}
+
+/// How a successful reserve came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserved {
+    /// A new slot was counted against the quota.
+    Fresh,
+    /// The job already held this name (a redelivery): nothing counted twice.
+    Resumed,
+    /// An expired reservation of another job was taken over (its slot reused).
+    TookOver,
+    /// The job's own undelivered key pair is being replaced (its slot reused).
+    Replacing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the key pair quota of this region is used up")]
+    QuotaExceeded,
+    #[error("a key pair with this name already exists")]
+    AlreadyExists,
+    /// The reservation this job relied on is gone (expired and taken by another job).
+    #[error("the reservation for this key pair was lost")]
+    ReservationLost,
+    /// The store itself failed: worth retrying.
+    #[error("registry storage error: {0}")]
+    Storage(String),
+}
+
+/// What to do with an existing entry when `job_id` asks for its name. `None` entry means the
+/// name is free (the quota check is separate, because it needs the scope's count).
+pub fn reserve_decision(entry: Option<&Entry>, job_id: Uuid, now_ms: i64) -> ReserveDecision {
+    match entry {
+        None => ReserveDecision::NeedsSlot,
+        Some(Entry::Reserved { job_id: owner, .. }) if *owner == job_id => {
+            ReserveDecision::Reuse(Reserved::Resumed)
+        }
+        Some(Entry::Reserved { deadline_ms, .. }) if *deadline_ms <= now_ms => {
+            ReserveDecision::Reuse(Reserved::TookOver)
+        }
+        Some(Entry::Pair(r)) if r.job_id == job_id && !r.delivered => {
+            ReserveDecision::Reuse(Reserved::Replacing)
+        }
+        Some(_) => ReserveDecision::Taken,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReserveDecision {
+    NeedsSlot,
+    Reuse(Reserved),
+    Taken,
+}
+
+/// Filters of `describe`, modelled on DescribeKeyPairs.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub provider: Option<crate::dialect::Provider>,
+    pub owner: Option<String>,
+    pub region: Option<String>,
+    /// `*` matches any run of characters.
+    pub name: Option<String>,
+    /// Matches the dialect fingerprint, the MD5 form or the SHA-256 form.
+    pub fingerprint: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, r: &KeyPairRecord) -> bool {
+        self.provider.is_none_or(|p| p == r.scope.provider)
+            && self.owner.as_ref().is_none_or(|o| *o == r.scope.owner)
+            && self.region.as_ref().is_none_or(|g| *g == r.scope.region)
+            && self.name.as_ref().is_none_or(|n| wildcard_match(n, &r.name))
+            && self.fingerprint.as_ref().is_none_or(|f| {
+                *f == r.key_pair_fingerprint || *f == r.fingerprint_md5 || *f == r.fingerprint_sha256
+            })
+    }
+}
+
+/// `*`-only glob over characters (DescribeKeyPairs' KeyPairName filter).
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] != '*' && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// The registry seam. Every method is atomic on its own.
+pub trait Registry: Send + Sync + 'static {
+    /// Binds `name` in `scope` to `job_id` for `ttl_ms`, counting it against `quota` unless the
+    /// job already holds it.
+    fn reserve(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        quota: u64,
+        ttl_ms: i64,
+    ) -> impl Future<Output = Result<Reserved, RegistryError>> + Send;
+
+    /// Turns the job's reservation into a record (not yet delivered).
+    fn commit(
+        &self,
+        record: &KeyPairRecord,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Marks the job's record delivered: from now on its name answers AlreadyExist.
+    fn mark_delivered(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Frees the job's reservation or undelivered record, and its quota slot.
+    fn release(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Registered key pairs matching `filter`, in scope and name order.
+    fn describe(
+        &self,
+        filter: &Filter,
+    ) -> impl Future<Output = Result<Vec<KeyPairRecord>, RegistryError>> + Send;
+
+    /// Deletes a key pair (or a stale reservation) by name; `true` when something was removed.
+    fn delete(
+        &self,
+        scope: &Scope,
+        name: &str,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Slots counted against the quota of `scope` (records plus live reservations).
+    fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard() {
+        assert!(wildcard_match("*", ""));
+        assert!(wildcard_match("web-*", "web-01"));
+        assert!(wildcard_match("*-01", "web-01"));
+        assert!(wildcard_match("w*b*1", "web-01"));
+        assert!(wildcard_match("密钥*", "密钥对"));
+        assert!(!wildcard_match("web-*", "db-01"));
+        assert!(!wildcard_match("web", "web-01"));
+    }
+
+    #[test]
+    fn reserve_decisions() {
+        let me = Uuid::new_v4();
+        let other = Uuid::new_v4();
+        assert_eq!(reserve_decision(None, me, 10), ReserveDecision::NeedsSlot);
+        let live = Entry::Reserved { job_id: other, deadline_ms: 100 };
+        assert_eq!(reserve_decision(Some(&live), me, 10), ReserveDecision::Taken);
+        assert_eq!(
+            reserve_decision(Some(&live), me, 100),
+            ReserveDecision::Reuse(Reserved::TookOver)
+        );
+        let mine = Entry::Reserved { job_id: me, deadline_ms: 100 };
+        assert_eq!(
+            reserve_decision(Some(&mine), me, 1_000),
+            ReserveDecision::Reuse(Reserved::Resumed)
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! `keyfleet run`: the whole pipeline in one process on the embedded store. Rows stream from
+//! the batch file through a bounded channel, at most `concurrency` jobs are in flight (keys are
+//! made on the rayon pool), and results are delivered in input order to the output folder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{self, Format, Row, RowDefaults};
+use crate::cpu::CpuPool;
+use crate::dialect::ApiError;
+use crate::job::{now_rfc3339, JobResult};
+use crate::output::OutputDir;
+use crate::pipeline::{Outcome, Pipeline, Settings};
+use crate::progress::{Progress, ProgressMode, Tally};
+use crate::registry::embedded::EmbeddedRegistry;
+use crate::registry::Registry;
+use crate::upstream::{LocalUpstream, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Batch(#[from] batch::BatchError),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu::CpuError),
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub input: PathBuf,
+    pub format: Option<Format>,
+    pub out: PathBuf,
+    pub state: PathBuf,
+    /// Rayon threads; 0 = one per core.
+    pub threads: usize,
+    pub defaults: RowDefaults,
+    pub settings: Settings,
+    pub progress: ProgressMode,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub tally: Tally,
+    pub seconds: f64,
+    pub keys_per_second: f64,
+    pub threads: usize,
+    pub manifest: PathBuf,
+    /// A signal stopped the run before the whole batch was read.
+    pub interrupted: bool,
+}
+
+/// How many times an internal failure (storage, a lost reservation) is retried before the
+/// row is answered with an internal error.
+const ATTEMPTS: u32 = 3;
+
+/// Runs a batch file through the pipeline on the embedded store.
+pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
+    let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);
+    run_with(opts, registry, Arc::new(LocalUpstream), shutdown).await
+}
+
+/// [`run`] with the registry and upstream supplied (tests and benchmarks use this).
+pub async fn run_with<R: Registry, U: Upstream>(
+    opts: RunOptions,
+    registry: Arc<R>,
+    upstream: Arc<U>,
+    shutdown: CancellationToken,
+) -> Result<Summary, RunError> {
+    // Fail on an unreadable input before creating anything.
+    std::fs::File::open(&opts.input).map_err(|source| batch::BatchError::Io {
+        path: opts.input.clone(),
+        source,
+    })?;
+    let mut out = OutputDir::create(&opts.out)?;
+    if let Some(old) = &out.rotated {
+        tracing::info!("kept the previous manifest as {}", old.display());
+    }
+    let cpu = CpuPool::new(opts.threads)?;
+    let threads = cpu.threads();
+    let pipeline = Pipeline::new(registry, upstream, cpu, opts.settings.clone());
+
+    // Enough jobs in flight to keep every rayon thread busy while results wait for their
+    // turn in input order; small enough that memory does not depend on the batch size.
+    let concurrency = threads * 4 + 4;
+    let (tx, rx) = mpsc::channel::<Row>(concurrency * 2);
+    let (input, format, defaults) = (opts.input.clone(), opts.format, opts.defaults.clone());
+    let reader = std::thread::Builder::new()
+        .name("keyfleet-batch-reader".into())
+        .spawn(move || batch::read_rows(&input, format, &defaults, |row| tx.blocking_send(row).is_ok()))
+        .map_err(|e| batch::BatchError::Io {
+            path: opts.input.clone(),
+            source: e,
+        })?;
+
+    let total = batch::count_rows(&opts.input, opts.format);
+    let mut progress = Progress::new(opts.progress, total);
+    let rows = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+        .take_until(shutdown.clone().cancelled_owned());
+    let defaults = opts.defaults.clone();
+    let mut results = std::pin::pin!(rows
+        .map(|row| {
+            let pipeline = pipeline.clone();
+            let defaults = defaults.clone();
+            async move { process(&pipeline, row, &defaults).await }
+        })
+        .buffered(concurrency));
+
+    let mut flushed = std::time::Instant::now();
+    while let Some(outcome) = results.next().await {
+        let result = deliver(&pipeline, &mut out, outcome?).await?;
+        progress.record(&result);
+        if flushed.elapsed() > Duration::from_secs(1) {
+            out.flush()?;
+            flushed = std::time::Instant::now();
+        }
+    }
+    drop(results);
+    let interrupted = shutdown.is_cancelled();
+    let read = reader
+        .join()
+        .map_err(|_| batch::BatchError::Io {
+            path: opts.input.clone(),
+            source: std::io::Error::other("the batch reader thread panicked"),
+        })?;
+    if !interrupted {
+        read?;
+    }
+    let manifest = out.finish()?;
+    let (tally, elapsed) = progress.finish();
+    let seconds = elapsed.as_secs_f64();
+    Ok(Summary {
+        keys_per_second: tally.created as f64 / seconds.max(1e-9),
+        tally,
+        seconds,
+        threads,
+        manifest,
+        interrupted,
+    })
+}
+
+async fn process<R: Registry, U: Upstream>(
+    pipeline: &Pipeline<R, U>,
+    row: Row,
+    defaults: &RowDefaults,
+) -> Result<Outcome, RunError> {
+    let job = match row {
+        Row::Job(job) => job,
+        Row::Bad {
+            line,
+            provider,
+            owner,
+            reason,
+        } => {
+            return Ok(Outcome {
+                result: JobResult::unparseable(&defaults.batch_id, Some(line), provider, &owner, &reason),
+                pending: None,
+            })
+        }
+    };
+    let mut attempt = 1;
+    loop {
+        match pipeline.create(&job, attempt).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!(line = job.line, attempt, "retrying after internal error: {e}");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                let err = ApiError::Internal(e.to_string());
+                return Ok(Outcome {
+                    result: JobResult::failed(&job, &err, now_rfc3339(), attempt),
+                    pending: None,
+                });
+            }
+        }
+    }
+}
+
+/// Writes the key file (if any), confirms or abandons the pair, and appends the manifest line.
+async fn deliver<R: Registry, U: Upstream>(
+    pipeline: &Pipeline<R, U>,
+    out: &mut OutputDir,
+    outcome: Outcome,
+) -> Result<JobResult, RunError> {
+    let Outcome {
+        mut result,
+        pending,
+    } = outcome;
+    let mut key_file = None;
+    if let Some(p) = pending {
+        match out.write_key(&mut result) {
+            Ok(path) => {
+                pipeline.confirm(&p).await?;
+                key_file = Some(path);
+            }
+            Err(e) => {
+                tracing::warn!(line = result.line, "{e}");
+                result = pipeline.abandon(&p, result, &e.to_string()).await?;
+            }
+        }
+    }
+    out.append(&result, key_file.as_deref())?;
+    Ok(result)
+}
