@@ -142,7 +142,12 @@ impl JobResult {
             status: Status::Failed,
             http_status: reply.http_status,
             code: Some(reply.code),
-            message: Some(reply.message),
+            // The response body stays as the API would answer; the manifest's message also says
+            // what went wrong inside keyfleet, so an operator can act on it.
+            message: Some(match err {
+                ApiError::Internal(detail) => format!("{} ({detail})", reply.message),
+                _ => reply.message,
+            }),
             key_pair_name: job.params.get("KeyPairName").cloned(),
             region: job
                 .params

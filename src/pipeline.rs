@@ -76,6 +76,24 @@ pub struct Pending {
     pub job_id: Uuid,
 }
 
+/// A job whose name is reserved, waiting for its key.
+#[derive(Debug)]
+pub struct Reservation {
+    pub job: Job,
+    pub req: dialect::CreateRequest,
+    pub pending: Pending,
+    pub started_at: String,
+    pub attempt: u32,
+}
+
+/// Where a job stands after [`Pipeline::reserve`].
+#[derive(Debug)]
+pub enum Stage {
+    /// Already answered (bad request, quota, name taken).
+    Answered(Outcome),
+    Reserved(Box<Reservation>),
+}
+
 /// What a job came to before delivery.
 #[derive(Debug)]
 pub struct Outcome {
@@ -125,24 +143,35 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
     }
 
     /// Runs every stage up to delivery. Request faults become failed results; only failures of
-    /// keyfleet's own machinery come back as `Err`.
+    /// keyfleet's own machinery come back as `Err` (the job may then be run again: its
+    /// reservation is found by job id, so nothing is counted twice).
     pub async fn create(&self, job: &Job, attempt: u32) -> Result<Outcome, TransientError> {
+        match self.reserve(job, attempt).await? {
+            Stage::Answered(outcome) => Ok(outcome),
+            Stage::Reserved(r) => self.make(r).await,
+        }
+    }
+
+    /// Decode, validate and reserve the name. Cheap; `keyfleet run` does this in input order so
+    /// that, of two rows with the same name, the first one wins.
+    pub async fn reserve(&self, job: &Job, attempt: u32) -> Result<Stage, TransientError> {
         let started_at = now_rfc3339();
-        let failed = |err: &ApiError| Outcome {
-            result: JobResult::failed(job, err, started_at.clone(), attempt),
-            pending: None,
+        let failed = |err: &ApiError| {
+            Stage::Answered(Outcome {
+                result: JobResult::failed(job, err, started_at.clone(), attempt),
+                pending: None,
+            })
         };
         let req = match dialect::decode(job.provider, &job.owner, &job.params, &self.settings.catalog)
         {
             Ok(req) => req,
             Err(e) => return Ok(failed(&e)),
         };
-        let scope = req.scope.clone();
-        let quota = self.settings.quota.for_region(&scope.region);
+        let quota = self.settings.quota.for_region(&req.scope.region);
         let ttl_ms = self.settings.reservation_ttl.as_millis() as i64;
         match self
             .registry
-            .reserve(&scope, &req.name, job.job_id, quota, ttl_ms)
+            .reserve(&req.scope, &req.name, job.job_id, quota, ttl_ms)
             .await
         {
             Ok(_) => {}
@@ -150,12 +179,34 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
             Err(RegistryError::AlreadyExists) => return Ok(failed(&ApiError::AlreadyExists)),
             Err(e) => return Err(e.into()),
         }
-        let pending = Pending {
-            scope: scope.clone(),
-            name: req.name.clone(),
-            job_id: job.job_id,
+        Ok(Stage::Reserved(Box::new(Reservation {
+            pending: Pending {
+                scope: req.scope.clone(),
+                name: req.name.clone(),
+                job_id: job.job_id,
+            },
+            job: job.clone(),
+            req,
+            started_at,
+            attempt,
+        })))
+    }
+
+    /// Key generation (on the rayon pool), upstream registration and commit for a reserved
+    /// name. Every early exit gives the reservation back.
+    pub async fn make(&self, r: Box<Reservation>) -> Result<Outcome, TransientError> {
+        let Reservation {
+            job,
+            req,
+            pending,
+            started_at,
+            attempt,
+        } = *r;
+        let scope = &pending.scope;
+        let failed = |err: &ApiError| Outcome {
+            result: JobResult::failed(&job, err, started_at.clone(), attempt),
+            pending: None,
         };
-        // From here on every early exit gives the reservation back.
         let (bits, engine) = (job.key_bits, self.settings.engine);
         let keys = match self.cpu.run(move || keygen::generate(bits, engine)).await {
             Ok(Ok(k)) => k,
@@ -195,16 +246,13 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
             zone: req.zone.clone(),
             delivered: false,
         };
-        if let Err(e) = self.registry.commit(&record).await {
-            // Our reservation was taken over (we were slower than its TTL): nothing of ours
-            // is registered, so the job can safely be run again.
-            return Err(e.into());
-        }
-        let request_id = Uuid::new_v4();
+        // A failed commit means our reservation was taken over (we were slower than its TTL):
+        // nothing of ours is registered, so the job can safely be run again.
+        self.registry.commit(&record).await?;
         let response = dialect::success_body(
             &req,
             &Created {
-                request_id,
+                request_id: Uuid::new_v4(),
                 key_pair_id: key_pair_id.as_deref().unwrap_or(""),
                 create_time: record.created_at,
                 fingerprint: &key_pair_fingerprint,
@@ -221,19 +269,19 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
             http_status: 200,
             code: None,
             message: None,
-            key_pair_name: Some(req.name.clone()),
+            key_pair_name: Some(record.name),
             region: Some(scope.region.clone()),
             owner: scope.owner.clone(),
             response,
-            public_key: Some(keys.public_line.clone()),
-            fingerprint_md5: Some(keys.fingerprint_md5.clone()),
-            fingerprint_sha256: Some(keys.fingerprint_sha256.clone()),
+            public_key: Some(record.public_key),
+            fingerprint_md5: Some(record.fingerprint_md5),
+            fingerprint_sha256: Some(record.fingerprint_sha256),
             key_pair_fingerprint: Some(key_pair_fingerprint),
             key_pair_id,
             attempt,
             started_at,
             finished_at: now_rfc3339(),
-            private_key: Some(SecretPem(keys.private_pem.clone())),
+            private_key: Some(SecretPem(keys.private_pem)),
         };
         Ok(Outcome {
             result,

@@ -15,7 +15,7 @@ use crate::cpu::CpuPool;
 use crate::dialect::ApiError;
 use crate::job::{now_rfc3339, JobResult};
 use crate::output::OutputDir;
-use crate::pipeline::{Outcome, Pipeline, Settings};
+use crate::pipeline::{Outcome, Pipeline, Reservation, Settings, Stage, TransientError};
 use crate::progress::{Progress, ProgressMode, Tally};
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::Registry;
@@ -106,17 +106,28 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let rows = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
         .take_until(shutdown.clone().cancelled_owned());
     let defaults = opts.defaults.clone();
-    let mut results = std::pin::pin!(rows
-        .map(|row| {
+    // Names are reserved one row at a time in input order (so the first of two rows with the
+    // same name wins, as a reader of the file expects); keys are then made concurrently.
+    let staged = rows.then(|row| {
+        let pipeline = pipeline.clone();
+        let defaults = defaults.clone();
+        async move { stage(&pipeline, row, &defaults).await }
+    });
+    let mut results = std::pin::pin!(staged
+        .map(|staged| {
             let pipeline = pipeline.clone();
-            let defaults = defaults.clone();
-            async move { process(&pipeline, row, &defaults).await }
+            async move {
+                match staged {
+                    Stage::Answered(outcome) => outcome,
+                    Stage::Reserved(r) => make(&pipeline, r).await,
+                }
+            }
         })
         .buffered(concurrency));
 
     let mut flushed = std::time::Instant::now();
     while let Some(outcome) = results.next().await {
-        let result = deliver(&pipeline, &mut out, outcome?).await?;
+        let result = deliver(&pipeline, &mut out, outcome).await?;
         progress.record(&result);
         if flushed.elapsed() > Duration::from_secs(1) {
             out.flush()?;
@@ -147,11 +158,12 @@ pub async fn run_with<R: Registry, U: Upstream>(
     })
 }
 
-async fn process<R: Registry, U: Upstream>(
+/// Turns a row into a reserved job or an answer, retrying internal failures.
+async fn stage<R: Registry, U: Upstream>(
     pipeline: &Pipeline<R, U>,
     row: Row,
     defaults: &RowDefaults,
-) -> Result<Outcome, RunError> {
+) -> Stage {
     let job = match row {
         Row::Job(job) => job,
         Row::Bad {
@@ -160,7 +172,7 @@ async fn process<R: Registry, U: Upstream>(
             owner,
             reason,
         } => {
-            return Ok(Outcome {
+            return Stage::Answered(Outcome {
                 result: JobResult::unparseable(&defaults.batch_id, Some(line), provider, &owner, &reason),
                 pending: None,
             })
@@ -168,21 +180,42 @@ async fn process<R: Registry, U: Upstream>(
     };
     let mut attempt = 1;
     loop {
-        match pipeline.create(&job, attempt).await {
-            Ok(outcome) => return Ok(outcome),
+        match pipeline.reserve(&job, attempt).await {
+            Ok(stage) => return stage,
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(line = job.line, attempt, "retrying after internal error: {e}");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 attempt += 1;
             }
-            Err(e) => {
-                let err = ApiError::Internal(e.to_string());
-                return Ok(Outcome {
-                    result: JobResult::failed(&job, &err, now_rfc3339(), attempt),
-                    pending: None,
-                });
-            }
+            Err(e) => return Stage::Answered(internal(&job, attempt, &e)),
         }
+    }
+}
+
+/// Makes the key for a reserved job; an internal failure runs the whole job again (its
+/// reservation is found by job id), up to [`ATTEMPTS`] times.
+async fn make<R: Registry, U: Upstream>(pipeline: &Pipeline<R, U>, r: Box<Reservation>) -> Outcome {
+    let job = r.job.clone();
+    let mut attempt = r.attempt;
+    let mut result = pipeline.make(r).await;
+    loop {
+        match result {
+            Ok(outcome) => return outcome,
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!(line = job.line, attempt, "retrying after internal error: {e}");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                attempt += 1;
+                result = pipeline.create(&job, attempt).await;
+            }
+            Err(e) => return internal(&job, attempt, &e),
+        }
+    }
+}
+
+fn internal(job: &crate::job::Job, attempt: u32, e: &TransientError) -> Outcome {
+    Outcome {
+        result: JobResult::failed(job, &ApiError::Internal(e.to_string()), now_rfc3339(), attempt),
+        pending: None,
     }
 }
 

@@ -1,1 +1,118 @@
-//! The prime engine (placeholder, being written).
+//! The RSA prime engine: random probable primes of 1024, 1536 or 2048 bits for RSA-2048, -3072
+//! and -4096 keys, several times faster than `rsa::RsaPrivateKey::new`, assembled into keys by
+//! `rsa::RsaPrivateKey::from_p_q` (which does not check primality: the engine does).
+//!
+//! # How a prime is found
+//! 1. A window of `W = bits/2` odd candidates `base + 2j` is drawn from the OS CSPRNG, `base`
+//!    with its top two bits set (so `p ≥ √2·2^(bits−1)` and `n` has exactly `nlen` bits).
+//!    [`sieve`] marks the positions divisible by one of the 6541 odd primes below 2¹⁶, congruent
+//!    to 1 mod 65537 (so `gcd(e, p − 1) = 1`), or with more than [`miller_rabin::S_MAX`] trailing
+//!    zeros in `p − 1`. About 1.4 primes are expected per window; W/10 positions survive.
+//! 2. Survivors are taken in a uniformly random order. Each gets a Miller-Rabin round to base 2
+//!    (a cheap filter: ~97% of survivors are composites and fail it), then
+//!    [`miller_rabin::rounds_for_bits`] rounds with random bases (5 at 1024 bits, FIPS 186-5
+//!    Table B.1's 2⁻¹¹² column). The first candidate to pass is the prime. A window whose
+//!    survivors are exhausted is dropped for a fresh one.
+//! 3. [`generate_rsa_key`] draws q until `|p − q| > 2^(nlen/2 − 100)`, calls `from_p_q`
+//!    (which computes `d = e⁻¹ mod λ(n)` and validates), and redraws both if `d ≤ 2^(nlen/2)`.
+//!
+//! # Constant-time discipline
+//! Every operation on a value that may become a secret prime — residues, sieve verdicts,
+//! candidate selection, Montgomery arithmetic, exponent digits, `s` and `d` in Miller-Rabin —
+//! runs with loop bounds, branches and memory addresses fixed by public sizes: the sieve
+//! advances all 6541 residues at every position ([`sieve`]), a candidate is picked from the
+//! window and erased from it by scanning every flag with masks, exponent windows read the whole
+//! 32-entry table, conditional subtractions and the `s`-dependent part of Miller-Rabin are
+//! masked selects ([`monty`], [`miller_rabin`]); no `/` or `%` touches secret data (x86 `div`
+//! has operand-dependent latency: reductions are multiply-based). Data-dependent decisions are
+//! allowed in exactly three places, each about a *discarded* value that is independent of the
+//! prime finally returned: (a) "this candidate failed Miller-Rabin" — the candidate sits at a
+//! uniformly random, secret position of its window, so the failure tells nothing about the
+//! position, residues or value of the prime that is eventually chosen (an in-order scan, by
+//! contrast, would leak that `p − 2`, `p − 4`, … were composite, hence residues of `p`); the
+//! base-2 filter's early rejection is the same case; (b) the number of survivors in a window,
+//! used as the public bound for the random order, which is a near-constant (≈ W/10) whose
+//! dependence on `base mod q` is a fraction of a bit and says nothing about which survivor
+//! becomes `p`; (c) the negligible-probability retries (carry out of the window, `p` and `q`
+//! too close, `d` too small), each decided on a constant-time mask. What the engine cannot
+//! control: `rsa`'s `from_p_q` computes `n`, `d` and the CRT values with num-bigint-dig, which
+//! is not constant-time. Secret temporaries (bases, windows, flags, residues, exponents,
+//! tables) are zeroized on drop.
+
+pub mod miller_rabin;
+pub mod monty;
+pub mod sieve;
+
+mod ct;
+mod rsa_key;
+
+use rand_core::CryptoRngCore;
+use zeroize::Zeroizing;
+
+pub use miller_rabin::{is_probable_prime, rounds_for_bits};
+pub use rsa_key::PUBLIC_EXPONENT;
+
+use miller_rabin::{Candidate, S_MAX};
+use sieve::{uniform_below, Window};
+
+/// Errors from the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Only 2048, 3072 and 4096-bit moduli are supported.
+    #[error("unsupported RSA modulus size {0} bits (2048, 3072 or 4096)")]
+    UnsupportedBits(usize),
+    /// `rsa` refused the primes (should not happen: they are checked before).
+    #[error("rsa rejected the generated primes: {0}")]
+    Rsa(String),
+}
+
+/// A fresh RSA key with e = 65537 from the fast engine. `bits` is the modulus size: 2048, 3072 or 4096.
+pub fn generate_rsa_key(bits: usize) -> Result<rsa::RsaPrivateKey, EngineError> {
+    match bits {
+        2048 => rsa_key::generate_os::<16>(),
+        3072 => rsa_key::generate_os::<24>(),
+        4096 => rsa_key::generate_os::<32>(),
+        other => Err(EngineError::UnsupportedBits(other)),
+    }
+}
+
+/// [`generate_rsa_key`] with a caller-supplied CSPRNG.
+pub fn generate_rsa_key_with_rng(
+    bits: usize,
+    rng: &mut impl CryptoRngCore,
+) -> Result<rsa::RsaPrivateKey, EngineError> {
+    match bits {
+        2048 => rsa_key::generate::<16>(rng),
+        3072 => rsa_key::generate::<24>(rng),
+        4096 => rsa_key::generate::<32>(rng),
+        other => Err(EngineError::UnsupportedBits(other)),
+    }
+}
+
+/// A random probable prime of exactly 64·N bits (little-endian limbs) with its top two bits
+/// set, `p ≢ 1 (mod 65537)` and at most [`S_MAX`] trailing zeros in `p − 1`. Error probability
+/// per [`rounds_for_bits`]; N ≥ 1 (the sieve needs candidates above 2¹⁶).
+pub fn random_prime<const N: usize>(rng: &mut impl CryptoRngCore) -> Zeroizing<[u64; N]> {
+    let bits = 64 * N;
+    let width = (bits / 2).max(32);
+    let rounds = rounds_for_bits(bits);
+    loop {
+        let mut window = Window::<N>::new(rng, width);
+        while window.live() > 0 {
+            let k = uniform_below(rng, window.live());
+            let (c, carry) = window.take(k);
+            if carry != 0 {
+                continue; // ran past 2^(64N): only when base is within 2W of it
+            }
+            let Some(cand) = Candidate::new(&c) else {
+                continue; // unreachable: candidates are odd and large
+            };
+            if !cand.round_base2(S_MAX) {
+                continue;
+            }
+            if (0..rounds).all(|_| cand.round_random(rng, S_MAX)) {
+                return c;
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! RSA key assembly: two engine primes that meet FIPS 186-5's conditions, handed to
+//! `rsa::RsaPrivateKey::from_p_q`.
+
+use num_bigint_dig::BigUint;
+use rand_core::{CryptoRngCore, OsRng};
+use rsa::traits::PrivateKeyParts;
+use rsa::RsaPrivateKey;
+use zeroize::Zeroizing;
+
+use super::{ct, random_prime, EngineError};
+
+/// The public exponent.
+pub const PUBLIC_EXPONENT: u32 = 65537;
+
+/// Mask: `|p − q| ≥ 2^(64N − 99)`, which implies FIPS 186-5's `|p − q| > 2^(nlen/2 − 100)`.
+fn far_apart<const N: usize>(p: &[u64; N], q: &[u64; N]) -> u64 {
+    let (pq, borrow) = ct::sub_limbs(p, q);
+    let (qp, _) = ct::sub_limbs(q, p);
+    let mut diff = Zeroizing::new(ct::select_limbs(ct::from_bit(borrow), &qp, &pq));
+    let bit = 64 * N - 99;
+    // Clear bits below `bit`, then test the rest for zero.
+    for (i, l) in diff.iter_mut().enumerate() {
+        let low = i * 64;
+        if low + 64 <= bit {
+            *l = 0;
+        } else if low < bit {
+            *l &= !((1u64 << (bit - low)) - 1);
+        }
+    }
+    let any = diff.iter().fold(0u64, |a, &l| a | l);
+    !ct::is_zero(any)
+}
+
+fn to_biguint<const N: usize>(x: &[u64; N]) -> BigUint {
+    let mut bytes = Zeroizing::new(vec![0u8; 8 * N]);
+    for (chunk, limb) in bytes.chunks_exact_mut(8).zip(x.iter()) {
+        chunk.copy_from_slice(&limb.to_le_bytes());
+    }
+    BigUint::from_bytes_le(&bytes)
+}
+
+/// A key with a modulus of 128·N bits from `rng`.
+pub(crate) fn generate<const N: usize>(
+    rng: &mut impl CryptoRngCore,
+) -> Result<RsaPrivateKey, EngineError> {
+    let nlen = 128 * N;
+    loop {
+        let p = random_prime::<N>(rng);
+        // The two primes are close with probability about 2⁻⁹⁸: the retry costs nothing in
+        // practice and reveals only that a discarded q was close to p.
+        let q = loop {
+            let q = random_prime::<N>(rng);
+            if far_apart(&p, &q) != 0 {
+                break q;
+            }
+        };
+        let e = BigUint::from(PUBLIC_EXPONENT);
+        let mut key = RsaPrivateKey::from_p_q(to_biguint(&p), to_biguint(&q), e)
+            .map_err(|err| EngineError::Rsa(err.to_string()))?;
+        // FIPS 186-5 A.1.1: d > 2^(nlen/2). Fails with probability about 2^(−nlen/2).
+        if key.d().bits() <= nlen / 2 {
+            continue;
+        }
+        key.precompute()
+            .map_err(|err| EngineError::Rsa(err.to_string()))?;
+        key.validate()
+            .map_err(|err| EngineError::Rsa(err.to_string()))?;
+        return Ok(key);
+    }
+}
+
+/// [`generate`] with the operating system's CSPRNG.
+pub(crate) fn generate_os<const N: usize>() -> Result<RsaPrivateKey, EngineError> {
+    generate::<N>(&mut OsRng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn far_apart_threshold() {
+        let p = [0u64, 0, 0, 1 << 63];
+        let mut q = p;
+        q[2] = 1 << (256 - 99 - 128); // difference exactly 2^(256−99)
+        assert_ne!(far_apart(&p, &q), 0);
+        assert_ne!(far_apart(&q, &p), 0);
+        q[2] -= 1;
+        q[1] = u64::MAX;
+        assert_eq!(far_apart(&p, &q), 0);
+        assert_eq!(far_apart(&p, &p), 0);
+    }
+}
