@@ -73,7 +73,10 @@ async fn run_command(
 ) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         defaults: RowDefaults {
-            batch_id: args.batch_id.clone().unwrap_or_else(|| batch_id_for(&args.file)),
+            batch_id: args
+                .batch_id
+                .clone()
+                .unwrap_or_else(|| batch_id_for(&args.file)),
             provider: args.provider,
             owner: args.owner.clone(),
             key_bits: file.key_bits(args.key_bits),
@@ -146,7 +149,11 @@ async fn describe(state: &Path, args: DescribeArgs) -> anyhow::Result<ExitCode> 
             "PROVIDER", "OWNER", "REGION", "NAME", "CREATED", "FINGERPRINT"
         );
         for r in &records {
-            let tags: Vec<String> = r.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect();
+            let tags: Vec<String> = r
+                .tags
+                .iter()
+                .map(|t| format!("{}={}", t.key, t.value))
+                .collect();
             println!(
                 "{:<8} {:<12} {:<16} {:<32} {:<20} {:<48} {}{}",
                 r.scope.provider.as_str(),
@@ -156,7 +163,10 @@ async fn describe(state: &Path, args: DescribeArgs) -> anyhow::Result<ExitCode> 
                 crate::job::rfc3339(r.created_at),
                 r.key_pair_fingerprint,
                 tags.join(","),
-                r.resource_group_id.as_deref().map(|g| format!(" rg={g}")).unwrap_or_default()
+                r.resource_group_id
+                    .as_deref()
+                    .map(|g| format!(" rg={g}"))
+                    .unwrap_or_default()
             );
         }
         eprintln!("{} key pair(s)", records.len());

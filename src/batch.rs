@@ -70,18 +70,17 @@ pub enum Row {
 /// Job ids are derived from the batch id and the line, so a re-run of the same batch after a
 /// crash finds its own undelivered key pairs and replaces them instead of failing.
 pub fn job_id(batch_id: &str, line: u64) -> Uuid {
-    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("keyfleet:{batch_id}:{line}").as_bytes())
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("keyfleet:{batch_id}:{line}").as_bytes(),
+    )
 }
 
 /// Columns that are keyfleet's own, not API parameters.
 const PROVIDER_COL: &str = "Provider";
 const OWNER_COL: &str = "Owner";
 
-fn build_row(
-    line: u64,
-    mut params: BTreeMap<String, String>,
-    defaults: &RowDefaults,
-) -> Row {
+fn build_row(line: u64, mut params: BTreeMap<String, String>, defaults: &RowDefaults) -> Row {
     let owner = match params.remove(OWNER_COL) {
         Some(o) if !o.trim().is_empty() => o.trim().to_owned(),
         _ => defaults.owner.clone(),
@@ -216,7 +215,10 @@ fn csv_params(headers: &[String], record: &csv::StringRecord) -> BTreeMap<String
         }
     }
     for h in headers {
-        if let Some(n) = h.strip_prefix("Tag.").and_then(|r| r.strip_suffix(".Value")) {
+        if let Some(n) = h
+            .strip_prefix("Tag.")
+            .and_then(|r| r.strip_suffix(".Value"))
+        {
             if params.contains_key(&format!("Tag.{n}.Key")) && !params.contains_key(h) {
                 params.insert(h.clone(), String::new());
             }
@@ -371,7 +373,9 @@ mod tests {
         let Row::Job(j) = &rows[1] else { panic!() };
         assert_eq!((j.provider, j.owner.as_str()), (Provider::Ucloud, "proj"));
         assert!(!j.params.contains_key("Tag.1.Value"));
-        assert!(matches!(&rows[2], Row::Bad { line: 4, reason, .. } if reason.contains("Provider")));
+        assert!(
+            matches!(&rows[2], Row::Bad { line: 4, reason, .. } if reason.contains("Provider"))
+        );
         assert!(matches!(&rows[3], Row::Bad { line: 5, reason, .. } if reason.contains("fields")));
     }
 

@@ -63,7 +63,12 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
 
 /// Generates `keys` keys on `threads` rayon threads (0 = per core); per-key times and the wall
 /// time of the whole set.
-pub fn measure(engine: Engine, bits: KeyBits, threads: usize, keys: usize) -> Result<Measurement, BenchError> {
+pub fn measure(
+    engine: Engine,
+    bits: KeyBits,
+    threads: usize,
+    keys: usize,
+) -> Result<Measurement, BenchError> {
     use rayon::prelude::*;
     if keys == 0 {
         return Err(BenchError::NoKeys);
@@ -98,7 +103,12 @@ pub fn measure(engine: Engine, bits: KeyBits, threads: usize, keys: usize) -> Re
 
 /// Runs `keyfleet run` on a generated batch of `keys` Alibaba rows in a temporary folder and
 /// returns its keys/s.
-pub async fn measure_pipeline(engine: Engine, bits: KeyBits, threads: usize, keys: usize) -> Result<f64, BenchError> {
+pub async fn measure_pipeline(
+    engine: Engine,
+    bits: KeyBits,
+    threads: usize,
+    keys: usize,
+) -> Result<f64, BenchError> {
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("bench.csv");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
@@ -165,7 +175,11 @@ pub async fn bench(
     let raw_median = median(raws.iter().map(|m| m.keys_per_second).collect());
     let mut engine_m = raws
         .iter()
-        .min_by(|a, b| (a.keys_per_second - raw_median).abs().total_cmp(&(b.keys_per_second - raw_median).abs()))
+        .min_by(|a, b| {
+            (a.keys_per_second - raw_median)
+                .abs()
+                .total_cmp(&(b.keys_per_second - raw_median).abs())
+        })
         .cloned()
         .ok_or(BenchError::NoKeys)?;
     engine_m.keys_per_second = raw_median;
@@ -180,7 +194,9 @@ pub async fn bench(
     let pipeline_kps = (!pipes.is_empty()).then(|| median(pipes));
     Ok(Report {
         keys_per_second_per_thread: engine_m.keys_per_second / engine_m.threads as f64,
-        ratio_to_baseline: baseline.as_ref().map(|b| engine_m.keys_per_second / b.keys_per_second),
+        ratio_to_baseline: baseline
+            .as_ref()
+            .map(|b| engine_m.keys_per_second / b.keys_per_second),
         pipeline_ratio_to_raw: pipeline_kps.map(|p| p / engine_m.keys_per_second),
         pipeline_keys_per_second: pipeline_kps,
         baseline,
@@ -209,4 +225,3 @@ pub fn render(r: &Report) -> String {
     }
     s
 }
-

@@ -48,7 +48,13 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
     pub quota: Option<u64>,
     /// Log filter (tracing syntax), e.g. `info`, `keyfleet=debug`.
-    #[arg(long, global = true, env = "KEYFLEET_LOG", default_value = "warn", value_name = "FILTER")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYFLEET_LOG",
+        default_value = "warn",
+        value_name = "FILTER"
+    )]
     pub log: String,
 }
 
@@ -260,11 +266,16 @@ impl FileConfig {
             reason: reason.to_owned(),
         };
         if let Some(q) = cfg.quota {
-            parse_quota(&q.to_string()).map_err(|_| bad("quota", q.to_string(), "must be 1 to 10000000"))?;
+            parse_quota(&q.to_string())
+                .map_err(|_| bad("quota", q.to_string(), "must be 1 to 10000000"))?;
         }
         for (region, q) in &cfg.quota_per_region {
             parse_quota(&q.to_string()).map_err(|_| {
-                bad(&format!("quota_per_region.{region}"), q.to_string(), "must be 1 to 10000000")
+                bad(
+                    &format!("quota_per_region.{region}"),
+                    q.to_string(),
+                    "must be 1 to 10000000",
+                )
             })?;
         }
         if let Some(b) = cfg.key_bits {
@@ -306,7 +317,10 @@ impl FileConfig {
         Settings {
             catalog,
             quota: Quota {
-                default: global.quota.or(self.quota).unwrap_or(Quota::default().default),
+                default: global
+                    .quota
+                    .or(self.quota)
+                    .unwrap_or(Quota::default().default),
                 per_region: self.quota_per_region.clone(),
             },
             engine,
@@ -337,18 +351,24 @@ mod tests {
         let p = Path::new("k.toml");
         let e = FileConfig::parse("quota = 0", p).unwrap_err().to_string();
         assert!(e.contains("`quota`") && e.contains('0'), "{e}");
-        let e = FileConfig::parse("key_bits = 1024", p).unwrap_err().to_string();
+        let e = FileConfig::parse("key_bits = 1024", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key_bits") && e.contains("1024"), "{e}");
         let e = FileConfig::parse("[quota_per_region]\ncn-hangzhou = 0", p)
             .unwrap_err()
             .to_string();
         assert!(e.contains("quota_per_region.cn-hangzhou"), "{e}");
-        let e = FileConfig::parse("quota = \"many\"", p).unwrap_err().to_string();
+        let e = FileConfig::parse("quota = \"many\"", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("quota"), "{e}");
         let e = FileConfig::parse("qouta = 5", p).unwrap_err().to_string();
         assert!(e.contains("qouta"), "{e}");
         assert!(parse_quota("abc").unwrap_err().contains("KEYFLEET_QUOTA"));
-        assert!(parse_key_bits("1024").unwrap_err().contains("KEYFLEET_KEY_BITS"));
+        assert!(parse_key_bits("1024")
+            .unwrap_err()
+            .contains("KEYFLEET_KEY_BITS"));
     }
 
     #[test]

@@ -15,9 +15,12 @@ use crate::fingerprint;
 
 /// RSA modulus sizes keyfleet creates. The clouds accept these; anything smaller is unsafe and
 /// anything larger is slow enough to be a mistake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "u32", into = "u32")]
 pub enum KeyBits {
+    #[default]
     B2048,
     B3072,
     B4096,
@@ -30,12 +33,6 @@ impl KeyBits {
             KeyBits::B3072 => 3072,
             KeyBits::B4096 => 4096,
         }
-    }
-}
-
-impl Default for KeyBits {
-    fn default() -> Self {
-        KeyBits::B2048
     }
 }
 

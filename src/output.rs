@@ -170,7 +170,9 @@ impl OutputDir {
             .mode(0o644)
             .open(&pub_path)
             .map_err(io(&pub_path))?;
-        pub_file.write_all(public.as_bytes()).map_err(io(&pub_path))?;
+        pub_file
+            .write_all(public.as_bytes())
+            .map_err(io(&pub_path))?;
         set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
         Ok(path)
     }
@@ -208,10 +210,12 @@ impl OutputDir {
     }
 
     pub fn flush(&mut self) -> Result<(), OutputError> {
-        self.manifest.flush().map_err(|source| OutputError::Manifest {
-            path: self.manifest_path.clone(),
-            source,
-        })
+        self.manifest
+            .flush()
+            .map_err(|source| OutputError::Manifest {
+                path: self.manifest_path.clone(),
+                source,
+            })
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Reservation {
 }
 
 /// Where a job stands after [`Pipeline::reserve`].
+// Short-lived and moved a handful of times per job: boxing the answer would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Stage {
     /// Already answered (bad request, quota, name taken).
@@ -162,8 +164,12 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
                 pending: None,
             })
         };
-        let req = match dialect::decode(job.provider, &job.owner, &job.params, &self.settings.catalog)
-        {
+        let req = match dialect::decode(
+            job.provider,
+            &job.owner,
+            &job.params,
+            &self.settings.catalog,
+        ) {
             Ok(req) => req,
             Err(e) => return Ok(failed(&e)),
         };

@@ -95,7 +95,11 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let (input, format, defaults) = (opts.input.clone(), opts.format, opts.defaults.clone());
     let reader = std::thread::Builder::new()
         .name("keyfleet-batch-reader".into())
-        .spawn(move || batch::read_rows(&input, format, &defaults, |row| tx.blocking_send(row).is_ok()))
+        .spawn(move || {
+            batch::read_rows(&input, format, &defaults, |row| {
+                tx.blocking_send(row).is_ok()
+            })
+        })
         .map_err(|e| batch::BatchError::Io {
             path: opts.input.clone(),
             source: e,
@@ -103,8 +107,9 @@ pub async fn run_with<R: Registry, U: Upstream>(
 
     let total = batch::count_rows(&opts.input, opts.format);
     let mut progress = Progress::new(opts.progress, total);
-    let rows = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
-        .take_until(shutdown.clone().cancelled_owned());
+    let rows =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+            .take_until(shutdown.clone().cancelled_owned());
     let defaults = opts.defaults.clone();
     // Names are reserved one row at a time in input order (so the first of two rows with the
     // same name wins, as a reader of the file expects); keys are then made concurrently.
@@ -113,17 +118,21 @@ pub async fn run_with<R: Registry, U: Upstream>(
         let defaults = defaults.clone();
         async move { stage(&pipeline, row, &defaults).await }
     });
-    let mut results = std::pin::pin!(staged
-        .map(|staged| {
-            let pipeline = pipeline.clone();
-            async move {
-                match staged {
-                    Stage::Answered(outcome) => outcome,
-                    Stage::Reserved(r) => make(&pipeline, r).await,
+    // Boxed so that dropping it below really drops the receiver, which releases the reader
+    // thread if a signal stopped us before the end of the file.
+    let mut results = Box::pin(
+        staged
+            .map(|staged| {
+                let pipeline = pipeline.clone();
+                async move {
+                    match staged {
+                        Stage::Answered(outcome) => outcome,
+                        Stage::Reserved(r) => make(&pipeline, r).await,
+                    }
                 }
-            }
-        })
-        .buffered(concurrency));
+            })
+            .buffered(concurrency),
+    );
 
     let mut flushed = std::time::Instant::now();
     while let Some(outcome) = results.next().await {
@@ -136,12 +145,10 @@ pub async fn run_with<R: Registry, U: Upstream>(
     }
     drop(results);
     let interrupted = shutdown.is_cancelled();
-    let read = reader
-        .join()
-        .map_err(|_| batch::BatchError::Io {
-            path: opts.input.clone(),
-            source: std::io::Error::other("the batch reader thread panicked"),
-        })?;
+    let read = reader.join().map_err(|_| batch::BatchError::Io {
+        path: opts.input.clone(),
+        source: std::io::Error::other("the batch reader thread panicked"),
+    })?;
     if !interrupted {
         read?;
     }
@@ -173,7 +180,13 @@ async fn stage<R: Registry, U: Upstream>(
             reason,
         } => {
             return Stage::Answered(Outcome {
-                result: JobResult::unparseable(&defaults.batch_id, Some(line), provider, &owner, &reason),
+                result: JobResult::unparseable(
+                    &defaults.batch_id,
+                    Some(line),
+                    provider,
+                    &owner,
+                    &reason,
+                ),
                 pending: None,
             })
         }
@@ -183,7 +196,11 @@ async fn stage<R: Registry, U: Upstream>(
         match pipeline.reserve(&job, attempt).await {
             Ok(stage) => return stage,
             Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(line = job.line, attempt, "retrying after internal error: {e}");
+                tracing::warn!(
+                    line = job.line,
+                    attempt,
+                    "retrying after internal error: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 attempt += 1;
             }
@@ -202,7 +219,11 @@ async fn make<R: Registry, U: Upstream>(pipeline: &Pipeline<R, U>, r: Box<Reserv
         match result {
             Ok(outcome) => return outcome,
             Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(line = job.line, attempt, "retrying after internal error: {e}");
+                tracing::warn!(
+                    line = job.line,
+                    attempt,
+                    "retrying after internal error: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 attempt += 1;
                 result = pipeline.create(&job, attempt).await;
@@ -214,7 +235,12 @@ async fn make<R: Registry, U: Upstream>(pipeline: &Pipeline<R, U>, r: Box<Reserv
 
 fn internal(job: &crate::job::Job, attempt: u32, e: &TransientError) -> Outcome {
     Outcome {
-        result: JobResult::failed(job, &ApiError::Internal(e.to_string()), now_rfc3339(), attempt),
+        result: JobResult::failed(
+            job,
+            &ApiError::Internal(e.to_string()),
+            now_rfc3339(),
+            attempt,
+        ),
         pending: None,
     }
 }

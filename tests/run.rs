@@ -37,62 +37,127 @@ fn mixed_cases(reps: usize) -> Vec<Case> {
         m
     };
     for i in 0..reps {
-        let mut push = |row: serde_json::Value, expect: Option<String>| cases.push(Case { row, expect });
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("web-{i:03}")}), None);
+        let mut push =
+            |row: serde_json::Value, expect: Option<String>| cases.push(Case { row, expect });
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("web-{i:03}")}),
+            None,
+        );
         push(
             json!({"RegionId": "cn-beijing", "KeyPairName": format!("app:{i}_x-y"),
                    "ResourceGroupId": "rg-resourcegroupid1", "Tag.1.Key": "env", "Tag.1.Value": "",
                    "Tag.2.Key": "team", "Tag.2.Value": "ops"}),
             None,
         );
-        push(json!({"RegionId": "cn-shanghai", "KeyPairName": format!("密钥对{i}")}), None);
+        push(
+            json!({"RegionId": "cn-shanghai", "KeyPairName": format!("密钥对{i}")}),
+            None,
+        );
         let mut t20 = many_tags(20);
         t20.insert("RegionId".into(), json!("cn-shanghai"));
         t20.insert("KeyPairName".into(), json!(format!("tags20-{i}")));
         push(serde_json::Value::Object(t20), None);
         // Errors, one per cause.
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("web-{i:03}")}),
-             Some(code(A, ApiError::AlreadyExists)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("{i}lead")}),
-             Some(code(A, ApiError::NameMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": "a"}), Some(code(A, ApiError::NameMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": long(129)}), Some(code(A, ApiError::NameMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("http://h{i}")}),
-             Some(code(A, ApiError::NameMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("sp ace{i}")}),
-             Some(code(A, ApiError::NameMalformed)));
-        push(json!({"RegionId": "mars-1", "KeyPairName": format!("m{i}")}),
-             Some(code(A, ApiError::RegionNotFound("mars-1".into()))));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("rg{i}"), "ResourceGroupId": "rg-nope"}),
-             Some(code(A, ApiError::ResourceGroupNotFound("rg-nope".into()))));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("dup{i}"),
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("web-{i:03}")}),
+            Some(code(A, ApiError::AlreadyExists)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("{i}lead")}),
+            Some(code(A, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": "a"}),
+            Some(code(A, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": long(129)}),
+            Some(code(A, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("http://h{i}")}),
+            Some(code(A, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("sp ace{i}")}),
+            Some(code(A, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"RegionId": "mars-1", "KeyPairName": format!("m{i}")}),
+            Some(code(A, ApiError::RegionNotFound("mars-1".into()))),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("rg{i}"), "ResourceGroupId": "rg-nope"}),
+            Some(code(A, ApiError::ResourceGroupNotFound("rg-nope".into()))),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("dup{i}"),
                     "Tag.1.Key": "k", "Tag.1.Value": "a", "Tag.2.Key": "k", "Tag.2.Value": "b"}),
-             Some(code(A, ApiError::DuplicateTagKey)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("tk{i}"), "Tag.1.Key": "aliyun-x"}),
-             Some(code(A, ApiError::TagKeyMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("te{i}"), "Tag.1.Key": ""}),
-             Some(code(A, ApiError::TagKeyMalformed)));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("tv{i}"), "Tag.1.Key": "k", "Tag.1.Value": "acs:v"}),
-             Some(code(A, ApiError::TagValueMalformed)));
+            Some(code(A, ApiError::DuplicateTagKey)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("tk{i}"), "Tag.1.Key": "aliyun-x"}),
+            Some(code(A, ApiError::TagKeyMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("te{i}"), "Tag.1.Key": ""}),
+            Some(code(A, ApiError::TagKeyMalformed)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("tv{i}"), "Tag.1.Key": "k", "Tag.1.Value": "acs:v"}),
+            Some(code(A, ApiError::TagValueMalformed)),
+        );
         let mut t21 = many_tags(21);
         t21.insert("RegionId".into(), json!("cn-hangzhou"));
         t21.insert("KeyPairName".into(), json!(format!("tags21-{i}")));
-        push(serde_json::Value::Object(t21), Some(code(A, ApiError::TooManyTags)));
-        push(json!({"RegionId": "cn-hangzhou"}), Some(code(A, ApiError::MissingParameter("KeyPairName".into()))));
-        push(json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("u{i}"), "KeyPairname": "typo"}),
-             Some(code(A, ApiError::InvalidParameter { name: "KeyPairname".into(), reason: String::new() })));
+        push(
+            serde_json::Value::Object(t21),
+            Some(code(A, ApiError::TooManyTags)),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou"}),
+            Some(code(A, ApiError::MissingParameter("KeyPairName".into()))),
+        );
+        push(
+            json!({"RegionId": "cn-hangzhou", "KeyPairName": format!("u{i}"), "KeyPairname": "typo"}),
+            Some(code(
+                A,
+                ApiError::InvalidParameter {
+                    name: "KeyPairname".into(),
+                    reason: String::new(),
+                },
+            )),
+        );
         // UCloud.
-        push(json!({"Provider": "ucloud", "Owner": "org-test", "KeyPairName": format!("db-{i:03}")}), None);
-        push(json!({"Provider": "ucloud", "Region": "cn-zj", "Zone": "cn-zj-01", "ProjectId": "org-x1",
-                    "KeyPairName": format!("U{i}_key!#")}), None);
-        push(json!({"Provider": "ucloud", "Owner": "org-test", "KeyPairName": format!("db-{i:03}")}),
-             Some(code(U, ApiError::AlreadyExists)));
-        push(json!({"Provider": "ucloud", "KeyPairName": long(64)}), Some(code(U, ApiError::NameMalformed)));
-        push(json!({"Provider": "ucloud", "Region": "xx-nowhere", "KeyPairName": format!("r{i}")}),
-             Some(code(U, ApiError::RegionNotFound("xx-nowhere".into()))));
-        push(json!({"Provider": "ucloud", "Region": "cn-zj", "Zone": "cn-bj2-01", "KeyPairName": format!("z{i}")}),
-             Some(code(U, ApiError::ZoneNotFound("cn-bj2-01".into()))));
-        push(json!({"Provider": "ucloud"}), Some(code(U, ApiError::MissingParameter("KeyPairName".into()))));
+        push(
+            json!({"Provider": "ucloud", "Owner": "org-test", "KeyPairName": format!("db-{i:03}")}),
+            None,
+        );
+        push(
+            json!({"Provider": "ucloud", "Region": "cn-zj", "Zone": "cn-zj-01", "ProjectId": "org-x1",
+                    "KeyPairName": format!("U{i}_key!#")}),
+            None,
+        );
+        push(
+            json!({"Provider": "ucloud", "Owner": "org-test", "KeyPairName": format!("db-{i:03}")}),
+            Some(code(U, ApiError::AlreadyExists)),
+        );
+        push(
+            json!({"Provider": "ucloud", "KeyPairName": long(64)}),
+            Some(code(U, ApiError::NameMalformed)),
+        );
+        push(
+            json!({"Provider": "ucloud", "Region": "xx-nowhere", "KeyPairName": format!("r{i}")}),
+            Some(code(U, ApiError::RegionNotFound("xx-nowhere".into()))),
+        );
+        push(
+            json!({"Provider": "ucloud", "Region": "cn-zj", "Zone": "cn-bj2-01", "KeyPairName": format!("z{i}")}),
+            Some(code(U, ApiError::ZoneNotFound("cn-bj2-01".into()))),
+        );
+        push(
+            json!({"Provider": "ucloud"}),
+            Some(code(U, ApiError::MissingParameter("KeyPairName".into()))),
+        );
     }
     cases
 }
@@ -123,18 +188,33 @@ async fn mixed_batch_gets_the_right_code_for_every_row_and_a_rerun_creates_nothi
         assert_eq!(line["line"], json!(i + 1), "manifest is in input order");
         match &case.expect {
             None => {
-                assert_eq!(line["status"], "created", "row {}: {} → {line}", i + 1, case.row);
+                assert_eq!(
+                    line["status"],
+                    "created",
+                    "row {}: {} → {line}",
+                    i + 1,
+                    case.row
+                );
                 created += 1;
             }
             Some(code) => {
                 assert_eq!(line["status"], "failed", "row {}: {}", i + 1, case.row);
-                assert_eq!(line["code"], json!(code), "row {}: {} → {line}", i + 1, case.row);
+                assert_eq!(
+                    line["code"],
+                    json!(code),
+                    "row {}: {} → {line}",
+                    i + 1,
+                    case.row
+                );
             }
         }
     }
     let last = &lines[cases.len()];
     assert_eq!(last["status"], "failed");
-    assert!(last["message"].as_str().unwrap().contains(&format!("line {}", cases.len() + 1)));
+    assert!(last["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("line {}", cases.len() + 1)));
     assert_eq!(summary.tally.created, created);
     assert_eq!(summary.tally.rows, cases.len() as u64 + 1);
 
@@ -143,21 +223,30 @@ async fn mixed_batch_gets_the_right_code_for_every_row_and_a_rerun_creates_nothi
         let pem = line["private_key_file"].as_str().unwrap();
         let mode = std::fs::metadata(pem).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{pem}");
-        assert!(std::fs::read_to_string(pem).unwrap().starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        assert!(std::fs::read_to_string(pem)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----\n"));
         tool("openssl", &["pkey", "-check", "-noout", "-in", pem]);
         let pub_file = pem.replace(".pem", ".pub");
         let md5 = tool("ssh-keygen", &["-l", "-E", "md5", "-f", &pub_file]);
         let sha = tool("ssh-keygen", &["-l", "-E", "sha256", "-f", &pub_file]);
         let want_md5 = format!("MD5:{}", line["fingerprint_md5"].as_str().unwrap());
         assert!(md5.contains(&want_md5), "{md5} vs {want_md5}");
-        assert!(sha.contains(line["fingerprint_sha256"].as_str().unwrap()), "{sha}");
+        assert!(
+            sha.contains(line["fingerprint_sha256"].as_str().unwrap()),
+            "{sha}"
+        );
         assert!(md5.starts_with("2048 "), "{md5}");
         // The response body points at the file, never holds the key.
         let body = &line["response"];
         let pk = match line["provider"].as_str().unwrap() {
             "aliyun" => {
                 assert_eq!(body["KeyPairFingerPrint"], line["fingerprint_md5"]);
-                assert!(body["RequestId"].as_str().unwrap().chars().all(|c| !c.is_ascii_lowercase()));
+                assert!(body["RequestId"]
+                    .as_str()
+                    .unwrap()
+                    .chars()
+                    .all(|c| !c.is_ascii_lowercase()));
                 &body["PrivateKeyBody"]
             }
             _ => {
@@ -178,7 +267,10 @@ async fn mixed_batch_gets_the_right_code_for_every_row_and_a_rerun_creates_nothi
         assert_eq!(pk.as_str(), Some(pem));
     }
     let manifest_text = std::fs::read_to_string(sb.path("out1/manifest.jsonl")).unwrap();
-    assert!(!manifest_text.contains("PRIVATE KEY"), "the manifest never holds key material");
+    assert!(
+        !manifest_text.contains("PRIVATE KEY"),
+        "the manifest never holds key material"
+    );
 
     // The same batch again, on the same state: nothing created, created rows now AlreadyExist.
     let mut again = batch_opts.clone();
@@ -217,7 +309,10 @@ async fn quota_510_requests_create_exactly_500() {
         BTreeMap::from([("QuotaExceed.KeyPair".to_owned(), 10)])
     );
     let lines = manifest(&sb.path("out"));
-    let over: Vec<_> = lines.iter().filter(|l| l["code"] == "QuotaExceed.KeyPair").collect();
+    let over: Vec<_> = lines
+        .iter()
+        .filter(|l| l["code"] == "QuotaExceed.KeyPair")
+        .collect();
     assert!(over.iter().all(|l| l["http_status"] == 403));
     assert_eq!(over[0]["message"], "The key pair quota exceeds.");
     let registry = EmbeddedRegistry::open(&sb.path("state.redb")).unwrap();
@@ -232,7 +327,10 @@ async fn quota_510_requests_create_exactly_500() {
     assert!(registry.delete(&scope, "host-0000").await.unwrap());
     assert!(registry.delete(&scope, "host-0001").await.unwrap());
     drop(registry);
-    let retry = sb.write("retry.csv", "RegionId,KeyPairName\ncn-qingdao,host-0500\ncn-qingdao,host-0501\ncn-qingdao,host-0502\n");
+    let retry = sb.write(
+        "retry.csv",
+        "RegionId,KeyPairName\ncn-qingdao,host-0500\ncn-qingdao,host-0501\ncn-qingdao,host-0502\n",
+    );
     let s = run_batch(sb.options(&retry, "out-retry")).await;
     assert_eq!((s.tally.created, s.tally.failed), (2, 1));
 }
@@ -256,7 +354,10 @@ async fn per_region_quota_from_settings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_key_file_is_never_overwritten_and_its_pair_is_not_kept() {
     let sb = Sandbox::new();
-    let input = sb.write("f.csv", "RegionId,KeyPairName\ncn-hangzhou,keep-me\ncn-hangzhou,fresh\n");
+    let input = sb.write(
+        "f.csv",
+        "RegionId,KeyPairName\ncn-hangzhou,keep-me\ncn-hangzhou,fresh\n",
+    );
     let existing = sb.path("out/aliyun/acct/cn-hangzhou/keep-me.pem");
     std::fs::create_dir_all(existing.parent().unwrap()).unwrap();
     std::fs::write(&existing, "precious").unwrap();
@@ -267,7 +368,10 @@ async fn existing_key_file_is_never_overwritten_and_its_pair_is_not_kept() {
     assert_eq!(std::fs::read_to_string(&existing).unwrap(), "precious");
     let lines = manifest(&sb.path("out"));
     assert_eq!(lines[0]["code"], "InternalError");
-    assert!(lines[0]["message"].as_str().unwrap().contains("refusing to overwrite"));
+    assert!(lines[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("refusing to overwrite"));
     let registry = EmbeddedRegistry::open(&state).unwrap();
     let names: Vec<String> = registry
         .describe(&Filter::default())
@@ -276,7 +380,11 @@ async fn existing_key_file_is_never_overwritten_and_its_pair_is_not_kept() {
         .into_iter()
         .map(|r| r.name)
         .collect();
-    assert_eq!(names, vec!["fresh".to_owned()], "the undeliverable pair was released");
+    assert_eq!(
+        names,
+        vec!["fresh".to_owned()],
+        "the undeliverable pair was released"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,10 +400,12 @@ async fn unwritable_output_folder_is_a_clear_error() {
         .to_string();
     assert!(err.contains("blocker/out"), "{err}");
     // Nothing was reserved for a run that could not start.
-    assert!(!sb.path("state.redb").exists() || {
-        let r = EmbeddedRegistry::open(&sb.path("state.redb")).unwrap();
-        r.describe(&Filter::default()).await.unwrap().is_empty()
-    });
+    assert!(
+        !sb.path("state.redb").exists() || {
+            let r = EmbeddedRegistry::open(&sb.path("state.redb")).unwrap();
+            r.describe(&Filter::default()).await.unwrap().is_empty()
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,8 +428,14 @@ async fn csv_and_jsonl_inputs_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_bits_3072_and_4096_make_keys_of_that_size() {
     let sb = Sandbox::new();
-    for bits in [keyfleet::keygen::KeyBits::B3072, keyfleet::keygen::KeyBits::B4096] {
-        let input = sb.write(&format!("{bits}.csv"), &format!("RegionId,KeyPairName\ncn-hangzhou,k{bits}\n"));
+    for bits in [
+        keyfleet::keygen::KeyBits::B3072,
+        keyfleet::keygen::KeyBits::B4096,
+    ] {
+        let input = sb.write(
+            &format!("{bits}.csv"),
+            &format!("RegionId,KeyPairName\ncn-hangzhou,k{bits}\n"),
+        );
         let mut opts = sb.options(&input, &format!("out{bits}"));
         opts.defaults.key_bits = bits;
         let s = run_batch(opts).await;
@@ -328,6 +444,9 @@ async fn key_bits_3072_and_4096_make_keys_of_that_size() {
         let out = tool("ssh-keygen", &["-l", "-f", pub_file.to_str().unwrap()]);
         assert!(out.starts_with(&format!("{bits} ")), "{out}");
         let pem = sb.path(&format!("out{bits}/aliyun/acct/cn-hangzhou/k{bits}.pem"));
-        tool("openssl", &["pkey", "-check", "-noout", "-in", pem.to_str().unwrap()]);
+        tool(
+            "openssl",
+            &["pkey", "-check", "-noout", "-in", pem.to_str().unwrap()],
+        );
     }
 }

@@ -212,41 +212,47 @@ impl<const N: usize> Monty<N> {
         let mut u = [0u64; N];
         let mut out = [0u64; N];
         let (mut lo, mut hi) = (0u128, 0u64);
-        for k in 0..2 * N - 1 {
-            // Off-diagonal products a[i]·a[k-i] with i < k-i, once each, then doubled.
-            let (mut slo, mut shi) = (0u128, 0u64);
-            let i_min = (k + 1).saturating_sub(N);
-            let i_end = k.div_ceil(2); // exclusive: i < k - i
-            for i in i_min..i_end {
-                mac(&mut slo, &mut shi, a[i], a[k - i]);
+        for k in 0..N {
+            self.sqr_column(a, k, &mut lo, &mut hi);
+            for j in 0..k {
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
-            shi = (shi << 1) | (slo >> 127) as u64;
-            slo <<= 1;
-            if k % 2 == 0 {
-                mac(&mut slo, &mut shi, a[k / 2], a[k / 2]);
+            let uk = (lo as u64).wrapping_mul(self.m_inv);
+            u[k] = uk;
+            mac(&mut lo, &mut hi, uk, m[0]);
+            shift(&mut lo, &mut hi);
+        }
+        for k in N..2 * N - 1 {
+            self.sqr_column(a, k, &mut lo, &mut hi);
+            for j in k + 1 - N..N {
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
-            let (s, c) = lo.overflowing_add(slo);
-            lo = s;
-            hi += shi + c as u64;
-            if k < N {
-                for j in 0..k {
-                    mac(&mut lo, &mut hi, u[j], m[k - j]);
-                }
-                let uk = (lo as u64).wrapping_mul(self.m_inv);
-                u[k] = uk;
-                mac(&mut lo, &mut hi, uk, m[0]);
-            } else {
-                for j in k + 1 - N..N {
-                    mac(&mut lo, &mut hi, u[j], m[k - j]);
-                }
-                out[k - N] = lo as u64;
-            }
+            out[k - N] = lo as u64;
             shift(&mut lo, &mut hi);
         }
         out[N - 1] = lo as u64;
         let carry = (lo >> 64) as u64;
         u.zeroize();
         self.reduce_once(&out, carry)
+    }
+
+    /// Adds column `k` of `a²` into the accumulator: the off-diagonal products `a[i]·a[k−i]`,
+    /// `i < k−i`, once each and doubled, plus `a[k/2]²` for even `k`.
+    #[inline(always)]
+    fn sqr_column(&self, a: &[u64; N], k: usize, lo: &mut u128, hi: &mut u64) {
+        let (mut slo, mut shi) = (0u128, 0u64);
+        let i_min = (k + 1).saturating_sub(N);
+        for i in i_min..k.div_ceil(2) {
+            mac(&mut slo, &mut shi, a[i], a[k - i]);
+        }
+        shi = (shi << 1) | (slo >> 127) as u64;
+        slo <<= 1;
+        if k % 2 == 0 {
+            mac(&mut slo, &mut shi, a[k / 2], a[k / 2]);
+        }
+        let (s, c) = lo.overflowing_add(slo);
+        *lo = s;
+        *hi += shi + c as u64;
     }
 
     /// `base^exp` with `base` and the result in Montgomery form. Every one of the 64·N exponent

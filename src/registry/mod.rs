@@ -40,12 +40,17 @@ pub struct KeyPairRecord {
 }
 
 /// What a name in a scope is bound to.
+// Decoded once per registry operation and dropped: boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum Entry {
     /// Held for `job_id` until `deadline_ms` (Unix milliseconds): a crashed worker's
     /// reservation expires instead of leaking quota.
-    Reserved { job_id: Uuid, deadline_ms: i64 },
+    Reserved {
+        job_id: Uuid,
+        deadline_ms: i64,
+    },
     Pair(KeyPairRecord),
 }
 
@@ -118,9 +123,14 @@ impl Filter {
         self.provider.is_none_or(|p| p == r.scope.provider)
             && self.owner.as_ref().is_none_or(|o| *o == r.scope.owner)
             && self.region.as_ref().is_none_or(|g| *g == r.scope.region)
-            && self.name.as_ref().is_none_or(|n| wildcard_match(n, &r.name))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| wildcard_match(n, &r.name))
             && self.fingerprint.as_ref().is_none_or(|f| {
-                *f == r.key_pair_fingerprint || *f == r.fingerprint_md5 || *f == r.fingerprint_sha256
+                *f == r.key_pair_fingerprint
+                    || *f == r.fingerprint_md5
+                    || *f == r.fingerprint_sha256
             })
     }
 }
@@ -229,13 +239,22 @@ mod tests {
         let me = Uuid::new_v4();
         let other = Uuid::new_v4();
         assert_eq!(reserve_decision(None, me, 10), ReserveDecision::NeedsSlot);
-        let live = Entry::Reserved { job_id: other, deadline_ms: 100 };
-        assert_eq!(reserve_decision(Some(&live), me, 10), ReserveDecision::Taken);
+        let live = Entry::Reserved {
+            job_id: other,
+            deadline_ms: 100,
+        };
+        assert_eq!(
+            reserve_decision(Some(&live), me, 10),
+            ReserveDecision::Taken
+        );
         assert_eq!(
             reserve_decision(Some(&live), me, 100),
             ReserveDecision::Reuse(Reserved::TookOver)
         );
-        let mine = Entry::Reserved { job_id: me, deadline_ms: 100 };
+        let mine = Entry::Reserved {
+            job_id: me,
+            deadline_ms: 100,
+        };
         assert_eq!(
             reserve_decision(Some(&mine), me, 1_000),
             ReserveDecision::Reuse(Reserved::Resumed)

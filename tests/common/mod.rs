@@ -57,10 +57,13 @@ impl Sandbox {
 
 /// Runs a batch with a generous timeout so a hang fails the test instead of CI.
 pub async fn run_batch(opts: RunOptions) -> Summary {
-    tokio::time::timeout(Duration::from_secs(600), run(opts, CancellationToken::new()))
-        .await
-        .expect("run timed out")
-        .expect("run failed")
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        run(opts, CancellationToken::new()),
+    )
+    .await
+    .expect("run timed out")
+    .expect("run failed")
 }
 
 pub fn manifest(out: &Path) -> Vec<serde_json::Value> {
@@ -75,7 +78,9 @@ pub fn tool(name: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(name)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("{name} is required for this test (scripts/test.sh installs it): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("{name} is required for this test (scripts/test.sh installs it): {e}")
+        });
     assert!(
         out.status.success(),
         "{name} {args:?} failed: {}",

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# keyfleet's test command (README): makes sure the tools and local services the tests use are
+# present and running, then runs the whole test suite.
+#   - ssh-keygen and openssl check every generated key;
+#   - Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672, guest/guest) are the real servers the
+#     distributed-mode tests talk to.
+# Missing tools are installed with apt-get where possible; otherwise the script stops and says
+# exactly what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+apt_updated=0
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    say "missing: $* (no apt-get here; install the package(s) '$*' and run again)"
+    exit 1
+  fi
+  if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then
+    say "missing: $* (need root or sudo to apt-get install it)"
+    exit 1
+  fi
+  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  if [ $apt_updated = 0 ]; then $SUDO apt-get update -qq >/dev/null; apt_updated=1; fi
+  say "installing $*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v cargo >/dev/null || { say "missing: cargo (install Rust 1.95+ with rustup)"; exit 1; }
+command -v ssh-keygen >/dev/null || apt_install openssh-client
+command -v openssl >/dev/null || apt_install openssl
+
+wait_port() { # port name seconds
+  local i
+  for ((i = 0; i < $3 * 4; i++)); do port_open "$1" && return 0; sleep 0.25; done
+  say "$2 did not start listening on 127.0.0.1:$1 within $3 s"
+  exit 1
+}
+
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  say "starting Redis on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  wait_port 6379 Redis 30
+fi
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  say "starting RabbitMQ on 127.0.0.1:5672"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port 5672 RabbitMQ 120
+fi
+
+exec cargo test --workspace --all-targets "$@"

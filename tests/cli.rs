@@ -1,0 +1,162 @@
+//! The `keyfleet` binary as a user meets it: exit codes, error messages that name the bad
+//! setting, describe / delete against the state a run left.
+
+use std::process::Command;
+
+fn keyfleet(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
+    c.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYFLEET_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn bad_values_exit_2_and_name_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "o", "--key-bits", "1024"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("2048, 3072 or 4096"), "{}", text(&out));
+
+    let out = keyfleet(dir.path())
+        .env("KEYFLEET_QUOTA", "lots")
+        .args(["run", "f.csv", "--out", "o"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("KEYFLEET_QUOTA"), "{}", text(&out));
+
+    std::fs::write(dir.path().join("keyfleet.toml"), "quota = 0\n").unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "o"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("`quota`"), "{}", text(&out));
+    assert!(
+        !dir.path().join("o").exists(),
+        "nothing written on a config error"
+    );
+}
+
+#[test]
+fn missing_input_exits_1_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "nope.csv", "--out", "o"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("nope.csv"), "{}", text(&out));
+}
+
+#[test]
+fn run_then_describe_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.csv"),
+        "RegionId,KeyPairName,Tag.1.Key,Tag.1.Value\ncn-hangzhou,web-1,env,prod\ncn-hangzhou,web-2,,\ncn-beijing,db-1,,\nmars,x1,,\n",
+    )
+    .unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "keys", "--owner", "acme"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("4 rows: 3 created, 1 failed"), "{t}");
+    assert!(t.contains("InvalidRegionId.NotFound: 1"), "{t}");
+    assert!(
+        dir.path().join("keyfleet.redb").exists(),
+        "default state file"
+    );
+
+    let out = keyfleet(dir.path())
+        .args(["describe", "--name", "web-*", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(names, ["web-1", "web-2"]);
+    assert!(!stdout.contains("PRIVATE KEY"));
+
+    let out = keyfleet(dir.path())
+        .args([
+            "delete",
+            "--owner",
+            "acme",
+            "--region",
+            "cn-hangzhou",
+            "web-1",
+            "ghost",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a name that was not there is reported"
+    );
+    assert!(text(&out).contains("deleted web-1") && text(&out).contains("not found ghost"));
+
+    // Second run into the same folder: the earlier manifest is kept beside the new one; web-1
+    // (deleted) is reserved again but its old key file is never overwritten, so that row fails
+    // and nothing stays registered for it; the others already exist.
+    let out = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "keys", "--owner", "acme", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["created"], 0);
+    assert_eq!(summary["failed_by_code"]["KeyPair.AlreadyExist"], 2);
+    assert_eq!(summary["failed_by_code"]["InternalError"], 1);
+    let manifests = std::fs::read_dir(dir.path().join("keys"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("manifest")
+        })
+        .count();
+    assert_eq!(manifests, 2);
+    let out = keyfleet(dir.path())
+        .args(["describe", "--region", "cn-hangzhou", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "only web-2"
+    );
+}
