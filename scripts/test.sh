@@ -32,6 +32,8 @@ apt_install() {
 command -v cargo >/dev/null || { say "missing: cargo (install Rust 1.95+ with rustup)"; exit 1; }
 command -v ssh-keygen >/dev/null || apt_install openssh-client
 command -v openssl >/dev/null || apt_install openssl
+command -v promtool >/dev/null || apt_install prometheus
+command -v redis-cli >/dev/null || apt_install redis-tools
 
 wait_port() { # port name seconds
   local i

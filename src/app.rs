@@ -3,18 +3,24 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::RowDefaults;
-use crate::config::{Cli, Command, DeleteArgs, DescribeArgs, FileConfig, RunArgs};
+use crate::batch_status::BatchStatusStore;
+use crate::broker::Topology;
+use crate::collect::{CollectOptions, CollectSummary};
+use crate::config::{
+    Cli, Command, DeleteArgs, DescribeArgs, FileConfig, RunArgs, ServerArgs, StatusArgs, SubmitArgs,
+};
 use crate::dialect::Scope;
 use crate::registry::embedded::EmbeddedRegistry;
+use crate::registry::redis::RedisRegistry;
 use crate::registry::{Filter, Registry};
 use crate::run::{run, RunOptions, Summary};
+use crate::submit::SubmitOptions;
 
 /// Exit codes: 0 done, 1 the run itself failed, 2 bad flags/config (clap uses 2 too),
 /// 130 interrupted.
@@ -33,8 +39,39 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
     };
     match cli.command {
         Command::Run(args) => run_command(&cli.global, &file, args, shutdown).await,
-        Command::Describe(args) => describe(&file.state_path(&cli.global), args).await,
-        Command::Delete(args) => delete(&file.state_path(&cli.global), args).await,
+        Command::Describe(args) => match args.redis_url.clone() {
+            Some(url) => {
+                let registry = redis_registry(&url, &args.prefix).await?;
+                describe(&registry, args).await
+            }
+            None => describe(&open_registry(&file.state_path(&cli.global))?, args).await,
+        },
+        Command::Delete(args) => match args.redis_url.clone() {
+            Some(url) => {
+                let registry = redis_registry(&url, &args.prefix).await?;
+                delete(&registry, args).await
+            }
+            None => delete(&open_registry(&file.state_path(&cli.global))?, args).await,
+        },
+        Command::Submit(args) => submit_command(&cli.global, &file, args, shutdown).await,
+        Command::Collect(args) => {
+            let json = args.json;
+            let summary = crate::collect::collect(
+                collect_options(
+                    &args.batch_id,
+                    args.out.clone(),
+                    args.idle_timeout,
+                    &args.server,
+                    args.progress,
+                ),
+                shutdown,
+            )
+            .await
+            .with_context(|| format!("keyfleet collect {} failed", args.batch_id))?;
+            print_collect(&summary, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => status_command(args).await,
         Command::Bench(args) => {
             let report = crate::bench::bench(
                 args.engine,
@@ -129,8 +166,169 @@ fn open_registry(state: &Path) -> anyhow::Result<EmbeddedRegistry> {
     Ok(EmbeddedRegistry::open(state)?)
 }
 
-async fn describe(state: &Path, args: DescribeArgs) -> anyhow::Result<ExitCode> {
-    let registry = open_registry(state)?;
+async fn redis_registry(url: &str, prefix: &str) -> anyhow::Result<RedisRegistry> {
+    Ok(RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?)
+}
+
+fn collect_options(
+    batch_id: &str,
+    out: std::path::PathBuf,
+    idle_timeout: std::time::Duration,
+    server: &ServerArgs,
+    progress: crate::progress::ProgressMode,
+) -> CollectOptions {
+    CollectOptions {
+        batch_id: batch_id.to_owned(),
+        out,
+        amqp_url: server.amqp_url.clone(),
+        redis_url: server.redis_url.clone(),
+        redis_prefix: server.prefix.clone(),
+        topology: Topology::with_prefix(&server.prefix),
+        connect_timeout: server.connect_timeout,
+        idle_timeout,
+        progress,
+    }
+}
+
+fn print_collect(s: &CollectSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "batch {}: collected {} results this run ({} created, {} failed), {} duplicates skipped",
+        s.batch_id, s.tally.rows, s.tally.created, s.tally.failed, s.duplicates
+    );
+    for (code, n) in &s.tally.failed_by_code {
+        println!("  failed {code}: {n}");
+    }
+    match s.total {
+        Some(t) if s.complete => println!(
+            "complete: {}/{t} results in {}",
+            s.collected,
+            s.manifest.display()
+        ),
+        Some(t) => println!(
+            "incomplete: {}/{t} results so far in {} (run collect again to continue)",
+            s.collected,
+            s.manifest.display()
+        ),
+        None => println!(
+            "{} results so far in {} (total not known yet)",
+            s.collected,
+            s.manifest.display()
+        ),
+    }
+    Ok(())
+}
+
+async fn submit_command(
+    global: &crate::config::GlobalArgs,
+    file: &FileConfig,
+    args: SubmitArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let batch_id = args
+        .batch_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let opts = SubmitOptions {
+        input: args.file.clone(),
+        format: args.format,
+        defaults: RowDefaults {
+            batch_id: batch_id.clone(),
+            provider: args.provider,
+            owner: args.owner.clone(),
+            key_bits: file.key_bits(args.key_bits),
+        },
+        catalog: file.settings(global, crate::keygen::Engine::Fast).catalog,
+        amqp_url: args.server.amqp_url.clone(),
+        redis_url: args.server.redis_url.clone(),
+        redis_prefix: args.server.prefix.clone(),
+        topology: Topology::with_prefix(&args.server.prefix),
+        connect_timeout: args.server.connect_timeout,
+        progress: args.progress,
+        confirm_window: args.confirm_window.max(1),
+    };
+    eprintln!("batch id: {batch_id}");
+    let summary = crate::submit::submit(opts, shutdown.clone())
+        .await
+        .with_context(|| format!("keyfleet submit {} failed", args.file.display()))?;
+    if args.json && !args.wait {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else if !args.json {
+        println!(
+            "batch {}: {} rows, {} enqueued, {} answered at once as failed, {:.0} rows/s",
+            summary.batch_id,
+            summary.rows,
+            summary.enqueued,
+            summary.rejected,
+            summary.jobs_per_second
+        );
+    }
+    if summary.interrupted {
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    }
+    if let (true, Some(out)) = (args.wait, args.out.clone()) {
+        let c = crate::collect::collect(
+            collect_options(
+                &batch_id,
+                out,
+                std::time::Duration::from_secs(600),
+                &args.server,
+                args.progress,
+            ),
+            shutdown,
+        )
+        .await
+        .with_context(|| format!("collecting batch {batch_id} failed"))?;
+        print_collect(&c, args.json)?;
+        if !c.complete {
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_command(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let store = BatchStatusStore::connect(
+        &args.server.redis_url,
+        &args.server.prefix,
+        args.server.connect_timeout,
+    )
+    .await?;
+    let Some(s) = store.status(&args.batch_id).await? else {
+        eprintln!(
+            "keyfleet: no batch {} in Redis (never submitted, or expired)",
+            args.batch_id
+        );
+        return Ok(ExitCode::from(EXIT_FAILED));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        let total = s
+            .total
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "? (still submitting)".into());
+        let pending = s
+            .pending()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into());
+        println!(
+            "batch {}: total {total}, created {}, failed {}, pending {pending}",
+            s.batch_id,
+            s.created,
+            s.failed.values().sum::<u64>()
+        );
+        for (code, n) in &s.failed {
+            println!("  failed {code}: {n}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Result<ExitCode> {
     let filter = Filter {
         provider: args.provider,
         owner: args.owner,
@@ -174,8 +372,7 @@ async fn describe(state: &Path, args: DescribeArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete(state: &Path, args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let registry = Arc::new(open_registry(state)?);
+async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let scope = Scope {
         provider: args.provider,
         owner: args.owner,

@@ -68,6 +68,247 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Measure key-generation throughput on this machine.
     Bench(BenchArgs),
+    /// Enqueue a batch file as jobs on RabbitMQ (distributed mode); prints the batch id.
+    Submit(SubmitArgs),
+    /// Write a batch's results (key files + manifest) from RabbitMQ; resumable.
+    Collect(CollectArgs),
+    /// Progress of a batch: total / created / failed per code / pending (from Redis).
+    Status(StatusArgs),
+}
+
+/// Where the servers of distributed mode are.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "KEYFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "KEYFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: String,
+    /// Prefix of every queue, exchange and Redis key (lets several deployments share servers).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// How long to wait for RabbitMQ and Redis at start-up before giving up.
+    #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Batch file (same formats as `run`).
+    pub file: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    #[arg(long, env = "KEYFLEET_PROVIDER", default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    #[arg(long, env = "KEYFLEET_OWNER", default_value = "default")]
+    pub owner: String,
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+    /// Batch id; default: a new UUID.
+    #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
+    pub batch_id: Option<String>,
+    /// After enqueueing, collect the results into --out (like `collect`).
+    #[arg(long, requires = "out")]
+    pub wait: bool,
+    /// Output folder for --wait.
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Publisher confirms kept in flight.
+    #[arg(long, default_value_t = 4096)]
+    pub confirm_window: usize,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    /// The batch id `submit` printed.
+    #[arg(value_parser = parse_batch_id)]
+    pub batch_id: String,
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Stop after this long without a result (run again later to continue).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(value_parser = parse_batch_id)]
+    pub batch_id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `keyfleet-worker`'s flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyfleet-worker",
+    version,
+    about = "keyfleet worker: consumes key-creation jobs from RabbitMQ, enforces quotas in Redis, publishes results",
+    long_about = "keyfleet worker: consumes key-creation jobs from RabbitMQ, generates RSA keys on a \
+rayon pool, enforces the per-region quota atomically in Redis, rate-limits upstream calls per \
+provider and region, and publishes each result (with the private key) before acking its job.\n\n\
+Run as many as you like, anywhere. SIGTERM/Ctrl-C drains: stop consuming, finish jobs in flight \
+within --drain-timeout, leave the rest for redelivery, exit 0; a second signal exits at once (130).\n\n\
+Exit status: 0 after a drain; 1 when start-up or the worker failed (the message says which \
+server); 2 for bad flags."
+)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Jobs in flight at once (RabbitMQ prefetch). Default: 4 per key-generation thread.
+    #[arg(long, env = "KEYFLEET_CONCURRENCY")]
+    pub concurrency: Option<u16>,
+    /// Key-generation threads; 0 = one per core.
+    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Key pairs allowed per region (default 500, or `quota` in the config file).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// Upstream (cloud API) calls per second per provider + region; 0 = unlimited.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
+    pub upstream_rps: u32,
+    /// Burst allowed above --upstream-rps.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
+    pub upstream_burst: u32,
+    /// After a shutdown signal, how long jobs in flight may take to finish.
+    #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Prometheus /metrics, /healthz, /readyz; `off` to disable.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Config file (TOML; same format as keyfleet's). Default: ./keyfleet.toml when it exists.
+    #[arg(long, env = "KEYFLEET_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "KEYFLEET_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+impl WorkerArgs {
+    /// The worker's configuration from flags, environment and config file.
+    pub fn to_config(&self, file: &FileConfig) -> crate::worker::WorkerConfig {
+        let global = GlobalArgs {
+            config: None,
+            state: None,
+            quota: self.quota,
+            log: self.log.clone(),
+        };
+        let threads = self.threads;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let per = if threads == 0 { cores } else { threads };
+        crate::worker::WorkerConfig {
+            amqp_url: self.server.amqp_url.clone(),
+            redis_url: self.server.redis_url.clone(),
+            topology: crate::broker::Topology::with_prefix(&self.server.prefix),
+            redis_prefix: self.server.prefix.clone(),
+            concurrency: self
+                .concurrency
+                .unwrap_or((per * 4).min(u16::MAX as usize) as u16)
+                .max(1),
+            threads,
+            settings: file.settings(&global, self.engine),
+            upstream_rps: self.upstream_rps,
+            upstream_burst: self.upstream_burst,
+            drain_timeout: self.drain_timeout,
+            connect_timeout: self.server.connect_timeout,
+            metrics_addr: self.metrics_addr.0,
+        }
+    }
+}
+
+/// `30s`, `500ms`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 1e9 => {
+            Ok(std::time::Duration::from_secs_f64(v * scale))
+        }
+        _ => Err(format!("'{s}' is not a duration: use e.g. 30s, 500ms, 2m")),
+    }
+}
+
+/// A listen address, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("'{s}' is not host:port (e.g. 0.0.0.0:9464) or off (--metrics-addr / KEYFLEET_METRICS_ADDR)"))
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a prefix: 1-64 of A-Z a-z 0-9 - _ . (--prefix / KEYFLEET_PREFIX)"
+        ))
+    }
+}
+
+/// Batch ids become queue names and Redis keys: keep them plain.
+pub fn parse_batch_id(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a batch id: 1-128 of A-Z a-z 0-9 - _ ."
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +339,7 @@ pub struct RunArgs {
     pub engine: Engine,
     /// Batch id (ties job ids to rows so a re-run after a crash resumes). Default: derived
     /// from the input file's absolute path.
-    #[arg(long, env = "KEYFLEET_BATCH_ID")]
+    #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
@@ -110,6 +351,12 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct DescribeArgs {
+    /// Read the registry in Redis (distributed mode) instead of the embedded state file.
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis key prefix (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
+    pub prefix: String,
     #[arg(long, value_parser = parse_provider)]
     pub provider: Option<Provider>,
     /// Alibaba account / UCloud project.
@@ -130,6 +377,12 @@ pub struct DescribeArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    /// Delete from the registry in Redis (distributed mode) instead of the embedded state file.
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis key prefix (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
+    pub prefix: String,
     #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
     pub provider: Provider,
     /// Alibaba account / UCloud project.

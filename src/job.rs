@@ -51,7 +51,7 @@ impl fmt::Debug for SecretPem {
 }
 
 /// The outcome of one job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct JobResult {
     pub v: u32,
     pub job_id: Uuid,
@@ -81,6 +81,24 @@ pub struct JobResult {
     pub finished_at: String,
     #[serde(skip)]
     pub private_key: Option<SecretPem>,
+}
+
+/// Takes the private key out of the response's `PrivateKeyBody` (a result message carries it
+/// there, as the API would), leaving the field empty.
+pub fn take_private_key_body(
+    provider: Provider,
+    response: &mut serde_json::Value,
+) -> Option<SecretPem> {
+    let slot = match provider {
+        Provider::Aliyun => response.get_mut("PrivateKeyBody"),
+        Provider::Ucloud => response
+            .get_mut("KeyPair")
+            .and_then(|kp| kp.get_mut("PrivateKeyBody")),
+    }?;
+    match std::mem::replace(slot, serde_json::Value::String(String::new())) {
+        serde_json::Value::String(s) if !s.is_empty() => Some(SecretPem(Zeroizing::new(s))),
+        _ => None,
+    }
 }
 
 /// Puts `body` into the response's `PrivateKeyBody` field, wherever the dialect keeps it.

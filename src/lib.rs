@@ -7,18 +7,25 @@
 
 pub mod app;
 pub mod batch;
+pub mod batch_status;
 pub mod bench;
+pub mod broker;
 pub mod config;
+pub mod collect;
 pub mod cpu;
 pub mod dialect;
 pub mod fingerprint;
 pub mod job;
 pub mod keygen;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod prime;
 pub mod progress;
+pub mod rate_limit;
 pub mod registry;
 pub mod run;
 pub mod shutdown;
+pub mod submit;
 pub mod upstream;
+pub mod worker;

@@ -106,6 +106,70 @@ impl OutputDir {
         })
     }
 
+    /// Opens the folder for `collect`, which may be run again and again: the manifest is
+    /// appended to, and the job ids already in it are returned so no job is written twice.
+    pub fn resume(
+        root: &Path,
+    ) -> Result<(Self, std::collections::HashSet<uuid::Uuid>), OutputError> {
+        let folder_err = |source| OutputError::Folder {
+            path: root.to_owned(),
+            source,
+        };
+        fs::create_dir_all(root).map_err(folder_err)?;
+        let manifest_path = root.join(MANIFEST);
+        let manifest_err = |source| OutputError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        };
+        let mut seen = std::collections::HashSet::new();
+        if manifest_path.exists() {
+            let text = fs::read_to_string(&manifest_path).map_err(manifest_err)?;
+            for line in text.lines() {
+                // A torn last line (crash mid-write) is simply not counted: its result was
+                // not acked, so it comes again.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    if let Some(id) = v.get("job_id").and_then(|j| j.as_str()) {
+                        if let Ok(id) = uuid::Uuid::parse_str(id) {
+                            seen.insert(id);
+                        }
+                    }
+                }
+            }
+            if !text.is_empty() && !text.ends_with('\n') {
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .open(&manifest_path)
+                    .map_err(manifest_err)?;
+                f.write_all(b"\n").map_err(manifest_err)?;
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(&manifest_path)
+            .map_err(manifest_err)?;
+        Ok((
+            OutputDir {
+                root: root.to_owned(),
+                manifest_path: manifest_path.clone(),
+                manifest: BufWriter::new(file),
+                rotated: None,
+            },
+            seen,
+        ))
+    }
+
+    /// Flushes and syncs the manifest without closing it (before acking what it holds).
+    pub fn sync(&mut self) -> Result<(), OutputError> {
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        self.manifest.flush().map_err(err)?;
+        self.manifest.get_ref().sync_data().map_err(err)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

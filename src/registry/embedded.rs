@@ -298,6 +298,17 @@ impl Registry for EmbeddedRegistry {
         .await
     }
 
+    async fn lookup(&self, scope: &Scope, name: &str) -> Result<Option<Entry>, RegistryError> {
+        let key = entry_key(scope, name);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let entries = txn.open_table(ENTRIES).map_err(storage)?;
+            let got = entries.get(key.as_str()).map_err(storage)?;
+            got.map(|v| decode_entry(v.value())).transpose()
+        })
+        .await
+    }
+
     async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {
         let scope_key = scope.key();
         self.blocking(move |db| {

@@ -6,6 +6,7 @@
 //! implementation applies the same ones.
 
 pub mod embedded;
+pub mod redis;
 
 use std::future::Future;
 
@@ -207,6 +208,13 @@ pub trait Registry: Send + Sync + 'static {
         scope: &Scope,
         name: &str,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// What `name` in `scope` is bound to, if anything.
+    fn lookup(
+        &self,
+        scope: &Scope,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Entry>, RegistryError>> + Send;
 
     /// Slots counted against the quota of `scope` (records plus live reservations).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;

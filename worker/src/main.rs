@@ -1,14 +1,37 @@
-//! `keyfleet-worker`: the distributed-mode worker (RabbitMQ jobs → keys → Redis registry →
-//! results). Not built yet: until it is, this binary says so and exits with status 2 instead of
-//! pretending to work.
+//! `keyfleet-worker`: parse flags, set up logging and the shutdown signal, run the worker.
 
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "keyfleet-worker {}: distributed mode is not available in this build yet; \
-use `keyfleet run FILE --out DIR` (embedded mode, no servers needed)",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+use anyhow::Context;
+use clap::Parser;
+use keyfleet::config::{FileConfig, WorkerArgs};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = WorkerArgs::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = match FileConfig::load(args.config.as_deref()) {
+        Ok((file, _)) => file,
+        Err(e) => {
+            eprintln!("keyfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = keyfleet::shutdown::on_signals();
+    let result = keyfleet::worker::run(args.to_config(&file), shutdown)
+        .await
+        .context("keyfleet-worker stopped");
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyfleet-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,211 @@
+//! `keyfleet collect`: drains a batch's results queue into the same output folder `run` writes
+//! (key files + manifest). Resumable: it appends, skips jobs already written, and acks results
+//! only once they are on disk. Stops when the batch is complete (per `keyfleet status`) or
+//! after a quiet spell.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch_status::BatchStatusStore;
+use crate::broker::{Broker, BrokerError, Topology};
+use crate::dialect::Scope;
+use crate::job::{take_private_key_body, JobResult, Status};
+use crate::output::OutputDir;
+use crate::progress::{Progress, ProgressMode, Tally};
+use crate::registry::redis::RedisRegistry;
+use crate::registry::{Entry, Registry, RegistryError};
+
+#[derive(Clone, Debug)]
+pub struct CollectOptions {
+    pub batch_id: String,
+    pub out: PathBuf,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub topology: Topology,
+    pub connect_timeout: Duration,
+    /// Stop after this long without a result (the batch may be incomplete; run again later).
+    pub idle_timeout: Duration,
+    pub progress: ProgressMode,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CollectSummary {
+    pub batch_id: String,
+    #[serde(flatten)]
+    pub tally: Tally,
+    /// Results skipped because their job was already written, or superseded by a newer key.
+    pub duplicates: u64,
+    /// Results of the batch written so far, this run and earlier ones.
+    pub collected: u64,
+    pub total: Option<u64>,
+    pub complete: bool,
+    pub manifest: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("Redis: {0}")]
+    Redis(#[from] RegistryError),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
+    #[error("a result message could not be read: {0}")]
+    Decode(String),
+}
+
+/// Acks are sent in groups, each after the manifest lines they cover are synced.
+const ACK_EVERY: usize = 64;
+
+pub async fn collect(
+    opts: CollectOptions,
+    shutdown: CancellationToken,
+) -> Result<CollectSummary, CollectError> {
+    let broker =
+        Broker::connect(&opts.amqp_url, opts.topology.clone(), opts.connect_timeout).await?;
+    let registry =
+        RedisRegistry::connect(&opts.redis_url, &opts.redis_prefix, opts.connect_timeout).await?;
+    let status = BatchStatusStore::from_connection(registry.connection(), &opts.redis_prefix);
+    broker.declare().await?;
+    let queue = broker.declare_results_queue(&opts.batch_id).await?;
+    broker.set_prefetch((ACK_EVERY * 4) as u16).await?;
+    let (mut out, mut seen) = OutputDir::resume(&opts.out)?;
+    let mut consumer = broker
+        .channel()
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let mut total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
+    let mut progress = Progress::new(opts.progress, total);
+    let mut duplicates = 0;
+    let mut unacked: Vec<lapin::Acker> = Vec::new();
+    let mut last_result = Instant::now();
+    let mut checked_total = Instant::now();
+    loop {
+        if total.is_some_and(|t| seen.len() as u64 >= t) {
+            break;
+        }
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = tokio::time::timeout(Duration::from_millis(250), consumer.next()) => next,
+        };
+        match next {
+            Ok(Some(delivery)) => {
+                let delivery = delivery?;
+                last_result = Instant::now();
+                let mut result: JobResult = serde_json::from_slice(&delivery.data)
+                    .map_err(|e| CollectError::Decode(e.to_string()))?;
+                if seen.contains(&result.job_id) || superseded(&registry, &result).await? {
+                    duplicates += 1;
+                    // Any key in a superseded result is dropped (zeroized) unread.
+                    drop(take_private_key_body(result.provider, &mut result.response));
+                } else {
+                    write(&mut out, &mut result)?;
+                    seen.insert(result.job_id);
+                    progress.record(&result);
+                }
+                unacked.push(delivery.acker);
+                if unacked.len() >= ACK_EVERY {
+                    ack_all(&mut out, &mut unacked).await?;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                ack_all(&mut out, &mut unacked).await?;
+                if checked_total.elapsed() > Duration::from_secs(1) {
+                    total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
+                    checked_total = Instant::now();
+                }
+                if last_result.elapsed() >= opts.idle_timeout {
+                    break;
+                }
+            }
+        }
+    }
+    ack_all(&mut out, &mut unacked).await?;
+    total = status
+        .status(&opts.batch_id)
+        .await?
+        .and_then(|s| s.total)
+        .or(total);
+    let manifest = out.finish()?;
+    broker.close().await;
+    let (tally, _) = progress.finish();
+    let collected = seen.len() as u64;
+    Ok(CollectSummary {
+        batch_id: opts.batch_id,
+        tally,
+        duplicates,
+        collected,
+        total,
+        complete: total.is_some_and(|t| collected >= t),
+        manifest,
+    })
+}
+
+async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result<(), CollectError> {
+    if unacked.is_empty() {
+        return Ok(());
+    }
+    out.sync()?;
+    // Deliveries on one channel are acked in order, so one `multiple` ack covers the group.
+    if let Some(last) = unacked.pop() {
+        last.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    unacked.clear();
+    Ok(())
+}
+
+/// A created result whose key pair is no longer the one registered for its job (a worker
+/// died after publishing it, and the redelivered job replaced the pair): its key is useless.
+async fn superseded(registry: &RedisRegistry, r: &JobResult) -> Result<bool, RegistryError> {
+    if r.status != Status::Created {
+        return Ok(false);
+    }
+    let (Some(name), Some(region)) = (&r.key_pair_name, &r.region) else {
+        return Ok(false);
+    };
+    let scope = Scope {
+        provider: r.provider,
+        owner: r.owner.clone(),
+        region: region.clone(),
+    };
+    Ok(match registry.lookup(&scope, name).await? {
+        Some(Entry::Pair(record)) => {
+            record.job_id != r.job_id
+                || Some(&record.fingerprint_sha256) != r.fingerprint_sha256.as_ref()
+        }
+        _ => true,
+    })
+}
+
+fn write(out: &mut OutputDir, result: &mut JobResult) -> Result<(), CollectError> {
+    let mut key_file = None;
+    if result.status == Status::Created {
+        result.private_key = take_private_key_body(result.provider, &mut result.response);
+        match out.write_key(result) {
+            Ok(path) => key_file = Some(path),
+            Err(e) => {
+                tracing::error!(job = %result.job_id, "{e}");
+                result.message = Some(format!(
+                    "key pair created but its key file could not be written: {e}"
+                ));
+            }
+        }
+    }
+    out.append(result, key_file.as_deref())?;
+    Ok(())
+}

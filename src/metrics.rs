@@ -1,0 +1,601 @@
+//! Prometheus metrics (DESIGN §6): every metric keyfleet exports is declared here — name, kind,
+//! unit, help text, labels and histogram buckets — so the dashboard and alert rules in `deploy/`
+//! have one list to be checked against ([`NAMES`]). The recording helpers are what the pipeline
+//! calls; they are cheap and do nothing until [`install`] has put the recorder in place.
+//! [`serve`] exposes `/metrics`, `/healthz` and `/readyz` (see `metrics/http.rs`).
+//!
+//! Label values are kept to small fixed sets (providers, key sizes, error codes, dead-letter
+//! reasons, catalogue regions): anything else is folded into `other` / `unknown`, because one
+//! stray job id in a label would create a time series per job.
+
+mod http;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub use http::serve;
+pub use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Jobs answered, by provider and outcome (`created` or the API's error code).
+pub const JOBS_TOTAL: &str = "keyfleet_jobs_total";
+/// Seconds from picking a job up to its result being ready, by provider.
+pub const JOB_DURATION_SECONDS: &str = "keyfleet_job_duration_seconds";
+/// Seconds to generate one RSA key pair on the key-generation pool, by key size.
+pub const KEYGEN_SECONDS: &str = "keyfleet_keygen_seconds";
+/// Seconds a job message waited in the queue before a worker picked it up.
+pub const QUEUE_WAIT_SECONDS: &str = "keyfleet_queue_wait_seconds";
+/// Seconds spent on the upstream: its rate limit plus the registration call, by provider.
+pub const UPSTREAM_WAIT_SECONDS: &str = "keyfleet_upstream_wait_seconds";
+/// Key pairs held in a scope, by provider and region (against the 500-per-region quota).
+pub const QUOTA_USED: &str = "keyfleet_quota_used";
+/// Pre-generated keys waiting in the reservoir, by key size.
+pub const RESERVOIR_KEYS: &str = "keyfleet_reservoir_keys";
+/// Job messages that arrived again after an earlier delivery was not acknowledged.
+pub const REDELIVERIES_TOTAL: &str = "keyfleet_redeliveries_total";
+/// Job messages sent to the dead-letter queue, by reason.
+pub const DEAD_LETTERED_TOTAL: &str = "keyfleet_dead_lettered_total";
+/// Jobs picked up and not yet answered.
+pub const JOBS_IN_FLIGHT: &str = "keyfleet_jobs_in_flight";
+/// Always 1; the `version` label says which build is running.
+pub const BUILD_INFO: &str = "keyfleet_build_info";
+
+/// Every metric name keyfleet exports (tests check dashboards/rules only query these).
+pub const NAMES: &[&str] = &[
+    JOBS_TOTAL,
+    JOB_DURATION_SECONDS,
+    KEYGEN_SECONDS,
+    QUEUE_WAIT_SECONDS,
+    UPSTREAM_WAIT_SECONDS,
+    QUOTA_USED,
+    RESERVOIR_KEYS,
+    REDELIVERIES_TOTAL,
+    DEAD_LETTERED_TOTAL,
+    JOBS_IN_FLIGHT,
+    BUILD_INFO,
+];
+
+/// The histograms among [`NAMES`]: Prometheus also knows them as `<name>_bucket`, `_sum` and
+/// `_count`.
+pub const HISTOGRAMS: &[&str] = &[
+    JOB_DURATION_SECONDS,
+    KEYGEN_SECONDS,
+    QUEUE_WAIT_SECONDS,
+    UPSTREAM_WAIT_SECONDS,
+];
+
+/// `keyfleet_keygen_seconds`. One key on one core: RSA-2048 takes ~26 ms with the fastest
+/// engine measured here (DESIGN §7, our target), ~65 ms with the crypto-primes engine and
+/// ~230 ms with the `rsa` crate, with a long tail because the prime search is a geometric
+/// lottery; 3072 bits is ~3–4× that and 4096 bits ~8–10× (0.5–5 s). Fine steps from 10 ms to
+/// 300 ms resolve the 2048-bit engines from each other; 0.5 s is the alert threshold for
+/// 2048-bit p99; the coarse top serves 4096-bit keys and a starved pool.
+pub const KEYGEN_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
+/// `keyfleet_job_duration_seconds`. A job's own work is a few Redis round trips (~1 ms each)
+/// plus one key (tens to hundreds of ms), but it also queues behind the rayon pool — with
+/// prefetch = concurrency a job may wait for several keys ahead of it — and behind the
+/// upstream's rate limit, so the range runs from ~25 ms to minutes.
+pub const JOB_DURATION_BUCKETS: &[f64] = &[
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// `keyfleet_queue_wait_seconds`. Milliseconds when workers are idle (the first bucket lumps
+/// everything under 100 ms: producer and worker clocks disagree by about that much anyway);
+/// a 10,000-key onboarding on one 2-core worker drains in minutes; a 1M-job backlog takes
+/// hours. Beyond a day it is +Inf. 900 s is the backlog alert threshold.
+pub const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+];
+
+/// `keyfleet_upstream_wait_seconds`. The local upstream answers in microseconds (all of it
+/// lands in the first bucket); a cloud API call takes ~50–500 ms; a saturated per-region rate
+/// limit holds a job for seconds, growing with the number of jobs queued behind it.
+pub const UPSTREAM_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The `provider` label's values; anything else is counted as `unknown`.
+pub const PROVIDERS: &[&str] = &["aliyun", "ucloud"];
+
+/// The `outcome` label's values: `created`, every error code the two dialects answer with
+/// (Alibaba codes, UCloud RetCodes as decimal strings; `src/dialect/`), and `other` for anything
+/// else (a unit test keeps this list in step with the dialects).
+pub const OUTCOMES: &[&str] = &[
+    "created",
+    // Alibaba Cloud ECS CreateKeyPair
+    "InvalidKeyPairName.Malformed",
+    "QuotaExceed.KeyPair",
+    "KeyPair.AlreadyExist",
+    "InvalidResourceGroup.NotFound",
+    "Duplicate.TagKey",
+    "InvalidTagKey.Malformed",
+    "InvalidTagValue.Malformed",
+    "InvalidRegionId.NotFound",
+    "InvalidZoneId.NotFound",
+    "QuotaExceed.Tags",
+    "MissingKeyPairName",
+    "MissingRegionId",
+    "InvalidParameter",
+    "InvalidAction.NotFound",
+    "InternalError",
+    // UCloud CreateUHostKeyPair RetCodes
+    "150",
+    "160",
+    "161",
+    "230",
+    "8201",
+    "8202",
+    "8203",
+    "8204",
+    "other",
+];
+
+/// The `reason` label's values for dead-lettered job messages; anything else is `other`.
+/// - `undecodable`: not JSON, or not a job (missing or mistyped fields);
+/// - `unsupported_version`: a `"v"` this build does not read;
+/// - `delivery_limit`: delivered too often (the worker saw the delivery count reach the limit
+///   and rejected it rather than let the broker dead-letter it unseen).
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "undecodable",
+    "unsupported_version",
+    "delivery_limit",
+    "other",
+];
+
+/// The `bits` label's values; anything else is `other`.
+pub const KEY_SIZES: &[&str] = &["2048", "3072", "4096"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Typically: another metrics recorder was installed in this process first.
+    #[error("could not install the Prometheus metrics recorder: {0}")]
+    Install(String),
+    #[error("could not listen for metrics requests on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How often histogram samples are folded into their buckets when nobody scrapes; scrapes do
+/// it too. Without it `run` with no metrics endpoint would keep every sample of a 1M-job
+/// batch in memory.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static INSTALLING: Mutex<()> = Mutex::new(());
+
+/// Installs the global Prometheus recorder once (idempotent: later calls return the same
+/// handle), describes every metric (help text + units), sets explicit buckets, records
+/// `keyfleet_build_info{version=...} = 1`, and starts a background thread that runs the
+/// recorder's upkeep every few seconds.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    // Two first calls racing must not both try to become the global recorder.
+    let _guard = INSTALLING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = builder()?
+        .install_recorder()
+        .map_err(|e| MetricsError::Install(e.to_string()))?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Rare events' series exist at 0 from the start: `increase()` cannot see a counter's first
+    // sample as an increase, so the first dead letter of a fresh worker would not alert.
+    counter!(REDELIVERIES_TOTAL).increment(0);
+    for reason in DEAD_LETTER_REASONS {
+        counter!(DEAD_LETTERED_TOTAL, "reason" => *reason).increment(0);
+    }
+    gauge!(JOBS_IN_FLIGHT).increment(0.0);
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("keyfleet-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| MetricsError::Install(format!("starting the upkeep thread: {e}")))?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// The installed recorder's handle, if [`install`] has run.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get().cloned()
+}
+
+/// The current exposition text, if [`install`] has run.
+pub fn render() -> Option<String> {
+    HANDLE.get().map(PrometheusHandle::render)
+}
+
+fn builder() -> Result<PrometheusBuilder, MetricsError> {
+    let mut b = PrometheusBuilder::new();
+    for (name, buckets) in [
+        (KEYGEN_SECONDS, KEYGEN_BUCKETS),
+        (JOB_DURATION_SECONDS, JOB_DURATION_BUCKETS),
+        (QUEUE_WAIT_SECONDS, QUEUE_WAIT_BUCKETS),
+        (UPSTREAM_WAIT_SECONDS, UPSTREAM_WAIT_BUCKETS),
+    ] {
+        b = b
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .map_err(|e| MetricsError::Install(e.to_string()))?;
+    }
+    Ok(b)
+}
+
+fn describe() {
+    describe_counter!(
+        JOBS_TOTAL,
+        Unit::Count,
+        "Jobs answered, by provider and outcome: created, or the error code the cloud API would answer with."
+    );
+    describe_histogram!(
+        JOB_DURATION_SECONDS,
+        Unit::Seconds,
+        "Seconds from picking a job up to its result being ready, including waits for the key-generation pool and the upstream rate limit."
+    );
+    describe_histogram!(
+        KEYGEN_SECONDS,
+        Unit::Seconds,
+        "Seconds to generate one RSA key pair on the key-generation pool, by key size in bits."
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Seconds a job message waited in the queue before a worker picked it up."
+    );
+    describe_histogram!(
+        UPSTREAM_WAIT_SECONDS,
+        Unit::Seconds,
+        "Seconds spent registering a public key upstream, including waiting for the per-provider and region rate limit."
+    );
+    describe_gauge!(
+        QUOTA_USED,
+        Unit::Count,
+        "Key pairs held in a provider and region as last seen by this process (default quota 500 per region)."
+    );
+    describe_gauge!(
+        RESERVOIR_KEYS,
+        Unit::Count,
+        "Pre-generated key pairs waiting in the reservoir, by key size in bits."
+    );
+    describe_counter!(
+        REDELIVERIES_TOTAL,
+        Unit::Count,
+        "Job messages delivered again after an earlier delivery was not acknowledged."
+    );
+    describe_counter!(
+        DEAD_LETTERED_TOTAL,
+        Unit::Count,
+        "Job messages sent to the dead-letter queue, by reason."
+    );
+    describe_gauge!(
+        JOBS_IN_FLIGHT,
+        Unit::Count,
+        "Jobs picked up and not yet answered."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the running keyfleet build."
+    );
+}
+
+fn provider_label(provider: &str) -> &'static str {
+    PROVIDERS
+        .iter()
+        .find(|p| **p == provider)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+fn outcome_label(outcome: &str) -> &'static str {
+    OUTCOMES
+        .iter()
+        .find(|o| **o == outcome)
+        .copied()
+        .unwrap_or("other")
+}
+
+fn bits_label(bits: usize) -> &'static str {
+    match bits {
+        2048 => "2048",
+        3072 => "3072",
+        4096 => "4096",
+        _ => "other",
+    }
+}
+
+/// A job was answered: `outcome` is `"created"` or the error code of its result (`code`).
+/// `duration` runs from picking the job up to its result being ready.
+pub fn job_finished(provider: &str, outcome: &str, duration: Duration) {
+    let provider = provider_label(provider);
+    counter!(JOBS_TOTAL, "provider" => provider, "outcome" => outcome_label(outcome)).increment(1);
+    histogram!(JOB_DURATION_SECONDS, "provider" => provider).record(duration.as_secs_f64());
+}
+
+/// One key pair of `bits` bits took `duration` on the key-generation pool (not counting the
+/// wait for a free thread).
+pub fn keygen(bits: usize, duration: Duration) {
+    histogram!(KEYGEN_SECONDS, "bits" => bits_label(bits)).record(duration.as_secs_f64());
+}
+
+/// A job message waited `duration` between being published and being picked up.
+pub fn queue_wait(duration: Duration) {
+    histogram!(QUEUE_WAIT_SECONDS).record(duration.as_secs_f64());
+}
+
+/// The scope `provider` + `region` now holds `used` key pairs. `region` must come from the
+/// region catalogue (validated requests only), which is what keeps this label bounded. Scopes
+/// also have an owner, which is not a label: with several owners in one region the gauge shows
+/// the one reported last.
+pub fn quota_used(provider: &str, region: &str, used: u64) {
+    gauge!(QUOTA_USED, "provider" => provider_label(provider), "region" => region.to_owned())
+        .set(used as f64);
+}
+
+/// The reservoir of pre-generated `bits`-bit keys now holds `keys` keys.
+pub fn reservoir_fill(bits: usize, keys: usize) {
+    gauge!(RESERVOIR_KEYS, "bits" => bits_label(bits)).set(keys as f64);
+}
+
+/// Registering a key with `provider` took `duration`, rate-limit wait included.
+pub fn upstream_wait(provider: &str, duration: Duration) {
+    histogram!(UPSTREAM_WAIT_SECONDS, "provider" => provider_label(provider))
+        .record(duration.as_secs_f64());
+}
+
+/// A job message arrived with the redelivered flag set.
+pub fn redelivered() {
+    counter!(REDELIVERIES_TOTAL).increment(1);
+}
+
+/// A job message was dead-lettered; `reason` is one of [`DEAD_LETTER_REASONS`].
+pub fn dead_lettered(reason: &str) {
+    let reason = DEAD_LETTER_REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("other");
+    counter!(DEAD_LETTERED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Adds `delta` to the jobs in flight. Prefer [`InFlight`], which cannot forget the decrement
+/// on an early return.
+pub fn in_flight(delta: i64) {
+    gauge!(JOBS_IN_FLIGHT).increment(delta as f64);
+}
+
+/// Counts one job in flight from [`InFlight::start`] until dropped.
+#[must_use = "the job counts as in flight only while the guard lives"]
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> Self {
+        in_flight(1);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        in_flight(-1);
+    }
+}
+
+/// Readiness flags set by the worker (RabbitMQ connected, Redis connected, not draining);
+/// `/readyz` answers 200 only when all agree. `keyfleet run` marks both connections up.
+#[derive(Clone, Default, Debug)]
+pub struct Readiness(Arc<Flags>);
+
+#[derive(Default, Debug)]
+struct Flags {
+    amqp: AtomicBool,
+    redis: AtomicBool,
+    draining: AtomicBool,
+}
+
+// Independent flags read by a probe: nothing else is published through them, so Relaxed.
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_amqp(&self, up: bool) {
+        self.0.amqp.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_redis(&self, up: bool) {
+        self.0.redis.store(up, Ordering::Relaxed);
+    }
+
+    /// Shutdown has begun: stop reporting ready while in-flight jobs finish.
+    pub fn set_draining(&self, draining: bool) {
+        self.0.draining.store(draining, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.not_ready_because().is_empty()
+    }
+
+    /// What keeps this process from being ready (empty when it is ready).
+    pub fn not_ready_because(&self) -> Vec<&'static str> {
+        let mut why = Vec::new();
+        if !self.0.amqp.load(Ordering::Relaxed) {
+            why.push("RabbitMQ not connected");
+        }
+        if !self.0.redis.load(Ordering::Relaxed) {
+            why.push("Redis not connected");
+        }
+        if self.0.draining.load(Ordering::Relaxed) {
+            why.push("draining");
+        }
+        why
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialect::{ApiError, Provider};
+
+    fn record_one_of_each() {
+        job_finished("aliyun", "created", Duration::from_millis(80));
+        job_finished("ucloud", "8204", Duration::from_millis(3));
+        keygen(2048, Duration::from_millis(40));
+        queue_wait(Duration::from_secs(2));
+        quota_used("aliyun", "cn-hangzhou", 17);
+        reservoir_fill(2048, 8);
+        upstream_wait("aliyun", Duration::from_millis(1));
+        redelivered();
+        dead_lettered("undecodable");
+        drop(InFlight::start());
+    }
+
+    #[test]
+    fn names_are_unique_and_histograms_are_names() {
+        let mut sorted = NAMES.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), NAMES.len());
+        for h in HISTOGRAMS {
+            assert!(NAMES.contains(h), "{h}");
+            assert!(
+                h.ends_with("_seconds"),
+                "{h}: histograms here measure seconds"
+            );
+        }
+        for n in NAMES {
+            assert!(n.starts_with("keyfleet_"), "{n}");
+            let counter = [JOBS_TOTAL, REDELIVERIES_TOTAL, DEAD_LETTERED_TOTAL].contains(n);
+            assert_eq!(
+                n.ends_with("_total"),
+                counter,
+                "{n}: `_total` is for counters only"
+            );
+        }
+    }
+
+    #[test]
+    fn buckets_are_increasing() {
+        for b in [
+            KEYGEN_BUCKETS,
+            JOB_DURATION_BUCKETS,
+            QUEUE_WAIT_BUCKETS,
+            UPSTREAM_WAIT_BUCKETS,
+        ] {
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn every_dialect_error_code_is_a_known_outcome() {
+        let errors = [
+            ApiError::MissingParameter("KeyPairName".into()),
+            ApiError::MissingParameter("RegionId".into()),
+            ApiError::InvalidParameter {
+                name: ApiError::ACTION.into(),
+                reason: "x".into(),
+            },
+            ApiError::InvalidParameter {
+                name: "KeyPairname".into(),
+                reason: "x".into(),
+            },
+            ApiError::NameMalformed,
+            ApiError::RegionNotFound("x".into()),
+            ApiError::ZoneNotFound("x".into()),
+            ApiError::ResourceGroupNotFound("x".into()),
+            ApiError::DuplicateTagKey,
+            ApiError::TagKeyMalformed,
+            ApiError::TagValueMalformed,
+            ApiError::TooManyTags,
+            ApiError::QuotaExceeded,
+            ApiError::AlreadyExists,
+            ApiError::Internal("x".into()),
+        ];
+        for provider in Provider::ALL {
+            for e in &errors {
+                let code = e.reply(provider).code;
+                assert_eq!(outcome_label(&code), code, "{provider:?} {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn labels_stay_bounded() {
+        assert_eq!(provider_label("aws"), "unknown");
+        assert_eq!(outcome_label("269a2ba3-job-id"), "other");
+        assert_eq!(bits_label(1024), "other");
+        assert_eq!(bits_label(4096), "4096");
+    }
+
+    #[test]
+    fn readiness_needs_both_connections_and_no_drain() {
+        let r = Readiness::new();
+        assert!(!r.is_ready());
+        r.set_amqp(true);
+        assert_eq!(r.not_ready_because(), ["Redis not connected"]);
+        r.clone().set_redis(true);
+        assert!(r.is_ready(), "clones share the flags");
+        r.set_draining(true);
+        assert!(!r.is_ready());
+    }
+
+    #[test]
+    fn install_is_idempotent_and_renders_every_metric() {
+        let first = install().unwrap();
+        record_one_of_each();
+        let text = install().unwrap().render();
+        assert!(
+            first.render().contains(REDELIVERIES_TOTAL),
+            "both handles read the one global recorder"
+        );
+        for name in NAMES {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} HELP in:\n{text}"
+            );
+            let kind = if HISTOGRAMS.contains(name) {
+                "histogram"
+            } else if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} TYPE in:\n{text}"
+            );
+        }
+        for h in HISTOGRAMS {
+            assert!(
+                text.contains(&format!("{h}_bucket{{")),
+                "{h} has buckets:\n{text}"
+            );
+        }
+        assert!(text.contains(&format!(
+            "keyfleet_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(text.contains(r#"keyfleet_keygen_seconds_bucket{bits="2048",le="0.05"}"#));
+        assert!(text.contains(r#"keyfleet_jobs_total{provider="ucloud",outcome="8204"}"#));
+    }
+
+    #[test]
+    fn error_is_send_and_sync() {
+        fn check<T: std::error::Error + Send + Sync + 'static>() {}
+        check::<MetricsError>();
+    }
+}

@@ -1,0 +1,514 @@
+//! The registry in Redis, for distributed mode: many workers on many machines share one quota
+//! and one namespace per scope, with the exact semantics of [`super::embedded`].
+//!
+//! Key layout (`<prefix>` is `keyfleet` unless configured; `<scope>` is [`Scope::key`]):
+//! - `<prefix>:{<scope>}:pairs` — hash: name → [`Entry`] JSON (the same serde JSON as the
+//!   embedded store; public halves only, private keys are never written to Redis);
+//! - `<prefix>:{<scope>}:used` — string: slots counted against the scope's quota;
+//! - `<prefix>:scopes` — set of scope keys, an index for `describe` only.
+//!
+//! Every key of a scope carries the scope as its hash tag, so each operation's script touches
+//! one cluster slot and works on Redis Cluster. Reserve, commit, mark_delivered, release and
+//! delete are one Lua script each (`*.lua` beside this file, run with EVALSHA; redis-rs loads a
+//! script again when the server answers NOSCRIPT, e.g. after a restart). Key names are built
+//! here and passed as KEYS, never inside Lua.
+//!
+//! Reservation deadlines are read against the Redis server's clock (`TIME` inside the script),
+//! not the caller's: workers whose clocks disagree still agree on when a reservation expired.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use uuid::Uuid;
+
+use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
+use crate::dialect::Scope;
+
+/// The key prefix the binaries use unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "keyfleet";
+
+/// How long one command may wait for its reply. Longer than any script takes (the slowest, a
+/// reserve at the quota, reads one scope's hash); past it Redis counts as unreachable and the
+/// operation fails with [`RegistryError::Storage`]. The command may still have run: every
+/// operation is safe to repeat (a reserve comes back `Resumed`, a commit that did land is found
+/// again as the job's own undelivered record and replaced).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upper bound of the wait between reconnection attempts after Redis went away, so callers see
+/// it back soon after it returns.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+
+/// Bounds a reservation TTL so `now + ttl` stays an exact integer in Lua (doubles are exact up to
+/// 2^53; 2^50 ms is about 35,000 years).
+const MAX_TTL_MS: i64 = 1 << 50;
+
+/// The scripts, hashed once per process.
+struct Scripts {
+    reserve: Script,
+    commit: Script,
+    mark_delivered: Script,
+    release: Script,
+    delete: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    reserve: Script::new(include_str!("reserve.lua")),
+    commit: Script::new(include_str!("commit.lua")),
+    mark_delivered: Script::new(include_str!("mark_delivered.lua")),
+    release: Script::new(include_str!("release.lua")),
+    delete: Script::new(include_str!("delete.lua")),
+});
+
+/// The Redis keys of one scope; all of them hash to the same cluster slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopeKeys {
+    /// Hash: name → [`Entry`] JSON.
+    pub pairs: String,
+    /// Slots counted against the quota.
+    pub used: String,
+}
+
+#[derive(Clone)]
+pub struct RedisRegistry {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    /// Scope keys this process already added to `<prefix>:scopes`: saves a round trip per
+    /// reserve. Only ever grows; the index is never pruned (see `index_scope`).
+    indexed: Arc<Mutex<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for RedisRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRegistry")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn storage(e: redis::RedisError) -> RegistryError {
+    RegistryError::Storage(format!("redis: {e}"))
+}
+
+/// `url` with its password (userinfo or `password`/`pass` query parameter) replaced by `***`,
+/// fit for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let authority_end = before_query.find('/').unwrap_or(before_query.len());
+    let (authority, path) = before_query.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            // `redis://secret@host`: a lone userinfo may be read as the password.
+            None if !userinfo.is_empty() => format!("***@{host}"),
+            None => format!("@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let mut out = String::with_capacity(url.len());
+    if let Some(s) = scheme {
+        out.push_str(s);
+        out.push_str("://");
+    }
+    out.push_str(&authority);
+    out.push_str(path);
+    if let Some(q) = query {
+        out.push('?');
+        let parts: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    out
+}
+
+/// A prefix with `{` or `}` would make its hash tag the cluster slot of every key: still
+/// correct, but all scopes on one node. Refused so the mistake shows at start-up.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
+    if prefix.contains(['{', '}']) {
+        return Err(RegistryError::Storage(format!(
+            "Redis key prefix {prefix:?} must not contain '{{' or '}}' (they are hash tags)"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a self-reconnecting connection to `url`, waiting at most `timeout`, and checks it
+/// with PING. Errors name the URL without its password and say which step failed.
+pub(crate) async fn connect_manager(
+    url: &str,
+    timeout: Duration,
+) -> Result<ConnectionManager, RegistryError> {
+    let shown = redact_url(url);
+    let client = redis::Client::open(url)
+        .map_err(|e| RegistryError::Storage(format!("invalid Redis URL {shown}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_max_delay(MAX_RECONNECT_DELAY);
+    let connect = async {
+        let mut conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| format!("connected, but PING failed: {e}"))?;
+        Ok::<_, String>(conn)
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(why)) => Err(RegistryError::Storage(format!("Redis at {shown}: {why}"))),
+        Err(_) => Err(RegistryError::Storage(format!(
+            "Redis at {shown}: no connection within {timeout:?}"
+        ))),
+    }
+}
+
+impl RedisRegistry {
+    /// Connects with a bounded wait (`timeout`); the error names the URL (without password) and
+    /// says what failed. Reconnects by itself later (ConnectionManager), so a Redis restart does
+    /// not kill callers: operations during the outage fail with [`RegistryError::Storage`] and
+    /// succeed again afterwards.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, RegistryError> {
+        check_prefix(prefix)?;
+        let conn = connect_manager(url, timeout).await?;
+        Ok(Self::from_connection(conn, prefix))
+    }
+
+    /// A registry over an existing connection (e.g. one shared with
+    /// [`crate::batch_status::BatchStatusStore`]). The prefix is used as given.
+    pub fn from_connection(conn: ConnectionManager, prefix: &str) -> Self {
+        RedisRegistry {
+            conn,
+            prefix: prefix.into(),
+            indexed: Arc::default(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The connection, to share with other Redis users of the same process.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// PING, for readiness probes.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(storage)
+    }
+
+    /// The keys the scripts of `scope` work on.
+    pub fn scope_keys(&self, scope: &Scope) -> ScopeKeys {
+        self.keys_of(&scope.key())
+    }
+
+    /// The set indexing every scope ever reserved in, for `describe`.
+    pub fn scopes_key(&self) -> String {
+        format!("{}:scopes", self.prefix)
+    }
+
+    fn keys_of(&self, scope_key: &str) -> ScopeKeys {
+        ScopeKeys {
+            pairs: format!("{}:{{{scope_key}}}:pairs", self.prefix),
+            used: format!("{}:{{{scope_key}}}:used", self.prefix),
+        }
+    }
+
+    /// Adds the scope to the index before its first reservation, so every scope that holds
+    /// entries is listed. Lives outside the scripts because the index is in another slot. An
+    /// emptied scope stays listed: pruning it could race with a worker that just indexed it.
+    async fn index_scope(&self, scope_key: &str) -> Result<(), RegistryError> {
+        let known = self
+            .indexed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(scope_key);
+        if known {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("SADD")
+            .arg(self.scopes_key())
+            .arg(scope_key)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(storage)?;
+        self.indexed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(scope_key.to_owned());
+        Ok(())
+    }
+}
+
+fn decode_entry(name: &str, raw: &str) -> Result<Entry, RegistryError> {
+    serde_json::from_str(raw)
+        .map_err(|e| RegistryError::Storage(format!("registry entry {name:?} is not valid: {e}")))
+}
+
+fn unexpected(script: &str, reply: &str) -> RegistryError {
+    RegistryError::Storage(format!(
+        "unexpected reply {reply:?} from the {script} script"
+    ))
+}
+
+impl Registry for RedisRegistry {
+    async fn reserve(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        quota: u64,
+        ttl_ms: i64,
+    ) -> Result<Reserved, RegistryError> {
+        let scope_key = scope.key();
+        self.index_scope(&scope_key).await?;
+        let keys = self.keys_of(&scope_key);
+        let mut conn = self.conn.clone();
+        let reply: String = SCRIPTS
+            .reserve
+            .key(&keys.pairs)
+            .key(&keys.used)
+            .arg(name)
+            .arg(job_id.hyphenated().to_string())
+            .arg(quota)
+            .arg(ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        match reply.as_str() {
+            "fresh" => Ok(Reserved::Fresh),
+            "resumed" => Ok(Reserved::Resumed),
+            "tookover" => Ok(Reserved::TookOver),
+            "replacing" => Ok(Reserved::Replacing),
+            "exists" => Err(RegistryError::AlreadyExists),
+            "quota" => Err(RegistryError::QuotaExceeded),
+            other => Err(unexpected("reserve", other)),
+        }
+    }
+
+    async fn commit(&self, record: &KeyPairRecord) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(&Entry::Pair(record.clone()))
+            .map_err(|e| RegistryError::Storage(format!("cannot encode the record: {e}")))?;
+        // The record type has no room for a private key; this guards against one pasted into a
+        // text field, since whatever is sent here lands in Redis and its backups.
+        if json.contains("PRIVATE KEY") {
+            return Err(RegistryError::Storage(
+                "refusing to store a record that contains private key material".to_owned(),
+            ));
+        }
+        let keys = self.scope_keys(&record.scope);
+        let mut conn = self.conn.clone();
+        let reply: String = SCRIPTS
+            .commit
+            .key(&keys.pairs)
+            .arg(&record.name)
+            .arg(record.job_id.hyphenated().to_string())
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(RegistryError::ReservationLost),
+            other => Err(unexpected("commit", other)),
+        }
+    }
+
+    async fn mark_delivered(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+    ) -> Result<(), RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let reply: String = SCRIPTS
+            .mark_delivered
+            .key(&keys.pairs)
+            .arg(name)
+            .arg(job_id.hyphenated().to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(RegistryError::ReservationLost),
+            other => Err(unexpected("mark_delivered", other)),
+        }
+    }
+
+    async fn release(&self, scope: &Scope, name: &str, job_id: Uuid) -> Result<(), RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        SCRIPTS
+            .release
+            .key(&keys.pairs)
+            .key(&keys.used)
+            .arg(name)
+            .arg(job_id.hyphenated().to_string())
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(storage)
+    }
+
+    async fn describe(&self, filter: &Filter) -> Result<Vec<KeyPairRecord>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let scope_keys: Vec<String> = match (filter.provider, &filter.owner, &filter.region) {
+            // One scope named in full: read it directly, indexed or not.
+            (Some(provider), Some(owner), Some(region)) => vec![Scope {
+                provider,
+                owner: owner.clone(),
+                region: region.clone(),
+            }
+            .key()],
+            _ => redis::cmd("SMEMBERS")
+                .arg(self.scopes_key())
+                .query_async(&mut conn)
+                .await
+                .map_err(storage)?,
+        };
+        let mut found = Vec::new();
+        for scope_key in scope_keys {
+            let entries: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.keys_of(&scope_key).pairs)
+                .query_async(&mut conn)
+                .await
+                .map_err(storage)?;
+            for (name, raw) in entries {
+                if let Entry::Pair(r) = decode_entry(&name, &raw)? {
+                    if filter.matches(&r) {
+                        // The embedded store's order: its table key, scope key + '\n' + name.
+                        found.push((format!("{scope_key}\n{name}"), r));
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn delete(&self, scope: &Scope, name: &str) -> Result<bool, RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let removed: i64 = SCRIPTS
+            .delete
+            .key(&keys.pairs)
+            .key(&keys.used)
+            .arg(name)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        Ok(removed == 1)
+    }
+
+    async fn lookup(&self, scope: &Scope, name: &str) -> Result<Option<Entry>, RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&keys.pairs)
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        raw.map(|raw| decode_entry(name, &raw)).transpose()
+    }
+
+    async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let used: Option<u64> = redis::cmd("GET")
+            .arg(&keys.used)
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        Ok(used.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://:s3cret@host"), "redis://:***@host");
+        assert_eq!(redact_url("rediss://s3cret@host/"), "rediss://***@host/");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_url("redis://h/?password=s3cret"),
+            "redis://h/?password=***"
+        );
+    }
+
+    #[test]
+    fn prefix_must_not_carry_a_hash_tag() {
+        assert!(check_prefix("keyfleet").is_ok());
+        assert!(check_prefix("kf{x}").is_err());
+    }
+
+    #[test]
+    fn scripts_pass_keys_in_keys() {
+        for src in [
+            include_str!("reserve.lua"),
+            include_str!("commit.lua"),
+            include_str!("mark_delivered.lua"),
+            include_str!("release.lua"),
+            include_str!("delete.lua"),
+            include_str!("batch_record.lua"),
+            include_str!("batch_set_total.lua"),
+        ] {
+            for call in src.split("redis.call(").skip(1) {
+                let args: Vec<&str> = call.splitn(3, ',').map(str::trim).collect();
+                if args[0].starts_with("'TIME'") {
+                    continue;
+                }
+                assert!(
+                    args.get(1).is_some_and(|k| k.starts_with("KEYS[")),
+                    "redis.call({call:.40}…) names a key that is not from KEYS"
+                );
+            }
+        }
+    }
+}

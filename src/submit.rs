@@ -1,0 +1,173 @@
+//! `keyfleet submit`: the producer. Reads a batch file, answers rows that fail validation at
+//! once (as failed results, never enqueued), and publishes every other row as a persistent job
+//! message with publisher confirms kept in flight, so enqueueing is not one round trip per job.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lapin::PublisherConfirm;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{self, Format, Row, RowDefaults};
+use crate::batch_status::BatchStatusStore;
+use crate::broker::{Broker, BrokerError, Topology};
+use crate::dialect::{self, Catalog};
+use crate::job::{now_rfc3339, JobResult};
+use crate::progress::{Progress, ProgressMode};
+use crate::registry::RegistryError;
+
+#[derive(Clone, Debug)]
+pub struct SubmitOptions {
+    pub input: PathBuf,
+    pub format: Option<Format>,
+    pub defaults: RowDefaults,
+    pub catalog: Catalog,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub topology: Topology,
+    pub connect_timeout: Duration,
+    pub progress: ProgressMode,
+    /// Publisher confirms awaited at most this many messages behind.
+    pub confirm_window: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SubmitSummary {
+    pub batch_id: String,
+    pub rows: u64,
+    pub enqueued: u64,
+    /// Rows answered at once as failed results (invalid or unreadable).
+    pub rejected: u64,
+    pub seconds: f64,
+    pub jobs_per_second: f64,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Batch(#[from] batch::BatchError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("Redis: {0}")]
+    Redis(#[from] RegistryError),
+}
+
+async fn confirmed(confirm: PublisherConfirm, key: &str) -> Result<(), BrokerError> {
+    match confirm.await? {
+        lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
+        lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(key.to_owned())),
+        lapin::Confirmation::Nack(_) => Err(BrokerError::Nacked(key.to_owned())),
+    }
+}
+
+/// Enqueues a batch; returns once every job is confirmed by the broker.
+pub async fn submit(
+    opts: SubmitOptions,
+    shutdown: CancellationToken,
+) -> Result<SubmitSummary, SubmitError> {
+    std::fs::File::open(&opts.input).map_err(|source| batch::BatchError::Io {
+        path: opts.input.clone(),
+        source,
+    })?;
+    let broker =
+        Broker::connect(&opts.amqp_url, opts.topology.clone(), opts.connect_timeout).await?;
+    let status =
+        BatchStatusStore::connect(&opts.redis_url, &opts.redis_prefix, opts.connect_timeout)
+            .await?;
+    broker.declare().await?;
+    let batch_id = opts.defaults.batch_id.clone();
+    // Before the first job: results are kept even if no collector is running yet.
+    broker.declare_results_queue(&batch_id).await?;
+
+    let (tx, mut rx) = mpsc::channel::<Row>(4096);
+    let (input, format, defaults) = (opts.input.clone(), opts.format, opts.defaults.clone());
+    let reader = std::thread::Builder::new()
+        .name("keyfleet-submit-reader".into())
+        .spawn(move || {
+            batch::read_rows(&input, format, &defaults, |row| {
+                tx.blocking_send(row).is_ok()
+            })
+        })
+        .map_err(|source| batch::BatchError::Io {
+            path: opts.input.clone(),
+            source,
+        })?;
+
+    let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
+    let started = Instant::now();
+    let routing = opts.topology.jobs_routing_key();
+    let mut window: VecDeque<PublisherConfirm> = VecDeque::with_capacity(opts.confirm_window);
+    let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
+    let mut interrupted = false;
+    loop {
+        let row = tokio::select! {
+            _ = shutdown.cancelled() => { interrupted = true; break }
+            row = rx.recv() => match row { Some(r) => r, None => break },
+        };
+        rows += 1;
+        let answer = match row {
+            Row::Bad {
+                line,
+                provider,
+                owner,
+                reason,
+            } => Some(JobResult::unparseable(
+                &batch_id,
+                Some(line),
+                provider,
+                &owner,
+                &reason,
+            )),
+            Row::Job(job) => {
+                match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
+                    Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
+                    Ok(_) => {
+                        if window.len() >= opts.confirm_window {
+                            if let Some(c) = window.pop_front() {
+                                confirmed(c, &routing).await?;
+                            }
+                        }
+                        window.push_back(broker.publish_job(&job).await?);
+                        enqueued += 1;
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(result) = answer {
+            broker.publish_result(&result).await?;
+            let outcome = result.code.clone().unwrap_or_default();
+            status.record(&batch_id, result.job_id, &outcome).await?;
+            progress.record(&result);
+            rejected += 1;
+        }
+    }
+    drop(rx);
+    for c in window.drain(..) {
+        confirmed(c, &routing).await?;
+    }
+    let read = reader.join().map_err(|_| batch::BatchError::Io {
+        path: opts.input.clone(),
+        source: std::io::Error::other("the batch reader thread panicked"),
+    })?;
+    if !interrupted {
+        read?;
+    }
+    status.set_total(&batch_id, rows).await?;
+    progress.finish();
+    broker.close().await;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(SubmitSummary {
+        batch_id,
+        rows,
+        enqueued,
+        rejected,
+        seconds,
+        jobs_per_second: rows as f64 / seconds.max(1e-9),
+        interrupted,
+    })
+}
