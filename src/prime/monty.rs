@@ -27,9 +27,6 @@ const TABLE: usize = 1 << WINDOW;
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Monty<const N: usize> {
     m: [u64; N],
-    /// `m` with its limbs in reverse order: lets the product-scanning loops walk both operands
-    /// upwards through zipped slices (no index arithmetic, no bounds checks).
-    m_rev: [u64; N],
     /// `-m⁻¹ mod 2⁶⁴`.
     m_inv: u64,
     /// `R mod m`: 1 in Montgomery form.
@@ -78,11 +75,8 @@ impl<const N: usize> Monty<N> {
         for _ in 0..6 {
             inv = inv.wrapping_mul(2u64.wrapping_sub(m[0].wrapping_mul(inv)));
         }
-        let mut m_rev = *m;
-        m_rev.reverse();
         let mut ctx = Monty {
             m: *m,
-            m_rev,
             m_inv: inv.wrapping_neg(),
             one: [0; N],
             minus_one: [0; N],
@@ -181,33 +175,26 @@ impl<const N: usize> Monty<N> {
     /// Montgomery product `a·b·R⁻¹ mod m`, for `a < R` and `b < m` (or both `< m`).
     #[inline]
     pub fn mul(&self, a: &[u64; N], b: &[u64; N]) -> [u64; N] {
-        let mut b_rev = *b;
-        b_rev.reverse();
+        let m = &self.m;
         let mut u = [0u64; N];
         let mut out = [0u64; N];
         let (mut lo, mut hi) = (0u128, 0u64);
-        // Column k: sum of a[j]·b[k−j] and u[j]·m[k−j]; x[k−j] = x_rev[N−1−k+j].
         for k in 0..N {
-            let off = N - 1 - k;
-            for (&x, &y) in a[..=k].iter().zip(&b_rev[off..]) {
-                mac(&mut lo, &mut hi, x, y);
+            for j in 0..k {
+                mac(&mut lo, &mut hi, a[j], b[k - j]);
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
-            for (&x, &y) in u[..k].iter().zip(&self.m_rev[off..]) {
-                mac(&mut lo, &mut hi, x, y);
-            }
+            mac(&mut lo, &mut hi, a[k], b[0]);
             let uk = (lo as u64).wrapping_mul(self.m_inv);
             u[k] = uk;
             // Clears the low word by construction.
-            mac(&mut lo, &mut hi, uk, self.m[0]);
+            mac(&mut lo, &mut hi, uk, m[0]);
             shift(&mut lo, &mut hi);
         }
         for k in N..2 * N - 1 {
-            let start = k + 1 - N;
-            for (&x, &y) in a[start..].iter().zip(&b_rev[..]) {
-                mac(&mut lo, &mut hi, x, y);
-            }
-            for (&x, &y) in u[start..].iter().zip(&self.m_rev[..]) {
-                mac(&mut lo, &mut hi, x, y);
+            for j in k + 1 - N..N {
+                mac(&mut lo, &mut hi, a[j], b[k - j]);
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
             out[k - N] = lo as u64;
             shift(&mut lo, &mut hi);
@@ -215,33 +202,30 @@ impl<const N: usize> Monty<N> {
         out[N - 1] = lo as u64;
         let carry = (lo >> 64) as u64;
         u.zeroize();
-        b_rev.zeroize();
         self.reduce_once(&out, carry)
     }
 
     /// Montgomery square `a²·R⁻¹ mod m`, for `a < m`.
     #[inline]
     pub fn sqr(&self, a: &[u64; N]) -> [u64; N] {
-        let mut a_rev = *a;
-        a_rev.reverse();
+        let m = &self.m;
         let mut u = [0u64; N];
         let mut out = [0u64; N];
         let (mut lo, mut hi) = (0u128, 0u64);
         for k in 0..N {
-            sqr_column(a, &a_rev, k, &mut lo, &mut hi);
-            let off = N - 1 - k;
-            for (&x, &y) in u[..k].iter().zip(&self.m_rev[off..]) {
-                mac(&mut lo, &mut hi, x, y);
+            self.sqr_column(a, k, &mut lo, &mut hi);
+            for j in 0..k {
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
             let uk = (lo as u64).wrapping_mul(self.m_inv);
             u[k] = uk;
-            mac(&mut lo, &mut hi, uk, self.m[0]);
+            mac(&mut lo, &mut hi, uk, m[0]);
             shift(&mut lo, &mut hi);
         }
         for k in N..2 * N - 1 {
-            sqr_column(a, &a_rev, k, &mut lo, &mut hi);
-            for (&x, &y) in u[k + 1 - N..].iter().zip(&self.m_rev[..]) {
-                mac(&mut lo, &mut hi, x, y);
+            self.sqr_column(a, k, &mut lo, &mut hi);
+            for j in k + 1 - N..N {
+                mac(&mut lo, &mut hi, u[j], m[k - j]);
             }
             out[k - N] = lo as u64;
             shift(&mut lo, &mut hi);
@@ -249,8 +233,26 @@ impl<const N: usize> Monty<N> {
         out[N - 1] = lo as u64;
         let carry = (lo >> 64) as u64;
         u.zeroize();
-        a_rev.zeroize();
         self.reduce_once(&out, carry)
+    }
+
+    /// Adds column `k` of `a²` into the accumulator: the off-diagonal products `a[i]·a[k−i]`,
+    /// `i < k−i`, once each and doubled, plus `a[k/2]²` for even `k`.
+    #[inline(always)]
+    fn sqr_column(&self, a: &[u64; N], k: usize, lo: &mut u128, hi: &mut u64) {
+        let (mut slo, mut shi) = (0u128, 0u64);
+        let i_min = (k + 1).saturating_sub(N);
+        for i in i_min..k.div_ceil(2) {
+            mac(&mut slo, &mut shi, a[i], a[k - i]);
+        }
+        shi = (shi << 1) | (slo >> 127) as u64;
+        slo <<= 1;
+        if k % 2 == 0 {
+            mac(&mut slo, &mut shi, a[k / 2], a[k / 2]);
+        }
+        let (s, c) = lo.overflowing_add(slo);
+        *lo = s;
+        *hi += shi + c as u64;
     }
 
     /// `base^exp` with `base` and the result in Montgomery form. Every one of the 64·N exponent
@@ -302,36 +304,6 @@ impl<const N: usize> Monty<N> {
         }
         acc
     }
-}
-
-/// Adds column `k` of `a²` into the accumulator: the off-diagonal products `a[i]·a[k−i]`,
-/// `i < k−i`, once each and doubled, plus `a[k/2]²` for even `k`.
-#[inline(always)]
-fn sqr_column<const N: usize>(
-    a: &[u64; N],
-    a_rev: &[u64; N],
-    k: usize,
-    lo: &mut u128,
-    hi: &mut u64,
-) {
-    let (mut slo, mut shi) = (0u128, 0u64);
-    let i_min = (k + 1).saturating_sub(N);
-    let i_end = k.div_ceil(2);
-    if i_min < i_end {
-        // a[k−i] = a_rev[N−1−k+i]
-        let off = N - 1 + i_min - k;
-        for (&x, &y) in a[i_min..i_end].iter().zip(&a_rev[off..]) {
-            mac(&mut slo, &mut shi, x, y);
-        }
-    }
-    shi = (shi << 1) | (slo >> 127) as u64;
-    slo <<= 1;
-    if k % 2 == 0 {
-        mac(&mut slo, &mut shi, a[k / 2], a[k / 2]);
-    }
-    let (s, c) = lo.overflowing_add(slo);
-    *lo = s;
-    *hi += shi + c as u64;
 }
 
 /// `width` (≤ 64) bits of `x` starting at bit `low`; the positions are public, the value is not.

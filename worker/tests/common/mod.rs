@@ -1,0 +1,285 @@
+//! Shared helpers of the distributed-mode tests: real RabbitMQ and Redis on this machine
+//! (started by scripts/test.sh), a fresh prefix per test for every queue and Redis key, worker
+//! processes that die with the test, and submit / collect through the library.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyfleet::batch::RowDefaults;
+use keyfleet::broker::Topology;
+use keyfleet::collect::{collect, CollectOptions, CollectSummary};
+use keyfleet::dialect::{Catalog, Provider};
+use keyfleet::keygen::KeyBits;
+use keyfleet::progress::ProgressMode;
+use keyfleet::submit::{submit, SubmitOptions, SubmitSummary};
+use tokio_util::sync::CancellationToken;
+
+pub fn amqp_url() -> String {
+    std::env::var("KEYFLEET_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("KEYFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// One test's world: its prefix, its folder, its workers.
+pub struct Env {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    workers: Vec<Child>,
+}
+
+/// Kills a worker process when dropped, so a failing test leaves nothing running.
+impl Drop for Env {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let prefix = self.prefix.clone();
+        // Best-effort clean-up of the test's queues and keys.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
+                {
+                    if let Ok(ch) = conn.create_channel().await {
+                        for q in [format!("{prefix}.jobs"), format!("{prefix}.jobs.dead")] {
+                            let _ = ch.queue_delete(q.into(), Default::default()).await;
+                        }
+                        for x in [
+                            format!("{prefix}.jobs"),
+                            format!("{prefix}.dlx"),
+                            format!("{prefix}.results"),
+                        ] {
+                            let _ = ch.exchange_delete(x.into(), Default::default()).await;
+                        }
+                    }
+                }
+                if let Ok(client) = redis::Client::open(redis_url()) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("{prefix}:*"))
+                            .query_async(&mut c)
+                            .await
+                            .unwrap_or_default();
+                        for k in keys {
+                            let _: Result<(), _> =
+                                redis::cmd("DEL").arg(k).query_async(&mut c).await;
+                        }
+                    }
+                }
+            });
+            Some(())
+        })
+        .join();
+    }
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let prefix = format!(
+            "kft-{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Env {
+            prefix,
+            dir: tempfile::tempdir().expect("tempdir"),
+            workers: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn worker_command(&self, extra: &[&str]) -> Command {
+        self.worker_command_urls(&amqp_url(), &redis_url(), extra)
+    }
+
+    pub fn worker_command_urls(&self, amqp: &str, redis: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet-worker"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEYFLEET_") {
+                c.env_remove(k);
+            }
+        }
+        c.args([
+            "--amqp-url",
+            amqp,
+            "--redis-url",
+            redis,
+            "--prefix",
+            &self.prefix,
+        ])
+        .args([
+            "--metrics-addr",
+            "off",
+            "--upstream-rps",
+            "0",
+            "--log",
+            "keyfleet=info",
+        ])
+        .args(extra)
+        .stdin(Stdio::null());
+        c
+    }
+
+    /// Starts a worker whose log goes to `worker-<n>.log` in the test folder.
+    pub fn start_worker(&mut self, extra: &[&str]) -> usize {
+        let n = self.workers.len();
+        let log = std::fs::File::create(self.path(&format!("worker-{n}.log"))).expect("log file");
+        let child = self
+            .worker_command(extra)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start keyfleet-worker");
+        self.workers.push(child);
+        n
+    }
+
+    pub fn worker(&mut self, n: usize) -> &mut Child {
+        &mut self.workers[n]
+    }
+
+    pub fn worker_log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.path(&format!("worker-{n}.log"))).unwrap_or_default()
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::with_prefix(&self.prefix)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    pub async fn submit(&self, input: &Path, batch_id: &str) -> SubmitSummary {
+        let opts = SubmitOptions {
+            input: input.to_owned(),
+            format: None,
+            defaults: RowDefaults {
+                batch_id: batch_id.into(),
+                provider: Provider::Aliyun,
+                owner: "acct".into(),
+                key_bits: KeyBits::B2048,
+            },
+            catalog: Catalog::default(),
+            amqp_url: amqp_url(),
+            redis_url: redis_url(),
+            redis_prefix: self.prefix.clone(),
+            topology: self.topology(),
+            connect_timeout: Duration::from_secs(10),
+            progress: ProgressMode::Off,
+            confirm_window: 1024,
+        };
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            submit(opts, CancellationToken::new()),
+        )
+        .await
+        .expect("submit timed out")
+        .expect("submit failed")
+    }
+
+    pub async fn collect(&self, batch_id: &str, out: &str, idle: Duration) -> CollectSummary {
+        let opts = CollectOptions {
+            batch_id: batch_id.into(),
+            out: self.path(out),
+            amqp_url: amqp_url(),
+            redis_url: redis_url(),
+            redis_prefix: self.prefix.clone(),
+            topology: self.topology(),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: idle,
+            progress: ProgressMode::Off,
+        };
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            collect(opts, CancellationToken::new()),
+        )
+        .await
+        .expect("collect timed out")
+        .expect("collect failed")
+    }
+
+    pub async fn status(&self, batch_id: &str) -> Option<keyfleet::batch_status::BatchStatus> {
+        let store = keyfleet::batch_status::BatchStatusStore::connect(
+            &redis_url(),
+            &self.prefix,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("redis");
+        store.status(batch_id).await.expect("status")
+    }
+
+    pub async fn registry(&self) -> keyfleet::registry::redis::RedisRegistry {
+        keyfleet::registry::redis::RedisRegistry::connect(
+            &redis_url(),
+            &self.prefix,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("redis")
+    }
+
+    /// Waits until `cond` holds on the batch status, or panics after `limit`.
+    pub async fn wait_status(
+        &self,
+        batch_id: &str,
+        limit: Duration,
+        cond: impl Fn(&keyfleet::batch_status::BatchStatus) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status(batch_id).await {
+                if cond(&s) {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batch {batch_id} did not reach the expected state in time: {:?}",
+                self.status(batch_id).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub fn manifest(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("manifest.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("manifest line"))
+        .collect()
+}
+
+pub fn fleet_csv(n: usize, region: &str) -> String {
+    let mut s = String::from("RegionId,KeyPairName\n");
+    for i in 0..n {
+        s.push_str(&format!("{region},host-{i:05}\n"));
+    }
+    s
+}
+
+/// Sends SIGTERM (or another signal) through the `kill` command, keeping the crate free of
+/// unsafe code.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}

@@ -1,0 +1,301 @@
+//! Distributed mode against the real RabbitMQ and Redis: many workers and one quota, a worker
+//! killed mid-batch, poison messages, jobs from any AMQP client, drain on SIGTERM, start-up with
+//! a server down. Every test has its own queue and key prefix and is bounded by timeouts.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use common::{fleet_csv, manifest, signal, Env};
+use futures::StreamExt;
+use keyfleet::broker::{Broker, REASON_HEADER};
+use keyfleet::registry::{Filter, Registry};
+use lapin::options::BasicConsumeOptions;
+use lapin::BasicProperties;
+
+/// Every job answered exactly once in the manifest; each created pair's key file matches the
+/// pair the registry holds; returns (created, failed-by-code).
+async fn check_batch(env: &Env, out: &str, jobs: usize) -> (usize, BTreeMap<String, usize>) {
+    let lines = manifest(&env.path(out));
+    let ids: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), lines.len(), "one manifest line per job");
+    assert_eq!(lines.len(), jobs, "every job answered");
+    let registry = env.registry().await;
+    let records = registry.describe(&Filter::default()).await.unwrap();
+    let by_name: HashMap<String, _> = records.iter().map(|r| (r.name.clone(), r)).collect();
+    let mut created = 0;
+    let mut failed = BTreeMap::new();
+    for l in &lines {
+        if l["status"] == "created" {
+            created += 1;
+            let name = l["key_pair_name"].as_str().unwrap();
+            let rec = by_name
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not registered"));
+            assert!(rec.delivered, "{name} delivered");
+            assert_eq!(
+                rec.fingerprint_sha256,
+                l["fingerprint_sha256"].as_str().unwrap(),
+                "{name}: the key delivered is the key registered"
+            );
+            let pem = std::fs::read_to_string(l["private_key_file"].as_str().unwrap()).unwrap();
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        } else {
+            *failed
+                .entry(l["code"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        records.len(),
+        created,
+        "the registry holds exactly the created pairs"
+    );
+    let keys = walk_pem(&env.path(out));
+    assert_eq!(keys, created, "one key file per created pair");
+    (created, failed)
+}
+
+fn walk_pem(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            n += walk_pem(&p);
+        } else if p.extension().is_some_and(|x| x == "pem") {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_1200_jobs_one_region_create_exactly_500() {
+    let mut env = Env::new("quota");
+    for _ in 0..3 {
+        env.start_worker(&["--threads", "1"]);
+    }
+    let input = env.write("fleet.csv", &fleet_csv(1200, "cn-hangzhou"));
+    let s = env.submit(&input, "b1200").await;
+    assert_eq!((s.rows, s.enqueued, s.rejected), (1200, 1200, 0));
+    let c = env.collect("b1200", "out", Duration::from_secs(120)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, failed) = check_batch(&env, "out", 1200).await;
+    assert_eq!(created, 500);
+    assert_eq!(
+        failed,
+        BTreeMap::from([("QuotaExceed.KeyPair".to_owned(), 700)])
+    );
+    let st = env.status("b1200").await.unwrap();
+    assert_eq!(
+        (st.total, st.created, st.pending()),
+        (Some(1200), 500, Some(0))
+    );
+    // All three workers took part.
+    for n in 0..3 {
+        assert!(
+            env.worker_log(n).contains("consuming"),
+            "worker {n}: {}",
+            env.worker_log(n)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_batch_every_job_answered_once_and_keys_delivered_once() {
+    let mut env = Env::new("sigkill");
+    let victim = env.start_worker(&["--threads", "1", "--concurrency", "4"]);
+    env.start_worker(&["--threads", "1", "--concurrency", "4"]);
+    let input = env.write("fleet.csv", &fleet_csv(80, "cn-beijing"));
+    env.submit(&input, "bkill").await;
+    env.wait_status("bkill", Duration::from_secs(120), |s| s.created >= 15)
+        .await;
+    signal(env.worker(victim), "KILL");
+    let _ = env.worker(victim).wait();
+    let c = env.collect("bkill", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, failed) = check_batch(&env, "out", 80).await;
+    assert_eq!((created, failed.len()), (80, 0), "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
+    let mut env = Env::new("poison");
+    env.start_worker(&["--threads", "1"]);
+    // The batch's results queue exists once a producer declared it; here a foreign producer.
+    let broker = Broker::connect(&common::amqp_url(), env.topology(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    broker.declare().await.unwrap();
+    broker.declare_results_queue("bpoison").await.unwrap();
+    let props = |id: &str| {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_correlation_id("bpoison".into())
+            .with_message_id(id.into())
+    };
+    // 1. Not JSON at all.
+    let poison_id = uuid::Uuid::new_v4().to_string();
+    broker
+        .publish_raw_job(b"\x00\x01 this is not json", props(&poison_id))
+        .await
+        .unwrap();
+    // 2. The documented format, from "any AMQP client", with a bad name: an error result.
+    let bad = serde_json::json!({"v": 1, "job_id": uuid::Uuid::new_v4(), "batch_id": "bpoison",
+        "provider": "aliyun", "owner": "acct", "params": {"RegionId": "cn-hangzhou", "KeyPairName": "1bad"}, "key_bits": 2048});
+    broker
+        .publish_raw_job(bad.to_string().as_bytes(), props("b"))
+        .await
+        .unwrap();
+    // 3. The documented format, valid: created.
+    let good = serde_json::json!({"v": 1, "job_id": uuid::Uuid::new_v4(), "batch_id": "bpoison",
+        "provider": "ucloud", "owner": "org-1", "params": {"KeyPairName": "from-any-client"}});
+    broker
+        .publish_raw_job(good.to_string().as_bytes(), props("g"))
+        .await
+        .unwrap();
+    // 4. Unknown field and a future version: dead-lettered too.
+    let future = serde_json::json!({"v": 2, "job_id": uuid::Uuid::new_v4(), "batch_id": "bpoison",
+        "provider": "aliyun", "owner": "acct", "params": {}});
+    broker
+        .publish_raw_job(future.to_string().as_bytes(), props("f"))
+        .await
+        .unwrap();
+
+    let redis = env.registry().await;
+    let store =
+        keyfleet::batch_status::BatchStatusStore::from_connection(redis.connection(), &env.prefix);
+    store.set_total("bpoison", 4).await.unwrap();
+    let c = env.collect("bpoison", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+    let lines = manifest(&env.path("out"));
+    let codes: BTreeMap<String, String> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["job_id"].as_str().unwrap().to_owned(),
+                l["code"].as_str().unwrap_or("created").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes.get(&poison_id).map(String::as_str),
+        Some("InvalidParameter"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        codes
+            .get(&bad["job_id"].as_str().unwrap().to_owned())
+            .map(String::as_str),
+        Some("InvalidKeyPairName.Malformed")
+    );
+    assert_eq!(
+        codes
+            .get(&good["job_id"].as_str().unwrap().to_owned())
+            .map(String::as_str),
+        Some("created")
+    );
+
+    // The dead-letter queue holds the two undecodable messages, each with a reason.
+    let consumer_channel = broker.channel();
+    let mut dead = consumer_channel
+        .basic_consume(
+            env.topology().dead_queue().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    while reasons.len() < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+            .await
+            .expect("dead letters")
+            .unwrap()
+            .unwrap();
+        reasons.push(
+            keyfleet::broker::header_str(&d.properties, REASON_HEADER).expect("reason header"),
+        );
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("not a keyfleet job message")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("version")), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_jobs_and_exits_0() {
+    let mut env = Env::new("drain");
+    let w = env.start_worker(&[
+        "--threads",
+        "1",
+        "--concurrency",
+        "3",
+        "--drain-timeout",
+        "60s",
+    ]);
+    let input = env.write("fleet.csv", &fleet_csv(40, "cn-shanghai"));
+    env.submit(&input, "bdrain").await;
+    env.wait_status("bdrain", Duration::from_secs(120), |s| s.created >= 3)
+        .await;
+    signal(env.worker(w), "TERM");
+    let status = tokio::task::spawn_blocking({
+        let mut child = std::mem::replace(
+            env.worker(w),
+            std::process::Command::new("true").spawn().unwrap(),
+        );
+        move || child.wait()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", env.worker_log(w));
+    assert!(env.worker_log(w).contains("draining"));
+    // A second worker finishes whatever the first left unacked: nothing lost, nothing twice.
+    env.start_worker(&["--threads", "1"]);
+    let c = env.collect("bdrain", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 40).await;
+    assert_eq!(created, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_with_a_server_down_fails_with_a_clear_message() {
+    let env = Env::new("down");
+    let (amqp, redis) = (common::amqp_url(), common::redis_url());
+    for (amqp, redis, expect) in [
+        (
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+            redis.as_str(),
+            "RabbitMQ",
+        ),
+        (amqp.as_str(), "redis://127.0.0.1:1/", "Redis"),
+    ] {
+        let started = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking({
+            let mut cmd = env.worker_command_urls(amqp, redis, &["--connect-timeout", "3s"]);
+            move || cmd.output().unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains(expect) && text.contains("127.0.0.1:1"),
+            "{text}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
+    }
+}
