@@ -126,6 +126,17 @@ async fn run_command(
         settings: file.settings(global, args.engine),
         progress: args.progress,
     };
+    if let Some(addr) = args.metrics_addr.0 {
+        crate::metrics::install().context("cannot start metrics")?;
+        let readiness = crate::metrics::Readiness::new();
+        // Embedded mode has no servers to wait for.
+        readiness.set_amqp(true);
+        readiness.set_redis(true);
+        let bound = crate::metrics::serve(addr, readiness, shutdown.child_token())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        eprintln!("metrics: http://{bound}/metrics");
+    }
     let summary = run(opts, shutdown)
         .await
         .with_context(|| format!("keyfleet run {} failed", args.file.display()))?;

@@ -187,6 +187,10 @@ pub struct WorkerArgs {
     /// Key pairs allowed per region (default 500, or `quota` in the config file).
     #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
     pub quota: Option<u64>,
+    /// RSA-2048 keys generated ahead on idle threads and kept in memory (never persisted) so a
+    /// burst of jobs does not wait for key generation; 0 turns the reservoir off.
+    #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 16)]
+    pub reservoir: usize,
     /// Upstream (cloud API) calls per second per provider + region; 0 = unlimited.
     #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
     pub upstream_rps: u32,
@@ -238,6 +242,7 @@ impl WorkerArgs {
                 .max(1),
             threads,
             settings: file.settings(&global, self.engine),
+            reservoir: self.reservoir,
             upstream_rps: self.upstream_rps,
             upstream_burst: self.upstream_burst,
             drain_timeout: self.drain_timeout,
@@ -347,6 +352,10 @@ pub struct RunArgs {
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Serve Prometheus /metrics (and /healthz, /readyz) here while the run lasts, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
 }
 
 #[derive(Debug, Args)]

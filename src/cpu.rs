@@ -1,6 +1,7 @@
 //! The one way CPU-heavy work leaves the async runtime: a rayon pool, with a oneshot channel
 //! carrying the answer back to tokio, so a key generation never blocks a runtime thread.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -17,6 +18,8 @@ pub enum CpuError {
 #[derive(Clone)]
 pub struct CpuPool {
     pool: Arc<rayon::ThreadPool>,
+    /// Tasks queued or running: lets background work (the key reservoir) use idle threads only.
+    busy: Arc<AtomicUsize>,
 }
 
 impl CpuPool {
@@ -29,11 +32,28 @@ impl CpuPool {
             .map_err(|e| CpuError::Build(e.to_string()))?;
         Ok(CpuPool {
             pool: Arc::new(pool),
+            busy: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// Whether a thread is free right now (nothing queued behind the running tasks).
+    pub fn has_idle_thread(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) < self.threads()
+    }
+
+    /// Runs `f` on the pool in the background, counted as busy like any task; a panic is
+    /// contained to the task.
+    pub fn spawn_background<F: FnOnce() + Send + 'static>(&self, f: F) {
+        let busy = self.busy.clone();
+        busy.fetch_add(1, Ordering::SeqCst);
+        self.pool.spawn(move || {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            busy.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 
     /// Runs `f` on the pool and awaits its result. A panic inside `f` is caught on the pool
@@ -44,8 +64,11 @@ impl CpuPool {
         T: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let busy = self.busy.clone();
+        busy.fetch_add(1, Ordering::SeqCst);
         self.pool.spawn(move || {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            busy.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(out);
         });
         match rx.await {

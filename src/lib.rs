@@ -24,6 +24,7 @@ pub mod prime;
 pub mod progress;
 pub mod rate_limit;
 pub mod registry;
+pub mod reservoir;
 pub mod run;
 pub mod shutdown;
 pub mod submit;

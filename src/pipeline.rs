@@ -13,6 +13,7 @@ use crate::dialect::{self, ApiError, Catalog, Created, Provider, Scope};
 use crate::job::{now_rfc3339, unix_now, Job, JobResult, SecretPem, Status, MESSAGE_VERSION};
 use crate::keygen::{self, Engine};
 use crate::registry::{KeyPairRecord, Registry, RegistryError};
+use crate::reservoir::Reservoir;
 use crate::upstream::Upstream;
 
 /// The key-pair quota: one default and per-region overrides.
@@ -109,6 +110,7 @@ pub struct Pipeline<R, U> {
     upstream: Arc<U>,
     cpu: CpuPool,
     settings: Arc<Settings>,
+    reservoir: Option<Reservoir>,
 }
 
 impl<R, U> Clone for Pipeline<R, U> {
@@ -118,6 +120,7 @@ impl<R, U> Clone for Pipeline<R, U> {
             upstream: self.upstream.clone(),
             cpu: self.cpu.clone(),
             settings: self.settings.clone(),
+            reservoir: self.reservoir.clone(),
         }
     }
 }
@@ -129,7 +132,14 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
             upstream,
             cpu,
             settings: Arc::new(settings),
+            reservoir: None,
         }
+    }
+
+    /// Takes keys from `reservoir` when it has one ready, so bursts skip key generation.
+    pub fn with_reservoir(mut self, reservoir: Reservoir) -> Self {
+        self.reservoir = Some(reservoir);
+        self
     }
 
     pub fn registry(&self) -> &Arc<R> {
@@ -214,7 +224,20 @@ impl<R: Registry, U: Upstream> Pipeline<R, U> {
             pending: None,
         };
         let (bits, engine) = (job.key_bits, self.settings.engine);
-        let keys = match self.cpu.run(move || keygen::generate(bits, engine)).await {
+        let ready = self.reservoir.as_ref().and_then(|r| r.take(bits));
+        let keys = self.cpu.run(move || {
+            let key = match ready {
+                Some(key) => key,
+                None => {
+                    let t = std::time::Instant::now();
+                    let key = keygen::generate_private(bits, engine)?;
+                    crate::metrics::keygen(bits.bits(), t.elapsed());
+                    key
+                }
+            };
+            keygen::encode(&key)
+        });
+        let keys = match keys.await {
             Ok(Ok(k)) => k,
             Ok(Err(e)) => {
                 self.release(&pending).await?;

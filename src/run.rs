@@ -116,27 +116,38 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let staged = rows.then(|row| {
         let pipeline = pipeline.clone();
         let defaults = defaults.clone();
-        async move { stage(&pipeline, row, &defaults).await }
+        async move {
+            (
+                std::time::Instant::now(),
+                stage(&pipeline, row, &defaults).await,
+            )
+        }
     });
     // Boxed so that dropping it below really drops the receiver, which releases the reader
     // thread if a signal stopped us before the end of the file.
     let mut results = Box::pin(
         staged
-            .map(|staged| {
+            .map(|(started, staged)| {
                 let pipeline = pipeline.clone();
                 async move {
-                    match staged {
+                    let outcome = match staged {
                         Stage::Answered(outcome) => outcome,
                         Stage::Reserved(r) => make(&pipeline, r).await,
-                    }
+                    };
+                    (started, outcome)
                 }
             })
             .buffered(concurrency),
     );
 
     let mut flushed = std::time::Instant::now();
-    while let Some(outcome) = results.next().await {
+    while let Some((started, outcome)) = results.next().await {
         let result = deliver(&pipeline, &mut out, outcome).await?;
+        let label = match &result.code {
+            Some(code) => code.as_str(),
+            None => "created",
+        };
+        crate::metrics::job_finished(result.provider.as_str(), label, started.elapsed());
         progress.record(&result);
         if flushed.elapsed() > Duration::from_secs(1) {
             out.flush()?;

@@ -18,11 +18,13 @@ use crate::broker::{self, Broker, BrokerError, Topology};
 use crate::cpu::CpuPool;
 use crate::dialect::Provider;
 use crate::job::{set_private_key_body, Job, JobResult, Status, MESSAGE_VERSION};
+use crate::keygen::KeyBits;
 use crate::metrics::{self, Readiness};
 use crate::pipeline::{Pipeline, Settings};
 use crate::rate_limit::{RateLimit, RateLimited};
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Registry, RegistryError};
+use crate::reservoir::Reservoir;
 use crate::upstream::LocalUpstream;
 
 #[derive(Clone, Debug)]
@@ -36,6 +38,8 @@ pub struct WorkerConfig {
     /// Rayon threads; 0 = one per core.
     pub threads: usize,
     pub settings: Settings,
+    /// Pre-generated RSA-2048 keys kept ready for bursts; 0 = no reservoir.
+    pub reservoir: usize,
     /// Upstream calls per second per provider + region; 0 = unlimited.
     pub upstream_rps: u32,
     pub upstream_burst: u32,
@@ -87,13 +91,18 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
     let upstream = Arc::new(RateLimited::new(LocalUpstream, limit));
     let cpu = CpuPool::new(cfg.threads)?;
+    let mut pipeline = Pipeline::new(
+        Arc::new(registry.clone()),
+        upstream,
+        cpu.clone(),
+        cfg.settings.clone(),
+    );
+    if cfg.reservoir > 0 {
+        let reservoir = Reservoir::new(cpu, cfg.settings.engine, cfg.reservoir, &[KeyBits::B2048]);
+        pipeline = pipeline.with_reservoir(reservoir);
+    }
     let shared = Arc::new(Shared {
-        pipeline: Pipeline::new(
-            Arc::new(registry.clone()),
-            upstream,
-            cpu,
-            cfg.settings.clone(),
-        ),
+        pipeline,
         status,
         shutdown: shutdown.clone(),
     });

@@ -162,7 +162,7 @@ fn confirm_primes<const N: usize>(count: usize) {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..count {
         let p = random_prime::<N>(&mut rng);
-        let pb = to_big(&*p);
+        let pb = to_big(&p);
         assert!(
             probably_prime(&pb, 20),
             "engine prime failed independent test: {pb}"
@@ -289,8 +289,8 @@ fn large_base2_pseudoprimes_rejected() {
     ));
     assert!(!is_probable_prime(&l2039, rounds_for_bits(2048), &mut rng));
     // A product of two 512-bit primes with the top bit set (the engine's Montgomery fast path).
-    let p = to_big(&*random_prime::<8>(&mut rng));
-    let q = to_big(&*random_prime::<8>(&mut rng));
+    let p = to_big(&random_prime::<8>(&mut rng));
+    let q = to_big(&random_prime::<8>(&mut rng));
     let n = from_big::<16>(&(&p * &q));
     assert!(!is_probable_prime(&n, rounds_for_bits(1024), &mut rng));
 }

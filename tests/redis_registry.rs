@@ -159,7 +159,7 @@ fn record(scope: &Scope, name: &str, job_id: Uuid) -> KeyPairRecord {
         fingerprint_sha256: format!("SHA256:{name}"),
         public_key: format!("ssh-rsa AAAAB3NzaC1yc2E {name}"),
         created_at: 1_700_000_000,
-        tags: if name.len() % 2 == 0 {
+        tags: if name.len().is_multiple_of(2) {
             Vec::new()
         } else {
             vec![Tag {

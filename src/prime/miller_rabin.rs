@@ -169,7 +169,10 @@ pub fn is_probable_prime<const N: usize>(
     let upper = n[1..].iter().fold(0u64, |acc, &l| acc | l);
     if upper == 0 && n[0] < 1 << 32 {
         let v = n[0];
-        return v >= 2 && (2..).take_while(|f| f * f <= v).all(|f| v % f != 0);
+        return v >= 2
+            && (2..)
+                .take_while(|f| f * f <= v)
+                .all(|f| !v.is_multiple_of(f));
     }
     let Some(c) = Candidate::new(n) else {
         return false; // even

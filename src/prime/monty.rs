@@ -247,7 +247,7 @@ impl<const N: usize> Monty<N> {
         }
         shi = (shi << 1) | (slo >> 127) as u64;
         slo <<= 1;
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             mac(&mut slo, &mut shi, a[k / 2], a[k / 2]);
         }
         let (s, c) = lo.overflowing_add(slo);
@@ -263,7 +263,7 @@ impl<const N: usize> Monty<N> {
         table[0] = self.one;
         table[1] = *base;
         for i in 2..TABLE {
-            table[i] = if i % 2 == 0 {
+            table[i] = if i.is_multiple_of(2) {
                 self.sqr(&table[i / 2])
             } else {
                 self.mul(&table[i - 1], base)

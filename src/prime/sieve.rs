@@ -69,7 +69,7 @@ fn table() -> &'static Table {
         let mut composite = vec![false; bound];
         let mut primes = Vec::new();
         for n in 3..bound {
-            if n % 2 == 1 && !composite[n] {
+            if !n.is_multiple_of(2) && !composite[n] {
                 primes.push(n as u16);
                 for k in (n * n..bound).step_by(2 * n) {
                     composite[k] = true;
@@ -215,16 +215,11 @@ impl<const N: usize> Window<N> {
     }
 }
 
-/// Uniform index below a public `n > 0` (rejection sampling on a public bound).
+/// Index below a public `0 < n ≤ 2³²`, as `⌊v·n / 2⁶⁴⌋` for a random 64-bit `v`: no `%` or
+/// `div` on the secret `v`, no rejection loop, and at most `n / 2⁶⁴ ≤ 2⁻³²` from uniform.
 pub(crate) fn uniform_below(rng: &mut impl CryptoRngCore, n: usize) -> usize {
-    let n = n as u64;
-    let zone = u64::MAX - (u64::MAX % n);
-    loop {
-        let v = rng.next_u64();
-        if v < zone {
-            return (v % n) as usize;
-        }
-    }
+    let v = rng.next_u64();
+    ((v as u128 * n as u128) >> 64) as usize
 }
 
 #[cfg(test)]
@@ -267,7 +262,7 @@ mod tests {
         let flags = w.flags.clone();
         for (j, &f) in flags.iter().enumerate() {
             let c = ((base[1] as u128) << 64 | base[0] as u128) + 2 * j as u128;
-            let divisible = table().primes.iter().any(|&q| c % q as u128 == 0);
+            let divisible = table().primes.iter().any(|&q| c.is_multiple_of(q as u128));
             let bad = divisible || c % 65537 == 1 || c % (1 << (S_MAX + 1)) == 1;
             assert_eq!(f == 1, !bad, "position {j}");
         }

@@ -16,8 +16,8 @@
 //! Reservation deadlines are read against the Redis server's clock (`TIME` inside the script),
 //! not the caller's: workers whose clocks disagree still agree on when a reservation expired.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -37,9 +37,11 @@ pub const DEFAULT_PREFIX: &str = "keyfleet";
 /// again as the job's own undelivered record and replaced).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Upper bound of the wait between reconnection attempts after Redis went away, so callers see
-/// it back soon after it returns.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// Reconnection attempts per outage episode (about 0.1 s, 0.2 s, 0.4 s apart, jittered): the
+/// operations waiting on them fail within a second or so instead of stalling a worker, and
+/// the next operation starts a new round, so Redis is found again soon after it returns.
+const RECONNECT_ATTEMPTS: usize = 3;
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Bounds a reservation TTL so `now + ttl` stays an exact integer in Lua (doubles are exact up to
 /// 2^53; 2^50 ms is about 35,000 years).
@@ -75,9 +77,6 @@ pub struct ScopeKeys {
 pub struct RedisRegistry {
     conn: ConnectionManager,
     prefix: Arc<str>,
-    /// Scope keys this process already added to `<prefix>:scopes`: saves a round trip per
-    /// reserve. Only ever grows; the index is never pruned (see `index_scope`).
-    indexed: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -162,6 +161,7 @@ pub(crate) async fn connect_manager(
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(RECONNECT_ATTEMPTS)
         .set_max_delay(MAX_RECONNECT_DELAY);
     let connect = async {
         let mut conn = ConnectionManager::new_with_config(client, config)
@@ -203,7 +203,6 @@ impl RedisRegistry {
         RedisRegistry {
             conn,
             prefix: prefix.into(),
-            indexed: Arc::default(),
         }
     }
 
@@ -243,30 +242,20 @@ impl RedisRegistry {
         }
     }
 
-    /// Adds the scope to the index before its first reservation, so every scope that holds
-    /// entries is listed. Lives outside the scripts because the index is in another slot. An
-    /// emptied scope stays listed: pruning it could race with a worker that just indexed it.
+    /// Adds the scope to the index before every reservation, so every scope that holds entries
+    /// is listed. Lives outside the scripts because the index is in another slot. Not cached in
+    /// the process: a Redis that lost its data (restart without persistence) must be indexed
+    /// again, and a SADD of a known member is cheap and not even replicated. An emptied scope
+    /// stays listed: pruning it could race with a worker that is just reserving in it.
     async fn index_scope(&self, scope_key: &str) -> Result<(), RegistryError> {
-        let known = self
-            .indexed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(scope_key);
-        if known {
-            return Ok(());
-        }
         let mut conn = self.conn.clone();
         redis::cmd("SADD")
             .arg(self.scopes_key())
             .arg(scope_key)
             .query_async::<i64>(&mut conn)
             .await
-            .map_err(storage)?;
-        self.indexed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(scope_key.to_owned());
-        Ok(())
+            .map(drop)
+            .map_err(storage)
     }
 }
 
