@@ -140,7 +140,7 @@ pub async fn submit(
         };
         if let Some(result) = answer {
             broker.publish_result(&result).await?;
-            let outcome = result.code.clone().unwrap_or_default();
+            let outcome = result.code.clone().unwrap_or_else(|| "unknown".into());
             status.record(&batch_id, result.job_id, &outcome).await?;
             progress.record(&result);
             rejected += 1;

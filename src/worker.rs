@@ -219,8 +219,13 @@ pub fn decode_job(data: &[u8]) -> Result<Job, String> {
     Ok(job)
 }
 
-/// Retries `op` while it fails with a storage error, with capped backoff, until it works or
-/// shutdown is signalled (then `None`).
+/// How long a job keeps retrying internal failures while holding its message. Long enough to
+/// ride out a Redis restart; after it the job is handed back (nack + requeue) so the broker's
+/// delivery limit, not this worker, decides when a job that always fails is dead-lettered.
+const RETRY_WINDOW: Duration = Duration::from_secs(120);
+
+/// Retries `op` while it fails with a storage error, with capped backoff, until it works, the
+/// retry window closes, or shutdown is signalled (then `None`).
 async fn persist<T, F, Fut>(
     shutdown: &CancellationToken,
     what: &str,
@@ -230,10 +235,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, RegistryError>>,
 {
+    let deadline = Instant::now() + RETRY_WINDOW;
     let mut backoff = Duration::from_millis(100);
     loop {
         match op().await {
-            Err(RegistryError::Storage(e)) => {
+            Err(RegistryError::Storage(e)) if Instant::now() < deadline => {
                 tracing::warn!("{what}: {e}; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
@@ -241,8 +247,23 @@ where
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(3));
             }
+            Err(RegistryError::Storage(e)) => {
+                tracing::error!("{what}: {e}; giving up after {} s", RETRY_WINDOW.as_secs());
+                return None;
+            }
             other => return Some(other),
         }
+    }
+}
+
+/// Hands a job back to the broker for redelivery (counted against its delivery limit).
+async fn requeue(delivery: &Delivery) {
+    let opts = lapin::options::BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.acker.nack(opts).await {
+        tracing::warn!("nack failed (the job comes back when the channel closes): {e}");
     }
 }
 
@@ -265,17 +286,22 @@ async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
 
     // Run the job; internal failures (Redis away) are retried here, holding the message, so a
     // restart does not burn the delivery limit.
+    let deadline = Instant::now() + RETRY_WINDOW;
     let mut backoff = Duration::from_millis(100);
     let outcome = loop {
         match shared.pipeline.create(&job, attempt).await {
             Ok(outcome) => break outcome,
-            Err(e) => {
+            Err(e) if Instant::now() < deadline => {
                 tracing::warn!(job = %job.job_id, "internal error, retrying: {e}");
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => {
+                tracing::error!(job = %job.job_id, "internal error for {} s, handing the job back: {e}", RETRY_WINDOW.as_secs());
+                return requeue(&delivery).await;
             }
         }
     };
@@ -300,6 +326,8 @@ async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
                 .await;
                 if released.is_some() {
                     let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                } else if !shared.shutdown.is_cancelled() {
+                    requeue(&delivery).await;
                 }
                 return;
             }
@@ -316,6 +344,9 @@ async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
         .await
         .is_none()
         {
+            if !shared.shutdown.is_cancelled() {
+                requeue(&delivery).await;
+            }
             return;
         }
         if let Ok(used) = shared.pipeline.registry().quota_used(&p.scope).await {
@@ -372,6 +403,9 @@ async fn reject_undecodable(shared: &Shared, broker: &Broker, delivery: &Deliver
         .filter(|b| !b.is_empty() && b.len() <= 200);
     if let Some(batch) = &batch {
         let mut result = JobResult::unparseable(batch, None, Provider::Aliyun, "", reason);
+        // Without a usable message id, the job id comes from the bytes: a redelivered copy of
+        // the same poison message is then the same job, counted once.
+        result.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &delivery.data);
         if let Some(id) = delivery
             .properties
             .message_id()

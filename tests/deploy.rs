@@ -26,8 +26,15 @@ const EXTERNAL_METRICS: &[&str] = &[
     "rabbitmq_queue_messages",
 ];
 
-/// The worker's `--drain-timeout` default, seconds: grace periods must exceed it.
-const DRAIN_TIMEOUT_SECS: i64 = 30;
+/// Seconds in a `KEYFLEET_DRAIN_TIMEOUT` value such as `30s` (`1m`): what grace periods must
+/// exceed. Absent, the worker's default applies: 30 s.
+fn drain_timeout_secs(value: Option<&str>) -> i64 {
+    let Some(v) = value else { return 30 };
+    if let Some(m) = v.strip_suffix('m') {
+        return m.parse::<i64>().expect("minutes") * 60;
+    }
+    v.trim_end_matches('s').parse().expect("seconds")
+}
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -538,7 +545,11 @@ fn compose_runs_the_whole_stack() {
         .as_str()
         .expect("stop_grace_period");
     let grace: i64 = grace.trim_end_matches('s').parse().expect("seconds");
-    assert!(grace > DRAIN_TIMEOUT_SECS);
+    let drain = drain_timeout_secs(env["KEYFLEET_DRAIN_TIMEOUT"].as_str());
+    assert!(
+        grace > drain,
+        "stop_grace_period {grace} s <= drain timeout {drain} s"
+    );
 
     let prom = service("prometheus");
     let cmd: Vec<&str> = prom["command"]
@@ -628,9 +639,11 @@ fn kubernetes_manifests_agree_with_each_other_and_the_worker() {
     let grace = pod["terminationGracePeriodSeconds"]
         .as_i64()
         .expect("grace period");
+    let config = &get("ConfigMap", "keyfleet-worker")["data"];
+    let drain = drain_timeout_secs(config["KEYFLEET_DRAIN_TIMEOUT"].as_str());
     assert!(
-        grace > DRAIN_TIMEOUT_SECS,
-        "grace {grace} s must exceed the drain timeout"
+        grace > drain,
+        "grace {grace} s must exceed the drain timeout {drain} s"
     );
     let c = &pod["containers"][0];
     let port_name = c["ports"]

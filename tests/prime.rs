@@ -195,8 +195,9 @@ fn engine_primes_confirmed_small_sizes() {
 
 #[test]
 fn engine_primes_confirmed_rsa_sizes() {
-    confirm_primes::<16>(8);
-    confirm_primes::<24>(2);
+    confirm_primes::<16>(40);
+    confirm_primes::<24>(6);
+    confirm_primes::<32>(3);
 }
 
 #[test]
@@ -245,15 +246,15 @@ fn known_composites_rejected() {
         }
         assert!(!is_probable_prime(&[n], 50, &mut rng), "{n}");
     }
-    // 3825123056546413051 is not a strong pseudoprime to 29 or 31 (it fails one of them), nor
-    // to 37: the first base where the test catches it.
+    // 3825123056546413051 (ψ₁₁) also fools 29 and 31; 37 is the first prime base to catch it.
     let n = 3825123056546413051u64;
-    assert!(
-        [29u64, 31, 37]
-            .iter()
-            .any(|&b| !is_strong_probable_prime_to_base(&[n], &[b])),
-        "3825123056546413051 is caught by some base among 29, 31, 37"
-    );
+    for b in [29u64, 31] {
+        assert!(
+            is_strong_probable_prime_to_base(&[n], &[b]),
+            "psi11 base {b}"
+        );
+    }
+    assert!(!is_strong_probable_prime_to_base(&[n], &[37]));
     // ψ₁₂ = 318665857834031151167461: strong pseudoprime to every prime base up to 37.
     let psi12 = big_dec("318665857834031151167461");
     let psi12_limbs = from_big::<2>(&psi12);
@@ -265,6 +266,35 @@ fn known_composites_rejected() {
     }
     assert!(!is_probable_prime(&psi12_limbs, 50, &mut rng));
     assert!(!probably_prime(&psi12, 20));
+}
+
+/// F. Arnault, "Constructing Carmichael numbers which are strong pseudoprimes to several
+/// bases", J. Symbolic Computation 20(2), 1995: a 397-digit (1318-bit) Carmichael number that is
+/// a strong pseudoprime to every prime base below 307. A fixed-base test with the first 62
+/// primes accepts it; random bases must not.
+#[test]
+fn arnault_carmichael_rejected() {
+    let n = big_dec(concat!(
+        "2887148238050771212671429597130393991977609459279722700926516024197432303799152733116328983144639225941977",
+        "8031109293496555784189494417409338056151139799994215424169339729054237110027510420801349667317551528592269",
+        "6291677532547504444585610194940420003990443211677661994962953925045269871932907037356403227370127845389912",
+        "6120309244841494728976885406024976768122077071687938121709811322297802059565867"
+    ));
+    assert_eq!(n.bits(), 1318);
+    let limbs = from_big::<21>(&n);
+    let small_primes: Vec<u64> = (2u64..310)
+        .filter(|&p| (2..p).take_while(|d| d * d <= p).all(|d| p % d != 0))
+        .collect();
+    for &b in small_primes.iter().filter(|&&b| b < 307) {
+        let mut base = [0u64; 21];
+        base[0] = b;
+        assert!(is_strong_probable_prime_to_base(&limbs, &base), "base {b}");
+    }
+    let mut base = [0u64; 21];
+    base[0] = 307;
+    assert!(!is_strong_probable_prime_to_base(&limbs, &base));
+    assert!(!is_probable_prime(&limbs, 50, &mut OsRng));
+    assert!(!probably_prime(&n, 20));
 }
 
 /// Large strong pseudoprimes to base 2: 2^p − 1 for prime p with 2^p − 1 composite (2^p ≡ 1
@@ -280,19 +310,27 @@ fn large_base2_pseudoprimes_rejected() {
         &l1021,
         &from_big::<16>(&BigUint::from(2u32))
     ));
-    assert!(!is_probable_prime(&l1021, rounds_for_bits(1024), &mut rng));
+    assert!(!is_probable_prime(&l1021, 50, &mut rng));
     let m2039 = (BigUint::one() << 2039) - 1u32;
     let l2039 = from_big::<32>(&m2039);
     assert!(is_strong_probable_prime_to_base(
         &l2039,
         &from_big::<32>(&BigUint::from(2u32))
     ));
-    assert!(!is_probable_prime(&l2039, rounds_for_bits(2048), &mut rng));
+    assert!(!is_probable_prime(&l2039, 50, &mut rng));
     // A product of two 512-bit primes with the top bit set (the engine's Montgomery fast path).
     let p = to_big(&random_prime::<8>(&mut rng));
     let q = to_big(&random_prime::<8>(&mut rng));
     let n = from_big::<16>(&(&p * &q));
-    assert!(!is_probable_prime(&n, rounds_for_bits(1024), &mut rng));
+    assert!(!is_probable_prime(&n, 50, &mut rng));
+}
+
+/// FIPS 186-5 Table B.1, security-strength column (see `rounds_for_bits`).
+#[test]
+fn miller_rabin_round_counts() {
+    assert_eq!(rounds_for_bits(1024), 5);
+    assert_eq!(rounds_for_bits(1536), 4);
+    assert_eq!(rounds_for_bits(2048), 4);
 }
 
 /// Known primes accepted (Mersenne M607, M1279, M2203 and small ones).

@@ -208,6 +208,14 @@ fn escape_key_part(s: &str) -> String {
             ':' => out.push_str("%3A"),
             '{' => out.push_str("%7B"),
             '}' => out.push_str("%7D"),
+            // Control characters (owners are free text) would break the embedded store's
+            // `scope \n name` keys and confuse logs.
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
             _ => out.push(c),
         }
     }

@@ -297,9 +297,14 @@ impl<const N: usize> Monty<N> {
         for limb in (0..N).rev() {
             for bit in (0..64).rev() {
                 let sq = self.sqr(&acc);
-                let dbl = self.double(&sq);
+                // sq + (sq or 0), then one conditional subtraction: a masked doubling.
                 let mask = ct::from_bit(exp[limb] >> bit);
-                acc = ct::select_limbs(mask, &dbl, &sq);
+                let mut addend = [0u64; N];
+                for i in 0..N {
+                    addend[i] = sq[i] & mask;
+                }
+                let (t, carry) = ct::add_limbs(&sq, &addend);
+                acc = self.reduce_once(&t, carry);
             }
         }
         acc

@@ -19,8 +19,8 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// `scope key` → slots counted against its quota.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 
-/// Separates scope and name in an entry key; it cannot occur in either (scope keys escape
-/// control characters and names forbid them).
+/// Separates scope and name in an entry key; it occurs in neither (both dialects forbid control
+/// characters in names, and `Scope::key` escapes them).
 const SEP: char = '\n';
 
 #[derive(Clone)]

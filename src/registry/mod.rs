@@ -216,7 +216,8 @@ pub trait Registry: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Option<Entry>, RegistryError>> + Send;
 
-    /// Slots counted against the quota of `scope` (records plus live reservations).
+    /// Slots counted against the quota of `scope`: records plus reservations, including expired
+    /// ones not yet swept (a sweep runs when a reserve finds the scope at its quota).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;
 }
 
