@@ -7,9 +7,11 @@
 //! verdict when a masked comparison says `j < s`. The caller learns one bit per round: pass or
 //! fail.
 //!
-//! The engine caps `s` at [`S_MAX`] (its sieve drops candidates `≡ 1 mod 2^(S_MAX+1)`, 1 in 2048
-//! primes), so a round costs `64·N + S_MAX − 1` squarings. The general entry points here use
-//! `max_s = 64·N`, which handles every `s`.
+//! The engine caps `s` at [`S_MAX`] (its sieve drops candidates `≡ 1 mod 2^(S_MAX+1)`, 1 in 1024
+//! primes; the loss of entropy is about 0.0014 bits), so a round costs `64·N + S_MAX − 1`
+//! squarings instead of `2·64·N` for a loop padded to the largest possible `s`. The general entry
+//! points here use `max_s = 64·N`, which handles every `s`. (Were `max_s` ever below `s`, a round
+//! could only reject more often: a "probable prime" verdict is never weakened.)
 
 use rand_core::CryptoRngCore;
 use zeroize::{Zeroize, Zeroizing};
