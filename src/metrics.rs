@@ -199,15 +199,21 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         counter!(DEAD_LETTERED_TOTAL, "reason" => *reason).increment(0);
     }
     gauge!(JOBS_IN_FLIGHT).increment(0.0);
+    // Published before anything else can fail: the recorder is global from here on, and a
+    // second install() must hand out this handle rather than try again.
+    let handle = HANDLE.get_or_init(|| handle).clone();
     let upkeep = handle.clone();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("keyfleet-metrics-upkeep".into())
         .spawn(move || loop {
             std::thread::sleep(UPKEEP_INTERVAL);
             upkeep.run_upkeep();
-        })
-        .map_err(|e| MetricsError::Install(format!("starting the upkeep thread: {e}")))?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+        });
+    if let Err(e) = spawned {
+        // Not fatal: every scrape folds the samples too.
+        tracing::warn!(error = %e, "metrics: could not start the upkeep thread");
+    }
+    Ok(handle)
 }
 
 /// The installed recorder's handle, if [`install`] has run.

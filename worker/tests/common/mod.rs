@@ -119,16 +119,12 @@ impl Env {
             "--prefix",
             &self.prefix,
         ])
-        .args([
-            "--metrics-addr",
-            "off",
-            "--upstream-rps",
-            "0",
-            "--log",
-            "keyfleet=info",
-        ])
+        .args(["--upstream-rps", "0", "--log", "keyfleet=info"])
         .args(extra)
         .stdin(Stdio::null());
+        if !extra.contains(&"--metrics-addr") {
+            c.args(["--metrics-addr", "off"]);
+        }
         c
     }
 

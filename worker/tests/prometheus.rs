@@ -1,0 +1,99 @@
+//! A real Prometheus on loopback scrapes a real worker while it runs a small batch, and the
+//! job counter is read back through Prometheus's HTTP API — the path a user's dashboard takes.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{fleet_csv, Env};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET on loopback (no HTTP client crate needed for two requests).
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_worker_and_reads_back_jobs_total() {
+    let mut env = Env::new("prom");
+    let (metrics_port, prom_port) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    env.start_worker(&["--threads", "1", "--metrics-addr", &metrics_addr]);
+
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: keyfleet-worker\n    static_configs:\n      - targets: ['{metrics_addr}']\n"
+    );
+    let config_path = env.write("prometheus.yml", &config);
+    let prom_log = std::fs::File::create(env.path("prometheus.log")).unwrap();
+    let _prom = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                env.path("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdin(Stdio::null())
+            .stdout(prom_log.try_clone().unwrap())
+            .stderr(prom_log)
+            .spawn()
+            .expect("prometheus is required (scripts/test.sh installs the Debian package)"),
+    );
+
+    let input = env.write("fleet.csv", &fleet_csv(5, "cn-hongkong"));
+    env.submit(&input, "bprom").await;
+    let c = env.collect("bprom", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+
+    let query = "/api/v1/query?query=sum(keyfleet_jobs_total%7Boutcome%3D%22created%22%7D)";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(body) = http_get(prom_port, query).await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                if v["data"]["result"][0]["value"][1] == "5" {
+                    break;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never saw 5 created jobs; its log:\n{}",
+            std::fs::read_to_string(env.path("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The target is healthy from Prometheus's point of view too.
+    let up = http_get(
+        prom_port,
+        "/api/v1/query?query=up%7Bjob%3D%22keyfleet-worker%22%7D",
+    )
+    .await
+    .unwrap();
+    assert!(up.contains("\"1\""), "{up}");
+}
