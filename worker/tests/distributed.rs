@@ -190,13 +190,13 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     );
     assert_eq!(
         codes
-            .get(&bad["job_id"].as_str().unwrap().to_owned())
+            .get(bad["job_id"].as_str().unwrap())
             .map(String::as_str),
         Some("InvalidKeyPairName.Malformed")
     );
     assert_eq!(
         codes
-            .get(&good["job_id"].as_str().unwrap().to_owned())
+            .get(good["job_id"].as_str().unwrap())
             .map(String::as_str),
         Some("created")
     );
