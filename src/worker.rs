@@ -428,7 +428,11 @@ async fn reject_undecodable(shared: &Shared, broker: &Broker, delivery: &Deliver
         .await
     {
         Ok(()) => {
-            metrics::dead_lettered("undecodable");
+            metrics::dead_lettered(if reason.contains("version") {
+                "unsupported_version"
+            } else {
+                "undecodable"
+            });
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
         }
         Err(e) => tracing::warn!("dead-lettering failed, leaving the message for redelivery: {e}"),
