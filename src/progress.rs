@@ -51,6 +51,8 @@ pub struct Progress {
     every: Duration,
     total: Option<u64>,
     pub tally: Tally,
+    /// Rows handed on without an answer yet (`submit`: enqueued jobs).
+    pub enqueued: u64,
 }
 
 impl Progress {
@@ -83,17 +85,35 @@ impl Progress {
             every: Duration::from_secs(5),
             total,
             tally: Tally::default(),
+            enqueued: 0,
         }
+    }
+
+    /// A row passed on for later (enqueued), not answered here.
+    pub fn enqueue(&mut self) {
+        self.enqueued += 1;
+        self.tick();
     }
 
     pub fn record(&mut self, r: &JobResult) {
         self.tally.add(r);
+        self.tick();
+    }
+
+    fn tick(&mut self) {
         if let Some(bar) = &self.bar {
             bar.inc(1);
-            bar.set_message(format!(
-                "created {}  failed {}",
-                self.tally.created, self.tally.failed
-            ));
+            bar.set_message(if self.enqueued > 0 {
+                format!(
+                    "enqueued {}  answered at once {}",
+                    self.enqueued, self.tally.rows
+                )
+            } else {
+                format!(
+                    "created {}  failed {}",
+                    self.tally.created, self.tally.failed
+                )
+            });
         } else if self.lines && self.last_line.elapsed() >= self.every {
             self.last_line = Instant::now();
             eprintln!("{}", self.line());
@@ -103,6 +123,15 @@ impl Progress {
     fn line(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let of = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+        if self.enqueued > 0 {
+            return format!(
+                "progress: {}{of} rows, {} enqueued, {} answered at once, {:.0} rows/s",
+                self.enqueued + self.tally.rows,
+                self.enqueued,
+                self.tally.rows,
+                (self.enqueued + self.tally.rows) as f64 / secs
+            );
+        }
         format!(
             "progress: {}{of} rows, {} created, {} failed, {:.1} keys/s",
             self.tally.rows,

@@ -133,6 +133,7 @@ pub async fn submit(
                         }
                         window.push_back(broker.publish_job(&job).await?);
                         enqueued += 1;
+                        progress.enqueue();
                         None
                     }
                 }

@@ -442,7 +442,46 @@ fn rsa_keys_long() {
     openssl_check(&keys);
 }
 
-/// Throughput report, engine and `rsa` side by side (no assertions: numbers only).
+/// On-CPU and run-queue-wait nanoseconds of the calling thread (Linux schedstat).
+fn thread_sched_ns() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+/// `keys` RSA-2048 keys on each of `threads` threads: (keys/s of wall time, keys per on-CPU
+/// second per thread, share of the threads' time spent waiting for a CPU).
+fn engine_run(threads: usize, keys: usize) -> (f64, f64, f64) {
+    let t = Instant::now();
+    let per_thread: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    let before = thread_sched_ns().unwrap_or((0, 0));
+                    for _ in 0..keys {
+                        generate_rsa_key(2048).unwrap();
+                    }
+                    let after = thread_sched_ns().unwrap_or((0, 0));
+                    (after.0 - before.0, after.1 - before.1)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let cpu: u64 = per_thread.iter().map(|p| p.0).sum();
+    let wait: u64 = per_thread.iter().map(|p| p.1).sum();
+    let total = (threads * keys) as f64;
+    (
+        total / wall,
+        total / (cpu as f64 * 1e-9),
+        wait as f64 / (cpu + wait).max(1) as f64,
+    )
+}
+
+/// Throughput report, engine and `rsa` side by side (no assertions: numbers only). Also
+/// prints keys per on-CPU second and the time spent waiting for a CPU, which separate the
+/// engine's scaling from other load on a shared machine.
 /// `cargo test --release --test prime -- --ignored --nocapture throughput`
 #[test]
 #[ignore = "timing report, release builds only"]
@@ -451,41 +490,38 @@ fn throughput_report() {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     }
-    let keys = |n: usize, f: &(dyn Fn() + Sync)| {
-        let t = Instant::now();
-        for _ in 0..n {
-            f();
-        }
-        n as f64 / t.elapsed().as_secs_f64()
-    };
-    let engine = || {
-        generate_rsa_key(2048).unwrap();
-    };
-    let baseline = || {
-        RsaPrivateKey::new(&mut OsRng, 2048).unwrap();
-    };
-    let mut e1 = Vec::new();
-    let mut b1 = Vec::new();
-    let mut e2 = Vec::new();
+    let (mut e1, mut e2, mut b1) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut c1, mut c2, mut w1, mut w2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..5 {
-        e1.push(keys(40, &engine));
-        b1.push(keys(4, &baseline));
+        let (wall, cpu, wait) = engine_run(1, 40);
+        e1.push(wall);
+        c1.push(cpu);
+        w1.push(wait);
         let t = Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    for _ in 0..40 {
-                        engine();
-                    }
-                });
-            }
-        });
-        e2.push(80.0 / t.elapsed().as_secs_f64());
+        for _ in 0..4 {
+            RsaPrivateKey::new(&mut OsRng, 2048).unwrap();
+        }
+        b1.push(4.0 / t.elapsed().as_secs_f64());
+        let (wall, cpu, wait) = engine_run(2, 40);
+        e2.push(wall);
+        c2.push(cpu);
+        w2.push(wait);
     }
+    println!("RSA-2048 keygen, medians of 5 runs (40 keys per thread per run):");
     println!(
-        "RSA-2048 keys/s: engine 1 thread {:.1}, 2 threads {:.1}; rsa::RsaPrivateKey::new 1 thread {:.1} (medians of 5: {e1:.1?} {e2:.1?} {b1:.1?})",
+        "  engine 1 thread : {:.1} keys/s ({:.1} keys per CPU-second, {:.0}% waiting for a CPU) {e1:.1?}",
         median(e1.clone()),
+        median(c1.clone()),
+        100.0 * median(w1.clone())
+    );
+    println!(
+        "  engine 2 threads: {:.1} keys/s ({:.1} keys per CPU-second per thread, {:.0}% waiting for a CPU) {e2:.1?}",
         median(e2.clone()),
+        median(c2.clone()),
+        100.0 * median(w2.clone())
+    );
+    println!(
+        "  rsa::RsaPrivateKey::new 1 thread: {:.1} keys/s {b1:.1?}",
         median(b1.clone())
     );
 }

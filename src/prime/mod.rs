@@ -30,7 +30,9 @@
 //! uniformly random, secret position of its window, so the failure tells nothing about the
 //! position, residues or value of the prime that is eventually chosen (an in-order scan, by
 //! contrast, would leak that `p − 2`, `p − 4`, … were composite, hence residues of `p`); the
-//! base-2 filter's early rejection is the same case; (b) the number of survivors in a window,
+//! base-2 filter's early rejection is the same case, and so is the visible count of candidates
+//! tried, which depends on the window and the random order, not on which survivor is `p`;
+//! windows given up are fresh and independent of the next one; (b) the number of survivors in a window,
 //! used as the public bound for the random order, which is a near-constant (≈ W/10) whose
 //! dependence on `base mod q` is a fraction of a bit and says nothing about which survivor
 //! becomes `p`; (c) the negligible-probability retries (carry out of the window, `p` and `q`

@@ -10,9 +10,10 @@
 //!
 //! Everything here is constant-time in the operands (including the modulus): loop bounds depend
 //! only on `N`, exponent digits select table entries by scanning the whole table with masks, and
-//! conditional subtractions are masked selects. The only data-dependent choice is in
-//! [`Monty::new`], on whether the modulus' top bit is set, which is a public property (every
-//! engine candidate has its top two bits set by construction).
+//! conditional subtractions are masked selects. The only data-dependent choices are in
+//! [`Monty::new`]: whether the modulus is even or below 3, and whether its top bit is set. Both
+//! go the same way for every engine candidate (odd, top two bits set by construction), so they
+//! reveal nothing; the general path exists for tests and outside numbers.
 
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
