@@ -305,6 +305,42 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// The thread reading a batch file; [`join_reader`] gives its outcome.
+pub type Reader = std::thread::JoinHandle<Result<u64, BatchError>>;
+
+/// Reads `path` on its own thread into a bounded channel of `capacity` rows, so reading never
+/// runs ahead of the pipeline by more than that. The thread stops early when the receiver is
+/// dropped; join it for the read's outcome.
+pub fn spawn_reader(
+    path: &Path,
+    format: Option<Format>,
+    defaults: &RowDefaults,
+    capacity: usize,
+) -> Result<(tokio::sync::mpsc::Receiver<Row>, Reader), BatchError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Row>(capacity.max(1));
+    let (input, defaults) = (path.to_owned(), defaults.clone());
+    let handle = std::thread::Builder::new()
+        .name("keyfleet-batch-reader".into())
+        .spawn(move || {
+            read_rows(&input, format, &defaults, |row| {
+                tx.blocking_send(row).is_ok()
+            })
+        })
+        .map_err(|source| BatchError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok((rx, handle))
+}
+
+/// Waits for a reader thread and returns what it read (or why it stopped).
+pub fn join_reader(path: &Path, handle: Reader) -> Result<u64, BatchError> {
+    handle.join().map_err(|_| BatchError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other("the batch reader thread panicked"),
+    })?
+}
+
 /// Counts the rows of a batch cheaply, for the progress bar (a pass over the bytes only).
 pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
     let format = format.or_else(|| Format::from_path(path))?;

@@ -161,27 +161,14 @@ impl Broker {
             ..Default::default()
         };
         let ch = &self.channel;
-        ch.exchange_declare(
-            t.jobs_exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            t.dlx().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            t.results_exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+        for (name, kind) in [
+            (t.jobs_exchange(), ExchangeKind::Direct),
+            (t.dlx(), ExchangeKind::Fanout),
+            (t.results_exchange(), ExchangeKind::Direct),
+        ] {
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
+        }
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long("quorum"));
         args.insert("x-dead-letter-exchange".into(), long(&t.dlx()));

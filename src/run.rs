@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Format, Row, RowDefaults};
@@ -91,19 +90,8 @@ pub async fn run_with<R: Registry, U: Upstream>(
     // Enough jobs in flight to keep every rayon thread busy while results wait for their
     // turn in input order; small enough that memory does not depend on the batch size.
     let concurrency = threads * 4 + 4;
-    let (tx, rx) = mpsc::channel::<Row>(concurrency * 2);
-    let (input, format, defaults) = (opts.input.clone(), opts.format, opts.defaults.clone());
-    let reader = std::thread::Builder::new()
-        .name("keyfleet-batch-reader".into())
-        .spawn(move || {
-            batch::read_rows(&input, format, &defaults, |row| {
-                tx.blocking_send(row).is_ok()
-            })
-        })
-        .map_err(|e| batch::BatchError::Io {
-            path: opts.input.clone(),
-            source: e,
-        })?;
+    let (rx, reader) =
+        batch::spawn_reader(&opts.input, opts.format, &opts.defaults, concurrency * 2)?;
 
     let total = batch::count_rows(&opts.input, opts.format);
     let mut progress = Progress::new(opts.progress, total);
@@ -156,10 +144,7 @@ pub async fn run_with<R: Registry, U: Upstream>(
     }
     drop(results);
     let interrupted = shutdown.is_cancelled();
-    let read = reader.join().map_err(|_| batch::BatchError::Io {
-        path: opts.input.clone(),
-        source: std::io::Error::other("the batch reader thread panicked"),
-    })?;
+    let read = batch::join_reader(&opts.input, reader);
     if !interrupted {
         read?;
     }

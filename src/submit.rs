@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lapin::PublisherConfirm;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Format, Row, RowDefaults};
@@ -83,19 +82,7 @@ pub async fn submit(
     // Before the first job: results are kept even if no collector is running yet.
     broker.declare_results_queue(&batch_id).await?;
 
-    let (tx, mut rx) = mpsc::channel::<Row>(4096);
-    let (input, format, defaults) = (opts.input.clone(), opts.format, opts.defaults.clone());
-    let reader = std::thread::Builder::new()
-        .name("keyfleet-submit-reader".into())
-        .spawn(move || {
-            batch::read_rows(&input, format, &defaults, |row| {
-                tx.blocking_send(row).is_ok()
-            })
-        })
-        .map_err(|source| batch::BatchError::Io {
-            path: opts.input.clone(),
-            source,
-        })?;
+    let (mut rx, reader) = batch::spawn_reader(&opts.input, opts.format, &opts.defaults, 4096)?;
 
     let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
     let started = Instant::now();
@@ -151,10 +138,7 @@ pub async fn submit(
     for c in window.drain(..) {
         confirmed(c, &routing).await?;
     }
-    let read = reader.join().map_err(|_| batch::BatchError::Io {
-        path: opts.input.clone(),
-        source: std::io::Error::other("the batch reader thread panicked"),
-    })?;
+    let read = batch::join_reader(&opts.input, reader);
     if !interrupted {
         read?;
     }
