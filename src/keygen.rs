@@ -77,7 +77,8 @@ impl fmt::Display for KeyBits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Engine {
-    /// keyfleet's own engine (`prime/`): the default.
+    /// keyfleet's own engine (`prime/`: constant-time sieve, Miller-Rabin and fixed-size
+    /// Montgomery arithmetic): the default.
     #[default]
     Fast,
     /// crypto-primes 0.7 (sieve + BPSW on crypto-bigint's constant-time arithmetic) feeding
@@ -130,7 +131,9 @@ impl fmt::Debug for KeyMaterial {
 /// Makes the RSA private key only (the expensive part).
 pub fn generate_private(bits: KeyBits, engine: Engine) -> Result<RsaPrivateKey, KeygenError> {
     match engine {
-        Engine::Fast | Engine::CryptoPrimes => crypto_primes_key(bits),
+        Engine::Fast => crate::prime::generate_rsa_key(bits.bits())
+            .map_err(|e| KeygenError::Generate(e.to_string())),
+        Engine::CryptoPrimes => crypto_primes_key(bits),
         Engine::RsaCrate => RsaPrivateKey::new(&mut rand_core::OsRng, bits.bits())
             .map_err(|e| KeygenError::Generate(e.to_string())),
     }
