@@ -58,8 +58,6 @@ pub enum CollectError {
     Redis(#[from] RegistryError),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
-    #[error("a result message could not be read: {0}")]
-    Decode(String),
 }
 
 /// Acks are sent in groups, each after the manifest lines they cover are synced.
@@ -106,8 +104,17 @@ pub async fn collect(
             Ok(Some(delivery)) => {
                 let delivery = delivery?;
                 last_result = Instant::now();
-                let mut result: JobResult = serde_json::from_slice(&delivery.data)
-                    .map_err(|e| CollectError::Decode(e.to_string()))?;
+                let mut result: JobResult = match serde_json::from_slice(&delivery.data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Not keyfleet's result format: keep the bytes (they may hold a key,
+                        // hence 0600) and go on, rather than stop on it forever.
+                        tracing::error!("a message on the results queue is not a result: {e}");
+                        out.keep_unreadable(&delivery.data)?;
+                        unacked.push(delivery.acker);
+                        continue;
+                    }
+                };
                 if seen.contains(&result.job_id) || superseded(&registry, &result).await? {
                     duplicates += 1;
                     // Any key in a superseded result is dropped (zeroized) unread.

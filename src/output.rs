@@ -170,6 +170,26 @@ impl OutputDir {
         self.manifest.get_ref().sync_data().map_err(err)
     }
 
+    /// Appends a message that could not be read as a result to `unreadable.jsonl` (mode 0600:
+    /// it may hold a private key), one line each, so nothing a worker sent is lost.
+    pub fn keep_unreadable(&self, bytes: &[u8]) -> Result<(), OutputError> {
+        let path = self.root.join("unreadable.jsonl");
+        let err = |source| OutputError::Manifest {
+            path: path.clone(),
+            source,
+        };
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        let line = String::from_utf8_lossy(bytes).replace('\n', " ");
+        f.write_all(line.as_bytes()).map_err(err)?;
+        f.write_all(b"\n").map_err(err)?;
+        f.sync_data().map_err(err)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

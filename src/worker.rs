@@ -332,9 +332,10 @@ async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
                 return;
             }
             Err(e) => {
-                // Not confirmed: leave the job unacked; its redelivery replaces this pair.
+                // Not confirmed: hand the job back; its redelivery replaces this pair. (If the
+                // channel is gone, the nack fails and the broker redelivers anyway.)
                 tracing::warn!(job = %job.job_id, "result not confirmed: {e}");
-                return;
+                return requeue(&delivery).await;
             }
         }
         let p = pending.clone();
@@ -352,9 +353,18 @@ async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
         if let Ok(used) = shared.pipeline.registry().quota_used(&p.scope).await {
             metrics::quota_used(p.scope.provider.as_str(), &p.scope.region, used);
         }
-    } else if let Err(e) = broker.publish_result(&result).await {
-        tracing::warn!(job = %job.job_id, "result not confirmed: {e}");
-        return;
+    } else {
+        match broker.publish_result(&result).await {
+            Ok(()) => {}
+            Err(BrokerError::Unroutable(batch)) => {
+                // Nobody can ever read this answer; holding the job would only block it.
+                tracing::error!(job = %job.job_id, "results queue for batch {batch} is gone; dropping the answer");
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.job_id, "result not confirmed: {e}");
+                return requeue(&delivery).await;
+            }
+        }
     }
     finish(shared, &result, started).await;
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
@@ -419,7 +429,7 @@ async fn reject_undecodable(shared: &Shared, broker: &Broker, delivery: &Deliver
             Err(BrokerError::Unroutable(_)) => {}
             Err(e) => {
                 tracing::warn!("error result not confirmed: {e}");
-                return;
+                return requeue(delivery).await;
             }
         }
     }
