@@ -167,6 +167,20 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
         .await
         .unwrap();
 
+    // Something that is not a result on the results queue does not stop collect: it is kept
+    // aside (0600, it might hold a key) and acked.
+    let confirm = broker
+        .channel()
+        .basic_publish(
+            env.topology().results_exchange().into(),
+            "bpoison".into(),
+            Default::default(),
+            b"garbage on the results queue",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    confirm.await.unwrap();
     let redis = env.registry().await;
     let store =
         keyfleet::batch_status::BatchStatusStore::from_connection(redis.connection(), &env.prefix);
@@ -199,6 +213,16 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
             .get(good["job_id"].as_str().unwrap())
             .map(String::as_str),
         Some("created")
+    );
+
+    let unreadable = env.path("out/unreadable.jsonl");
+    assert!(std::fs::read_to_string(&unreadable)
+        .unwrap()
+        .contains("garbage on the results queue"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&unreadable).unwrap().permissions().mode() & 0o777,
+        0o600
     );
 
     // The dead-letter queue holds the two undecodable messages, each with a reason.
