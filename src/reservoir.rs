@@ -98,7 +98,9 @@ impl Reservoir {
             }
             let me = self.clone();
             self.inner.cpu.spawn_background(move || {
+                let started = std::time::Instant::now();
                 let key = keygen::generate_private(bits, me.inner.engine).ok();
+                crate::metrics::keygen(bits.bits(), started.elapsed());
                 {
                     let mut pools = me.lock();
                     if let Some(pool) = pools.get_mut(&bits) {
