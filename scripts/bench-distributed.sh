@@ -13,7 +13,7 @@ cargo build --release -q -p keyfleet -p keyfleet-worker
 KF=target/release/keyfleet; W=target/release/keyfleet-worker
 prefix="kfbench-$$"; dir=$(mktemp -d)
 cleanup() {
-  kill "${wpid:-0}" 2>/dev/null || true
+  if [ -n "${wpid:-}" ]; then kill "$wpid" 2>/dev/null || true; fi
   for q in "$prefix.jobs" "$prefix.jobs.dead" "${prefix}b.jobs" "${prefix}b.jobs.dead"; do
     rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
   done

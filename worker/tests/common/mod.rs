@@ -31,6 +31,8 @@ pub struct Env {
     pub prefix: String,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
+    /// Batches whose results queues this test created, deleted at the end.
+    batches: std::sync::Mutex<Vec<String>>,
 }
 
 /// Kills a worker process when dropped, so a failing test leaves nothing running.
@@ -41,6 +43,7 @@ impl Drop for Env {
             let _ = w.wait();
         }
         let prefix = self.prefix.clone();
+        let batches = std::mem::take(&mut *self.batches.lock().unwrap_or_else(|e| e.into_inner()));
         // Best-effort clean-up of the test's queues and keys.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -51,7 +54,9 @@ impl Drop for Env {
                 if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
                 {
                     if let Ok(ch) = conn.create_channel().await {
-                        for q in [format!("{prefix}.jobs"), format!("{prefix}.jobs.dead")] {
+                        let results = batches.iter().map(|b| format!("{prefix}.results.{b}"));
+                        let queues = [format!("{prefix}.jobs"), format!("{prefix}.jobs.dead")];
+                        for q in queues.into_iter().chain(results) {
                             let _ = ch.queue_delete(q.into(), Default::default()).await;
                         }
                         for x in [
@@ -93,6 +98,7 @@ impl Env {
             prefix,
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
+            batches: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -160,7 +166,16 @@ impl Env {
         p
     }
 
+    /// Remembers a batch so its results queue is deleted with the test.
+    pub fn track(&self, batch_id: &str) {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(batch_id.to_owned());
+    }
+
     pub async fn submit(&self, input: &Path, batch_id: &str) -> SubmitSummary {
+        self.track(batch_id);
         let opts = SubmitOptions {
             input: input.to_owned(),
             format: None,
@@ -189,6 +204,7 @@ impl Env {
     }
 
     pub async fn collect(&self, batch_id: &str, out: &str, idle: Duration) -> CollectSummary {
+        self.track(batch_id);
         let opts = CollectOptions {
             batch_id: batch_id.into(),
             out: self.path(out),
