@@ -187,10 +187,24 @@ async fn stage<R: Registry, U: Upstream>(
             })
         }
     };
-    let mut attempt = 1;
+    retrying(&job, 1, |attempt| pipeline.reserve(&job, attempt))
+        .await
+        .unwrap_or_else(|(attempt, e)| Stage::Answered(internal(&job, attempt, &e)))
+}
+
+/// Runs `op(attempt)` until it succeeds or fails internally [`ATTEMPTS`] times in all; then
+/// the last attempt number and error.
+async fn retrying<T, Fut>(
+    job: &crate::job::Job,
+    mut attempt: u32,
+    mut op: impl FnMut(u32) -> Fut,
+) -> Result<T, (u32, TransientError)>
+where
+    Fut: std::future::Future<Output = Result<T, TransientError>>,
+{
     loop {
-        match pipeline.reserve(&job, attempt).await {
-            Ok(stage) => return stage,
+        match op(attempt).await {
+            Ok(v) => return Ok(v),
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(
                     line = job.line,
@@ -200,7 +214,7 @@ async fn stage<R: Registry, U: Upstream>(
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 attempt += 1;
             }
-            Err(e) => return Stage::Answered(internal(&job, attempt, &e)),
+            Err(e) => return Err((attempt, e)),
         }
     }
 }
@@ -208,25 +222,20 @@ async fn stage<R: Registry, U: Upstream>(
 /// Makes the key for a reserved job; an internal failure runs the whole job again (its
 /// reservation is found by job id), up to [`ATTEMPTS`] times.
 async fn make<R: Registry, U: Upstream>(pipeline: &Pipeline<R, U>, r: Box<Reservation>) -> Outcome {
-    let job = r.job.clone();
-    let mut attempt = r.attempt;
-    let mut result = pipeline.make(r).await;
-    loop {
-        match result {
-            Ok(outcome) => return outcome,
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(
-                    line = job.line,
-                    attempt,
-                    "retrying after internal error: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                attempt += 1;
-                result = pipeline.create(&job, attempt).await;
+    let (job, first_attempt) = (r.job.clone(), r.attempt);
+    let mut reserved = Some(r);
+    retrying(&job, first_attempt, |attempt| {
+        let first = reserved.take();
+        let job = &job;
+        async move {
+            match first {
+                Some(r) => pipeline.make(r).await,
+                None => pipeline.create(job, attempt).await,
             }
-            Err(e) => return internal(&job, attempt, &e),
         }
-    }
+    })
+    .await
+    .unwrap_or_else(|(attempt, e)| internal(&job, attempt, &e))
 }
 
 fn internal(job: &crate::job::Job, attempt: u32, e: &TransientError) -> Outcome {
