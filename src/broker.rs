@@ -256,30 +256,29 @@ impl Broker {
     /// Publishes a job and returns its confirm, so callers can keep many in flight.
     pub async fn publish_job(&self, job: &Job) -> Result<PublisherConfirm, BrokerError> {
         let payload = serde_json::to_vec(job).map_err(|e| BrokerError::Encode(e.to_string()))?;
-        let t = &self.topology;
-        Ok(self
-            .channel
-            .basic_publish(
-                t.jobs_exchange().into(),
-                t.jobs_routing_key().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &payload,
-                Self::properties(&job.job_id.to_string(), &job.batch_id),
-            )
-            .await?)
+        let properties = Self::properties(&job.job_id.to_string(), &job.batch_id);
+        self.publish_to_jobs(&payload, properties).await
     }
 
-    /// Publishes raw bytes as a job message (other systems' producers; tests).
+    /// Publishes raw bytes as a job message (other systems' producers; tests) and waits for
+    /// the confirm.
     pub async fn publish_raw_job(
         &self,
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
+        let confirm = self.publish_to_jobs(payload, properties).await?;
+        check(confirm.await?, &self.topology.jobs_routing_key())
+    }
+
+    /// A mandatory publish to the jobs exchange: a job no queue takes comes back unroutable.
+    async fn publish_to_jobs(
+        &self,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, BrokerError> {
         let t = &self.topology;
-        let confirm = self
+        Ok(self
             .channel
             .basic_publish(
                 t.jobs_exchange().into(),
@@ -291,8 +290,7 @@ impl Broker {
                 payload,
                 properties,
             )
-            .await?;
-        check(confirm.await?, &t.jobs_routing_key())
+            .await?)
     }
 
     /// Publishes a result to its batch's queue and waits for the broker's confirm. The private
