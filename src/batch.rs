@@ -59,12 +59,40 @@ pub struct RowDefaults {
 #[derive(Debug)]
 pub enum Row {
     Job(Job),
-    Bad {
-        line: u64,
-        provider: Provider,
-        owner: String,
-        reason: String,
-    },
+    Bad(BadRow),
+}
+
+/// A row that is not a job (bad quoting, a wrong field count, an unknown provider).
+#[derive(Debug)]
+pub struct BadRow {
+    pub batch_id: String,
+    pub line: u64,
+    pub provider: Provider,
+    pub owner: String,
+    pub reason: String,
+}
+
+impl BadRow {
+    fn row(line: u64, provider: Provider, owner: String, reason: String, d: &RowDefaults) -> Row {
+        Row::Bad(BadRow {
+            batch_id: d.batch_id.clone(),
+            line,
+            provider,
+            owner,
+            reason,
+        })
+    }
+
+    /// The row's answer: a failed result naming the line and what is wrong with it.
+    pub fn into_result(self) -> crate::job::JobResult {
+        crate::job::JobResult::rejected_row(
+            &self.batch_id,
+            self.line,
+            self.provider,
+            &self.owner,
+            &self.reason,
+        )
+    }
 }
 
 /// Job ids are derived from the batch id and the line, so a re-run of the same batch after a
@@ -89,12 +117,13 @@ fn build_row(line: u64, mut params: BTreeMap<String, String>, defaults: &RowDefa
         Some(p) if !p.trim().is_empty() => match p.parse::<Provider>() {
             Ok(p) => p,
             Err(e) => {
-                return Row::Bad {
+                return BadRow::row(
                     line,
-                    provider: defaults.provider,
+                    defaults.provider,
                     owner,
-                    reason: format!("line {line}: column Provider: {e}"),
-                }
+                    format!("line {line}: column Provider: {e}"),
+                    defaults,
+                )
             }
         },
         _ => defaults.provider,
@@ -167,16 +196,17 @@ fn read_csv(
             Ok(true) => {
                 let line = record.position().map(|p| p.line()).unwrap_or(line);
                 if record.len() != headers.len() {
-                    Row::Bad {
+                    BadRow::row(
                         line,
-                        provider: defaults.provider,
-                        owner: defaults.owner.clone(),
-                        reason: format!(
+                        defaults.provider,
+                        defaults.owner.clone(),
+                        format!(
                             "line {line}: {} fields where the header has {}",
                             record.len(),
                             headers.len()
                         ),
-                    }
+                        defaults,
+                    )
                 } else {
                     build_row(line, csv_params(&headers, &record), defaults)
                 }
@@ -189,12 +219,13 @@ fn read_csv(
                     });
                 }
                 let line = e.position().map(|p| p.line()).unwrap_or(line);
-                Row::Bad {
+                BadRow::row(
                     line,
-                    provider: defaults.provider,
-                    owner: defaults.owner.clone(),
-                    reason: format!("line {line}: {e}"),
-                }
+                    defaults.provider,
+                    defaults.owner.clone(),
+                    format!("line {line}: {e}"),
+                    defaults,
+                )
             }
         };
         rows += 1;
@@ -255,12 +286,13 @@ fn read_jsonl(
         }
         let row = match jsonl_params(text) {
             Ok(params) => build_row(line, params, defaults),
-            Err(reason) => Row::Bad {
+            Err(reason) => BadRow::row(
                 line,
-                provider: defaults.provider,
-                owner: defaults.owner.clone(),
-                reason: format!("line {line}: {reason}"),
-            },
+                defaults.provider,
+                defaults.owner.clone(),
+                format!("line {line}: {reason}"),
+                defaults,
+            ),
         };
         rows += 1;
         if !emit(row) {
@@ -410,9 +442,11 @@ mod tests {
         assert_eq!((j.provider, j.owner.as_str()), (Provider::Ucloud, "proj"));
         assert!(!j.params.contains_key("Tag.1.Value"));
         assert!(
-            matches!(&rows[2], Row::Bad { line: 4, reason, .. } if reason.contains("Provider"))
+            matches!(&rows[2], Row::Bad(BadRow { line: 4, reason, .. }) if reason.contains("Provider"))
         );
-        assert!(matches!(&rows[3], Row::Bad { line: 5, reason, .. } if reason.contains("fields")));
+        assert!(
+            matches!(&rows[3], Row::Bad(BadRow { line: 5, reason, .. }) if reason.contains("fields"))
+        );
     }
 
     #[test]
@@ -423,9 +457,11 @@ mod tests {
         );
         assert_eq!(rows.len(), 4);
         assert!(matches!(&rows[0], Row::Job(j) if j.line == Some(1)));
-        assert!(matches!(&rows[1], Row::Bad { line: 3, .. }));
-        assert!(matches!(&rows[2], Row::Bad { line: 4, .. }));
-        assert!(matches!(&rows[3], Row::Bad { line: 5, reason, .. } if reason.contains("number")));
+        assert!(matches!(&rows[1], Row::Bad(BadRow { line: 3, .. })));
+        assert!(matches!(&rows[2], Row::Bad(BadRow { line: 4, .. })));
+        assert!(
+            matches!(&rows[3], Row::Bad(BadRow { line: 5, reason, .. }) if reason.contains("number"))
+        );
     }
 
     #[test]

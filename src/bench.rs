@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::RowDefaults;
 use crate::dialect::Provider;
 use crate::keygen::{self, Engine, KeyBits};
-use crate::pipeline::{Quota, Settings};
 use crate::progress::ProgressMode;
 use crate::run::{run, RunOptions};
+use crate::settings::{KeyPairQuota, Settings};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Measurement {
@@ -131,9 +131,9 @@ pub async fn measure_pipeline(
             key_bits: bits,
         },
         settings: Settings {
-            quota: Quota {
+            quota: KeyPairQuota {
                 default: keys as u64,
-                ..Quota::default()
+                ..KeyPairQuota::default()
             },
             engine,
             ..Settings::default()

@@ -19,6 +19,9 @@ use crate::job::{Job, JobResult};
 
 /// Header carrying why keyfleet dead-lettered a message.
 pub const REASON_HEADER: &str = "x-keyfleet-reason";
+/// Header carrying when keyfleet published a message, in Unix milliseconds (the AMQP
+/// `timestamp` property has whole seconds only).
+pub const PUBLISHED_MS_HEADER: &str = "x-keyfleet-published-ms";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -245,12 +248,18 @@ impl Broker {
     }
 
     fn properties(message_id: &str, batch_id: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PUBLISHED_MS_HEADER.into(),
+            AMQPValue::LongLongInt(crate::registry::now_ms()),
+        );
         BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(message_id.into())
             .with_correlation_id(batch_id.into())
             .with_timestamp(crate::job::unix_now().max(0) as u64)
+            .with_headers(headers)
     }
 
     /// Publishes a job and returns its confirm, so callers can keep many in flight.
@@ -345,7 +354,28 @@ impl Broker {
     }
 }
 
+/// Waits for a publisher confirm: a mandatory publish that no queue took is `Unroutable`.
+pub async fn confirmed(confirm: PublisherConfirm, routing_key: &str) -> Result<(), BrokerError> {
+    check(confirm.await?, routing_key)
+}
+
+/// How long a message waited between publishing and now: from keyfleet's millisecond header,
+/// else from the AMQP timestamp (whole seconds), else unknown.
+pub fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
+    let published_ms = match properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(PUBLISHED_MS_HEADER).cloned())
+    {
+        Some(AMQPValue::LongLongInt(ms)) => ms,
+        _ => (*properties.timestamp())? as i64 * 1000,
+    };
+    let waited = crate::registry::now_ms() - published_ms;
+    Some(Duration::from_millis(waited.max(0) as u64))
+}
+
 /// A mandatory publish that no queue took comes back as `Ack(Some(returned))`: not delivered.
+/// The returned copy (which may hold a private key) is dropped here unread and unlogged.
 fn check(confirmation: Confirmation, routing_key: &str) -> Result<(), BrokerError> {
     match confirmation {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),

@@ -3,6 +3,7 @@
 //! only once they are on disk. Stops when the batch is complete (per `keyfleet status`) or
 //! after a quiet spell.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 use crate::batch_status::BatchStatusStore;
 use crate::broker::{Broker, BrokerError, Topology};
 use crate::dialect::Scope;
-use crate::job::{take_private_key_body, JobResult, Status};
+use crate::job::{take_private_key_body, JobResult};
 use crate::output::OutputDir;
 use crate::progress::{Progress, ProgressMode, Tally};
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Entry, Registry, RegistryError};
+use crate::sink::{KeyFiles, Sink};
+use uuid::Uuid;
 
 #[derive(Clone, Debug)]
 pub struct CollectOptions {
@@ -88,8 +91,12 @@ pub async fn collect(
 
     let mut total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
     let mut progress = Progress::new(opts.progress, total);
+    let keys = out.keys().clone();
     let mut duplicates = 0;
     let mut unacked: Vec<lapin::Acker> = Vec::new();
+    // Created results whose pair the registry does not yet hold as delivered: their worker
+    // may still confirm them, or their job may come back and replace the pair. Held unacked.
+    let mut held: Vec<(JobResult, lapin::Acker)> = Vec::new();
     let mut last_result = Instant::now();
     let mut checked_total = Instant::now();
     loop {
@@ -115,22 +122,43 @@ pub async fn collect(
                         continue;
                     }
                 };
-                if seen.contains(&result.job_id) || superseded(&registry, &result).await? {
-                    duplicates += 1;
-                    // Any key in a superseded result is dropped (zeroized) unread.
-                    drop(take_private_key_body(result.provider, &mut result.response));
-                } else {
-                    write(&mut out, &mut result)?;
-                    seen.insert(result.job_id);
-                    progress.record(&result);
+                let pem = take_private_key_body(result.provider, &mut result.response);
+                if let Some(c) = result.created_mut() {
+                    c.private_key = pem;
                 }
-                unacked.push(delivery.acker);
+                let verdict = if seen.contains(&result.job_id) {
+                    Verdict::Superseded
+                } else {
+                    verdict(&registry, &result).await?
+                };
+                match verdict {
+                    Verdict::Wait => held.push((result, delivery.acker)),
+                    verdict => {
+                        take(&mut out, &keys, &mut seen, &mut progress, result, verdict).await?;
+                        duplicates += u64::from(verdict == Verdict::Superseded);
+                        unacked.push(delivery.acker);
+                    }
+                }
                 if unacked.len() >= ACK_EVERY {
                     ack_all(&mut out, &mut unacked).await?;
                 }
             }
             Ok(None) => break,
             Err(_) => {
+                let mut still = Vec::with_capacity(held.len());
+                for (result, acker) in held.drain(..) {
+                    match verdict(&registry, &result).await? {
+                        Verdict::Wait => still.push((result, acker)),
+                        verdict => {
+                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
+                                .await?;
+                            duplicates += u64::from(verdict == Verdict::Superseded);
+                            unacked.push(acker);
+                            last_result = Instant::now();
+                        }
+                    }
+                }
+                held = still;
                 ack_all(&mut out, &mut unacked).await?;
                 if checked_total.elapsed() > Duration::from_secs(1) {
                     total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
@@ -142,6 +170,14 @@ pub async fn collect(
             }
         }
     }
+    if !held.is_empty() {
+        tracing::warn!(
+            held = held.len(),
+            "results whose key pair is not confirmed delivered yet were left on the queue; run collect again"
+        );
+    }
+    // Dropped unacked: the broker keeps them for the next collect.
+    drop(held);
     ack_all(&mut out, &mut unacked).await?;
     total = status
         .status(&opts.batch_id)
@@ -168,22 +204,36 @@ async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result
         return Ok(());
     }
     out.sync()?;
-    // Deliveries on one channel are acked in order, so one `multiple` ack covers the group.
-    if let Some(last) = unacked.pop() {
-        last.ack(BasicAckOptions { multiple: true }).await?;
+    // One by one: results held back for the registry sit between these on the channel, so a
+    // `multiple` ack would take them too.
+    for acker in unacked.drain(..) {
+        acker.ack(BasicAckOptions::default()).await?;
     }
-    unacked.clear();
     Ok(())
 }
 
-/// A created result whose key pair is no longer the one registered for its job (a worker
-/// died after publishing it, and the redelivered job replaced the pair): its key is useless.
-async fn superseded(registry: &RedisRegistry, r: &JobResult) -> Result<bool, RegistryError> {
-    if r.status != Status::Created {
-        return Ok(false);
-    }
+/// What to do with a result read from the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Write it: a failure, or a created pair the registry holds, delivered, with this key.
+    Accept,
+    /// Drop it (its key unread): the job was written already, or its pair is no longer the
+    /// one registered (the job came back after a worker died, and replaced it).
+    Superseded,
+    /// The registry holds this very pair but not yet as delivered: its worker has not
+    /// confirmed it. Decide later.
+    Wait,
+}
+
+/// A created result counts only once the registry holds its pair, for its job, with its
+/// fingerprint, marked delivered: a key read before that may be replaced by its job's next
+/// attempt, and the user would hold a key that is not registered.
+async fn verdict(registry: &RedisRegistry, r: &JobResult) -> Result<Verdict, RegistryError> {
+    let Some(created) = r.created() else {
+        return Ok(Verdict::Accept);
+    };
     let (Some(name), Some(region)) = (&r.key_pair_name, &r.region) else {
-        return Ok(false);
+        return Ok(Verdict::Superseded);
     };
     let scope = Scope {
         provider: r.provider,
@@ -191,28 +241,47 @@ async fn superseded(registry: &RedisRegistry, r: &JobResult) -> Result<bool, Reg
         region: region.clone(),
     };
     Ok(match registry.lookup(&scope, name).await? {
-        Some(Entry::Pair(record)) => {
-            record.job_id != r.job_id
-                || Some(&record.fingerprint_sha256) != r.fingerprint_sha256.as_ref()
+        Some(Entry::Pair(record))
+            if record.job_id == r.job_id
+                && record.fingerprint_sha256 == created.fingerprint_sha256 =>
+        {
+            if record.delivered {
+                Verdict::Accept
+            } else {
+                Verdict::Wait
+            }
         }
-        _ => true,
+        _ => Verdict::Superseded,
     })
 }
 
-fn write(out: &mut OutputDir, result: &mut JobResult) -> Result<(), CollectError> {
+/// Writes an accepted result (key file through the sink, then its manifest line), or drops a
+/// superseded one.
+async fn take(
+    out: &mut OutputDir,
+    keys: &KeyFiles,
+    seen: &mut HashSet<Uuid>,
+    progress: &mut Progress,
+    mut result: JobResult,
+    verdict: Verdict,
+) -> Result<(), CollectError> {
+    if verdict != Verdict::Accept {
+        return Ok(());
+    }
     let mut key_file = None;
-    if result.status == Status::Created {
-        result.private_key = take_private_key_body(result.provider, &mut result.response);
-        match out.write_key(result) {
-            Ok(path) => key_file = Some(path),
+    if result.is_created() {
+        match keys.deliver(&mut result).await {
+            Ok(()) => key_file = Some(keys.path(&result)),
             Err(e) => {
                 tracing::error!(job = %result.job_id, "{e}");
-                result.message = Some(format!(
+                result = result.fail_with(&crate::dialect::ApiError::Internal(format!(
                     "key pair created but its key file could not be written: {e}"
-                ));
+                )));
             }
         }
     }
-    out.append(result, key_file.as_deref())?;
+    out.append(&result, key_file.as_deref())?;
+    seen.insert(result.job_id);
+    progress.record(&result);
     Ok(())
 }

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::batch::Format;
 use crate::dialect::{Catalog, Provider};
 use crate::keygen::{Engine, KeyBits};
-use crate::pipeline::{Quota, Settings};
 use crate::progress::ProgressMode;
+use crate::settings::{KeyPairQuota, Settings};
 
 /// Where the embedded store lives unless told otherwise.
 pub const DEFAULT_STATE: &str = "keyfleet.redb";
@@ -578,11 +578,11 @@ impl FileConfig {
         }
         Settings {
             catalog,
-            quota: Quota {
+            quota: KeyPairQuota {
                 default: global
                     .quota
                     .or(self.quota)
-                    .unwrap_or(Quota::default().default),
+                    .unwrap_or(KeyPairQuota::default().default),
                 per_region: self.quota_per_region.clone(),
             },
             engine,

@@ -230,6 +230,22 @@ pub fn encode(key: &RsaPrivateKey) -> Result<KeyMaterial, KeygenError> {
     })
 }
 
+/// The SSH fingerprints (`aa:bb:…` MD5, `SHA256:…`) of the public half of a PKCS#8 PEM private
+/// key: what a delivered key file is checked against in the registry.
+pub fn fingerprints_of_pem(pem: &str) -> Result<(String, String), KeygenError> {
+    use rsa::pkcs8::DecodePrivateKey;
+    let key = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| KeygenError::Encode(e.to_string()))?;
+    let public = ssh_key::public::RsaPublicKey::try_from(key.to_public_key())
+        .map_err(|e| KeygenError::Encode(e.to_string()))?;
+    let blob = ssh_key::PublicKey::from(ssh_key::public::KeyData::Rsa(public))
+        .to_bytes()
+        .map_err(|e| KeygenError::Encode(e.to_string()))?;
+    Ok((
+        fingerprint::md5_colon(&blob),
+        fingerprint::sha256_base64(&blob),
+    ))
+}
+
 /// Generates and encodes one key pair.
 pub fn generate(bits: KeyBits, engine: Engine) -> Result<KeyMaterial, KeygenError> {
     let key = generate_private(bits, engine)?;
@@ -257,5 +273,7 @@ mod tests {
         assert!(!dbg.contains("PRIVATE KEY"));
         assert!(km.private_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
         assert!(km.public_line.starts_with("ssh-rsa AAAA"));
+        let (md5, sha256) = fingerprints_of_pem(&km.private_pem).unwrap();
+        assert_eq!((md5, sha256), (km.fingerprint_md5, km.fingerprint_sha256));
     }
 }

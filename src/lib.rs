@@ -1,9 +1,26 @@
 //! keyfleet: bulk SSH key-pair creation with the exact semantics of the Alibaba Cloud ECS
 //! `CreateKeyPair` and UCloud `CreateUHostKeyPair` APIs.
 //!
-//! The pipeline (`pipeline.rs`) is one code path for every mode; its seams are the
-//! [`registry::Registry`] and [`upstream::Upstream`] traits, fed by a job source (`batch.rs`
-//! for files) and drained into a result sink (`output.rs` for `keyfleet run`).
+//! # Layout
+//!
+//! Every job, in every mode, goes through one lifecycle (`lifecycle.rs`): decode → reserve →
+//! key → upstream → commit → deliver → confirm. A mode is a thin loop around it.
+//!
+//! - Modes: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
+//!   `submit.rs` (the producer), `collect.rs` (results into a folder), `bench.rs`; `app.rs` turns
+//!   the command line into one of these, `config.rs` holds its flags and the config file.
+//! - The lifecycle and its parts: `lifecycle.rs`, `retry.rs` (the one retry policy),
+//!   `settings.rs` (catalogue, quota, engine), `sink/` (where results go: `key_files.rs`,
+//!   `results_queue.rs`), `upstream.rs` and `rate_limit.rs` (the cloud side).
+//! - What a job is: `job.rs` (jobs, results, their wire form), `batch.rs` (rows of a batch
+//!   file), `dialect/` (everything provider-specific: `aliyun.rs`, `ucloud.rs`).
+//! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
+//!   beside it), `batch_status.rs` (a batch's progress in Redis).
+//! - Infrastructure: `broker.rs` (RabbitMQ), `cpu.rs` (the rayon pool, the one way CPU work
+//!   leaves the async runtime), `shutdown.rs`, `logging.rs`, `metrics.rs` (every metric, and
+//!   `metrics/http.rs` serving them).
+//! - Keys: `keygen.rs`, `prime/` (the prime search), `reservoir.rs` (keys made ahead),
+//!   `fingerprint.rs`; output: `output.rs` (the folder and its manifest), `progress.rs`.
 
 pub mod app;
 pub mod batch;
@@ -17,16 +34,20 @@ pub mod dialect;
 pub mod fingerprint;
 pub mod job;
 pub mod keygen;
+pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod output;
-pub mod pipeline;
 pub mod prime;
 pub mod progress;
 pub mod rate_limit;
 pub mod registry;
 pub mod reservoir;
+pub mod retry;
 pub mod run;
+pub mod settings;
 pub mod shutdown;
+pub mod sink;
 pub mod submit;
 pub mod upstream;
 pub mod worker;

@@ -8,13 +8,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = keyfleet::config::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.global.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    keyfleet::logging::init(&cli.global.log, "warn");
     let shutdown = keyfleet::shutdown::on_signals();
     match keyfleet::app::execute(cli, shutdown).await {
         Ok(code) => code,

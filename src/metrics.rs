@@ -106,46 +106,31 @@ pub const UPSTREAM_WAIT_BUCKETS: &[f64] = &[
 pub const PROVIDERS: &[&str] = &["aliyun", "ucloud"];
 
 /// The `outcome` label's values: `created`, every error code the two dialects answer with
-/// (Alibaba codes, UCloud RetCodes as decimal strings; `src/dialect/`), and `other` for anything
-/// else (a unit test keeps this list in step with the dialects).
-pub const OUTCOMES: &[&str] = &[
-    "created",
-    // Alibaba Cloud ECS CreateKeyPair
-    "InvalidKeyPairName.Malformed",
-    "QuotaExceed.KeyPair",
-    "KeyPair.AlreadyExist",
-    "InvalidResourceGroup.NotFound",
-    "Duplicate.TagKey",
-    "InvalidTagKey.Malformed",
-    "InvalidTagValue.Malformed",
-    "InvalidRegionId.NotFound",
-    "InvalidZoneId.NotFound",
-    "QuotaExceed.Tags",
-    "MissingKeyPairName",
-    "MissingRegionId",
-    "InvalidParameter",
-    "InvalidAction.NotFound",
-    "InternalError",
-    // UCloud CreateUHostKeyPair RetCodes
-    "150",
-    "160",
-    "161",
-    "230",
-    "8201",
-    "8202",
-    "8203",
-    "8204",
-    "other",
-];
+/// (taken from `src/dialect/`, so a new code is a known label at once), and `other` for
+/// anything else.
+pub fn outcomes() -> &'static [String] {
+    static OUTCOMES: OnceLock<Vec<String>> = OnceLock::new();
+    OUTCOMES.get_or_init(|| {
+        let mut all = vec![crate::job::CREATED.to_owned()];
+        for provider in crate::dialect::Provider::ALL {
+            all.extend(crate::dialect::error_codes(provider));
+        }
+        all.push("other".to_owned());
+        all
+    })
+}
 
 /// The `reason` label's values for dead-lettered job messages; anything else is `other`.
 /// - `undecodable`: not JSON, or not a job (missing or mistyped fields);
 /// - `unsupported_version`: a `"v"` this build does not read;
+/// - `undeliverable`: a valid job whose result no queue takes (its batch's results queue does
+///   not exist); its key pair was released;
 /// - `delivery_limit`: delivered too often (the worker saw the delivery count reach the limit
 ///   and rejected it rather than let the broker dead-letter it unseen).
 pub const DEAD_LETTER_REASONS: &[&str] = &[
     "undecodable",
     "unsupported_version",
+    "undeliverable",
     "delivery_limit",
     "other",
 ];
@@ -307,10 +292,10 @@ fn provider_label(provider: &str) -> &'static str {
 }
 
 fn outcome_label(outcome: &str) -> &'static str {
-    OUTCOMES
+    outcomes()
         .iter()
-        .find(|o| **o == outcome)
-        .copied()
+        .find(|o| *o == outcome)
+        .map(String::as_str)
         .unwrap_or("other")
 }
 
@@ -508,35 +493,16 @@ mod tests {
 
     #[test]
     fn every_dialect_error_code_is_a_known_outcome() {
-        let errors = [
-            ApiError::MissingParameter("KeyPairName".into()),
-            ApiError::MissingParameter("RegionId".into()),
-            ApiError::InvalidParameter {
-                name: ApiError::ACTION.into(),
-                reason: "x".into(),
-            },
-            ApiError::InvalidParameter {
-                name: "KeyPairname".into(),
-                reason: "x".into(),
-            },
-            ApiError::NameMalformed,
-            ApiError::RegionNotFound("x".into()),
-            ApiError::ZoneNotFound("x".into()),
-            ApiError::ResourceGroupNotFound("x".into()),
-            ApiError::DuplicateTagKey,
-            ApiError::TagKeyMalformed,
-            ApiError::TagValueMalformed,
-            ApiError::TooManyTags,
-            ApiError::QuotaExceeded,
-            ApiError::AlreadyExists,
-            ApiError::Internal("x".into()),
-        ];
         for provider in Provider::ALL {
-            for e in &errors {
+            for e in ApiError::every_kind() {
                 let code = e.reply(provider).code;
                 assert_eq!(outcome_label(&code), code, "{provider:?} {e:?}");
             }
         }
+        assert!(outcomes()
+            .iter()
+            .any(|o| o == "InvalidKeyPairName.Malformed"));
+        assert!(outcomes().iter().any(|o| o == "8204"));
     }
 
     #[test]

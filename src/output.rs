@@ -1,13 +1,13 @@
-//! The output folder of `keyfleet run` / `collect`: one key file per created pair (mode 0600,
-//! never overwritten) with its `.pub` beside it, and `manifest.jsonl`, one line per input row in
-//! input order.
+//! The output folder of `keyfleet run` / `collect`: `manifest.jsonl`, one line per input row in
+//! input order, and the key files written by its sink (`sink/key_files.rs`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::job::{set_private_key_body, JobResult, Status};
+use crate::job::JobResult;
+use crate::sink::KeyFiles;
 
 pub const MANIFEST: &str = "manifest.jsonl";
 
@@ -25,20 +25,9 @@ pub enum OutputError {
     },
 }
 
-/// Why one result's key could not be written (the run goes on; that row fails).
-#[derive(Debug, thiserror::Error)]
-pub enum KeyFileError {
-    #[error("refusing to overwrite existing key file {0}")]
-    Exists(PathBuf),
-    #[error("cannot write key file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
 pub struct OutputDir {
     root: PathBuf,
+    keys: KeyFiles,
     manifest_path: PathBuf,
     manifest: BufWriter<File>,
     /// The manifest of an earlier run in the same folder, kept under this name.
@@ -100,6 +89,7 @@ impl OutputDir {
             })?;
         Ok(OutputDir {
             root: root.to_owned(),
+            keys: KeyFiles::new(root),
             manifest_path,
             manifest: BufWriter::new(file),
             rotated,
@@ -152,6 +142,7 @@ impl OutputDir {
         Ok((
             OutputDir {
                 root: root.to_owned(),
+                keys: KeyFiles::new(root),
                 manifest_path: manifest_path.clone(),
                 manifest: BufWriter::new(file),
                 rotated: None,
@@ -198,67 +189,9 @@ impl OutputDir {
         &self.manifest_path
     }
 
-    /// Where a created pair's private key goes: `<provider>/<owner>/<region>/<name>.pem`.
-    pub fn key_path(&self, r: &JobResult) -> PathBuf {
-        self.root
-            .join(r.provider.as_str())
-            .join(path_component(&r.owner))
-            .join(path_component(r.region.as_deref().unwrap_or("-")))
-            .join(format!(
-                "{}.pem",
-                path_component(r.key_pair_name.as_deref().unwrap_or("-"))
-            ))
-    }
-
-    /// Writes the private key (0600, created new, synced) and its `.pub`, and points the
-    /// result's `PrivateKeyBody` at the file. The in-memory key is dropped (zeroized) here.
-    pub fn write_key(&self, r: &mut JobResult) -> Result<PathBuf, KeyFileError> {
-        let path = self.key_path(r);
-        let Some(pem) = r.private_key.take() else {
-            return Err(KeyFileError::Io {
-                path,
-                source: std::io::Error::other("no private key to write"),
-            });
-        };
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| KeyFileError::Io { path, source }
-        };
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        let mut file = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(KeyFileError::Exists(path))
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        file.write_all(pem.0.as_bytes()).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
-        let pub_path = path.with_extension("pub");
-        let public = format!(
-            "{} {}\n",
-            r.public_key.as_deref().unwrap_or_default(),
-            r.key_pair_name.as_deref().unwrap_or_default()
-        );
-        let mut pub_file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&pub_path)
-            .map_err(io(&pub_path))?;
-        pub_file
-            .write_all(public.as_bytes())
-            .map_err(io(&pub_path))?;
-        set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
-        Ok(path)
+    /// The sink that writes this folder's key files.
+    pub fn keys(&self) -> &KeyFiles {
+        &self.keys
     }
 
     /// Appends one manifest line.
@@ -269,7 +202,7 @@ impl OutputDir {
             result: &'a JobResult,
             private_key_file: Option<String>,
         }
-        debug_assert!(r.status == Status::Failed || key_file.is_some());
+        debug_assert!(!r.is_created() || key_file.is_some());
         let line = Line {
             result: r,
             private_key_file: key_file.map(|p| p.to_string_lossy().into_owned()),

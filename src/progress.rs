@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::job::{JobResult, Status};
+use crate::job::JobResult;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ProgressMode {
@@ -32,13 +32,14 @@ pub struct Tally {
 impl Tally {
     pub fn add(&mut self, r: &JobResult) {
         self.rows += 1;
-        match r.status {
-            Status::Created => self.created += 1,
-            Status::Failed => {
-                self.failed += 1;
-                let code = r.code.clone().unwrap_or_else(|| "unknown".into());
-                *self.failed_by_code.entry(code).or_default() += 1;
-            }
+        if r.is_created() {
+            self.created += 1;
+        } else {
+            self.failed += 1;
+            *self
+                .failed_by_code
+                .entry(r.outcome_label().to_owned())
+                .or_default() += 1;
         }
     }
 }

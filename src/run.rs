@@ -1,6 +1,6 @@
-//! `keyfleet run`: the whole pipeline in one process on the embedded store. Rows stream from
-//! the batch file through a bounded channel, at most `concurrency` jobs are in flight (keys are
-//! made on the rayon pool), and results are delivered in input order to the output folder.
+//! `keyfleet run`: the job lifecycle in one process on the embedded store. Rows stream from the
+//! batch file through a bounded channel, at most `concurrency` jobs are in flight (keys are made
+//! on the rayon pool), key files are the sink, and the manifest lists results in input order.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,13 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Format, Row, RowDefaults};
 use crate::cpu::CpuPool;
-use crate::dialect::ApiError;
-use crate::job::{now_rfc3339, JobResult};
+use crate::lifecycle::{Finished, Lifecycle};
 use crate::output::OutputDir;
-use crate::pipeline::{Outcome, Pipeline, Reservation, Settings, Stage, TransientError};
 use crate::progress::{Progress, ProgressMode, Tally};
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::settings::Settings;
 use crate::upstream::{LocalUpstream, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +57,6 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
-/// How many times an internal failure (storage, a lost reservation) is retried before the
-/// row is answered with an internal error.
-const ATTEMPTS: u32 = 3;
-
 /// Runs a batch file through the pipeline on the embedded store.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
     let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);
@@ -85,7 +81,15 @@ pub async fn run_with<R: Registry, U: Upstream>(
     }
     let cpu = CpuPool::new(opts.threads)?;
     let threads = cpu.threads();
-    let pipeline = Pipeline::new(registry, upstream, cpu, opts.settings.clone());
+    // Rows already read are finished even after a signal; the policy's waits end early then.
+    let lifecycle = Lifecycle::new(
+        registry,
+        upstream,
+        cpu,
+        opts.settings.clone(),
+        RetryPolicy::embedded(),
+        shutdown.child_token(),
+    );
 
     // Enough jobs in flight to keep every rayon thread busy while results wait for their
     // turn in input order; small enough that memory does not depend on the batch size.
@@ -98,51 +102,52 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let rows =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
             .take_until(shutdown.clone().cancelled_owned());
-    let defaults = opts.defaults.clone();
-    // Names are reserved one row at a time in input order (so the first of two rows with the
-    // same name wins, as a reader of the file expects); keys are then made concurrently.
-    let staged = rows.then(|row| {
-        let pipeline = pipeline.clone();
-        let defaults = defaults.clone();
+    let keys = out.keys().clone();
+    // Names are admitted one row at a time in input order (so the first of two rows with the
+    // same name wins, as a reader of the file expects); keys are then made concurrently, and
+    // `buffered` hands the finished jobs back in input order for the manifest.
+    let admitted = rows.then(|row| {
+        let lifecycle = lifecycle.clone();
         async move {
-            (
-                std::time::Instant::now(),
-                stage(&pipeline, row, &defaults).await,
-            )
+            match row {
+                Row::Job(job) => Ok(lifecycle.admit(job, 1).await),
+                Row::Bad(bad) => Err(bad),
+            }
         }
     });
     // Boxed so that dropping it below really drops the receiver, which releases the reader
     // thread if a signal stopped us before the end of the file.
-    let mut results = Box::pin(
-        staged
-            .map(|(started, staged)| {
-                let pipeline = pipeline.clone();
+    let mut finished = Box::pin(
+        admitted
+            .map(|admission| {
+                let (lifecycle, keys) = (lifecycle.clone(), keys.clone());
                 async move {
-                    let outcome = match staged {
-                        Stage::Answered(outcome) => outcome,
-                        Stage::Reserved(r) => make(&pipeline, r).await,
-                    };
-                    (started, outcome)
+                    match admission {
+                        Ok(admission) => lifecycle.complete(admission, &keys).await,
+                        Err(bad) => lifecycle.answer(bad.into_result(), &keys).await,
+                    }
                 }
             })
             .buffered(concurrency),
     );
 
     let mut flushed = std::time::Instant::now();
-    while let Some((started, outcome)) = results.next().await {
-        let result = deliver(&pipeline, &mut out, outcome).await?;
-        let label = match &result.code {
-            Some(code) => code.as_str(),
-            None => "created",
+    while let Some(finished) = finished.next().await {
+        let result = match finished {
+            Finished::Delivered(result) | Finished::Undeliverable { result, .. } => result,
+            // The embedded policy answers instead of handing back, and a file's rows are
+            // answered every run: neither ends here.
+            Finished::AnsweredBefore | Finished::HandBack(_) => continue,
         };
-        crate::metrics::job_finished(result.provider.as_str(), label, started.elapsed());
+        let key_file = result.is_created().then(|| keys.path(&result));
+        out.append(&result, key_file.as_deref())?;
         progress.record(&result);
         if flushed.elapsed() > Duration::from_secs(1) {
             out.flush()?;
             flushed = std::time::Instant::now();
         }
     }
-    drop(results);
+    drop(finished);
     let interrupted = shutdown.is_cancelled();
     let read = batch::join_reader(&opts.input, reader);
     if !interrupted {
@@ -159,120 +164,4 @@ pub async fn run_with<R: Registry, U: Upstream>(
         manifest,
         interrupted,
     })
-}
-
-/// Turns a row into a reserved job or an answer, retrying internal failures.
-async fn stage<R: Registry, U: Upstream>(
-    pipeline: &Pipeline<R, U>,
-    row: Row,
-    defaults: &RowDefaults,
-) -> Stage {
-    let job = match row {
-        Row::Job(job) => job,
-        Row::Bad {
-            line,
-            provider,
-            owner,
-            reason,
-        } => {
-            return Stage::Answered(Outcome {
-                result: JobResult::unparseable(
-                    &defaults.batch_id,
-                    Some(line),
-                    provider,
-                    &owner,
-                    &reason,
-                ),
-                pending: None,
-            })
-        }
-    };
-    retrying(&job, 1, |attempt| pipeline.reserve(&job, attempt))
-        .await
-        .unwrap_or_else(|(attempt, e)| Stage::Answered(internal(&job, attempt, &e)))
-}
-
-/// Runs `op(attempt)` until it succeeds or fails internally [`ATTEMPTS`] times in all; then
-/// the last attempt number and error.
-async fn retrying<T, Fut>(
-    job: &crate::job::Job,
-    mut attempt: u32,
-    mut op: impl FnMut(u32) -> Fut,
-) -> Result<T, (u32, TransientError)>
-where
-    Fut: std::future::Future<Output = Result<T, TransientError>>,
-{
-    loop {
-        match op(attempt).await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(
-                    line = job.line,
-                    attempt,
-                    "retrying after internal error: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                attempt += 1;
-            }
-            Err(e) => return Err((attempt, e)),
-        }
-    }
-}
-
-/// Makes the key for a reserved job; an internal failure runs the whole job again (its
-/// reservation is found by job id), up to [`ATTEMPTS`] times.
-async fn make<R: Registry, U: Upstream>(pipeline: &Pipeline<R, U>, r: Box<Reservation>) -> Outcome {
-    let (job, first_attempt) = (r.job.clone(), r.attempt);
-    let mut reserved = Some(r);
-    retrying(&job, first_attempt, |attempt| {
-        let first = reserved.take();
-        let job = &job;
-        async move {
-            match first {
-                Some(r) => pipeline.make(r).await,
-                None => pipeline.create(job, attempt).await,
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|(attempt, e)| internal(&job, attempt, &e))
-}
-
-fn internal(job: &crate::job::Job, attempt: u32, e: &TransientError) -> Outcome {
-    Outcome {
-        result: JobResult::failed(
-            job,
-            &ApiError::Internal(e.to_string()),
-            now_rfc3339(),
-            attempt,
-        ),
-        pending: None,
-    }
-}
-
-/// Writes the key file (if any), confirms or abandons the pair, and appends the manifest line.
-async fn deliver<R: Registry, U: Upstream>(
-    pipeline: &Pipeline<R, U>,
-    out: &mut OutputDir,
-    outcome: Outcome,
-) -> Result<JobResult, RunError> {
-    let Outcome {
-        mut result,
-        pending,
-    } = outcome;
-    let mut key_file = None;
-    if let Some(p) = pending {
-        match out.write_key(&mut result) {
-            Ok(path) => {
-                pipeline.confirm(&p).await?;
-                key_file = Some(path);
-            }
-            Err(e) => {
-                tracing::warn!(line = result.line, "{e}");
-                result = pipeline.abandon(&p, result, &e.to_string()).await?;
-            }
-        }
-    }
-    out.append(&result, key_file.as_deref())?;
-    Ok(result)
 }

@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Format, Row, RowDefaults};
 use crate::batch_status::BatchStatusStore;
-use crate::broker::{Broker, BrokerError, Topology};
+use crate::broker::{self, Broker, BrokerError, Topology};
 use crate::dialect::{self, Catalog};
 use crate::job::{now_rfc3339, JobResult};
 use crate::progress::{Progress, ProgressMode};
 use crate::registry::RegistryError;
+use crate::sink::{ResultsQueue, Sink};
 
 #[derive(Clone, Debug)]
 pub struct SubmitOptions {
@@ -53,14 +54,8 @@ pub enum SubmitError {
     Broker(#[from] BrokerError),
     #[error("Redis: {0}")]
     Redis(#[from] RegistryError),
-}
-
-async fn confirmed(confirm: PublisherConfirm, key: &str) -> Result<(), BrokerError> {
-    match confirm.await? {
-        lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
-        lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(key.to_owned())),
-        lapin::Confirmation::Nack(_) => Err(BrokerError::Nacked(key.to_owned())),
-    }
+    #[error("answering an invalid row: {0}")]
+    Answer(String),
 }
 
 /// Enqueues a batch; returns once every job is confirmed by the broker.
@@ -97,25 +92,14 @@ pub async fn submit(
         };
         rows += 1;
         let answer = match row {
-            Row::Bad {
-                line,
-                provider,
-                owner,
-                reason,
-            } => Some(JobResult::unparseable(
-                &batch_id,
-                Some(line),
-                provider,
-                &owner,
-                &reason,
-            )),
+            Row::Bad(bad) => Some(bad.into_result()),
             Row::Job(job) => {
                 match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
                     Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
                     Ok(_) => {
                         if window.len() >= opts.confirm_window {
                             if let Some(c) = window.pop_front() {
-                                confirmed(c, &routing).await?;
+                                broker::confirmed(c, &routing).await?;
                             }
                         }
                         window.push_back(broker.publish_job(&job).await?);
@@ -126,17 +110,21 @@ pub async fn submit(
                 }
             }
         };
-        if let Some(result) = answer {
-            broker.publish_result(&result).await?;
-            let outcome = result.code.clone().unwrap_or_else(|| "unknown".into());
-            status.record(&batch_id, result.job_id, &outcome).await?;
+        if let Some(mut result) = answer {
+            // Answered here, through the same sink a worker answers with.
+            let sink = ResultsQueue::new(&broker, &status);
+            sink.deliver(&mut result)
+                .await
+                .map_err(|e| SubmitError::Answer(e.to_string()))?;
+            sink.settled(&batch_id, result.job_id, result.outcome_label())
+                .await?;
             progress.record(&result);
             rejected += 1;
         }
     }
     drop(rx);
     for c in window.drain(..) {
-        confirmed(c, &routing).await?;
+        broker::confirmed(c, &routing).await?;
     }
     let read = batch::join_reader(&opts.input, reader);
     if !interrupted {

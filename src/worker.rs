@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -17,14 +17,17 @@ use crate::batch_status::BatchStatusStore;
 use crate::broker::{self, Broker, BrokerError, Topology};
 use crate::cpu::CpuPool;
 use crate::dialect::Provider;
-use crate::job::{set_private_key_body, Job, JobResult, Status, MESSAGE_VERSION};
+use crate::job::{DecodeError, Job, JobResult};
 use crate::keygen::KeyBits;
+use crate::lifecycle::{Finished, Lifecycle};
 use crate::metrics::{self, Readiness};
-use crate::pipeline::{Pipeline, Settings};
 use crate::rate_limit::{RateLimit, RateLimited};
 use crate::registry::redis::RedisRegistry;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::RegistryError;
 use crate::reservoir::Reservoir;
+use crate::retry::RetryPolicy;
+use crate::settings::Settings;
+use crate::sink::ResultsQueue;
 use crate::upstream::LocalUpstream;
 
 #[derive(Clone, Debug)]
@@ -62,12 +65,10 @@ pub enum WorkerError {
     Metrics(String),
 }
 
-type WorkerPipeline = Pipeline<RedisRegistry, RateLimited<LocalUpstream>>;
-
-struct Shared {
-    pipeline: WorkerPipeline,
+/// What every job of this worker is handled with.
+struct Handler {
+    lifecycle: Lifecycle<RedisRegistry, RateLimited<LocalUpstream>>,
     status: BatchStatusStore,
-    shutdown: CancellationToken,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains: stops consuming, lets jobs in
@@ -91,21 +92,19 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
     let upstream = Arc::new(RateLimited::new(LocalUpstream, limit));
     let cpu = CpuPool::new(cfg.threads)?;
-    let mut pipeline = Pipeline::new(
+    let mut lifecycle = Lifecycle::new(
         Arc::new(registry.clone()),
         upstream,
         cpu.clone(),
         cfg.settings.clone(),
+        RetryPolicy::queue(),
+        shutdown.clone(),
     );
     if cfg.reservoir > 0 {
         let reservoir = Reservoir::new(cpu, cfg.settings.engine, cfg.reservoir, &[KeyBits::B2048]);
-        pipeline = pipeline.with_reservoir(reservoir);
+        lifecycle = lifecycle.with_reservoir(reservoir);
     }
-    let shared = Arc::new(Shared {
-        pipeline,
-        status,
-        shutdown: shutdown.clone(),
-    });
+    let handler = Arc::new(Handler { lifecycle, status });
     let tracker = TaskTracker::new();
     let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
 
@@ -136,8 +135,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                         _ = shutdown.cancelled() => break 'connection,
                         next = consumer.next() => match next {
                             Some(Ok(delivery)) => {
-                                let (shared, broker) = (shared.clone(), broker.clone());
-                                tracker.spawn(async move { handle(&shared, &broker, delivery).await });
+                                let (handler, broker) = (handler.clone(), broker.clone());
+                                tracker.spawn(async move { handle(&handler, &broker, delivery).await });
                             }
                             Some(Err(e)) => {
                                 tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting");
@@ -203,56 +202,41 @@ async fn watch_redis(registry: RedisRegistry, readiness: Readiness, shutdown: Ca
     }
 }
 
-/// Why a message is not a job: the dead-letter reason.
-pub fn decode_job(data: &[u8]) -> Result<Job, String> {
-    let job: Job =
-        serde_json::from_slice(data).map_err(|e| format!("not a keyfleet job message: {e}"))?;
-    if job.v != MESSAGE_VERSION {
-        return Err(format!(
-            "unsupported message version v={} (this worker reads v={MESSAGE_VERSION})",
-            job.v
-        ));
+/// One job message, start to end: decode, the lifecycle with the results queue as its sink,
+/// then ack, hand back or dead-letter as the lifecycle's ending says.
+async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
+    let _in_flight = metrics::InFlight::start();
+    if let Some(waited) = broker::queue_wait(&delivery.properties) {
+        metrics::queue_wait(waited);
     }
-    if job.batch_id.is_empty() || job.batch_id.len() > 200 {
-        return Err("batch_id must be 1 to 200 characters".into());
+    if delivery.redelivered {
+        metrics::redelivered();
     }
-    Ok(job)
+    let sink = ResultsQueue::new(broker, &handler.status);
+    let finished = match Job::decode(&delivery.data) {
+        Ok(job) => {
+            let attempt = broker::delivery_count(&delivery.properties) + 1;
+            handler.lifecycle.process(job, attempt, &sink).await
+        }
+        Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
+    };
+    match finished {
+        Finished::Delivered(_) | Finished::AnsweredBefore => ack(&delivery).await,
+        Finished::HandBack(_) => requeue(&delivery).await,
+        Finished::Undeliverable { result, reason } => {
+            // No results queue takes this batch's answers (deleted, expired, or a batch id
+            // nobody declared): the pair was released; the job waits in the dead-letter queue.
+            tracing::error!(job = %result.job_id, batch = %result.batch_id, "dead-lettering a job whose result cannot be delivered: {reason}");
+            dead_letter(broker, &delivery, "undeliverable", &reason).await;
+        }
+    }
 }
 
-/// How long a job keeps retrying internal failures while holding its message. Long enough to
-/// ride out a Redis restart; after it the job is handed back (nack + requeue) so the broker's
-/// delivery limit, not this worker, decides when a job that always fails is dead-lettered.
-const RETRY_WINDOW: Duration = Duration::from_secs(120);
-
-/// Retries `op` while it fails with a storage error, with capped backoff, until it works, the
-/// retry window closes, or shutdown is signalled (then `None`).
-async fn persist<T, F, Fut>(
-    shutdown: &CancellationToken,
-    what: &str,
-    mut op: F,
-) -> Option<Result<T, RegistryError>>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RegistryError>>,
-{
-    let deadline = Instant::now() + RETRY_WINDOW;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match op().await {
-            Err(RegistryError::Storage(e)) if Instant::now() < deadline => {
-                tracing::warn!("{what}: {e}; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(3));
-            }
-            Err(RegistryError::Storage(e)) => {
-                tracing::error!("{what}: {e}; giving up after {} s", RETRY_WINDOW.as_secs());
-                return None;
-            }
-            other => return Some(other),
-        }
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel died after the result was confirmed: the job comes back, and the
+        // registry tells its next attempt that it was answered.
+        tracing::warn!("ack failed: {e}");
     }
 }
 
@@ -267,139 +251,34 @@ async fn requeue(delivery: &Delivery) {
     }
 }
 
-async fn handle(shared: &Shared, broker: &Broker, delivery: Delivery) {
-    let started = Instant::now();
-    let _in_flight = metrics::InFlight::start();
-    let props = delivery.properties.clone();
-    if let Some(ts) = props.timestamp() {
-        let waited = crate::job::unix_now() - *ts as i64;
-        metrics::queue_wait(Duration::from_secs(waited.max(0) as u64));
-    }
-    if delivery.redelivered {
-        metrics::redelivered();
-    }
-    let job = match decode_job(&delivery.data) {
-        Ok(job) => job,
-        Err(reason) => return reject_undecodable(shared, broker, &delivery, &reason).await,
-    };
-    let attempt = broker::delivery_count(&props) + 1;
-
-    // Run the job; internal failures (Redis away) are retried here, holding the message, so a
-    // restart does not burn the delivery limit.
-    let deadline = Instant::now() + RETRY_WINDOW;
-    let mut backoff = Duration::from_millis(100);
-    let outcome = loop {
-        match shared.pipeline.create(&job, attempt).await {
-            Ok(outcome) => break outcome,
-            Err(e) if Instant::now() < deadline => {
-                tracing::warn!(job = %job.job_id, "internal error, retrying: {e}");
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(3));
-            }
-            Err(e) => {
-                tracing::error!(job = %job.job_id, "internal error for {} s, handing the job back: {e}", RETRY_WINDOW.as_secs());
-                return requeue(&delivery).await;
-            }
-        }
-    };
-    let mut result = outcome.result;
-    if let Some(pending) = &outcome.pending {
-        if let Some(pem) = result.private_key.take() {
-            set_private_key_body(result.provider, &mut result.response, &pem.0);
-        }
-        match broker.publish_result(&result).await {
-            Ok(()) => {}
-            Err(BrokerError::Unroutable(queue)) => {
-                // The batch's results queue is gone: the key can never be delivered, so the
-                // pair must not stay registered.
-                tracing::error!(job = %job.job_id, "results queue for batch {queue} is gone; releasing the key pair");
-                let p = pending.clone();
-                let released = persist(&shared.shutdown, "release", || {
-                    shared
-                        .pipeline
-                        .registry()
-                        .release(&p.scope, &p.name, p.job_id)
-                })
-                .await;
-                if released.is_some() {
-                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                } else if !shared.shutdown.is_cancelled() {
-                    requeue(&delivery).await;
-                }
-                return;
-            }
-            Err(e) => {
-                // Not confirmed: hand the job back; its redelivery replaces this pair. (If the
-                // channel is gone, the nack fails and the broker redelivers anyway.)
-                tracing::warn!(job = %job.job_id, "result not confirmed: {e}");
-                return requeue(&delivery).await;
-            }
-        }
-        let p = pending.clone();
-        if persist(&shared.shutdown, "mark delivered", || {
-            shared.pipeline.confirm(&p)
-        })
+/// Puts the message on the dead-letter queue with `reason`, then acks it; if the broker does
+/// not confirm the copy, the original stays for redelivery.
+async fn dead_letter(broker: &Broker, delivery: &Delivery, label: &str, reason: &str) {
+    match broker
+        .dead_letter(&delivery.data, &delivery.properties, reason)
         .await
-        .is_none()
-        {
-            if !shared.shutdown.is_cancelled() {
-                requeue(&delivery).await;
-            }
-            return;
+    {
+        Ok(()) => {
+            metrics::dead_lettered(label);
+            ack(delivery).await;
         }
-        if let Ok(used) = shared.pipeline.registry().quota_used(&p.scope).await {
-            metrics::quota_used(p.scope.provider.as_str(), &p.scope.region, used);
-        }
-    } else {
-        match broker.publish_result(&result).await {
-            Ok(()) => {}
-            Err(BrokerError::Unroutable(batch)) => {
-                // Nobody can ever read this answer; holding the job would only block it.
-                tracing::error!(job = %job.job_id, "results queue for batch {batch} is gone; dropping the answer");
-            }
-            Err(e) => {
-                tracing::warn!(job = %job.job_id, "result not confirmed: {e}");
-                return requeue(&delivery).await;
-            }
-        }
-    }
-    finish(shared, &result, started).await;
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        // The channel died after the result was confirmed: the job comes back and is answered
-        // again; the collector keeps one answer per job.
-        tracing::warn!(job = %job.job_id, "ack failed: {e}");
-    }
-}
-
-fn outcome_label(result: &JobResult) -> String {
-    match result.status {
-        Status::Created => "created".into(),
-        Status::Failed => result.code.clone().unwrap_or_else(|| "unknown".into()),
-    }
-}
-
-async fn finish(shared: &Shared, result: &JobResult, started: Instant) {
-    let outcome = outcome_label(result);
-    metrics::job_finished(result.provider.as_str(), &outcome, started.elapsed());
-    let (batch, job) = (result.batch_id.clone(), result.job_id);
-    let recorded = persist(&shared.shutdown, "batch status", || {
-        shared.status.record(&batch, job, &outcome)
-    })
-    .await;
-    if let Some(Err(e)) = recorded {
-        tracing::warn!("batch status not recorded: {e}");
+        Err(e) => tracing::warn!("dead-lettering failed, leaving the message for redelivery: {e}"),
     }
 }
 
 /// A message that is not a job: answer its batch if we can tell which, then dead-letter it
-/// with the reason, then ack. Nothing is silently dropped.
-async fn reject_undecodable(shared: &Shared, broker: &Broker, delivery: &Delivery, reason: &str) {
+/// with the reason. Nothing is silently dropped.
+async fn reject_undecodable(
+    handler: &Handler,
+    broker: &Broker,
+    sink: &ResultsQueue<'_>,
+    delivery: &Delivery,
+    err: &DecodeError,
+) {
+    let reason = err.to_string();
     tracing::warn!("dead-lettering an undecodable message: {reason}");
-    let batch = delivery
-        .properties
+    let props = &delivery.properties;
+    let batch = props
         .correlation_id()
         .as_ref()
         .map(|s| s.as_str().to_owned())
@@ -412,39 +291,17 @@ async fn reject_undecodable(shared: &Shared, broker: &Broker, delivery: &Deliver
         })
         .filter(|b| !b.is_empty() && b.len() <= 200);
     if let Some(batch) = &batch {
-        let mut result = JobResult::unparseable(batch, None, Provider::Aliyun, "", reason);
         // Without a usable message id, the job id comes from the bytes: a redelivered copy of
         // the same poison message is then the same job, counted once.
-        result.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &delivery.data);
-        if let Some(id) = delivery
-            .properties
+        let job_id = props
             .message_id()
             .as_ref()
             .and_then(|m| uuid::Uuid::parse_str(m.as_str()).ok())
-        {
-            result.job_id = id;
-        }
-        match broker.publish_result(&result).await {
-            Ok(()) => finish(shared, &result, Instant::now()).await,
-            Err(BrokerError::Unroutable(_)) => {}
-            Err(e) => {
-                tracing::warn!("error result not confirmed: {e}");
-                return requeue(delivery).await;
-            }
+            .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &delivery.data));
+        let result = JobResult::rejected(batch, job_id, None, Provider::Aliyun, "", &reason);
+        if let Finished::HandBack(_) = handler.lifecycle.answer(result, sink).await {
+            return requeue(delivery).await;
         }
     }
-    match broker
-        .dead_letter(&delivery.data, &delivery.properties, reason)
-        .await
-    {
-        Ok(()) => {
-            metrics::dead_lettered(if reason.contains("version") {
-                "unsupported_version"
-            } else {
-                "undecodable"
-            });
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        }
-        Err(e) => tracing::warn!("dead-lettering failed, leaving the message for redelivery: {e}"),
-    }
+    dead_letter(broker, delivery, err.metric_reason(), &reason).await;
 }

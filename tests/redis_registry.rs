@@ -403,8 +403,13 @@ async fn an_undelivered_pair_is_replaced_a_delivered_one_exists() {
         reg.mark_delivered(&s, "web", job).await.unwrap();
         // Delivering twice is harmless.
         reg.mark_delivered(&s, "web", job).await.unwrap();
+        // The same job again is told it was answered; any other job that the name exists.
         assert_eq!(
             reg.reserve(&s, "web", job, 500, LONG_TTL).await,
+            Err(RegistryError::AlreadyDelivered)
+        );
+        assert_eq!(
+            reg.reserve(&s, "web", Uuid::new_v4(), 500, LONG_TTL).await,
             Err(RegistryError::AlreadyExists)
         );
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);

@@ -9,9 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::{manifest, run_batch, tool, Sandbox};
 use keyfleet::dialect::{ApiError, Provider};
-use keyfleet::pipeline::Quota;
 use keyfleet::registry::embedded::EmbeddedRegistry;
 use keyfleet::registry::{Filter, Registry};
+use keyfleet::settings::KeyPairQuota;
 use serde_json::json;
 
 fn code(p: Provider, e: ApiError) -> String {
@@ -343,7 +343,7 @@ async fn per_region_quota_from_settings() {
         "RegionId,KeyPairName\ncn-beijing,a1\ncn-beijing,a2\ncn-beijing,a3\ncn-hangzhou,a1\ncn-hangzhou,a2\ncn-hangzhou,a3\n",
     );
     let mut opts = sb.options(&input, "out");
-    opts.settings.quota = Quota {
+    opts.settings.quota = KeyPairQuota {
         default: 3,
         per_region: BTreeMap::from([("cn-beijing".to_owned(), 2)]),
     };

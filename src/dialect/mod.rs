@@ -383,6 +383,86 @@ pub fn error_body(provider: Provider, err: &ApiError, request_id: uuid::Uuid) ->
     }
 }
 
+/// Where the dialect's response body keeps `PrivateKeyBody` (Alibaba: top level; UCloud:
+/// inside `KeyPair`).
+pub fn private_key_slot(
+    provider: Provider,
+    response: &mut serde_json::Value,
+) -> Option<&mut serde_json::Value> {
+    match provider {
+        Provider::Aliyun => response.get_mut("PrivateKeyBody"),
+        Provider::Ucloud => response
+            .get_mut("KeyPair")
+            .and_then(|kp| kp.get_mut("PrivateKeyBody")),
+    }
+}
+
+/// The request parameter that names the region (`RegionId` / `Region`).
+pub fn region_param(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Aliyun => "RegionId",
+        Provider::Ucloud => "Region",
+    }
+}
+
+/// How a new key pair is identified in its dialect: the `KeyPairId` (UCloud mints one;
+/// Alibaba names pairs by name alone) and the `KeyPairFingerPrint` the API answers with.
+pub fn key_pair_identity(
+    scope: &Scope,
+    fingerprint_md5: &str,
+    public_line: &str,
+) -> (Option<String>, String) {
+    match scope.provider {
+        Provider::Aliyun => (None, fingerprint_md5.to_owned()),
+        Provider::Ucloud => {
+            let id = ucloud::new_key_pair_id();
+            let fp = ucloud::fingerprint(&scope.owner, &id, public_line);
+            (Some(id), fp)
+        }
+    }
+}
+
+impl ApiError {
+    /// One error of every kind, for lists derived from the dialects (metric labels).
+    pub fn every_kind() -> Vec<ApiError> {
+        vec![
+            ApiError::MissingParameter("KeyPairName".into()),
+            ApiError::MissingParameter("RegionId".into()),
+            ApiError::InvalidParameter {
+                name: ApiError::ACTION.into(),
+                reason: String::new(),
+            },
+            ApiError::InvalidParameter {
+                name: "x".into(),
+                reason: String::new(),
+            },
+            ApiError::NameMalformed,
+            ApiError::RegionNotFound(String::new()),
+            ApiError::ZoneNotFound(String::new()),
+            ApiError::ResourceGroupNotFound(String::new()),
+            ApiError::DuplicateTagKey,
+            ApiError::TagKeyMalformed,
+            ApiError::TagValueMalformed,
+            ApiError::TooManyTags,
+            ApiError::QuotaExceeded,
+            ApiError::AlreadyExists,
+            ApiError::Internal(String::new()),
+        ]
+    }
+}
+
+/// Every error code `provider`'s API answers a create with, in a stable order.
+pub fn error_codes(provider: Provider) -> Vec<String> {
+    let mut codes: Vec<String> = Vec::new();
+    for e in ApiError::every_kind() {
+        let code = e.reply(provider).code;
+        if !codes.contains(&code) {
+            codes.push(code);
+        }
+    }
+    codes
+}
+
 /// Caller text as it may appear inside an error: at most [`ECHO_LIMIT`] characters.
 pub(crate) fn clip(s: &str) -> String {
     match s.char_indices().nth(ECHO_LIMIT) {

@@ -1,15 +1,25 @@
-//! The metrics endpoint: a deliberately small HTTP/1.1 responder on tokio for three fixed
-//! routes (`/metrics`, `/healthz`, `/readyz`), so no HTTP framework joins the dependency tree.
-//! One request per connection (`Connection: close`): Prometheus and kubelet probes open few
-//! connections, and not keeping any alive means nothing to time out or leak between scrapes.
+//! The metrics endpoint: `/metrics`, `/healthz` and `/readyz` as an axum router on hyper. The
+//! `serve` API routes are to join this same stack later, so it is a framework rather than a
+//! hand-written responder. Each answer closes its connection (`Connection: close`): scrapers
+//! and probes open few connections, and with none kept alive nothing idles until the
+//! per-connection deadline cuts it mid-request.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::{MetricsError, PrometheusHandle, Readiness};
@@ -17,16 +27,12 @@ use super::{MetricsError, PrometheusHandle, Readiness};
 /// Scrapers and probes need a handful; the cap keeps a misbehaving client from making the
 /// worker hold thousands of sockets.
 const MAX_CONNECTIONS: usize = 32;
-/// Request lines and headers from Prometheus and kubelet are a few hundred bytes.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// A client that has not sent its request and read the answer by then is dropped, so slow
-/// clients cannot use up the connection slots. Scrape timeouts are 10 s by default.
+/// hyper has no timeouts of its own unless given a timer, which `axum::serve` does not do, so a
+/// client that has not sent its request and read the answer by then is dropped here: otherwise
+/// slow clients could hold every slot. Scrape timeouts are 10 s by default.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for the client to close after the answer was sent.
-const LINGER: Duration = Duration::from_secs(1);
 /// Prometheus text exposition format 0.0.4.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Serves GET /metrics (Prometheus text exposition), /healthz (200 "ok" while the process
 /// runs), /readyz (200 when `readiness` is ready, 503 with the reasons otherwise) on `addr`
@@ -43,205 +49,179 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(accept_loop(listener, handle, readiness, shutdown));
+    let listener = CappedListener::new(listener, MAX_CONNECTIONS, CONNECTION_TIMEOUT);
+    let server = axum::serve(listener, router(handle, readiness))
+        .with_graceful_shutdown(shutdown.cancelled_owned());
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+        tracing::debug!("metrics endpoint stopped");
+    });
     Ok(local)
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    readiness: Readiness,
-    shutdown: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break, // the semaphore is never closed
+fn router(handle: PrometheusHandle, readiness: Readiness) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = handle.render();
+                async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let why = readiness.not_ready_because();
+                async move {
+                    if why.is_empty() {
+                        (StatusCode::OK, "ready\n".to_owned())
+                    } else {
+                        let body = format!("not ready: {}\n", why.join(", "));
+                        (StatusCode::SERVICE_UNAVAILABLE, body)
+                    }
+                }
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz or /readyz\n",
+            )
+        })
+        .layer(axum::middleware::map_response(close_and_no_store))
+}
+
+/// A cached scrape or probe answer would be stale by definition.
+async fn close_and_no_store(mut response: Response) -> impl IntoResponse {
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A TCP listener that holds at most `max` connections at a time (accepting waits for a slot)
+/// and gives each a fixed lifetime, since `axum::serve` offers neither.
+struct CappedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    lifetime: Duration,
+}
+
+impl CappedListener {
+    fn new(inner: TcpListener, max: usize, lifetime: Duration) -> Self {
+        CappedListener {
+            inner,
+            slots: Arc::new(Semaphore::new(max)),
+            lifetime,
+        }
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+        let slot =
+            (self.slots.clone().acquire_owned().await).expect("the semaphore is never closed");
+        // axum's TcpListener impl logs accept errors and backs off.
+        let (stream, peer) = axum::serve::Listener::accept(&mut self.inner).await;
+        let deadline = Box::pin(tokio::time::sleep(self.lifetime));
+        (
+            CappedStream {
+                stream,
+                deadline,
+                _slot: slot,
             },
-        };
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            conn = listener.accept() => match conn {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (handle, readiness) = (handle.clone(), readiness.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            match tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, &handle, &readiness))
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "metrics endpoint: connection failed")
-                }
-                Err(_) => tracing::debug!(%peer, "metrics endpoint: client too slow, dropped"),
-            }
-        });
+            peer,
+        )
     }
-    tracing::debug!("metrics endpoint stopped");
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-    /// Methods to list in `Allow` (405 answers).
-    allow: Option<&'static str>,
+/// Fails every read and write once the deadline has passed, which makes hyper drop the
+/// connection and so free its slot. Polling the deadline in each read and write also wakes a
+/// connection stuck waiting on its client when the time is up.
+struct CappedStream {
+    stream: TcpStream,
+    deadline: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Response {
-            status,
-            content_type: TEXT,
-            body: body.into(),
-            allow: None,
+impl CappedStream {
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.deadline.as_mut().poll(cx).is_ready().then(|| {
+            tracing::debug!("metrics endpoint: client too slow, dropped");
+            io::Error::new(io::ErrorKind::TimedOut, "connection lifetime exceeded")
+        })
+    }
+}
+
+impl AsyncRead for CappedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
         }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    handle: &PrometheusHandle,
-    readiness: &Readiness,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    let (response, is_head) = loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(()); // closed before sending a whole request: nobody to answer
+impl AsyncWrite for CappedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
         }
-        head.extend_from_slice(&chunk[..n]);
-        // Read the whole head before answering: closing a socket with unread request bytes
-        // makes the kernel send a reset, which can destroy the answer in flight.
-        if let Some(end) = find_head_end(&head) {
-            break match parse_request_line(&head[..end]) {
-                Some((method, target)) => {
-                    (route(method, target, readiness, handle), method == "HEAD")
-                }
-                None => (Response::text(400, "bad request\n"), false),
-            };
-        }
-        if head.len() >= MAX_REQUEST_HEAD {
-            break (Response::text(431, "request header too large\n"), false);
-        }
-    };
-    stream.write_all(&encode(&response, is_head)).await?;
-    stream.shutdown().await?;
-    // Lingering close: swallow whatever the client still sends (the rest of an oversized
-    // head) until it closes too, so our close cannot turn into a reset that eats the answer.
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut left = MAX_REQUEST_HEAD * 8;
-        while left > 0 {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    })
-    .await;
-    Ok(())
-}
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
 
-/// Where the request head ends (after the blank line), tolerating bare `\n` line ends.
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// `METHOD SP request-target SP HTTP/1.x` → (method, path without the query string).
-fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let line_end = head.iter().position(|&b| b == b'\n')?;
-    let line = std::str::from_utf8(&head[..line_end])
-        .ok()?
-        .trim_end_matches('\r');
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !version.starts_with("HTTP/1.") || method.is_empty() {
-        return None;
-    }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    Some((method, path))
-}
-
-fn route(method: &str, path: &str, readiness: &Readiness, handle: &PrometheusHandle) -> Response {
-    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
-        return Response::text(404, "not found: try /metrics, /healthz or /readyz\n");
-    }
-    if method != "GET" && method != "HEAD" {
-        return Response {
-            allow: Some("GET, HEAD"),
-            ..Response::text(405, "method not allowed\n")
-        };
-    }
-    match path {
-        "/metrics" => Response {
-            content_type: METRICS_CONTENT_TYPE,
-            ..Response::text(200, handle.render())
-        },
-        "/healthz" => Response::text(200, "ok\n"),
-        _ => {
-            let why = readiness.not_ready_because();
-            if why.is_empty() {
-                Response::text(200, "ready\n")
-            } else {
-                Response::text(503, format!("not ready: {}\n", why.join(", ")))
-            }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
         }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
-}
 
-fn encode(r: &Response, head_only: bool) -> Vec<u8> {
-    let reason = match r.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let allow = r
-        .allow
-        .map(|a| format!("Allow: {a}\r\n"))
-        .unwrap_or_default();
-    let mut out = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-        r.status,
-        r.content_type,
-        r.body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(r.body.as_bytes());
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
-    out
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Closing is never refused: it is what the deadline is for.
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// One raw request; returns (status, headers, body).
+    /// One raw request; returns (status, head with lower-case header names, body).
     async fn send(addr: SocketAddr, request: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
@@ -249,7 +229,7 @@ mod tests {
         s.read_to_string(&mut raw).await.unwrap();
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
         let status = head[9..12].parse().unwrap();
-        (status, head.to_owned(), body.to_owned())
+        (status, head.to_ascii_lowercase(), body.to_owned())
     }
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
@@ -279,9 +259,11 @@ mod tests {
             "{body}"
         );
         assert!(
-            head.contains(&format!("Content-Length: {}", body.len())),
+            head.contains(&format!("content-length: {}", body.len())),
             "{head}"
         );
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
 
         assert_eq!(get(addr, "/healthz").await.0, 200);
         assert_eq!(get(addr, "/healthz?verbose=1").await.2, "ok\n");
@@ -302,17 +284,12 @@ mod tests {
         let (status, head, _) =
             send(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
         assert_eq!(status, 405);
-        assert!(head.contains("Allow: GET, HEAD"), "{head}");
+        assert!(head.contains("allow: get,head"), "{head}");
         let (status, head, body) = send(addr, "HEAD /healthz HTTP/1.1\r\n\r\n").await;
         assert_eq!((status, body.as_str()), (200, ""));
-        assert!(head.contains("Content-Length: 3"), "{head}");
+        assert!(head.contains("content-length: 3"), "{head}");
         assert_eq!(send(addr, "nonsense\r\n\r\n").await.0, 400);
         assert_eq!(send(addr, "GET /healthz HTTP/1.0\n\n").await.0, 200);
-        let huge = format!(
-            "GET /healthz HTTP/1.1\r\nX: {}\r\n",
-            "a".repeat(MAX_REQUEST_HEAD)
-        );
-        assert_eq!(send(addr, &huge).await.0, 431);
 
         shutdown.cancel();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -325,18 +302,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn request_lines() {
-        assert_eq!(
-            parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(parse_request_line(b"GET /metrics\r\n\r\n"), None);
-        assert_eq!(parse_request_line(b"GET /metrics SPDY/3\r\n\r\n"), None);
-        assert_eq!(
-            find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"),
-            Some(24)
-        );
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    #[tokio::test]
+    async fn slow_clients_are_dropped_and_free_their_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = CappedListener::new(listener, 1, Duration::from_millis(300));
+        let router = router(super::super::install().unwrap(), Readiness::new());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+
+        // Holds the only slot with a request head that never ends.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest));
+        assert!(read.await.is_ok(), "slow client still connected");
+
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(addr, "/healthz"));
+        assert_eq!(answer.await.unwrap().2, "ok\n");
     }
 }

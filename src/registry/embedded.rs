@@ -128,6 +128,7 @@ impl Registry for EmbeddedRegistry {
                 };
                 let outcome = match reserve_decision(existing.as_ref(), job_id, now) {
                     ReserveDecision::Taken => return Err(RegistryError::AlreadyExists),
+                    ReserveDecision::Delivered => return Err(RegistryError::AlreadyDelivered),
                     ReserveDecision::Reuse(how) => how,
                     ReserveDecision::NeedsSlot => {
                         let mut used = counts

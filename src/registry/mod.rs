@@ -74,6 +74,10 @@ pub enum RegistryError {
     QuotaExceeded,
     #[error("a key pair with this name already exists")]
     AlreadyExists,
+    /// The name holds this very job's key pair, already delivered: the job was answered
+    /// before (it came back after its answer went out).
+    #[error("this job's key pair was delivered already")]
+    AlreadyDelivered,
     /// The reservation this job relied on is gone (expired and taken by another job).
     #[error("the reservation for this key pair was lost")]
     ReservationLost,
@@ -96,6 +100,7 @@ pub fn reserve_decision(entry: Option<&Entry>, job_id: Uuid, now_ms: i64) -> Res
         Some(Entry::Pair(r)) if r.job_id == job_id && !r.delivered => {
             ReserveDecision::Reuse(Reserved::Replacing)
         }
+        Some(Entry::Pair(r)) if r.job_id == job_id => ReserveDecision::Delivered,
         Some(_) => ReserveDecision::Taken,
     }
 }
@@ -104,6 +109,8 @@ pub fn reserve_decision(entry: Option<&Entry>, job_id: Uuid, now_ms: i64) -> Res
 pub enum ReserveDecision {
     NeedsSlot,
     Reuse(Reserved),
+    /// The job's own pair, delivered: nothing to reserve, the job was answered.
+    Delivered,
     Taken,
 }
 

@@ -300,6 +300,7 @@ impl Registry for RedisRegistry {
             "tookover" => Ok(Reserved::TookOver),
             "replacing" => Ok(Reserved::Replacing),
             "exists" => Err(RegistryError::AlreadyExists),
+            "delivered" => Err(RegistryError::AlreadyDelivered),
             "quota" => Err(RegistryError::QuotaExceeded),
             other => Err(unexpected("reserve", other)),
         }

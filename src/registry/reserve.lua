@@ -5,6 +5,7 @@
 --   reservation of this job                   -> "resumed"   (nothing counted twice)
 --   expired reservation of another job        -> "tookover"  (its slot reused)
 --   undelivered key pair of this job          -> "replacing" (its slot reused)
+--   delivered key pair of this job            -> "delivered" (answered before; nothing written)
 --   anything else                             -> "exists"
 -- At the quota, expired reservations of the scope are swept first; as in the embedded store,
 -- the sweep is only kept when it makes room (otherwise nothing is written).
@@ -17,7 +18,7 @@
 -- ARGV[3]  quota (integer >= 0)
 -- ARGV[4]  reservation TTL in milliseconds
 --
--- Returns "fresh" | "resumed" | "tookover" | "replacing" | "exists" | "quota".
+-- Returns "fresh" | "resumed" | "tookover" | "replacing" | "delivered" | "exists" | "quota".
 --
 -- "now" is the server's clock (TIME), so every worker judges deadlines by the same clock,
 -- whatever its own says. Before Redis 5 a script that reads TIME may only write under effects
@@ -59,6 +60,8 @@ if raw then
     how = 'tookover'
   elseif e.state == 'pair' and owner == job and e.delivered == false then
     how = 'replacing'
+  elseif e.state == 'pair' and owner == job then
+    return 'delivered'
   else
     return 'exists'
   end

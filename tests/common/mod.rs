@@ -9,9 +9,9 @@ use std::time::Duration;
 use keyfleet::batch::RowDefaults;
 use keyfleet::dialect::Provider;
 use keyfleet::keygen::KeyBits;
-use keyfleet::pipeline::Settings;
 use keyfleet::progress::ProgressMode;
 use keyfleet::run::{run, RunOptions, Summary};
+use keyfleet::settings::Settings;
 use tokio_util::sync::CancellationToken;
 
 /// Every test gets its own folder, state file and batch id.

@@ -9,13 +9,7 @@ use keyfleet::config::{FileConfig, WorkerArgs};
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = WorkerArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    keyfleet::logging::init(&args.log, "info");
     let file = match FileConfig::load(args.config.as_deref()) {
         Ok((file, _)) => file,
         Err(e) => {

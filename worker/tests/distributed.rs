@@ -4,74 +4,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{fleet_csv, manifest, signal, Env};
+use common::{check_batch, fleet_csv, manifest, signal, Env};
 use futures::StreamExt;
 use keyfleet::broker::{Broker, REASON_HEADER};
-use keyfleet::registry::{Filter, Registry};
 use lapin::options::BasicConsumeOptions;
 use lapin::BasicProperties;
-
-/// Every job answered exactly once in the manifest; each created pair's key file matches the
-/// pair the registry holds; returns (created, failed-by-code).
-async fn check_batch(env: &Env, out: &str, jobs: usize) -> (usize, BTreeMap<String, usize>) {
-    let lines = manifest(&env.path(out));
-    let ids: HashSet<&str> = lines
-        .iter()
-        .map(|l| l["job_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids.len(), lines.len(), "one manifest line per job");
-    assert_eq!(lines.len(), jobs, "every job answered");
-    let registry = env.registry().await;
-    let records = registry.describe(&Filter::default()).await.unwrap();
-    let by_name: HashMap<String, _> = records.iter().map(|r| (r.name.clone(), r)).collect();
-    let mut created = 0;
-    let mut failed = BTreeMap::new();
-    for l in &lines {
-        if l["status"] == "created" {
-            created += 1;
-            let name = l["key_pair_name"].as_str().unwrap();
-            let rec = by_name
-                .get(name)
-                .unwrap_or_else(|| panic!("{name} not registered"));
-            assert!(rec.delivered, "{name} delivered");
-            assert_eq!(
-                rec.fingerprint_sha256,
-                l["fingerprint_sha256"].as_str().unwrap(),
-                "{name}: the key delivered is the key registered"
-            );
-            let pem = std::fs::read_to_string(l["private_key_file"].as_str().unwrap()).unwrap();
-            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        } else {
-            *failed
-                .entry(l["code"].as_str().unwrap().to_owned())
-                .or_default() += 1;
-        }
-    }
-    assert_eq!(
-        records.len(),
-        created,
-        "the registry holds exactly the created pairs"
-    );
-    let keys = walk_pem(&env.path(out));
-    assert_eq!(keys, created, "one key file per created pair");
-    (created, failed)
-}
-
-fn walk_pem(dir: &std::path::Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            n += walk_pem(&p);
-        } else if p.extension().is_some_and(|x| x == "pem") {
-            n += 1;
-        }
-    }
-    n
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_1200_jobs_one_region_create_exactly_500() {

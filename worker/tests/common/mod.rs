@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use keyfleet::collect::{collect, CollectOptions, CollectSummary};
 use keyfleet::dialect::{Catalog, Provider};
 use keyfleet::keygen::KeyBits;
 use keyfleet::progress::ProgressMode;
+use keyfleet::registry::{Filter, Registry};
 use keyfleet::submit::{submit, SubmitOptions, SubmitSummary};
 use tokio_util::sync::CancellationToken;
 
@@ -125,9 +127,12 @@ impl Env {
             "--prefix",
             &self.prefix,
         ])
-        .args(["--upstream-rps", "0", "--log", "keyfleet=info"])
+        .args(["--upstream-rps", "0"])
         .args(extra)
         .stdin(Stdio::null());
+        if !extra.contains(&"--log") {
+            c.args(["--log", "keyfleet=info"]);
+        }
         if !extra.contains(&"--metrics-addr") {
             c.args(["--metrics-addr", "off"]);
         }
@@ -294,4 +299,69 @@ pub fn signal(child: &Child, sig: &str) {
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+/// Every job answered exactly once in the manifest; each created pair's key file matches the
+/// pair the registry holds; returns (created, failed-by-code).
+pub async fn check_batch(env: &Env, out: &str, jobs: usize) -> (usize, BTreeMap<String, usize>) {
+    let lines = manifest(&env.path(out));
+    let ids: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), lines.len(), "one manifest line per job");
+    assert_eq!(lines.len(), jobs, "every job answered");
+    let registry = env.registry().await;
+    let records = registry.describe(&Filter::default()).await.unwrap();
+    let by_name: HashMap<String, _> = records.iter().map(|r| (r.name.clone(), r)).collect();
+    let mut created = 0;
+    let mut failed = BTreeMap::new();
+    for l in &lines {
+        if l["status"] == "created" {
+            created += 1;
+            let name = l["key_pair_name"].as_str().unwrap();
+            let rec = by_name
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not registered"));
+            assert!(rec.delivered, "{name} delivered");
+            assert_eq!(
+                rec.fingerprint_sha256,
+                l["fingerprint_sha256"].as_str().unwrap(),
+                "{name}: the key delivered is the key registered"
+            );
+            let pem = std::fs::read_to_string(l["private_key_file"].as_str().unwrap()).unwrap();
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+            // The key file itself, not only its manifest line, is the registered key.
+            let (_, sha256) = keyfleet::keygen::fingerprints_of_pem(&pem).unwrap();
+            assert_eq!(
+                sha256, rec.fingerprint_sha256,
+                "{name}: the key file holds the registered key"
+            );
+        } else {
+            *failed
+                .entry(l["code"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        records.len(),
+        created,
+        "the registry holds exactly the created pairs"
+    );
+    let keys = walk_pem(&env.path(out));
+    assert_eq!(keys, created, "one key file per created pair");
+    (created, failed)
+}
+
+pub fn walk_pem(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            n += walk_pem(&p);
+        } else if p.extension().is_some_and(|x| x == "pem") {
+            n += 1;
+        }
+    }
+    n
 }

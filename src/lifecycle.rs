@@ -1,0 +1,513 @@
+//! One job lifecycle for every mode: decode → reserve → key → upstream → commit → deliver →
+//! confirm (or abandon), retried by one policy (`retry.rs`) and measured in one place.
+//!
+//! A mode is a thin loop around [`Lifecycle::process`] (or its two halves, [`Lifecycle::admit`]
+//! and [`Lifecycle::complete`], which `keyfleet run` splits so names are reserved in input
+//! order while keys are made concurrently). What a mode does with its job afterwards —
+//! ack, hand back, dead-letter — is read off [`Finished`].
+//!
+//! Exactly once: a created pair is committed to the registry *undelivered*; the sink delivers
+//! the result; only then is the pair marked delivered. A job that comes back before that (a
+//! worker died) replaces its undelivered pair with a new key, so a reader of results accepts a
+//! key only once the registry holds it, delivered, with the same fingerprint (`collect.rs`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cpu::{CpuError, CpuPool};
+use crate::dialect::{self, ApiError, CreateRequest};
+use crate::job::{now_rfc3339, unix_now, CreatedPair, Job, JobResult, SecretPem, Status};
+use crate::job::{CREATED, MESSAGE_VERSION};
+use crate::keygen::{self, KeygenError};
+use crate::registry::{KeyPairRecord, Registry, RegistryError};
+use crate::reservoir::Reservoir;
+use crate::retry::{GiveUp, RetryPolicy, Transient};
+use crate::settings::Settings;
+use crate::sink::{DeliveryError, Sink};
+use crate::upstream::Upstream;
+
+/// A failure of keyfleet's own machinery while making a key pair.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Not retried: the same inputs would fail the same way.
+    #[error(transparent)]
+    Keygen(#[from] KeygenError),
+}
+
+impl Transient for LifecycleError {
+    fn is_transient(&self) -> bool {
+        match self {
+            LifecycleError::Registry(e) => {
+                e.is_transient() || matches!(e, RegistryError::ReservationLost)
+            }
+            LifecycleError::Cpu(_) => true,
+            LifecycleError::Keygen(_) => false,
+        }
+    }
+}
+
+/// A job whose name is reserved for it: its key comes next.
+#[derive(Debug)]
+pub struct Admitted {
+    job: Job,
+    req: CreateRequest,
+    attempt: u32,
+    started_at: String,
+    clock: Instant,
+}
+
+/// Where a job stands after [`Lifecycle::admit`].
+// Moved once, from admit to complete: boxing the answer would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Admission {
+    Admitted(Box<Admitted>),
+    /// Answered without a key: a bad request, the quota, a taken name.
+    Answered {
+        result: JobResult,
+        clock: Instant,
+    },
+    /// This job's key pair was delivered before: it came back after its answer went out.
+    AnsweredBefore {
+        job: Job,
+        clock: Instant,
+    },
+    /// Stopped or gave up before reserving; the job goes back to its queue.
+    HandBack(String),
+}
+
+/// How a job's life ended: what the mode does with it.
+#[derive(Debug)]
+pub enum Finished {
+    /// The result reached its destination and is settled: acknowledge the job.
+    Delivered(JobResult),
+    /// The job was answered by an earlier attempt: acknowledge it, answer nothing.
+    AnsweredBefore,
+    /// Not finished (shutdown, or internal errors for the whole retry window, or a delivery the
+    /// destination did not confirm): hand the job back. Its next attempt picks up its
+    /// reservation or replaces its undelivered pair.
+    HandBack(String),
+    /// The result can never be delivered; any pair was released. `result` is the failure to
+    /// record where a record is kept (the manifest); a queue dead-letters the job with `reason`.
+    Undeliverable { result: JobResult, reason: String },
+}
+
+pub struct Lifecycle<R, U> {
+    registry: Arc<R>,
+    upstream: Arc<U>,
+    cpu: CpuPool,
+    settings: Arc<Settings>,
+    reservoir: Option<Reservoir>,
+    retry: RetryPolicy,
+    shutdown: CancellationToken,
+}
+
+impl<R, U> Clone for Lifecycle<R, U> {
+    fn clone(&self) -> Self {
+        Lifecycle {
+            registry: self.registry.clone(),
+            upstream: self.upstream.clone(),
+            cpu: self.cpu.clone(),
+            settings: self.settings.clone(),
+            reservoir: self.reservoir.clone(),
+            retry: self.retry,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+impl<R: Registry, U: Upstream> Lifecycle<R, U> {
+    pub fn new(
+        registry: Arc<R>,
+        upstream: Arc<U>,
+        cpu: CpuPool,
+        settings: Settings,
+        retry: RetryPolicy,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Lifecycle {
+            registry,
+            upstream,
+            cpu,
+            settings: Arc::new(settings),
+            reservoir: None,
+            retry,
+            shutdown,
+        }
+    }
+
+    /// Takes keys from `reservoir` when it has one ready, so bursts skip key generation.
+    pub fn with_reservoir(mut self, reservoir: Reservoir) -> Self {
+        self.reservoir = Some(reservoir);
+        self
+    }
+
+    pub fn registry(&self) -> &Arc<R> {
+        &self.registry
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn cpu(&self) -> &CpuPool {
+        &self.cpu
+    }
+
+    /// The whole life of one job: admit, then complete.
+    pub async fn process<S: Sink>(&self, job: Job, attempt: u32, sink: &S) -> Finished {
+        let admission = self.admit(job, attempt).await;
+        self.complete(admission, sink).await
+    }
+
+    /// Decode + validate the request and reserve its name. Cheap; bad input never touches the
+    /// quota or makes a key.
+    pub async fn admit(&self, job: Job, attempt: u32) -> Admission {
+        let clock = Instant::now();
+        let started_at = now_rfc3339();
+        let catalog = &self.settings.catalog;
+        let req = match dialect::decode(job.provider, &job.owner, &job.params, catalog) {
+            Ok(req) => req,
+            Err(e) => {
+                let result = JobResult::failed(&job, &e, started_at, attempt);
+                return Admission::Answered { result, clock };
+            }
+        };
+        let answered = |err: &ApiError| Admission::Answered {
+            result: JobResult::failed(&job, err, started_at.clone(), attempt),
+            clock,
+        };
+        match self.reserve(&job, &req).await {
+            Ok(()) => {}
+            Err(RegistryError::QuotaExceeded) => return answered(&ApiError::QuotaExceeded),
+            Err(RegistryError::AlreadyExists) => return answered(&ApiError::AlreadyExists),
+            Err(RegistryError::AlreadyDelivered) => {
+                return Admission::AnsweredBefore { job, clock };
+            }
+            Err(e) => {
+                return match self.give_up(&job, attempt, &started_at, &e) {
+                    Ok(result) => Admission::Answered { result, clock },
+                    Err(why) => Admission::HandBack(why),
+                }
+            }
+        }
+        Admission::Admitted(Box::new(Admitted {
+            job,
+            req,
+            attempt,
+            started_at,
+            clock,
+        }))
+    }
+
+    /// Everything after admission: the key pair (key, upstream, commit), its delivery through
+    /// `sink`, and the registry's confirmation.
+    pub async fn complete<S: Sink>(&self, admission: Admission, sink: &S) -> Finished {
+        let (result, clock) = match admission {
+            Admission::Answered { result, clock } => (result, clock),
+            Admission::HandBack(why) => return Finished::HandBack(why),
+            Admission::AnsweredBefore { job, clock } => {
+                if !S::ANSWERS_REPEATED_JOBS {
+                    self.settle(sink, &job.batch_id, job.job_id, CREATED).await;
+                    return Finished::AnsweredBefore;
+                }
+                let result = JobResult::failed(&job, &ApiError::AlreadyExists, now_rfc3339(), 1);
+                (result, clock)
+            }
+            Admission::Admitted(admitted) => {
+                let clock = admitted.clock;
+                match self.create(*admitted).await {
+                    Ok(result) => (result, clock),
+                    Err(finished) => return finished,
+                }
+            }
+        };
+        self.deliver(result, clock, sink).await
+    }
+
+    /// Answers input that never became a job (an unreadable row or message) through `sink`.
+    pub async fn answer<S: Sink>(&self, result: JobResult, sink: &S) -> Finished {
+        self.deliver(result, Instant::now(), sink).await
+    }
+
+    async fn reserve(&self, job: &Job, req: &CreateRequest) -> Result<(), RegistryError> {
+        let quota = self.settings.quota.for_region(&req.scope.region);
+        let ttl_ms = self.settings.reservation_ttl.as_millis() as i64;
+        self.retry
+            .run("reserve", &self.shutdown, || {
+                self.registry
+                    .reserve(&req.scope, &req.name, job.job_id, quota, ttl_ms)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Key, upstream and commit, retried as a whole while keyfleet's own machinery fails (each
+    /// try finds the job's reservation again by job id).
+    async fn create(&self, a: Admitted) -> Result<JobResult, Finished> {
+        let retried = AtomicBool::new(false);
+        let made = self
+            .retry
+            .run("create", &self.shutdown, || async {
+                if retried.swap(true, Ordering::Relaxed) {
+                    match self.reserve(&a.job, &a.req).await {
+                        Ok(()) => {}
+                        Err(RegistryError::QuotaExceeded) => {
+                            return Ok(self.failed(&a, &ApiError::QuotaExceeded))
+                        }
+                        Err(RegistryError::AlreadyExists) => {
+                            return Ok(self.failed(&a, &ApiError::AlreadyExists))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.make(&a).await
+            })
+            .await;
+        match made {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                // Whatever we held goes back, so the quota slot is not kept until the TTL.
+                let _ = self
+                    .registry
+                    .release(&a.req.scope, &a.req.name, a.job.job_id)
+                    .await;
+                self.give_up(&a.job, a.attempt, &a.started_at, &e)
+                    .map_err(Finished::HandBack)
+            }
+        }
+    }
+
+    fn failed(&self, a: &Admitted, err: &ApiError) -> JobResult {
+        JobResult::failed(&a.job, err, a.started_at.clone(), a.attempt)
+    }
+
+    /// One try at the key pair: a key (from the reservoir or the rayon pool), its registration
+    /// upstream, and the commit of the undelivered record.
+    async fn make(&self, a: &Admitted) -> Result<JobResult, LifecycleError> {
+        let (job, req) = (&a.job, &a.req);
+        let (bits, engine) = (job.key_bits, self.settings.engine);
+        let ready = self.reservoir.as_ref().and_then(|r| r.take(bits));
+        let keys = self
+            .cpu
+            .run(move || {
+                let key = match ready {
+                    Some(key) => key,
+                    None => {
+                        let t = Instant::now();
+                        let key = keygen::generate_private(bits, engine)?;
+                        crate::metrics::keygen(bits.bits(), t.elapsed());
+                        key
+                    }
+                };
+                keygen::encode(&key)
+            })
+            .await??;
+        let scope = &req.scope;
+        if let Err(e) = self.upstream.register(req, &keys.public_line).await {
+            self.registry.release(scope, &req.name, job.job_id).await?;
+            return Ok(self.failed(a, &e));
+        }
+        let (key_pair_id, key_pair_fingerprint) =
+            dialect::key_pair_identity(scope, &keys.fingerprint_md5, &keys.public_line);
+        let record = KeyPairRecord {
+            scope: scope.clone(),
+            name: req.name.clone(),
+            job_id: job.job_id,
+            key_pair_id: key_pair_id.clone(),
+            key_pair_fingerprint: key_pair_fingerprint.clone(),
+            fingerprint_md5: keys.fingerprint_md5.clone(),
+            fingerprint_sha256: keys.fingerprint_sha256.clone(),
+            public_key: keys.public_line.clone(),
+            created_at: unix_now(),
+            tags: req.tags.clone(),
+            resource_group_id: req.resource_group_id.clone(),
+            zone: req.zone.clone(),
+            delivered: false,
+        };
+        // A failed commit means our reservation was taken over (we were slower than its TTL):
+        // nothing of ours is registered, so the job can safely be tried again.
+        self.registry.commit(&record).await?;
+        let response = dialect::success_body(
+            req,
+            &dialect::Created {
+                request_id: Uuid::new_v4(),
+                key_pair_id: key_pair_id.as_deref().unwrap_or(""),
+                create_time: record.created_at,
+                fingerprint: &key_pair_fingerprint,
+                private_key_body: "",
+            },
+        );
+        Ok(JobResult {
+            v: MESSAGE_VERSION,
+            job_id: job.job_id,
+            batch_id: job.batch_id.clone(),
+            line: job.line,
+            provider: job.provider,
+            owner: scope.owner.clone(),
+            key_pair_name: Some(record.name),
+            region: Some(scope.region.clone()),
+            response,
+            attempt: a.attempt,
+            started_at: a.started_at.clone(),
+            finished_at: now_rfc3339(),
+            status: Status::Created(CreatedPair {
+                public_key: record.public_key,
+                fingerprint_md5: record.fingerprint_md5,
+                fingerprint_sha256: record.fingerprint_sha256,
+                key_pair_fingerprint,
+                key_pair_id,
+                private_key: Some(SecretPem(keys.private_pem)),
+            }),
+        })
+    }
+
+    /// Internal errors outlasted the retry policy (or shutdown came): the job's answer, an
+    /// internal error, or why it is handed back, as the mode's policy says.
+    fn give_up(
+        &self,
+        job: &Job,
+        attempt: u32,
+        started_at: &str,
+        e: &dyn std::fmt::Display,
+    ) -> Result<JobResult, String> {
+        match self.retry.give_up {
+            GiveUp::HandBack => {
+                let why = if self.shutdown.is_cancelled() {
+                    format!("shutting down: {e}")
+                } else {
+                    format!("internal error for the whole retry window: {e}")
+                };
+                tracing::error!(job = %job.job_id, "handing the job back: {why}");
+                Err(why)
+            }
+            GiveUp::Answer => Ok(JobResult::failed(
+                job,
+                &ApiError::Internal(e.to_string()),
+                started_at.to_owned(),
+                attempt,
+            )),
+        }
+    }
+
+    /// A delivered result whose job cannot be settled (the registry did not confirm it): hand
+    /// the job back, or where nothing can be handed back, answer it as an internal error.
+    fn unsettled(&self, result: JobResult, clock: Instant, why: String) -> Finished {
+        match self.retry.give_up {
+            GiveUp::HandBack => Finished::HandBack(why),
+            GiveUp::Answer => {
+                let result = result.fail_with(&ApiError::Internal(why));
+                self.record(&result, clock);
+                Finished::Delivered(result)
+            }
+        }
+    }
+
+    /// Delivers `result`, then confirms a created pair (or abandons it when it cannot be
+    /// delivered), settles the job with the sink and records its metrics.
+    async fn deliver<S: Sink>(&self, mut result: JobResult, clock: Instant, sink: &S) -> Finished {
+        let pair = result
+            .key_pair_name
+            .clone()
+            .zip(result.region.clone())
+            .filter(|_| result.is_created())
+            .map(|(name, region)| {
+                let scope = dialect::Scope {
+                    provider: result.provider,
+                    owner: result.owner.clone(),
+                    region,
+                };
+                (scope, name)
+            });
+        match sink.deliver(&mut result).await {
+            Ok(()) => {}
+            Err(DeliveryError::Unconfirmed(why)) => {
+                tracing::warn!(job = %result.job_id, "result not confirmed, handing the job back: {why}");
+                return Finished::HandBack(why);
+            }
+            Err(DeliveryError::Undeliverable(why)) => {
+                if let Some((scope, name)) = &pair {
+                    // The private key is gone with the failed delivery: the pair must not stay
+                    // registered. If the registry is away the job is handed back instead, and
+                    // its next attempt replaces the pair.
+                    let released = self
+                        .retry
+                        .run("release", &self.shutdown, || {
+                            self.registry.release(scope, name, result.job_id)
+                        })
+                        .await;
+                    if let Err(e) = released {
+                        let why = format!("{why}; and releasing the pair: {e}");
+                        return self.unsettled(result, clock, why);
+                    }
+                }
+                let result = result.fail_with(&ApiError::Internal(why.clone()));
+                self.record(&result, clock);
+                return Finished::Undeliverable {
+                    result,
+                    reason: why,
+                };
+            }
+        }
+        if let Some((scope, name)) = &pair {
+            let confirmed = self
+                .retry
+                .run("mark delivered", &self.shutdown, || {
+                    self.registry.mark_delivered(scope, name, result.job_id)
+                })
+                .await;
+            match confirmed {
+                Ok(()) => {}
+                // Another attempt of this job replaced or released the pair: this copy of the
+                // result is superseded (readers check the registry), and the job must still get
+                // its one answer, so it goes back.
+                Err(e) => {
+                    let why = format!("marking the pair delivered: {e}");
+                    return self.unsettled(result, clock, why);
+                }
+            }
+            if let Ok(used) = self.registry.quota_used(scope).await {
+                crate::metrics::quota_used(scope.provider.as_str(), &scope.region, used);
+            }
+        }
+        self.settle(
+            sink,
+            &result.batch_id,
+            result.job_id,
+            result.outcome_label(),
+        )
+        .await;
+        self.record(&result, clock);
+        Finished::Delivered(result)
+    }
+
+    async fn settle<S: Sink>(&self, sink: &S, batch_id: &str, job_id: Uuid, outcome: &str) {
+        let settled = self
+            .retry
+            .run("batch status", &self.shutdown, || {
+                sink.settled(batch_id, job_id, outcome)
+            })
+            .await;
+        if let Err(e) = settled {
+            // Progress counting only: the answer itself is out, so the job is not held for it.
+            tracing::warn!(job = %job_id, "batch status not recorded: {e}");
+        }
+    }
+
+    /// The job's metrics, in one place for every mode.
+    fn record(&self, result: &JobResult, clock: Instant) {
+        crate::metrics::job_finished(
+            result.provider.as_str(),
+            result.outcome_label(),
+            clock.elapsed(),
+        );
+    }
+}

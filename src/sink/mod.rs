@@ -1,0 +1,72 @@
+//! Where a job's result goes: one trait for every mode, so "delivered" means one thing.
+//!
+//! - [`key_files`]: the output folder (`keyfleet run`, `keyfleet collect`): the private key
+//!   becomes a 0600 file.
+//! - [`results_queue`]: the batch's RabbitMQ results queue (the worker), confirmed by the
+//!   broker, plus the batch's progress in Redis.
+//!
+//! The lifecycle (`lifecycle.rs`) calls [`Sink::deliver`] once per result; only when it succeeds
+//! is a created pair marked delivered in the registry, and only then is [`Sink::settled`] told.
+
+pub mod key_files;
+pub mod results_queue;
+
+use std::future::Future;
+
+use uuid::Uuid;
+
+use crate::job::JobResult;
+use crate::registry::RegistryError;
+
+pub use key_files::KeyFiles;
+pub use results_queue::ResultsQueue;
+
+/// Why a result did not reach its destination. The variant decides what happens to the job.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The destination can never take this result (its results queue does not exist, its key
+    /// file cannot be written): the pair is released and the job dead-lettered or answered
+    /// with an internal error.
+    #[error("{0}")]
+    Undeliverable(String),
+    /// The destination did not confirm; the result may or may not have arrived. The job is
+    /// handed back and its next attempt replaces the pair, so a copy that did arrive is
+    /// recognised as superseded by whoever reads it.
+    #[error("{0}")]
+    Unconfirmed(String),
+}
+
+pub trait Sink: Send + Sync {
+    /// Whether a job whose key pair was delivered before is answered again when it comes back
+    /// (`AlreadyExist`: a new manifest needs a line per row), or acknowledged without a second
+    /// answer (a queue already carries the job's one answer).
+    const ANSWERS_REPEATED_JOBS: bool;
+
+    /// Hands `result` to the destination, with its private key when it was created. The key is
+    /// out of `result` afterwards, delivered or dropped (zeroized).
+    fn deliver(
+        &self,
+        result: &mut JobResult,
+    ) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+
+    /// The job is answered for good (its pair, if any, is marked delivered): record it with the
+    /// outcome label. Retried by the lifecycle while it fails with a storage error.
+    fn settled(
+        &self,
+        batch_id: &str,
+        job_id: Uuid,
+        outcome: &str,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}
+
+/// `error: cause: cause` on one line, each cause once (for messages that outlive the error).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
