@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::RowDefaults;
 use crate::batch_status::BatchStatusStore;
-use crate::broker::Topology;
 use crate::collect::{CollectOptions, CollectSummary};
 use crate::config::{
     Cli, Command, DeleteArgs, DescribeArgs, FileConfig, RunArgs, ServerArgs, StatusArgs, SubmitArgs,
@@ -98,7 +97,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
 fn batch_id_for(path: &Path) -> String {
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     let digest = sha2::Sha256::digest(abs.to_string_lossy().as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&digest[..8]);
     format!("run-{hex}")
 }
 
@@ -191,11 +190,7 @@ fn collect_options(
     CollectOptions {
         batch_id: batch_id.to_owned(),
         out,
-        amqp_url: server.amqp_url.clone(),
-        redis_url: server.redis_url.clone(),
-        redis_prefix: server.prefix.clone(),
-        topology: Topology::with_prefix(&server.prefix),
-        connect_timeout: server.connect_timeout,
+        endpoints: server.endpoints(),
         idle_timeout,
         progress,
     }
@@ -253,11 +248,7 @@ async fn submit_command(
             key_bits: file.key_bits(args.key_bits),
         },
         catalog: file.settings(global, crate::keygen::Engine::Fast).catalog,
-        amqp_url: args.server.amqp_url.clone(),
-        redis_url: args.server.redis_url.clone(),
-        redis_prefix: args.server.prefix.clone(),
-        topology: Topology::with_prefix(&args.server.prefix),
-        connect_timeout: args.server.connect_timeout,
+        endpoints: args.server.endpoints(),
         progress: args.progress,
         confirm_window: args.confirm_window.max(1),
     };

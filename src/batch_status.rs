@@ -18,7 +18,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use uuid::Uuid;
 
-use crate::registry::redis::{check_prefix, connect_manager, storage};
+use crate::redis_connection::{check_prefix, connect_manager, storage};
 use crate::registry::RegistryError;
 
 /// How long a batch's counters live after its last activity: a week, long enough to ask about a
@@ -77,16 +77,7 @@ impl std::fmt::Debug for BatchStatusStore {
 }
 
 fn escape_batch_id(batch_id: &str) -> String {
-    let mut out = String::with_capacity(batch_id.len());
-    for c in batch_id.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            _ => out.push(c),
-        }
-    }
-    out
+    crate::escape::escape_chars(batch_id, |_, c| matches!(c, '%' | '{' | '}'))
 }
 
 impl BatchStatusStore {

@@ -15,6 +15,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 
+use crate::endpoints::redact_url;
 use crate::job::{Job, JobResult};
 
 /// Header carrying why keyfleet dead-lettered a message.
@@ -85,20 +86,6 @@ impl Topology {
     /// Routing key of jobs on the jobs exchange (direct).
     pub fn jobs_routing_key(&self) -> String {
         self.jobs_queue()
-    }
-}
-
-/// `amqp://user:secret@host/` → `amqp://user:***@host/`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s + 3 => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -238,6 +225,19 @@ impl Broker {
             )
             .await?;
         Ok(name)
+    }
+
+    /// Consumes `queue` with manual acks.
+    pub async fn consume(&self, queue: &str) -> Result<lapin::Consumer, BrokerError> {
+        Ok(self
+            .channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
     }
 
     pub async fn set_prefetch(&self, n: u16) -> Result<(), BrokerError> {
@@ -413,16 +413,6 @@ pub fn delivery_count(properties: &BasicProperties) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
-        assert_eq!(redact_url("redis://:pw@h:6379/"), "redis://:***@h:6379/");
-    }
 
     #[test]
     fn names_share_the_prefix() {

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch_status::BatchStatusStore;
-use crate::broker::{Broker, BrokerError, Topology};
+use crate::broker::{Broker, BrokerError};
 use crate::dialect::Scope;
+use crate::endpoints::Endpoints;
 use crate::job::{take_private_key_body, JobResult};
 use crate::output::OutputDir;
 use crate::progress::{Progress, ProgressMode, Tally};
@@ -27,11 +27,7 @@ use uuid::Uuid;
 pub struct CollectOptions {
     pub batch_id: String,
     pub out: PathBuf,
-    pub amqp_url: String,
-    pub redis_url: String,
-    pub redis_prefix: String,
-    pub topology: Topology,
-    pub connect_timeout: Duration,
+    pub endpoints: Endpoints,
     /// Stop after this long without a result (the batch may be incomplete; run again later).
     pub idle_timeout: Duration,
     pub progress: ProgressMode,
@@ -70,24 +66,15 @@ pub async fn collect(
     opts: CollectOptions,
     shutdown: CancellationToken,
 ) -> Result<CollectSummary, CollectError> {
-    let broker =
-        Broker::connect(&opts.amqp_url, opts.topology.clone(), opts.connect_timeout).await?;
-    let registry =
-        RedisRegistry::connect(&opts.redis_url, &opts.redis_prefix, opts.connect_timeout).await?;
-    let status = BatchStatusStore::from_connection(registry.connection(), &opts.redis_prefix);
+    let e = &opts.endpoints;
+    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+    let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     broker.declare().await?;
     let queue = broker.declare_results_queue(&opts.batch_id).await?;
     broker.set_prefetch((ACK_EVERY * 4) as u16).await?;
     let (mut out, mut seen) = OutputDir::resume(&opts.out)?;
-    let mut consumer = broker
-        .channel()
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = broker.consume(&queue).await?;
 
     let mut total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
     let mut progress = Progress::new(opts.progress, total);

@@ -101,6 +101,17 @@ pub struct ServerArgs {
     pub connect_timeout: std::time::Duration,
 }
 
+impl ServerArgs {
+    pub fn endpoints(&self) -> crate::endpoints::Endpoints {
+        crate::endpoints::Endpoints {
+            amqp_url: self.amqp_url.clone(),
+            redis_url: self.redis_url.clone(),
+            prefix: self.prefix.clone(),
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// Batch file (same formats as `run`).
@@ -232,10 +243,7 @@ impl WorkerArgs {
             .unwrap_or(1);
         let per = if threads == 0 { cores } else { threads };
         crate::worker::WorkerConfig {
-            amqp_url: self.server.amqp_url.clone(),
-            redis_url: self.server.redis_url.clone(),
-            topology: crate::broker::Topology::with_prefix(&self.server.prefix),
-            redis_prefix: self.server.prefix.clone(),
+            endpoints: self.server.endpoints(),
             concurrency: self
                 .concurrency
                 .unwrap_or((per * 4).min(u16::MAX as usize) as u16)
@@ -246,32 +254,25 @@ impl WorkerArgs {
             upstream_rps: self.upstream_rps,
             upstream_burst: self.upstream_burst,
             drain_timeout: self.drain_timeout,
-            connect_timeout: self.server.connect_timeout,
             metrics_addr: self.metrics_addr.0,
         }
     }
 }
 
-/// `30s`, `500ms`, `2m` or plain seconds.
+/// `30s`, `500ms`, `2m`, `1h 30m` (humantime's forms) or plain seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (t, 1.0)
-    };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 1e9 => {
-            Ok(std::time::Duration::from_secs_f64(v * scale))
+    let parsed = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..1e9).contains(&secs) => {
+            Ok(std::time::Duration::from_secs_f64(secs))
         }
-        _ => Err(format!("'{s}' is not a duration: use e.g. 30s, 500ms, 2m")),
-    }
+        Ok(_) => Err(()),
+        Err(_) => humantime::parse_duration(t).map_err(drop),
+    };
+    parsed
+        .ok()
+        .filter(|d| d.as_secs() < 1_000_000_000)
+        .ok_or_else(|| format!("'{s}' is not a duration: use e.g. 30s, 500ms, 2m"))
 }
 
 /// A listen address, or none (`off`).

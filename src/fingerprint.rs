@@ -11,14 +11,8 @@ use sha2::Sha256;
 /// byte-identical to `ssh-keygen -l -E md5` without its `MD5:` prefix.
 pub fn md5_colon(blob: &[u8]) -> String {
     let digest = Md5::digest(blob);
-    let mut out = String::with_capacity(47);
-    for (i, b) in digest.iter().enumerate() {
-        if i > 0 {
-            out.push(':');
-        }
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    let pairs: Vec<String> = digest.iter().map(|b| hex::encode([*b])).collect();
+    pairs.join(":")
 }
 
 /// SHA-256 over the wire blob as `SHA256:` + unpadded base64, as `ssh-keygen -l -E sha256` prints.

@@ -16,7 +16,8 @@
 //!   file), `dialect/` (everything provider-specific: `aliyun.rs`, `ucloud.rs`).
 //! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
 //!   beside it), `batch_status.rs` (a batch's progress in Redis).
-//! - Infrastructure: `broker.rs` (RabbitMQ), `cpu.rs` (the rayon pool, the one way CPU work
+//! - Infrastructure: `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
+//!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon pool, the one way CPU work
 //!   leaves the async runtime), `shutdown.rs`, `logging.rs`, `metrics.rs` (every metric, and
 //!   `metrics/http.rs` serving them).
 //! - Keys: `keygen.rs`, `prime/` (the prime search), `reservoir.rs` (keys made ahead),
@@ -31,6 +32,8 @@ pub mod collect;
 pub mod config;
 pub mod cpu;
 pub mod dialect;
+pub mod endpoints;
+pub mod escape;
 pub mod fingerprint;
 pub mod job;
 pub mod keygen;
@@ -41,6 +44,7 @@ pub mod output;
 pub mod prime;
 pub mod progress;
 pub mod rate_limit;
+pub mod redis_connection;
 pub mod registry;
 pub mod reservoir;
 pub mod retry;

@@ -37,20 +37,12 @@ pub struct OutputDir {
 /// File-name-safe form of a path component: keeps letters (any script), digits and `-_.:`,
 /// percent-encodes the rest, and never yields `.`/`..` or a leading dot.
 pub fn path_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for (i, c) in s.chars().enumerate() {
-        let keep = c.is_alphanumeric() || matches!(c, '-' | '_' | ':') || (c == '.' && i > 0);
-        if keep {
-            out.push(c);
-        } else {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
-            }
-        }
-    }
+    let keep = |i: usize, c: char| {
+        c.is_alphanumeric() || matches!(c, '-' | '_' | ':') || (c == '.' && i > 0)
+    };
+    let out = crate::escape::escape_chars(s, |i, c| !keep(i, c));
     if out.is_empty() {
-        out.push_str("%00");
+        return "%00".to_owned();
     }
     out
 }

@@ -4,15 +4,16 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lapin::PublisherConfirm;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Format, Row, RowDefaults};
 use crate::batch_status::BatchStatusStore;
-use crate::broker::{self, Broker, BrokerError, Topology};
+use crate::broker::{self, Broker, BrokerError};
 use crate::dialect::{self, Catalog};
+use crate::endpoints::Endpoints;
 use crate::job::{now_rfc3339, JobResult};
 use crate::progress::{Progress, ProgressMode};
 use crate::registry::RegistryError;
@@ -24,11 +25,7 @@ pub struct SubmitOptions {
     pub format: Option<Format>,
     pub defaults: RowDefaults,
     pub catalog: Catalog,
-    pub amqp_url: String,
-    pub redis_url: String,
-    pub redis_prefix: String,
-    pub topology: Topology,
-    pub connect_timeout: Duration,
+    pub endpoints: Endpoints,
     pub progress: ProgressMode,
     /// Publisher confirms awaited at most this many messages behind.
     pub confirm_window: usize,
@@ -67,11 +64,9 @@ pub async fn submit(
         path: opts.input.clone(),
         source,
     })?;
-    let broker =
-        Broker::connect(&opts.amqp_url, opts.topology.clone(), opts.connect_timeout).await?;
-    let status =
-        BatchStatusStore::connect(&opts.redis_url, &opts.redis_prefix, opts.connect_timeout)
-            .await?;
+    let e = &opts.endpoints;
+    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();
     // Before the first job: results are kept even if no collector is running yet.
@@ -81,7 +76,7 @@ pub async fn submit(
 
     let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
     let started = Instant::now();
-    let routing = opts.topology.jobs_routing_key();
+    let routing = e.topology().jobs_routing_key();
     let mut window: VecDeque<PublisherConfirm> = VecDeque::with_capacity(opts.confirm_window);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;

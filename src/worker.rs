@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batch_status::BatchStatusStore;
-use crate::broker::{self, Broker, BrokerError, Topology};
+use crate::broker::{self, Broker, BrokerError};
 use crate::cpu::CpuPool;
 use crate::dialect::Provider;
+use crate::endpoints::Endpoints;
 use crate::job::{DecodeError, Job, JobResult};
 use crate::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
@@ -32,10 +32,7 @@ use crate::upstream::LocalUpstream;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    pub amqp_url: String,
-    pub redis_url: String,
-    pub topology: Topology,
-    pub redis_prefix: String,
+    pub endpoints: Endpoints,
     /// Jobs in flight (= RabbitMQ prefetch).
     pub concurrency: u16,
     /// Rayon threads; 0 = one per core.
@@ -48,8 +45,6 @@ pub struct WorkerConfig {
     pub upstream_burst: u32,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    /// How long start-up waits for RabbitMQ and Redis before giving up.
-    pub connect_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -82,13 +77,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             .map_err(|e| WorkerError::Metrics(e.to_string()))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
-    let registry =
-        RedisRegistry::connect(&cfg.redis_url, &cfg.redis_prefix, cfg.connect_timeout).await?;
+    let e = &cfg.endpoints;
+    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     readiness.set_redis(true);
-    let broker = Broker::connect(&cfg.amqp_url, cfg.topology.clone(), cfg.connect_timeout).await?;
+    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
     broker.declare().await?;
     readiness.set_amqp(true);
-    let status = BatchStatusStore::from_connection(registry.connection(), &cfg.redis_prefix);
+    let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
     let upstream = Arc::new(RateLimited::new(LocalUpstream, limit));
     let cpu = CpuPool::new(cfg.threads)?;
@@ -113,16 +108,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     'connection: loop {
         let consumer = async {
             broker.set_prefetch(cfg.concurrency).await?;
-            let c = broker
-                .channel()
-                .basic_consume(
-                    broker.topology.jobs_queue().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, BrokerError>(c)
+            broker.consume(&broker.topology.jobs_queue()).await
         }
         .await;
         match consumer {
@@ -160,7 +146,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            match Broker::connect(&cfg.amqp_url, cfg.topology.clone(), cfg.connect_timeout).await {
+            match Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await {
                 Ok(b) => match b.declare().await {
                     Ok(()) => {
                         tracing::info!("reconnected to RabbitMQ");

@@ -201,25 +201,11 @@ impl Scope {
 }
 
 fn escape_key_part(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            ':' => out.push_str("%3A"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            // Control characters (owners are free text) would break the embedded store's
-            // `scope \n name` keys and confuse logs.
-            c if c.is_control() => {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("%{b:02X}"));
-                }
-            }
-            _ => out.push(c),
-        }
-    }
-    out
+    // Control characters (owners are free text) would break the embedded store's
+    // `scope \n name` keys and confuse logs.
+    crate::escape::escape_chars(s, |_, c| {
+        matches!(c, '%' | ':' | '{' | '}') || c.is_control()
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -479,18 +465,6 @@ pub fn is_chinese(c: char) -> bool {
     matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3400}'..='\u{4DBF}')
 }
 
-/// Lower-case hex of `bytes`. Hand-rolled because md-5's output type does not keep its hex
-/// formatting traits across versions (0.11 dropped `{:x}`).
-pub(crate) fn hex_lower(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,12 +576,6 @@ mod tests {
         assert_eq!(clipped.chars().count(), ECHO_LIMIT + 1);
         assert!(clipped.ends_with('…'));
         assert_eq!(clip(&"x".repeat(ECHO_LIMIT)), "x".repeat(ECHO_LIMIT));
-    }
-
-    #[test]
-    fn hex_is_lower_case_pairs() {
-        assert_eq!(hex_lower(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
-        assert_eq!(hex_lower(&[]), "");
     }
 
     #[test]

@@ -276,7 +276,7 @@ pub fn fingerprint(project_id: &str, key_pair_id: &str, public_key_line: &str) -
     h.update(key_pair_id.as_bytes());
     h.update(b"|");
     h.update(public_key_line.as_bytes());
-    super::hex_lower(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 /// `{"RetCode":0,"Action":…,"KeyPairName":…,"KeyPair":{…}}`.

@@ -20,28 +20,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::Script;
 use uuid::Uuid;
 
 use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
 use crate::dialect::Scope;
+use crate::redis_connection::{check_prefix, connect_manager, storage};
 
 /// The key prefix the binaries use unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "keyfleet";
-
-/// How long one command may wait for its reply. Longer than any script takes (the slowest, a
-/// reserve at the quota, reads one scope's hash); past it Redis counts as unreachable and the
-/// operation fails with [`RegistryError::Storage`]. The command may still have run: every
-/// operation is safe to repeat (a reserve comes back `Resumed`, a commit that did land is found
-/// again as the job's own undelivered record and replaced).
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Reconnection attempts per outage episode (about 0.1 s, 0.2 s, 0.4 s apart, jittered): the
-/// operations waiting on them fail within a second or so instead of stalling a worker, and
-/// the next operation starts a new round, so Redis is found again soon after it returns.
-const RECONNECT_ATTEMPTS: usize = 3;
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Bounds a reservation TTL so `now + ttl` stays an exact integer in Lua (doubles are exact up to
 /// 2^53; 2^50 ms is about 35,000 years).
@@ -84,101 +72,6 @@ impl std::fmt::Debug for RedisRegistry {
         f.debug_struct("RedisRegistry")
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
-    }
-}
-
-pub(crate) fn storage(e: redis::RedisError) -> RegistryError {
-    RegistryError::Storage(format!("redis: {e}"))
-}
-
-/// `url` with its password (userinfo or `password`/`pass` query parameter) replaced by `***`,
-/// fit for error messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let (before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (rest, None),
-    };
-    let authority_end = before_query.find('/').unwrap_or(before_query.len());
-    let (authority, path) = before_query.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            // `redis://secret@host`: a lone userinfo may be read as the password.
-            None if !userinfo.is_empty() => format!("***@{host}"),
-            None => format!("@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let mut out = String::with_capacity(url.len());
-    if let Some(s) = scheme {
-        out.push_str(s);
-        out.push_str("://");
-    }
-    out.push_str(&authority);
-    out.push_str(path);
-    if let Some(q) = query {
-        out.push('?');
-        let parts: Vec<String> = q
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
-                {
-                    format!("{k}=***")
-                }
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out.push_str(&parts.join("&"));
-    }
-    out
-}
-
-/// A prefix with `{` or `}` would make its hash tag the cluster slot of every key: still
-/// correct, but all scopes on one node. Refused so the mistake shows at start-up.
-pub(crate) fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
-    if prefix.contains(['{', '}']) {
-        return Err(RegistryError::Storage(format!(
-            "Redis key prefix {prefix:?} must not contain '{{' or '}}' (they are hash tags)"
-        )));
-    }
-    Ok(())
-}
-
-/// Opens a self-reconnecting connection to `url`, waiting at most `timeout`, and checks it
-/// with PING. Errors name the URL without its password and say which step failed.
-pub(crate) async fn connect_manager(
-    url: &str,
-    timeout: Duration,
-) -> Result<ConnectionManager, RegistryError> {
-    let shown = redact_url(url);
-    let client = redis::Client::open(url)
-        .map_err(|e| RegistryError::Storage(format!("invalid Redis URL {shown}: {e}")))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(RECONNECT_ATTEMPTS)
-        .set_max_delay(MAX_RECONNECT_DELAY);
-    let connect = async {
-        let mut conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(|e| format!("connected, but PING failed: {e}"))?;
-        Ok::<_, String>(conn)
-    };
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(why)) => Err(RegistryError::Storage(format!("Redis at {shown}: {why}"))),
-        Err(_) => Err(RegistryError::Storage(format!(
-            "Redis at {shown}: no connection within {timeout:?}"
-        ))),
     }
 }
 
@@ -449,28 +342,6 @@ impl Registry for RedisRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("redis://user:s3cret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact_url("redis://:s3cret@host"), "redis://:***@host");
-        assert_eq!(redact_url("rediss://s3cret@host/"), "rediss://***@host/");
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(
-            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
-            "redis+unix:///run/redis.sock?db=1&pass=***"
-        );
-        assert_eq!(
-            redact_url("redis://h/?password=s3cret"),
-            "redis://h/?password=***"
-        );
-    }
 
     #[test]
     fn prefix_must_not_carry_a_hash_tag() {

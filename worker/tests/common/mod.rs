@@ -161,6 +161,15 @@ impl Env {
         std::fs::read_to_string(self.path(&format!("worker-{n}.log"))).unwrap_or_default()
     }
 
+    pub fn endpoints(&self) -> keyfleet::endpoints::Endpoints {
+        keyfleet::endpoints::Endpoints {
+            amqp_url: amqp_url(),
+            redis_url: redis_url(),
+            prefix: self.prefix.clone(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
     pub fn topology(&self) -> Topology {
         Topology::with_prefix(&self.prefix)
     }
@@ -191,11 +200,7 @@ impl Env {
                 key_bits: KeyBits::B2048,
             },
             catalog: Catalog::default(),
-            amqp_url: amqp_url(),
-            redis_url: redis_url(),
-            redis_prefix: self.prefix.clone(),
-            topology: self.topology(),
-            connect_timeout: Duration::from_secs(10),
+            endpoints: self.endpoints(),
             progress: ProgressMode::Off,
             confirm_window: 1024,
         };
@@ -213,11 +218,7 @@ impl Env {
         let opts = CollectOptions {
             batch_id: batch_id.into(),
             out: self.path(out),
-            amqp_url: amqp_url(),
-            redis_url: redis_url(),
-            redis_prefix: self.prefix.clone(),
-            topology: self.topology(),
-            connect_timeout: Duration::from_secs(10),
+            endpoints: self.endpoints(),
             idle_timeout: idle,
             progress: ProgressMode::Off,
         };
