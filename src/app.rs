@@ -12,7 +12,8 @@ use crate::batch::RowDefaults;
 use crate::batch_status::BatchStatusStore;
 use crate::collect::{CollectOptions, CollectSummary};
 use crate::config::{
-    Cli, Command, DeleteArgs, DescribeArgs, FileConfig, RunArgs, ServerArgs, StatusArgs, SubmitArgs,
+    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, GlobalArgs, Overrides, RunArgs,
+    ServerArgs, StatusArgs, SubmitArgs,
 };
 use crate::dialect::Scope;
 use crate::registry::embedded::EmbeddedRegistry;
@@ -43,14 +44,14 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
                 let registry = redis_registry(&url, &args.prefix).await?;
                 describe(&registry, args).await
             }
-            None => describe(&open_registry(&file.state_path(&cli.global))?, args).await,
+            None => describe(&open_registry(&state_path(&cli.global, &file))?, args).await,
         },
         Command::Delete(args) => match args.redis_url.clone() {
             Some(url) => {
                 let registry = redis_registry(&url, &args.prefix).await?;
                 delete(&registry, args).await
             }
-            None => delete(&open_registry(&file.state_path(&cli.global))?, args).await,
+            None => delete(&open_registry(&state_path(&cli.global, &file))?, args).await,
         },
         Command::Submit(args) => submit_command(&cli.global, &file, args, shutdown).await,
         Command::Collect(args) => {
@@ -107,6 +108,16 @@ async fn run_command(
     args: RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
+    let resolved = resolve(
+        &Overrides {
+            state: global.state.clone(),
+            quota: global.quota,
+            key_bits: args.key_bits,
+            threads: args.threads,
+            engine: args.engine,
+        },
+        file,
+    );
     let opts = RunOptions {
         defaults: RowDefaults {
             batch_id: args
@@ -115,14 +126,14 @@ async fn run_command(
                 .unwrap_or_else(|| batch_id_for(&args.file)),
             provider: args.provider,
             owner: args.owner.clone(),
-            key_bits: file.key_bits(args.key_bits),
+            key_bits: resolved.key_bits,
         },
         input: args.file.clone(),
         format: args.format,
         out: args.out.clone(),
-        state: file.state_path(global),
-        threads: args.threads.or(file.threads).unwrap_or(0),
-        settings: file.settings(global, args.engine),
+        state: resolved.state,
+        threads: resolved.threads,
+        settings: resolved.settings,
         progress: args.progress,
     };
     if let Some(addr) = args.metrics_addr.0 {
@@ -164,6 +175,15 @@ pub fn render_summary(s: &Summary) -> String {
         out.push_str("interrupted: rows after the last one in the manifest were not processed\n");
     }
     out
+}
+
+/// The state file `describe` and `delete` read, resolved like `run`'s.
+fn state_path(global: &GlobalArgs, file: &FileConfig) -> std::path::PathBuf {
+    let cli = Overrides {
+        state: global.state.clone(),
+        ..Overrides::default()
+    };
+    resolve(&cli, file).state
 }
 
 fn open_registry(state: &Path) -> anyhow::Result<EmbeddedRegistry> {
@@ -238,6 +258,14 @@ async fn submit_command(
         .batch_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let resolved = resolve(
+        &Overrides {
+            quota: global.quota,
+            key_bits: args.key_bits,
+            ..Overrides::default()
+        },
+        file,
+    );
     let opts = SubmitOptions {
         input: args.file.clone(),
         format: args.format,
@@ -245,9 +273,9 @@ async fn submit_command(
             batch_id: batch_id.clone(),
             provider: args.provider,
             owner: args.owner.clone(),
-            key_bits: file.key_bits(args.key_bits),
+            key_bits: resolved.key_bits,
         },
-        catalog: file.settings(global, crate::keygen::Engine::Fast).catalog,
+        catalog: resolved.settings.catalog,
         endpoints: args.server.endpoints(),
         progress: args.progress,
         confirm_window: args.confirm_window.max(1),

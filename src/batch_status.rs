@@ -18,7 +18,8 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use uuid::Uuid;
 
-use crate::redis_connection::{check_prefix, connect_manager, storage};
+use crate::redis_connection::storage;
+use crate::registry::redis::RedisRegistry;
 use crate::registry::RegistryError;
 
 /// How long a batch's counters live after its last activity: a week, long enough to ask about a
@@ -81,15 +82,14 @@ fn escape_batch_id(batch_id: &str) -> String {
 }
 
 impl BatchStatusStore {
-    /// Connects with a bounded wait, like [`crate::registry::redis::RedisRegistry::connect`].
+    /// Connects the way [`RedisRegistry::connect`] does, sharing nothing else with it.
     pub async fn connect(
         url: &str,
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, RegistryError> {
-        check_prefix(prefix)?;
-        let conn = connect_manager(url, timeout).await?;
-        Ok(Self::from_connection(conn, prefix))
+        let redis = RedisRegistry::connect(url, prefix, timeout).await?;
+        Ok(Self::from_connection(redis.connection(), prefix))
     }
 
     /// A store over an existing connection (e.g. [`crate::registry::redis::RedisRegistry::connection`]).

@@ -1,4 +1,4 @@
-//! RabbitMQ: the topology of DESIGN §4 and the few operations the producer, the workers and
+//! RabbitMQ: the topology (README, "RabbitMQ topology") and the few operations the producer, the workers and
 //! the collector need — publishing with confirms, consuming with manual acks, dead-lettering
 //! with a reason.
 //!

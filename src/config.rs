@@ -231,13 +231,14 @@ pub struct WorkerArgs {
 impl WorkerArgs {
     /// The worker's configuration from flags, environment and config file.
     pub fn to_config(&self, file: &FileConfig) -> crate::worker::WorkerConfig {
-        let global = GlobalArgs {
-            config: None,
-            state: None,
+        let cli = Overrides {
             quota: self.quota,
-            log: self.log.clone(),
+            threads: Some(self.threads),
+            engine: self.engine,
+            ..Overrides::default()
         };
-        let threads = self.threads;
+        let resolved = resolve(&cli, file);
+        let threads = resolved.threads;
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -249,7 +250,7 @@ impl WorkerArgs {
                 .unwrap_or((per * 4).min(u16::MAX as usize) as u16)
                 .max(1),
             threads,
-            settings: file.settings(&global, self.engine),
+            settings: resolved.settings,
             reservoir: self.reservoir,
             upstream_rps: self.upstream_rps,
             upstream_burst: self.upstream_burst,
@@ -557,51 +558,71 @@ impl FileConfig {
         }
         Ok(cfg)
     }
+}
 
-    /// The pipeline settings these sources add up to.
-    pub fn settings(&self, global: &GlobalArgs, engine: Engine) -> Settings {
-        let mut catalog = Catalog::default();
-        if let Some(a) = &self.aliyun {
-            if let Some(r) = &a.regions {
-                catalog.aliyun_regions = r.clone();
-            }
-            if let Some(g) = &a.resource_groups {
-                catalog.resource_groups = g.clone();
-            }
+/// What the command line says (flags and `KEYFLEET_*` variables, already merged by clap)
+/// about settings the config file may also hold; `None` = not given.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub state: Option<PathBuf>,
+    pub quota: Option<u64>,
+    pub key_bits: Option<KeyBits>,
+    pub threads: Option<usize>,
+    pub engine: Engine,
+}
+
+/// The settings a command runs with.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    /// The embedded state file.
+    pub state: PathBuf,
+    pub key_bits: KeyBits,
+    /// Key-generation threads; 0 = one per core.
+    pub threads: usize,
+}
+
+/// The one place sources are merged: flags > environment > config file > defaults.
+pub fn resolve(cli: &Overrides, file: &FileConfig) -> Resolved {
+    let mut catalog = Catalog::default();
+    if let Some(a) = &file.aliyun {
+        if let Some(r) = &a.regions {
+            catalog.aliyun_regions = r.clone();
         }
-        if let Some(u) = &self.ucloud {
-            if let Some(r) = &u.regions {
-                catalog.ucloud_regions = r.clone();
-            }
-            if let Some(d) = &u.default_region {
-                catalog.ucloud_default_region = d.clone();
-            }
+        if let Some(g) = &a.resource_groups {
+            catalog.resource_groups = g.clone();
         }
-        Settings {
+    }
+    if let Some(u) = &file.ucloud {
+        if let Some(r) = &u.regions {
+            catalog.ucloud_regions = r.clone();
+        }
+        if let Some(d) = &u.default_region {
+            catalog.ucloud_default_region = d.clone();
+        }
+    }
+    let defaults = Settings::default();
+    Resolved {
+        settings: Settings {
             catalog,
             quota: KeyPairQuota {
-                default: global
-                    .quota
-                    .or(self.quota)
-                    .unwrap_or(KeyPairQuota::default().default),
-                per_region: self.quota_per_region.clone(),
+                default: cli.quota.or(file.quota).unwrap_or(defaults.quota.default),
+                per_region: file.quota_per_region.clone(),
             },
-            engine,
-            ..Settings::default()
-        }
-    }
-
-    pub fn state_path(&self, global: &GlobalArgs) -> PathBuf {
-        global
+            engine: cli.engine,
+            ..defaults
+        },
+        state: cli
             .state
             .clone()
-            .or_else(|| self.state.clone())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE))
-    }
-
-    pub fn key_bits(&self, flag: Option<KeyBits>) -> KeyBits {
-        flag.or_else(|| self.key_bits.and_then(|b| KeyBits::try_from(b).ok()))
-            .unwrap_or_default()
+            .or_else(|| file.state.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
+        // Validated when the file was parsed.
+        key_bits: cli
+            .key_bits
+            .or_else(|| file.key_bits.and_then(|b| KeyBits::try_from(b).ok()))
+            .unwrap_or_default(),
+        threads: cli.threads.or(file.threads).unwrap_or(0),
     }
 }
 
@@ -641,18 +662,18 @@ mod tests {
             Path::new("k.toml"),
         )
         .unwrap();
-        let mut global = GlobalArgs {
-            config: None,
-            state: None,
-            quota: None,
-            log: "warn".into(),
-        };
-        let s = cfg.settings(&global, Engine::Fast);
+        let mut cli = Overrides::default();
+        let r = resolve(&cli, &cfg);
+        let s = r.settings;
         assert_eq!(s.quota.for_region("cn-hangzhou"), 20);
         assert_eq!(s.quota.for_region("cn-beijing"), 5);
         assert!(s.catalog.resource_groups.contains("rg-a"));
-        assert_eq!(cfg.key_bits(None), KeyBits::B3072);
-        global.quota = Some(7);
-        assert_eq!(cfg.settings(&global, Engine::Fast).quota.for_region("x"), 7);
+        assert_eq!(r.key_bits, KeyBits::B3072);
+        assert_eq!(r.state, PathBuf::from(DEFAULT_STATE));
+        cli.quota = Some(7);
+        cli.key_bits = Some(KeyBits::B4096);
+        let r = resolve(&cli, &cfg);
+        assert_eq!(r.settings.quota.for_region("x"), 7);
+        assert_eq!(r.key_bits, KeyBits::B4096);
     }
 }

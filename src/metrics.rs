@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §6): every metric keyfleet exports is declared here — name, kind,
+//! Prometheus metrics: every metric keyfleet exports is declared here — name, kind,
 //! unit, help text, labels and histogram buckets — so the dashboard and alert rules in `deploy/`
 //! have one list to be checked against ([`NAMES`]). The recording helpers are what the pipeline
 //! calls; they are cheap and do nothing until [`install`] has put the recorder in place.
@@ -70,7 +70,7 @@ pub const HISTOGRAMS: &[&str] = &[
 ];
 
 /// `keyfleet_keygen_seconds`. One key on one core: RSA-2048 takes ~26 ms with the fastest
-/// engine measured here (DESIGN §7, our target), ~65 ms with the crypto-primes engine and
+/// engine measured here (our target), ~65 ms with the crypto-primes engine and
 /// ~230 ms with the `rsa` crate, with a long tail because the prime search is a geometric
 /// lottery; 3072 bits is ~3–4× that and 4096 bits ~8–10× (0.5–5 s). Fine steps from 10 ms to
 /// 300 ms resolve the 2048-bit engines from each other; 0.5 s is the alert threshold for

@@ -1,5 +1,5 @@
 //! The upstream seam: where a created public key is registered with a cloud. Until an HTTP
-//! cloud endpoint exists, keyfleet's registry *is* the cloud (DESIGN §3), so the local upstream
+//! cloud endpoint exists, keyfleet's registry *is* the cloud, so the local upstream
 //! has nothing further to call; the trait is where a real endpoint and its rate limit plug in.
 
 use std::future::Future;

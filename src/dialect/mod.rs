@@ -4,7 +4,7 @@
 //! This module holds what both share: the provider enum, the catalogue of regions that "exist",
 //! the quota/uniqueness [`Scope`], the validated [`CreateRequest`], the [`ApiError`] taxonomy,
 //! and the dispatchers ([`decode`], [`success_body`], [`error_body`]) that hand each request to
-//! its dialect. Every rule, code and message is taken from the seeds (see DESIGN §2); the
+//! its dialect. Every rule, code and message is taken from the two API documents (README, "Semantics and errors"); the
 //! per-dialect files document the check order and the exact wire forms.
 //!
 //! Empty values: a parameter present with `""` is "given as empty". A *required* parameter
@@ -20,7 +20,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Key pairs allowed per [`Scope`] by both clouds (Alibaba: 500 per region and account;
-/// UCloud: the same per project and region, DESIGN §2). The registry enforces it.
+/// UCloud: the same per project and region; README, "Quota and uniqueness"). The registry enforces it.
 pub const KEY_PAIR_QUOTA: u32 = 500;
 
 /// Longest piece of caller text echoed back inside an error, so a hostile or broken job cannot
