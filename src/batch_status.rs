@@ -28,7 +28,7 @@ pub const DEFAULT_BATCH_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// The outcome [`BatchStatusStore::record`] counts as a created key pair; anything else is an
 /// error code.
-pub const CREATED: &str = "created";
+pub const CREATED: &str = crate::job::CREATED;
 
 static RECORD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("registry/batch_record.lua")));

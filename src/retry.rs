@@ -22,8 +22,8 @@ pub enum GiveUp {
 pub struct RetryPolicy {
     /// Tries after the first; `None` = as many as fit in `window`.
     pub retries: Option<usize>,
-    /// Total time spent waiting between tries, at most.
-    pub window: Duration,
+    /// Total time spent waiting between tries, at most; `None` = no limit.
+    pub window: Option<Duration>,
     pub min_delay: Duration,
     pub max_delay: Duration,
     pub give_up: GiveUp,
@@ -35,7 +35,7 @@ impl RetryPolicy {
     pub fn embedded() -> Self {
         RetryPolicy {
             retries: Some(2),
-            window: Duration::from_secs(5),
+            window: Some(Duration::from_secs(5)),
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             give_up: GiveUp::Answer,
@@ -47,9 +47,21 @@ impl RetryPolicy {
     pub fn queue() -> Self {
         RetryPolicy {
             retries: None,
-            window: Duration::from_secs(120),
+            window: Some(Duration::from_secs(120)),
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(3),
+            give_up: GiveUp::HandBack,
+        }
+    }
+
+    /// A lost connection to a server: tried again and again (200 ms doubling to 5 s) until it
+    /// is back or shutdown is signalled.
+    pub fn reconnect() -> Self {
+        RetryPolicy {
+            retries: None,
+            window: None,
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
             give_up: GiveUp::HandBack,
         }
     }
@@ -60,7 +72,7 @@ impl RetryPolicy {
             .with_max_delay(self.max_delay)
             .with_factor(2.0)
             .with_jitter()
-            .with_total_delay(Some(self.window));
+            .with_total_delay(self.window);
         match self.retries {
             Some(n) => b.with_max_times(n),
             None => b.without_max_times(),
@@ -104,6 +116,13 @@ impl RetryPolicy {
 /// Whether an error may pass if the same thing is tried again.
 pub trait Transient {
     fn is_transient(&self) -> bool;
+}
+
+impl Transient for crate::broker::BrokerError {
+    /// A broker that refuses or is away may be back: everything is worth another try.
+    fn is_transient(&self) -> bool {
+        true
+    }
 }
 
 impl Transient for crate::registry::RegistryError {

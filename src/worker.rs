@@ -104,7 +104,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
 
     let mut broker = Arc::new(broker);
-    let mut backoff = Duration::from_millis(200);
     'connection: loop {
         let consumer = async {
             broker.set_prefetch(cfg.concurrency).await?;
@@ -114,7 +113,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         match consumer {
             Ok(mut consumer) => {
                 readiness.set_amqp(true);
-                backoff = Duration::from_millis(200);
                 tracing::info!(queue = %broker.topology.jobs_queue(), "consuming");
                 loop {
                     tokio::select! {
@@ -139,24 +137,20 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             Err(e) => tracing::warn!("cannot consume jobs: {e}; reconnecting"),
         }
         readiness.set_amqp(false);
-        // Reconnect with capped exponential backoff until it works or we are told to stop.
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break 'connection,
-                _ = tokio::time::sleep(backoff) => {}
+        // Until it works or we are told to stop.
+        let reconnected = RetryPolicy::reconnect()
+            .run("reconnecting to RabbitMQ", &shutdown, || async {
+                let b = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+                b.declare().await?;
+                Ok::<_, BrokerError>(b)
+            })
+            .await;
+        match reconnected {
+            Ok(b) => {
+                tracing::info!("reconnected to RabbitMQ");
+                broker = Arc::new(b);
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            match Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await {
-                Ok(b) => match b.declare().await {
-                    Ok(()) => {
-                        tracing::info!("reconnected to RabbitMQ");
-                        broker = Arc::new(b);
-                        continue 'connection;
-                    }
-                    Err(e) => tracing::warn!("RabbitMQ topology: {e}"),
-                },
-                Err(e) => tracing::warn!("{e}"),
-            }
+            Err(_) => break 'connection,
         }
     }
 

@@ -263,3 +263,34 @@ async fn start_up_with_a_server_down_fails_with_a_clear_message() {
         assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
     }
 }
+
+/// The exactly-once fault of a worker killed between publishing a result and marking its pair
+/// delivered, tried for real: ten rounds, each killing one of two workers at a random point of
+/// a batch. Every round, every key file must be the registered key (`check_batch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_ten_times_every_delivered_key_is_the_registered_key() {
+    for round in 0..10 {
+        let mut env = Env::new(&format!("kill10-{round}"));
+        let victim =
+            env.start_worker(&["--threads", "1", "--concurrency", "8", "--reservoir", "0"]);
+        env.start_worker(&["--threads", "1", "--concurrency", "8", "--reservoir", "0"]);
+        let jobs = 60;
+        let input = env.write("fleet.csv", &fleet_csv(jobs, "cn-qingdao"));
+        let batch = format!("bk10-{round}");
+        env.submit(&input, &batch).await;
+        // Somewhere between a few and most of the batch answered.
+        let at = 3 + u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 40;
+        env.wait_status(&batch, Duration::from_secs(120), |s| s.answered >= at)
+            .await;
+        signal(env.worker(victim), "KILL");
+        let _ = env.worker(victim).wait();
+        let c = env.collect(&batch, "out", Duration::from_secs(60)).await;
+        assert!(c.complete, "round {round}: {c:?}");
+        let (created, failed) = check_batch(&env, "out", jobs).await;
+        assert_eq!(
+            (created, failed.len()),
+            (jobs, 0),
+            "round {round}: {failed:?}"
+        );
+    }
+}
