@@ -44,6 +44,8 @@ pub enum BatchError {
     Header { path: PathBuf, reason: String },
     #[error("{path}: the CSV header has no KeyPairName column")]
     NoNameColumn { path: PathBuf },
+    #[error("{path} is empty: a CSV batch starts with a header line naming its columns (e.g. RegionId,KeyPairName)")]
+    Empty { path: PathBuf },
 }
 
 /// Defaults for columns a row leaves out.
@@ -140,107 +142,212 @@ fn build_row(line: u64, mut params: BTreeMap<String, String>, defaults: &RowDefa
     })
 }
 
-/// Reads `path` row by row, handing each row to `emit`; stops early when `emit` returns false
-/// (the consumer has gone away). Returns the number of rows read.
-pub fn read_rows(
-    path: &Path,
-    format: Option<Format>,
-    defaults: &RowDefaults,
-    mut emit: impl FnMut(Row) -> bool,
-) -> Result<u64, BatchError> {
-    let format = format
-        .or_else(|| Format::from_path(path))
-        .ok_or_else(|| BatchError::UnknownFormat(path.to_owned()))?;
-    let file = File::open(path).map_err(|source| BatchError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    match format {
-        Format::Csv => read_csv(path, file, defaults, &mut emit),
-        Format::Jsonl => read_jsonl(path, file, defaults, &mut emit),
-    }
+/// The path that means standard input.
+pub const STDIN: &str = "-";
+
+/// A batch opened once — a file, a FIFO, or standard input (`-`) — with its CSV header already
+/// read and checked, so a bad input fails before anything is created.
+pub struct BatchInput {
+    path: PathBuf,
+    format: Format,
+    lines: Box<dyn BufRead + Send>,
+    /// Physical lines consumed so far (the header's included).
+    line: u64,
+    headers: Vec<String>,
 }
 
-fn read_csv(
-    path: &Path,
-    file: File,
-    defaults: &RowDefaults,
-    emit: &mut impl FnMut(Row) -> bool,
-) -> Result<u64, BatchError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .trim(csv::Trim::Headers)
-        .from_reader(BufReader::new(file));
-    let headers = reader
-        .headers()
-        .map_err(|e| BatchError::Header {
+impl BatchInput {
+    pub fn open(path: &Path, format: Option<Format>) -> Result<BatchInput, BatchError> {
+        let stdin = path.as_os_str() == STDIN;
+        let format = format
+            .or_else(|| Format::from_path(path))
+            .ok_or_else(|| BatchError::UnknownFormat(path.to_owned()))?;
+        let lines: Box<dyn BufRead + Send> = if stdin {
+            Box::new(BufReader::new(std::io::stdin()))
+        } else {
+            let file = File::open(path).map_err(|source| BatchError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            Box::new(BufReader::with_capacity(1 << 16, file))
+        };
+        let mut input = BatchInput {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?
-        .clone();
-    let headers: Vec<String> = headers
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_owned())
-        .collect();
-    if !headers.iter().any(|h| h == "KeyPairName") {
-        return Err(BatchError::NoNameColumn {
-            path: path.to_owned(),
-        });
+            format,
+            lines,
+            line: 0,
+            headers: Vec::new(),
+        };
+        if format == Format::Csv {
+            input.read_header()?;
+        }
+        Ok(input)
     }
-    let mut rows = 0;
-    let mut record = csv::StringRecord::new();
-    loop {
-        let line = reader.position().line() + 1;
-        let row = match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {
-                let line = record.position().map(|p| p.line()).unwrap_or(line);
-                if record.len() != headers.len() {
-                    BadRow::row(
-                        line,
-                        defaults.provider,
-                        defaults.owner.clone(),
-                        format!(
-                            "line {line}: {} fields where the header has {}",
-                            record.len(),
-                            headers.len()
-                        ),
-                        defaults,
-                    )
-                } else {
-                    build_row(line, csv_params(&headers, &record), defaults)
+
+    /// The next physical line without its line ending (`\n` or `\r\n`); `None` at the end.
+    fn next_line(&mut self) -> Result<Option<String>, BatchError> {
+        let mut buf = Vec::new();
+        let n = self
+            .lines
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| BatchError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.line += 1;
+        if buf.ends_with(b"\n") {
+            buf.pop();
+        }
+        if buf.ends_with(b"\r") {
+            buf.pop();
+        }
+        Ok(Some(match String::from_utf8(buf) {
+            Ok(s) => s,
+            // Answered as a bad row by the caller; the replacement char marks where.
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }))
+    }
+
+    fn read_header(&mut self) -> Result<(), BatchError> {
+        let header = loop {
+            match self.next_line()? {
+                None => {
+                    return Err(BatchError::Empty {
+                        path: self.path.clone(),
+                    })
                 }
+                Some(l) if l.trim().is_empty() => continue,
+                Some(l) => break l,
             }
-            Err(e) => {
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    return Err(BatchError::Io {
-                        path: path.to_owned(),
-                        source: std::io::Error::other(e.to_string()),
-                    });
-                }
-                let line = e.position().map(|p| p.line()).unwrap_or(line);
+        };
+        let bad = |reason: String| BatchError::Header {
+            path: self.path.clone(),
+            reason,
+        };
+        let header = header.trim_start_matches('\u{feff}');
+        let headers: Vec<String> = split_csv_line(header)
+            .map_err(bad)?
+            .into_iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
+        for (i, h) in headers.iter().enumerate() {
+            if headers[..i].contains(h) {
+                return Err(bad(format!("column {h:?} appears twice")));
+            }
+        }
+        if !headers.iter().any(|h| h == "KeyPairName") {
+            return Err(BatchError::NoNameColumn {
+                path: self.path.clone(),
+            });
+        }
+        self.headers = headers;
+        Ok(())
+    }
+
+    /// Reads row by row, handing each row to `emit`; stops early when `emit` returns false (the
+    /// consumer has gone away). Returns the number of rows read.
+    pub fn read_rows(
+        mut self,
+        defaults: &RowDefaults,
+        mut emit: impl FnMut(Row) -> bool,
+    ) -> Result<u64, BatchError> {
+        let mut rows = 0;
+        while let Some(text) = self.next_line()? {
+            if text.trim().is_empty() {
+                continue;
+            }
+            let line = self.line;
+            let bad = |reason: String| {
                 BadRow::row(
                     line,
                     defaults.provider,
                     defaults.owner.clone(),
-                    format!("line {line}: {e}"),
+                    format!("line {line}: {reason}"),
                     defaults,
                 )
+            };
+            let row = match self.format {
+                Format::Csv => match split_csv_line(&text) {
+                    Ok(fields) if fields.len() != self.headers.len() => bad(format!(
+                        "{} fields where the header has {}",
+                        fields.len(),
+                        self.headers.len()
+                    )),
+                    Ok(fields) => build_row(line, csv_params(&self.headers, &fields), defaults),
+                    Err(reason) => bad(reason),
+                },
+                Format::Jsonl => match jsonl_params(text.trim()) {
+                    Ok(params) => build_row(line, params, defaults),
+                    Err(reason) => bad(reason),
+                },
+            };
+            rows += 1;
+            if !emit(row) {
+                break;
             }
-        };
-        rows += 1;
-        if !emit(row) {
-            break;
         }
+        Ok(rows)
     }
-    Ok(rows)
+}
+
+/// One CSV record on one line, quoted as RFC 4180 says and nothing looser: a field is either
+/// bare (no `"` in it) or wholly quoted, with `""` for a quote inside. The csv crate reads on
+/// past an unterminated quote (swallowing the rows after it into one field) and keeps a stray
+/// quote as text (`"bad"quote"` → `badquote"`); a batch row is one line, and a row whose
+/// quoting is wrong fails alone.
+pub fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("a quoted field is not closed on its line".into()),
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                }
+            }
+            match chars.next() {
+                None => {
+                    fields.push(field);
+                    return Ok(fields);
+                }
+                Some(',') => {}
+                Some(_) => return Err("text after the closing quote of a field".into()),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        fields.push(field);
+                        return Ok(fields);
+                    }
+                    Some(',') => break,
+                    Some('"') => {
+                        return Err("a quote inside an unquoted field (quote the whole field, and double the quote)".into())
+                    }
+                    Some(c) => field.push(c),
+                }
+            }
+        }
+        fields.push(field);
+    }
 }
 
 /// A CSV cannot tell an empty cell from an absent parameter, so an empty cell is absent — except
 /// `Tag.N.Value` next to a non-empty `Tag.N.Key`, where the API allows an empty value.
-fn csv_params(headers: &[String], record: &csv::StringRecord) -> BTreeMap<String, String> {
+fn csv_params(headers: &[String], fields: &[String]) -> BTreeMap<String, String> {
     let mut params = BTreeMap::new();
-    for (h, v) in headers.iter().zip(record.iter()) {
+    for (h, v) in headers.iter().zip(fields) {
         if !v.is_empty() {
             params.insert(h.clone(), v.to_owned());
         }
@@ -258,67 +365,53 @@ fn csv_params(headers: &[String], record: &csv::StringRecord) -> BTreeMap<String
     params
 }
 
-fn read_jsonl(
-    path: &Path,
-    file: File,
-    defaults: &RowDefaults,
-    emit: &mut impl FnMut(Row) -> bool,
-) -> Result<u64, BatchError> {
-    let mut reader = BufReader::new(file);
-    let mut buf = String::new();
-    let mut line = 0u64;
-    let mut rows = 0;
-    loop {
-        buf.clear();
-        let n = reader
-            .read_line(&mut buf)
-            .map_err(|source| BatchError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
-        if n == 0 {
-            break;
-        }
-        line += 1;
-        let text = buf.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let row = match jsonl_params(text) {
-            Ok(params) => build_row(line, params, defaults),
-            Err(reason) => BadRow::row(
-                line,
-                defaults.provider,
-                defaults.owner.clone(),
-                format!("line {line}: {reason}"),
-                defaults,
-            ),
-        };
-        rows += 1;
-        if !emit(row) {
-            break;
+fn jsonl_params(text: &str) -> Result<BTreeMap<String, String>, String> {
+    /// The object's members in order, duplicates kept (serde_json's map keeps the last).
+    struct Members(Vec<(String, serde_json::Value)>);
+    impl<'de> serde::Deserialize<'de> for Members {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("one flat JSON object of API parameters")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Members, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(member) = map.next_entry()? {
+                        out.push(member);
+                    }
+                    Ok(Members(out))
+                }
+            }
+            d.deserialize_map(V)
         }
     }
-    Ok(rows)
-}
-
-fn jsonl_params(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let obj = value
-        .as_object()
-        .ok_or("expected one flat JSON object of API parameters")?;
+    let Members(members) = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            "expected one flat JSON object of API parameters".to_owned()
+        } else {
+            format!("not valid JSON: {e}")
+        }
+    })?;
     let mut params = BTreeMap::new();
-    for (k, v) in obj {
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in members {
+        if !seen.insert(k.clone()) {
+            return Err(format!("parameter {k} is given twice"));
+        }
         match v {
             serde_json::Value::String(s) => {
-                params.insert(k.clone(), s.clone());
+                params.insert(k, s);
             }
             serde_json::Value::Null => {}
             other => {
                 return Err(format!(
                     "parameter {k} must be a string, not {}",
-                    json_kind(other)
+                    json_kind(&other)
                 ))
             }
         }
@@ -340,28 +433,21 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 /// The thread reading a batch file; [`join_reader`] gives its outcome.
 pub type Reader = std::thread::JoinHandle<Result<u64, BatchError>>;
 
-/// Reads `path` on its own thread into a bounded channel of `capacity` rows, so reading never
-/// runs ahead of the pipeline by more than that. The thread stops early when the receiver is
-/// dropped; join it for the read's outcome.
+/// Reads `input` on its own thread into a bounded channel of `capacity` rows, so reading
+/// never runs ahead of the pipeline by more than that. The thread stops early when the receiver
+/// is dropped; join it for the read's outcome.
 pub fn spawn_reader(
-    path: &Path,
-    format: Option<Format>,
+    input: BatchInput,
     defaults: &RowDefaults,
     capacity: usize,
 ) -> Result<(tokio::sync::mpsc::Receiver<Row>, Reader), BatchError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Row>(capacity.max(1));
-    let (input, defaults) = (path.to_owned(), defaults.clone());
+    let defaults = defaults.clone();
+    let path = input.path.clone();
     let handle = std::thread::Builder::new()
         .name("keyfleet-batch-reader".into())
-        .spawn(move || {
-            read_rows(&input, format, &defaults, |row| {
-                tx.blocking_send(row).is_ok()
-            })
-        })
-        .map_err(|source| BatchError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        .spawn(move || input.read_rows(&defaults, |row| tx.blocking_send(row).is_ok()))
+        .map_err(|source| BatchError::Io { path, source })?;
     Ok((rx, handle))
 }
 
@@ -374,8 +460,12 @@ pub fn join_reader(path: &Path, handle: Reader) -> Result<u64, BatchError> {
 }
 
 /// Counts the rows of a batch cheaply, for the progress bar (a pass over the bytes only).
+/// Only a regular file can be read twice: for a pipe or standard input the total is unknown.
 pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
     let format = format.or_else(|| Format::from_path(path))?;
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let file = File::open(path).ok()?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut lines = 0u64;
@@ -414,11 +504,13 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         let mut rows = Vec::new();
-        read_rows(f.path(), None, &defaults(), |r| {
-            rows.push(r);
-            true
-        })
-        .unwrap();
+        BatchInput::open(f.path(), None)
+            .unwrap()
+            .read_rows(&defaults(), |r| {
+                rows.push(r);
+                true
+            })
+            .unwrap();
         rows
     }
 
@@ -475,7 +567,70 @@ mod tests {
     fn csv_without_name_column_is_an_error() {
         let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
         f.write_all(b"RegionId\ncn-hangzhou\n").unwrap();
-        let err = read_rows(f.path(), None, &defaults(), |_| true).unwrap_err();
+        let err = BatchInput::open(f.path(), None).err().unwrap();
         assert!(err.to_string().contains("KeyPairName"));
+    }
+
+    #[test]
+    fn bad_csv_quoting_fails_its_row_only() {
+        let mut text = String::from("Provider,Owner,KeyPairName,Region\n");
+        text.push_str("ucloud,,ok-1,cn-bj2\n");
+        text.push_str("ucloud,,\"unterminated,cn-bj2\n");
+        text.push_str("ucloud,,\"bad\"quote\",cn-bj2\n");
+        text.push_str("ucloud,,bare\"quote,cn-bj2\n");
+        for i in 0..50 {
+            text.push_str(&format!("ucloud,,after-{i},cn-bj2\n"));
+        }
+        text.push_str("ucloud,,\"a,\"\"b\"\"\",cn-bj2\n");
+        let rows = read(".csv", &text);
+        assert_eq!(rows.len(), 55);
+        assert!(matches!(&rows[0], Row::Job(j) if j.params["KeyPairName"] == "ok-1"));
+        for (i, why) in [
+            (1, "not closed"),
+            (2, "after the closing quote"),
+            (3, "unquoted"),
+        ] {
+            assert!(
+                matches!(&rows[i], Row::Bad(BadRow { line, reason, .. }) if *line == i as u64 + 2 && reason.contains(why)),
+                "{:?}",
+                rows[i]
+            );
+        }
+        assert!(rows[4..54].iter().all(|r| matches!(r, Row::Job(_))));
+        assert!(matches!(&rows[54], Row::Job(j) if j.params["KeyPairName"] == "a,\"b\""));
+    }
+
+    #[test]
+    fn crlf_lines_keep_their_numbers() {
+        let rows = read(
+            ".csv",
+            "RegionId,KeyPairName\r\ncn-hangzhou,a\r\n\r\ncn-hangzhou,b\r\n",
+        );
+        let lines: Vec<_> = rows
+            .iter()
+            .map(|r| match r {
+                Row::Job(j) => (j.line, j.params["KeyPairName"].clone()),
+                Row::Bad(b) => panic!("{b:?}"),
+            })
+            .collect();
+        assert_eq!(lines, [(Some(2), "a".into()), (Some(4), "b".into())]);
+    }
+
+    #[test]
+    fn duplicate_columns_and_keys_are_refused() {
+        let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        f.write_all(b"KeyPairName,RegionId,KeyPairName\na,cn-hangzhou,b\n")
+            .unwrap();
+        let err = BatchInput::open(f.path(), None).err().unwrap().to_string();
+        assert!(err.contains("\"KeyPairName\" appears twice"), "{err}");
+        let rows = read(".jsonl", "{\"KeyPairName\":\"a\",\"KeyPairName\":\"b\"}\n");
+        assert!(matches!(&rows[0], Row::Bad(BadRow { reason, .. }) if reason.contains("twice")));
+    }
+
+    #[test]
+    fn empty_csv_says_it_is_empty() {
+        let f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        let err = BatchInput::open(f.path(), None).err().unwrap().to_string();
+        assert!(err.contains("is empty"), "{err}");
     }
 }

@@ -189,11 +189,12 @@ server); 2 for bad flags."
 pub struct WorkerArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Jobs in flight at once (RabbitMQ prefetch). Default: 4 per key-generation thread.
-    #[arg(long, env = "KEYFLEET_CONCURRENCY")]
+    /// Jobs in flight at once (RabbitMQ prefetch), 1 to 65535. Default: 4 per key-generation
+    /// thread.
+    #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
     pub concurrency: Option<u16>,
-    /// Key-generation threads; 0 = one per core.
-    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0)]
+    /// Key-generation threads; 0 = one per core, at most 4 per core.
+    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
     /// Key pairs allowed per region (default 500, or `quota` in the config file).
     #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
@@ -257,6 +258,29 @@ impl WorkerArgs {
             drain_timeout: self.drain_timeout,
             metrics_addr: self.metrics_addr.0,
         }
+    }
+}
+
+/// More key-generation threads than cores only adds switching: past 4 per core a value is a
+/// typo (`--threads 100000` would spend minutes starting threads).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let max = max_threads();
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!(
+            "must be 0 (one per core) to {max} (4 per core on this machine) (--threads / KEYFLEET_THREADS)"
+        )),
+    }
+}
+
+fn parse_concurrency(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be 1 to 65535 (--concurrency / KEYFLEET_CONCURRENCY)".into()),
     }
 }
 
@@ -338,8 +362,8 @@ pub struct RunArgs {
     /// RSA modulus size: 2048, 3072 or 4096. Default 2048 (or key_bits in the config file).
     #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
     pub key_bits: Option<KeyBits>,
-    /// Key-generation threads; 0 = one per core.
-    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N")]
+    /// Key-generation threads; 0 = one per core, at most 4 per core.
+    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Prime engine.
     #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
@@ -411,8 +435,8 @@ pub struct BenchArgs {
     /// Keys to generate per measurement.
     #[arg(long, default_value_t = 64)]
     pub keys: usize,
-    /// Threads; 0 = one per core.
-    #[arg(long, default_value_t = 0)]
+    /// Threads; 0 = one per core, at most 4 per core.
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
     #[arg(long, default_value = "2048", value_parser = parse_key_bits)]
     pub bits: KeyBits,
@@ -539,6 +563,15 @@ impl FileConfig {
                     &format!("quota_per_region.{region}"),
                     q.to_string(),
                     "must be 1 to 10000000",
+                )
+            })?;
+        }
+        if let Some(t) = cfg.threads {
+            parse_threads(&t.to_string()).map_err(|e| {
+                bad(
+                    "threads",
+                    t.to_string(),
+                    e.split(" (--").next().unwrap_or(&e),
                 )
             })?;
         }

@@ -70,11 +70,8 @@ pub async fn run_with<R: Registry, U: Upstream>(
     upstream: Arc<U>,
     shutdown: CancellationToken,
 ) -> Result<Summary, RunError> {
-    // Fail on an unreadable input before creating anything.
-    std::fs::File::open(&opts.input).map_err(|source| batch::BatchError::Io {
-        path: opts.input.clone(),
-        source,
-    })?;
+    // Fail on an unreadable input or a bad header before creating anything.
+    let input = batch::BatchInput::open(&opts.input, opts.format)?;
     let mut out = OutputDir::create(&opts.out)?;
     if let Some(old) = &out.rotated {
         tracing::info!("kept the previous manifest as {}", old.display());
@@ -94,8 +91,7 @@ pub async fn run_with<R: Registry, U: Upstream>(
     // Enough jobs in flight to keep every rayon thread busy while results wait for their
     // turn in input order; small enough that memory does not depend on the batch size.
     let concurrency = threads * 4 + 4;
-    let (rx, reader) =
-        batch::spawn_reader(&opts.input, opts.format, &opts.defaults, concurrency * 2)?;
+    let (rx, reader) = batch::spawn_reader(input, &opts.defaults, concurrency * 2)?;
 
     let total = batch::count_rows(&opts.input, opts.format);
     let mut progress = Progress::new(opts.progress, total);

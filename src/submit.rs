@@ -60,10 +60,7 @@ pub async fn submit(
     opts: SubmitOptions,
     shutdown: CancellationToken,
 ) -> Result<SubmitSummary, SubmitError> {
-    std::fs::File::open(&opts.input).map_err(|source| batch::BatchError::Io {
-        path: opts.input.clone(),
-        source,
-    })?;
+    let input = batch::BatchInput::open(&opts.input, opts.format)?;
     let e = &opts.endpoints;
     let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
     let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
@@ -72,7 +69,7 @@ pub async fn submit(
     // Before the first job: results are kept even if no collector is running yet.
     broker.declare_results_queue(&batch_id).await?;
 
-    let (mut rx, reader) = batch::spawn_reader(&opts.input, opts.format, &opts.defaults, 4096)?;
+    let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4096)?;
 
     let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
     let started = Instant::now();

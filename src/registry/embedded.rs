@@ -48,14 +48,23 @@ fn encode_entry(entry: &Entry) -> Result<Vec<u8>, RegistryError> {
 impl EmbeddedRegistry {
     /// Opens (or creates) the state file, creating its parent folder.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let shown = path.display();
+        // A missing folder is a typo far more often than a wish: say so instead of creating it.
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                RegistryError::Storage(format!("cannot create {}: {e}", parent.display()))
-            })?;
+            if !parent.is_dir() {
+                return Err(RegistryError::Storage(format!(
+                    "cannot open state file {shown}: folder {} does not exist",
+                    parent.display()
+                )));
+            }
         }
-        let db = Database::create(path).map_err(|e| {
-            RegistryError::Storage(format!("cannot open state file {}: {e}", path.display()))
-        })?;
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(RegistryError::Storage(format!(
+                "state file {shown} is empty, so it is not a keyfleet state file (a crash while \
+                 it was created, or a file made by hand): move it away to start a new registry"
+            )));
+        }
+        let db = open_database(path)?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(ENTRIES).map_err(storage)?;
         txn.open_table(COUNTS).map_err(storage)?;
@@ -79,6 +88,27 @@ impl EmbeddedRegistry {
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?
+    }
+}
+
+/// Opens (or creates) the redb file. redb asserts on some damaged files (a truncated one, for
+/// instance) instead of returning an error; that panic is caught here, with the panic message
+/// kept off the terminal, and reported as what it is: a damaged state file.
+fn open_database(path: &Path) -> Result<Database, RegistryError> {
+    let shown = path.display();
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Database::create(path));
+    std::panic::set_hook(quiet);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(RegistryError::Storage(format!(
+            "cannot open state file {shown}: {e}"
+        ))),
+        Err(_) => Err(RegistryError::Storage(format!(
+            "state file {shown} is damaged (truncated or overwritten): keyfleet cannot read it; \
+             restore it from a backup, or move it away to start a new registry"
+        ))),
     }
 }
 

@@ -1,0 +1,260 @@
+//! `keyfleet run` against input a hostile (or unlucky) user gives it: a damaged state file,
+//! bad CSV quoting, CRLF line ends, pipes and standard input, absurd flags. Each test is named
+//! after the fault it pins; each answer is a clear message and a meaningful exit code, never a
+//! panic, a hang or a silently lost row.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn keyfleet(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
+    c.current_dir(dir).stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYFLEET_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn manifest(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("manifest.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("whole manifest lines"))
+        .collect()
+}
+
+fn run(dir: &Path, input: &str, extra: &[&str]) -> Output {
+    keyfleet(dir)
+        .args([
+            "run",
+            input,
+            "--out",
+            "o",
+            "--progress",
+            "off",
+            "--threads",
+            "1",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn truncated_state_file_exits_1_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "a.csv", &["--state", "good.redb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let good = std::fs::read(dir.path().join("good.redb")).unwrap();
+    for cut in [512, 4096, good.len() / 2, good.len() - 1] {
+        let state = dir.path().join(format!("cut-{cut}.redb"));
+        std::fs::write(&state, &good[..cut]).unwrap();
+        let out = run(dir.path(), "a.csv", &["--state", state.to_str().unwrap()]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "cut at {cut}: {t}");
+        assert!(
+            t.contains("damaged") || t.contains("cannot open state file"),
+            "{t}"
+        );
+        assert!(!t.contains("panicked"), "cut at {cut}: {t}");
+    }
+}
+
+#[test]
+fn zero_length_state_file_is_refused_not_taken_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("zero.redb"), b"").unwrap();
+    let out = run(dir.path(), "a.csv", &["--state", "zero.redb"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is empty"), "{}", text(&out));
+}
+
+#[test]
+fn state_in_a_missing_folder_is_refused_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "a.csv", &["--state", "nowhere/deeper/x.redb"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+    assert!(!dir.path().join("nowhere").exists());
+}
+
+#[test]
+fn bad_csv_quoting_fails_one_row_and_the_rest_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("Provider,Owner,KeyPairName,Region\n");
+    csv.push_str("ucloud,,first,cn-bj2\n");
+    csv.push_str("ucloud,,\"unterminated,cn-bj2\n");
+    for i in 0..49 {
+        csv.push_str(&format!("ucloud,,row-{i},cn-bj2\n"));
+    }
+    csv.push_str("ucloud,,\"bad\"quote\",cn-bj2\n");
+    std::fs::write(dir.path().join("q.csv"), csv).unwrap();
+    let out = run(dir.path(), "q.csv", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = manifest(&dir.path().join("o"));
+    assert_eq!(lines.len(), 52, "one manifest line per row");
+    let failed: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["status"] == "failed")
+        .map(|l| l["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(failed, [3, 53]);
+    assert!(lines.iter().all(|l| l["key_pair_name"] != "badquote\""));
+}
+
+#[test]
+fn crlf_input_keeps_manifest_line_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("w.csv"),
+        "RegionId,KeyPairName\r\ncn-hangzhou,crlf-1\r\ncn-hangzhou,1bad\r\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "w.csv", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = manifest(&dir.path().join("o"));
+    let got: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| (l["line"].as_u64().unwrap(), l["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(2, "created"), (3, "failed")]);
+}
+
+#[test]
+fn fifo_and_stdin_input_are_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = "RegionId,KeyPairName\ncn-hangzhou,p1\ncn-hangzhou,p2\ncn-hangzhou,p3\n";
+    // Standard input, named `-`.
+    let mut child = keyfleet(dir.path())
+        .args([
+            "run",
+            "-",
+            "--format",
+            "csv",
+            "--out",
+            "o1",
+            "--progress",
+            "off",
+        ])
+        .args(["--threads", "1", "--state", "s1.redb"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rows.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(manifest(&dir.path().join("o1")).len(), 3);
+
+    // A FIFO: a writer that comes and goes once.
+    let fifo = dir.path().join("f.csv");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let writer = {
+        let (fifo, rows) = (fifo.clone(), rows.to_owned());
+        std::thread::spawn(move || std::fs::write(fifo, rows).unwrap())
+    };
+    let mut child = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "o2", "--progress", "off"])
+        .args(["--threads", "1", "--state", "s2.redb"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "run on a FIFO hangs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    writer.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let names: Vec<String> = manifest(&dir.path().join("o2"))
+        .iter()
+        .map(|l| l["key_pair_name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["p1", "p2", "p3"]);
+}
+
+#[test]
+fn absurd_threads_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = keyfleet(dir.path())
+        .args(["run", "a.csv", "--out", "o", "--threads", "100000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--threads"), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!dir.path().join("o").exists());
+    let bench = Command::new(env!("CARGO_BIN_EXE_keyfleet"))
+        .args(["bench", "--threads", "100000"])
+        .output()
+        .unwrap();
+    assert_eq!(bench.status.code(), Some(2), "{}", text(&bench));
+}
+
+#[test]
+fn empty_input_file_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.csv"), "").unwrap();
+    let out = run(dir.path(), "e.csv", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is empty"), "{}", text(&out));
+    assert!(
+        !dir.path().join("o").exists(),
+        "no output folder for a bad input"
+    );
+}
+
+#[test]
+fn duplicate_header_columns_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("d.csv"),
+        "RegionId,KeyPairName,KeyPairName\ncn-hangzhou,a,b\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "d.csv", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("appears twice"), "{}", text(&out));
+}
