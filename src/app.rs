@@ -20,7 +20,8 @@ use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Filter, Registry};
 use crate::run::{run, RunOptions, Summary};
-use crate::submit::SubmitOptions;
+use crate::submit::{KeysTo, SubmitOptions};
+use crate::transit;
 
 /// Exit codes: 0 done, 1 the run itself failed, 2 bad flags/config (clap uses 2 too),
 /// 130 interrupted.
@@ -60,6 +61,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
                 collect_options(
                     &args.batch_id,
                     args.out.clone(),
+                    args.identity.clone(),
                     args.idle_timeout,
                     &args.server,
                     args.progress,
@@ -203,6 +205,7 @@ async fn redis_registry(url: &str, prefix: &str) -> anyhow::Result<RedisRegistry
 fn collect_options(
     batch_id: &str,
     out: std::path::PathBuf,
+    identity: Option<std::path::PathBuf>,
     idle_timeout: std::time::Duration,
     server: &ServerArgs,
     progress: crate::progress::ProgressMode,
@@ -210,6 +213,7 @@ fn collect_options(
     CollectOptions {
         batch_id: batch_id.to_owned(),
         out,
+        identity: identity.unwrap_or_else(|| transit::default_identity_path(batch_id)),
         endpoints: server.endpoints(),
         idle_timeout,
         progress,
@@ -279,6 +283,11 @@ async fn submit_command(
         endpoints: args.server.endpoints(),
         progress: args.progress,
         confirm_window: args.confirm_window.max(1),
+        keys_to: match (&args.recipient, &args.identity) {
+            (Some(r), _) => KeysTo::Recipient(r.clone()),
+            (None, Some(path)) => KeysTo::IdentityFile(path.clone()),
+            (None, None) => KeysTo::IdentityFile(transit::default_identity_path(&batch_id)),
+        },
     };
     eprintln!("batch id: {batch_id}");
     let summary = crate::submit::submit(opts, shutdown.clone())
@@ -304,6 +313,7 @@ async fn submit_command(
             collect_options(
                 &batch_id,
                 out,
+                args.identity.clone(),
                 std::time::Duration::from_secs(600),
                 &args.server,
                 args.progress,

@@ -59,6 +59,8 @@ impl BatchStatus {
 pub struct BatchKeys {
     pub counts: String,
     pub jobs: String,
+    /// String: the age recipient the batch's private keys are encrypted to (`transit.rs`).
+    pub recipient: String,
 }
 
 #[derive(Clone)]
@@ -123,6 +125,7 @@ impl BatchStatusStore {
         Ok(BatchKeys {
             counts: format!("{}:batch:{{{tag}}}:counts", self.prefix),
             jobs: format!("{}:batch:{{{tag}}}:jobs", self.prefix),
+            recipient: format!("{}:batch:{{{tag}}}:recipient", self.prefix),
         })
     }
 
@@ -139,11 +142,38 @@ impl BatchStatusStore {
         SET_TOTAL
             .key(&keys.counts)
             .key(&keys.jobs)
+            .key(&keys.recipient)
             .arg(total)
             .arg(self.ttl_ms())
             .invoke_async::<i64>(&mut conn)
             .await
             .map(drop)
+            .map_err(storage)
+    }
+
+    /// Records the age recipient the batch's private keys are encrypted to. Only a producer
+    /// (`submit`) calls it; workers read it with [`BatchStatusStore::recipient`].
+    pub async fn set_recipient(&self, batch_id: &str, recipient: &str) -> Result<(), RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(&keys.recipient)
+            .arg(recipient)
+            .arg("PX")
+            .arg(self.ttl_ms())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(storage)
+    }
+
+    /// The batch's age recipient, if its producer recorded one.
+    pub async fn recipient(&self, batch_id: &str) -> Result<Option<String>, RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(&keys.recipient)
+            .query_async(&mut conn)
+            .await
             .map_err(storage)
     }
 
@@ -160,6 +190,7 @@ impl BatchStatusStore {
         let counted: i64 = RECORD
             .key(&keys.counts)
             .key(&keys.jobs)
+            .key(&keys.recipient)
             .arg(job_id.hyphenated().to_string())
             .arg(outcome)
             .arg(self.ttl_ms())

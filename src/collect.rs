@@ -27,6 +27,8 @@ use uuid::Uuid;
 pub struct CollectOptions {
     pub batch_id: String,
     pub out: PathBuf,
+    /// The batch's age identity: decrypts the private keys (`transit.rs`).
+    pub identity: PathBuf,
     pub endpoints: Endpoints,
     /// Stop after this long without a result (the batch may be incomplete; run again later).
     pub idle_timeout: Duration,
@@ -40,6 +42,9 @@ pub struct CollectSummary {
     pub tally: Tally,
     /// Results skipped because their job was already written, or superseded by a newer key.
     pub duplicates: u64,
+    /// Created results whose key was not written: it did not decrypt with the batch's
+    /// identity, or was not the registered key. Kept in `rejected.jsonl`.
+    pub rejected: u64,
     /// Results of the batch written so far, this run and earlier ones.
     pub collected: u64,
     pub total: Option<u64>,
@@ -57,6 +62,10 @@ pub enum CollectError {
     Redis(#[from] RegistryError),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
+    #[error("the batch's private keys are encrypted, and its identity file {0} does not exist: pass --identity FILE (`submit` wrote ./<batch-id>.age-identity where it ran)")]
+    NoIdentity(PathBuf),
+    #[error(transparent)]
+    Transit(#[from] crate::transit::TransitError),
 }
 
 /// Acks are sent in groups, each after the manifest lines they cover are synced.
@@ -78,8 +87,16 @@ pub async fn collect(
 
     let mut total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
     let mut progress = Progress::new(opts.progress, total);
-    let keys = out.keys().clone();
+    let keys = Keys {
+        files: out.keys().clone(),
+        identity: match opts.identity.exists() {
+            true => Some(crate::transit::read_identity(&opts.identity)?),
+            false => None,
+        },
+        identity_path: opts.identity.clone(),
+    };
     let mut duplicates = 0;
+    let mut rejected = 0;
     let mut unacked: Vec<lapin::Acker> = Vec::new();
     // Created results whose pair the registry does not yet hold as delivered: their worker
     // may still confirm them, or their job may come back and replace the pair. Held unacked.
@@ -121,8 +138,10 @@ pub async fn collect(
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
                     verdict => {
-                        take(&mut out, &keys, &mut seen, &mut progress, result, verdict).await?;
+                        let taken =
+                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict).await?;
                         duplicates += u64::from(verdict == Verdict::Superseded);
+                        rejected += u64::from(!taken);
                         unacked.push(delivery.acker);
                     }
                 }
@@ -137,9 +156,11 @@ pub async fn collect(
                     match verdict(&registry, &result).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
-                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
-                                .await?;
+                            let taken =
+                                take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
+                                    .await?;
                             duplicates += u64::from(verdict == Verdict::Superseded);
+                            rejected += u64::from(!taken);
                             unacked.push(acker);
                             last_result = Instant::now();
                         }
@@ -179,6 +200,7 @@ pub async fn collect(
         batch_id: opts.batch_id,
         tally,
         duplicates,
+        rejected,
         collected,
         total,
         complete: total.is_some_and(|t| collected >= t),
@@ -242,23 +264,40 @@ async fn verdict(registry: &RedisRegistry, r: &JobResult) -> Result<Verdict, Reg
     })
 }
 
+/// How keys are read and written here.
+struct Keys {
+    files: KeyFiles,
+    identity: Option<crate::transit::Identity>,
+    identity_path: PathBuf,
+}
+
 /// Writes an accepted result (key file through the sink, then its manifest line), or drops a
-/// superseded one.
+/// superseded one. `false` when a created result's key was rejected (kept aside, not written):
+/// it does not decrypt with the batch's identity, or is not the key the registry holds — a
+/// forged result; the genuine one may still come.
 async fn take(
     out: &mut OutputDir,
-    keys: &KeyFiles,
+    keys: &Keys,
     seen: &mut HashSet<Uuid>,
     progress: &mut Progress,
     mut result: JobResult,
     verdict: Verdict,
-) -> Result<(), CollectError> {
+) -> Result<bool, CollectError> {
     if verdict != Verdict::Accept {
-        return Ok(());
+        return Ok(true);
     }
     let mut key_file = None;
     if result.is_created() {
-        match keys.deliver(&mut result).await {
-            Ok(()) => key_file = Some(keys.path(&result)),
+        match plaintext_key(keys, &mut result)? {
+            Ok(()) => {}
+            Err(why) => {
+                tracing::error!(job = %result.job_id, "result not written: {why}");
+                out.keep_rejected(&result, &why)?;
+                return Ok(false);
+            }
+        }
+        match keys.files.deliver(&mut result).await {
+            Ok(()) => key_file = Some(keys.files.path(&result)),
             Err(e) => {
                 tracing::error!(job = %result.job_id, "{e}");
                 result = result.fail_with(&crate::dialect::ApiError::Internal(format!(
@@ -270,5 +309,35 @@ async fn take(
     out.append(&result, key_file.as_deref())?;
     seen.insert(result.job_id);
     progress.record(&result);
-    Ok(())
+    Ok(true)
+}
+
+/// Turns the created result's key body into the plaintext PEM, checked against the
+/// fingerprint the registry holds (the result's own, which `verdict` compared). The inner
+/// `Err` is why the key is rejected.
+fn plaintext_key(keys: &Keys, result: &mut JobResult) -> Result<Result<(), String>, CollectError> {
+    let Some(created) = result.created_mut() else {
+        return Ok(Ok(()));
+    };
+    let Some(body) = created.private_key.take() else {
+        return Ok(Err("a created result without a private key".into()));
+    };
+    let pem = if crate::transit::is_sealed(&body.0) {
+        let Some(identity) = &keys.identity else {
+            return Err(CollectError::NoIdentity(keys.identity_path.clone()));
+        };
+        match crate::transit::open(identity, &body.0) {
+            Ok(pem) => pem,
+            Err(e) => return Ok(Err(e.to_string())),
+        }
+    } else {
+        body.0
+    };
+    match crate::keygen::fingerprints_of_pem(&pem) {
+        Ok((_, sha256)) if sha256 == created.fingerprint_sha256 => {}
+        Ok(_) => return Ok(Err("the private key is not the registered key".into())),
+        Err(e) => return Ok(Err(format!("not a private key: {e}"))),
+    }
+    created.private_key = Some(crate::job::SecretPem(pem));
+    Ok(Ok(()))
 }

@@ -128,7 +128,7 @@ pub struct SubmitArgs {
     #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
     /// After enqueueing, collect the results into --out (like `collect`).
-    #[arg(long, requires = "out")]
+    #[arg(long, requires = "out", conflicts_with = "recipient")]
     pub wait: bool,
     /// Output folder for --wait.
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
@@ -136,6 +136,15 @@ pub struct SubmitArgs {
     /// Publisher confirms kept in flight.
     #[arg(long, default_value_t = 4096)]
     pub confirm_window: usize,
+    /// The batch's age identity file: private keys travel encrypted to it and only `collect`
+    /// with this file can read them. Created (0600) when it does not exist. Default:
+    /// ./<batch-id>.age-identity.
+    #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE", conflicts_with = "recipient")]
+    pub identity: Option<PathBuf>,
+    /// Encrypt the batch's private keys to this age recipient (age1…) instead; you keep its
+    /// identity and give it to `collect --identity`.
+    #[arg(long, env = "KEYFLEET_RECIPIENT", value_name = "AGE1…")]
+    pub recipient: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
@@ -152,8 +161,11 @@ pub struct CollectArgs {
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: PathBuf,
     /// Stop after this long without a result (run again later to continue).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub idle_timeout: std::time::Duration,
+    /// The batch's age identity file (what `submit` wrote). Default: ./<batch-id>.age-identity.
+    #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
@@ -220,6 +232,10 @@ pub struct WorkerArgs {
     /// Config file (TOML; same format as keyfleet's). Default: ./keyfleet.toml when it exists.
     #[arg(long, env = "KEYFLEET_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Send private keys in plaintext for batches with no recipient in Redis (jobs published
+    /// by producers other than `keyfleet submit`). Off: such jobs are dead-lettered.
+    #[arg(long, env = "KEYFLEET_ALLOW_PLAINTEXT_RESULTS")]
+    pub allow_plaintext_results: bool,
     #[arg(
         long,
         env = "KEYFLEET_LOG",
@@ -257,6 +273,7 @@ impl WorkerArgs {
             upstream_burst: self.upstream_burst,
             drain_timeout: self.drain_timeout,
             metrics_addr: self.metrics_addr.0,
+            allow_plaintext_results: self.allow_plaintext_results,
         }
     }
 }

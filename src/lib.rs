@@ -12,6 +12,7 @@
 //! - The lifecycle and its parts: `lifecycle.rs`, `retry.rs` (the one retry policy),
 //!   `settings.rs` (catalogue, quota, engine), `sink/` (where results go: `key_files.rs`,
 //!   `results_queue.rs`), `upstream.rs` and `rate_limit.rs` (the cloud side).
+//! - Private keys in transit: `transit.rs` (age encryption to a batch's recipient).
 //! - What a job is: `job.rs` (jobs, results, their wire form), `batch.rs` (rows of a batch
 //!   file), `dialect/` (everything provider-specific: `aliyun.rs`, `ucloud.rs`).
 //! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
@@ -53,5 +54,6 @@ pub mod settings;
 pub mod shutdown;
 pub mod sink;
 pub mod submit;
+pub mod transit;
 pub mod upstream;
 pub mod worker;

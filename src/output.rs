@@ -156,21 +156,15 @@ impl OutputDir {
     /// Appends a message that could not be read as a result to `unreadable.jsonl` (mode 0600:
     /// it may hold a private key), one line each, so nothing a worker sent is lost.
     pub fn keep_unreadable(&self, bytes: &[u8]) -> Result<(), OutputError> {
-        let path = self.root.join("unreadable.jsonl");
-        let err = |source| OutputError::Manifest {
-            path: path.clone(),
-            source,
-        };
-        let mut f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(err)?;
         let line = String::from_utf8_lossy(bytes).replace('\n', " ");
-        f.write_all(line.as_bytes()).map_err(err)?;
-        f.write_all(b"\n").map_err(err)?;
-        f.sync_data().map_err(err)
+        append_private(&self.root.join("unreadable.jsonl"), &line)
+    }
+
+    /// Appends a result whose key was not written (it failed decryption or did not match the
+    /// registered fingerprint) to `rejected.jsonl` (0600), with the reason.
+    pub fn keep_rejected(&self, result: &JobResult, reason: &str) -> Result<(), OutputError> {
+        let line = serde_json::json!({ "reason": reason, "result": result }).to_string();
+        append_private(&self.root.join("rejected.jsonl"), &line)
     }
 
     pub fn root(&self) -> &Path {
@@ -226,6 +220,34 @@ impl OutputDir {
                 source,
             })
     }
+}
+
+/// Appends one line to a file only this user may read: created 0600, never through a
+/// symlink, and an existing file that others could read (or that is not ours) is refused rather
+/// than fed.
+fn append_private(path: &Path, line: &str) -> Result<(), OutputError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| OutputError::Manifest {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(crate::transit::no_follow())
+        .open(path)
+        .map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    if !meta.is_file() || meta.mode() & 0o077 != 0 || meta.uid() != rustix::process::getuid().as_raw() {
+        return Err(err(std::io::Error::other(format!(
+            "refusing to write to it: it is not a private file of this user (mode {:o}); move it away",
+            meta.mode() & 0o7777
+        ))));
+    }
+    f.write_all(line.as_bytes()).map_err(err)?;
+    f.write_all(b"\n").map_err(err)?;
+    f.sync_data().map_err(err)
 }
 
 #[cfg(test)]

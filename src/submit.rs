@@ -18,6 +18,7 @@ use crate::job::{now_rfc3339, JobResult};
 use crate::progress::{Progress, ProgressMode};
 use crate::registry::RegistryError;
 use crate::sink::{ResultsQueue, Sink};
+use crate::transit;
 
 #[derive(Clone, Debug)]
 pub struct SubmitOptions {
@@ -29,6 +30,17 @@ pub struct SubmitOptions {
     pub progress: ProgressMode,
     /// Publisher confirms awaited at most this many messages behind.
     pub confirm_window: usize,
+    /// Where private keys are encrypted to.
+    pub keys_to: KeysTo,
+}
+
+/// Whom a batch's private keys are encrypted to.
+#[derive(Clone, Debug)]
+pub enum KeysTo {
+    /// An identity file: read if it exists, created (0600) if not.
+    IdentityFile(PathBuf),
+    /// An age recipient (`age1…`) whose identity the user keeps.
+    Recipient(String),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -53,6 +65,8 @@ pub enum SubmitError {
     Redis(#[from] RegistryError),
     #[error("answering an invalid row: {0}")]
     Answer(String),
+    #[error(transparent)]
+    Transit(#[from] crate::transit::TransitError),
 }
 
 /// Enqueues a batch; returns once every job is confirmed by the broker.
@@ -66,6 +80,13 @@ pub async fn submit(
     let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();
+    // Before the first job: a worker refuses a job whose batch has no recipient.
+    let recipient = match &opts.keys_to {
+        KeysTo::Recipient(r) => transit::parse_recipient(r)?,
+        KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
+        KeysTo::IdentityFile(path) => transit::create_identity(path)?,
+    };
+    status.set_recipient(&batch_id, &recipient.to_string()).await?;
     // Before the first job: results are kept even if no collector is running yet.
     broker.declare_results_queue(&batch_id).await?;
 

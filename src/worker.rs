@@ -46,6 +46,8 @@ pub struct WorkerConfig {
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// Plaintext keys for batches without a recipient (see `sink/results_queue.rs`).
+    pub allow_plaintext_results: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,7 @@ pub enum WorkerError {
 struct Handler {
     lifecycle: Lifecycle<RedisRegistry, RateLimited<LocalUpstream>>,
     status: BatchStatusStore,
+    allow_plaintext: bool,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains: stops consuming, lets jobs in
@@ -99,7 +102,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         let reservoir = Reservoir::new(cpu, cfg.settings.engine, cfg.reservoir, &[KeyBits::B2048]);
         lifecycle = lifecycle.with_reservoir(reservoir);
     }
-    let handler = Arc::new(Handler { lifecycle, status });
+    let handler = Arc::new(Handler {
+        lifecycle,
+        status,
+        allow_plaintext: cfg.allow_plaintext_results,
+    });
     let tracker = TaskTracker::new();
     let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
 
@@ -192,7 +199,7 @@ async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
     if delivery.redelivered {
         metrics::redelivered();
     }
-    let sink = ResultsQueue::new(broker, &handler.status);
+    let sink = ResultsQueue::new(broker, &handler.status).allow_plaintext(handler.allow_plaintext);
     let finished = match Job::decode(&delivery.data) {
         Ok(job) => {
             let attempt = broker::delivery_count(&delivery.properties) + 1;

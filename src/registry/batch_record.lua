@@ -4,6 +4,7 @@
 --
 -- KEYS[1]  <prefix>:batch:{<batch>}:counts  hash: total, answered, created, failed:<code>
 -- KEYS[2]  <prefix>:batch:{<batch>}:jobs    hash: job id -> outcome
+-- KEYS[3]  <prefix>:batch:{<batch>}:recipient  string: the batch's age recipient (may be absent)
 -- ARGV[1]  job id
 -- ARGV[2]  outcome: "created" or an error code
 -- ARGV[3]  time to live of the batch's keys, milliseconds (refreshed here)
@@ -21,4 +22,5 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1

@@ -3,6 +3,7 @@
 --
 -- KEYS[1]  <prefix>:batch:{<batch>}:counts  hash: total, answered, created, failed:<code>
 -- KEYS[2]  <prefix>:batch:{<batch>}:jobs    hash: job id -> outcome
+-- KEYS[3]  <prefix>:batch:{<batch>}:recipient  string: the batch's age recipient (may be absent)
 -- ARGV[1]  total
 -- ARGV[2]  time to live of the batch's keys, milliseconds
 --
@@ -11,4 +12,5 @@
 redis.call('HSET', KEYS[1], 'total', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return 1

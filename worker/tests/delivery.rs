@@ -76,6 +76,7 @@ async fn delivered_key_is_the_registered_key_after_worker_kill() {
     let registry = env.registry().await;
     let status = BatchStatusStore::from_connection(registry.connection(), &env.prefix);
     status.set_total(batch, 1).await.unwrap();
+    env.give_recipient(batch).await;
 
     // Attempt 1: made its key, committed the pair undelivered, published the result, died.
     let job = job(batch, "killed-mid-delivery");
@@ -155,6 +156,7 @@ async fn unroutable_result_never_logged_and_dead_lettered() {
     // Batch ids whose results queue nobody declared.
     let batches = ["x}:jobs", "a/b", ".."];
     for (i, batch) in batches.iter().enumerate() {
+        env.give_recipient(batch).await;
         let confirm = broker
             .publish_job(&job(batch, &format!("lost-{i}")))
             .await

@@ -161,6 +161,28 @@ impl Env {
         std::fs::read_to_string(self.path(&format!("worker-{n}.log"))).unwrap_or_default()
     }
 
+    /// Where this test keeps a batch's age identity.
+    pub fn identity(&self, batch_id: &str) -> PathBuf {
+        self.path(&format!("{}.age-identity", keyfleet::output::path_component(batch_id)))
+    }
+
+    /// Gives `batch_id` a recipient (and an identity file), as `submit` does, for tests that
+    /// publish jobs themselves.
+    pub async fn give_recipient(&self, batch_id: &str) {
+        let recipient = keyfleet::transit::create_identity(&self.identity(batch_id)).unwrap();
+        let store = keyfleet::batch_status::BatchStatusStore::connect(
+            &redis_url(),
+            &self.prefix,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("redis");
+        store
+            .set_recipient(batch_id, &recipient.to_string())
+            .await
+            .unwrap();
+    }
+
     pub fn endpoints(&self) -> keyfleet::endpoints::Endpoints {
         keyfleet::endpoints::Endpoints {
             amqp_url: amqp_url(),
@@ -203,6 +225,7 @@ impl Env {
             endpoints: self.endpoints(),
             progress: ProgressMode::Off,
             confirm_window: 1024,
+            keys_to: keyfleet::submit::KeysTo::IdentityFile(self.identity(batch_id)),
         };
         tokio::time::timeout(
             Duration::from_secs(120),
@@ -218,6 +241,7 @@ impl Env {
         let opts = CollectOptions {
             batch_id: batch_id.into(),
             out: self.path(out),
+            identity: self.identity(batch_id),
             endpoints: self.endpoints(),
             idle_timeout: idle,
             progress: ProgressMode::Off,
