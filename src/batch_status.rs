@@ -153,7 +153,11 @@ impl BatchStatusStore {
 
     /// Records the age recipient the batch's private keys are encrypted to. Only a producer
     /// (`submit`) calls it; workers read it with [`BatchStatusStore::recipient`].
-    pub async fn set_recipient(&self, batch_id: &str, recipient: &str) -> Result<(), RegistryError> {
+    pub async fn set_recipient(
+        &self,
+        batch_id: &str,
+        recipient: &str,
+    ) -> Result<(), RegistryError> {
         let keys = self.batch_keys(batch_id)?;
         let mut conn = self.conn.clone();
         redis::cmd("SET")

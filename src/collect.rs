@@ -15,12 +15,13 @@ use crate::batch_status::BatchStatusStore;
 use crate::broker::{Broker, BrokerError};
 use crate::dialect::Scope;
 use crate::endpoints::Endpoints;
-use crate::job::{take_private_key_body, JobResult};
+use crate::job::{set_private_key_body, take_private_key_body, JobResult};
 use crate::output::OutputDir;
 use crate::progress::{Progress, ProgressMode, Tally};
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Entry, Registry, RegistryError};
-use crate::sink::{KeyFiles, Sink};
+use crate::sink::key_files::KeyFileError;
+use crate::sink::KeyFiles;
 use uuid::Uuid;
 
 #[derive(Clone, Debug)]
@@ -66,6 +67,8 @@ pub enum CollectError {
     NoIdentity(PathBuf),
     #[error(transparent)]
     Transit(#[from] crate::transit::TransitError),
+    #[error("a key file could not be written, so its result stays on the queue (fix the cause, then run collect again)")]
+    KeyFile(#[source] KeyFileError),
 }
 
 /// Acks are sent in groups, each after the manifest lines they cover are synced.
@@ -77,6 +80,20 @@ pub async fn collect(
 ) -> Result<CollectSummary, CollectError> {
     let e = &opts.endpoints;
     let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let collected = drain(&broker, opts, shutdown).await;
+    // Also on an error: whatever was not acked goes back to the queue now, not when the
+    // connection times out.
+    broker.close().await;
+    collected
+}
+
+/// Reads the batch's results queue until the batch is complete, or quiet, or stopped.
+async fn drain(
+    broker: &Broker,
+    opts: CollectOptions,
+    shutdown: CancellationToken,
+) -> Result<CollectSummary, CollectError> {
+    let e = &opts.endpoints;
     let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     broker.declare().await?;
@@ -139,7 +156,8 @@ pub async fn collect(
                     Verdict::Wait => held.push((result, delivery.acker)),
                     verdict => {
                         let taken =
-                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict).await?;
+                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
+                                .await?;
                         duplicates += u64::from(verdict == Verdict::Superseded);
                         rejected += u64::from(!taken);
                         unacked.push(delivery.acker);
@@ -193,7 +211,6 @@ pub async fn collect(
         .and_then(|s| s.total)
         .or(total);
     let manifest = out.finish()?;
-    broker.close().await;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
     Ok(CollectSummary {
@@ -264,6 +281,15 @@ async fn verdict(registry: &RedisRegistry, r: &JobResult) -> Result<Verdict, Reg
     })
 }
 
+/// Whether the key file at `path` holds the key with this SHA-256 fingerprint.
+fn holds_key(path: &std::path::Path, sha256: &str) -> bool {
+    std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .ok()
+        .and_then(|pem| crate::keygen::fingerprints_of_pem(&pem).ok())
+        .is_some_and(|(_, fp)| fp == sha256)
+}
+
 /// How keys are read and written here.
 struct Keys {
     files: KeyFiles,
@@ -296,14 +322,23 @@ async fn take(
                 return Ok(false);
             }
         }
-        match keys.files.deliver(&mut result).await {
-            Ok(()) => key_file = Some(keys.files.path(&result)),
-            Err(e) => {
-                tracing::error!(job = %result.job_id, "{e}");
-                result = result.fail_with(&crate::dialect::ApiError::Internal(format!(
-                    "key pair created but its key file could not be written: {e}"
-                )));
+        let sha256 = result
+            .created()
+            .map(|c| c.fingerprint_sha256.clone())
+            .unwrap_or_default();
+        match keys.files.write(&mut result) {
+            Ok(path) => key_file = Some(path),
+            // Written by an earlier collect that stopped before its manifest line or ack.
+            Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => {
+                set_private_key_body(
+                    result.provider,
+                    &mut result.response,
+                    &path.to_string_lossy(),
+                );
+                key_file = Some(path);
             }
+            // Not acked: the result stays on the queue for the next collect, and no key is lost.
+            Err(e) => return Err(CollectError::KeyFile(e)),
         }
     }
     out.append(&result, key_file.as_deref())?;

@@ -139,7 +139,12 @@ pub struct SubmitArgs {
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
     /// ./<batch-id>.age-identity.
-    #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE", conflicts_with = "recipient")]
+    #[arg(
+        long,
+        env = "KEYFLEET_IDENTITY",
+        value_name = "FILE",
+        conflicts_with = "recipient"
+    )]
     pub identity: Option<PathBuf>,
     /// Encrypt the batch's private keys to this age recipient (age1…) instead; you keep its
     /// identity and give it to `collect --identity`.

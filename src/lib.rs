@@ -19,7 +19,7 @@
 //!   beside it), `batch_status.rs` (a batch's progress in Redis).
 //! - Infrastructure: `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
 //!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon pool, the one way CPU work
-//!   leaves the async runtime), `shutdown.rs`, `logging.rs`, `metrics.rs` (every metric, and
+//!   leaves the async runtime), `shutdown.rs`, `logging.rs`, `hardening.rs` (no core dumps), `metrics.rs` (every metric, and
 //!   `metrics/http.rs` serving them).
 //! - Keys: `keygen.rs`, `prime/` (the prime search), `reservoir.rs` (keys made ahead),
 //!   `fingerprint.rs`; output: `output.rs` (the folder and its manifest), `progress.rs`.
@@ -36,6 +36,7 @@ pub mod dialect;
 pub mod endpoints;
 pub mod escape;
 pub mod fingerprint;
+pub mod hardening;
 pub mod job;
 pub mod keygen;
 pub mod lifecycle;

@@ -9,6 +9,7 @@ use clap::Parser;
 async fn main() -> ExitCode {
     let cli = keyfleet::config::Cli::parse();
     keyfleet::logging::init(&cli.global.log, "warn");
+    keyfleet::hardening::no_core_dumps();
     let shutdown = keyfleet::shutdown::on_signals();
     match keyfleet::app::execute(cli, shutdown).await {
         Ok(code) => code,

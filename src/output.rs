@@ -55,7 +55,7 @@ impl OutputDir {
             path: root.to_owned(),
             source,
         };
-        fs::create_dir_all(root).map_err(folder_err)?;
+        crate::sink::key_files::private_folder(root).map_err(folder_err)?;
         let manifest_path = root.join(MANIFEST);
         let mut rotated = None;
         if manifest_path.exists() {
@@ -97,7 +97,7 @@ impl OutputDir {
             path: root.to_owned(),
             source,
         };
-        fs::create_dir_all(root).map_err(folder_err)?;
+        crate::sink::key_files::private_folder(root).map_err(folder_err)?;
         let manifest_path = root.join(MANIFEST);
         let manifest_err = |source| OutputError::Manifest {
             path: manifest_path.clone(),
@@ -239,7 +239,10 @@ fn append_private(path: &Path, line: &str) -> Result<(), OutputError> {
         .open(path)
         .map_err(err)?;
     let meta = f.metadata().map_err(err)?;
-    if !meta.is_file() || meta.mode() & 0o077 != 0 || meta.uid() != rustix::process::getuid().as_raw() {
+    if !meta.is_file()
+        || meta.mode() & 0o077 != 0
+        || meta.uid() != rustix::process::getuid().as_raw()
+    {
         return Err(err(std::io::Error::other(format!(
             "refusing to write to it: it is not a private file of this user (mode {:o}); move it away",
             meta.mode() & 0o7777

@@ -86,7 +86,9 @@ pub async fn submit(
         KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
         KeysTo::IdentityFile(path) => transit::create_identity(path)?,
     };
-    status.set_recipient(&batch_id, &recipient.to_string()).await?;
+    status
+        .set_recipient(&batch_id, &recipient.to_string())
+        .await?;
     // Before the first job: results are kept even if no collector is running yet.
     broker.declare_results_queue(&batch_id).await?;
 

@@ -140,7 +140,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(create_identity(&path).is_err(), "never over an existing file");
+        assert!(
+            create_identity(&path).is_err(),
+            "never over an existing file"
+        );
         let pem = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
         let sealed = seal(&recipient, pem).unwrap();
         assert!(is_sealed(&sealed) && !sealed.contains("MIIE"));

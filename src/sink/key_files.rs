@@ -3,9 +3,9 @@
 //! overwritten) with its `.pub` beside it. The manifest line that lists it is written by the
 //! caller in input order (`output.rs`).
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -52,8 +52,14 @@ impl KeyFiles {
             ))
     }
 
-    /// Writes the private key (0600, created new, synced) and its `.pub`, and points the
-    /// result's `PrivateKeyBody` at the file. The in-memory key is dropped (zeroized) here.
+    /// Writes the private key (0600) and its `.pub`, and points the result's `PrivateKeyBody`
+    /// at the file. The in-memory key is dropped (zeroized) here.
+    ///
+    /// Each file is written whole to a temporary name in its folder, synced, then put in place:
+    /// the key with `link` (which never replaces anything, so an existing key file is never
+    /// overwritten), the `.pub` with `rename` (which replaces a planted symlink itself rather
+    /// than writing through it). A crash leaves the whole key file or none. Folders are created
+    /// 0700.
     pub fn write(&self, r: &mut JobResult) -> Result<PathBuf, KeyFileError> {
         let path = self.path(r);
         let io = |path: &Path| {
@@ -67,41 +73,59 @@ impl KeyFiles {
             .created()
             .map(|c| c.public_key.clone())
             .unwrap_or_default();
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
+        let folder = path.parent().unwrap_or(&self.root).to_owned();
+        private_folder(&folder).map_err(io(&folder))?;
+        if path.symlink_metadata().is_ok() {
+            return Err(KeyFileError::Exists(path));
         }
-        let mut file = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => f,
+        let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600).map_err(io(&path))?;
+        let linked = fs::hard_link(&tmp_key, &path);
+        let _ = fs::remove_file(&tmp_key);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(KeyFileError::Exists(path))
             }
             Err(e) => return Err(io(&path)(e)),
-        };
-        file.write_all(pem.0.as_bytes()).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
+        }
         let pub_path = path.with_extension("pub");
         let public = format!(
             "{public_key} {}\n",
             r.key_pair_name.as_deref().unwrap_or_default()
         );
-        let mut pub_file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&pub_path)
-            .map_err(io(&pub_path))?;
-        pub_file
-            .write_all(public.as_bytes())
-            .map_err(io(&pub_path))?;
+        let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644).map_err(io(&pub_path))?;
+        fs::rename(&tmp_pub, &pub_path).map_err(io(&pub_path))?;
+        File::open(&folder)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&folder))?;
         set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
         Ok(path)
     }
+}
+
+/// Creates `folder` and its missing parents with mode 0700 (existing ones are left as they are).
+pub fn private_folder(folder: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(folder)
+}
+
+/// A new file in `folder` holding `bytes`, synced; created new and never through a symlink.
+fn temp_file(folder: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+    let path = folder.join(format!(".keyfleet-{}.tmp", uuid::Uuid::new_v4().simple()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(crate::transit::no_follow())
+        .open(&path)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
 }
 
 impl Sink for KeyFiles {

@@ -36,11 +36,9 @@ impl<'a> ResultsQueue<'a> {
 
     /// What goes into `PrivateKeyBody`: the key sealed to the batch's recipient.
     async fn body(&self, batch_id: &str, pem: &str) -> Result<Zeroizing<String>, DeliveryError> {
-        let recipient = self
-            .status
-            .recipient(batch_id)
-            .await
-            .map_err(|e| DeliveryError::Unconfirmed(format!("reading the batch's recipient: {e}")))?;
+        let recipient = self.status.recipient(batch_id).await.map_err(|e| {
+            DeliveryError::Unconfirmed(format!("reading the batch's recipient: {e}"))
+        })?;
         match recipient {
             Some(r) => transit::parse_recipient(&r)
                 .and_then(|r| transit::seal(&r, pem))

@@ -10,6 +10,7 @@ use keyfleet::config::{FileConfig, WorkerArgs};
 async fn main() -> ExitCode {
     let args = WorkerArgs::parse();
     keyfleet::logging::init(&args.log, "info");
+    keyfleet::hardening::no_core_dumps();
     let file = match FileConfig::load(args.config.as_deref()) {
         Ok((file, _)) => file,
         Err(e) => {

@@ -163,7 +163,10 @@ impl Env {
 
     /// Where this test keeps a batch's age identity.
     pub fn identity(&self, batch_id: &str) -> PathBuf {
-        self.path(&format!("{}.age-identity", keyfleet::output::path_component(batch_id)))
+        self.path(&format!(
+            "{}.age-identity",
+            keyfleet::output::path_component(batch_id)
+        ))
     }
 
     /// Gives `batch_id` a recipient (and an identity file), as `submit` does, for tests that

@@ -1,0 +1,379 @@
+//! Private keys between a worker and `collect`, against the real RabbitMQ and Redis: sealed to
+//! the batch's recipient on the wire, never redirected by a job, checked against the registry
+//! before they are written, never lost to a failed write. Each test is named after the fault
+//! it pins.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{amqp_url, check_batch, fleet_csv, manifest, Env};
+use futures::StreamExt;
+use keyfleet::batch_status::BatchStatusStore;
+use keyfleet::broker::{self, Broker, REASON_HEADER};
+use keyfleet::cpu::CpuPool;
+use keyfleet::dialect::Provider;
+use keyfleet::job::{set_private_key_body, Job, JobResult, MESSAGE_VERSION};
+use keyfleet::keygen::{self, KeyBits};
+use keyfleet::lifecycle::{Finished, Lifecycle};
+use keyfleet::registry::RegistryError;
+use keyfleet::retry::RetryPolicy;
+use keyfleet::settings::Settings;
+use keyfleet::sink::{DeliveryError, Sink};
+use keyfleet::transit;
+use keyfleet::upstream::LocalUpstream;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+async fn connect(env: &Env) -> Broker {
+    let broker = Broker::connect(&amqp_url(), env.topology(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    broker.declare().await.unwrap();
+    broker
+}
+
+/// A queue of our own bound to the results exchange with the batch's routing key: what anyone
+/// allowed to bind there would read.
+async fn spy(broker: &Broker, env: &Env, batch: &str) -> lapin::Consumer {
+    let q = broker
+        .channel()
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .channel()
+        .queue_bind(
+            q.name().clone(),
+            env.topology().results_exchange().into(),
+            batch.into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .channel()
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+}
+
+fn pem_body_lines(pem: &str) -> Vec<String> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_queue_holds_no_plaintext_key() {
+    let mut env = Env::new("sealed");
+    env.start_worker(&["--threads", "1"]);
+    let broker = connect(&env).await;
+    broker.declare_results_queue("bsealed").await.unwrap();
+    let mut spied = spy(&broker, &env, "bsealed").await;
+    let input = env.write("fleet.csv", &fleet_csv(12, "cn-shenzhen"));
+    env.submit(&input, "bsealed").await;
+    let c = env.collect("bsealed", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 12).await;
+    assert_eq!(created, 12);
+
+    let mut seen = Vec::new();
+    while seen.len() < 12 {
+        let d = tokio::time::timeout(Duration::from_secs(10), spied.next())
+            .await
+            .expect("the spy saw every result")
+            .unwrap()
+            .unwrap();
+        seen.push(String::from_utf8(d.data).unwrap());
+    }
+    for l in manifest(&env.path("out")) {
+        let file = l["private_key_file"].as_str().unwrap();
+        // PKCS#8 holds the modulus too, which the public key carries in the clear: a PEM line
+        // may match it where the two encodings align. Only private lines count.
+        let public = l["public_key"].as_str().unwrap().to_owned();
+        let pem = std::fs::read_to_string(file).unwrap();
+        let check = std::process::Command::new("openssl")
+            .args(["pkey", "-check", "-noout", "-in", file])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        for msg in &seen {
+            assert!(!msg.contains("PRIVATE KEY"));
+            assert!(msg.contains(transit::ARMOR_BEGIN));
+            for line in pem_body_lines(&pem) {
+                if public.contains(&line) {
+                    continue;
+                }
+                assert!(
+                    !msg.contains(&line),
+                    "a key's PEM base64 is on the queue: {line} in {msg}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_naming_its_own_recipient_does_not_redirect_keys() {
+    let mut env = Env::new("redirect");
+    env.start_worker(&["--threads", "1"]);
+    let broker = connect(&env).await;
+    broker.declare_results_queue("bredir").await.unwrap();
+    env.give_recipient("bredir").await;
+    let attacker = transit::Identity::generate();
+    let mut spied = spy(&broker, &env, "bredir").await;
+    let job = serde_json::json!({"v": 1, "job_id": Uuid::new_v4(), "batch_id": "bredir",
+        "provider": "aliyun", "owner": "acct", "recipient": attacker.to_public().to_string(),
+        "params": {"RegionId": "cn-hangzhou", "KeyPairName": "redirected"}});
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_correlation_id("bredir".into());
+    broker
+        .publish_raw_job(job.to_string().as_bytes(), props.clone())
+        .await
+        .unwrap();
+    // The same job without the field: created, sealed to the batch's recipient only.
+    let mut plain = job.clone();
+    plain.as_object_mut().unwrap().remove("recipient");
+    plain["job_id"] = serde_json::json!(Uuid::new_v4());
+    broker
+        .publish_raw_job(plain.to_string().as_bytes(), props)
+        .await
+        .unwrap();
+    let mut sealed_seen = 0;
+    while sealed_seen == 0 {
+        let d = tokio::time::timeout(Duration::from_secs(60), spied.next())
+            .await
+            .expect("results")
+            .unwrap()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        if r["status"] == "created" {
+            let body = r["response"]["PrivateKeyBody"].as_str().unwrap();
+            assert!(
+                transit::open(&attacker, body).is_err(),
+                "the attacker can read a key"
+            );
+            let mine = transit::read_identity(&env.identity("bredir")).unwrap();
+            assert!(transit::open(&mine, body).is_ok());
+            sealed_seen += 1;
+        } else {
+            assert_eq!(r["code"], "InvalidParameter", "{r}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_without_recipient_is_refused_unless_plaintext_allowed() {
+    let mut env = Env::new("norecipient");
+    let strict = env.start_worker(&["--threads", "1"]);
+    let broker = connect(&env).await;
+    broker.declare_results_queue("bnorec").await.unwrap();
+    let job = |name: &str| Job {
+        v: MESSAGE_VERSION,
+        job_id: Uuid::new_v4(),
+        batch_id: "bnorec".into(),
+        line: None,
+        provider: Provider::Aliyun,
+        owner: "acct".into(),
+        params: BTreeMap::from([
+            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
+            ("KeyPairName".to_owned(), name.to_owned()),
+        ]),
+        key_bits: KeyBits::B2048,
+    };
+    let c = broker.publish_job(&job("refused-1")).await.unwrap();
+    broker::confirmed(c, "jobs").await.unwrap();
+    let mut dead = broker
+        .channel()
+        .basic_consume(
+            env.topology().dead_queue().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(60), dead.next())
+        .await
+        .expect("dead-lettered")
+        .unwrap()
+        .unwrap();
+    let reason = broker::header_str(&d.properties, REASON_HEADER).unwrap();
+    assert!(reason.contains("no recipient"), "{reason}");
+    common::signal(env.worker(strict), "TERM");
+    let _ = env.worker(strict).wait();
+
+    env.start_worker(&["--threads", "1", "--allow-plaintext-results"]);
+    let c = broker.publish_job(&job("allowed-1")).await.unwrap();
+    broker::confirmed(c, "jobs").await.unwrap();
+    let store =
+        BatchStatusStore::connect(&common::redis_url(), &env.prefix, Duration::from_secs(10))
+            .await
+            .unwrap();
+    store.set_total("bnorec", 1).await.unwrap();
+    let c = env.collect("bnorec", "out", Duration::from_secs(60)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 1).await;
+    assert_eq!(created, 1);
+}
+
+/// Delivers nothing: keeps the sealed result message a worker would have published.
+struct Captured {
+    recipient: transit::Recipient,
+    message: Mutex<Option<Vec<u8>>>,
+}
+
+impl Sink for Captured {
+    const ANSWERS_REPEATED_JOBS: bool = false;
+
+    async fn deliver(&self, result: &mut JobResult) -> Result<(), DeliveryError> {
+        let pem = result.take_private_key().unwrap();
+        let sealed = transit::seal(&self.recipient, &pem.0).unwrap();
+        set_private_key_body(result.provider, &mut result.response, &sealed);
+        *self.message.lock().unwrap() = Some(serde_json::to_vec(result).unwrap());
+        Ok(())
+    }
+
+    async fn settled(&self, _: &str, _: Uuid, _: &str) -> Result<(), RegistryError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_result_is_not_written() {
+    let env = Env::new("forged");
+    let batch = "bforged";
+    env.track(batch);
+    let broker = connect(&env).await;
+    broker.declare_results_queue(batch).await.unwrap();
+    env.give_recipient(batch).await;
+    let identity = transit::read_identity(&env.identity(batch)).unwrap();
+    let registry = env.registry().await;
+    let status = BatchStatusStore::from_connection(registry.connection(), &env.prefix);
+    status.set_total(batch, 1).await.unwrap();
+    let lifecycle = Lifecycle::new(
+        Arc::new(registry.clone()),
+        Arc::new(LocalUpstream),
+        CpuPool::new(1).unwrap(),
+        Settings::default(),
+        RetryPolicy::queue(),
+        CancellationToken::new(),
+    );
+    let sink = Captured {
+        recipient: identity.to_public(),
+        message: Mutex::new(None),
+    };
+    let job = Job {
+        v: MESSAGE_VERSION,
+        job_id: Uuid::new_v4(),
+        batch_id: batch.into(),
+        line: Some(2),
+        provider: Provider::Aliyun,
+        owner: "acct".into(),
+        params: BTreeMap::from([
+            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
+            ("KeyPairName".to_owned(), "forged-1".to_owned()),
+        ]),
+        key_bits: KeyBits::B2048,
+    };
+    let finished = lifecycle.process(job, 1, &sink).await;
+    assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
+    let genuine = sink.message.lock().unwrap().take().unwrap();
+
+    // The forger knows the job id, the registered fingerprint and the batch's public
+    // recipient, and sends its own key first.
+    let mut forged: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
+    let own = keygen::generate(KeyBits::B2048, keygen::Engine::default()).unwrap();
+    forged["response"]["PrivateKeyBody"] =
+        serde_json::json!(transit::seal(&identity.to_public(), &own.private_pem).unwrap());
+    for bytes in [forged.to_string().into_bytes(), genuine] {
+        let confirm = broker
+            .channel()
+            .basic_publish(
+                env.topology().results_exchange().into(),
+                batch.into(),
+                Default::default(),
+                &bytes,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+    }
+    let c = env.collect(batch, "out", Duration::from_secs(30)).await;
+    assert!(c.complete, "{c:?}");
+    assert_eq!(c.rejected, 1, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 1).await;
+    assert_eq!(created, 1);
+    let kept = env.path("out/rejected.jsonl");
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert!(text.contains("not the registered key"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_is_not_acked() {
+    let mut env = Env::new("failwrite");
+    env.start_worker(&["--threads", "1"]);
+    let input = env.write("fleet.csv", &fleet_csv(3, "cn-chengdu"));
+    env.submit(&input, "bfail").await;
+    env.wait_status("bfail", Duration::from_secs(120), |s| s.created >= 3)
+        .await;
+    // The key folder cannot be written: collect stops and acks nothing it did not write.
+    let out = env.path("out");
+    std::fs::create_dir_all(out.join("aliyun")).unwrap();
+    std::fs::write(out.join("aliyun/acct"), "a file where a folder must go").unwrap();
+    let opts = keyfleet::collect::CollectOptions {
+        batch_id: "bfail".into(),
+        out: out.clone(),
+        identity: env.identity("bfail"),
+        endpoints: env.endpoints(),
+        idle_timeout: Duration::from_secs(10),
+        progress: keyfleet::progress::ProgressMode::Off,
+    };
+    let err = keyfleet::collect::collect(opts, CancellationToken::new())
+        .await
+        .expect_err("the write fails");
+    assert!(format!("{err:#}").contains("stays on the queue"), "{err:#}");
+    // Fixed, and run again: every key is there.
+    std::fs::remove_file(out.join("aliyun/acct")).unwrap();
+    let c = env.collect("bfail", "out", Duration::from_secs(30)).await;
+    assert!(c.complete, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 3).await;
+    assert_eq!(created, 3);
+}
