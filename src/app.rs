@@ -34,7 +34,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
     let (file, _path) = match FileConfig::load(cli.global.config.as_deref()) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("keyfleet: {e}");
+            eprintln!("keyfleet: {}", crate::sink::error_chain(&e));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };

@@ -33,7 +33,7 @@ impl Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("cannot read batch file {path}: {source}")]
+    #[error("cannot read batch file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

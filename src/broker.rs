@@ -112,6 +112,12 @@ impl Broker {
             url: redact_url(url),
             reason,
         };
+        if plaintext_off_host(url) {
+            tracing::warn!(
+                "{} is plain amqp:// to another host: credentials and job messages cross the network unencrypted (private keys do not: they are sealed); use amqps://",
+                redact_url(url)
+            );
+        }
         let conn = tokio::time::timeout(
             timeout,
             Connection::connect(url, ConnectionProperties::default()),
@@ -354,6 +360,20 @@ impl Broker {
     }
 }
 
+/// A plain `amqp://` URL whose host is not this machine.
+fn plaintext_off_host(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    };
+    u.scheme() == "amqp" && !loopback
+}
+
 /// Waits for a publisher confirm: a mandatory publish that no queue took is `Unroutable`.
 pub async fn confirmed(confirm: PublisherConfirm, routing_key: &str) -> Result<(), BrokerError> {
     check(confirm.await?, routing_key)
@@ -413,6 +433,17 @@ pub fn delivery_count(properties: &BasicProperties) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_amqp_off_this_machine_is_noticed() {
+        assert!(plaintext_off_host(
+            "amqp://guest:guest@rabbit.internal:5672/%2f"
+        ));
+        assert!(plaintext_off_host("amqp://10.0.0.5"));
+        assert!(!plaintext_off_host("amqp://guest:guest@127.0.0.1:5672/%2f"));
+        assert!(!plaintext_off_host("amqp://localhost"));
+        assert!(!plaintext_off_host("amqps://rabbit.internal"));
+    }
 
     #[test]
     fn names_share_the_prefix() {

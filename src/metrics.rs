@@ -143,7 +143,7 @@ pub enum MetricsError {
     /// Typically: another metrics recorder was installed in this process first.
     #[error("could not install the Prometheus metrics recorder: {0}")]
     Install(String),
-    #[error("could not listen for metrics requests on {addr}: {source}")]
+    #[error("could not listen for metrics requests on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         #[source]

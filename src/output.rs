@@ -13,12 +13,12 @@ pub const MANIFEST: &str = "manifest.jsonl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("cannot write to output folder {path}: {source}")]
+    #[error("cannot write to output folder {path}")]
     Folder {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write manifest {path}: {source}")]
+    #[error("cannot write manifest {path}")]
     Manifest {
         path: PathBuf,
         source: std::io::Error,

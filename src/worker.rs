@@ -74,10 +74,10 @@ struct Handler {
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let readiness = Readiness::new();
     if let Some(addr) = cfg.metrics_addr {
-        metrics::install().map_err(|e| WorkerError::Metrics(e.to_string()))?;
+        metrics::install().map_err(|e| WorkerError::Metrics(crate::sink::error_chain(&e)))?;
         let bound = metrics::serve(addr, readiness.clone(), shutdown.clone())
             .await
-            .map_err(|e| WorkerError::Metrics(e.to_string()))?;
+            .map_err(|e| WorkerError::Metrics(crate::sink::error_chain(&e)))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let e = &cfg.endpoints;

@@ -258,3 +258,39 @@ fn duplicate_header_columns_are_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("appears twice"), "{}", text(&out));
 }
+
+#[test]
+fn error_cause_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "a.csv", "--out", "a.csv/inside", "--progress", "off"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert_eq!(t.matches("os error").count(), 1, "{t}");
+    assert!(t.contains("cannot write to output folder"), "{t}");
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,a1\n",
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        "a.csv",
+        &["--log", "info", "--metrics-addr", "127.0.0.1:0"],
+    );
+    let t = text(&out);
+    assert!(t.contains(" INFO "), "a log line was written: {t:?}");
+    assert!(!t.contains('\u{1b}'), "{t:?}");
+}

@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     let file = match FileConfig::load(args.config.as_deref()) {
         Ok((file, _)) => file,
         Err(e) => {
-            eprintln!("keyfleet-worker: {e}");
+            eprintln!("keyfleet-worker: {}", keyfleet::sink::error_chain(&e));
             return ExitCode::from(2);
         }
     };
