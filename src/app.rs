@@ -12,8 +12,8 @@ use crate::batch::RowDefaults;
 use crate::batch_status::BatchStatusStore;
 use crate::collect::{CollectOptions, CollectSummary};
 use crate::config::{
-    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, GlobalArgs, Overrides, RunArgs,
-    ServerArgs, StatusArgs, SubmitArgs,
+    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, Overrides, RunArgs, ServerArgs,
+    StateArgs, StatusArgs, SubmitArgs,
 };
 use crate::dialect::Scope;
 use crate::registry::embedded::EmbeddedRegistry;
@@ -39,22 +39,22 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
     };
     match cli.command {
-        Command::Run(args) => run_command(&cli.global, &file, args, shutdown).await,
+        Command::Run(args) => run_command(&file, args, shutdown).await,
         Command::Describe(args) => match args.redis_url.clone() {
             Some(url) => {
                 let registry = redis_registry(&url, &args.prefix).await?;
                 describe(&registry, args).await
             }
-            None => describe(&open_registry(&state_path(&cli.global, &file))?, args).await,
+            None => describe(&open_registry(&state_path(&args.state, &file))?, args).await,
         },
         Command::Delete(args) => match args.redis_url.clone() {
             Some(url) => {
                 let registry = redis_registry(&url, &args.prefix).await?;
                 delete(&registry, args).await
             }
-            None => delete(&open_registry(&state_path(&cli.global, &file))?, args).await,
+            None => delete(&open_registry(&state_path(&args.state, &file))?, args).await,
         },
-        Command::Submit(args) => submit_command(&cli.global, &file, args, shutdown).await,
+        Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => {
             let json = args.json;
             let summary = crate::collect::collect(
@@ -105,15 +105,14 @@ fn batch_id_for(path: &Path) -> String {
 }
 
 async fn run_command(
-    global: &crate::config::GlobalArgs,
     file: &FileConfig,
     args: RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let resolved = resolve(
         &Overrides {
-            state: global.state.clone(),
-            quota: global.quota,
+            state: args.state.state.clone(),
+            quota: args.quota,
             key_bits: args.key_bits,
             threads: args.threads,
             engine: args.engine,
@@ -180,9 +179,9 @@ pub fn render_summary(s: &Summary) -> String {
 }
 
 /// The state file `describe` and `delete` read, resolved like `run`'s.
-fn state_path(global: &GlobalArgs, file: &FileConfig) -> std::path::PathBuf {
+fn state_path(state: &StateArgs, file: &FileConfig) -> std::path::PathBuf {
     let cli = Overrides {
-        state: global.state.clone(),
+        state: state.state.clone(),
         ..Overrides::default()
     };
     resolve(&cli, file).state
@@ -253,7 +252,6 @@ fn print_collect(s: &CollectSummary, json: bool) -> anyhow::Result<()> {
 }
 
 async fn submit_command(
-    global: &crate::config::GlobalArgs,
     file: &FileConfig,
     args: SubmitArgs,
     shutdown: CancellationToken,
@@ -264,7 +262,6 @@ async fn submit_command(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let resolved = resolve(
         &Overrides {
-            quota: global.quota,
             key_bits: args.key_bits,
             ..Overrides::default()
         },

@@ -41,12 +41,6 @@ pub struct GlobalArgs {
     /// Config file (TOML). Default: ./keyfleet.toml when it exists.
     #[arg(long, global = true, env = "KEYFLEET_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Embedded state file (the registry of key pairs). Default: ./keyfleet.redb.
-    #[arg(long, global = true, env = "KEYFLEET_STATE", value_name = "PATH")]
-    pub state: Option<PathBuf>,
-    /// Key pairs allowed per region (both clouds document 500).
-    #[arg(long, global = true, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
-    pub quota: Option<u64>,
     /// Log filter (tracing syntax), e.g. `info`, `keyfleet=debug`.
     #[arg(
         long,
@@ -56,6 +50,15 @@ pub struct GlobalArgs {
         value_name = "FILTER"
     )]
     pub log: String,
+}
+
+/// Where the embedded registry lives (`run`, `describe`, `delete`).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Embedded state file (the registry of key pairs). Default: ./keyfleet.redb, or `state` in
+    /// the config file.
+    #[arg(long, env = "KEYFLEET_STATE", value_name = "PATH")]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +119,7 @@ impl ServerArgs {
 pub struct SubmitArgs {
     /// Batch file (same formats as `run`).
     pub file: PathBuf,
-    #[arg(long, value_enum)]
+    #[arg(long, env = "KEYFLEET_FORMAT", value_enum)]
     pub format: Option<Format>,
     #[arg(long, env = "KEYFLEET_PROVIDER", default_value = "aliyun", value_parser = parse_provider)]
     pub provider: Provider,
@@ -134,7 +137,7 @@ pub struct SubmitArgs {
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Publisher confirms kept in flight.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
@@ -152,7 +155,7 @@ pub struct SubmitArgs {
     pub recipient: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
     #[arg(long)]
     pub json: bool,
@@ -173,7 +176,7 @@ pub struct CollectArgs {
     pub identity: Option<PathBuf>,
     #[command(flatten)]
     pub server: ServerArgs,
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
     #[arg(long)]
     pub json: bool,
@@ -368,12 +371,18 @@ pub fn parse_batch_id(s: &str) -> Result<String, String> {
 pub struct RunArgs {
     /// Batch file: CSV whose header uses API parameter names (RegionId, KeyPairName, Tag.1.Key…;
     /// optional Provider and Owner columns), or JSON Lines of flat objects with the same names.
+    /// `-` reads standard input.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Key pairs allowed per region (both clouds document 500).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
     /// Output folder: manifest.jsonl plus one private key file (0600) and .pub per created pair.
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: PathBuf,
     /// Input format; by default from the extension (.csv, .jsonl/.ndjson).
-    #[arg(long, value_enum)]
+    #[arg(long, env = "KEYFLEET_FORMAT", value_enum)]
     pub format: Option<Format>,
     /// Provider of rows without a Provider column.
     #[arg(long, env = "KEYFLEET_PROVIDER", default_value = "aliyun", value_parser = parse_provider)]
@@ -395,7 +404,7 @@ pub struct RunArgs {
     #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
     /// Progress display.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
@@ -408,6 +417,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct DescribeArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Read the registry in Redis (distributed mode) instead of the embedded state file.
     #[arg(long, env = "KEYFLEET_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -434,6 +445,8 @@ pub struct DescribeArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Delete from the registry in Redis (distributed mode) instead of the embedded state file.
     #[arg(long, env = "KEYFLEET_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -458,11 +471,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub keys: usize,
     /// Threads; 0 = one per core, at most 4 per core.
-    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
+    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
-    #[arg(long, default_value = "2048", value_parser = parse_key_bits)]
+    #[arg(long, env = "KEYFLEET_KEY_BITS", default_value = "2048", value_parser = parse_key_bits)]
     pub bits: KeyBits,
-    #[arg(long, value_enum, default_value_t = Engine::Fast)]
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
     pub engine: Engine,
     /// Also measure `rsa`'s RsaPrivateKey::new side by side and report the ratio.
     #[arg(long)]

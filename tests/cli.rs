@@ -160,3 +160,54 @@ fn run_then_describe_and_delete() {
         "only web-2"
     );
 }
+
+/// Every setting a flag holds can also come from the environment, and `--help` says which
+/// variable (one-off switches and describe/delete's query filters excepted).
+#[test]
+fn every_setting_flag_names_its_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let switches = [
+        "--help",
+        "--version",
+        "--json",
+        "--wait",
+        "--compare",
+        "--pipeline",
+        "--keys",
+    ];
+    for command in ["run", "bench", "submit", "collect", "status"] {
+        let out = keyfleet(dir.path())
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        if command != "run" {
+            // Settings of the embedded registry belong to the commands that use it.
+            assert!(
+                !help.contains("--state") && !help.contains("--quota"),
+                "{command}: {help}"
+            );
+        }
+        let mut flag: Option<String> = None;
+        let mut has_env = false;
+        for line in help.lines().chain(std::iter::once("  --end")) {
+            let t = line.trim_start();
+            if t.starts_with("--") || t.starts_with("-h, --") {
+                if let Some(f) = flag.take() {
+                    assert!(
+                        has_env || switches.contains(&f.as_str()),
+                        "keyfleet {command} {f} names no environment variable"
+                    );
+                }
+                let name = t
+                    .trim_start_matches("-h, ")
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
+                flag = Some(name.to_owned());
+                has_env = false;
+            }
+            has_env |= line.contains("[env: KEYFLEET_");
+        }
+    }
+}
