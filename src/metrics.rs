@@ -184,6 +184,24 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         counter!(DEAD_LETTERED_TOTAL, "reason" => *reason).increment(0);
     }
     gauge!(JOBS_IN_FLIGHT).increment(0.0);
+    // Every family a dashboard or alert reads exists from the first scrape, at zero for its
+    // known label values (Prometheus's "avoid missing metrics"), so `rate()` works on a fresh
+    // process. `keyfleet_quota_used` is left out on purpose: a zero would claim an empty
+    // region; it appears with the true count when the process first touches a region.
+    for provider in PROVIDERS {
+        for outcome in outcomes() {
+            counter!(JOBS_TOTAL, "provider" => *provider, "outcome" => outcome.as_str())
+                .increment(0);
+        }
+        let _ = histogram!(JOB_DURATION_SECONDS, "provider" => *provider);
+        let _ = histogram!(UPSTREAM_WAIT_SECONDS, "provider" => *provider);
+    }
+    for bits in KEY_SIZES {
+        let _ = histogram!(KEYGEN_SECONDS, "bits" => *bits);
+        // True at start: no reservoir has filled yet.
+        gauge!(RESERVOIR_KEYS, "bits" => *bits).set(0.0);
+    }
+    let _ = histogram!(QUEUE_WAIT_SECONDS);
     // Published before anything else can fail: the recorder is global from here on, and a
     // second install() must hand out this handle rather than try again.
     let handle = HANDLE.get_or_init(|| handle).clone();

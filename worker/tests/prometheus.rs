@@ -97,3 +97,39 @@ async fn prometheus_scrapes_a_worker_and_reads_back_jobs_total() {
     .unwrap();
     assert!(up.contains("\"1\""), "{up}");
 }
+
+/// Metrics missing until the first job would leave `rate()` and alerts blind on a fresh
+/// worker: its very first scrape lists every family (quota_used excepted: a zero would claim
+/// an empty region, so it appears with the true count when a region is first touched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_worker_first_scrape_lists_every_family() {
+    let mut env = Env::new("firstscrape");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    env.start_worker(&[
+        "--threads",
+        "1",
+        "--reservoir",
+        "0",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some(b) = http_get(port, "/metrics").await {
+            break b;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no /metrics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for name in keyfleet::metrics::NAMES {
+        if *name == keyfleet::metrics::QUOTA_USED {
+            continue;
+        }
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{body}"
+        );
+    }
+    assert!(body.contains(r#"keyfleet_jobs_total{provider="ucloud",outcome="8204"} 0"#));
+}
