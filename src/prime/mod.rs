@@ -41,6 +41,7 @@
 //! is not constant-time. Secret temporaries (bases, windows, flags, residues, exponents,
 //! tables) are zeroized on drop.
 
+pub mod lanes;
 pub mod miller_rabin;
 pub mod monty;
 pub mod sieve;
@@ -95,6 +96,17 @@ pub fn generate_rsa_key_with_rng(
 /// set, `p ≢ 1 (mod 65537)` and at most [`S_MAX`] trailing zeros in `p − 1`. Error probability
 /// per [`rounds_for_bits`]; N ≥ 1 (the sieve needs candidates above 2¹⁶).
 pub fn random_prime<const N: usize>(rng: &mut impl CryptoRngCore) -> Zeroizing<[u64; N]> {
+    let simd = lanes::active();
+    if simd == lanes::Simd::Avx512Ifma {
+        if let Some(p) = lanes::search::<N>(simd, rng) {
+            return p;
+        }
+    }
+    random_prime_scalar(rng)
+}
+
+/// [`random_prime`] on the scalar engine, one candidate at a time (the path without IFMA).
+pub fn random_prime_scalar<const N: usize>(rng: &mut impl CryptoRngCore) -> Zeroizing<[u64; N]> {
     let bits = 64 * N;
     let width = (bits / 2).max(32);
     let rounds = rounds_for_bits(bits);
