@@ -487,8 +487,9 @@ pub(crate) fn random_prime<const N: usize, const L: usize>(
     }
 }
 
-/// [`random_prime`] for the sizes the search uses (N = 16, 24, 32), `None` for others.
-pub(crate) fn search<const N: usize>(
+/// The lane prime search on `simd` for the sizes the engine uses (N = 16, 24, 32), `None` for
+/// others. [`crate::prime::random_prime`] calls it under IFMA; public for tests.
+pub fn search<const N: usize>(
     simd: Simd,
     rng: &mut impl CryptoRngCore,
 ) -> Option<Zeroizing<[u64; N]>> {
