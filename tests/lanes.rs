@@ -401,3 +401,44 @@ fn lane_search_primes_confirmed_by_bpsw() {
         assert!(lanes::search::<8>(simd, &mut OsRng).is_none());
     }
 }
+
+/// A fixed amount of lane work for `perf stat -e instructions` (release build): `LANES_ITERS`
+/// (default 200) calls of one 8-lane 1024-bit modexp on `LANES_SIMD` (`scalar` or IFMA).
+/// `cargo test --release --test lanes -- --ignored modexp_work`
+#[test]
+#[ignore = "work for an instruction count, release builds only"]
+fn modexp_work() {
+    let iters: usize = std::env::var("LANES_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let simd = match std::env::var("LANES_SIMD").as_deref() {
+        Ok("scalar") => Simd::Scalar,
+        _ if lanes::ifma_available() => Simd::Avx512Ifma,
+        _ => Simd::Scalar,
+    };
+    let mut m = [[0u64; 16]; 8];
+    let mut a = [[0u64; 16]; 8];
+    let mut e = [[0u64; 16]; 8];
+    for i in 0..8 {
+        for j in 0..16 {
+            m[i][j] = OsRng.next_u64();
+            a[i][j] = OsRng.next_u64();
+            e[i][j] = OsRng.next_u64();
+        }
+        m[i][0] |= 1;
+        m[i][15] |= 1 << 63;
+        a[i][15] >>= 1;
+    }
+    let t = std::time::Instant::now();
+    let mut sink = 0u64;
+    for _ in 0..iters {
+        sink ^= lanes::pow::<16>(simd, &m, &a, &e)[0][0];
+    }
+    let per = t.elapsed().as_secs_f64() / (iters.max(1) * 8) as f64;
+    eprintln!(
+        "{}: {iters} × 8 lanes, {:.1} µs per modexp per lane ({sink:x})",
+        simd.as_str(),
+        per * 1e6
+    );
+}
