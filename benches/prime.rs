@@ -1,12 +1,14 @@
 //! Benchmarks of the RSA prime engine (`keyfleet::prime`): one 1024-bit modular exponentiation
 //! (engine, crypto-bigint 0.7, num-bigint-dig) and RSA-2048 key generation (engine against
-//! `rsa::RsaPrivateKey::new`), side by side. `cargo bench --bench prime`.
+//! `rsa::RsaPrivateKey::new`), side by side; the lane engine's 1024-bit modexp for 1, 2, 4 and
+//! 8 lanes on each instruction set it has (throughput in modexps). `cargo bench --bench prime`.
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use crypto_bigint::modular::{FixedMontyForm, FixedMontyParams};
 use crypto_bigint::{Odd, Uint};
+use keyfleet::prime::lanes::{self, Simd};
 use keyfleet::prime::{generate_rsa_key, monty::Monty};
 use num_bigint_dig::BigUint;
 use rand_core::{OsRng, RngCore};
@@ -56,6 +58,36 @@ fn modexp(c: &mut Criterion) {
     g.finish();
 }
 
+/// One 1024-bit modexp (window 4, full 1024-bit exponent) per lane, for 1, 2, 4 and 8 lanes
+/// each holding a different modulus, base and exponent; and the base-2 Miller-Rabin round.
+/// Includes the per-call set-up (per-lane constants, layout conversion).
+fn lanes_modexp(c: &mut Criterion) {
+    let ops: Vec<_> = (0..lanes::LANES).map(|_| operands()).collect();
+    let m: Vec<[u64; 16]> = ops.iter().map(|o| o.0).collect();
+    let a: Vec<[u64; 16]> = ops.iter().map(|o| o.1).collect();
+    let e: Vec<[u64; 16]> = ops.iter().map(|o| o.2).collect();
+    let mut paths = vec![Simd::Scalar];
+    if lanes::ifma_available() {
+        paths.push(Simd::Avx512Ifma);
+    }
+    let mut g = c.benchmark_group("lanes_modexp_1024");
+    g.measurement_time(Duration::from_secs(4));
+    g.sample_size(20);
+    for simd in paths {
+        for k in [1usize, 2, 4, 8] {
+            g.throughput(Throughput::Elements(k as u64));
+            g.bench_function(format!("{}_pow_{k}_lanes", simd.as_str()), |b| {
+                b.iter(|| lanes::pow::<16>(simd, &m[..k], &a[..k], &e[..k]))
+            });
+        }
+        g.throughput(Throughput::Elements(8));
+        g.bench_function(format!("{}_mr_base2_8_lanes", simd.as_str()), |b| {
+            b.iter(|| lanes::strong_probable_prime::<16>(simd, &m, None))
+        });
+    }
+    g.finish();
+}
+
 fn keygen(c: &mut Criterion) {
     let mut g = c.benchmark_group("rsa2048_keygen");
     g.sample_size(10);
@@ -77,5 +109,5 @@ fn keygen(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, modexp, keygen);
+criterion_group!(benches, modexp, lanes_modexp, keygen);
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! `keyfleet bench`: key-generation throughput on this machine — the engine alone, the `rsa`
 //! crate's generator side by side, and the whole `run` pipeline against raw generation.
-//! Numbers only; nothing here asserts timing.
+//! Numbers only; nothing here asserts timing. The report names the Miller-Rabin path (`simd`);
+//! `KEYFLEET_SIMD=off` in the environment forces the scalar engine.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ pub struct Report {
     #[serde(flatten)]
     pub engine: Measurement,
     pub keys_per_second_per_thread: f64,
+    /// The Miller-Rabin path of the fast engine: `"avx512ifma"` (8-lane IFMA Montgomery engine)
+    /// or `"scalar"` (no IFMA on this CPU, `KEYFLEET_SIMD=off`, or another engine).
+    pub simd: &'static str,
     /// `rsa`'s RsaPrivateKey::new measured in the same run (`--compare`).
     pub baseline: Option<Measurement>,
     pub ratio_to_baseline: Option<f64>,
@@ -192,7 +196,12 @@ pub async fn bench(
         None
     };
     let pipeline_kps = (!pipes.is_empty()).then(|| median(pipes));
+    let simd = match engine {
+        Engine::Fast => crate::prime::lanes::active(),
+        _ => crate::prime::lanes::Simd::Scalar,
+    };
     Ok(Report {
+        simd: simd.as_str(),
         keys_per_second_per_thread: engine_m.keys_per_second / engine_m.threads as f64,
         ratio_to_baseline: baseline
             .as_ref()
@@ -208,8 +217,8 @@ pub async fn bench(
 pub fn render(r: &Report) -> String {
     let m = &r.engine;
     let mut s = format!(
-        "engine {}  RSA-{}  {} thread(s)  {} keys\n  {:.1} keys/s ({:.1} per thread)  p50 {:.1} ms  p99 {:.1} ms\n",
-        m.engine, m.bits, m.threads, m.keys, m.keys_per_second, r.keys_per_second_per_thread, m.p50_ms, m.p99_ms
+        "engine {} (simd {})  RSA-{}  {} thread(s)  {} keys\n  {:.1} keys/s ({:.1} per thread)  p50 {:.1} ms  p99 {:.1} ms\n",
+        m.engine, r.simd, m.bits, m.threads, m.keys, m.keys_per_second, r.keys_per_second_per_thread, m.p50_ms, m.p99_ms
     );
     if let (Some(b), Some(ratio)) = (&r.baseline, r.ratio_to_baseline) {
         s.push_str(&format!(

@@ -86,6 +86,19 @@ impl<const N: usize> Candidate<N> {
     /// rejection sampling (which would branch on a comparison with `n`): `b·R mod n` is
     /// `mont(lo, R²) + mont(hi, R³)` for `b = lo + hi·R`.
     pub(crate) fn round_random(&self, rng: &mut impl CryptoRngCore, max_s: u64) -> bool {
+        let base = self.random_base_mont(rng);
+        let y = self.monty.pow(&base, &self.d);
+        self.finish(y, max_s)
+    }
+
+    /// The random base of [`Self::round_random`], in ordinary form (for the lane engine).
+    pub(crate) fn random_base(&self, rng: &mut impl CryptoRngCore) -> Zeroizing<[u64; N]> {
+        let base = self.random_base_mont(rng);
+        Zeroizing::new(self.monty.from_mont(&base))
+    }
+
+    /// A random base in Montgomery form, as described at [`Self::round_random`].
+    fn random_base_mont(&self, rng: &mut impl CryptoRngCore) -> Zeroizing<[u64; N]> {
         let mut lo = Zeroizing::new([0u64; N]);
         for l in lo.iter_mut() {
             *l = rng.next_u64();
@@ -95,9 +108,7 @@ impl<const N: usize> Candidate<N> {
         let r3 = Zeroizing::new(self.monty.mul(self.monty.r2(), self.monty.r2()));
         let a = Zeroizing::new(self.monty.mul(&lo, self.monty.r2()));
         let b = Zeroizing::new(self.monty.mul(&hi, &r3));
-        let base = Zeroizing::new(self.monty.add(&a, &b));
-        let y = self.monty.pow(&base, &self.d);
-        self.finish(y, max_s)
+        Zeroizing::new(self.monty.add(&a, &b))
     }
 
     /// Given `y = a^d` (Montgomery form): passes when `y = ±1` or `y^(2^j) = −1` for some
@@ -115,7 +126,7 @@ impl<const N: usize> Candidate<N> {
 }
 
 /// Trailing zero bits of a nonzero `x`, by a masked scan of every bit.
-fn trailing_zeros<const N: usize>(x: &[u64; N]) -> u64 {
+pub(crate) fn trailing_zeros<const N: usize>(x: &[u64; N]) -> u64 {
     let mut count = 0u64;
     let mut seen = 0u64;
     for &limb in x.iter() {
@@ -128,7 +139,7 @@ fn trailing_zeros<const N: usize>(x: &[u64; N]) -> u64 {
 }
 
 /// `x >> s` for a secret `s < 64·N`: one masked stage per bit of `s`.
-fn shr_secret<const N: usize>(x: &[u64; N], s: u64) -> [u64; N] {
+pub(crate) fn shr_secret<const N: usize>(x: &[u64; N], s: u64) -> [u64; N] {
     let mut out = *x;
     let mut stage = 0;
     while (1usize << stage) < 64 * N {
