@@ -75,6 +75,10 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
         Command::Status(args) => status_command(args).await,
         Command::Bench(args) => {
+            if args.scalar {
+                crate::prime::lanes::force(crate::prime::lanes::Simd::Scalar);
+            }
+            let several = args.pipeline || args.compare;
             let report = crate::bench::bench(
                 args.engine,
                 args.bits,
@@ -82,7 +86,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
                 args.keys,
                 args.compare,
                 args.pipeline,
-                if args.pipeline { 3 } else { 1 },
+                args.rounds.unwrap_or(if several { 3 } else { 1 }),
             )
             .await
             .context("benchmark failed")?;

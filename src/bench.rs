@@ -38,9 +38,70 @@ pub struct Report {
     /// `rsa`'s RsaPrivateKey::new measured in the same run (`--compare`).
     pub baseline: Option<Measurement>,
     pub ratio_to_baseline: Option<f64>,
+    /// OpenSSL's RSA key generation in the same run (`--compare`, when available).
+    pub openssl: Option<OpensslMeasurement>,
+    /// This engine's keys/s over OpenSSL's (medians).
+    pub ratio_to_openssl: Option<f64>,
     /// keys/s of `keyfleet run` on a generated batch (`--pipeline`).
     pub pipeline_keys_per_second: Option<f64>,
     pub pipeline_ratio_to_raw: Option<f64>,
+}
+
+/// OpenSSL's key generation, timed inside Python `cryptography` (one interpreter per thread,
+/// each generating its share of the keys in a loop; interpreter start-up is outside the clock).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpensslMeasurement {
+    /// `OpenSSL x.y.z …` as the library reports itself.
+    pub version: String,
+    pub keys_per_second: f64,
+}
+
+const OPENSSL_PROBE: &str = r#"
+import sys, time
+from cryptography.hazmat.backends.openssl import backend
+from cryptography.hazmat.primitives.asymmetric import rsa
+bits, n = int(sys.argv[1]), int(sys.argv[2])
+rsa.generate_private_key(public_exponent=65537, key_size=bits)
+t = time.perf_counter()
+for _ in range(n):
+    rsa.generate_private_key(public_exponent=65537, key_size=bits)
+print(time.perf_counter() - t, backend.openssl_version_text())
+"#;
+
+/// keys/s of OpenSSL on `threads` processes generating `keys` keys in all; `None` when python3
+/// with `cryptography` is not installed.
+fn measure_openssl(bits: KeyBits, threads: usize, keys: usize) -> Option<OpensslMeasurement> {
+    let threads = threads.max(1);
+    let per = keys.div_ceil(threads).max(1);
+    let children: Vec<_> = (0..threads)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    OPENSSL_PROBE,
+                    &bits.bits().to_string(),
+                    &per.to_string(),
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let mut slowest = 0f64;
+    let mut version = String::new();
+    for child in children {
+        let out = child.wait_with_output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let (secs, v) = text.trim().split_once(' ')?;
+        slowest = slowest.max(secs.parse().ok()?);
+        version = v.to_owned();
+    }
+    Some(OpensslMeasurement {
+        version,
+        keys_per_second: (per * threads) as f64 / slowest.max(1e-9),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +209,14 @@ pub async fn measure_pipeline(
     Ok(summary.keys_per_second)
 }
 
+/// `0` means one per core, as for the key-generation pool.
+fn threads_of(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -167,7 +236,16 @@ pub async fn bench(
     let rounds = rounds.max(1);
     let mut raws = Vec::new();
     let mut pipes = Vec::new();
+    let mut openssl = Vec::new();
     for _ in 0..rounds {
+        if compare {
+            let m = tokio::task::spawn_blocking(move || {
+                measure_openssl(bits, threads_of(threads), keys)
+            })
+            .await
+            .map_err(|e| BenchError::Pool(e.to_string()))?;
+            openssl.extend(m);
+        }
         let m = tokio::task::spawn_blocking(move || measure(engine, bits, threads, keys))
             .await
             .map_err(|e| BenchError::Pool(e.to_string()))??;
@@ -196,6 +274,10 @@ pub async fn bench(
         None
     };
     let pipeline_kps = (!pipes.is_empty()).then(|| median(pipes));
+    let openssl = (!openssl.is_empty()).then(|| OpensslMeasurement {
+        version: openssl[0].version.clone(),
+        keys_per_second: median(openssl.iter().map(|m| m.keys_per_second).collect()),
+    });
     let simd = match engine {
         Engine::Fast => crate::prime::lanes::active(),
         _ => crate::prime::lanes::Simd::Scalar,
@@ -207,6 +289,10 @@ pub async fn bench(
             .as_ref()
             .map(|b| engine_m.keys_per_second / b.keys_per_second),
         pipeline_ratio_to_raw: pipeline_kps.map(|p| p / engine_m.keys_per_second),
+        ratio_to_openssl: openssl
+            .as_ref()
+            .map(|o| engine_m.keys_per_second / o.keys_per_second),
+        openssl,
         pipeline_keys_per_second: pipeline_kps,
         baseline,
         engine: engine_m,
@@ -224,6 +310,12 @@ pub fn render(r: &Report) -> String {
         s.push_str(&format!(
             "baseline {}: {:.1} keys/s  p50 {:.1} ms  → engine is {:.2}× the baseline\n",
             b.engine, b.keys_per_second, b.p50_ms, ratio
+        ));
+    }
+    if let (Some(o), Some(ratio)) = (&r.openssl, r.ratio_to_openssl) {
+        s.push_str(&format!(
+            "OpenSSL ({}, via Python cryptography): {:.1} keys/s  → engine is {:.2}× OpenSSL\n",
+            o.version, o.keys_per_second, ratio
         ));
     }
     if let (Some(p), Some(ratio)) = (r.pipeline_keys_per_second, r.pipeline_ratio_to_raw) {

@@ -477,9 +477,17 @@ pub struct BenchArgs {
     pub bits: KeyBits,
     #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
     pub engine: Engine,
-    /// Also measure `rsa`'s RsaPrivateKey::new side by side and report the ratio.
+    /// Also measure, alternated round by round, `rsa`'s RsaPrivateKey::new and OpenSSL's RSA
+    /// key generation (through Python `cryptography`, when python3 has it), and report ratios.
     #[arg(long)]
     pub compare: bool,
+    /// Force the portable Miller-Rabin path even on a CPU with AVX-512 IFMA (the same as
+    /// KEYFLEET_SIMD=off).
+    #[arg(long)]
+    pub scalar: bool,
+    /// Rounds to alternate (medians are reported). Default: 3 with --pipeline or --compare, else 1.
+    #[arg(long, env = "KEYFLEET_BENCH_ROUNDS", value_name = "N")]
+    pub rounds: Option<usize>,
     /// Also run `keyfleet run` on a generated batch of --keys rows (temporary folder and state)
     /// and report its keys/s against raw generation.
     #[arg(long)]
