@@ -383,9 +383,31 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
             println!("{}", serde_json::to_string(r)?);
         }
     } else {
+        // Padded by display width, so Chinese names (two columns a character) line up.
+        let row = |cells: [&str; 6], rest: String| {
+            let widths: [usize; 6] = [8, 12, 16, 32, 20, 48];
+            let mut line = String::new();
+            for (cell, width) in cells.iter().zip(widths) {
+                line.push_str(cell);
+                let shown = unicode_width::UnicodeWidthStr::width(*cell);
+                line.push_str(&" ".repeat(width.saturating_sub(shown) + 1));
+            }
+            line.push_str(&rest);
+            line
+        };
         println!(
-            "{:<8} {:<12} {:<16} {:<32} {:<20} {:<48} TAGS / RESOURCE GROUP",
-            "PROVIDER", "OWNER", "REGION", "NAME", "CREATED", "FINGERPRINT"
+            "{}",
+            row(
+                [
+                    "PROVIDER",
+                    "OWNER",
+                    "REGION",
+                    "NAME",
+                    "CREATED",
+                    "FINGERPRINT"
+                ],
+                "TAGS / RESOURCE GROUP".into()
+            )
         );
         for r in &records {
             let tags: Vec<String> = r
@@ -393,19 +415,28 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
                 .iter()
                 .map(|t| format!("{}={}", t.key, t.value))
                 .collect();
-            println!(
-                "{:<8} {:<12} {:<16} {:<32} {:<20} {:<48} {}{}",
-                r.scope.provider.as_str(),
-                r.scope.owner,
-                r.scope.region,
-                r.name,
-                crate::job::rfc3339(r.created_at),
-                r.key_pair_fingerprint,
+            let rest = format!(
+                "{}{}",
                 tags.join(","),
                 r.resource_group_id
                     .as_deref()
                     .map(|g| format!(" rg={g}"))
                     .unwrap_or_default()
+            );
+            let created = crate::job::rfc3339(r.created_at);
+            println!(
+                "{}",
+                row(
+                    [
+                        r.scope.provider.as_str(),
+                        &r.scope.owner,
+                        &r.scope.region,
+                        &r.name,
+                        &created,
+                        &r.key_pair_fingerprint,
+                    ],
+                    rest
+                )
             );
         }
         eprintln!("{} key pair(s)", records.len());

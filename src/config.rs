@@ -340,31 +340,24 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 
 fn parse_prefix(s: &str) -> Result<String, String> {
     if !s.is_empty()
-        && s.len() <= 64
+        && s.len() <= 46
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
         Ok(s.to_owned())
     } else {
         Err(format!(
-            "'{s}' is not a prefix: 1-64 of A-Z a-z 0-9 - _ . (--prefix / KEYFLEET_PREFIX)"
+            "'{s}' is not a prefix: 1-46 of A-Z a-z 0-9 - _ . (--prefix / KEYFLEET_PREFIX)"
         ))
     }
 }
 
-/// Batch ids become queue names and Redis keys: keep them plain.
+/// Batch ids: the job contract's rule (`job::check_batch_id`), so any batch a producer can
+/// submit can be `status`ed and `collect`ed.
 pub fn parse_batch_id(s: &str) -> Result<String, String> {
-    if !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "'{s}' is not a batch id: 1-128 of A-Z a-z 0-9 - _ ."
-        ))
-    }
+    crate::job::check_batch_id(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("'{}' is not a batch id: {e}", crate::dialect::clip(s)))
 }
 
 #[derive(Debug, Args)]

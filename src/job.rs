@@ -42,7 +42,7 @@ pub enum DecodeError {
     NotAJob(String),
     #[error("unsupported message version v={0} (this worker reads v={MESSAGE_VERSION})")]
     UnsupportedVersion(u64),
-    #[error("batch_id must be 1 to 200 bytes")]
+    #[error("batch_id must be 1 to 200 bytes without control characters")]
     BatchId,
 }
 
@@ -71,11 +71,19 @@ impl Job {
         }
         let job: Job =
             serde_json::from_slice(data).map_err(|e| DecodeError::NotAJob(e.to_string()))?;
-        if job.batch_id.is_empty() || job.batch_id.len() > 200 {
-            return Err(DecodeError::BatchId);
-        }
+        check_batch_id(&job.batch_id)?;
         Ok(job)
     }
+}
+
+/// The one rule for batch ids, for job messages and the command line alike: 1 to 200 bytes
+/// (with the longest `--prefix`, the results queue's name stays within AMQP's 255), no control
+/// characters (they would corrupt logs and file names).
+pub fn check_batch_id(id: &str) -> Result<(), DecodeError> {
+    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+        return Err(DecodeError::BatchId);
+    }
+    Ok(())
 }
 
 /// A private key travelling from key generation to the one place it is delivered.

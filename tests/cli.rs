@@ -211,3 +211,66 @@ fn every_setting_flag_names_its_environment_variable() {
         }
     }
 }
+
+/// The job contract allows any 1–200 bytes without control characters as a batch id; the
+/// command line takes exactly the same, so every batch a producer can submit can be looked at.
+#[test]
+fn contract_valid_batch_id_is_accepted_by_status_and_collect() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "b".repeat(200);
+    for id in ["onboarding 2026/11", "密钥批次-1", "x}:jobs", long.as_str()] {
+        let out = keyfleet(dir.path())
+            .args(["status", id, "--redis-url", "redis://127.0.0.1:1/"])
+            .args(["--connect-timeout", "1s"])
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(2), "{id}: {}", text(&out));
+        assert!(
+            !text(&out).contains("not a batch id"),
+            "{id}: {}",
+            text(&out)
+        );
+    }
+    for bad in ["", "tab\there", &"b".repeat(201)] {
+        let out = keyfleet(dir.path()).args(["status", bad]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out));
+        assert!(text(&out).contains("not a batch id"), "{}", text(&out));
+    }
+}
+
+#[test]
+fn describe_table_lines_up_chinese_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,web-01\ncn-hangzhou,密钥对一号\n",
+    )
+    .unwrap();
+    let out = keyfleet(dir.path())
+        .args([
+            "run",
+            "c.csv",
+            "--out",
+            "o",
+            "--progress",
+            "off",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = keyfleet(dir.path()).arg("describe").output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let year = &keyfleet::job::now_rfc3339()[..4];
+    let columns: Vec<usize> = table
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let at = l.find(year).expect("a CREATED cell");
+            unicode_width::UnicodeWidthStr::width(&l[..at])
+        })
+        .collect();
+    assert_eq!(columns.len(), 2, "{table}");
+    assert_eq!(columns[0], columns[1], "{table}");
+}

@@ -148,7 +148,12 @@ impl Registry for EmbeddedRegistry {
         let key = entry_key(scope, name);
         self.blocking(move |db| {
             let now = now_ms();
-            let txn = db.begin_write().map_err(storage)?;
+            let mut txn = db.begin_write().map_err(storage)?;
+            // Not synced on its own: a reservation lost in a crash costs nothing (the row
+            // reserves again on the re-run, and no key was made for it), and the commit that
+            // follows it is synced, which makes this one durable too.
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| RegistryError::Storage(e.to_string()))?;
             let outcome = {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;

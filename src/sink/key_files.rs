@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::{DeliveryError, Sink};
-use crate::job::{set_private_key_body, JobResult};
+use crate::job::{set_private_key_body, JobResult, SecretPem};
 use crate::output::path_component;
 use crate::registry::RegistryError;
 
@@ -61,46 +61,57 @@ impl KeyFiles {
     /// than writing through it). A crash leaves the whole key file or none. Folders are created
     /// 0700.
     pub fn write(&self, r: &mut JobResult) -> Result<PathBuf, KeyFileError> {
+        let (path, pem, public) = self.prepare(r)?;
+        write_files(&path, &pem, &public)?;
+        set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
+        Ok(path)
+    }
+
+    /// What [`write_files`] needs, taken from the result (its private key moves out).
+    fn prepare(&self, r: &mut JobResult) -> Result<(PathBuf, SecretPem, String), KeyFileError> {
         let path = self.path(r);
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| KeyFileError::Io { path, source }
-        };
         let Some(pem) = r.take_private_key() else {
-            return Err(io(&path)(std::io::Error::other("no private key to write")));
+            return Err(KeyFileError::Io {
+                path,
+                source: std::io::Error::other("no private key to write"),
+            });
         };
-        let public_key = r
-            .created()
-            .map(|c| c.public_key.clone())
-            .unwrap_or_default();
-        let folder = path.parent().unwrap_or(&self.root).to_owned();
-        private_folder(&folder).map_err(io(&folder))?;
-        if path.symlink_metadata().is_ok() {
-            return Err(KeyFileError::Exists(path));
-        }
-        let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600).map_err(io(&path))?;
-        let linked = fs::hard_link(&tmp_key, &path);
-        let _ = fs::remove_file(&tmp_key);
-        match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(KeyFileError::Exists(path))
-            }
-            Err(e) => return Err(io(&path)(e)),
-        }
-        let pub_path = path.with_extension("pub");
+        let public_key = r.created().map(|c| c.public_key.as_str()).unwrap_or("");
         let public = format!(
             "{public_key} {}\n",
             r.key_pair_name.as_deref().unwrap_or_default()
         );
-        let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644).map_err(io(&pub_path))?;
-        fs::rename(&tmp_pub, &pub_path).map_err(io(&pub_path))?;
-        File::open(&folder)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&folder))?;
-        set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
-        Ok(path)
+        Ok((path, pem, public))
     }
+}
+
+/// The blocking part of [`KeyFiles::write`]: folders, the key, the `.pub`, and the syncs.
+fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFileError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| KeyFileError::Io { path, source }
+    };
+    let folder = path.parent().unwrap_or(Path::new(".")).to_owned();
+    private_folder(&folder).map_err(io(&folder))?;
+    if path.symlink_metadata().is_ok() {
+        return Err(KeyFileError::Exists(path.to_owned()));
+    }
+    let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600).map_err(io(path))?;
+    let linked = fs::hard_link(&tmp_key, path);
+    let _ = fs::remove_file(&tmp_key);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(KeyFileError::Exists(path.to_owned()))
+        }
+        Err(e) => return Err(io(path)(e)),
+    }
+    let pub_path = path.with_extension("pub");
+    let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644).map_err(io(&pub_path))?;
+    fs::rename(&tmp_pub, &pub_path).map_err(io(&pub_path))?;
+    File::open(&folder)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&folder))
 }
 
 /// Creates `folder` and its missing parents with mode 0700 (existing ones are left as they are).
@@ -135,11 +146,27 @@ impl Sink for KeyFiles {
         if !result.is_created() {
             return Ok(());
         }
-        self.write(result).map(|_| ()).map_err(|e| {
-            let why = super::error_chain(&e);
-            tracing::warn!(line = result.line, "{why}");
+        let line = result.line;
+        let undeliverable = move |e: &KeyFileError| {
+            let why = super::error_chain(e);
+            tracing::warn!(line, "{why}");
             DeliveryError::Undeliverable(why)
-        })
+        };
+        let (path, pem, public) = self.prepare(result).map_err(|e| undeliverable(&e))?;
+        // Off the async runtime: three syncs per key would otherwise hold a runtime thread.
+        let written =
+            tokio::task::spawn_blocking(move || write_files(&path, &pem, &public).map(|()| path))
+                .await
+                .map_err(|e| {
+                    DeliveryError::Undeliverable(format!("key file writer failed: {e}"))
+                })?;
+        let path = written.map_err(|e| undeliverable(&e))?;
+        set_private_key_body(
+            result.provider,
+            &mut result.response,
+            &path.to_string_lossy(),
+        );
+        Ok(())
     }
 
     async fn settled(&self, _: &str, _: Uuid, _: &str) -> Result<(), RegistryError> {
