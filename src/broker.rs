@@ -365,8 +365,15 @@ fn plaintext_off_host(url: &str) -> bool {
     let Ok(u) = url::Url::parse(url) else {
         return false;
     };
+    // `amqp` is not one of the URL standard's special schemes, so its host comes back as an
+    // opaque name even when it is an address.
     let loopback = match u.host() {
-        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_start_matches('[').trim_end_matches(']');
+            d == "localhost"
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => true,

@@ -150,7 +150,7 @@ async fn drain(
                 let verdict = if seen.contains(&result.job_id) {
                     Verdict::Superseded
                 } else {
-                    verdict(&registry, &result).await?
+                    verdict(&registry, &result, &shutdown).await?
                 };
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
@@ -171,7 +171,7 @@ async fn drain(
             Err(_) => {
                 let mut still = Vec::with_capacity(held.len());
                 for (result, acker) in held.drain(..) {
-                    match verdict(&registry, &result).await? {
+                    match verdict(&registry, &result, &shutdown).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
                             let taken =
@@ -187,7 +187,11 @@ async fn drain(
                 held = still;
                 ack_all(&mut out, &mut unacked).await?;
                 if checked_total.elapsed() > Duration::from_secs(1) {
-                    total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
+                    // The total only decides when to stop: a Redis restart is ridden out.
+                    match status.status(&opts.batch_id).await {
+                        Ok(s) => total = s.and_then(|s| s.total).or(total),
+                        Err(e) => tracing::warn!("batch status: {e}; trying again"),
+                    }
                     checked_total = Instant::now();
                 }
                 if last_result.elapsed() >= opts.idle_timeout {
@@ -205,11 +209,9 @@ async fn drain(
     // Dropped unacked: the broker keeps them for the next collect.
     drop(held);
     ack_all(&mut out, &mut unacked).await?;
-    total = status
-        .status(&opts.batch_id)
-        .await?
-        .and_then(|s| s.total)
-        .or(total);
+    if let Ok(s) = status.status(&opts.batch_id).await {
+        total = s.and_then(|s| s.total).or(total);
+    }
     let manifest = out.finish()?;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
@@ -254,7 +256,11 @@ enum Verdict {
 /// A created result counts only once the registry holds its pair, for its job, with its
 /// fingerprint, marked delivered: a key read before that may be replaced by its job's next
 /// attempt, and the user would hold a key that is not registered.
-async fn verdict(registry: &RedisRegistry, r: &JobResult) -> Result<Verdict, RegistryError> {
+async fn verdict(
+    registry: &RedisRegistry,
+    r: &JobResult,
+    shutdown: &CancellationToken,
+) -> Result<Verdict, RegistryError> {
     let Some(created) = r.created() else {
         return Ok(Verdict::Accept);
     };
@@ -266,7 +272,13 @@ async fn verdict(registry: &RedisRegistry, r: &JobResult) -> Result<Verdict, Reg
         owner: r.owner.clone(),
         region: region.clone(),
     };
-    Ok(match registry.lookup(&scope, name).await? {
+    // Retried like a worker's registry calls, so a Redis restart does not stop a collect.
+    let entry = crate::retry::RetryPolicy::queue()
+        .run("registry lookup", shutdown, || {
+            registry.lookup(&scope, name)
+        })
+        .await?;
+    Ok(match entry {
         Some(Entry::Pair(record))
             if record.job_id == r.job_id
                 && record.fingerprint_sha256 == created.fingerprint_sha256 =>

@@ -78,35 +78,40 @@ async fn batch_completes_across_redis_and_rabbitmq_restarts() {
     // Redis: shut down (saving), stay away a few seconds, come back with the same data.
     let input = env.write("redis.csv", &fleet_csv(60, "cn-qingdao"));
     env.submit(&input, "bredis").await;
-    env.wait_status("bredis", Duration::from_secs(120), |s| s.created >= 10)
-        .await;
-    let (dir, dbfile) = (redis_config("dir"), redis_config("dbfilename"));
-    run("redis-cli", &["SHUTDOWN", "SAVE"]);
-    wait_port(6379, false, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    run(
-        "redis-server",
-        &[
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir,
-            "--dbfilename",
-            &dbfile,
-        ],
+    // A collector is running through the restart too (`submit --wait` is one): it rides it
+    // out instead of exiting.
+    let restart = async {
+        env.wait_status("bredis", Duration::from_secs(120), |s| s.created >= 10)
+            .await;
+        let (dir, dbfile) = (redis_config("dir"), redis_config("dbfilename"));
+        run("redis-cli", &["SHUTDOWN", "SAVE"]);
+        wait_port(6379, false, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        run(
+            "redis-server",
+            &[
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir,
+                "--dbfilename",
+                &dbfile,
+            ],
+        );
+        wait_port(6379, true, Duration::from_secs(20)).await;
+    };
+    let (c, ()) = tokio::join!(
+        env.collect("bredis", "out-redis", Duration::from_secs(60)),
+        restart
     );
-    wait_port(6379, true, Duration::from_secs(20)).await;
-    let c = env
-        .collect("bredis", "out-redis", Duration::from_secs(60))
-        .await;
     assert!(c.complete, "{c:?}");
     assert_complete(&env, "out-redis", 60);
 
@@ -136,11 +141,17 @@ async fn batch_completes_across_redis_and_rabbitmq_restarts() {
         120,
         "exactly the created pairs are registered"
     );
+    // A worker may still be in its reconnect backoff (up to 5 s) when the other finished the
+    // batch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for n in 0..2 {
-        assert!(
-            env.worker_log(n).contains("reconnected to RabbitMQ"),
-            "worker {n} log:\n{}",
-            env.worker_log(n)
-        );
+        while !env.worker_log(n).contains("reconnected to RabbitMQ") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker {n} log:\n{}",
+                env.worker_log(n)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
