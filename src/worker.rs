@@ -81,11 +81,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let e = &cfg.endpoints;
-    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
-    readiness.set_redis(true);
-    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
-    broker.declare().await?;
-    readiness.set_amqp(true);
+    // A signal during start-up (servers slow to answer) stops the worker at once: nothing is
+    // in flight yet.
+    let started = async {
+        let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+        readiness.set_redis(true);
+        let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+        broker.declare().await?;
+        readiness.set_amqp(true);
+        Ok::<_, WorkerError>((registry, broker))
+    };
+    let (registry, broker) = tokio::select! {
+        started = started => started?,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
     let upstream = Arc::new(RateLimited::new(LocalUpstream, limit));

@@ -296,3 +296,33 @@ async fn worker_killed_ten_times_every_delivered_key_is_the_registered_key() {
         );
     }
 }
+
+/// Told to stop while its servers are still being waited for, a worker stops at once instead
+/// of sitting out the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_stops_at_once() {
+    let env = Env::new("startterm");
+    // A broker that accepts the connection and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let amqp = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let mut child = env
+        .worker_command_urls(&amqp, &common::redis_url(), &["--connect-timeout", "120s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(&child, "TERM");
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
