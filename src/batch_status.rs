@@ -204,6 +204,23 @@ impl BatchStatusStore {
         Ok(counted == 1)
     }
 
+    /// The outcome recorded for one job of the batch (by the worker or producer that answered
+    /// it), if any.
+    pub async fn outcome(
+        &self,
+        batch_id: &str,
+        job_id: Uuid,
+    ) -> Result<Option<String>, RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let mut conn = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(&keys.jobs)
+            .arg(job_id.hyphenated().to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)
+    }
+
     /// The batch's counters; `None` if the batch is unknown (never seen, or expired).
     pub async fn status(&self, batch_id: &str) -> Result<Option<BatchStatus>, RegistryError> {
         let keys = self.batch_keys(batch_id)?;

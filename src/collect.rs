@@ -3,7 +3,6 @@
 //! only once they are on disk. Stops when the batch is complete (per `keyfleet status`) or
 //! after a quiet spell.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,6 @@ use crate::registry::redis::RedisRegistry;
 use crate::registry::{Entry, Registry, RegistryError};
 use crate::sink::key_files::KeyFileError;
 use crate::sink::KeyFiles;
-use uuid::Uuid;
 
 #[derive(Clone, Debug)]
 pub struct CollectOptions {
@@ -147,11 +145,16 @@ async fn drain(
                 if let Some(c) = result.created_mut() {
                     c.private_key = pem;
                 }
-                let verdict = if seen.contains(&result.job_id) {
-                    Verdict::Superseded
-                } else {
-                    verdict(&registry, &result, &shutdown).await?
-                };
+                // A job already written is done, unless what was written is a failure and this
+                // is a created pair: a failure may have been forged, or answered by an attempt
+                // before the one that created the pair, which the registry then vouches for.
+                let written = seen.get(&result.job_id).copied();
+                let verdict =
+                    if written == Some(true) || (written.is_some() && !result.is_created()) {
+                        Verdict::Superseded
+                    } else {
+                        verdict(&registry, &status, &result, &shutdown).await?
+                    };
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
                     verdict => {
@@ -171,7 +174,7 @@ async fn drain(
             Err(_) => {
                 let mut still = Vec::with_capacity(held.len());
                 for (result, acker) in held.drain(..) {
-                    match verdict(&registry, &result, &shutdown).await? {
+                    match verdict(&registry, &status, &result, &shutdown).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
                             let taken =
@@ -200,10 +203,23 @@ async fn drain(
             }
         }
     }
+    // One last look at what was held: superseded copies are acked away now rather than left
+    // for the next collect.
+    let mut still = Vec::new();
+    for (result, acker) in held.drain(..) {
+        match verdict(&registry, &status, &result, &shutdown).await? {
+            Verdict::Superseded if seen.contains_key(&result.job_id) || result.is_created() => {
+                duplicates += 1;
+                unacked.push(acker);
+            }
+            _ => still.push((result, acker)),
+        }
+    }
+    let held = still;
     if !held.is_empty() {
         tracing::warn!(
             held = held.len(),
-            "results whose key pair is not confirmed delivered yet were left on the queue; run collect again"
+            "results not yet confirmed by the registry or the batch status were left on the queue; run collect again"
         );
     }
     // Dropped unacked: the broker keeps them for the next collect.
@@ -248,21 +264,36 @@ enum Verdict {
     /// Drop it (its key unread): the job was written already, or its pair is no longer the
     /// one registered (the job came back after a worker died, and replaced it).
     Superseded,
-    /// The registry holds this very pair but not yet as delivered: its worker has not
-    /// confirmed it. Decide later.
+    /// The registry holds this very pair but not yet as delivered (its worker has not
+    /// confirmed it), or a failure is not yet recorded in the batch status. Decide later.
     Wait,
 }
 
 /// A created result counts only once the registry holds its pair, for its job, with its
 /// fingerprint, marked delivered: a key read before that may be replaced by its job's next
 /// attempt, and the user would hold a key that is not registered.
+///
+/// A failed result counts only once the batch's status in Redis records that very outcome for
+/// its job: whoever may publish to the results exchange could otherwise answer a job with a
+/// failure and hide its key; only workers and `submit` write the batch status.
 async fn verdict(
     registry: &RedisRegistry,
+    status: &BatchStatusStore,
     r: &JobResult,
     shutdown: &CancellationToken,
 ) -> Result<Verdict, RegistryError> {
+    let retry = crate::retry::RetryPolicy::queue();
     let Some(created) = r.created() else {
-        return Ok(Verdict::Accept);
+        let recorded = retry
+            .run("batch status", shutdown, || {
+                status.outcome(&r.batch_id, r.job_id)
+            })
+            .await?;
+        return Ok(match recorded {
+            None => Verdict::Wait,
+            Some(o) if o == r.outcome_label() => Verdict::Accept,
+            Some(_) => Verdict::Superseded,
+        });
     };
     let (Some(name), Some(region)) = (&r.key_pair_name, &r.region) else {
         return Ok(Verdict::Superseded);
@@ -273,7 +304,7 @@ async fn verdict(
         region: region.clone(),
     };
     // Retried like a worker's registry calls, so a Redis restart does not stop a collect.
-    let entry = crate::retry::RetryPolicy::queue()
+    let entry = retry
         .run("registry lookup", shutdown, || {
             registry.lookup(&scope, name)
         })
@@ -316,7 +347,7 @@ struct Keys {
 async fn take(
     out: &mut OutputDir,
     keys: &Keys,
-    seen: &mut HashSet<Uuid>,
+    seen: &mut crate::output::Written,
     progress: &mut Progress,
     mut result: JobResult,
     verdict: Verdict,
@@ -354,7 +385,7 @@ async fn take(
         }
     }
     out.append(&result, key_file.as_deref())?;
-    seen.insert(result.job_id);
+    seen.insert(result.job_id, result.is_created());
     progress.record(&result);
     Ok(true)
 }

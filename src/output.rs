@@ -11,6 +11,9 @@ use crate::sink::KeyFiles;
 
 pub const MANIFEST: &str = "manifest.jsonl";
 
+/// The jobs a manifest answers, and whether each was created.
+pub type Written = std::collections::HashMap<uuid::Uuid, bool>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error("cannot write to output folder {path}")]
@@ -90,9 +93,7 @@ impl OutputDir {
 
     /// Opens the folder for `collect`, which may be run again and again: the manifest is
     /// appended to, and the job ids already in it are returned so no job is written twice.
-    pub fn resume(
-        root: &Path,
-    ) -> Result<(Self, std::collections::HashSet<uuid::Uuid>), OutputError> {
+    pub fn resume(root: &Path) -> Result<(Self, Written), OutputError> {
         let folder_err = |source| OutputError::Folder {
             path: root.to_owned(),
             source,
@@ -103,7 +104,7 @@ impl OutputDir {
             path: manifest_path.clone(),
             source,
         };
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = Written::new();
         if manifest_path.exists() {
             let text = fs::read_to_string(&manifest_path).map_err(manifest_err)?;
             for line in text.lines() {
@@ -112,7 +113,11 @@ impl OutputDir {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                     if let Some(id) = v.get("job_id").and_then(|j| j.as_str()) {
                         if let Ok(id) = uuid::Uuid::parse_str(id) {
-                            seen.insert(id);
+                            let created =
+                                v.get("status").and_then(|s| s.as_str()) == Some("created");
+                            // A later line for the same job (a created pair after a failure)
+                            // supersedes the earlier one.
+                            seen.insert(id, created);
                         }
                     }
                 }

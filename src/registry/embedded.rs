@@ -203,7 +203,13 @@ impl Registry for EmbeddedRegistry {
         let key = entry_key(&record.scope, &record.name);
         let record = record.clone();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(storage)?;
+            let mut txn = db.begin_write().map_err(storage)?;
+            // Not synced on its own either: until `mark_delivered` (synced, and making this
+            // durable with it) the pair is undelivered, and a crash leaves the same state for
+            // the re-run whether or not this commit reached the disk — the job's own entry,
+            // replaced or taken up again by job id.
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| RegistryError::Storage(e.to_string()))?;
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let existing = match entries.get(key.as_str()).map_err(storage)? {

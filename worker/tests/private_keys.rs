@@ -377,3 +377,74 @@ async fn failed_write_is_not_acked() {
     let (created, _) = check_batch(&env, "out", 3).await;
     assert_eq!(created, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_failure_does_not_hide_the_created_key() {
+    let env = Env::new("forgedfail");
+    let batch = "bforgedfail";
+    env.track(batch);
+    let broker = connect(&env).await;
+    broker.declare_results_queue(batch).await.unwrap();
+    env.give_recipient(batch).await;
+    let identity = transit::read_identity(&env.identity(batch)).unwrap();
+    let registry = env.registry().await;
+    let status = BatchStatusStore::from_connection(registry.connection(), &env.prefix);
+    status.set_total(batch, 1).await.unwrap();
+    let lifecycle = Lifecycle::new(
+        Arc::new(registry.clone()),
+        Arc::new(LocalUpstream),
+        CpuPool::new(1).unwrap(),
+        Settings::default(),
+        RetryPolicy::queue(),
+        CancellationToken::new(),
+    );
+    let sink = Captured {
+        recipient: identity.to_public(),
+        message: Mutex::new(None),
+    };
+    let job = Job {
+        v: MESSAGE_VERSION,
+        job_id: Uuid::new_v4(),
+        batch_id: batch.into(),
+        line: Some(2),
+        provider: Provider::Aliyun,
+        owner: "acct".into(),
+        params: BTreeMap::from([
+            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
+            ("KeyPairName".to_owned(), "hidden-1".to_owned()),
+        ]),
+        key_bits: KeyBits::B2048,
+    };
+    let forged = JobResult::failed(
+        &job,
+        &keyfleet::dialect::ApiError::QuotaExceeded,
+        keyfleet::job::now_rfc3339(),
+        1,
+    );
+    let finished = lifecycle.process(job, 1, &sink).await;
+    assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
+    let genuine = sink.message.lock().unwrap().take().unwrap();
+    // Anyone who may publish to the results exchange sends a failure for the job first.
+    for bytes in [serde_json::to_vec(&forged).unwrap(), genuine] {
+        let confirm = broker
+            .channel()
+            .basic_publish(
+                env.topology().results_exchange().into(),
+                batch.into(),
+                Default::default(),
+                &bytes,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+    }
+    let c = env.collect(batch, "out", Duration::from_secs(10)).await;
+    assert!(c.complete, "{c:?}");
+    let lines = manifest(&env.path("out"));
+    let last = lines.last().unwrap();
+    assert_eq!(last["status"], "created", "{lines:?}");
+    let pem = std::fs::read_to_string(last["private_key_file"].as_str().unwrap()).unwrap();
+    let (_, sha256) = keygen::fingerprints_of_pem(&pem).unwrap();
+    assert_eq!(sha256, last["fingerprint_sha256"].as_str().unwrap());
+}
