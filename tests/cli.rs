@@ -166,6 +166,7 @@ fn run_then_describe_and_delete() {
 #[test]
 fn every_setting_flag_names_its_environment_variable() {
     let dir = tempfile::tempdir().unwrap();
+    // `--scalar`'s variable is KEYFLEET_SIMD=off, which the engine reads itself.
     let switches = [
         "--help",
         "--version",
@@ -174,6 +175,7 @@ fn every_setting_flag_names_its_environment_variable() {
         "--compare",
         "--pipeline",
         "--keys",
+        "--scalar",
     ];
     for command in ["run", "bench", "submit", "collect", "status"] {
         let out = keyfleet(dir.path())
