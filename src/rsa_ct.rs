@@ -249,7 +249,7 @@ fn derive(p_be: &[u8], q_be: &[u8]) -> Result<(RsaPrivate, Odd<BoxedUint>), Asse
     v.zeroize();
     t.zeroize();
     let mut num = Zeroizing::new(lambda.concatenating_mul(&t_wide)); // 2·prec + 64 bits
-    *num = num.wrapping_add(&BoxedUint::one_with_precision(num.bits_precision()));
+    *num = num.wrapping_add(BoxedUint::one_with_precision(num.bits_precision()));
     let (d_wide, rem) = num.div_rem_limb(e_limb);
     let d_wide = Zeroizing::new(d_wide);
     ok = ok.and(rem.ct_eq(&Limb::ZERO));
@@ -344,7 +344,7 @@ fn garner(key: &RsaPrivate, p_odd: &Odd<BoxedUint>, sp: &BoxedUint, sq: &BoxedUi
     let h = Zeroizing::new(key.qinv.mul_mod(&diff, p_nz));
     key.q
         .concatenating_mul(&*h)
-        .wrapping_add(&sq.clone().resize_unchecked(2 * prec))
+        .wrapping_add(sq.clone().resize_unchecked(2 * prec))
 }
 
 fn pct_boxed(
@@ -505,14 +505,14 @@ mod tests {
         let (p, q) = (be(&p), be(&q));
         let (mut key, p_odd) = derive(&p, &q).unwrap();
         assert!(pairwise_consistency(&key, &p_odd, p.len()).is_ok());
-        key.dq = key.dq.wrapping_add(&BoxedUint::one_with_precision(1024));
+        key.dq = key.dq.wrapping_add(BoxedUint::one_with_precision(1024));
         assert!(pairwise_consistency(&key, &p_odd, p.len()).is_err());
         let (key, p_odd) = derive(&p, &q).unwrap();
         let q_odd = Odd::new(key.q.clone()).unwrap();
         let m = BoxedUint::from_be_slice(&[0x5a; 128], 1024).unwrap();
         assert!(pct_boxed(&key, &p_odd, &q_odd, &m));
         let mut bad = derive(&p, &q).unwrap().0;
-        bad.qinv = bad.qinv.wrapping_add(&BoxedUint::one_with_precision(1024));
+        bad.qinv = bad.qinv.wrapping_add(BoxedUint::one_with_precision(1024));
         assert!(!pct_boxed(&bad, &p_odd, &q_odd, &m));
         assert!(!pct_fixed::<16, 32>(&bad, &p_odd, &m));
     }
