@@ -24,9 +24,10 @@
 //!   masks (`ct_lt`, `ct_select`); only the combined verdict is branched on, and a failing pair
 //!   is discarded (probability ≈ 2^−(nlen/2) and ≈ 2⁻⁹⁸), so the branch reveals nothing about
 //!   the key that is kept.
-//! - Pair-wise consistency (FIPS 186-5 5.?: "sign/verify once"): `s = m^d mod n` through CRT
-//!   with constant-time Montgomery `pow` on the secret side, then `s^e mod n = m` on the public
-//!   side; a mismatch is an error, never a key.
+//! - Pair-wise consistency (sign and verify once, as FIPS 140-3 asks of a generated key pair):
+//!   `s = m^d mod n` through CRT with constant-time Montgomery `pow` on the secret side, then
+//!   `s^e mod n = m` on the public side; a mismatch is an error, never a key. This test is most
+//!   of the assembly's cost (two 1024-bit exponentiations for RSA-2048).
 //!
 //! What is not constant time, by design: the DER encoding strips leading zero bytes of each
 //! integer, so its length (in bytes) depends on the value — it is written into the key file
