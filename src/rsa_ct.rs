@@ -193,7 +193,7 @@ fn pow2(k: u32, precision: u32) -> BoxedUint {
 /// `e | λ` is caught here. Runs the FIPS 186-5 checks and the pair-wise consistency test.
 pub fn assemble(p_be: &[u8], q_be: &[u8]) -> Result<RsaPrivate, AssembleError> {
     let (key, p_odd) = derive(p_be, q_be)?;
-    pairwise_consistency(&key, &p_odd, p_be.len())?;
+    pairwise_consistency(&key, &p_odd)?;
     Ok(key)
 }
 
@@ -312,15 +312,13 @@ fn derive(p_be: &[u8], q_be: &[u8]) -> Result<(RsaPrivate, Odd<BoxedUint>), Asse
 /// `BoxedMontyForm` would cost about a fifth of key generation instead of a tenth. Other sizes
 /// (tests) use `BoxedMontyForm`. Every private-side path processes all exponent bits with a
 /// fixed window and masked table reads.
-fn pairwise_consistency(
-    key: &RsaPrivate,
-    p_odd: &Odd<BoxedUint>,
-    len: usize,
-) -> Result<(), AssembleError> {
+fn pairwise_consistency(key: &RsaPrivate, p_odd: &Odd<BoxedUint>) -> Result<(), AssembleError> {
     let prec = key.p.bits_precision();
-    // A fixed message: 0x5a5a…5a as long as a prime, so below both (their top bit is set).
-    let m = BoxedUint::from_be_slice(&vec![0x5a; len], prec)
-        .map_err(|_| AssembleError::Invalid("message"))?;
+    // A fixed message, m = 2: below both primes, and 2^x mod p has a fast constant-time path
+    // (masked doublings instead of table multiplications, as in the base-2 Miller-Rabin round).
+    // The multiplicative order of 2 modulo n is a multiple of λ(n)'s large prime factors, so a
+    // wrong d (or dp, dq, qinv) passes with negligible probability.
+    let m = BoxedUint::from(2u64).resize(prec);
     let q_odd = Odd::new(key.q.clone())
         .into_option()
         .ok_or(AssembleError::Invalid("even q"))?;
@@ -357,7 +355,7 @@ fn pct_boxed(
     let prec = key.p.bits_precision();
     let params_p = BoxedMontyParams::new(p_odd.clone());
     let params_q = BoxedMontyParams::new(q_odd.clone());
-    // m < 2^(8·len − 1) ≤ p, q, so m is already reduced.
+    // m = 2 < p, q: already reduced.
     let sp = Zeroizing::new(
         BoxedMontyForm::new(m.clone(), &params_p)
             .pow(&key.dp)
@@ -404,17 +402,17 @@ fn pct_fixed<const N: usize, const M: usize>(
     m_big: &BoxedUint,
 ) -> bool {
     use crate::prime::{lanes, monty::Monty};
-    let (p, q, m) = (limbs::<N>(&key.p), limbs::<N>(&key.q), limbs::<N>(m_big));
+    debug_assert!(*m_big == BoxedUint::from(2u64).resize(m_big.bits_precision()));
+    let (p, q) = (limbs::<N>(&key.p), limbs::<N>(&key.q));
     let (dp, dq) = (limbs::<N>(&key.dp), limbs::<N>(&key.dq));
     let simd = lanes::active();
     let (sp, sq) = if simd == lanes::Simd::Avx512Ifma {
-        let out = Zeroizing::new(lanes::pow::<N>(simd, &[*p, *q], &[*m, *m], &[*dp, *dq]));
+        let out = Zeroizing::new(lanes::pow2::<N>(simd, &[*p, *q], &[*dp, *dq]));
         (from_limbs(&out[0]), from_limbs(&out[1]))
     } else {
         let half = |modulus: &[u64; N], exp: &[u64; N]| {
             let ctx = Monty::<N>::new(modulus).expect("odd prime above 3");
-            let base = Zeroizing::new(ctx.to_mont(&m));
-            let r = Zeroizing::new(ctx.pow(&base, exp));
+            let r = Zeroizing::new(ctx.pow2(exp));
             from_limbs(&Zeroizing::new(ctx.from_mont(&r)))
         };
         (half(&p, &dp), half(&q, &dq))
@@ -505,12 +503,12 @@ mod tests {
         };
         let (p, q) = (be(&p), be(&q));
         let (mut key, p_odd) = derive(&p, &q).unwrap();
-        assert!(pairwise_consistency(&key, &p_odd, p.len()).is_ok());
+        assert!(pairwise_consistency(&key, &p_odd).is_ok());
         key.dq = key.dq.wrapping_add(BoxedUint::one_with_precision(1024));
-        assert!(pairwise_consistency(&key, &p_odd, p.len()).is_err());
+        assert!(pairwise_consistency(&key, &p_odd).is_err());
         let (key, p_odd) = derive(&p, &q).unwrap();
         let q_odd = Odd::new(key.q.clone()).unwrap();
-        let m = BoxedUint::from_be_slice(&[0x5a; 128], 1024).unwrap();
+        let m = BoxedUint::from(2u64).resize(1024);
         assert!(pct_boxed(&key, &p_odd, &q_odd, &m));
         let mut bad = derive(&p, &q).unwrap().0;
         bad.qinv = bad.qinv.wrapping_add(BoxedUint::one_with_precision(1024));
