@@ -482,8 +482,8 @@ mod tests {
 
     #[test]
     fn debug_is_redacted() {
-        // 61 and 53 are too small for the FIPS checks, which skip |p − q| below 200-bit moduli
-        // and need d > 2^(nlen/2): take primes whose d is large enough.
+        // Tiny primes keep the test fast: 251·241 has nlen = 16 and d = 3473 > 2^8 (the
+        // |p − q| check only applies above 200-bit moduli).
         let key = assemble(&[0xfb], &[0xf1]).unwrap_or_else(|e| panic!("{e}"));
         let dbg = format!("{key:?}");
         assert!(dbg.contains("bits"));
