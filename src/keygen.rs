@@ -2,16 +2,23 @@
 //! (PKCS#8 PEM private key, OpenSSH public-key line, fingerprints).
 //!
 //! Generation is CPU-bound and must run on the rayon pool (`cpu.rs`), never on the async runtime.
+//!
+//! Every engine's key is assembled from its two primes by the constant-time
+//! [`crate::rsa_ct::assemble`] (n, d, CRT values, FIPS 186-5 checks, pair-wise consistency test)
+//! and encoded by [`encode`] with the `pkcs1`/`pkcs8`/`ssh-key` crates. The `rsa` crate is used
+//! in exactly one place: the `rsa-crate` comparison engine ([`Engine::RsaCrate`]), which draws
+//! its primes with `rsa::RsaPrivateKey::new` (variable-time, as that engine always was) and then
+//! hands p and q to the same assembly, so all engines produce the same key type and encoding.
 
 use std::fmt;
 use std::str::FromStr;
 
-use rsa::pkcs8::{EncodePrivateKey, LineEnding};
-use rsa::traits::PrivateKeyParts;
-use rsa::RsaPrivateKey;
 use zeroize::Zeroizing;
 
-use crate::fingerprint;
+use crate::rsa_ct::{self, AssembleError};
+
+/// The private key every engine returns: zeroized on drop, redacting `Debug`.
+pub use crate::rsa_ct::RsaPrivate as PrivateKey;
 
 /// RSA modulus sizes keyfleet creates. The clouds accept these; anything smaller is unsafe and
 /// anything larger is slow enough to be a mistake.
@@ -82,9 +89,10 @@ pub enum Engine {
     #[default]
     Fast,
     /// crypto-primes 0.7 (sieve + BPSW on crypto-bigint's constant-time arithmetic) feeding
-    /// `RsaPrivateKey::from_p_q`.
+    /// the constant-time key assembly.
     CryptoPrimes,
-    /// `rsa` 0.9's `RsaPrivateKey::new`: the reference baseline.
+    /// `rsa` 0.9's `RsaPrivateKey::new`: the reference baseline (its primes, re-assembled by
+    /// the constant-time key assembly so the output type and encoding are the same).
     RsaCrate,
 }
 
@@ -107,7 +115,7 @@ pub enum KeygenError {
 }
 
 /// A freshly made key pair with everything derived from it. The private half is only ever held
-/// in `Zeroizing` buffers (and `RsaPrivateKey` zeroizes itself on drop).
+/// in `Zeroizing` buffers (and [`PrivateKey`] zeroizes itself on drop).
 pub struct KeyMaterial {
     pub private_pem: Zeroizing<String>,
     /// `ssh-rsa AAAA…` (no comment).
@@ -129,14 +137,39 @@ impl fmt::Debug for KeyMaterial {
 }
 
 /// Makes the RSA private key only (the expensive part).
-pub fn generate_private(bits: KeyBits, engine: Engine) -> Result<RsaPrivateKey, KeygenError> {
+pub fn generate_private(bits: KeyBits, engine: Engine) -> Result<PrivateKey, KeygenError> {
     match engine {
         Engine::Fast => crate::prime::generate_rsa_key(bits.bits())
             .map_err(|e| KeygenError::Generate(e.to_string())),
         Engine::CryptoPrimes => crypto_primes_key(bits),
-        Engine::RsaCrate => RsaPrivateKey::new(&mut rand_core::OsRng, bits.bits())
-            .map_err(|e| KeygenError::Generate(e.to_string())),
+        Engine::RsaCrate => rsa_crate_key(bits),
     }
+}
+
+/// The `rsa-crate` comparison engine: `rsa` 0.9's own generator (variable-time; this engine
+/// exists to compare against), its primes re-assembled in constant time.
+fn rsa_crate_key(bits: KeyBits) -> Result<PrivateKey, KeygenError> {
+    use rsa::traits::PrivateKeyParts;
+    loop {
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits.bits())
+            .map_err(|e| KeygenError::Generate(e.to_string()))?;
+        let primes = key.primes();
+        let len = bits.bits() / 16;
+        let p = Zeroizing::new(left_pad(&primes[0].to_bytes_be(), len));
+        let q = Zeroizing::new(left_pad(&primes[1].to_bytes_be(), len));
+        match rsa_ct::assemble(&p, &q) {
+            Ok(key) => return Ok(key),
+            Err(AssembleError::Rejected) => continue,
+            Err(e) => return Err(KeygenError::Generate(e.to_string())),
+        }
+    }
+}
+
+/// `bytes` left-padded with zeros to `len` (a shorter prime must still occupy the full width).
+fn left_pad(bytes: &[u8], len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len.saturating_sub(bytes.len())];
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// rand_core 0.10 view of the OS CSPRNG (crypto-primes speaks 0.10; `rsa` 0.9 speaks 0.6).
@@ -180,8 +213,7 @@ where
     Ok(Zeroizing::new(p.to_be_bytes().as_ref().to_vec()))
 }
 
-fn crypto_primes_key(bits: KeyBits) -> Result<RsaPrivateKey, KeygenError> {
-    use rsa::BigUint;
+fn crypto_primes_key(bits: KeyBits) -> Result<PrivateKey, KeygenError> {
     let half = (bits.bits() / 2) as u32;
     let prime = || match bits {
         KeyBits::B2048 => crypto_prime::<16>(half),
@@ -190,60 +222,41 @@ fn crypto_primes_key(bits: KeyBits) -> Result<RsaPrivateKey, KeygenError> {
     };
     loop {
         let (p, q) = (prime()?, prime()?);
-        let (p, q) = (BigUint::from_bytes_be(&p), BigUint::from_bytes_be(&q));
-        // FIPS 186-5 A.1.3: |p − q| > 2^(nlen/2 − 100).
-        let diff = if p > q { &p - &q } else { &q - &p };
-        if diff.bits() <= bits.bits() / 2 - 100 {
-            continue;
+        // The assembly checks FIPS 186-5's |p − q| and d-size conditions in constant time.
+        match rsa_ct::assemble(&p, &q) {
+            Ok(key) => return Ok(key),
+            Err(AssembleError::Rejected) => continue,
+            Err(e) => return Err(KeygenError::Generate(e.to_string())),
         }
-        let mut key = RsaPrivateKey::from_p_q(p, q, BigUint::from(65_537u32))
-            .map_err(|e| KeygenError::Generate(e.to_string()))?;
-        // FIPS 186-5: d > 2^(nlen/2).
-        if key.d().bits() <= bits.bits() / 2 {
-            continue;
-        }
-        key.precompute()
-            .map_err(|e| KeygenError::Generate(e.to_string()))?;
-        return Ok(key);
     }
 }
 
 /// Encodes a private key into everything a result carries.
-pub fn encode(key: &RsaPrivateKey) -> Result<KeyMaterial, KeygenError> {
+pub fn encode(key: &PrivateKey) -> Result<KeyMaterial, KeygenError> {
     let private_pem = key
-        .to_pkcs8_pem(LineEnding::LF)
+        .to_pkcs8_pem()
         .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let public = ssh_key::public::RsaPublicKey::try_from(key.to_public_key())
-        .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let public = ssh_key::PublicKey::from(ssh_key::public::KeyData::Rsa(public));
+    let public = rsa_ct::ssh_public(&key.n_be(), &key.e_be()).map_err(KeygenError::Encode)?;
     let public_line = public
         .to_openssh()
         .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let blob = public
-        .to_bytes()
-        .map_err(|e| KeygenError::Encode(e.to_string()))?;
+    let (fingerprint_md5, fingerprint_sha256) =
+        rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)?;
     Ok(KeyMaterial {
         private_pem,
         public_line,
-        fingerprint_md5: fingerprint::md5_colon(&blob),
-        fingerprint_sha256: fingerprint::sha256_base64(&blob),
+        fingerprint_md5,
+        fingerprint_sha256,
     })
 }
 
-/// The SSH fingerprints (`aa:bb:…` MD5, `SHA256:…`) of the public half of a PKCS#8 PEM private
-/// key: what a delivered key file is checked against in the registry.
+/// The SSH fingerprints (`aa:bb:…` MD5, `SHA256:…`) of the public half of a PKCS#8 (or PKCS#1)
+/// PEM private key: what a delivered key file is checked against in the registry. Only n and e
+/// are read from the ASN.1 structure; nothing is computed on the private values.
 pub fn fingerprints_of_pem(pem: &str) -> Result<(String, String), KeygenError> {
-    use rsa::pkcs8::DecodePrivateKey;
-    let key = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let public = ssh_key::public::RsaPublicKey::try_from(key.to_public_key())
-        .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let blob = ssh_key::PublicKey::from(ssh_key::public::KeyData::Rsa(public))
-        .to_bytes()
-        .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    Ok((
-        fingerprint::md5_colon(&blob),
-        fingerprint::sha256_base64(&blob),
-    ))
+    let (n, e) = rsa_ct::public_of_pem(pem).map_err(KeygenError::Encode)?;
+    let public = rsa_ct::ssh_public(&n, &e).map_err(KeygenError::Encode)?;
+    rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)
 }
 
 /// Generates and encodes one key pair.

@@ -50,6 +50,7 @@ pub mod redis_connection;
 pub mod registry;
 pub mod reservoir;
 pub mod retry;
+pub mod rsa_ct;
 pub mod run;
 pub mod settings;
 pub mod shutdown;

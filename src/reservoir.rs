@@ -1,19 +1,18 @@
 //! The key reservoir: a bounded pool of pre-generated RSA keys per key size, filled on the
 //! rayon pool only when a thread is idle, so a burst of jobs after a quiet spell is answered
 //! without waiting for key generation. Keys live in memory only (never persisted) and are
-//! zeroized when dropped (`RsaPrivateKey` zeroizes itself).
+//! zeroized when dropped (`RsaPrivate` zeroizes itself).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use rsa::RsaPrivateKey;
-
 use crate::cpu::CpuPool;
 use crate::keygen::{self, Engine, KeyBits};
+use crate::rsa_ct::RsaPrivate;
 
 #[derive(Default)]
 struct Pool {
-    keys: VecDeque<RsaPrivateKey>,
+    keys: VecDeque<RsaPrivate>,
     /// Keys being generated for this pool right now.
     filling: usize,
 }
@@ -67,7 +66,7 @@ impl Reservoir {
     }
 
     /// A ready key of `bits`, if there is one; starts refilling either way.
-    pub fn take(&self, bits: KeyBits) -> Option<RsaPrivateKey> {
+    pub fn take(&self, bits: KeyBits) -> Option<RsaPrivate> {
         let key = {
             let mut pools = self.lock();
             let pool = pools.get_mut(&bits)?;
@@ -134,7 +133,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(r.len(KeyBits::B2048), 3, "never above capacity");
         let key = r.take(KeyBits::B2048).expect("a ready key");
-        assert_eq!(rsa::traits::PublicKeyParts::size(&key), 256);
+        assert_eq!(key.size(), 256);
         assert!(
             r.take(KeyBits::B4096).is_none(),
             "sizes not asked for are never pooled"

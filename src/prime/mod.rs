@@ -1,6 +1,6 @@
 //! The RSA prime engine: random probable primes of 1024, 1536 or 2048 bits for RSA-2048, -3072
 //! and -4096 keys, several times faster than `rsa::RsaPrivateKey::new`, assembled into keys by
-//! `rsa::RsaPrivateKey::from_p_q` (which does not check primality: the engine does).
+//! the constant-time [`crate::rsa_ct::assemble`] (which does not check primality: the engine does).
 //!
 //! # How a prime is found
 //! 1. A window of `W = bits/2` odd candidates `base + 2j` is drawn from the OS CSPRNG, `base`
@@ -20,8 +20,9 @@
 //!    random-base rounds with one base per lane. Same round counts, same bases, same output
 //!    distribution (the first prime of the random order); about five times the keys per second.
 //!    Without IFMA the rounds run one at a time on [`monty`] as described above.
-//! 3. [`generate_rsa_key`] draws q until `|p − q| > 2^(nlen/2 − 100)`, calls `from_p_q`
-//!    (which computes `d = e⁻¹ mod λ(n)` and validates), and redraws both if `d ≤ 2^(nlen/2)`.
+//! 3. [`generate_rsa_key`] draws q until `|p − q| > 2^(nlen/2 − 100)`, calls
+//!    [`crate::rsa_ct::assemble`] (constant-time `d = e⁻¹ mod λ(n)`, CRT values, FIPS checks,
+//!    pair-wise consistency test), and redraws both if `d ≤ 2^(nlen/2)`.
 //!
 //! # Constant-time discipline
 //! Every operation on a value that may become a secret prime — residues, sieve verdicts,
@@ -43,9 +44,8 @@
 //! used as the public bound for the random order, which is a near-constant (≈ W/10) whose
 //! dependence on `base mod q` is a fraction of a bit and says nothing about which survivor
 //! becomes `p`; (c) the negligible-probability retries (carry out of the window, `p` and `q`
-//! too close, `d` too small), each decided on a constant-time mask. What the engine cannot
-//! control: `rsa`'s `from_p_q` computes `n`, `d` and the CRT values with num-bigint-dig, which
-//! is not constant-time. Secret temporaries (bases, windows, flags, residues, exponents,
+//! too close, `d` too small), each decided on a constant-time mask. Key assembly (`n`, `d`, the CRT values) is
+//! constant-time too: see [`crate::rsa_ct`]. Secret temporaries (bases, windows, flags, residues, exponents,
 //! tables) are zeroized on drop.
 //!
 //! # The lane engine
@@ -90,13 +90,13 @@ pub enum EngineError {
     /// Only 2048, 3072 and 4096-bit moduli are supported.
     #[error("unsupported RSA modulus size {0} bits (2048, 3072 or 4096)")]
     UnsupportedBits(usize),
-    /// `rsa` refused the primes (should not happen: they are checked before).
-    #[error("rsa rejected the generated primes: {0}")]
+    /// Key assembly refused the primes (should not happen: they are checked before).
+    #[error("key assembly rejected the generated primes: {0}")]
     Rsa(String),
 }
 
 /// A fresh RSA key with e = 65537 from the fast engine. `bits` is the modulus size: 2048, 3072 or 4096.
-pub fn generate_rsa_key(bits: usize) -> Result<rsa::RsaPrivateKey, EngineError> {
+pub fn generate_rsa_key(bits: usize) -> Result<crate::rsa_ct::RsaPrivate, EngineError> {
     match bits {
         2048 => rsa_key::generate_os::<16>(),
         3072 => rsa_key::generate_os::<24>(),
@@ -109,7 +109,7 @@ pub fn generate_rsa_key(bits: usize) -> Result<rsa::RsaPrivateKey, EngineError> 
 pub fn generate_rsa_key_with_rng(
     bits: usize,
     rng: &mut impl CryptoRngCore,
-) -> Result<rsa::RsaPrivateKey, EngineError> {
+) -> Result<crate::rsa_ct::RsaPrivate, EngineError> {
     match bits {
         2048 => rsa_key::generate::<16>(rng),
         3072 => rsa_key::generate::<24>(rng),

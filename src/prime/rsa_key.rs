@@ -1,16 +1,13 @@
-//! RSA key assembly: two engine primes that meet FIPS 186-5's conditions, handed to
-//! `rsa::RsaPrivateKey::from_p_q`.
+//! RSA key assembly for the fast engine: two engine primes that meet FIPS 186-5's conditions,
+//! handed to the constant-time [`crate::rsa_ct::assemble`].
 
-use num_bigint_dig::BigUint;
 use rand_core::{CryptoRngCore, OsRng};
-use rsa::traits::PrivateKeyParts;
-use rsa::RsaPrivateKey;
 use zeroize::Zeroizing;
 
 use super::{ct, random_prime, EngineError};
+use crate::rsa_ct::{self, AssembleError, RsaPrivate};
 
-/// The public exponent.
-pub const PUBLIC_EXPONENT: u32 = 65537;
+pub use crate::rsa_ct::PUBLIC_EXPONENT;
 
 /// Mask: `|p − q| ≥ 2^(64N − 99)`, which implies FIPS 186-5's `|p − q| > 2^(nlen/2 − 100)`.
 fn far_apart<const N: usize>(p: &[u64; N], q: &[u64; N]) -> u64 {
@@ -31,19 +28,19 @@ fn far_apart<const N: usize>(p: &[u64; N], q: &[u64; N]) -> u64 {
     !ct::is_zero(any)
 }
 
-fn to_biguint<const N: usize>(x: &[u64; N]) -> BigUint {
+/// Little-endian limbs to big-endian bytes, in a zeroizing buffer.
+fn to_be<const N: usize>(x: &[u64; N]) -> Zeroizing<Vec<u8>> {
     let mut bytes = Zeroizing::new(vec![0u8; 8 * N]);
-    for (chunk, limb) in bytes.chunks_exact_mut(8).zip(x.iter()) {
-        chunk.copy_from_slice(&limb.to_le_bytes());
+    for (chunk, limb) in bytes.chunks_exact_mut(8).zip(x.iter().rev()) {
+        chunk.copy_from_slice(&limb.to_be_bytes());
     }
-    BigUint::from_bytes_le(&bytes)
+    bytes
 }
 
 /// A key with a modulus of 128·N bits from `rng`.
 pub(crate) fn generate<const N: usize>(
     rng: &mut impl CryptoRngCore,
-) -> Result<RsaPrivateKey, EngineError> {
-    let nlen = 128 * N;
+) -> Result<RsaPrivate, EngineError> {
     loop {
         let p = random_prime::<N>(rng);
         // The two primes are close with probability about 2⁻⁹⁸: the retry costs nothing in
@@ -54,23 +51,17 @@ pub(crate) fn generate<const N: usize>(
                 break q;
             }
         };
-        let e = BigUint::from(PUBLIC_EXPONENT);
-        let mut key = RsaPrivateKey::from_p_q(to_biguint(&p), to_biguint(&q), e)
-            .map_err(|err| EngineError::Rsa(err.to_string()))?;
-        // FIPS 186-5 A.1.1: d > 2^(nlen/2). Fails with probability about 2^(−nlen/2).
-        if key.d().bits() <= nlen / 2 {
-            continue;
+        match rsa_ct::assemble(&to_be(&p), &to_be(&q)) {
+            Ok(key) => return Ok(key),
+            // FIPS 186-5 A.1.1: d ≤ 2^(nlen/2), probability about 2^(−nlen/2): draw again.
+            Err(AssembleError::Rejected) => continue,
+            Err(err) => return Err(EngineError::Rsa(err.to_string())),
         }
-        key.precompute()
-            .map_err(|err| EngineError::Rsa(err.to_string()))?;
-        key.validate()
-            .map_err(|err| EngineError::Rsa(err.to_string()))?;
-        return Ok(key);
     }
 }
 
 /// [`generate`] with the operating system's CSPRNG.
-pub(crate) fn generate_os<const N: usize>() -> Result<RsaPrivateKey, EngineError> {
+pub(crate) fn generate_os<const N: usize>() -> Result<RsaPrivate, EngineError> {
     generate::<N>(&mut OsRng)
 }
 

@@ -375,7 +375,8 @@ fn sprp_n<const N: usize, const L: usize>(
 }
 
 /// `base[i]^exp[i] mod m[i]` for up to eight lanes (odd moduli `≥ 3`, bases `< m`), on `simd`.
-/// Supported sizes: N ∈ {1, 2, 3, 4, 8, 16, 21, 24, 32}. For tests and benchmarks.
+/// Supported sizes: N ∈ {1, 2, 3, 4, 8, 16, 21, 24, 32}. Used by the key assembly's pair-wise
+/// consistency test (`rsa_ct`), tests and benchmarks.
 pub fn pow<const N: usize>(
     simd: Simd,
     m: &[[u64; N]],
