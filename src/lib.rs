@@ -18,11 +18,13 @@
 //! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
 //!   beside it), `batch_status.rs` (a batch's progress in Redis).
 //! - Infrastructure: `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
-//!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon pool, the one way CPU work
-//!   leaves the async runtime), `shutdown.rs`, `logging.rs`, `hardening.rs` (no core dumps), `metrics.rs` (every metric, and
-//!   `metrics/http.rs` serving them).
-//! - Keys: `keygen.rs`, `prime/` (the prime search), `reservoir.rs` (keys made ahead),
-//!   `fingerprint.rs`; output: `output.rs` (the folder and its manifest), `progress.rs`.
+//!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon
+//!   pool, the one way CPU work leaves the async runtime), `shutdown.rs`, `logging.rs`,
+//!   `hardening.rs` (no core dumps), `metrics.rs` (every metric; `metrics/http.rs` serves them).
+//! - Keys: `keygen.rs`, `prime/` (the prime search; `prime/lanes/` its AVX-512 IFMA lanes, the
+//!   only `unsafe` in `prime/lanes/dispatch.rs`), `rsa_ct.rs` (constant-time key assembly and
+//!   encoding), `reservoir.rs` (keys made ahead), `fingerprint.rs`.
+//! - Output: `output.rs` (the folder and its manifest), `progress.rs`.
 
 pub mod app;
 pub mod batch;
