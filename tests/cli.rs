@@ -1,26 +1,9 @@
 //! The `keyfleet` binary as a user meets it: exit codes, error messages that name the bad
 //! setting, describe / delete against the state a run left.
 
-use std::process::Command;
+mod common;
 
-fn keyfleet(dir: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
-    c.current_dir(dir);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYFLEET_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{keyfleet, text};
 
 #[test]
 fn bad_values_exit_2_and_name_the_setting() {

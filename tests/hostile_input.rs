@@ -3,29 +3,14 @@
 //! after the fault it pins; each answer is a clear message and a meaningful exit code, never a
 //! panic, a hang or a silently lost row.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+
+use common::{keyfleet, text};
 use std::time::Duration;
-
-fn keyfleet(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
-    c.current_dir(dir).stdin(Stdio::null());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYFLEET_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn manifest(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("manifest.jsonl"))

@@ -1,20 +1,14 @@
 //! Key files on disk, as a hostile neighbour on the same machine would try them: planted
 //! symlinks are never written through, folders are private, files appear whole or not at all.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 fn run(dir: &Path, rows: &str) -> std::process::Output {
     std::fs::write(dir.join("k.csv"), rows).unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYFLEET_") {
-            c.env_remove(k);
-        }
-    }
-    c.current_dir(dir)
-        .stdin(Stdio::null())
+    common::keyfleet(dir)
         .args([
             "run",
             "k.csv",

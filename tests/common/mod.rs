@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use keyfleet::batch::RowDefaults;
@@ -87,4 +88,26 @@ pub fn tool(name: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `keyfleet` binary as a user runs it: in `dir`, with no `KEYFLEET_*` settings inherited
+/// from the test's environment and nothing on standard input.
+pub fn keyfleet(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
+    c.current_dir(dir).stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYFLEET_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Everything a command printed, stdout then stderr.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

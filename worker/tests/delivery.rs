@@ -25,7 +25,6 @@ use keyfleet::retry::RetryPolicy;
 use keyfleet::settings::Settings;
 use keyfleet::sink::{DeliveryError, ResultsQueue, Sink};
 use keyfleet::upstream::LocalUpstream;
-use lapin::options::BasicConsumeOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -163,19 +162,7 @@ async fn unroutable_result_never_logged_and_dead_lettered() {
             .unwrap();
         broker::confirmed(confirm, "jobs").await.unwrap();
     }
-    let channel = broker.channel();
-    let mut dead = channel
-        .basic_consume(
-            env.topology().dead_queue().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = common::dead_letters(&broker, &env).await;
     let mut reasons = Vec::new();
     while reasons.len() < batches.len() {
         let d = tokio::time::timeout(Duration::from_secs(60), dead.next())

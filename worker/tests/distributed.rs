@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::{check_batch, fleet_csv, manifest, signal, Env};
 use futures::StreamExt;
 use keyfleet::broker::{Broker, REASON_HEADER};
-use lapin::options::BasicConsumeOptions;
 use lapin::BasicProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,19 +167,7 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     );
 
     // The dead-letter queue holds the two undecodable messages, each with a reason.
-    let consumer_channel = broker.channel();
-    let mut dead = consumer_channel
-        .basic_consume(
-            env.topology().dead_queue().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = common::dead_letters(&broker, &env).await;
     let mut reasons = Vec::new();
     while reasons.len() < 2 {
         let d = tokio::time::timeout(Duration::from_secs(10), dead.next())

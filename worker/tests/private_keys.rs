@@ -211,19 +211,7 @@ async fn batch_without_recipient_is_refused_unless_plaintext_allowed() {
     };
     let c = broker.publish_job(&job("refused-1")).await.unwrap();
     broker::confirmed(c, "jobs").await.unwrap();
-    let mut dead = broker
-        .channel()
-        .basic_consume(
-            env.topology().dead_queue().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = common::dead_letters(&broker, &env).await;
     let d = tokio::time::timeout(Duration::from_secs(60), dead.next())
         .await
         .expect("dead-lettered")
@@ -270,13 +258,14 @@ impl Sink for Captured {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_result_is_not_written() {
-    let env = Env::new("forged");
-    let batch = "bforged";
-    env.track(batch);
-    let broker = connect(&env).await;
-    broker.declare_results_queue(batch).await.unwrap();
+/// A batch with a recipient, and one of its jobs created by a lifecycle whose sink keeps the
+/// sealed result message instead of publishing it. Returns the batch's identity, the job and
+/// the message a worker would have sent.
+async fn created_unpublished(
+    env: &Env,
+    batch: &str,
+    name: &str,
+) -> (transit::Identity, Job, Vec<u8>) {
     env.give_recipient(batch).await;
     let identity = transit::read_identity(&env.identity(batch)).unwrap();
     let registry = env.registry().await;
@@ -303,21 +292,19 @@ async fn forged_result_is_not_written() {
         owner: "acct".into(),
         params: BTreeMap::from([
             ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
-            ("KeyPairName".to_owned(), "forged-1".to_owned()),
+            ("KeyPairName".to_owned(), name.to_owned()),
         ]),
         key_bits: KeyBits::B2048,
     };
-    let finished = lifecycle.process(job, 1, &sink).await;
+    let finished = lifecycle.process(job.clone(), 1, &sink).await;
     assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
     let genuine = sink.message.lock().unwrap().take().unwrap();
+    (identity, job, genuine)
+}
 
-    // The forger knows the job id, the registered fingerprint and the batch's public
-    // recipient, and sends its own key first.
-    let mut forged: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
-    let own = keygen::generate(KeyBits::B2048, keygen::Engine::default()).unwrap();
-    forged["response"]["PrivateKeyBody"] =
-        serde_json::json!(transit::seal(&identity.to_public(), &own.private_pem).unwrap());
-    for bytes in [forged.to_string().into_bytes(), genuine] {
+/// Publishes raw bytes to the batch's results, as anyone allowed on the exchange could.
+async fn publish_results(broker: &Broker, env: &Env, batch: &str, messages: Vec<Vec<u8>>) {
+    for bytes in messages {
         let confirm = broker
             .channel()
             .basic_publish(
@@ -331,6 +318,30 @@ async fn forged_result_is_not_written() {
             .unwrap();
         confirm.await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_result_is_not_written() {
+    let env = Env::new("forged");
+    let batch = "bforged";
+    env.track(batch);
+    let broker = connect(&env).await;
+    broker.declare_results_queue(batch).await.unwrap();
+    let (identity, _, genuine) = created_unpublished(&env, batch, "forged-1").await;
+
+    // The forger knows the job id, the registered fingerprint and the batch's public
+    // recipient, and sends its own key first.
+    let mut forged: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
+    let own = keygen::generate(KeyBits::B2048, keygen::Engine::default()).unwrap();
+    forged["response"]["PrivateKeyBody"] =
+        serde_json::json!(transit::seal(&identity.to_public(), &own.private_pem).unwrap());
+    publish_results(
+        &broker,
+        &env,
+        batch,
+        vec![forged.to_string().into_bytes(), genuine],
+    )
+    .await;
     let c = env.collect(batch, "out", Duration::from_secs(30)).await;
     assert!(c.complete, "{c:?}");
     assert_eq!(c.rejected, 1, "{c:?}");
@@ -385,60 +396,21 @@ async fn forged_failure_does_not_hide_the_created_key() {
     env.track(batch);
     let broker = connect(&env).await;
     broker.declare_results_queue(batch).await.unwrap();
-    env.give_recipient(batch).await;
-    let identity = transit::read_identity(&env.identity(batch)).unwrap();
-    let registry = env.registry().await;
-    let status = BatchStatusStore::from_connection(registry.connection(), &env.prefix);
-    status.set_total(batch, 1).await.unwrap();
-    let lifecycle = Lifecycle::new(
-        Arc::new(registry.clone()),
-        Arc::new(LocalUpstream),
-        CpuPool::new(1).unwrap(),
-        Settings::default(),
-        RetryPolicy::queue(),
-        CancellationToken::new(),
-    );
-    let sink = Captured {
-        recipient: identity.to_public(),
-        message: Mutex::new(None),
-    };
-    let job = Job {
-        v: MESSAGE_VERSION,
-        job_id: Uuid::new_v4(),
-        batch_id: batch.into(),
-        line: Some(2),
-        provider: Provider::Aliyun,
-        owner: "acct".into(),
-        params: BTreeMap::from([
-            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
-            ("KeyPairName".to_owned(), "hidden-1".to_owned()),
-        ]),
-        key_bits: KeyBits::B2048,
-    };
+    let (_, job, genuine) = created_unpublished(&env, batch, "hidden-1").await;
     let forged = JobResult::failed(
         &job,
         &keyfleet::dialect::ApiError::QuotaExceeded,
         keyfleet::job::now_rfc3339(),
         1,
     );
-    let finished = lifecycle.process(job, 1, &sink).await;
-    assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
-    let genuine = sink.message.lock().unwrap().take().unwrap();
     // Anyone who may publish to the results exchange sends a failure for the job first.
-    for bytes in [serde_json::to_vec(&forged).unwrap(), genuine] {
-        let confirm = broker
-            .channel()
-            .basic_publish(
-                env.topology().results_exchange().into(),
-                batch.into(),
-                Default::default(),
-                &bytes,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap();
-        confirm.await.unwrap();
-    }
+    publish_results(
+        &broker,
+        &env,
+        batch,
+        vec![serde_json::to_vec(&forged).unwrap(), genuine],
+    )
+    .await;
     let c = env.collect(batch, "out", Duration::from_secs(10)).await;
     assert!(c.complete, "{c:?}");
     let lines = manifest(&env.path("out"));

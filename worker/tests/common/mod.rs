@@ -393,3 +393,20 @@ pub fn walk_pem(dir: &std::path::Path) -> usize {
     }
     n
 }
+
+/// Reads (and removes) what lands on the test's dead-letter queue.
+pub async fn dead_letters(broker: &keyfleet::broker::Broker, env: &Env) -> lapin::Consumer {
+    broker
+        .channel()
+        .basic_consume(
+            env.topology().dead_queue().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("consume the dead-letter queue")
+}
