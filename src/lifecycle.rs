@@ -474,8 +474,11 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                     return self.unsettled(result, clock, why);
                 }
             }
-            if let Ok(used) = self.registry.quota_used(scope).await {
-                crate::metrics::quota_used(scope.provider.as_str(), &scope.region, used);
+            // A registry read per key: only worth it when someone can scrape the gauge.
+            if crate::metrics::installed() {
+                if let Ok(used) = self.registry.quota_used(scope).await {
+                    crate::metrics::quota_used(scope.provider.as_str(), &scope.region, used);
+                }
             }
         }
         self.settle(

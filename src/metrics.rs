@@ -224,6 +224,11 @@ pub fn handle() -> Option<PrometheusHandle> {
     HANDLE.get().cloned()
 }
 
+/// Whether the recorder is installed (something may scrape what is recorded).
+pub fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// The current exposition text, if [`install`] has run.
 pub fn render() -> Option<String> {
     HANDLE.get().map(PrometheusHandle::render)

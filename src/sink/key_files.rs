@@ -96,7 +96,7 @@ fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFile
     if path.symlink_metadata().is_ok() {
         return Err(KeyFileError::Exists(path.to_owned()));
     }
-    let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600).map_err(io(path))?;
+    let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600, true).map_err(io(path))?;
     let linked = fs::hard_link(&tmp_key, path);
     let _ = fs::remove_file(&tmp_key);
     match linked {
@@ -107,7 +107,10 @@ fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFile
         Err(e) => return Err(io(path)(e)),
     }
     let pub_path = path.with_extension("pub");
-    let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644).map_err(io(&pub_path))?;
+    // The `.pub` is not synced on its own: it is public and can be made again from the key
+    // (`ssh-keygen -y`), and ext4 and XFS flush a file replaced by `rename` before the rename
+    // itself commits. The key file above is synced.
+    let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644, false).map_err(io(&pub_path))?;
     fs::rename(&tmp_pub, &pub_path).map_err(io(&pub_path))?;
     File::open(&folder)
         .and_then(|d| d.sync_all())
@@ -122,8 +125,9 @@ pub fn private_folder(folder: &Path) -> std::io::Result<()> {
         .create(folder)
 }
 
-/// A new file in `folder` holding `bytes`, synced; created new and never through a symlink.
-fn temp_file(folder: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+/// A new file in `folder` holding `bytes` (synced if `sync`); created new and never through a
+/// symlink.
+fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<PathBuf> {
     let path = folder.join(format!(".keyfleet-{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut f = OpenOptions::new()
         .write(true)
@@ -131,7 +135,9 @@ fn temp_file(folder: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf>
         .mode(mode)
         .custom_flags(crate::transit::no_follow())
         .open(&path)?;
-    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| if sync { f.sync_all() } else { Ok(()) });
     if let Err(e) = written {
         let _ = fs::remove_file(&path);
         return Err(e);
