@@ -477,7 +477,9 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             // A registry read per key: only worth it when someone can scrape the gauge.
             if crate::metrics::installed() {
                 if let Ok(used) = self.registry.quota_used(scope).await {
-                    crate::metrics::quota_used(scope.provider.as_str(), &scope.region, used);
+                    let limit = self.settings.quota.for_region(&scope.region);
+                    let provider = scope.provider.as_str();
+                    crate::metrics::quota_used(provider, &scope.owner, &scope.region, used, limit);
                 }
             }
         }

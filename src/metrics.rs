@@ -32,8 +32,11 @@ pub const KEYGEN_SECONDS: &str = "keyfleet_keygen_seconds";
 pub const QUEUE_WAIT_SECONDS: &str = "keyfleet_queue_wait_seconds";
 /// Seconds spent on the upstream: its rate limit plus the registration call, by provider.
 pub const UPSTREAM_WAIT_SECONDS: &str = "keyfleet_upstream_wait_seconds";
-/// Key pairs held in a scope, by provider and region (against the 500-per-region quota).
+/// Key pairs held in a scope, by provider, owner and region.
 pub const QUOTA_USED: &str = "keyfleet_quota_used";
+/// The quota of a scope (per-region overrides included), by provider, owner and region: the
+/// alert divides by it rather than by a number written into the rule.
+pub const QUOTA_LIMIT: &str = "keyfleet_quota_limit";
 /// Pre-generated keys waiting in the reservoir, by key size.
 pub const RESERVOIR_KEYS: &str = "keyfleet_reservoir_keys";
 /// Job messages that arrived again after an earlier delivery was not acknowledged.
@@ -53,6 +56,7 @@ pub const NAMES: &[&str] = &[
     QUEUE_WAIT_SECONDS,
     UPSTREAM_WAIT_SECONDS,
     QUOTA_USED,
+    QUOTA_LIMIT,
     RESERVOIR_KEYS,
     REDELIVERIES_TOTAL,
     DEAD_LETTERED_TOTAL,
@@ -186,7 +190,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     gauge!(JOBS_IN_FLIGHT).increment(0.0);
     // Every family a dashboard or alert reads exists from the first scrape, at zero for its
     // known label values (Prometheus's "avoid missing metrics"), so `rate()` works on a fresh
-    // process. `keyfleet_quota_used` is left out on purpose: a zero would claim an empty
+    // process. `keyfleet_quota_used` (and its `_limit`) is left out on purpose: a zero would claim an empty
     // region; it appears with the true count when the process first touches a region.
     for provider in PROVIDERS {
         for outcome in outcomes() {
@@ -278,7 +282,12 @@ fn describe() {
     describe_gauge!(
         QUOTA_USED,
         Unit::Count,
-        "Key pairs held in a provider and region as last seen by this process (default quota 500 per region)."
+        "Key pairs held in a provider, owner (account or project) and region as last seen by this process."
+    );
+    describe_gauge!(
+        QUOTA_LIMIT,
+        Unit::Count,
+        "The key-pair quota of a provider, owner and region as this process enforces it (default 500)."
     );
     describe_gauge!(
         RESERVOIR_KEYS,
@@ -350,13 +359,17 @@ pub fn queue_wait(duration: Duration) {
     histogram!(QUEUE_WAIT_SECONDS).record(duration.as_secs_f64());
 }
 
-/// The scope `provider` + `region` now holds `used` key pairs. `region` must come from the
-/// region catalogue (validated requests only), which is what keeps this label bounded. Scopes
-/// also have an owner, which is not a label: with several owners in one region the gauge shows
-/// the one reported last.
-pub fn quota_used(provider: &str, region: &str, used: u64) {
-    gauge!(QUOTA_USED, "provider" => provider_label(provider), "region" => region.to_owned())
-        .set(used as f64);
+/// The scope `provider` + `owner` + `region` now holds `used` of its `limit` key pairs.
+/// `region` comes from the region catalogue (validated requests only); owners are the
+/// accounts and projects a deployment serves, a set as small as its customers.
+pub fn quota_used(provider: &str, owner: &str, region: &str, used: u64, limit: u64) {
+    let labels = [
+        ("provider", provider_label(provider).to_owned()),
+        ("owner", owner.to_owned()),
+        ("region", region.to_owned()),
+    ];
+    gauge!(QUOTA_USED, &labels).set(used as f64);
+    gauge!(QUOTA_LIMIT, &labels).set(limit as f64);
 }
 
 /// The reservoir of pre-generated `bits`-bit keys now holds `keys` keys.
@@ -470,7 +483,7 @@ mod tests {
         job_finished("ucloud", "8204", Duration::from_millis(3));
         keygen(2048, Duration::from_millis(40));
         queue_wait(Duration::from_secs(2));
-        quota_used("aliyun", "cn-hangzhou", 17);
+        quota_used("aliyun", "acme", "cn-hangzhou", 17, 500);
         reservoir_fill(2048, 8);
         upstream_wait("aliyun", Duration::from_millis(1));
         redelivered();

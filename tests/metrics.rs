@@ -33,8 +33,8 @@ fn record_one_of_each() {
     metrics::keygen(2048, Duration::from_millis(41));
     metrics::keygen(4096, Duration::from_millis(1900));
     metrics::queue_wait(Duration::from_secs(3));
-    metrics::quota_used("aliyun", "cn-hangzhou", 42);
-    metrics::quota_used("ucloud", "cn-bj2", 7);
+    metrics::quota_used("aliyun", "acme", "cn-hangzhou", 42, 500);
+    metrics::quota_used("ucloud", "org-acme", "cn-bj2", 7, 500);
     metrics::reservoir_fill(2048, 16);
     metrics::upstream_wait("ucloud", Duration::from_millis(12));
     metrics::redelivered();
