@@ -110,8 +110,7 @@ async fn drain(
         },
         identity_path: opts.identity.clone(),
     };
-    let mut duplicates = 0;
-    let mut rejected = 0;
+    let mut counts = Counts::default();
     let mut unacked: Vec<lapin::Acker> = Vec::new();
     // Created results whose pair the registry does not yet hold as delivered: their worker
     // may still confirm them, or their job may come back and replace the pair. Held unacked.
@@ -158,11 +157,16 @@ async fn drain(
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
                     verdict => {
-                        let taken =
-                            take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
-                                .await?;
-                        duplicates += u64::from(verdict == Verdict::Superseded);
-                        rejected += u64::from(!taken);
+                        take(
+                            &mut out,
+                            &keys,
+                            &mut seen,
+                            &mut progress,
+                            &mut counts,
+                            result,
+                            verdict,
+                        )
+                        .await?;
                         unacked.push(delivery.acker);
                     }
                 }
@@ -177,11 +181,17 @@ async fn drain(
                     match verdict(&registry, &status, &result, &shutdown).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
-                            let taken =
-                                take(&mut out, &keys, &mut seen, &mut progress, result, verdict)
-                                    .await?;
-                            duplicates += u64::from(verdict == Verdict::Superseded);
-                            rejected += u64::from(!taken);
+                            let (out, seen) = (&mut out, &mut seen);
+                            take(
+                                out,
+                                &keys,
+                                seen,
+                                &mut progress,
+                                &mut counts,
+                                result,
+                                verdict,
+                            )
+                            .await?;
                             unacked.push(acker);
                             last_result = Instant::now();
                         }
@@ -209,7 +219,7 @@ async fn drain(
     for (result, acker) in held.drain(..) {
         match verdict(&registry, &status, &result, &shutdown).await? {
             Verdict::Superseded if seen.contains_key(&result.job_id) || result.is_created() => {
-                duplicates += 1;
+                counts.duplicates += 1;
                 unacked.push(acker);
             }
             _ => still.push((result, acker)),
@@ -234,8 +244,8 @@ async fn drain(
     Ok(CollectSummary {
         batch_id: opts.batch_id,
         tally,
-        duplicates,
-        rejected,
+        duplicates: counts.duplicates,
+        rejected: counts.rejected,
         collected,
         total,
         complete: total.is_some_and(|t| collected >= t),
@@ -333,6 +343,13 @@ fn holds_key(path: &std::path::Path, sha256: &str) -> bool {
         .is_some_and(|(_, fp)| fp == sha256)
 }
 
+/// Results dropped as superseded, and created results whose key was rejected.
+#[derive(Default)]
+struct Counts {
+    duplicates: u64,
+    rejected: u64,
+}
+
 /// How keys are read and written here.
 struct Keys {
     files: KeyFiles,
@@ -341,19 +358,21 @@ struct Keys {
 }
 
 /// Writes an accepted result (key file through the sink, then its manifest line), or drops a
-/// superseded one. `false` when a created result's key was rejected (kept aside, not written):
-/// it does not decrypt with the batch's identity, or is not the key the registry holds — a
-/// forged result; the genuine one may still come.
+/// superseded one, counting it. A created result whose key is rejected (it does not decrypt
+/// with the batch's identity, or is not the key the registry holds: a forged result; the
+/// genuine one may still come) is kept aside, not written, and counted.
 async fn take(
     out: &mut OutputDir,
     keys: &Keys,
     seen: &mut crate::output::Written,
     progress: &mut Progress,
+    counts: &mut Counts,
     mut result: JobResult,
     verdict: Verdict,
-) -> Result<bool, CollectError> {
+) -> Result<(), CollectError> {
     if verdict != Verdict::Accept {
-        return Ok(true);
+        counts.duplicates += 1;
+        return Ok(());
     }
     let mut key_file = None;
     if result.is_created() {
@@ -362,7 +381,8 @@ async fn take(
             Err(why) => {
                 tracing::error!(job = %result.job_id, "result not written: {why}");
                 out.keep_rejected(&result, &why)?;
-                return Ok(false);
+                counts.rejected += 1;
+                return Ok(());
             }
         }
         let sha256 = result
@@ -387,7 +407,7 @@ async fn take(
     out.append(&result, key_file.as_deref())?;
     seen.insert(result.job_id, result.is_created());
     progress.record(&result);
-    Ok(true)
+    Ok(())
 }
 
 /// Turns the created result's key body into the plaintext PEM, checked against the

@@ -27,6 +27,7 @@ use crate::registry::RegistryError;
 use crate::reservoir::Reservoir;
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
+use crate::sink::results_queue::Recipients;
 use crate::sink::ResultsQueue;
 use crate::upstream::LocalUpstream;
 
@@ -67,6 +68,7 @@ struct Handler {
     lifecycle: Lifecycle<RedisRegistry, RateLimited<LocalUpstream>>,
     status: BatchStatusStore,
     allow_plaintext: bool,
+    recipients: Recipients,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains: stops consuming, lets jobs in
@@ -118,6 +120,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         lifecycle,
         status,
         allow_plaintext: cfg.allow_plaintext_results,
+        recipients: Recipients::default(),
     });
     let tracker = TaskTracker::new();
     let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
@@ -211,7 +214,9 @@ async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
     if delivery.redelivered {
         metrics::redelivered();
     }
-    let sink = ResultsQueue::new(broker, &handler.status).allow_plaintext(handler.allow_plaintext);
+    let sink = ResultsQueue::new(broker, &handler.status)
+        .allow_plaintext(handler.allow_plaintext)
+        .recipients(&handler.recipients);
     let finished = match Job::decode(&delivery.data) {
         Ok(job) => {
             let attempt = broker::delivery_count(&delivery.properties) + 1;

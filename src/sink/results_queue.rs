@@ -18,6 +18,37 @@ pub struct ResultsQueue<'a> {
     /// Send the PEM as it is when the batch has no recipient (jobs from producers other than
     /// `keyfleet submit`); otherwise such a job is refused.
     allow_plaintext: bool,
+    recipients: Option<&'a Recipients>,
+}
+
+/// Batches' recipients already read from Redis: a batch's recipient is set once, before its
+/// first job, so a worker reads it once per batch rather than once per key. Only recipients
+/// found are kept (a batch without one may get one later), and the map is emptied when it
+/// grows past a few thousand batches.
+#[derive(Default)]
+pub struct Recipients(std::sync::Mutex<std::collections::HashMap<String, transit::Recipient>>);
+
+impl Recipients {
+    const MAX: usize = 4096;
+
+    fn get(&self, batch_id: &str) -> Option<transit::Recipient> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(batch_id).cloned()
+    }
+
+    fn put(&self, batch_id: &str, recipient: &transit::Recipient) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(batch_id.to_owned(), recipient.clone());
+    }
 }
 
 impl<'a> ResultsQueue<'a> {
@@ -26,7 +57,14 @@ impl<'a> ResultsQueue<'a> {
             broker,
             status,
             allow_plaintext: false,
+            recipients: None,
         }
+    }
+
+    /// Remembers batches' recipients in `recipients` (shared by a worker's jobs).
+    pub fn recipients(mut self, recipients: &'a Recipients) -> Self {
+        self.recipients = Some(recipients);
+        self
     }
 
     pub fn allow_plaintext(mut self, allow: bool) -> Self {
@@ -36,14 +74,26 @@ impl<'a> ResultsQueue<'a> {
 
     /// What goes into `PrivateKeyBody`: the key sealed to the batch's recipient.
     async fn body(&self, batch_id: &str, pem: &str) -> Result<Zeroizing<String>, DeliveryError> {
+        let seal = |r: &transit::Recipient| {
+            transit::seal(r, pem)
+                .map(Zeroizing::new)
+                .map_err(|e| DeliveryError::Undeliverable(e.to_string()))
+        };
+        if let Some(r) = self.recipients.and_then(|c| c.get(batch_id)) {
+            return seal(&r);
+        }
         let recipient = self.status.recipient(batch_id).await.map_err(|e| {
             DeliveryError::Unconfirmed(format!("reading the batch's recipient: {e}"))
         })?;
         match recipient {
-            Some(r) => transit::parse_recipient(&r)
-                .and_then(|r| transit::seal(&r, pem))
-                .map(Zeroizing::new)
-                .map_err(|e| DeliveryError::Undeliverable(e.to_string())),
+            Some(r) => {
+                let r = transit::parse_recipient(&r)
+                    .map_err(|e| DeliveryError::Undeliverable(e.to_string()))?;
+                if let Some(c) = self.recipients {
+                    c.put(batch_id, &r);
+                }
+                seal(&r)
+            }
             None if self.allow_plaintext => Ok(Zeroizing::new(pem.to_owned())),
             None => Err(DeliveryError::Undeliverable(format!(
                 "batch {:?} has no recipient for its private keys in Redis, so its keys cannot \

@@ -7,18 +7,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{amqp_url, check_batch, manifest, Env};
+use common::{amqp_url, check_batch, job, manifest, Env};
 use futures::StreamExt;
 use keyfleet::batch_status::BatchStatusStore;
 use keyfleet::broker::{self, Broker, REASON_HEADER};
 use keyfleet::cpu::CpuPool;
 use keyfleet::dialect::{Provider, Scope};
-use keyfleet::job::{Job, JobResult, MESSAGE_VERSION};
-use keyfleet::keygen::KeyBits;
+use keyfleet::job::{Job, JobResult};
 use keyfleet::lifecycle::{Finished, Lifecycle};
 use keyfleet::registry::{Entry, Registry, RegistryError};
 use keyfleet::retry::RetryPolicy;
@@ -27,22 +25,6 @@ use keyfleet::sink::{DeliveryError, ResultsQueue, Sink};
 use keyfleet::upstream::LocalUpstream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn job(batch: &str, name: &str) -> Job {
-    Job {
-        v: MESSAGE_VERSION,
-        job_id: Uuid::new_v4(),
-        batch_id: batch.into(),
-        line: None,
-        provider: Provider::Aliyun,
-        owner: "acct".into(),
-        params: BTreeMap::from([
-            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
-            ("KeyPairName".to_owned(), name.to_owned()),
-        ]),
-        key_bits: KeyBits::B2048,
-    }
-}
 
 /// A worker that publishes its result and is killed before it can tell the registry.
 struct KilledAfterPublish<'a>(ResultsQueue<'a>);

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +13,7 @@ use futures::StreamExt;
 use keyfleet::batch_status::BatchStatusStore;
 use keyfleet::broker::{self, Broker, REASON_HEADER};
 use keyfleet::cpu::CpuPool;
-use keyfleet::dialect::Provider;
-use keyfleet::job::{set_private_key_body, Job, JobResult, MESSAGE_VERSION};
+use keyfleet::job::{set_private_key_body, Job, JobResult};
 use keyfleet::keygen::{self, KeyBits};
 use keyfleet::lifecycle::{Finished, Lifecycle};
 use keyfleet::registry::RegistryError;
@@ -196,19 +194,7 @@ async fn batch_without_recipient_is_refused_unless_plaintext_allowed() {
     let strict = env.start_worker(&["--threads", "1"]);
     let broker = connect(&env).await;
     broker.declare_results_queue("bnorec").await.unwrap();
-    let job = |name: &str| Job {
-        v: MESSAGE_VERSION,
-        job_id: Uuid::new_v4(),
-        batch_id: "bnorec".into(),
-        line: None,
-        provider: Provider::Aliyun,
-        owner: "acct".into(),
-        params: BTreeMap::from([
-            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
-            ("KeyPairName".to_owned(), name.to_owned()),
-        ]),
-        key_bits: KeyBits::B2048,
-    };
+    let job = |name: &str| common::job("bnorec", name);
     let c = broker.publish_job(&job("refused-1")).await.unwrap();
     broker::confirmed(c, "jobs").await.unwrap();
     let mut dead = common::dead_letters(&broker, &env).await;
@@ -283,19 +269,8 @@ async fn created_unpublished(
         recipient: identity.to_public(),
         message: Mutex::new(None),
     };
-    let job = Job {
-        v: MESSAGE_VERSION,
-        job_id: Uuid::new_v4(),
-        batch_id: batch.into(),
-        line: Some(2),
-        provider: Provider::Aliyun,
-        owner: "acct".into(),
-        params: BTreeMap::from([
-            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
-            ("KeyPairName".to_owned(), name.to_owned()),
-        ]),
-        key_bits: KeyBits::B2048,
-    };
+    let mut job = common::job(batch, name);
+    job.line = Some(2);
     let finished = lifecycle.process(job.clone(), 1, &sink).await;
     assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
     let genuine = sink.message.lock().unwrap().take().unwrap();

@@ -410,3 +410,20 @@ pub async fn dead_letters(broker: &keyfleet::broker::Broker, env: &Env) -> lapin
         .await
         .expect("consume the dead-letter queue")
 }
+
+/// A valid Alibaba job of `batch` for the key-pair name `name` in cn-hangzhou.
+pub fn job(batch: &str, name: &str) -> keyfleet::job::Job {
+    keyfleet::job::Job {
+        v: keyfleet::job::MESSAGE_VERSION,
+        job_id: uuid::Uuid::new_v4(),
+        batch_id: batch.into(),
+        line: None,
+        provider: keyfleet::dialect::Provider::Aliyun,
+        owner: "acct".into(),
+        params: BTreeMap::from([
+            ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
+            ("KeyPairName".to_owned(), name.to_owned()),
+        ]),
+        key_bits: keyfleet::keygen::KeyBits::B2048,
+    }
+}
