@@ -25,6 +25,7 @@
 //!   only `unsafe` in `prime/lanes/dispatch.rs`), `rsa_ct.rs` (constant-time key assembly and
 //!   encoding), `reservoir.rs` (keys made ahead), `fingerprint.rs`.
 //! - Output: `output.rs` (the folder and its manifest), `progress.rs`.
+//! - Request signatures, pure functions: `sign/` (Alibaba `rpc.rs` and `acs3.rs`, `ucloud.rs`).
 
 pub mod app;
 pub mod batch;
@@ -56,6 +57,7 @@ pub mod rsa_ct;
 pub mod run;
 pub mod settings;
 pub mod shutdown;
+pub mod sign;
 pub mod sink;
 pub mod submit;
 pub mod transit;
