@@ -295,22 +295,19 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
     async fn make(&self, a: &Admitted) -> Result<JobResult, LifecycleError> {
         let (job, req) = (&a.job, &a.req);
         let (bits, engine) = (job.key_bits, self.settings.engine);
-        let ready = self.reservoir.as_ref().and_then(|r| r.take(bits));
-        let keys = self
-            .cpu
-            .run(move || {
-                let key = match ready {
-                    Some(key) => key,
-                    None => {
+        let keys = match self.reservoir.as_ref().and_then(|r| r.take(bits)) {
+            Some(ready) => ready,
+            None => {
+                self.cpu
+                    .run(move || {
                         let t = Instant::now();
                         let key = keygen::generate_private(bits, engine)?;
                         crate::metrics::keygen(bits.bits(), t.elapsed());
-                        key
-                    }
-                };
-                keygen::encode(&key)
-            })
-            .await??;
+                        keygen::encode(&key)
+                    })
+                    .await??
+            }
+        };
         let scope = &req.scope;
         if let Err(e) = self.upstream.register(req, &keys.public_line).await {
             self.registry.release(scope, &req.name, job.job_id).await?;

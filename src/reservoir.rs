@@ -1,18 +1,19 @@
 //! The key reservoir: a bounded pool of pre-generated RSA keys per key size, filled on the
 //! rayon pool only when a thread is idle, so a burst of jobs after a quiet spell is answered
-//! without waiting for key generation. Keys live in memory only (never persisted) and are
-//! zeroized when dropped (`RsaPrivate` zeroizes itself).
+//! without waiting for key generation. Keys are kept encoded (PEM, public line, fingerprints:
+//! [`KeyMaterial`]), so a job that takes one needs no CPU work at all — not even a hop to the
+//! rayon pool, where it would queue behind the refills. They live in memory only (never
+//! persisted); the PEM is zeroized when dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::cpu::CpuPool;
-use crate::keygen::{self, Engine, KeyBits};
-use crate::rsa_ct::RsaPrivate;
+use crate::keygen::{self, Engine, KeyBits, KeyMaterial};
 
 #[derive(Default)]
 struct Pool {
-    keys: VecDeque<RsaPrivate>,
+    keys: VecDeque<KeyMaterial>,
     /// Keys being generated for this pool right now.
     filling: usize,
 }
@@ -66,7 +67,7 @@ impl Reservoir {
     }
 
     /// A ready key of `bits`, if there is one; starts refilling either way.
-    pub fn take(&self, bits: KeyBits) -> Option<RsaPrivate> {
+    pub fn take(&self, bits: KeyBits) -> Option<KeyMaterial> {
         let key = {
             let mut pools = self.lock();
             let pool = pools.get_mut(&bits)?;
@@ -98,7 +99,9 @@ impl Reservoir {
             let me = self.clone();
             self.inner.cpu.spawn_background(move || {
                 let started = std::time::Instant::now();
-                let key = keygen::generate_private(bits, me.inner.engine).ok();
+                let key = keygen::generate_private(bits, me.inner.engine)
+                    .and_then(|k| keygen::encode(&k))
+                    .ok();
                 crate::metrics::keygen(bits.bits(), started.elapsed());
                 {
                     let mut pools = me.lock();
@@ -133,7 +136,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(r.len(KeyBits::B2048), 3, "never above capacity");
         let key = r.take(KeyBits::B2048).expect("a ready key");
-        assert_eq!(key.size(), 256);
+        assert!(key.public_line.starts_with("ssh-rsa "));
+        assert!(key.private_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
         assert!(
             r.take(KeyBits::B4096).is_none(),
             "sizes not asked for are never pooled"
