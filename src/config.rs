@@ -564,7 +564,12 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["compare", "pipeline"])]
     pub serve: bool,
     /// With --serve: requests in flight at once.
-    #[arg(long, default_value_t = 8, requires = "serve")]
+    #[arg(
+        long,
+        env = "KEYFLEET_BENCH_CONCURRENCY",
+        default_value_t = 8,
+        requires = "serve"
+    )]
     pub concurrency: usize,
     /// Print one JSON object.
     #[arg(long)]

@@ -247,6 +247,15 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         gauge!(RESERVOIR_KEYS, "bits" => *bits).set(0.0);
     }
     let _ = histogram!(QUEUE_WAIT_SECONDS);
+    for (provider, action) in PROVIDERS
+        .iter()
+        .flat_map(|p| API_ACTIONS.iter().map(move |a| (p, a)))
+    {
+        counter!(API_REQUESTS_TOTAL, "provider" => *provider, "action" => *action, "code" => "OK")
+            .increment(0);
+        let _ =
+            histogram!(API_REQUEST_DURATION_SECONDS, "provider" => *provider, "action" => *action);
+    }
     for provider in PROVIDERS {
         for reason in SIGNATURE_FAILURE_REASONS {
             counter!(SIGNATURE_FAILURES_TOTAL, "provider" => *provider, "reason" => *reason)

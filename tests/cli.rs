@@ -159,14 +159,15 @@ fn every_setting_flag_names_its_environment_variable() {
         "--pipeline",
         "--keys",
         "--scalar",
+        "--serve",
     ];
-    for command in ["run", "bench", "submit", "collect", "status"] {
+    for command in ["run", "bench", "submit", "collect", "status", "serve"] {
         let out = keyfleet(dir.path())
             .args([command, "--help"])
             .output()
             .unwrap();
         let help = String::from_utf8_lossy(&out.stdout).to_string();
-        if command != "run" {
+        if command != "run" && command != "serve" {
             // Settings of the embedded registry belong to the commands that use it.
             assert!(
                 !help.contains("--state") && !help.contains("--quota"),

@@ -411,14 +411,34 @@ pub fn recommend(code: &str, request_id: &str) -> String {
     format!("https://api.aliyun.com/troubleshoot?q={code}&product=Ecs&requestId={request_id}")
 }
 
-/// `{RequestId, KeyPairName, KeyPairFingerPrint, PrivateKeyBody}` as in the seed's JSON example.
+/// Prefix of every Alibaba `KeyPairId`.
+pub const KEY_PAIR_ID_PREFIX: &str = "kp-";
+
+/// A fresh `KeyPairId`: `kp-` + 20 of `[a-z0-9]` (the shape of the current page's example).
+///
+/// # Panics
+/// Only if the operating system's random source fails (no key can be made then either).
+pub fn new_key_pair_id() -> String {
+    match super::random_id(KEY_PAIR_ID_PREFIX, 20, &mut rand_core::OsRng) {
+        Ok(id) => id,
+        Err(e) => panic!("OS random source failed: {e}"),
+    }
+}
+
+/// `{RequestId, KeyPairName, KeyPairFingerPrint, PrivateKeyBody}` as in the seed's JSON
+/// example, plus `KeyPairId`, which the current CreateKeyPair page adds (and the official SDKs'
+/// response models read).
 pub fn success_json(req: &CreateRequest, created: &Created<'_>) -> serde_json::Value {
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "RequestId": request_id(created.request_id),
         "KeyPairName": req.name,
         "KeyPairFingerPrint": created.fingerprint,
         "PrivateKeyBody": created.private_key_body,
-    })
+    });
+    if !created.key_pair_id.is_empty() {
+        body["KeyPairId"] = serde_json::Value::String(created.key_pair_id.to_owned());
+    }
+    body
 }
 
 /// `{RequestId, HostId, Code, Message, Recommend}`.

@@ -438,15 +438,16 @@ pub fn region_param(provider: Provider) -> &'static str {
     }
 }
 
-/// How a new key pair is identified in its dialect: the `KeyPairId` (UCloud mints one;
-/// Alibaba names pairs by name alone) and the `KeyPairFingerPrint` the API answers with.
+/// How a new key pair is identified in its dialect: the `KeyPairId` both mint (Alibaba
+/// `kp-…`, which its current CreateKeyPair page answers with and the SDKs' response models
+/// carry; UCloud `uhostkp-…`) and the `KeyPairFingerPrint` the API answers with.
 pub fn key_pair_identity(
     scope: &Scope,
     fingerprint_md5: &str,
     public_line: &str,
 ) -> (Option<String>, String) {
     match scope.provider {
-        Provider::Aliyun => (None, fingerprint_md5.to_owned()),
+        Provider::Aliyun => (Some(aliyun::new_key_pair_id()), fingerprint_md5.to_owned()),
         Provider::Ucloud => {
             let id = ucloud::new_key_pair_id();
             let fp = ucloud::fingerprint(&scope.owner, &id, public_line);
@@ -494,6 +495,33 @@ pub fn error_codes(provider: Provider) -> Vec<String> {
         }
     }
     codes
+}
+
+/// `prefix` + `len` characters drawn uniformly from `[a-z0-9]` out of `rng`. Bytes ≥ 252 are
+/// rejected so that `byte % 36` is uniform (252 = 7 × 36).
+pub(crate) fn random_id<R: rand_core::RngCore + ?Sized>(
+    prefix: &str,
+    len: usize,
+    rng: &mut R,
+) -> Result<String, rand_core::Error> {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    const LIMIT: u8 = 252;
+    let mut id = String::with_capacity(prefix.len() + len);
+    id.push_str(prefix);
+    let mut drawn = 0;
+    // 32 bytes per draw: at most 20 needed, and few are ever rejected (4 in 256).
+    let mut buf = [0u8; 32];
+    while drawn < len {
+        rng.try_fill_bytes(&mut buf)?;
+        for &b in buf.iter().filter(|&&b| b < LIMIT) {
+            if drawn == len {
+                break;
+            }
+            id.push(char::from(ALPHABET[usize::from(b % 36)]));
+            drawn += 1;
+        }
+    }
+    Ok(id)
 }
 
 /// Every code either dialect answers with, gateway and every action included (the API metrics'

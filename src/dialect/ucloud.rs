@@ -292,28 +292,9 @@ pub fn try_new_key_pair_id() -> Result<String, ApiError> {
         .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))
 }
 
-/// `uhostkp-` + 8 characters drawn uniformly from `[a-z0-9]` out of `rng`. Bytes ≥ 252 are
-/// rejected so that `byte % 36` is uniform (252 = 7 × 36).
+/// `uhostkp-` + 8 characters drawn uniformly from `[a-z0-9]` out of `rng`.
 pub fn key_pair_id_from<R: RngCore + ?Sized>(rng: &mut R) -> Result<String, rand_core::Error> {
-    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    const LEN: usize = 8;
-    const LIMIT: u8 = 252;
-    let mut id = String::with_capacity(KEY_PAIR_ID_PREFIX.len() + LEN);
-    id.push_str(KEY_PAIR_ID_PREFIX);
-    let mut drawn = 0;
-    // 16 bytes per draw: 8 needed, and all 16 rejected has probability (4/256)^16.
-    let mut buf = [0u8; 16];
-    while drawn < LEN {
-        rng.try_fill_bytes(&mut buf)?;
-        for &b in buf.iter().filter(|&&b| b < LIMIT) {
-            if drawn == LEN {
-                break;
-            }
-            id.push(char::from(ALPHABET[usize::from(b % 36)]));
-            drawn += 1;
-        }
-    }
-    Ok(id)
+    super::random_id(KEY_PAIR_ID_PREFIX, 8, rng)
 }
 
 /// `KeyPairFingerPrint`: md5(ProjectId + "|" + KeyPairId + "|" + PublicKey) as 32 lower-case
