@@ -34,6 +34,7 @@ import concurrent.futures
 import json
 import os
 import sys
+import threading
 import traceback
 
 STALE_MINUTES = 20
@@ -58,8 +59,14 @@ ERROR_CASES = [
 BAD_PUBLIC_KEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB-not-base64 bad@example"
 
 
+_emit_lock = threading.Lock()
+
+
 def emit(obj):
-    print(json.dumps(obj, ensure_ascii=False, sort_keys=True), flush=True)
+    line = json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n"
+    with _emit_lock:  # create-many prints from several threads: one whole line at a time
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Unsupported(Exception):
