@@ -12,8 +12,8 @@ use crate::batch::RowDefaults;
 use crate::batch_status::BatchStatusStore;
 use crate::collect::{CollectOptions, CollectSummary};
 use crate::config::{
-    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, Overrides, RunArgs, ServerArgs,
-    StateArgs, StatusArgs, SubmitArgs,
+    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, Overrides, RunArgs, ServeArgs,
+    ServerArgs, StateArgs, StatusArgs, SubmitArgs,
 };
 use crate::dialect::Scope;
 use crate::registry::embedded::EmbeddedRegistry;
@@ -74,9 +74,28 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => status_command(args).await,
+        Command::Serve(args) => serve_command(&file, args, shutdown).await,
         Command::Bench(args) => {
             if args.scalar {
                 crate::prime::lanes::force(crate::prime::lanes::Simd::Scalar);
+            }
+            if args.serve {
+                let report = crate::bench::serve::bench_serve(
+                    args.engine,
+                    args.bits,
+                    args.threads,
+                    args.keys,
+                    args.concurrency,
+                    args.rounds.unwrap_or(3),
+                )
+                .await
+                .context("benchmark failed")?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", crate::bench::serve::render(&report));
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let several = args.pipeline || args.compare;
             let report = crate::bench::bench(
@@ -98,6 +117,68 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn serve_command(
+    file: &FileConfig,
+    args: ServeArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let credentials = match crate::serve::credentials::Credentials::load(&args.credentials) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyfleet serve: {}", crate::sink::error_chain(&e));
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let resolved = resolve(
+        &Overrides {
+            state: args.state.state.clone(),
+            quota: args.quota,
+            key_bits: args.key_bits,
+            threads: args.threads,
+            engine: args.engine,
+        },
+        file,
+    );
+    let store = match &args.redis_url {
+        Some(url) => crate::serve::Store::Redis {
+            url: url.clone(),
+            prefix: args.prefix.clone(),
+            connect_timeout: args.connect_timeout,
+        },
+        None => crate::serve::Store::Embedded(resolved.state.clone()),
+    };
+    tracing::info!(
+        aliyun_keys = credentials.count(crate::dialect::Provider::Aliyun),
+        ucloud_keys = credentials.count(crate::dialect::Provider::Ucloud),
+        "credentials loaded"
+    );
+    let opts = crate::serve::ServeOptions {
+        listen: args.listen,
+        credentials,
+        store,
+        settings: resolved.settings,
+        threads: resolved.threads,
+        key_bits: resolved.key_bits,
+        reservoir: args.reservoir,
+        throttle_rps: args.throttle_rps,
+        fault_rate: args.fault_rate,
+        drain: args.drain_timeout,
+    };
+    crate::serve::serve(opts, shutdown.clone(), |addr| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    })
+    .await
+    .context("keyfleet serve failed")?;
+    Ok(if shutdown.is_cancelled() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
 }
 
 /// A stable batch id for a file: the same path gives the same job ids on a re-run.

@@ -3,6 +3,8 @@
 //! Numbers only; nothing here asserts timing. The report names the Miller-Rabin path (`simd`);
 //! `KEYFLEET_SIMD=off` in the environment forces the scalar engine.
 
+pub mod serve;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 

@@ -77,6 +77,79 @@ pub enum Command {
     Collect(CollectArgs),
     /// Progress of a batch: total / created / failed per code / pending (from Redis).
     Status(StatusArgs),
+    /// Serve the Alibaba Cloud ECS and UCloud key-pair APIs over HTTP, for their official SDKs.
+    ///
+    /// Point an SDK's endpoint at the printed address (README, "Pointing the official SDKs at
+    /// keyfleet serve"). Signatures are checked with the keys of --credentials; created,
+    /// imported and deleted pairs are the same registry rows `run`, `describe` and `delete` see.
+    Serve(ServeArgs),
+}
+
+/// `keyfleet serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one. The bound address is printed on stdout
+    /// as `listening on http://ADDR`.
+    #[arg(long, env = "KEYFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// The access keys the API accepts (TOML, mode 0600: `[[aliyun]]` access_key_id /
+    /// access_key_secret / account, `[[ucloud]]` public_key / private_key / account).
+    #[arg(long, env = "KEYFLEET_CREDENTIALS", value_name = "FILE")]
+    pub credentials: PathBuf,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Keep the registry in Redis instead of the state file, so that several `serve` instances
+    /// (and workers) share names, quota and nonces.
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// How long to wait for Redis at start-up (with --redis-url).
+    #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: std::time::Duration,
+    /// Key pairs allowed per region and account (UCloud: per project; default 500).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// RSA key size (2048, 3072 or 4096; default 2048).
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+    /// Key-generation threads; 0 = one per core.
+    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Prime-search engine.
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Keys made ahead on idle threads and kept in memory (never persisted), so a create is
+    /// answered without waiting for key generation; 0 turns this off.
+    #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 64)]
+    pub reservoir: usize,
+    /// Fault injection: requests per second per access key beyond which the answer is
+    /// Alibaba `Throttling.User` / UCloud RetCode 153, as the clouds throttle; 0 = off.
+    #[arg(
+        long,
+        env = "KEYFLEET_THROTTLE_RPS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub throttle_rps: u32,
+    /// Fault injection: the fraction of requests (0 to 1) answered 503 `ServiceUnavailable` /
+    /// RetCode 150 — half before the action runs, half after it was done, so clients learn to
+    /// reconcile a lost answer; 0 = off.
+    #[arg(long, env = "KEYFLEET_FAULT_RATE", value_name = "P", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub fault_rate: f64,
+    /// After a shutdown signal, how long requests in flight may take to finish.
+    #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{s:?} is not a fraction from 0 to 1 (--fault-rate / KEYFLEET_FAULT_RATE)"
+        )),
+    }
 }
 
 /// Where the servers of distributed mode are.
@@ -485,6 +558,14 @@ pub struct BenchArgs {
     /// and report its keys/s against raw generation.
     #[arg(long)]
     pub pipeline: bool,
+    /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
+    /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,
+    /// against raw key generation on the same threads (rounds alternated, medians).
+    #[arg(long, conflicts_with_all = ["compare", "pipeline"])]
+    pub serve: bool,
+    /// With --serve: requests in flight at once.
+    #[arg(long, default_value_t = 8, requires = "serve")]
+    pub concurrency: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

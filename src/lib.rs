@@ -7,6 +7,7 @@
 //! key → upstream → commit → deliver → confirm. A mode is a thin loop around it.
 //!
 //! - Modes: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
+//!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs),
 //!   `submit.rs` (the producer), `collect.rs` (results into a folder), `bench.rs`; `app.rs` turns
 //!   the command line into one of these, `config.rs` holds its flags and the config file.
 //! - The lifecycle and its parts: `lifecycle.rs`, `retry.rs` (the one retry policy),
@@ -25,7 +26,9 @@
 //!   only `unsafe` in `prime/lanes/dispatch.rs`), `rsa_ct.rs` (constant-time key assembly and
 //!   encoding), `reservoir.rs` (keys made ahead), `fingerprint.rs`.
 //! - Output: `output.rs` (the folder and its manifest), `progress.rs`.
+//! - Request signatures, pure functions: `sign/` (Alibaba `rpc.rs` and `acs3.rs`, `ucloud.rs`).
 
+pub mod api_client;
 pub mod app;
 pub mod batch;
 pub mod batch_status;
@@ -54,8 +57,10 @@ pub mod reservoir;
 pub mod retry;
 pub mod rsa_ct;
 pub mod run;
+pub mod serve;
 pub mod settings;
 pub mod shutdown;
+pub mod sign;
 pub mod sink;
 pub mod submit;
 pub mod transit;

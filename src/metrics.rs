@@ -47,6 +47,13 @@ pub const DEAD_LETTERED_TOTAL: &str = "keyfleet_dead_lettered_total";
 pub const JOBS_IN_FLIGHT: &str = "keyfleet_jobs_in_flight";
 /// Always 1; the `version` label says which build is running.
 pub const BUILD_INFO: &str = "keyfleet_build_info";
+/// `keyfleet serve`: API requests answered, by provider, action and code (`OK` or the error
+/// code; UCloud: the RetCode).
+pub const API_REQUESTS_TOTAL: &str = "keyfleet_api_requests_total";
+/// `keyfleet serve`: seconds from a request's arrival to its answer, by provider and action.
+pub const API_REQUEST_DURATION_SECONDS: &str = "keyfleet_api_request_duration_seconds";
+/// `keyfleet serve`: requests refused by the signature checks, by provider and reason.
+pub const SIGNATURE_FAILURES_TOTAL: &str = "keyfleet_signature_failures_total";
 
 /// Every metric name keyfleet exports (tests check dashboards/rules only query these).
 pub const NAMES: &[&str] = &[
@@ -62,6 +69,9 @@ pub const NAMES: &[&str] = &[
     DEAD_LETTERED_TOTAL,
     JOBS_IN_FLIGHT,
     BUILD_INFO,
+    API_REQUESTS_TOTAL,
+    API_REQUEST_DURATION_SECONDS,
+    SIGNATURE_FAILURES_TOTAL,
 ];
 
 /// The histograms among [`NAMES`]: Prometheus also knows them as `<name>_bucket`, `_sum` and
@@ -71,6 +81,7 @@ pub const HISTOGRAMS: &[&str] = &[
     KEYGEN_SECONDS,
     QUEUE_WAIT_SECONDS,
     UPSTREAM_WAIT_SECONDS,
+    API_REQUEST_DURATION_SECONDS,
 ];
 
 /// `keyfleet_keygen_seconds`. One key on one core: RSA-2048 takes ~26 ms with the fastest
@@ -104,6 +115,36 @@ pub const QUEUE_WAIT_BUCKETS: &[f64] = &[
 /// limit holds a job for seconds, growing with the number of jobs queued behind it.
 pub const UPSTREAM_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// `keyfleet_api_request_duration_seconds`. A create from a warm reservoir is a few registry
+/// writes (well under 5 ms, the goal); from a cold one it waits for a key (~25–300 ms) and
+/// for the keys queued ahead of it; describe and delete are registry reads and writes.
+pub const API_REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The `action` label's values of the API metrics; anything else is `other`.
+pub const API_ACTIONS: &[&str] = &[
+    "CreateKeyPair",
+    "ImportKeyPair",
+    "DescribeKeyPairs",
+    "DeleteKeyPairs",
+    "CreateUHostKeyPair",
+    "ImportUHostKeyPairs",
+    "DescribeUHostKeyPairs",
+    "DeleteUHostKeyPairs",
+];
+
+/// The `reason` label's values of `keyfleet_signature_failures_total`.
+pub const SIGNATURE_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "unknown_key",
+    "method",
+    "timestamp_format",
+    "timestamp_expired",
+    "mismatch",
+    "nonce_used",
 ];
 
 /// The `provider` label's values; anything else is counted as `unknown`.
@@ -206,6 +247,12 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         gauge!(RESERVOIR_KEYS, "bits" => *bits).set(0.0);
     }
     let _ = histogram!(QUEUE_WAIT_SECONDS);
+    for provider in PROVIDERS {
+        for reason in SIGNATURE_FAILURE_REASONS {
+            counter!(SIGNATURE_FAILURES_TOTAL, "provider" => *provider, "reason" => *reason)
+                .increment(0);
+        }
+    }
     // Published before anything else can fail: the recorder is global from here on, and a
     // second install() must hand out this handle rather than try again.
     let handle = HANDLE.get_or_init(|| handle).clone();
@@ -245,6 +292,7 @@ fn builder() -> Result<PrometheusBuilder, MetricsError> {
         (JOB_DURATION_SECONDS, JOB_DURATION_BUCKETS),
         (QUEUE_WAIT_SECONDS, QUEUE_WAIT_BUCKETS),
         (UPSTREAM_WAIT_SECONDS, UPSTREAM_WAIT_BUCKETS),
+        (API_REQUEST_DURATION_SECONDS, API_REQUEST_BUCKETS),
     ] {
         b = b
             .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
@@ -309,6 +357,21 @@ fn describe() {
         Unit::Count,
         "Jobs picked up and not yet answered."
     );
+    describe_counter!(
+        API_REQUESTS_TOTAL,
+        Unit::Count,
+        "keyfleet serve: API requests answered, by provider, action and code (OK, or the error code / RetCode answered)."
+    );
+    describe_histogram!(
+        API_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "keyfleet serve: seconds from a request's arrival to its answer, by provider and action."
+    );
+    describe_counter!(
+        SIGNATURE_FAILURES_TOTAL,
+        Unit::Count,
+        "keyfleet serve: requests refused by the signature, time stamp or nonce checks, by provider and reason."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label names the running keyfleet build."
@@ -338,6 +401,42 @@ fn bits_label(bits: usize) -> &'static str {
         4096 => "4096",
         _ => "other",
     }
+}
+
+/// `keyfleet serve` answered a request of `action` with `code` (`OK` or the error code).
+pub fn api_request(provider: &str, action: &str, code: &str, duration: Duration) {
+    let provider = provider_label(provider);
+    let action = API_ACTIONS
+        .iter()
+        .find(|a| **a == action)
+        .copied()
+        .unwrap_or("other");
+    let code = api_code_label(code);
+    counter!(API_REQUESTS_TOTAL, "provider" => provider, "action" => action, "code" => code)
+        .increment(1);
+    histogram!(API_REQUEST_DURATION_SECONDS, "provider" => provider, "action" => action)
+        .record(duration.as_secs_f64());
+}
+
+/// `keyfleet serve` refused a request's signature for `reason` (one of
+/// [`SIGNATURE_FAILURE_REASONS`]).
+pub fn signature_failure(provider: &str, reason: &'static str) {
+    counter!(SIGNATURE_FAILURES_TOTAL, "provider" => provider_label(provider), "reason" => reason)
+        .increment(1);
+}
+
+/// Codes are the dialects' own, so the set is bounded; caller text never reaches a label.
+fn api_code_label(code: &str) -> &'static str {
+    static CODES: OnceLock<Vec<String>> = OnceLock::new();
+    let codes = CODES.get_or_init(crate::dialect::all_answer_codes);
+    if code == "OK" {
+        return "OK";
+    }
+    codes
+        .iter()
+        .find(|c| *c == code)
+        .map(String::as_str)
+        .unwrap_or("other")
 }
 
 /// A job was answered: `outcome` is `"created"` or the error code of its result (`code`).
@@ -489,6 +588,18 @@ mod tests {
         redelivered();
         dead_lettered("undecodable");
         drop(InFlight::start());
+        api_request("aliyun", "CreateKeyPair", "OK", Duration::from_millis(2));
+        api_request("ucloud", "NoSuchAction", "161", Duration::from_millis(1));
+        signature_failure("aliyun", "mismatch");
+    }
+
+    #[test]
+    fn api_labels_stay_within_known_sets() {
+        assert_eq!(api_code_label("QuotaExceed.KeyPair"), "QuotaExceed.KeyPair");
+        assert_eq!(api_code_label("SignatureNonceUsed"), "SignatureNonceUsed");
+        assert_eq!(api_code_label("171"), "171");
+        assert_eq!(api_code_label("job-4711"), "other");
+        assert_eq!(api_code_label("OK"), "OK");
     }
 
     #[test]
@@ -506,7 +617,14 @@ mod tests {
         }
         for n in NAMES {
             assert!(n.starts_with("keyfleet_"), "{n}");
-            let counter = [JOBS_TOTAL, REDELIVERIES_TOTAL, DEAD_LETTERED_TOTAL].contains(n);
+            let counter = [
+                JOBS_TOTAL,
+                REDELIVERIES_TOTAL,
+                DEAD_LETTERED_TOTAL,
+                API_REQUESTS_TOTAL,
+                SIGNATURE_FAILURES_TOTAL,
+            ]
+            .contains(n);
             assert_eq!(
                 n.ends_with("_total"),
                 counter,

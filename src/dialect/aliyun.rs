@@ -39,8 +39,11 @@
 
 use std::collections::BTreeMap;
 
+pub mod actions;
+
 use super::{
-    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, Provider, Scope, Tag,
+    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError,
+    Provider, Scope, Tag,
 };
 
 /// `HostId` of every error body.
@@ -82,6 +85,14 @@ const SIGNING_PARAMS: &[&str] = &[
 /// otherwise.
 pub fn reply(err: &ApiError) -> ErrorReply {
     let (status, code, message): (u16, String, String) = match err {
+        // The other actions' pages name the generic code for these two.
+        ApiError::MissingParameter(p) if p == "PublicKeyBody" || p == "KeyPairNames" => (
+            400,
+            "MissingParameter".into(),
+            format!(
+                "The input parameter \"{p}\" that is mandatory for processing this request is not supplied."
+            ),
+        ),
         ApiError::MissingParameter(p) => (
             400,
             format!("Missing{p}"),
@@ -118,6 +129,17 @@ pub fn reply(err: &ApiError) -> ErrorReply {
         ApiError::QuotaExceeded => (403, "QuotaExceed.KeyPair".into(), MSG_QUOTA_KEY_PAIR.into()),
         ApiError::AlreadyExists => (400, "KeyPair.AlreadyExist".into(), MSG_ALREADY_EXIST.into()),
         ApiError::Internal(_) => (500, "InternalError".into(), MSG_INTERNAL.into()),
+        ApiError::PublicKeyMalformed => (
+            400,
+            "InvalidPublicKeyBody.Malformed".into(),
+            "The PublicKeyBody format is not supported.".into(),
+        ),
+        ApiError::KeyPairNamesInvalid => (
+            400,
+            "InvalidKeyPairNames.ValueNotSupported".into(),
+            "The specified parameter \"KeyPairNames\" is not valid.".into(),
+        ),
+        ApiError::Gateway(g) => gateway_reply(g),
     };
     ErrorReply {
         http_status: status,
@@ -125,6 +147,74 @@ pub fn reply(err: &ApiError) -> ErrorReply {
         message,
         ret_code: None,
     }
+}
+
+/// How Alibaba's API gateway answers a request it refuses before the action runs (contract §4;
+/// the messages are Alibaba's own).
+fn gateway_reply(err: &GatewayError) -> (u16, String, String) {
+    let (status, code, message) = match err {
+        GatewayError::IncompleteSignature => (
+            400,
+            "IncompleteSignature",
+            "The request signature does not conform to Aliyun standards.",
+        ),
+        GatewayError::AccessKeyNotFound => (
+            404,
+            "InvalidAccessKeyId.NotFound",
+            "Specified access key is not found.",
+        ),
+        GatewayError::SignatureMethodInvalid => (
+            400,
+            "InvalidSignatureMethod",
+            "Specified signature method is not valid.",
+        ),
+        GatewayError::TimestampMalformed => (
+            400,
+            "InvalidTimeStamp.Format",
+            "Specified time stamp or date value is not well formatted.",
+        ),
+        GatewayError::TimestampExpired => (
+            400,
+            "InvalidTimeStamp.Expired",
+            "Specified time stamp or date value is expired.",
+        ),
+        GatewayError::SignatureMismatch { string_to_sign } => {
+            // The classic SDK compares this suffix with its own string to sign and, when they
+            // are equal, tells its user the AccessKeySecret is wrong.
+            return (
+                400,
+                "SignatureDoesNotMatch".into(),
+                format!(
+                    "Specified signature is not matched with our calculation. server string to \
+                     sign is:{string_to_sign}"
+                ),
+            );
+        }
+        GatewayError::NonceUsed => (
+            400,
+            "SignatureNonceUsed",
+            "Specified signature nonce was used already.",
+        ),
+        GatewayError::VersionInvalid => (
+            400,
+            "InvalidVersion",
+            "Specified parameter Version is not valid.",
+        ),
+        GatewayError::ActionMissing | GatewayError::ActionNotFound => {
+            (404, "InvalidAction.NotFound", MSG_ACTION)
+        }
+        GatewayError::Throttled => (
+            400,
+            "Throttling.User",
+            "Request was denied due to user flow control.",
+        ),
+        GatewayError::Unavailable => (
+            503,
+            "ServiceUnavailable",
+            "The request has failed due to a temporary failure of the server.",
+        ),
+    };
+    (status, code.into(), message.into())
 }
 
 /// Validate an Alibaba parameter map in the documented check order. `owner` is the account.
@@ -267,7 +357,7 @@ fn tag_index(n: &str) -> TagIndex {
     }
 }
 
-fn decode_tags(params: &BTreeMap<String, String>) -> Result<Vec<Tag>, ApiError> {
+pub(crate) fn decode_tags(params: &BTreeMap<String, String>) -> Result<Vec<Tag>, ApiError> {
     let mut keys: BTreeMap<u8, &str> = BTreeMap::new();
     let mut values: BTreeMap<u8, &str> = BTreeMap::new();
     let (mut too_high, mut malformed) = (false, false);

@@ -12,7 +12,9 @@
 //! can only be a blank cell, never a value; an *optional* parameter given as empty is validated
 //! as given (so `Tag.1.Value=""` is an empty tag value, `ResourceGroupId=""` names no group).
 
+pub mod action;
 pub mod aliyun;
+pub mod public_key;
 pub mod ucloud;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -269,6 +271,51 @@ pub enum ApiError {
     /// keyfleet itself failed for this request (not the caller's fault).
     #[error("internal error: {0}")]
     Internal(String),
+    /// ImportKeyPair: `PublicKeyBody` is not an OpenSSH public key of an accepted type.
+    #[error("the public key body is not an accepted OpenSSH public key")]
+    PublicKeyMalformed,
+    /// DeleteKeyPairs: `KeyPairNames` is not a JSON array of at most 100 names.
+    #[error("KeyPairNames is not a JSON array of at most 100 names")]
+    KeyPairNamesInvalid,
+    /// The API gateway's answers, before any action runs (`keyfleet serve`).
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+/// Why the API gateway refused a request before its action ran (signatures, time stamps,
+/// nonces, throttling, injected faults). Each dialect answers these with its own codes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// No signature, or a malformed `Authorization` header, or an unsupported V3 algorithm.
+    #[error("the request is not signed (or its signature is malformed)")]
+    IncompleteSignature,
+    #[error("the access key is not known")]
+    AccessKeyNotFound,
+    #[error("the signature method is not HMAC-SHA1")]
+    SignatureMethodInvalid,
+    #[error("the time stamp is not well formatted")]
+    TimestampMalformed,
+    #[error("the time stamp is more than 15 minutes away from the server's time")]
+    TimestampExpired,
+    /// The signature does not match. Holds the server's string to sign (Alibaba echoes it so
+    /// the client can tell a wrong secret from a wrong canonical form); it holds no secret.
+    #[error("the signature does not match")]
+    SignatureMismatch { string_to_sign: String },
+    #[error("the signature nonce was used already")]
+    NonceUsed,
+    #[error("the API version is not 2014-05-26")]
+    VersionInvalid,
+    /// No `Action` at all (UCloud 160).
+    #[error("the request names no action")]
+    ActionMissing,
+    #[error("the action does not exist")]
+    ActionNotFound,
+    /// `--throttle-rps`: beyond the access key's requests per second.
+    #[error("too many requests for this access key")]
+    Throttled,
+    /// `--fault-rate`: an injected failure.
+    #[error("service unavailable (injected fault)")]
+    Unavailable,
 }
 
 impl ApiError {
@@ -444,6 +491,45 @@ pub fn error_codes(provider: Provider) -> Vec<String> {
         let code = e.reply(provider).code;
         if !codes.contains(&code) {
             codes.push(code);
+        }
+    }
+    codes
+}
+
+/// Every code either dialect answers with, gateway and every action included (the API metrics'
+/// `code` label values).
+pub fn all_answer_codes() -> Vec<String> {
+    let gateway = [
+        GatewayError::IncompleteSignature,
+        GatewayError::AccessKeyNotFound,
+        GatewayError::SignatureMethodInvalid,
+        GatewayError::TimestampMalformed,
+        GatewayError::TimestampExpired,
+        GatewayError::SignatureMismatch {
+            string_to_sign: String::new(),
+        },
+        GatewayError::NonceUsed,
+        GatewayError::VersionInvalid,
+        GatewayError::ActionMissing,
+        GatewayError::ActionNotFound,
+        GatewayError::Throttled,
+        GatewayError::Unavailable,
+    ];
+    let mut errors = ApiError::every_kind();
+    errors.extend([
+        ApiError::PublicKeyMalformed,
+        ApiError::KeyPairNamesInvalid,
+        ApiError::MissingParameter("PublicKeyBody".into()),
+        ApiError::MissingParameter("Action".into()),
+    ]);
+    errors.extend(gateway.into_iter().map(ApiError::Gateway));
+    let mut codes: Vec<String> = Vec::new();
+    for provider in Provider::ALL {
+        for e in &errors {
+            let code = e.reply(provider).code;
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
         }
     }
     codes

@@ -9,8 +9,13 @@
 //! | RetCode | Cause                                                         | [`ApiError`]                         |
 //! |--------:|---------------------------------------------------------------|--------------------------------------|
 //! |     150 | service unavailable: keyfleet itself failed, retry later      | `Internal`                           |
-//! |     160 | a required parameter (`KeyPairName`) is missing or empty      | `MissingParameter`                   |
-//! |     161 | `Action` is not `CreateUHostKeyPair`                          | `InvalidParameter { name: "Action" }`|
+//! |     153 | `keyfleet serve --throttle-rps`: too many requests            | `Gateway(Throttled)`                 |
+//! |     160 | no `Action`                                                   | `MissingParameter("Action")`         |
+//! |     161 | `Action` is not `CreateUHostKeyPair` (serve: no such action)  | `InvalidParameter { name: "Action" }`|
+//! |     170 | `keyfleet serve`: no `Signature`                              | `Gateway(IncompleteSignature)`       |
+//! |     171 | `keyfleet serve`: the signature does not match                | `Gateway(SignatureMismatch)`         |
+//! |     172 | `keyfleet serve`: the `PublicKey` (API credential) is unknown | `Gateway(AccessKeyNotFound)`         |
+//! |     220 | a required parameter (`KeyPairName`) is missing or empty      | `MissingParameter`                   |
 //! |     230 | parameter not available: unknown name, bad `ProjectId`, …     | `InvalidParameter` (other names)     |
 //! |     230 | `KeyPairName` not available (message names `[KeyPairName]`)   | `NameMalformed`                      |
 //! |     230 | Alibaba-only parameters (resource group, tags; never produced by [`decode`]) | `ResourceGroupNotFound`, `DuplicateTagKey`, `TagKeyMalformed`, `TagValueMalformed`, `TooManyTags` |
@@ -21,7 +26,7 @@
 //!
 //! # Check order
 //! First failure wins: (1) parameter names, in byte order — only `Action`, `Region`, `Zone`,
-//! `ProjectId`, `KeyPairName` are accepted (160/230 would otherwise hide a typo); (2) `Action`
+//! `ProjectId`, `KeyPairName` are accepted (220/230 would otherwise hide a typo); (2) `Action`
 //! value; (3) `KeyPairName` absent or empty; (4) `ProjectId`; (5) `Region`; (6) `Zone`;
 //! (7) `KeyPairName` rules.
 //!
@@ -45,8 +50,11 @@ use std::collections::BTreeMap;
 use md5::{Digest, Md5};
 use rand_core::{OsRng, RngCore};
 
+pub mod actions;
+
 use super::{
-    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, Provider, Scope,
+    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError,
+    Provider, Scope,
 };
 
 /// The only accepted `Action` value.
@@ -57,8 +65,13 @@ pub const RESPONSE_ACTION: &str = "CreateUHostKeyPairResponse";
 pub const KEY_PAIR_ID_PREFIX: &str = "uhostkp-";
 
 pub const RET_SERVICE_UNAVAILABLE: i64 = 150;
-pub const RET_MISSING_PARAMS: i64 = 160;
+pub const RET_MISSING_ACTION: i64 = 160;
 pub const RET_ACTION_NOT_AVAILABLE: i64 = 161;
+pub const RET_MISSING_SIGNATURE: i64 = 170;
+pub const RET_SIGNATURE_WRONG: i64 = 171;
+pub const RET_USER_NOT_FOUND: i64 = 172;
+pub const RET_THROTTLED: i64 = 153;
+pub const RET_MISSING_PARAMS: i64 = 220;
 pub const RET_PARAMS_NOT_AVAILABLE: i64 = 230;
 pub const RET_REGION_NOT_AVAILABLE: i64 = 8201;
 pub const RET_ZONE_NOT_AVAILABLE: i64 = 8202;
@@ -78,6 +91,9 @@ pub fn reply(err: &ApiError) -> ErrorReply {
         )
     };
     let (ret, message) = match err {
+        ApiError::MissingParameter(p) if p == "Action" => {
+            (RET_MISSING_ACTION, "Missing Action".to_string())
+        }
         ApiError::MissingParameter(p) => (RET_MISSING_PARAMS, format!("Missing params [{p}]")),
         ApiError::InvalidParameter { name, reason } if name == ApiError::ACTION => (
             RET_ACTION_NOT_AVAILABLE,
@@ -116,10 +132,43 @@ pub fn reply(err: &ApiError) -> ErrorReply {
             "Key pair name already exists in this project and region".to_string(),
         ),
         // The detail is for our logs (Display), not for the caller.
-        ApiError::Internal(_) => (
+        ApiError::Internal(_) | ApiError::Gateway(GatewayError::Unavailable) => (
             RET_SERVICE_UNAVAILABLE,
             "Service temporarily unavailable, please retry later".to_string(),
         ),
+        ApiError::PublicKeyMalformed => not_available(
+            "PublicKeyBody",
+            "not an OpenSSH public key of type ssh-rsa, ssh-dss, ecdsa-sha2-* or ssh-ed25519",
+        ),
+        ApiError::KeyPairNamesInvalid => not_available("KeyPairIds", "at most 100 ids"),
+        ApiError::Gateway(GatewayError::IncompleteSignature) => {
+            (RET_MISSING_SIGNATURE, "Missing signature".to_string())
+        }
+        ApiError::Gateway(GatewayError::SignatureMismatch { .. }) => {
+            (RET_SIGNATURE_WRONG, "Signature VerifyAC Error".to_string())
+        }
+        ApiError::Gateway(GatewayError::AccessKeyNotFound) => {
+            (RET_USER_NOT_FOUND, "User not exist".to_string())
+        }
+        ApiError::Gateway(GatewayError::ActionMissing) => {
+            (RET_MISSING_ACTION, "Missing Action".to_string())
+        }
+        ApiError::Gateway(GatewayError::ActionNotFound) => {
+            (RET_ACTION_NOT_AVAILABLE, "Action not exist".to_string())
+        }
+        ApiError::Gateway(GatewayError::Throttled) => (
+            RET_THROTTLED,
+            "Request too frequent, please retry later".to_string(),
+        ),
+        // UCloud signs no time stamp, nonce, method or version: these never reach a UCloud
+        // request; answered as a bad signature should one ever be produced.
+        ApiError::Gateway(
+            GatewayError::SignatureMethodInvalid
+            | GatewayError::TimestampMalformed
+            | GatewayError::TimestampExpired
+            | GatewayError::NonceUsed
+            | GatewayError::VersionInvalid,
+        ) => (RET_SIGNATURE_WRONG, "Signature VerifyAC Error".to_string()),
     };
     ErrorReply {
         http_status: 200,
@@ -524,7 +573,7 @@ mod tests {
         let cases: Vec<(Vec<(&str, &str)>, i64)> = vec![
             (vec![("Bogus", "x"), ("Action", "Nope")], 230),
             (vec![("Action", "Nope")], 161),
-            (vec![("ProjectId", "bad id"), ("Region", "nowhere")], 160),
+            (vec![("ProjectId", "bad id"), ("Region", "nowhere")], 220),
             (
                 vec![
                     ("KeyPairName", " "),
@@ -564,7 +613,7 @@ mod tests {
     #[test]
     fn replies_for_every_variant() {
         let want: Vec<(i64, &str)> = vec![
-            (160, "Missing params [KeyPairName]"),
+            (220, "Missing params [KeyPairName]"),
             (230, "Params [Foo] not available: unknown parameter"),
             (
                 230,

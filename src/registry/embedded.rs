@@ -19,6 +19,11 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// `scope key` → slots counted against its quota.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 
+/// Signature nonce → Unix milliseconds until which it counts as used (`keyfleet serve`).
+const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
+/// Expired nonces are swept when this many have been remembered since the last sweep.
+const NONCE_SWEEP_EVERY: u64 = 4096;
+
 /// Separates scope and name in an entry key; it occurs in neither (both dialects forbid control
 /// characters in names, and `Scope::key` escapes them).
 const SEP: char = '\n';
@@ -27,6 +32,7 @@ const SEP: char = '\n';
 pub struct EmbeddedRegistry {
     db: Arc<Database>,
     path: PathBuf,
+    nonces_since_sweep: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
@@ -68,10 +74,12 @@ impl EmbeddedRegistry {
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(ENTRIES).map_err(storage)?;
         txn.open_table(COUNTS).map_err(storage)?;
+        txn.open_table(NONCES).map_err(storage)?;
         txn.commit().map_err(storage)?;
         Ok(EmbeddedRegistry {
             db: Arc::new(db),
             path: path.to_owned(),
+            nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -136,6 +144,40 @@ fn sweep_expired(
 }
 
 impl Registry for EmbeddedRegistry {
+    async fn remember_nonce(&self, key: &str, ttl_ms: i64) -> Result<bool, RegistryError> {
+        let key = key.to_owned();
+        let sweep = self
+            .nonces_since_sweep
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % NONCE_SWEEP_EVERY
+            == NONCE_SWEEP_EVERY - 1;
+        self.blocking(move |db| {
+            let now = now_ms();
+            let mut txn = db.begin_write().map_err(storage)?;
+            // A nonce lost in a crash lets a replay through only within the 15 minutes its
+            // time stamp is valid, and only after that crash: not worth an fsync per request.
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            let fresh = {
+                let mut nonces = txn.open_table(NONCES).map_err(storage)?;
+                let seen = nonces
+                    .get(key.as_str())
+                    .map_err(storage)?
+                    .is_some_and(|until| until.value() > now);
+                if !seen {
+                    nonces.insert(key.as_str(), now + ttl_ms).map_err(storage)?;
+                }
+                if sweep {
+                    nonces.retain(|_, until| until > now).map_err(storage)?;
+                }
+                !seen
+            };
+            txn.commit().map_err(storage)?;
+            Ok(fresh)
+        })
+        .await
+    }
+
     async fn reserve(
         &self,
         scope: &Scope,

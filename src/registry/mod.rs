@@ -223,6 +223,15 @@ pub trait Registry: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Option<Entry>, RegistryError>> + Send;
 
+    /// Remembers a request's signature nonce for `ttl_ms`; `false` when it was seen before and
+    /// has not expired (a replay). `key` is the caller's access key and the nonce, so every
+    /// `serve` sharing this registry refuses a replay sent to any of them.
+    fn remember_nonce(
+        &self,
+        key: &str,
+        ttl_ms: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
     /// Slots counted against the quota of `scope`: records plus reservations, including expired
     /// ones not yet swept (a sweep runs when a reserve finds the scope at its quota).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;

@@ -5,7 +5,8 @@
 //! - `<prefix>:{<scope>}:pairs` — hash: name → [`Entry`] JSON (the same serde JSON as the
 //!   embedded store; public halves only, private keys are never written to Redis);
 //! - `<prefix>:{<scope>}:used` — string: slots counted against the scope's quota;
-//! - `<prefix>:scopes` — set of scope keys, an index for `describe` only.
+//! - `<prefix>:scopes` — set of scope keys, an index for `describe` only;
+//! - `<prefix>:nonce:<hash>` — a signature nonce `keyfleet serve` has seen, expiring by itself.
 //!
 //! Every key of a scope carries the scope as its hash tag, so each operation's script touches
 //! one cluster slot and works on Redis Cluster. Reserve, commit, mark_delivered, release and
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::Script;
+use sha2::Digest;
 use uuid::Uuid;
 
 use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
@@ -164,6 +166,22 @@ fn unexpected(script: &str, reply: &str) -> RegistryError {
 }
 
 impl Registry for RedisRegistry {
+    async fn remember_nonce(&self, key: &str, ttl_ms: i64) -> Result<bool, RegistryError> {
+        let mut conn = self.conn.clone();
+        // Hashed so caller text never forms a key (and never carries a hash tag).
+        let digest = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16]);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:nonce:{digest}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        Ok(set.is_some())
+    }
+
     async fn reserve(
         &self,
         scope: &Scope,

@@ -4,10 +4,12 @@
 //!   becomes a 0600 file.
 //! - [`results_queue`]: the batch's RabbitMQ results queue (the worker), confirmed by the
 //!   broker, plus the batch's progress in Redis.
+//! - [`http_reply`]: the HTTP answer of one API request (`keyfleet serve`).
 //!
 //! The lifecycle (`lifecycle.rs`) calls [`Sink::deliver`] once per result; only when it succeeds
 //! is a created pair marked delivered in the registry, and only then is [`Sink::settled`] told.
 
+pub mod http_reply;
 pub mod key_files;
 pub mod results_queue;
 
@@ -18,6 +20,7 @@ use uuid::Uuid;
 use crate::job::JobResult;
 use crate::registry::RegistryError;
 
+pub use http_reply::HttpReply;
 pub use key_files::KeyFiles;
 pub use results_queue::ResultsQueue;
 

@@ -1,0 +1,226 @@
+//! The key-pair actions besides create, as both clouds' APIs name them (`keyfleet serve`):
+//! import, describe and delete, in a provider-neutral form. Each dialect decodes its own
+//! parameters into these (`aliyun/actions.rs`, `ucloud/actions.rs`) and renders the answers.
+
+use std::collections::BTreeMap;
+
+use super::public_key::ImportedKey;
+use super::{aliyun, ucloud, ApiError, Catalog, Provider, Scope, Tag};
+use crate::registry::KeyPairRecord;
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActionKind {
+    Create,
+    Import,
+    Describe,
+    Delete,
+}
+
+impl ActionKind {
+    pub const ALL: [ActionKind; 4] = [
+        ActionKind::Create,
+        ActionKind::Import,
+        ActionKind::Describe,
+        ActionKind::Delete,
+    ];
+
+    /// The action's name in `provider`'s API.
+    pub fn name(self, provider: Provider) -> &'static str {
+        match (provider, self) {
+            (Provider::Aliyun, ActionKind::Create) => "CreateKeyPair",
+            (Provider::Aliyun, ActionKind::Import) => "ImportKeyPair",
+            (Provider::Aliyun, ActionKind::Describe) => "DescribeKeyPairs",
+            (Provider::Aliyun, ActionKind::Delete) => "DeleteKeyPairs",
+            (Provider::Ucloud, ActionKind::Create) => "CreateUHostKeyPair",
+            (Provider::Ucloud, ActionKind::Import) => "ImportUHostKeyPairs",
+            (Provider::Ucloud, ActionKind::Describe) => "DescribeUHostKeyPairs",
+            (Provider::Ucloud, ActionKind::Delete) => "DeleteUHostKeyPairs",
+        }
+    }
+
+    /// The action `name` names in `provider`'s API (exact, case-sensitive, as the clouds are).
+    pub fn parse(provider: Provider, name: &str) -> Option<ActionKind> {
+        ActionKind::ALL
+            .into_iter()
+            .find(|k| k.name(provider) == name)
+    }
+}
+
+/// ImportKeyPair / ImportUHostKeyPairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportRequest {
+    pub scope: Scope,
+    pub name: String,
+    pub key: ImportedKey,
+    pub resource_group_id: Option<String>,
+    pub tags: Vec<Tag>,
+}
+
+/// DescribeKeyPairs / DescribeUHostKeyPairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescribeRequest {
+    pub scope: Scope,
+    /// Alibaba: `*` wildcards; UCloud: exact.
+    pub name: Option<String>,
+    pub fingerprint: Option<String>,
+    pub resource_group_id: Option<String>,
+    /// Every one must be on the pair.
+    pub tags: Vec<Tag>,
+    pub include_public_key: bool,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl DescribeRequest {
+    pub fn matches(&self, r: &KeyPairRecord) -> bool {
+        self.name
+            .as_ref()
+            .is_none_or(|n| match self.scope.provider {
+                Provider::Aliyun => crate::registry::wildcard_match(n, &r.name),
+                Provider::Ucloud => *n == r.name,
+            })
+            && self
+                .fingerprint
+                .as_ref()
+                .is_none_or(|f| *f == r.key_pair_fingerprint)
+            && self
+                .resource_group_id
+                .as_ref()
+                .is_none_or(|g| r.resource_group_id.as_ref() == Some(g))
+            && self.tags.iter().all(|t| r.tags.contains(t))
+    }
+}
+
+/// DeleteKeyPairs (by name) / DeleteUHostKeyPairs (by id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteRequest {
+    pub scope: Scope,
+    pub targets: Targets,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    Names(Vec<String>),
+    Ids(Vec<String>),
+}
+
+/// Most names or ids one delete takes (both clouds).
+pub const MAX_DELETE: usize = 100;
+
+type Params = BTreeMap<String, String>;
+
+pub fn decode_import(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<ImportRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_import(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_import(owner, params, catalog),
+    }
+}
+
+pub fn decode_describe(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<DescribeRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_describe(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_describe(owner, params, catalog),
+    }
+}
+
+pub fn decode_delete(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<DeleteRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_delete(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_delete(owner, params, catalog),
+    }
+}
+
+/// The answer to an import: the registered record.
+pub fn import_body(record: &KeyPairRecord, request_id: uuid::Uuid) -> serde_json::Value {
+    match record.scope.provider {
+        Provider::Aliyun => aliyun::actions::import_json(record, request_id),
+        Provider::Ucloud => ucloud::actions::import_json(record),
+    }
+}
+
+/// The answer to a describe: `page` out of `total` matches.
+pub fn describe_body(
+    req: &DescribeRequest,
+    total: usize,
+    page: &[KeyPairRecord],
+    request_id: uuid::Uuid,
+) -> serde_json::Value {
+    match req.scope.provider {
+        Provider::Aliyun => aliyun::actions::describe_json(req, total, page, request_id),
+        Provider::Ucloud => ucloud::actions::describe_json(req, total, page),
+    }
+}
+
+/// The answer to a delete.
+pub fn delete_body(provider: Provider, request_id: uuid::Uuid) -> serde_json::Value {
+    match provider {
+        Provider::Aliyun => serde_json::json!({ "RequestId": aliyun::request_id(request_id) }),
+        Provider::Ucloud => serde_json::json!({
+            "RetCode": 0,
+            "Action": format!("{}Response", ActionKind::Delete.name(Provider::Ucloud)),
+        }),
+    }
+}
+
+/// Rejects the first parameter name (in byte order) that `known` does not accept, so a typo is
+/// reported as itself rather than as a missing parameter.
+pub(crate) fn check_names(params: &Params, known: impl Fn(&str) -> bool) -> Result<(), ApiError> {
+    match params.keys().find(|n| !known(n)) {
+        Some(name) => Err(ApiError::unknown_parameter(name, "unknown parameter")),
+        None => Ok(()),
+    }
+}
+
+/// A boolean as the SDKs send it: `true`/`false` in any case (`True` from Python).
+pub(crate) fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
+    if v.eq_ignore_ascii_case("true") {
+        Ok(true)
+    } else if v.eq_ignore_ascii_case("false") {
+        Ok(false)
+    } else {
+        Err(ApiError::InvalidParameter {
+            name: name.into(),
+            reason: format!("{:?} is not true or false", super::clip(v)),
+        })
+    }
+}
+
+/// A decimal in `range`, or `default` when absent.
+pub(crate) fn parse_number(
+    params: &Params,
+    name: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, ApiError> {
+    let Some(v) = params.get(name) else {
+        return Ok(default);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(ApiError::InvalidParameter {
+            name: name.into(),
+            reason: format!(
+                "{:?} is not a whole number from {} to {}",
+                super::clip(v),
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}

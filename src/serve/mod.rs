@@ -1,0 +1,405 @@
+//! `keyfleet serve`: the key-pair APIs of Alibaba Cloud ECS and UCloud over HTTP, for the
+//! official SDKs unchanged, on the same registry, quota and lifecycle as `run` and the
+//! workers.
+//!
+//! - `credentials.rs`: the access keys the API accepts (`--credentials FILE`).
+//! - `request.rs`: an HTTP request's parameters (query, form or JSON body).
+//! - `gateway.rs`: which API a request speaks, its signature, time stamp, nonce, throttle and
+//!   injected faults.
+//! - `actions.rs`: create (a lifecycle job), import, describe, delete.
+//!
+//! One listener serves the API on `/` (GET and POST), and `/metrics`, `/healthz`, `/readyz`.
+//! On shutdown the listener stops accepting, in-flight requests finish (up to `drain`), and
+//! creates already running finish and are settled even when their client has gone.
+
+pub mod actions;
+pub mod credentials;
+pub mod gateway;
+pub mod request;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cpu::{CpuError, CpuPool};
+use crate::dialect::{aliyun, ucloud, ApiError, Provider};
+use crate::keygen::KeyBits;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{MetricsError, Readiness};
+use crate::registry::embedded::EmbeddedRegistry;
+use crate::registry::redis::RedisRegistry;
+use crate::registry::{Registry, RegistryError};
+use crate::reservoir::Reservoir;
+use crate::retry::RetryPolicy;
+use crate::settings::Settings;
+use crate::upstream::LocalUpstream;
+
+use actions::Actions;
+use credentials::Credentials;
+use gateway::{Caller, Fault, Format, Gateway, Refusal};
+use request::ApiRequest;
+
+/// Largest request body taken: the longest legitimate one (an import of an RSA-16384 key, or
+/// a delete of 100 names) is a few KB.
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// Where the registry is.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Embedded(PathBuf),
+    Redis {
+        url: String,
+        prefix: String,
+        connect_timeout: Duration,
+    },
+}
+
+#[derive(Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub credentials: Credentials,
+    pub store: Store,
+    pub settings: Settings,
+    pub threads: usize,
+    pub key_bits: KeyBits,
+    /// Keys made ahead on idle threads, so a create answers without waiting for one.
+    pub reservoir: usize,
+    /// Requests per second per access key before `Throttling.User` / RetCode 153; 0 = off.
+    pub throttle_rps: u32,
+    /// Fraction of requests answered 503 / RetCode 150 (half before the action, half after).
+    pub fault_rate: f64,
+    /// How long in-flight requests may take to finish after shutdown is asked for.
+    pub drain: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed")]
+    Server(#[source] std::io::Error),
+}
+
+/// Serves until `shutdown` is cancelled; `bound` is told the listening address once bound.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+    bound: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    match opts.store.clone() {
+        Store::Embedded(path) => {
+            let registry = EmbeddedRegistry::open(&path)?;
+            serve_with(Arc::new(registry), opts, shutdown, bound).await
+        }
+        Store::Redis {
+            url,
+            prefix,
+            connect_timeout,
+        } => {
+            let registry = RedisRegistry::connect(&url, &prefix, connect_timeout).await?;
+            serve_with(Arc::new(registry), opts, shutdown, bound).await
+        }
+    }
+}
+
+/// [`serve`] on a registry already open.
+pub async fn serve_with<R: Registry>(
+    registry: Arc<R>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+    bound: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    crate::metrics::install()?;
+    let cpu = CpuPool::new(opts.threads)?;
+    // Creates run to the end even after shutdown is asked for: their lifecycle has its own
+    // token, cancelled only once the server has drained.
+    let work = CancellationToken::new();
+    let mut lifecycle = Lifecycle::new(
+        registry,
+        Arc::new(LocalUpstream),
+        cpu.clone(),
+        opts.settings.clone(),
+        RetryPolicy::embedded(),
+        work.clone(),
+    );
+    if opts.reservoir > 0 {
+        let engine = opts.settings.engine;
+        lifecycle = lifecycle.with_reservoir(Reservoir::new(
+            cpu,
+            engine,
+            opts.reservoir,
+            &[opts.key_bits],
+        ));
+    }
+    let tasks = TaskTracker::new();
+    if opts.throttle_rps > 0 {
+        tracing::warn!(
+            rps = opts.throttle_rps,
+            "FAULT INJECTION: requests beyond {} per second per access key are answered Throttling.User / RetCode 153",
+            opts.throttle_rps
+        );
+    }
+    if opts.fault_rate > 0.0 {
+        tracing::warn!(
+            rate = opts.fault_rate,
+            "FAULT INJECTION: a fraction {} of requests are answered 503 ServiceUnavailable / RetCode 150, half of them after the action was done",
+            opts.fault_rate
+        );
+    }
+    let readiness = Readiness::new();
+    readiness.set_amqp(true);
+    readiness.set_redis(true);
+    let app = Arc::new(App {
+        gateway: Gateway::new(opts.credentials, opts.throttle_rps, opts.fault_rate),
+        actions: Actions {
+            lifecycle,
+            key_bits: opts.key_bits,
+            tasks: tasks.clone(),
+        },
+        readiness: readiness.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    tracing::info!(addr = %local, "serving the key-pair APIs");
+    bound(local);
+    let stopping = shutdown.clone();
+    let server = axum::serve(listener, router(app)).with_graceful_shutdown({
+        let readiness = readiness.clone();
+        async move {
+            stopping.cancelled().await;
+            readiness.set_draining(true);
+            tracing::info!("shutting down: finishing requests in flight");
+        }
+    });
+    let server = tokio::spawn(async move { server.await });
+    let result = tokio::select! {
+        r = server => r.map_err(|e| ServeError::Server(std::io::Error::other(e)))?.map_err(ServeError::Server),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(opts.drain).await } => {
+            tracing::warn!("requests still in flight after {:?}: stopping anyway", opts.drain);
+            Ok(())
+        }
+    };
+    // Creates whose clients left still finish (bounded by the same deadline).
+    tasks.close();
+    if tokio::time::timeout(opts.drain, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "creates still running after {:?}: stopping anyway",
+            opts.drain
+        );
+    }
+    work.cancel();
+    result
+}
+
+struct App<R> {
+    gateway: Gateway,
+    actions: Actions<R>,
+    readiness: Readiness,
+}
+
+fn router<R: Registry>(app: Arc<App<R>>) -> Router {
+    Router::new()
+        .route("/", get(api::<R>).post(api::<R>))
+        .route(
+            "/metrics",
+            get(|| async {
+                let body = crate::metrics::render().unwrap_or_default();
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<R>))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+async fn readyz<R: Registry>(State(app): State<Arc<App<R>>>) -> Response {
+    let why = app.readiness.not_ready_because();
+    if why.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let body = format!("not ready: {}\n", why.join(", "));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn api<R: Registry>(
+    State(app): State<Arc<App<R>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let (answer, format) = app.answer(method, uri.query(), headers, body).await;
+    crate::metrics::api_request(
+        answer.provider.as_str(),
+        &answer.action,
+        &answer.code,
+        started.elapsed(),
+    );
+    tracing::debug!(
+        provider = %answer.provider,
+        action = %answer.action,
+        code = %answer.code,
+        status = answer.status,
+        "answered"
+    );
+    answer.render(format)
+}
+
+impl<R: Registry> App<R> {
+    async fn answer(
+        &self,
+        method: Method,
+        query: Option<&str>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (Answer, Format) {
+        let req = match ApiRequest::parse(method, query, headers, body) {
+            Ok(req) => req,
+            Err(e) => {
+                let provider = Provider::Aliyun;
+                return (Answer::error(provider, None, &e), Format::Json);
+            }
+        };
+        let caller: Caller = match self
+            .gateway
+            .admit(&req, &**self.actions.lifecycle.registry())
+            .await
+        {
+            Ok(caller) => caller,
+            Err(Refusal {
+                provider,
+                format,
+                action,
+                error,
+            }) => return (Answer::error(provider, action.as_deref(), &error), format),
+        };
+        let answer = self.actions.run(&caller).await;
+        let answer = match caller.fault {
+            Some(Fault::AfterAction) => Answer::error(
+                answer.provider,
+                Some(&caller.action),
+                &ApiError::Gateway(crate::dialect::GatewayError::Unavailable),
+            ),
+            None => answer,
+        };
+        (answer, caller.format)
+    }
+}
+
+/// A rendered answer: status, the dialect's JSON body, and the code for metrics.
+#[derive(Debug)]
+pub struct Answer {
+    pub provider: Provider,
+    pub action: String,
+    pub status: u16,
+    /// `OK` or the error code (UCloud: the RetCode).
+    pub code: String,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub fn ok(provider: Provider, action: &str, body: serde_json::Value) -> Answer {
+        Answer {
+            provider,
+            action: action.to_owned(),
+            status: 200,
+            code: "OK".into(),
+            body,
+        }
+    }
+
+    pub fn error(provider: Provider, action: Option<&str>, err: &ApiError) -> Answer {
+        if let ApiError::Internal(detail) = err {
+            tracing::error!(provider = %provider, "internal error: {detail}");
+        }
+        let reply = err.reply(provider);
+        let body = match provider {
+            Provider::Aliyun => aliyun::error_json(err, uuid::Uuid::new_v4()),
+            Provider::Ucloud => ucloud::actions::error_json_for(action.unwrap_or(""), err),
+        };
+        Answer {
+            provider,
+            action: action.unwrap_or("").to_owned(),
+            status: reply.http_status,
+            code: reply.code,
+            body,
+        }
+    }
+
+    fn render(self, format: Format) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let request_id = self
+            .body
+            .get("RequestId")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        let mut response = match (self.provider, format) {
+            (Provider::Aliyun, Format::Xml) => {
+                let root = if self.code == "OK" {
+                    format!("{}Response", self.action)
+                } else {
+                    "Error".to_owned()
+                };
+                let xml = aliyun::actions::to_xml(&root, &self.body);
+                (
+                    status,
+                    [(header::CONTENT_TYPE, "text/xml;charset=utf-8")],
+                    xml,
+                )
+                    .into_response()
+            }
+            _ => (
+                status,
+                [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
+                self.body.to_string(),
+            )
+                .into_response(),
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+            headers.insert("x-acs-request-id", id);
+        }
+        response
+    }
+}

@@ -1,0 +1,136 @@
+//! A real `keyfleet serve` for a test: its own folder, credentials file, state file (or Redis
+//! prefix) and a free port; stopped with SIGTERM when the test is done with it.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use keyfleet::api_client::{ApiClient, Signer};
+
+pub const CREDENTIALS: &str = r#"
+[[aliyun]]
+access_key_id = "testid"
+access_key_secret = "testsecret"
+account = "acme"
+[[aliyun]]
+access_key_id = "otherid"
+access_key_secret = "othersecret"
+account = "globex"
+[[ucloud]]
+public_key = "ucloudpub"
+private_key = "ucloudpriv"
+account = "org-acme"
+"#;
+
+pub fn rpc() -> Signer {
+    Signer::AliyunRpc {
+        id: "testid".into(),
+        secret: "testsecret".into(),
+    }
+}
+
+pub fn v3() -> Signer {
+    Signer::AliyunV3 {
+        id: "testid".into(),
+        secret: "testsecret".into(),
+    }
+}
+
+pub fn ucloud() -> Signer {
+    Signer::Ucloud {
+        public_key: "ucloudpub".into(),
+        private_key: "ucloudpriv".into(),
+    }
+}
+
+/// Writes the test credentials at `dir/credentials.toml`, mode 0600.
+pub fn credentials(dir: &Path) -> PathBuf {
+    let p = dir.join("credentials.toml");
+    std::fs::write(&p, CREDENTIALS).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `keyfleet serve` with `args` (plus --listen 127.0.0.1:0 and --credentials, and
+    /// --state unless `args` names --redis-url or --state) and waits for its address.
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let creds = credentials(dir);
+        let log = dir.join(format!("serve-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--threads", "2"])
+            .arg("--credentials")
+            .arg(&creds);
+        if !args.iter().any(|a| *a == "--redis-url" || *a == "--state") {
+            cmd.arg("--state").arg(dir.join("state.redb"));
+        }
+        let mut child = cmd
+            .args(args)
+            .env("RUST_LOG", "keyfleet=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start keyfleet serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "keyfleet serve did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Server {
+            child,
+            addr: addr.to_owned(),
+            log,
+        }
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(&self.addr).unwrap()
+    }
+
+    /// SIGTERM, then waits (at most 60 s); returns the exit status and the log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("keyfleet serve did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        (status, log)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
