@@ -55,4 +55,6 @@ if ! port_open 5672; then
   wait_port 5672 RabbitMQ 120
 fi
 
+scripts/sdk/setup.sh # the official SDKs tests/serve_sdk.rs drives: target/sdk/{venv,node}
+
 exec cargo test --workspace --all-targets "$@"
