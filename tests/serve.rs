@@ -1069,3 +1069,75 @@ async fn sigterm_lets_requests_in_flight_finish() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_requests_get_answers_not_panics() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path(), &[]);
+        let base = format!("http://{}/", server.addr);
+        let http = reqwest::Client::new();
+        let many: String = (0..20_000).map(|i| format!("p{i}={i}&")).collect();
+        let r = http
+            .post(&base)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(many)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            400,
+            "no signature: IncompleteSignature"
+        );
+        let r = http
+            .get(format!("{base}?Action=%FF%FE&Signature=x&AccessKeyId=%00"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        let huge = format!("ACS3-HMAC-SHA256 {}", "a".repeat(6000));
+        let r = http
+            .get(&base)
+            .header("authorization", huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let r = http
+            .post(&base)
+            .header("content-type", "application/json")
+            .body(nested)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "a JSON body is UCloud's: HTTP 200 with a RetCode"
+        );
+        let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(body["RetCode"], 230);
+        let r = http
+            .post(&base)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(vec![b'a'; 300_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 413, "bodies are capped");
+        let r = http.put(&base).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 405);
+        // Still serving.
+        let r = server
+            .client()
+            .call(&rpc(), "DescribeKeyPairs", &[("RegionId", "cn-hangzhou")])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let (status, log) = server.stop();
+        assert!(status.success() && !log.contains("panicked"), "{log}");
+    })
+    .await
+}

@@ -293,10 +293,19 @@ impl<R: Registry> App<R> {
         headers: HeaderMap,
         body: Bytes,
     ) -> (Answer, Format) {
+        // Only UCloud sends JSON bodies: an unreadable one gets a UCloud answer (HTTP 200).
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"));
         let req = match ApiRequest::parse(method, query, headers, body) {
             Ok(req) => req,
             Err(e) => {
-                let provider = Provider::Aliyun;
+                let provider = if json {
+                    Provider::Ucloud
+                } else {
+                    Provider::Aliyun
+                };
                 return (Answer::error(provider, None, &e), Format::Json);
             }
         };
