@@ -54,6 +54,8 @@ pub struct CallOptions {
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    /// `x-acs-retry-after` (milliseconds) or `Retry-After` (seconds), when the server sent one.
+    pub retry_after: Option<Duration>,
 }
 
 impl Reply {
@@ -191,8 +193,23 @@ impl ApiClient {
         };
         let response = request.send().await?;
         let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let retry_after = header("x-acs-retry-after")
+            .map(Duration::from_millis)
+            .or_else(|| header("retry-after").map(Duration::from_secs))
+            .map(|d| d.min(Duration::from_secs(60)));
         let body = response.text().await?;
-        Ok(Reply { status, body })
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     fn form(&self, params: &[(String, String)]) -> reqwest::RequestBuilder {

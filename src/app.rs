@@ -124,7 +124,7 @@ async fn serve_command(
     args: ServeArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
-    let credentials = match crate::serve::credentials::Credentials::load(&args.credentials) {
+    let credentials = match crate::credentials::Credentials::load(&args.credentials) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("keyfleet serve: {}", crate::sink::error_chain(&e));
@@ -233,9 +233,29 @@ async fn run_command(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         eprintln!("metrics: http://{bound}/metrics");
     }
-    let summary = run(opts, shutdown)
+    let summary = if args.upstream.endpoints.is_empty() {
+        run(opts, shutdown).await
+    } else {
+        let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
+            .map(std::sync::Arc::new);
+        let upstream = match crate::upstream::Configured::build(&args.upstream, limit) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("keyfleet: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        };
+        let registry = EmbeddedRegistry::open(&opts.state)
+            .with_context(|| format!("keyfleet run {} failed", args.file.display()))?;
+        crate::run::run_with(
+            opts,
+            std::sync::Arc::new(registry),
+            std::sync::Arc::new(upstream),
+            shutdown,
+        )
         .await
-        .with_context(|| format!("keyfleet run {} failed", args.file.display()))?;
+    }
+    .with_context(|| format!("keyfleet run {} failed", args.file.display()))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

@@ -188,6 +188,37 @@ impl ServerArgs {
     }
 }
 
+/// Where created public keys are registered: a cloud's key-pair API (`--upstream-endpoint`),
+/// or nowhere but keyfleet's registry (no endpoint: the default).
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpstreamArgs {
+    /// Register every created public key in the cloud at this endpoint: PROVIDER=URL, e.g.
+    /// `aliyun=http://127.0.0.1:18080` (repeat, or comma-separate, for both providers). Keys
+    /// are imported with ImportKeyPair / ImportUHostKeyPairs, signed with the credentials of
+    /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET and UCLOUD_PUBLIC_KEY/_PRIVATE_KEY or
+    /// --upstream-credentials.
+    #[arg(long = "upstream-endpoint", env = "KEYFLEET_UPSTREAM_ENDPOINTS", value_name = "PROVIDER=URL", value_delimiter = ',', value_parser = parse_upstream_endpoint)]
+    pub endpoints: Vec<(Provider, String)>,
+    /// Upstream keys per owner, in `keyfleet serve`'s credentials format (`account` = the row's
+    /// owner; mode 0600). Owners it does not name use the environment's keys.
+    #[arg(
+        long = "upstream-credentials",
+        env = "KEYFLEET_UPSTREAM_CREDENTIALS",
+        value_name = "FILE"
+    )]
+    pub credentials: Option<PathBuf>,
+    /// How Alibaba requests are signed: v3 (ACS3-HMAC-SHA256) or rpc (HMAC-SHA1).
+    #[arg(long = "upstream-signature", env = "KEYFLEET_UPSTREAM_SIGNATURE", value_enum, default_value_t = crate::upstream::http::AliyunSigning::V3)]
+    pub signature: crate::upstream::http::AliyunSigning,
+    /// How long one key's registration may keep retrying through throttling and faults.
+    #[arg(long = "upstream-timeout", env = "KEYFLEET_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_upstream_endpoint(s: &str) -> Result<(Provider, String), String> {
+    crate::upstream::http::parse_endpoint(s).map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// Batch file (same formats as `run`).
@@ -296,12 +327,14 @@ pub struct WorkerArgs {
     /// burst of jobs does not wait for key generation; 0 turns the reservoir off.
     #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 16)]
     pub reservoir: usize,
-    /// Upstream (cloud API) calls per second per provider + region; 0 = unlimited.
+    /// Upstream (cloud API) calls per second per provider + account + region; 0 = unlimited.
     #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
     pub upstream_rps: u32,
     /// Burst allowed above --upstream-rps.
     #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
     pub upstream_burst: u32,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
     /// After a shutdown signal, how long jobs in flight may take to finish.
     #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
@@ -352,6 +385,7 @@ impl WorkerArgs {
             reservoir: self.reservoir,
             upstream_rps: self.upstream_rps,
             upstream_burst: self.upstream_burst,
+            upstream: self.upstream.clone(),
             drain_timeout: self.drain_timeout,
             metrics_addr: self.metrics_addr.0,
             allow_plaintext_results: self.allow_plaintext_results,
@@ -479,6 +513,15 @@ pub struct RunArgs {
     /// 127.0.0.1:9464. Off by default.
     #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Upstream (cloud API) calls per second per provider + account + region, with
+    /// --upstream-endpoint; 0 = unlimited.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
+    pub upstream_rps: u32,
+    /// Burst allowed above --upstream-rps.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
+    pub upstream_burst: u32,
 }
 
 #[derive(Debug, Args)]

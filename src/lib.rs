@@ -18,7 +18,8 @@
 //!   file), `dialect/` (everything provider-specific: `aliyun.rs`, `ucloud.rs`).
 //! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
 //!   beside it), `batch_status.rs` (a batch's progress in Redis).
-//! - Infrastructure: `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
+//! - Infrastructure: `credentials.rs` (cloud access keys: what `serve` accepts and the upstream
+//!   signs with), `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
 //!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon
 //!   pool, the one way CPU work leaves the async runtime), `shutdown.rs`, `logging.rs`,
 //!   `hardening.rs` (no core dumps), `metrics.rs` (every metric; `metrics/http.rs` serves them).
@@ -37,6 +38,7 @@ pub mod broker;
 pub mod collect;
 pub mod config;
 pub mod cpu;
+pub mod credentials;
 pub mod dialect;
 pub mod endpoints;
 pub mod escape;

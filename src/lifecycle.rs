@@ -28,7 +28,7 @@ use crate::reservoir::Reservoir;
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
 use crate::sink::{DeliveryError, Sink};
-use crate::upstream::Upstream;
+use crate::upstream::{Registration, Upstream};
 
 /// A failure of keyfleet's own machinery while making a key pair.
 #[derive(Debug, thiserror::Error)]
@@ -309,12 +309,39 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             }
         };
         let scope = &req.scope;
-        if let Err(e) = self.upstream.register(req, &keys.public_line).await {
-            self.registry.release(scope, &req.name, job.job_id).await?;
-            return Ok(self.failed(a, &e));
-        }
-        let (key_pair_id, key_pair_fingerprint) =
-            dialect::key_pair_identity(scope, &keys.fingerprint_md5, &keys.public_line);
+        // A key about to leave for a cloud is noted first, so a later attempt can recognise it
+        // there (exactly once against a cloud whose answer was lost).
+        let tried = if self.upstream.is_remote() {
+            self.registry
+                .note_key(scope, &req.name, job.job_id, &keys.public_line)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let registration = Registration {
+            req,
+            job_id: job.job_id,
+            public_key: &keys.public_line,
+            fingerprint_md5: &keys.fingerprint_md5,
+            tried: &tried,
+        };
+        let registered = match self.upstream.register(&registration).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.registry.release(scope, &req.name, job.job_id).await?;
+                return Ok(self.failed(a, &e));
+            }
+        };
+        let (key_pair_id, key_pair_fingerprint) = dialect::key_pair_identity_with(
+            scope,
+            &keys.fingerprint_md5,
+            &keys.public_line,
+            registered.key_pair_id,
+        );
+        let earlier_keys: Vec<String> = tried
+            .into_iter()
+            .filter(|k| *k != keys.public_line)
+            .collect();
         let record = KeyPairRecord {
             scope: scope.clone(),
             name: req.name.clone(),
@@ -329,6 +356,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             resource_group_id: req.resource_group_id.clone(),
             zone: req.zone.clone(),
             delivered: false,
+            earlier_keys,
         };
         // A failed commit means our reservation was taken over (we were slower than its TTL):
         // nothing of ours is registered, so the job can safely be tried again.

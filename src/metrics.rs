@@ -47,6 +47,9 @@ pub const DEAD_LETTERED_TOTAL: &str = "keyfleet_dead_lettered_total";
 pub const JOBS_IN_FLIGHT: &str = "keyfleet_jobs_in_flight";
 /// Always 1; the `version` label says which build is running.
 pub const BUILD_INFO: &str = "keyfleet_build_info";
+/// Calls to the upstream cloud, by provider and code (`OK`, the cloud's error code or
+/// RetCode, or `retry` for throttling, faults and network errors that were tried again).
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "keyfleet_upstream_requests_total";
 /// `keyfleet serve`: API requests answered, by provider, action and code (`OK` or the error
 /// code; UCloud: the RetCode).
 pub const API_REQUESTS_TOTAL: &str = "keyfleet_api_requests_total";
@@ -72,6 +75,7 @@ pub const NAMES: &[&str] = &[
     API_REQUESTS_TOTAL,
     API_REQUEST_DURATION_SECONDS,
     SIGNATURE_FAILURES_TOTAL,
+    UPSTREAM_REQUESTS_TOTAL,
 ];
 
 /// The histograms among [`NAMES`]: Prometheus also knows them as `<name>_bucket`, `_sum` and
@@ -257,6 +261,9 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
             histogram!(API_REQUEST_DURATION_SECONDS, "provider" => *provider, "action" => *action);
     }
     for provider in PROVIDERS {
+        for code in ["OK", "retry"] {
+            counter!(UPSTREAM_REQUESTS_TOTAL, "provider" => *provider, "code" => code).increment(0);
+        }
         for reason in SIGNATURE_FAILURE_REASONS {
             counter!(SIGNATURE_FAILURES_TOTAL, "provider" => *provider, "reason" => *reason)
                 .increment(0);
@@ -367,6 +374,11 @@ fn describe() {
         "Jobs picked up and not yet answered."
     );
     describe_counter!(
+        UPSTREAM_REQUESTS_TOTAL,
+        Unit::Count,
+        "Calls to the upstream cloud API, by provider and code: OK, the cloud's error code, or retry (throttled, unavailable or a network error, tried again)."
+    );
+    describe_counter!(
         API_REQUESTS_TOTAL,
         Unit::Count,
         "keyfleet serve: API requests answered, by provider, action and code (OK, or the error code / RetCode answered)."
@@ -425,6 +437,17 @@ pub fn api_request(provider: &str, action: &str, code: &str, duration: Duration)
         .increment(1);
     histogram!(API_REQUEST_DURATION_SECONDS, "provider" => provider, "action" => action)
         .record(duration.as_secs_f64());
+}
+
+/// A call to the upstream cloud was answered with `code` (`OK`, an error code, or `retry`).
+pub fn upstream_request(provider: &str, code: &str) {
+    let code = if code == "retry" {
+        "retry"
+    } else {
+        api_code_label(code)
+    };
+    counter!(UPSTREAM_REQUESTS_TOTAL, "provider" => provider_label(provider), "code" => code)
+        .increment(1);
 }
 
 /// `keyfleet serve` refused a request's signature for `reason` (one of
@@ -600,6 +623,7 @@ mod tests {
         api_request("aliyun", "CreateKeyPair", "OK", Duration::from_millis(2));
         api_request("ucloud", "NoSuchAction", "161", Duration::from_millis(1));
         signature_failure("aliyun", "mismatch");
+        upstream_request("aliyun", "OK");
     }
 
     #[test]
@@ -632,6 +656,7 @@ mod tests {
                 DEAD_LETTERED_TOTAL,
                 API_REQUESTS_TOTAL,
                 SIGNATURE_FAILURES_TOTAL,
+                UPSTREAM_REQUESTS_TOTAL,
             ]
             .contains(n);
             assert_eq!(

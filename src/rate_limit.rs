@@ -1,5 +1,7 @@
-//! Upstream rate limiting with governor: one token bucket per provider + region, because that
-//! is how the clouds throttle their key-pair APIs. Wraps any [`Upstream`].
+//! Upstream rate limiting with governor: one token bucket per provider + account + region,
+//! because that is how the clouds throttle their key-pair APIs (per account, per regional
+//! endpoint). [`RateLimited`] wraps the local upstream; the HTTP upstream takes a token before
+//! every call it makes to the cloud (imports, and the describes and deletes that reconcile).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -11,9 +13,11 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::dialect::{ApiError, CreateRequest};
-use crate::upstream::Upstream;
+use crate::upstream::{Registered, Registration, Upstream};
 
-/// A keyed limiter: `rps` calls per second per provider + region, bursts up to `burst`.
+/// A keyed limiter: `rps` calls per second per provider + account + region, bursts up to
+/// `burst`.
+#[derive(Debug)]
 pub struct RateLimit<C: Clock = DefaultClock> {
     limiter: RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<C::Instant>>,
 }
@@ -24,9 +28,9 @@ fn quota(rps: u32, burst: u32) -> Option<Quota> {
     Some(Quota::per_second(rps).allow_burst(burst))
 }
 
-/// The bucket a request draws from.
+/// The bucket a request draws from ([`crate::dialect::Scope::key`]: provider, account or project, region).
 pub fn key(req: &CreateRequest) -> String {
-    format!("{}:{}", req.scope.provider.as_str(), req.scope.region)
+    req.scope.key()
 }
 
 impl RateLimit<DefaultClock> {
@@ -57,6 +61,7 @@ impl<C: Clock> RateLimit<C> {
 }
 
 /// An upstream whose calls wait for their provider + region's token first.
+#[derive(Debug)]
 pub struct RateLimited<U> {
     inner: U,
     limit: Option<Arc<RateLimit>>,
@@ -69,12 +74,16 @@ impl<U> RateLimited<U> {
 }
 
 impl<U: Upstream> Upstream for RateLimited<U> {
-    async fn register(&self, req: &CreateRequest, public_key: &str) -> Result<(), ApiError> {
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
+
+    async fn register(&self, reg: &Registration<'_>) -> Result<Registered, ApiError> {
         if let Some(limit) = &self.limit {
-            let waited = limit.acquire(req).await;
-            crate::metrics::upstream_wait(req.scope.provider.as_str(), waited);
+            let waited = limit.acquire(reg.req).await;
+            crate::metrics::upstream_wait(reg.req.scope.provider.as_str(), waited);
         }
-        self.inner.register(req, public_key).await
+        self.inner.register(reg).await
     }
 }
 
@@ -99,9 +108,9 @@ mod tests {
     }
 
     /// Counts, not wall-clock: on a fake clock exactly `burst` calls pass at once, then `rps`
-    /// more per second, separately for each provider + region.
+    /// more per second, separately for each provider + account + region.
     #[test]
-    fn rate_limit_holds_per_provider_and_region() {
+    fn rate_limit_holds_per_provider_account_and_region() {
         let clock = FakeRelativeClock::default();
         let limit = RateLimit::with_clock(5, 2, clock.clone()).unwrap();
         let hz = req(Provider::Aliyun, "cn-hangzhou");
@@ -118,6 +127,9 @@ mod tests {
             2,
             "other provider too"
         );
+        let mut other_account = req(Provider::Aliyun, "cn-hangzhou");
+        other_account.scope.owner = "someone-else".into();
+        assert_eq!(count(&other_account), 2, "and another account");
         clock.advance(Duration::from_millis(200));
         assert_eq!(count(&hz), 1, "one token per 1/5 s");
         clock.advance(Duration::from_secs(10));

@@ -21,7 +21,7 @@ use crate::job::{DecodeError, Job, JobResult};
 use crate::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
 use crate::metrics::{self, Readiness};
-use crate::rate_limit::{RateLimit, RateLimited};
+use crate::rate_limit::RateLimit;
 use crate::registry::redis::RedisRegistry;
 use crate::registry::RegistryError;
 use crate::reservoir::Reservoir;
@@ -29,7 +29,7 @@ use crate::retry::RetryPolicy;
 use crate::settings::Settings;
 use crate::sink::results_queue::Recipients;
 use crate::sink::ResultsQueue;
-use crate::upstream::LocalUpstream;
+use crate::upstream::Configured;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     /// Upstream calls per second per provider + region; 0 = unlimited.
     pub upstream_rps: u32,
     pub upstream_burst: u32,
+    /// Where keys are registered (no endpoint: keyfleet's registry only).
+    pub upstream: crate::config::UpstreamArgs,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
@@ -61,11 +63,13 @@ pub enum WorkerError {
     Cpu(#[from] crate::cpu::CpuError),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
 }
 
 /// What every job of this worker is handled with.
 struct Handler {
-    lifecycle: Lifecycle<RedisRegistry, RateLimited<LocalUpstream>>,
+    lifecycle: Lifecycle<RedisRegistry, Configured>,
     status: BatchStatusStore,
     allow_plaintext: bool,
     recipients: Recipients,
@@ -102,7 +106,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     };
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
-    let upstream = Arc::new(RateLimited::new(LocalUpstream, limit));
+    let upstream =
+        Arc::new(Configured::build(&cfg.upstream, limit).map_err(WorkerError::Upstream)?);
     let cpu = CpuPool::new(cfg.threads)?;
     let mut lifecycle = Lifecycle::new(
         Arc::new(registry.clone()),

@@ -168,6 +168,7 @@ fn record(scope: &Scope, name: &str, job_id: Uuid) -> KeyPairRecord {
             }]
         },
         resource_group_id: None,
+        earlier_keys: Vec::new(),
         zone: None,
         delivered: false,
     }
@@ -302,7 +303,7 @@ async fn the_same_job_resumes_without_counting_twice() {
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
         assert!(matches!(
             reg.lookup(&s, "web").await.unwrap(),
-            Some(Entry::Reserved { job_id, deadline_ms }) if job_id == job && deadline_ms > now_ms()
+            Some(Entry::Reserved { job_id, deadline_ms, .. }) if job_id == job && deadline_ms > now_ms()
         ));
     })
     .await;
@@ -799,9 +800,64 @@ fn shape(e: Option<Entry>) -> String {
         Some(Entry::Reserved {
             job_id,
             deadline_ms,
-        }) => format!("reserved {job_id} live={}", deadline_ms > now_ms() + 60_000),
+            tried_keys,
+        }) => format!(
+            "reserved {job_id} live={} tried={tried_keys:?}",
+            deadline_ms > now_ms() + 60_000
+        ),
         Some(Entry::Pair(r)) => format!("{r:?}"),
     }
+}
+
+/// The keys a job tried upstream survive its pair being replaced and its reservation being
+/// resumed, in both stores: what lets a later attempt recognise its own lost key in the cloud.
+#[tokio::test]
+async fn tried_keys_survive_replacing_and_resuming() {
+    bounded(async {
+        let (reg, _cleanup) = fixture().await;
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = EmbeddedRegistry::open(&dir.path().join("state.redb")).unwrap();
+        async fn check<R: Registry>(r: &R) {
+            let s = hangzhou();
+            let job = Uuid::new_v4();
+            r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap();
+            assert_eq!(
+                r.note_key(&s, "k", job, "ssh-rsa A1").await.unwrap(),
+                ["ssh-rsa A1"]
+            );
+            // A second note of the same key is not a second key.
+            assert_eq!(
+                r.note_key(&s, "k", job, "ssh-rsa A1").await.unwrap(),
+                ["ssh-rsa A1"]
+            );
+            let mut rec = record(&s, "k", job);
+            rec.public_key = "ssh-rsa A1".into();
+            r.commit(&rec).await.unwrap();
+            // The job comes back before delivery: its pair is replaced, its key remembered.
+            assert_eq!(
+                r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap(),
+                Reserved::Replacing
+            );
+            let tried = r.note_key(&s, "k", job, "ssh-rsa A2").await.unwrap();
+            assert_eq!(tried, ["ssh-rsa A1", "ssh-rsa A2"]);
+            assert_eq!(
+                r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap(),
+                Reserved::Resumed
+            );
+            match r.lookup(&s, "k").await.unwrap() {
+                Some(Entry::Reserved { tried_keys, .. }) => assert_eq!(tried_keys, tried),
+                other => panic!("{other:?}"),
+            }
+            // Another job cannot note keys on this reservation.
+            assert_eq!(
+                r.note_key(&s, "k", Uuid::new_v4(), "ssh-rsa X").await,
+                Err(RegistryError::ReservationLost)
+            );
+        }
+        check(&reg).await;
+        check(&embedded).await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -822,7 +878,8 @@ async fn answers_exactly_like_the_embedded_store() {
             // TTL 0 expires at once: takeovers and sweeps without sleeping.
             let ttl = if rng.below(3) == 0 { 0 } else { LONG_TTL };
             let quota = 1 + rng.below(3) as u64;
-            let (op, got, want) = match rng.below(7) {
+            let key = ["ssh-rsa AAAA1", "ssh-rsa AAAA2"][rng.below(2)];
+            let (op, got, want) = match rng.below(8) {
                 0 | 1 => (
                     format!("reserve {name} by {job} quota {quota} ttl {ttl}"),
                     format!("{:?}", reg.reserve(s, name, job, quota, ttl).await),
@@ -837,6 +894,11 @@ async fn answers_exactly_like_the_embedded_store() {
                     format!("mark_delivered {name} by {job}"),
                     format!("{:?}", reg.mark_delivered(s, name, job).await),
                     format!("{:?}", embedded.mark_delivered(s, name, job).await),
+                ),
+                6 => (
+                    format!("note_key {name} by {job}: {key}"),
+                    format!("{:?}", reg.note_key(s, name, job, key).await),
+                    format!("{:?}", embedded.note_key(s, name, job, key).await),
                 ),
                 5 => (
                     format!("release {name} by {job}"),

@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{measure, median, percentile, threads_of, BenchError};
 use crate::api_client::{ApiClient, Signer};
+use crate::credentials::{AccessKey, Credentials, Secret};
 use crate::dialect::Provider;
 use crate::keygen::{Engine, KeyBits};
 use crate::registry::embedded::EmbeddedRegistry;
-use crate::serve::credentials::{AccessKey, Credentials, Secret};
 use crate::serve::{serve_with, ServeOptions, Store};
 use crate::settings::{KeyPairQuota, Settings};
 

@@ -140,6 +140,7 @@ pub fn reply(err: &ApiError) -> ErrorReply {
             "The specified parameter \"KeyPairNames\" is not valid.".into(),
         ),
         ApiError::Gateway(g) => gateway_reply(g),
+        ApiError::Upstream(r) => (r.http_status, r.code.clone(), r.message.clone()),
     };
     ErrorReply {
         http_status: status,

@@ -280,6 +280,9 @@ pub enum ApiError {
     /// The API gateway's answers, before any action runs (`keyfleet serve`).
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    /// The upstream cloud refused the request: its answer, passed on as it came.
+    #[error("the cloud answered {}: {}", .0.code, .0.message)]
+    Upstream(ErrorReply),
 }
 
 /// Why the API gateway refused a request before its action ran (signatures, time stamps,
@@ -446,10 +449,23 @@ pub fn key_pair_identity(
     fingerprint_md5: &str,
     public_line: &str,
 ) -> (Option<String>, String) {
+    key_pair_identity_with(scope, fingerprint_md5, public_line, None)
+}
+
+/// [`key_pair_identity`] with the `KeyPairId` a cloud gave, when it gave one.
+pub fn key_pair_identity_with(
+    scope: &Scope,
+    fingerprint_md5: &str,
+    public_line: &str,
+    cloud_id: Option<String>,
+) -> (Option<String>, String) {
     match scope.provider {
-        Provider::Aliyun => (Some(aliyun::new_key_pair_id()), fingerprint_md5.to_owned()),
+        Provider::Aliyun => (
+            Some(cloud_id.unwrap_or_else(aliyun::new_key_pair_id)),
+            fingerprint_md5.to_owned(),
+        ),
         Provider::Ucloud => {
-            let id = ucloud::new_key_pair_id();
+            let id = cloud_id.unwrap_or_else(ucloud::new_key_pair_id);
             let fp = ucloud::fingerprint(&scope.owner, &id, public_line);
             (Some(id), fp)
         }

@@ -169,6 +169,10 @@ pub fn reply(err: &ApiError) -> ErrorReply {
             | GatewayError::NonceUsed
             | GatewayError::VersionInvalid,
         ) => (RET_SIGNATURE_WRONG, "Signature VerifyAC Error".to_string()),
+        ApiError::Upstream(r) => (
+            r.ret_code.unwrap_or(RET_SERVICE_UNAVAILABLE),
+            r.message.clone(),
+        ),
     };
     ErrorReply {
         http_status: 200,

@@ -144,6 +144,52 @@ fn sweep_expired(
 }
 
 impl Registry for EmbeddedRegistry {
+    async fn note_key(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        public_key: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let key = entry_key(scope, name);
+        let fingerprint = public_key.to_owned();
+        self.blocking(move |db| {
+            // Synced: the note must be on disk before the cloud call it announces.
+            let txn = db.begin_write().map_err(storage)?;
+            let tried = {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let existing = match entries.get(key.as_str()).map_err(storage)? {
+                    Some(v) => Some(decode_entry(v.value())?),
+                    None => None,
+                };
+                match existing {
+                    Some(Entry::Reserved {
+                        job_id: j,
+                        deadline_ms,
+                        mut tried_keys,
+                    }) if j == job_id => {
+                        if !tried_keys.contains(&fingerprint) {
+                            tried_keys.push(fingerprint);
+                        }
+                        let entry = Entry::Reserved {
+                            job_id,
+                            deadline_ms,
+                            tried_keys: tried_keys.clone(),
+                        };
+                        entries
+                            .insert(key.as_str(), encode_entry(&entry)?.as_slice())
+                            .map_err(storage)?;
+                        tried_keys
+                    }
+                    _ => return Err(RegistryError::ReservationLost),
+                }
+            };
+            txn.commit().map_err(storage)?;
+            Ok(tried)
+        })
+        .await
+    }
+
     async fn remember_nonce(&self, key: &str, ttl_ms: i64) -> Result<bool, RegistryError> {
         let key = key.to_owned();
         let sweep = self
@@ -226,9 +272,14 @@ impl Registry for EmbeddedRegistry {
                         Reserved::Fresh
                     }
                 };
+                let tried_keys = existing
+                    .as_ref()
+                    .map(|e| e.tried_keys_for(job_id))
+                    .unwrap_or_default();
                 let entry = Entry::Reserved {
                     job_id,
                     deadline_ms: now + ttl_ms,
+                    tried_keys,
                 };
                 entries
                     .insert(key.as_str(), encode_entry(&entry)?.as_slice())

@@ -38,6 +38,10 @@ pub struct KeyPairRecord {
     /// Whether the private key reached its one destination. An undelivered pair is replaced
     /// with a fresh one when its job comes back (redelivery, or a re-run after a crash).
     pub delivered: bool,
+    /// Public keys earlier attempts of this job tried to register upstream
+    /// (see [`Entry::Reserved`]); empty when the first attempt succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_keys: Vec<String>,
 }
 
 /// What a name in a scope is bound to.
@@ -51,8 +55,35 @@ pub enum Entry {
     Reserved {
         job_id: Uuid,
         deadline_ms: i64,
+        /// The public keys (OpenSSH lines) this job has tried to register upstream and not
+        /// delivered (noted *before* each cloud call; carried over when the job replaces its
+        /// undelivered pair). A key the cloud holds under this name that is in this list is
+        /// keyfleet's own, whose private half is lost: it may be replaced there.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tried_keys: Vec<String>,
     },
     Pair(KeyPairRecord),
+}
+
+impl Entry {
+    /// The keys a reservation that replaces or resumes this entry for `job_id` inherits.
+    pub fn tried_keys_for(&self, job_id: Uuid) -> Vec<String> {
+        match self {
+            Entry::Reserved {
+                job_id: j,
+                tried_keys,
+                ..
+            } if *j == job_id => tried_keys.clone(),
+            Entry::Pair(r) if r.job_id == job_id && !r.delivered => {
+                let mut keys = r.earlier_keys.clone();
+                if !keys.contains(&r.public_key) {
+                    keys.push(r.public_key.clone());
+                }
+                keys
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// How a successful reserve came about.
@@ -232,6 +263,17 @@ pub trait Registry: Send + Sync + 'static {
         ttl_ms: i64,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
 
+    /// Notes on the job's reservation that it is about to register `public_key` (an OpenSSH
+    /// line) upstream; returns every key the job has tried (this one included). Fails with
+    /// `ReservationLost` when the job no longer holds the name.
+    fn note_key(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        public_key: &str,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+
     /// Slots counted against the quota of `scope`: records plus reservations, including expired
     /// ones not yet swept (a sweep runs when a reserve finds the scope at its quota).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;
@@ -267,6 +309,7 @@ mod tests {
         let live = Entry::Reserved {
             job_id: other,
             deadline_ms: 100,
+            tried_keys: vec![],
         };
         assert_eq!(
             reserve_decision(Some(&live), me, 10),
@@ -279,6 +322,7 @@ mod tests {
         let mine = Entry::Reserved {
             job_id: me,
             deadline_ms: 100,
+            tried_keys: vec![],
         };
         assert_eq!(
             reserve_decision(Some(&mine), me, 1_000),

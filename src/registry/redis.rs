@@ -40,6 +40,7 @@ const MAX_TTL_MS: i64 = 1 << 50;
 /// The scripts, hashed once per process.
 struct Scripts {
     reserve: Script,
+    note_key: Script,
     commit: Script,
     mark_delivered: Script,
     release: Script,
@@ -48,6 +49,7 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: Script::new(include_str!("reserve.lua")),
+    note_key: Script::new(include_str!("note_key.lua")),
     commit: Script::new(include_str!("commit.lua")),
     mark_delivered: Script::new(include_str!("mark_delivered.lua")),
     release: Script::new(include_str!("release.lua")),
@@ -166,6 +168,30 @@ fn unexpected(script: &str, reply: &str) -> RegistryError {
 }
 
 impl Registry for RedisRegistry {
+    async fn note_key(
+        &self,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        public_key: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let reply: String = SCRIPTS
+            .note_key
+            .key(&keys.pairs)
+            .arg(name)
+            .arg(job_id.hyphenated().to_string())
+            .arg(public_key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        if reply == "lost" {
+            return Err(RegistryError::ReservationLost);
+        }
+        serde_json::from_str(&reply).map_err(|_| unexpected("note_key", &reply))
+    }
+
     async fn remember_nonce(&self, key: &str, ttl_ms: i64) -> Result<bool, RegistryError> {
         let mut conn = self.conn.clone();
         // Hashed so caller text never forms a key (and never carries a hash tag).
@@ -371,6 +397,7 @@ mod tests {
     fn scripts_pass_keys_in_keys() {
         for src in [
             include_str!("reserve.lua"),
+            include_str!("note_key.lua"),
             include_str!("commit.lua"),
             include_str!("mark_delivered.lua"),
             include_str!("release.lua"),

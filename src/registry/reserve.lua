@@ -9,7 +9,8 @@
 --   anything else                             -> "exists"
 -- At the quota, expired reservations of the scope are swept first; as in the embedded store,
 -- the sweep is only kept when it makes room (otherwise nothing is written).
--- On success the entry becomes {"state":"reserved","job_id":..,"deadline_ms":now+ttl}.
+-- On success the entry becomes {"state":"reserved","job_id":..,"deadline_ms":now+ttl} plus
+-- "tried_keys" when resuming (kept) or replacing (the pair's earlier keys and its own).
 --
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- KEYS[2]  <prefix>:{<scope>}:used    string: slots counted against the quota
@@ -50,16 +51,31 @@ local function int(n)
 end
 
 local how
+local tried = {}
 local raw = redis.call('HGET', KEYS[1], name)
 if raw then
   local e = decode(raw, name)
   local owner = string.lower(tostring(e.job_id))
   if e.state == 'reserved' and owner == job then
     how = 'resumed'
+    tried = e.tried_keys or {}
   elseif e.state == 'reserved' and tonumber(e.deadline_ms) <= now then
     how = 'tookover'
   elseif e.state == 'pair' and owner == job and e.delivered == false then
     how = 'replacing'
+    -- The public keys this job tried before, and the pair's own: its private half is lost.
+    for _, k in ipairs(e.earlier_keys or {}) do
+      tried[#tried + 1] = k
+    end
+    local known = false
+    for _, k in ipairs(tried) do
+      if k == e.public_key then
+        known = true
+      end
+    end
+    if not known then
+      tried[#tried + 1] = e.public_key
+    end
   elseif e.state == 'pair' and owner == job then
     return 'delivered'
   else
@@ -92,6 +108,11 @@ else
   how = 'fresh'
 end
 
+-- cjson writes an empty list as {}: the field is left out instead.
+local extra = ''
+if #tried > 0 then
+  extra = ',"tried_keys":' .. cjson.encode(tried)
+end
 redis.call('HSET', KEYS[1], name, string.format(
-  '{"state":"reserved","job_id":"%s","deadline_ms":%s}', ARGV[2], int(now + ttl)))
+  '{"state":"reserved","job_id":"%s","deadline_ms":%s%s}', ARGV[2], int(now + ttl), extra))
 return how

@@ -133,6 +133,7 @@ impl<R: Registry> Actions<R> {
             resource_group_id: req.resource_group_id.clone(),
             zone: caller.params.get("Zone").cloned(),
             delivered: false,
+            earlier_keys: Vec::new(),
         };
         let settled = async {
             registry.commit(&record).await?;

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand_core::{OsRng, RngCore};
 
-use super::credentials::{AccessKey, Credentials};
 use super::request::ApiRequest;
+use crate::credentials::{AccessKey, Credentials};
 use crate::dialect::action::ActionKind;
 use crate::dialect::{ApiError, GatewayError, Provider};
 use crate::registry::{Registry, RegistryError};

@@ -2,7 +2,7 @@
 //! official SDKs unchanged, on the same registry, quota and lifecycle as `run` and the
 //! workers.
 //!
-//! - `credentials.rs`: the access keys the API accepts (`--credentials FILE`).
+//! - `../credentials.rs`: the access keys the API accepts (`--credentials FILE`).
 //! - `request.rs`: an HTTP request's parameters (query, form or JSON body).
 //! - `gateway.rs`: which API a request speaks, its signature, time stamp, nonce, throttle and
 //!   injected faults.
@@ -13,7 +13,6 @@
 //! creates already running finish and are settled even when their client has gone.
 
 pub mod actions;
-pub mod credentials;
 pub mod gateway;
 pub mod request;
 
@@ -44,8 +43,8 @@ use crate::retry::RetryPolicy;
 use crate::settings::Settings;
 use crate::upstream::LocalUpstream;
 
+use crate::credentials::Credentials;
 use actions::Actions;
-use credentials::Credentials;
 use gateway::{Caller, Fault, Format, Gateway, Refusal};
 use request::ApiRequest;
 

@@ -1,5 +1,6 @@
-//! `keyfleet serve --credentials FILE`: the access keys the API accepts and the account each
-//! acts as. TOML:
+//! Cloud access keys, in one file format for both sides: `keyfleet serve --credentials FILE`
+//! (the keys its API accepts, and the account each acts as) and `--upstream-credentials FILE`
+//! (the keys the upstream signs with, per owner). TOML:
 //!
 //! ```toml
 //! [[aliyun]]
@@ -123,6 +124,14 @@ impl Credentials {
 
     pub fn get(&self, provider: Provider, id: &str) -> Option<&AccessKey> {
         self.keys.get(&(provider, id.to_owned()))
+    }
+
+    /// The key that acts as `account` for `provider` (the first by id, if several do).
+    pub fn for_account(&self, provider: Provider, account: &str) -> Option<&AccessKey> {
+        self.keys
+            .values()
+            .filter(|k| k.provider == provider && k.account == account)
+            .min_by(|a, b| a.id.cmp(&b.id))
     }
 
     pub fn len(&self) -> usize {

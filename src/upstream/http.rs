@@ -1,0 +1,577 @@
+//! `HttpUpstream`: registers each created key pair in the cloud account by importing its
+//! public half — `ImportKeyPair` (Alibaba, signed ACS3-HMAC-SHA256, or RPC HMAC-SHA1 when
+//! chosen) or `ImportUHostKeyPairs` (UCloud) — signed exactly as the official SDKs sign
+//! (`api_client.rs`, `sign/`).
+//!
+//! Every call to the cloud first takes a token from the per provider + account + region limit.
+//! Throttling (`Throttling*`, HTTP 429/503, `ServiceUnavailable`, 5xx, UCloud 150/153) and
+//! network errors are tried again with backoff and jitter, honouring `x-acs-retry-after`,
+//! within the registration deadline; the job is held meanwhile.
+//!
+//! Exactly once: the lifecycle notes each attempt's public key on the job's reservation before
+//! the call ([`crate::registry::Registry::note_key`]). When the cloud answers that the name
+//! exists (a retry after a lost answer, or a redelivered job), the name is looked up there:
+//! - the cloud holds *this* key → success (the answer was lost, the import was not);
+//! - it holds a key this job tried before and never delivered (its private half is gone) →
+//!   that pair is deleted there and this key imported;
+//! - it holds any other key → the row answers `KeyPair.AlreadyExist` / 8204; nothing deleted.
+//!
+//! A refusal that is the request's own fault (quota, a bad name, a wrong secret) becomes the
+//! row's answer with the cloud's code and message. No credential is ever logged or echoed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand_core::{OsRng, RngCore};
+
+use super::{Registered, Registration, Upstream};
+use crate::api_client::{ApiClient, Reply, Signer};
+use crate::credentials::{AccessKey, Credentials};
+use crate::dialect::action::ActionKind;
+use crate::dialect::{self, ApiError, CreateRequest, ErrorReply, Provider};
+use crate::rate_limit::RateLimit;
+
+/// How the Alibaba side is signed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AliyunSigning {
+    /// `ACS3-HMAC-SHA256` (the Tea SDKs' default).
+    #[default]
+    V3,
+    /// RPC HMAC-SHA1, signature version 1.0 (the classic SDK).
+    Rpc,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    #[error(
+        "--upstream-endpoint {0:?}: expected PROVIDER=URL, e.g. aliyun=http://127.0.0.1:18080"
+    )]
+    Shape(String),
+    #[error("--upstream-endpoint {0:?}: {1}")]
+    Url(String, String),
+    #[error("--upstream-endpoint {0}: https is not built into this keyfleet yet; use an http:// endpoint (a TLS proxy in front of the cloud)")]
+    Https(String),
+    #[error("the HTTP client could not start: {0}")]
+    Client(String),
+}
+
+/// What an upstream needs to be built.
+#[derive(Debug, Default)]
+pub struct UpstreamConfig {
+    /// `(provider, http://host:port)`.
+    pub endpoints: Vec<(Provider, String)>,
+    /// Keys per owner (`account` = the row's owner); the environment's keys serve every owner
+    /// the file does not name.
+    pub credentials: Option<Credentials>,
+    pub signing: AliyunSigning,
+    /// How long one key's registration may keep retrying.
+    pub deadline: Duration,
+}
+
+/// Parses `aliyun=http://127.0.0.1:18080`.
+pub fn parse_endpoint(s: &str) -> Result<(Provider, String), UpstreamConfigError> {
+    let (p, url) = s
+        .split_once('=')
+        .ok_or_else(|| UpstreamConfigError::Shape(s.to_owned()))?;
+    let provider: Provider = p
+        .trim()
+        .parse()
+        .map_err(|e: String| UpstreamConfigError::Url(s.to_owned(), e))?;
+    let parsed = url::Url::parse(url.trim())
+        .map_err(|e| UpstreamConfigError::Url(s.to_owned(), e.to_string()))?;
+    match parsed.scheme() {
+        "http" => {}
+        "https" => return Err(UpstreamConfigError::Https(s.to_owned())),
+        other => {
+            return Err(UpstreamConfigError::Url(
+                s.to_owned(),
+                format!("scheme {other:?} is not http"),
+            ))
+        }
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| UpstreamConfigError::Url(s.to_owned(), "no host".into()))?;
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    Ok((provider, format!("{host}:{port}")))
+}
+
+pub struct HttpUpstream {
+    clients: HashMap<Provider, ApiClient>,
+    credentials: Credentials,
+    env_keys: HashMap<Provider, AccessKey>,
+    signing: AliyunSigning,
+    limit: Option<Arc<RateLimit>>,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for HttpUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpUpstream")
+            .field("providers", &self.clients.keys().collect::<Vec<_>>())
+            .field("signing", &self.signing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The environment variables the official tools read.
+pub const ALIYUN_ID_ENV: &str = "ALIBABA_CLOUD_ACCESS_KEY_ID";
+pub const ALIYUN_SECRET_ENV: &str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET";
+pub const UCLOUD_PUBLIC_ENV: &str = "UCLOUD_PUBLIC_KEY";
+pub const UCLOUD_PRIVATE_ENV: &str = "UCLOUD_PRIVATE_KEY";
+
+/// One call's outcome.
+enum Outcome {
+    Answer(serde_json::Value),
+    /// Worth trying again (after at least this long, when the cloud said so).
+    Again(String, Option<Duration>),
+    Refused(ErrorReply),
+}
+
+impl HttpUpstream {
+    pub fn new(
+        config: UpstreamConfig,
+        env: impl Fn(&str) -> Option<String>,
+        limit: Option<Arc<RateLimit>>,
+    ) -> Result<HttpUpstream, UpstreamConfigError> {
+        let mut clients = HashMap::new();
+        for (provider, host_port) in &config.endpoints {
+            let client = ApiClient::new(host_port)
+                .map_err(|e| UpstreamConfigError::Client(e.to_string()))?;
+            clients.insert(*provider, client);
+        }
+        let mut env_keys = HashMap::new();
+        let pairs = [
+            (Provider::Aliyun, ALIYUN_ID_ENV, ALIYUN_SECRET_ENV),
+            (Provider::Ucloud, UCLOUD_PUBLIC_ENV, UCLOUD_PRIVATE_ENV),
+        ];
+        for (provider, id, secret) in pairs {
+            if let (Some(id), Some(secret)) = (env(id), env(secret)) {
+                if !id.is_empty() && !secret.is_empty() {
+                    env_keys.insert(
+                        provider,
+                        AccessKey {
+                            provider,
+                            id,
+                            secret: crate::credentials::Secret::new(secret),
+                            account: String::new(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(HttpUpstream {
+            clients,
+            credentials: config.credentials.unwrap_or_default(),
+            env_keys,
+            signing: config.signing,
+            limit,
+            deadline: config.deadline,
+        })
+    }
+
+    /// The providers that have an endpoint.
+    pub fn providers(&self) -> Vec<Provider> {
+        let mut p: Vec<Provider> = self.clients.keys().copied().collect();
+        p.sort();
+        p
+    }
+
+    fn signer(&self, provider: Provider, owner: &str) -> Result<Signer, ApiError> {
+        let key = self
+            .credentials
+            .for_account(provider, owner)
+            .or_else(|| self.env_keys.get(&provider))
+            .ok_or_else(|| {
+                let hint = match provider {
+                    Provider::Aliyun => format!("{ALIYUN_ID_ENV} and {ALIYUN_SECRET_ENV}"),
+                    Provider::Ucloud => format!("{UCLOUD_PUBLIC_ENV} and {UCLOUD_PRIVATE_ENV}"),
+                };
+                ApiError::Internal(format!(
+                    "no upstream credentials for {provider} owner {:?}: set {hint}, or give \
+                     --upstream-credentials a file with an entry whose account is that owner",
+                    dialect::clip(owner)
+                ))
+            })?;
+        let (id, secret) = (key.id.clone(), key.secret.expose().to_owned());
+        Ok(match (provider, self.signing) {
+            (Provider::Aliyun, AliyunSigning::V3) => Signer::AliyunV3 { id, secret },
+            (Provider::Aliyun, AliyunSigning::Rpc) => Signer::AliyunRpc { id, secret },
+            (Provider::Ucloud, _) => Signer::Ucloud {
+                public_key: id,
+                private_key: secret,
+            },
+        })
+    }
+
+    /// One action, tried again through throttling and lost answers until `until`.
+    async fn call(
+        &self,
+        req: &CreateRequest,
+        signer: &Signer,
+        kind: ActionKind,
+        params: &[(String, String)],
+        until: Instant,
+    ) -> Result<serde_json::Value, ApiError> {
+        let provider = req.scope.provider;
+        let Some(client) = self.clients.get(&provider) else {
+            return Err(ApiError::Internal(format!(
+                "no --upstream-endpoint for {provider}"
+            )));
+        };
+        let action = kind.name(provider);
+        let borrowed: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if let Some(limit) = &self.limit {
+                let waited = limit.acquire(req).await;
+                crate::metrics::upstream_wait(provider.as_str(), waited);
+            }
+            let outcome = match client.call(signer, action, &borrowed).await {
+                Ok(reply) => classify(provider, &reply),
+                Err(e) => Outcome::Again(format!("{action}: {e}"), None),
+            };
+            let label = match &outcome {
+                Outcome::Answer(_) => "OK".to_owned(),
+                Outcome::Refused(r) => r.code.clone(),
+                Outcome::Again(..) => "retry".to_owned(),
+            };
+            crate::metrics::upstream_request(provider.as_str(), &label);
+            match outcome {
+                Outcome::Answer(body) => return Ok(body),
+                Outcome::Refused(reply) => return Err(refusal(provider, reply)),
+                Outcome::Again(why, after) => {
+                    let jitter = Duration::from_millis(u64::from(OsRng.next_u32() % 100));
+                    let wait = after.unwrap_or(pause).max(pause) + jitter;
+                    if Instant::now() + wait > until {
+                        return Err(ApiError::Internal(format!(
+                            "the cloud did not accept {action} within {:?}: {why}",
+                            self.deadline
+                        )));
+                    }
+                    tracing::warn!(%provider, action, "upstream: {why}; retrying in {} ms", wait.as_millis());
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    }
+
+    fn import_params(reg: &Registration<'_>) -> Vec<(String, String)> {
+        let req = reg.req;
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut push = |k: &str, v: &str| p.push((k.to_owned(), v.to_owned()));
+        match req.scope.provider {
+            Provider::Aliyun => {
+                push("RegionId", &req.scope.region);
+                push("KeyPairName", &req.name);
+                push("PublicKeyBody", reg.public_key);
+                if let Some(rg) = &req.resource_group_id {
+                    push("ResourceGroupId", rg);
+                }
+                for (i, t) in req.tags.iter().enumerate() {
+                    push(&format!("Tag.{}.Key", i + 1), &t.key);
+                    push(&format!("Tag.{}.Value", i + 1), &t.value);
+                }
+            }
+            Provider::Ucloud => {
+                push("Region", &req.scope.region);
+                push("ProjectId", &req.scope.owner);
+                push("KeyPairName", &req.name);
+                push("PublicKeyBody", reg.public_key);
+            }
+        }
+        p
+    }
+
+    /// The pair the cloud holds under the request's name: (KeyPairId, KeyPairFingerPrint).
+    async fn lookup(
+        &self,
+        req: &CreateRequest,
+        signer: &Signer,
+        until: Instant,
+    ) -> Result<Option<(Option<String>, String)>, ApiError> {
+        let p: Vec<(String, String)> = match req.scope.provider {
+            Provider::Aliyun => vec![
+                ("RegionId".into(), req.scope.region.clone()),
+                ("KeyPairName".into(), req.name.clone()),
+            ],
+            Provider::Ucloud => vec![
+                ("Region".into(), req.scope.region.clone()),
+                ("ProjectId".into(), req.scope.owner.clone()),
+                ("KeyPairName".into(), req.name.clone()),
+            ],
+        };
+        let body = self
+            .call(req, signer, ActionKind::Describe, &p, until)
+            .await?;
+        let pairs = match req.scope.provider {
+            Provider::Aliyun => body["KeyPairs"]["KeyPair"].clone(),
+            Provider::Ucloud => body["KeyPairs"].clone(),
+        };
+        Ok(pairs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["KeyPairName"] == req.name.as_str())
+            .map(|p| {
+                (
+                    p["KeyPairId"].as_str().map(str::to_owned),
+                    p["KeyPairFingerPrint"].as_str().unwrap_or("").to_owned(),
+                )
+            }))
+    }
+
+    async fn delete(
+        &self,
+        req: &CreateRequest,
+        signer: &Signer,
+        id: Option<&str>,
+        until: Instant,
+    ) -> Result<(), ApiError> {
+        let p: Vec<(String, String)> = match req.scope.provider {
+            Provider::Aliyun => vec![
+                ("RegionId".into(), req.scope.region.clone()),
+                (
+                    "KeyPairNames".into(),
+                    serde_json::to_string(&[&req.name]).unwrap_or_default(),
+                ),
+            ],
+            Provider::Ucloud => vec![
+                ("Region".into(), req.scope.region.clone()),
+                ("ProjectId".into(), req.scope.owner.clone()),
+                ("KeyPairIds.0".into(), id.unwrap_or("").to_owned()),
+            ],
+        };
+        self.call(req, signer, ActionKind::Delete, &p, until)
+            .await
+            .map(drop)
+    }
+}
+
+/// Whether the cloud's `KeyPairFingerPrint` (with its `KeyPairId`) is that of `public_key`.
+fn same_key(req: &CreateRequest, id: Option<&str>, cloud_fp: &str, public_key: &str) -> bool {
+    match req.scope.provider {
+        Provider::Aliyun => dialect::public_key::parse(public_key)
+            .is_ok_and(|k| k.fingerprint_md5.eq_ignore_ascii_case(cloud_fp)),
+        Provider::Ucloud => id.is_some_and(|id| {
+            dialect::ucloud::fingerprint(&req.scope.owner, id, public_key) == cloud_fp
+        }),
+    }
+}
+
+fn is_already_exists(provider: Provider, r: &ErrorReply) -> bool {
+    match provider {
+        Provider::Aliyun => r.code == "KeyPair.AlreadyExist",
+        Provider::Ucloud => r.ret_code == Some(dialect::ucloud::RET_KEY_PAIR_NAME_EXISTS),
+    }
+}
+
+/// Reads one answer of the cloud.
+fn classify(provider: Provider, reply: &Reply) -> Outcome {
+    let body = reply.json();
+    let retry_after = reply.retry_after;
+    match provider {
+        Provider::Aliyun => {
+            let code = body["Code"].as_str().unwrap_or("").to_owned();
+            if reply.status == 200 && code.is_empty() {
+                return Outcome::Answer(body);
+            }
+            let throttled = code.starts_with("Throttling")
+                || code == "ServiceUnavailable"
+                || code == "InternalError"
+                || reply.status == 429
+                || reply.status >= 500;
+            if throttled {
+                return Outcome::Again(
+                    format!(
+                        "HTTP {} {}",
+                        reply.status,
+                        if code.is_empty() { "(no code)" } else { &code }
+                    ),
+                    retry_after,
+                );
+            }
+            Outcome::Refused(ErrorReply {
+                http_status: reply.status,
+                code: if code.is_empty() {
+                    format!("HTTP{}", reply.status)
+                } else {
+                    code
+                },
+                message: body["Message"].as_str().unwrap_or("").to_owned(),
+                ret_code: None,
+            })
+        }
+        Provider::Ucloud => {
+            if reply.status == 429 || reply.status >= 500 {
+                return Outcome::Again(format!("HTTP {}", reply.status), retry_after);
+            }
+            let Some(ret) = body["RetCode"].as_i64() else {
+                return Outcome::Again(format!("HTTP {}: no RetCode", reply.status), retry_after);
+            };
+            match ret {
+                0 => Outcome::Answer(body),
+                150 | 153 => Outcome::Again(format!("RetCode {ret}"), retry_after),
+                ret => Outcome::Refused(ErrorReply {
+                    http_status: 200,
+                    code: ret.to_string(),
+                    message: body["Message"].as_str().unwrap_or("").to_owned(),
+                    ret_code: Some(ret),
+                }),
+            }
+        }
+    }
+}
+
+/// A refusal as the row's answer; credential refusals name the setting to fix.
+fn refusal(provider: Provider, mut r: ErrorReply) -> ApiError {
+    match provider {
+        Provider::Aliyun => {
+            if r.code == "SignatureDoesNotMatch" && r.message.contains("server string to sign is:")
+            {
+                // What the classic SDK concludes from an echoed string to sign: ours is the
+                // same canonical form, so the secret differs.
+                r.code = "InvalidAccessKeySecret".into();
+                r.message = format!(
+                    "The AccessKeySecret is incorrect: check {ALIYUN_SECRET_ENV} or the \
+                     --upstream-credentials file"
+                );
+            } else if r.code.starts_with("InvalidAccessKeyId") || r.code == "IncompleteSignature" {
+                r.message = format!(
+                    "{} (check {ALIYUN_ID_ENV} or the --upstream-credentials file)",
+                    r.message
+                );
+            }
+        }
+        Provider::Ucloud => {
+            if matches!(r.ret_code, Some(170..=172)) {
+                r.message = format!(
+                    "{} (check {UCLOUD_PUBLIC_ENV} / {UCLOUD_PRIVATE_ENV} or the \
+                     --upstream-credentials file)",
+                    r.message
+                );
+            }
+        }
+    }
+    ApiError::Upstream(r)
+}
+
+impl Upstream for HttpUpstream {
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    async fn register(&self, reg: &Registration<'_>) -> Result<Registered, ApiError> {
+        let req = reg.req;
+        let provider = req.scope.provider;
+        let signer = self.signer(provider, &req.scope.owner)?;
+        let until = Instant::now() + self.deadline;
+        let params = HttpUpstream::import_params(reg);
+        // Import; on "exists", look and either succeed, replace our own lost key, or refuse.
+        for _ in 0..4 {
+            match self
+                .call(req, &signer, ActionKind::Import, &params, until)
+                .await
+            {
+                Ok(body) => {
+                    return Ok(Registered {
+                        key_pair_id: body["KeyPairId"].as_str().map(str::to_owned),
+                    })
+                }
+                Err(ApiError::Upstream(r)) if is_already_exists(provider, &r) => {
+                    let Some((id, fp)) = self.lookup(req, &signer, until).await? else {
+                        continue; // deleted meanwhile: import again
+                    };
+                    if same_key(req, id.as_deref(), &fp, reg.public_key) {
+                        return Ok(Registered { key_pair_id: id });
+                    }
+                    let ours = reg
+                        .tried
+                        .iter()
+                        .filter(|k| k.as_str() != reg.public_key)
+                        .any(|k| same_key(req, id.as_deref(), &fp, k));
+                    if !ours {
+                        return Err(ApiError::AlreadyExists);
+                    }
+                    tracing::info!(%provider, job = %reg.job_id, "replacing this job's earlier key, never delivered, in the cloud");
+                    self.delete(req, &signer, id.as_deref(), until).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::Internal(
+            "the cloud kept answering that the name exists while it was being replaced".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_provider_equals_http_url() {
+        assert_eq!(
+            parse_endpoint("aliyun=http://127.0.0.1:18080").unwrap(),
+            (Provider::Aliyun, "127.0.0.1:18080".into())
+        );
+        assert_eq!(
+            parse_endpoint("ucloud=http://api.example").unwrap(),
+            (Provider::Ucloud, "api.example:80".into())
+        );
+        for bad in ["aliyun", "aws=http://x", "aliyun=ftp://x", "aliyun=::"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            parse_endpoint("aliyun=https://ecs.aliyuncs.com"),
+            Err(UpstreamConfigError::Https(_))
+        ));
+    }
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn throttling_and_faults_are_tried_again_refusals_are_answers() {
+        let again = |p, r: &Reply| matches!(classify(p, r), Outcome::Again(..));
+        assert!(again(
+            Provider::Aliyun,
+            &reply(400, r#"{"Code":"Throttling.User"}"#)
+        ));
+        assert!(again(
+            Provider::Aliyun,
+            &reply(503, r#"{"Code":"ServiceUnavailable"}"#)
+        ));
+        assert!(again(Provider::Aliyun, &reply(502, "bad gateway")));
+        assert!(again(Provider::Ucloud, &reply(200, r#"{"RetCode":153}"#)));
+        assert!(again(Provider::Ucloud, &reply(200, r#"{"RetCode":150}"#)));
+        assert!(matches!(
+            classify(Provider::Aliyun, &reply(403, r#"{"Code":"QuotaExceed.KeyPair","Message":"m"}"#)),
+            Outcome::Refused(r) if r.code == "QuotaExceed.KeyPair" && r.http_status == 403
+        ));
+        assert!(matches!(
+            classify(Provider::Ucloud, &reply(200, r#"{"RetCode":8204,"Message":"m"}"#)),
+            Outcome::Refused(r) if r.ret_code == Some(8204)
+        ));
+        let wrong = ErrorReply {
+            http_status: 400,
+            code: "SignatureDoesNotMatch".into(),
+            message: "… server string to sign is:POST&%2F&x".into(),
+            ret_code: None,
+        };
+        let e = refusal(Provider::Aliyun, wrong);
+        let r = e.reply(Provider::Aliyun);
+        assert_eq!(r.code, "InvalidAccessKeySecret");
+        assert!(r.message.contains(ALIYUN_SECRET_ENV));
+    }
+}

@@ -1,0 +1,509 @@
+//! The HTTP upstream against a real cloud API: `keyfleet serve` on loopback with injected
+//! faults and throttling is the cloud; `keyfleet run --upstream-endpoint …` registers every
+//! created key there. Checked on the cloud's side: exactly the created names, with exactly the
+//! manifest's fingerprints, nothing else.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::serve::{rpc, ucloud, Server};
+use common::{keyfleet, text};
+use keyfleet::api_client::ApiClient;
+
+fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::PathBuf {
+    let mut csv = String::from("Provider,Owner,RegionId,KeyPairName,Region\n");
+    for i in 0..aliyun {
+        csv.push_str(&format!("aliyun,acme,cn-hangzhou,a-{i:03},\n"));
+    }
+    for i in 0..ucloud {
+        csv.push_str(&format!("ucloud,org-acme,,u-{i:03},cn-bj2\n"));
+    }
+    let p = dir.join("batch.csv");
+    std::fs::write(&p, csv).unwrap();
+    p
+}
+
+fn manifest(out: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// name → (KeyPairId, KeyPairFingerPrint) of everything the cloud holds in the scope.
+async fn cloud_pairs(c: &ApiClient, provider: &str) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    for page in 0.. {
+        let r = if provider == "aliyun" {
+            let n = (page + 1).to_string();
+            c.call(
+                &rpc(),
+                "DescribeKeyPairs",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("PageSize", "50"),
+                    ("PageNumber", &n),
+                ],
+            )
+            .await
+            .unwrap()
+        } else {
+            let off = (page * 100).to_string();
+            c.call(
+                &ucloud(),
+                "DescribeUHostKeyPairs",
+                &[("Region", "cn-bj2"), ("Limit", "100"), ("Offset", &off)],
+            )
+            .await
+            .unwrap()
+        };
+        // The cloud injects faults: try the page again.
+        if r.status != 200
+            || r.json().get("Code").is_some()
+            || r.json()["RetCode"].as_i64().unwrap_or(0) != 0
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Box::pin(cloud_pairs(c, provider)).await;
+        }
+        let j = r.json();
+        let items = if provider == "aliyun" {
+            j["KeyPairs"]["KeyPair"].clone()
+        } else {
+            j["KeyPairs"].clone()
+        };
+        let items = items.as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        for p in items {
+            out.insert(
+                p["KeyPairName"].as_str().unwrap().to_owned(),
+                (
+                    p["KeyPairId"].as_str().unwrap_or("").to_owned(),
+                    p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn run_against(
+    dir: &std::path::Path,
+    cloud: &str,
+    file: &std::path::Path,
+    out: &str,
+    extra: &[&str],
+    secret: &str,
+) -> std::process::Output {
+    keyfleet(dir)
+        .args(["run", "--threads", "2", "--state"])
+        .arg(dir.join(format!("{out}.redb")))
+        .arg("--out")
+        .arg(dir.join(out))
+        .arg(file)
+        .args(["--upstream-endpoint", &format!("aliyun=http://{cloud}")])
+        .args(["--upstream-endpoint", &format!("ucloud=http://{cloud}")])
+        .args(extra)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", secret)
+        .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
+        .env(
+            "UCLOUD_PRIVATE_KEY",
+            if secret == "testsecret" {
+                "ucloudpriv"
+            } else {
+                secret
+            },
+        )
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_created_key_is_registered_once_through_faults_and_throttling() {
+    tokio::time::timeout(Duration::from_secs(600), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &[
+                "--fault-rate",
+                "0.2",
+                "--throttle-rps",
+                "20",
+                "--quota",
+                "1000",
+                "--state",
+                dir.path().join("cloud.redb").to_str().unwrap(),
+            ],
+        );
+        let file = batch(dir.path(), 150, 150);
+        let d = dir.path().to_owned();
+        let addr = cloud.addr.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            run_against(
+                &d,
+                &addr,
+                &file,
+                "keys",
+                &["--upstream-rps", "30"],
+                "testsecret",
+            )
+        })
+        .await
+        .unwrap();
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        let rows = manifest(&dir.path().join("keys"));
+        assert_eq!(rows.len(), 300);
+        let failed: Vec<_> = rows.iter().filter(|r| r["status"] != "created").collect();
+        assert!(
+            failed.is_empty(),
+            "no row fails for throttling or lost answers: {failed:?}"
+        );
+        let c = cloud.client();
+        for provider in ["aliyun", "ucloud"] {
+            let held = cloud_pairs(&c, provider).await;
+            let made: BTreeMap<String, (String, String)> = rows
+                .iter()
+                .filter(|r| r["provider"] == provider)
+                .map(|r| {
+                    (
+                        r["key_pair_name"].as_str().unwrap().to_owned(),
+                        (
+                            r["key_pair_id"].as_str().unwrap_or("").to_owned(),
+                            r["key_pair_fingerprint"].as_str().unwrap().to_owned(),
+                        ),
+                    )
+                })
+                .collect();
+            assert_eq!(made.len(), 150);
+            if provider == "aliyun" {
+                // Alibaba's describe answer has no id: compare names and fingerprints.
+                let fps = |m: &BTreeMap<String, (String, String)>| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.1.clone()))
+                        .collect::<BTreeMap<_, _>>()
+                };
+                assert_eq!(
+                    fps(&held),
+                    fps(&made),
+                    "the cloud holds exactly the manifest's keys"
+                );
+            } else {
+                assert_eq!(
+                    held, made,
+                    "the cloud holds exactly the manifest's keys, ids included"
+                );
+            }
+        }
+        // Each delivered key file is the key the cloud holds.
+        for r in rows.iter().take(5).chain(rows.iter().rev().take(5)) {
+            let pem = dir.path().join(r["private_key_file"].as_str().unwrap());
+            let pem = if pem.exists() {
+                pem
+            } else {
+                dir.path()
+                    .join("keys")
+                    .join(r["private_key_file"].as_str().unwrap())
+            };
+            let (md5, _) =
+                keyfleet::keygen::fingerprints_of_pem(&std::fs::read_to_string(&pem).unwrap())
+                    .unwrap();
+            assert_eq!(md5, r["fingerprint_md5"].as_str().unwrap());
+        }
+        let metrics = reqwest::get(format!("http://{}/metrics", cloud.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("code=\"Throttling.User\"") || metrics.contains("code=\"153\""),
+            "throttling happened"
+        );
+        assert!(
+            metrics.contains("code=\"ServiceUnavailable\"") || metrics.contains("code=\"150\""),
+            "faults happened"
+        );
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_secret_fails_every_row_and_names_the_setting() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        let file = batch(dir.path(), 3, 2);
+        let d = dir.path().to_owned();
+        let addr = cloud.addr.clone();
+        let secret = "Wr0ngSecretValue";
+        let out =
+            tokio::task::spawn_blocking(move || run_against(&d, &addr, &file, "keys", &[], secret))
+                .await
+                .unwrap();
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        let rows = manifest(&dir.path().join("keys"));
+        for r in &rows {
+            assert_eq!(r["status"], "failed", "{r}");
+            let (code, message) = (r["code"].as_str().unwrap(), r["message"].as_str().unwrap());
+            if r["provider"] == "aliyun" {
+                assert_eq!(code, "InvalidAccessKeySecret", "{r}");
+                assert!(
+                    message.contains("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
+                    "{message}"
+                );
+            } else {
+                assert_eq!(code, "171", "{r}");
+                assert!(message.contains("UCLOUD_PRIVATE_KEY"), "{message}");
+            }
+        }
+        let manifest_text =
+            std::fs::read_to_string(dir.path().join("keys/manifest.jsonl")).unwrap();
+        for shown in [t.as_str(), manifest_text.as_str()] {
+            assert!(!shown.contains(secret), "the secret was printed");
+        }
+        let (_, log) = cloud.stop();
+        assert!(!log.contains(secret));
+        // Nothing was registered in the cloud.
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        assert!(cloud_pairs(&cloud.client(), "aliyun").await.is_empty());
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_rate_limit_holds_per_account_and_region() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        let file = batch(dir.path(), 30, 0);
+        let d = dir.path().to_owned();
+        let addr = cloud.addr.clone();
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            run_against(
+                &d,
+                &addr,
+                &file,
+                "keys",
+                &["--upstream-rps", "5", "--upstream-burst", "1"],
+                "testsecret",
+            )
+        })
+        .await
+        .unwrap();
+        let elapsed = started.elapsed();
+        assert!(out.status.success(), "{}", text(&out));
+        let metrics = reqwest::get(format!("http://{}/metrics", cloud.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let imports: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("keyfleet_api_requests_total")
+                    && l.contains("action=\"ImportKeyPair\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(imports, 30.0, "{metrics}");
+        // 30 calls at 5 per second after a burst of 1: at least 29 / 5 s.
+        assert!(
+            elapsed >= Duration::from_secs_f64(29.0 / 5.0),
+            "{elapsed:?}"
+        );
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `keyfleet run` SIGKILLed mid-batch, then run again: keys registered by the dead run whose
+/// private halves never reached a key file are replaced in the cloud, and in the end the cloud
+/// holds exactly the keys of the key files on disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys() {
+    tokio::time::timeout(Duration::from_secs(600), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &[
+                "--fault-rate",
+                "0.1",
+                "--throttle-rps",
+                "15",
+                "--quota",
+                "1000",
+                "--state",
+                dir.path().join("cloud.redb").to_str().unwrap(),
+            ],
+        );
+        let file = batch(dir.path(), 80, 40);
+        let start = |d: &std::path::Path| {
+            keyfleet(d)
+                .args(["run", "--threads", "2", "--state"])
+                .arg(d.join("keys.redb"))
+                .arg("--out")
+                .arg(d.join("keys"))
+                .arg(&file)
+                .args([
+                    "--upstream-endpoint",
+                    &format!("aliyun=http://{}", cloud.addr),
+                ])
+                .args([
+                    "--upstream-endpoint",
+                    &format!("ucloud=http://{}", cloud.addr),
+                ])
+                .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
+                .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
+                .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
+                .env("UCLOUD_PRIVATE_KEY", "ucloudpriv")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        // Three runs killed at different moments: some keys are registered in the cloud but
+        // never written to a key file, which the next run must replace there.
+        for ms in [1300, 2100, 3300] {
+            let mut run = start(dir.path());
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            run.kill().unwrap();
+            run.wait().unwrap();
+        }
+        let second = start(dir.path()).wait_with_output().unwrap();
+        assert!(second.status.success());
+        let c = cloud.client();
+        let mut on_disk = 0;
+        for (provider, owner, region) in [
+            ("aliyun", "acme", "cn-hangzhou"),
+            ("ucloud", "org-acme", "cn-bj2"),
+        ] {
+            let held = cloud_pairs(&c, provider).await;
+            let folder = dir
+                .path()
+                .join("keys")
+                .join(provider)
+                .join(owner)
+                .join(region);
+            let mut files = BTreeMap::new();
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "pem") {
+                    let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+                    let (md5, _) = keyfleet::keygen::fingerprints_of_pem(
+                        &std::fs::read_to_string(&path).unwrap(),
+                    )
+                    .unwrap();
+                    files.insert(name, md5);
+                }
+            }
+            on_disk += files.len();
+            assert_eq!(
+                held.keys().collect::<Vec<_>>(),
+                files.keys().collect::<Vec<_>>(),
+                "{provider}: the cloud holds a pair for exactly the key files"
+            );
+            for (name, (id, fp)) in &held {
+                let pub_line = {
+                    let pem = folder.join(format!("{name}.pem"));
+                    common::tool("ssh-keygen", &["-y", "-f", pem.to_str().unwrap()])
+                        .trim()
+                        .to_owned()
+                };
+                let expected = if provider == "aliyun" {
+                    files[name].clone()
+                } else {
+                    keyfleet::dialect::ucloud::fingerprint(owner, id, &pub_line)
+                };
+                assert_eq!(
+                    fp, &expected,
+                    "{provider} {name}: the cloud's key is the key file's"
+                );
+            }
+        }
+        assert_eq!(on_disk, 120, "every row ends with its key delivered");
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A name the cloud already holds with a key keyfleet never made answers AlreadyExist, and the
+/// cloud's key is left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_taken_in_the_cloud_by_another_key_is_left_alone() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        let c = cloud.client();
+        let theirs =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let r = c
+            .call(
+                &rpc(),
+                "ImportKeyPair",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("KeyPairName", "a-001"),
+                    ("PublicKeyBody", theirs),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let file = batch(dir.path(), 3, 0);
+        let d = dir.path().to_owned();
+        let addr = cloud.addr.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            run_against(&d, &addr, &file, "keys", &[], "testsecret")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let rows = manifest(&dir.path().join("keys"));
+        let taken = rows.iter().find(|r| r["key_pair_name"] == "a-001").unwrap();
+        assert_eq!(taken["code"], "KeyPair.AlreadyExist", "{taken}");
+        assert_eq!(rows.iter().filter(|r| r["status"] == "created").count(), 2);
+        let held = cloud_pairs(&c, "aliyun").await;
+        assert_eq!(
+            held["a-001"].1, "65:96:2d:fc:e8:d5:a9:11:64:0c:0f:ea:00:6e:5b:bd",
+            "their key stays"
+        );
+        assert_eq!(held.len(), 3);
+        // keyfleet's own registry did not keep the name: the quota slot is free again.
+        let out = keyfleet(dir.path())
+            .args(["describe", "--json", "--state"])
+            .arg(dir.path().join("keys.redb"))
+            .output()
+            .unwrap();
+        assert!(!text(&out).contains("a-001"), "{}", text(&out));
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
