@@ -75,6 +75,13 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
+        Command::Reconcile(args) => match args.redis_url.clone() {
+            Some(url) => {
+                let registry = redis_registry(&url, &args.prefix).await?;
+                reconcile(&registry, args).await
+            }
+            None => reconcile(&open_registry(&state_path(&args.state, &file))?, args).await,
+        },
         Command::Bench(args) => {
             if args.scalar {
                 crate::prime::lanes::force(crate::prime::lanes::Simd::Scalar);
@@ -545,7 +552,113 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// Drift between the registry and the cloud in one scope.
+#[derive(Debug, Default, serde::Serialize)]
+struct Drift {
+    in_cloud_only: Vec<String>,
+    in_keyfleet_only: Vec<String>,
+    fingerprints_differ: Vec<String>,
+    in_both: usize,
+}
+
+async fn reconcile<R: Registry>(
+    registry: &R,
+    args: crate::config::ReconcileArgs,
+) -> anyhow::Result<ExitCode> {
+    let cloud = match cloud(&args.upstream) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("keyfleet reconcile: no cloud to compare with: give --upstream-endpoint PROVIDER=URL");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => {
+            eprintln!("keyfleet reconcile: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let scope = Scope {
+        provider: args.provider,
+        owner: args.owner.clone(),
+        region: args.region.clone(),
+    };
+    let filter = Filter {
+        provider: Some(scope.provider),
+        owner: Some(scope.owner.clone()),
+        region: Some(scope.region.clone()),
+        ..Filter::default()
+    };
+    let ours: std::collections::BTreeMap<String, String> = registry
+        .describe(&filter)
+        .await?
+        .into_iter()
+        .map(|r| (r.name, r.key_pair_fingerprint))
+        .collect();
+    let theirs: std::collections::BTreeMap<String, String> = cloud
+        .list(&scope)
+        .await
+        .map_err(|e| anyhow::anyhow!("listing the cloud's key pairs: {e}"))?
+        .into_iter()
+        .map(|p| (p.name, p.fingerprint))
+        .collect();
+    let mut drift = Drift::default();
+    for (name, fp) in &theirs {
+        match ours.get(name) {
+            None => drift.in_cloud_only.push(name.clone()),
+            Some(mine) if mine != fp => drift.fingerprints_differ.push(name.clone()),
+            Some(_) => drift.in_both += 1,
+        }
+    }
+    drift.in_keyfleet_only = ours
+        .keys()
+        .filter(|n| !theirs.contains_key(*n))
+        .cloned()
+        .collect();
+    let agree = drift.in_cloud_only.is_empty()
+        && drift.in_keyfleet_only.is_empty()
+        && drift.fingerprints_differ.is_empty();
+    if args.json {
+        println!("{}", serde_json::to_string(&drift)?);
+    } else {
+        println!("{} in both with the same key", drift.in_both);
+        for (what, names) in [
+            ("in the cloud only", &drift.in_cloud_only),
+            ("in keyfleet only", &drift.in_keyfleet_only),
+            ("different keys", &drift.fingerprints_differ),
+        ] {
+            println!("{}: {}", what, names.len());
+            for n in names {
+                println!("  {n}");
+            }
+        }
+    }
+    Ok(if agree {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// The HTTP upstream of `--upstream-endpoint`, if one is configured.
+fn cloud(
+    args: &crate::config::UpstreamArgs,
+) -> Result<Option<crate::upstream::http::HttpUpstream>, String> {
+    if args.endpoints.is_empty() {
+        return Ok(None);
+    }
+    match crate::upstream::Configured::build(args, None)? {
+        crate::upstream::Configured::Http(h) => Ok(Some(h)),
+        crate::upstream::Configured::Local(_) => Ok(None),
+    }
+}
+
 async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let cloud = match cloud(&args.upstream) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyfleet delete: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
     let scope = Scope {
         provider: args.provider,
         owner: args.owner,
@@ -553,8 +666,20 @@ async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<E
     };
     let mut missing = 0;
     for name in &args.names {
-        if registry.delete(&scope, name).await? {
-            println!("deleted {name}");
+        // The cloud first: a pair left in keyfleet can be deleted again; one left only in the
+        // cloud would be drift nobody sees.
+        let in_cloud = match &cloud {
+            Some(c) => c
+                .delete_pair(&scope, name)
+                .await
+                .map_err(|e| anyhow::anyhow!("deleting {name} in the cloud: {e}"))?,
+            None => false,
+        };
+        if registry.delete(&scope, name).await? || in_cloud {
+            println!(
+                "deleted {name}{}",
+                if in_cloud { " (and in the cloud)" } else { "" }
+            );
         } else {
             println!("not found {name}");
             missing += 1;

@@ -77,6 +77,10 @@ pub enum Command {
     Collect(CollectArgs),
     /// Progress of a batch: total / created / failed per code / pending (from Redis).
     Status(StatusArgs),
+    /// List the drift between keyfleet's registry and the cloud for one provider, owner and
+    /// region: pairs in the cloud only, in keyfleet only, and with different fingerprints.
+    /// Exit 0 when they agree, 1 when they do not.
+    Reconcile(ReconcileArgs),
     /// Serve the Alibaba Cloud ECS and UCloud key-pair APIs over HTTP, for their official SDKs.
     ///
     /// Point an SDK's endpoint at the printed address (README, "Pointing the official SDKs at
@@ -572,6 +576,36 @@ pub struct DeleteArgs {
     /// Names of the key pairs to delete.
     #[arg(required = true)]
     pub names: Vec<String>,
+    /// With an endpoint, the pairs are deleted in the cloud too (DeleteKeyPairs /
+    /// DeleteUHostKeyPairs), before keyfleet's registry.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+/// `keyfleet reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Compare the registry in Redis (distributed mode) instead of the embedded state file.
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis key prefix (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
+    pub prefix: String,
+    #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    /// Alibaba account / UCloud project.
+    #[arg(long, default_value = "default")]
+    pub owner: String,
+    #[arg(long)]
+    pub region: String,
+    /// The cloud to compare with (required: --upstream-endpoint).
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -507,3 +507,105 @@ async fn a_name_taken_in_the_cloud_by_another_key_is_left_alone() {
     .await
     .expect("test timed out");
 }
+
+/// `keyfleet reconcile` lists the drift; `keyfleet delete` with an endpoint deletes in the
+/// cloud too.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_lists_drift_and_delete_reaches_the_cloud() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        let file = batch(dir.path(), 4, 0);
+        let (d, addr) = (dir.path().to_owned(), cloud.addr.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            run_against(&d, &addr, &file, "keys", &[], "testsecret")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let endpoint = format!("aliyun=http://{}", cloud.addr);
+        let with_cloud = |cmd: &str, extra: &[&str]| {
+            keyfleet(dir.path())
+                .args([
+                    cmd,
+                    "--provider",
+                    "aliyun",
+                    "--owner",
+                    "acme",
+                    "--region",
+                    "cn-hangzhou",
+                    "--state",
+                ])
+                .arg(dir.path().join("keys.redb"))
+                .args(["--upstream-endpoint", &endpoint])
+                .args(extra)
+                .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
+                .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
+                .output()
+                .unwrap()
+        };
+        let drift = |o: &std::process::Output| -> serde_json::Value {
+            serde_json::from_slice(&o.stdout).unwrap_or_default()
+        };
+        let o = with_cloud("reconcile", &["--json"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(drift(&o)["in_both"], 4);
+        // Drift: a pair made in the cloud by someone else, one deleted from keyfleet only.
+        let theirs =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let r = cloud
+            .client()
+            .call(
+                &rpc(),
+                "ImportKeyPair",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("KeyPairName", "theirs"),
+                    ("PublicKeyBody", theirs),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let o = keyfleet(dir.path())
+            .args([
+                "delete",
+                "--provider",
+                "aliyun",
+                "--owner",
+                "acme",
+                "--region",
+                "cn-hangzhou",
+                "--state",
+            ])
+            .arg(dir.path().join("keys.redb"))
+            .arg("a-001")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let o = with_cloud("reconcile", &["--json"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let d = drift(&o);
+        assert_eq!(d["in_cloud_only"], serde_json::json!(["a-001", "theirs"]));
+        assert_eq!(d["in_keyfleet_only"], serde_json::json!([]));
+        assert_eq!(d["in_both"], 3);
+        // Delete with the endpoint: gone from both.
+        let o = with_cloud("delete", &["a-000", "a-001"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("deleted a-000 (and in the cloud)"),
+            "{}",
+            text(&o)
+        );
+        let o = with_cloud("reconcile", &["--json"]);
+        let d = drift(&o);
+        assert_eq!(d["in_cloud_only"], serde_json::json!(["theirs"]));
+        assert_eq!(d["in_both"], 2);
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}

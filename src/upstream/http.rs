@@ -353,6 +353,80 @@ impl HttpUpstream {
     }
 }
 
+/// A key pair as the cloud describes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CloudPair {
+    pub name: String,
+    pub key_pair_id: Option<String>,
+    /// The cloud's `KeyPairFingerPrint`.
+    pub fingerprint: String,
+}
+
+fn scope_request(scope: &dialect::Scope, name: &str) -> CreateRequest {
+    CreateRequest {
+        scope: scope.clone(),
+        name: name.to_owned(),
+        resource_group_id: None,
+        tags: Vec::new(),
+        zone: None,
+    }
+}
+
+impl HttpUpstream {
+    /// Deletes `name` in the cloud (`DeleteKeyPairs` / `DeleteUHostKeyPairs`); `true` when the
+    /// cloud held it.
+    pub async fn delete_pair(&self, scope: &dialect::Scope, name: &str) -> Result<bool, ApiError> {
+        let req = scope_request(scope, name);
+        let signer = self.signer(scope.provider, &scope.owner)?;
+        let until = Instant::now() + self.deadline;
+        let Some((id, _)) = self.lookup(&req, &signer, until).await? else {
+            return Ok(false);
+        };
+        self.delete(&req, &signer, id.as_deref(), until).await?;
+        Ok(true)
+    }
+
+    /// Every key pair the cloud holds in `scope`, page by page.
+    pub async fn list(&self, scope: &dialect::Scope) -> Result<Vec<CloudPair>, ApiError> {
+        let req = scope_request(scope, "");
+        let signer = self.signer(scope.provider, &scope.owner)?;
+        let until = Instant::now() + self.deadline;
+        let mut out = Vec::new();
+        for page in 0usize.. {
+            let params: Vec<(String, String)> = match scope.provider {
+                Provider::Aliyun => vec![
+                    ("RegionId".into(), scope.region.clone()),
+                    ("PageSize".into(), "50".into()),
+                    ("PageNumber".into(), (page + 1).to_string()),
+                ],
+                Provider::Ucloud => vec![
+                    ("Region".into(), scope.region.clone()),
+                    ("ProjectId".into(), scope.owner.clone()),
+                    ("Limit".into(), "100".into()),
+                    ("Offset".into(), (page * 100).to_string()),
+                ],
+            };
+            let body = self
+                .call(&req, &signer, ActionKind::Describe, &params, until)
+                .await?;
+            let items = match scope.provider {
+                Provider::Aliyun => body["KeyPairs"]["KeyPair"].clone(),
+                Provider::Ucloud => body["KeyPairs"].clone(),
+            };
+            let items = items.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                break;
+            }
+            out.extend(items.iter().map(|p| CloudPair {
+                name: p["KeyPairName"].as_str().unwrap_or("").to_owned(),
+                key_pair_id: p["KeyPairId"].as_str().map(str::to_owned),
+                fingerprint: p["KeyPairFingerPrint"].as_str().unwrap_or("").to_owned(),
+            }));
+        }
+        Ok(out)
+    }
+}
+
 /// Whether the cloud's `KeyPairFingerPrint` (with its `KeyPairId`) is that of `public_key`.
 fn same_key(req: &CreateRequest, id: Option<&str>, cloud_fp: &str, public_key: &str) -> bool {
     match req.scope.provider {

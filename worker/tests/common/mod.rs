@@ -153,6 +153,21 @@ impl Env {
         n
     }
 
+    /// [`Env::start_worker`] with extra environment variables (upstream credentials).
+    pub fn start_worker_env(&mut self, extra: &[&str], envs: &[(&str, &str)]) -> usize {
+        let n = self.workers.len();
+        let log = std::fs::File::create(self.path(&format!("worker-{n}.log"))).expect("log file");
+        let child = self
+            .worker_command(extra)
+            .envs(envs.iter().copied())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start keyfleet-worker");
+        self.workers.push(child);
+        n
+    }
+
     pub fn worker(&mut self, n: usize) -> &mut Child {
         &mut self.workers[n]
     }
