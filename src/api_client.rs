@@ -1,5 +1,5 @@
 //! A signing client for the key-pair APIs: Alibaba RPC (HMAC-SHA1), Alibaba V3
-//! (`ACS3-HMAC-SHA256`) and UCloud, over HTTP. `keyfleet bench --serve` and the tests drive
+//! (`ACS3-HMAC-SHA256`) and UCloud, over HTTP or HTTPS (rustls, the system's roots). `keyfleet bench --serve` and the tests drive
 //! `keyfleet serve` with it, signing exactly as the official SDKs do (`sign/`).
 
 use std::time::Duration;
@@ -73,14 +73,23 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// `host_port` like `127.0.0.1:8080`.
+    /// Plain HTTP to `host_port` like `127.0.0.1:8080`.
     pub fn new(host_port: &str) -> Result<ApiClient, reqwest::Error> {
+        ApiClient::with_base("http", host_port)
+    }
+
+    /// `scheme` `http` or `https`; `authority` `host` or `host:port`, as the `Host` header
+    /// will carry it (and V3 signs it).
+    pub fn with_base(scheme: &str, authority: &str) -> Result<ApiClient, reqwest::Error> {
+        // rustls on ring, the provider the rest of keyfleet (lapin) uses; a second install is
+        // refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(ApiClient {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
-            base: format!("http://{host_port}/"),
-            host: host_port.to_owned(),
+            base: format!("{scheme}://{authority}/"),
+            host: authority.to_owned(),
         })
     }
 

@@ -240,7 +240,7 @@ async fn run_command(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         eprintln!("metrics: http://{bound}/metrics");
     }
-    let summary = if args.upstream.endpoints.is_empty() {
+    let summary = if args.upstream.all_endpoints().is_empty() {
         run(opts, shutdown).await
     } else {
         let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
@@ -642,7 +642,7 @@ async fn reconcile<R: Registry>(
 fn cloud(
     args: &crate::config::UpstreamArgs,
 ) -> Result<Option<crate::upstream::http::HttpUpstream>, String> {
-    if args.endpoints.is_empty() {
+    if args.all_endpoints().is_empty() {
         return Ok(None);
     }
     match crate::upstream::Configured::build(args, None)? {

@@ -202,7 +202,12 @@ pub struct UpstreamArgs {
     /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET and UCLOUD_PUBLIC_KEY/_PRIVATE_KEY or
     /// --upstream-credentials.
     #[arg(long = "upstream-endpoint", env = "KEYFLEET_UPSTREAM_ENDPOINTS", value_name = "PROVIDER=URL", value_delimiter = ',', value_parser = parse_upstream_endpoint)]
-    pub endpoints: Vec<(Provider, String)>,
+    pub endpoints: Vec<(Provider, crate::upstream::http::Endpoint)>,
+    /// Register in these providers' public clouds (comma-separated: `aliyun,ucloud`):
+    /// https://ecs.<RegionId>.aliyuncs.com and https://api.ucloud.cn, unless
+    /// --upstream-endpoint names another endpoint for the provider.
+    #[arg(long = "upstream", env = "KEYFLEET_UPSTREAM", value_name = "PROVIDERS", value_delimiter = ',', value_parser = parse_provider)]
+    pub providers: Vec<Provider>,
     /// Upstream keys per owner, in `keyfleet serve`'s credentials format (`account` = the row's
     /// owner; mode 0600). Owners it does not name use the environment's keys.
     #[arg(
@@ -219,7 +224,20 @@ pub struct UpstreamArgs {
     pub timeout: std::time::Duration,
 }
 
-fn parse_upstream_endpoint(s: &str) -> Result<(Provider, String), String> {
+impl UpstreamArgs {
+    /// Every provider's endpoint: the ones named, then the public ones of `--upstream`.
+    pub fn all_endpoints(&self) -> Vec<(Provider, crate::upstream::http::Endpoint)> {
+        let mut all = self.endpoints.clone();
+        for p in &self.providers {
+            if !all.iter().any(|(q, _)| q == p) {
+                all.push((*p, crate::upstream::http::public_endpoint(*p)));
+            }
+        }
+        all
+    }
+}
+
+fn parse_upstream_endpoint(s: &str) -> Result<(Provider, crate::upstream::http::Endpoint), String> {
     crate::upstream::http::parse_endpoint(s).map_err(|e| e.to_string())
 }
 

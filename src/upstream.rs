@@ -70,6 +70,8 @@ impl Upstream for LocalUpstream {
 
 /// The upstream a command runs with: the local one (rate-limited as configured), or the cloud
 /// at `--upstream-endpoint`.
+// Built once per process and kept behind an Arc: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Configured {
     Local(RateLimited<LocalUpstream>),
@@ -80,7 +82,8 @@ impl Configured {
     /// From the command line; the environment's `ALIBABA_CLOUD_*` / `UCLOUD_*` keys are read
     /// here. An error says which setting is wrong.
     pub fn build(args: &UpstreamArgs, limit: Option<Arc<RateLimit>>) -> Result<Configured, String> {
-        if args.endpoints.is_empty() {
+        let endpoints = args.all_endpoints();
+        if endpoints.is_empty() {
             return Ok(Configured::Local(RateLimited::new(LocalUpstream, limit)));
         }
         let credentials = match &args.credentials {
@@ -88,7 +91,7 @@ impl Configured {
             None => None,
         };
         let config = http::UpstreamConfig {
-            endpoints: args.endpoints.clone(),
+            endpoints,
             credentials,
             signing: args.signature,
             deadline: args.timeout,

@@ -50,8 +50,6 @@ pub enum UpstreamConfigError {
     Shape(String),
     #[error("--upstream-endpoint {0:?}: {1}")]
     Url(String, String),
-    #[error("--upstream-endpoint {0}: https is not built into this keyfleet yet; use an http:// endpoint (a TLS proxy in front of the cloud)")]
-    Https(String),
     #[error("the HTTP client could not start: {0}")]
     Client(String),
 }
@@ -59,8 +57,7 @@ pub enum UpstreamConfigError {
 /// What an upstream needs to be built.
 #[derive(Debug, Default)]
 pub struct UpstreamConfig {
-    /// `(provider, http://host:port)`.
-    pub endpoints: Vec<(Provider, String)>,
+    pub endpoints: Vec<(Provider, Endpoint)>,
     /// Keys per owner (`account` = the row's owner); the environment's keys serve every owner
     /// the file does not name.
     pub credentials: Option<Credentials>,
@@ -69,8 +66,28 @@ pub struct UpstreamConfig {
     pub deadline: Duration,
 }
 
-/// Parses `aliyun=http://127.0.0.1:18080`.
-pub fn parse_endpoint(s: &str) -> Result<(Provider, String), UpstreamConfigError> {
+/// Where a provider's API is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `scheme`, `authority` (`host` or `host:port`).
+    Fixed(String, String),
+    /// The public regional endpoint, `https://ecs.<RegionId>.aliyuncs.com`.
+    AliyunRegional,
+}
+
+/// UCloud's public API endpoint.
+pub const UCLOUD_PUBLIC: &str = "api.ucloud.cn";
+
+/// The public endpoint of `provider` (`--upstream aliyun,ucloud`).
+pub fn public_endpoint(provider: Provider) -> Endpoint {
+    match provider {
+        Provider::Aliyun => Endpoint::AliyunRegional,
+        Provider::Ucloud => Endpoint::Fixed("https".into(), UCLOUD_PUBLIC.into()),
+    }
+}
+
+/// Parses `aliyun=http://127.0.0.1:18080` (or `https://…`).
+pub fn parse_endpoint(s: &str) -> Result<(Provider, Endpoint), UpstreamConfigError> {
     let (p, url) = s
         .split_once('=')
         .ok_or_else(|| UpstreamConfigError::Shape(s.to_owned()))?;
@@ -80,25 +97,34 @@ pub fn parse_endpoint(s: &str) -> Result<(Provider, String), UpstreamConfigError
         .map_err(|e: String| UpstreamConfigError::Url(s.to_owned(), e))?;
     let parsed = url::Url::parse(url.trim())
         .map_err(|e| UpstreamConfigError::Url(s.to_owned(), e.to_string()))?;
-    match parsed.scheme() {
-        "http" => {}
-        "https" => return Err(UpstreamConfigError::Https(s.to_owned())),
-        other => {
-            return Err(UpstreamConfigError::Url(
-                s.to_owned(),
-                format!("scheme {other:?} is not http"),
-            ))
-        }
+    let scheme = parsed.scheme();
+    if scheme != "http" && scheme != "https" {
+        return Err(UpstreamConfigError::Url(
+            s.to_owned(),
+            format!("scheme {scheme:?} is not http or https"),
+        ));
+    }
+    if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+        return Err(UpstreamConfigError::Url(
+            s.to_owned(),
+            "the key-pair APIs live at the endpoint's root: give no path or query".into(),
+        ));
     }
     let host = parsed
         .host_str()
         .ok_or_else(|| UpstreamConfigError::Url(s.to_owned(), "no host".into()))?;
-    let port = parsed.port_or_known_default().unwrap_or(80);
-    Ok((provider, format!("{host}:{port}")))
+    // The Host header (and the V3 signature) carry the port only when it is not the default.
+    let authority = match parsed.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    Ok((provider, Endpoint::Fixed(scheme.to_owned(), authority)))
 }
 
 pub struct HttpUpstream {
-    clients: HashMap<Provider, ApiClient>,
+    endpoints: HashMap<Provider, Endpoint>,
+    /// One client (connection pool) per base URL, made on first use.
+    clients: std::sync::Mutex<HashMap<String, ApiClient>>,
     credentials: Credentials,
     env_keys: HashMap<Provider, AccessKey>,
     signing: AliyunSigning,
@@ -109,7 +135,7 @@ pub struct HttpUpstream {
 impl std::fmt::Debug for HttpUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpUpstream")
-            .field("providers", &self.clients.keys().collect::<Vec<_>>())
+            .field("endpoints", &self.endpoints)
             .field("signing", &self.signing)
             .finish_non_exhaustive()
     }
@@ -135,12 +161,9 @@ impl HttpUpstream {
         env: impl Fn(&str) -> Option<String>,
         limit: Option<Arc<RateLimit>>,
     ) -> Result<HttpUpstream, UpstreamConfigError> {
-        let mut clients = HashMap::new();
-        for (provider, host_port) in &config.endpoints {
-            let client = ApiClient::new(host_port)
-                .map_err(|e| UpstreamConfigError::Client(e.to_string()))?;
-            clients.insert(*provider, client);
-        }
+        let endpoints: HashMap<Provider, Endpoint> = config.endpoints.into_iter().collect();
+        // Fail now, not on the first row, if the HTTP client cannot start.
+        ApiClient::new("127.0.0.1:1").map_err(|e| UpstreamConfigError::Client(e.to_string()))?;
         let mut env_keys = HashMap::new();
         let pairs = [
             (Provider::Aliyun, ALIYUN_ID_ENV, ALIYUN_SECRET_ENV),
@@ -162,7 +185,8 @@ impl HttpUpstream {
             }
         }
         Ok(HttpUpstream {
-            clients,
+            endpoints,
+            clients: std::sync::Mutex::new(HashMap::new()),
             credentials: config.credentials.unwrap_or_default(),
             env_keys,
             signing: config.signing,
@@ -173,9 +197,35 @@ impl HttpUpstream {
 
     /// The providers that have an endpoint.
     pub fn providers(&self) -> Vec<Provider> {
-        let mut p: Vec<Provider> = self.clients.keys().copied().collect();
+        let mut p: Vec<Provider> = self.endpoints.keys().copied().collect();
         p.sort();
         p
+    }
+
+    /// The client for `req`'s provider and region.
+    fn client(&self, req: &CreateRequest) -> Result<ApiClient, ApiError> {
+        let provider = req.scope.provider;
+        let (scheme, authority) = match self.endpoints.get(&provider) {
+            None => {
+                return Err(ApiError::Internal(format!(
+                    "no --upstream-endpoint for {provider}"
+                )))
+            }
+            Some(Endpoint::Fixed(scheme, authority)) => (scheme.clone(), authority.clone()),
+            Some(Endpoint::AliyunRegional) => (
+                "https".to_owned(),
+                format!("ecs.{}.aliyuncs.com", req.scope.region),
+            ),
+        };
+        let base = format!("{scheme}://{authority}");
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&base) {
+            return Ok(c.clone());
+        }
+        let client = ApiClient::with_base(&scheme, &authority)
+            .map_err(|e| ApiError::Internal(format!("the HTTP client failed: {e}")))?;
+        clients.insert(base, client.clone());
+        Ok(client)
     }
 
     fn signer(&self, provider: Provider, owner: &str) -> Result<Signer, ApiError> {
@@ -215,11 +265,7 @@ impl HttpUpstream {
         until: Instant,
     ) -> Result<serde_json::Value, ApiError> {
         let provider = req.scope.provider;
-        let Some(client) = self.clients.get(&provider) else {
-            return Err(ApiError::Internal(format!(
-                "no --upstream-endpoint for {provider}"
-            )));
-        };
+        let client = self.client(req)?;
         let action = kind.name(provider);
         let borrowed: Vec<(&str, &str)> = params
             .iter()
@@ -233,7 +279,11 @@ impl HttpUpstream {
             }
             let outcome = match client.call(signer, action, &borrowed).await {
                 Ok(reply) => classify(provider, &reply),
-                Err(e) => Outcome::Again(format!("{action}: {e}"), None),
+                // The URL carries the request's parameters: left out of messages and logs.
+                Err(e) => Outcome::Again(
+                    format!("{action}: {}", crate::sink::error_chain(&e.without_url())),
+                    None,
+                ),
             };
             let label = match &outcome {
                 Outcome::Answer(_) => "OK".to_owned(),
@@ -590,21 +640,29 @@ mod tests {
 
     #[test]
     fn endpoints_are_provider_equals_http_url() {
+        let fixed = |s: &str, a: &str| Endpoint::Fixed(s.into(), a.into());
         assert_eq!(
             parse_endpoint("aliyun=http://127.0.0.1:18080").unwrap(),
-            (Provider::Aliyun, "127.0.0.1:18080".into())
+            (Provider::Aliyun, fixed("http", "127.0.0.1:18080"))
         );
         assert_eq!(
-            parse_endpoint("ucloud=http://api.example").unwrap(),
-            (Provider::Ucloud, "api.example:80".into())
+            parse_endpoint("ucloud=https://api.ucloud.cn/").unwrap(),
+            (Provider::Ucloud, fixed("https", "api.ucloud.cn"))
         );
-        for bad in ["aliyun", "aws=http://x", "aliyun=ftp://x", "aliyun=::"] {
+        assert_eq!(
+            parse_endpoint("ucloud=http://api.example:80").unwrap(),
+            (Provider::Ucloud, fixed("http", "api.example")),
+            "a default port is not part of the Host header"
+        );
+        for bad in [
+            "aliyun",
+            "aws=http://x",
+            "aliyun=ftp://x",
+            "aliyun=::",
+            "aliyun=http://x/api",
+        ] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
-        assert!(matches!(
-            parse_endpoint("aliyun=https://ecs.aliyuncs.com"),
-            Err(UpstreamConfigError::Https(_))
-        ));
     }
 
     fn reply(status: u16, body: &str) -> Reply {
