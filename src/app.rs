@@ -47,13 +47,16 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             }
             None => describe(&open_registry(&state_path(&args.state, &file))?, args).await,
         },
-        Command::Delete(args) => match args.redis_url.clone() {
-            Some(url) => {
-                let registry = redis_registry(&url, &args.prefix).await?;
-                delete(&registry, args).await
+        Command::Delete(mut args) => {
+            args.upstream = args.upstream.with_file(&file);
+            match args.redis_url.clone() {
+                Some(url) => {
+                    let registry = redis_registry(&url, &args.prefix).await?;
+                    delete(&registry, args).await
+                }
+                None => delete(&open_registry(&state_path(&args.state, &file))?, args).await,
             }
-            None => delete(&open_registry(&state_path(&args.state, &file))?, args).await,
-        },
+        }
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => {
             let json = args.json;
@@ -75,13 +78,16 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
-        Command::Reconcile(args) => match args.redis_url.clone() {
-            Some(url) => {
-                let registry = redis_registry(&url, &args.prefix).await?;
-                reconcile(&registry, args).await
+        Command::Reconcile(mut args) => {
+            args.upstream = args.upstream.with_file(&file);
+            match args.redis_url.clone() {
+                Some(url) => {
+                    let registry = redis_registry(&url, &args.prefix).await?;
+                    reconcile(&registry, args).await
+                }
+                None => reconcile(&open_registry(&state_path(&args.state, &file))?, args).await,
             }
-            None => reconcile(&open_registry(&state_path(&args.state, &file))?, args).await,
-        },
+        }
         Command::Bench(args) => {
             if args.scalar {
                 crate::prime::lanes::force(crate::prime::lanes::Simd::Scalar);
@@ -240,12 +246,13 @@ async fn run_command(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         eprintln!("metrics: http://{bound}/metrics");
     }
-    let summary = if args.upstream.all_endpoints().is_empty() {
+    let upstream_args = args.upstream.with_file(file);
+    let summary = if upstream_args.all_endpoints().is_empty() {
         run(opts, shutdown).await
     } else {
         let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
             .map(std::sync::Arc::new);
-        let upstream = match crate::upstream::Configured::build(&args.upstream, limit) {
+        let upstream = match crate::upstream::Configured::build(&upstream_args, limit) {
             Ok(u) => u,
             Err(e) => {
                 eprintln!("keyfleet: {e}");

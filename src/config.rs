@@ -225,6 +225,21 @@ pub struct UpstreamArgs {
 }
 
 impl UpstreamArgs {
+    /// These settings with the config file's `[upstream.<provider>]` endpoints added for the
+    /// providers the command line does not name (validated when the file was read).
+    pub fn with_file(&self, file: &FileConfig) -> UpstreamArgs {
+        let mut merged = self.clone();
+        for (provider, entry) in &file.upstream {
+            let spec = format!("{provider}={}", entry.endpoint);
+            if let Ok((p, e)) = crate::upstream::http::parse_endpoint(&spec) {
+                if !merged.endpoints.iter().any(|(q, _)| *q == p) {
+                    merged.endpoints.push((p, e));
+                }
+            }
+        }
+        merged
+    }
+
     /// Every provider's endpoint: the ones named, then the public ones of `--upstream`.
     pub fn all_endpoints(&self) -> Vec<(Provider, crate::upstream::http::Endpoint)> {
         let mut all = self.endpoints.clone();
@@ -407,7 +422,7 @@ impl WorkerArgs {
             reservoir: self.reservoir,
             upstream_rps: self.upstream_rps,
             upstream_burst: self.upstream_burst,
-            upstream: self.upstream.clone(),
+            upstream: self.upstream.with_file(file),
             drain_timeout: self.drain_timeout,
             metrics_addr: self.metrics_addr.0,
             allow_plaintext_results: self.allow_plaintext_results,
@@ -702,6 +717,16 @@ pub struct FileConfig {
     pub quota_per_region: BTreeMap<String, u64>,
     pub aliyun: Option<AliyunConfig>,
     pub ucloud: Option<UcloudConfig>,
+    /// `[upstream.aliyun] endpoint = "http://…"`: where a provider's cloud API is (the
+    /// command line's --upstream-endpoint wins).
+    #[serde(default)]
+    pub upstream: BTreeMap<String, UpstreamFileEntry>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFileEntry {
+    pub endpoint: String,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -794,6 +819,16 @@ impl FileConfig {
         }
         if let Some(b) = cfg.key_bits {
             KeyBits::try_from(b).map_err(|e| bad("key_bits", b.to_string(), &e))?;
+        }
+        for (provider, entry) in &cfg.upstream {
+            let spec = format!("{provider}={}", entry.endpoint);
+            crate::upstream::http::parse_endpoint(&spec).map_err(|e| {
+                bad(
+                    &format!("upstream.{provider}.endpoint"),
+                    format!("{:?}", entry.endpoint),
+                    &e.to_string(),
+                )
+            })?;
         }
         if let Some(u) = &cfg.ucloud {
             if let (Some(d), Some(regions)) = (&u.default_region, &u.regions) {

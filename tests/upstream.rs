@@ -609,3 +609,51 @@ async fn reconcile_lists_drift_and_delete_reaches_the_cloud() {
     .await
     .expect("test timed out");
 }
+
+/// The config file's `[upstream.<provider>] endpoint` is used when the command line names
+/// none; a bad one is refused at start with the setting named.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_file_names_the_endpoint() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(
+            dir.path(),
+            &["--state", dir.path().join("cloud.redb").to_str().unwrap()],
+        );
+        let file = batch(dir.path(), 2, 0);
+        let config = dir.path().join("keyfleet.toml");
+        std::fs::write(
+            &config,
+            format!("[upstream.aliyun]\nendpoint = \"http://{}\"\n", cloud.addr),
+        )
+        .unwrap();
+        let run = |config: &std::path::Path| {
+            keyfleet(dir.path())
+                .arg("--config")
+                .arg(config)
+                .args(["run", "--state"])
+                .arg(dir.path().join("k.redb"))
+                .arg("--out")
+                .arg(dir.path().join("keys"))
+                .arg(&file)
+                .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
+                .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
+                .output()
+                .unwrap()
+        };
+        let out = run(&config);
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(cloud_pairs(&cloud.client(), "aliyun").await.len(), 2);
+        std::fs::write(&config, "[upstream.aliyun]\nendpoint = \"ftp://x\"\n").unwrap();
+        let out = run(&config);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(
+            text(&out).contains("upstream.aliyun.endpoint"),
+            "{}",
+            text(&out)
+        );
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
