@@ -167,6 +167,20 @@ async fn serve_command(
         ucloud_keys = credentials.count(crate::dialect::Provider::Ucloud),
         "credentials loaded"
     );
+    let upstream_args = args.upstream.with_file(file);
+    let upstream = if upstream_args.all_endpoints().is_empty() {
+        crate::upstream::Configured::local()
+    } else {
+        let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
+            .map(std::sync::Arc::new);
+        match crate::upstream::Configured::build(&upstream_args, limit) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("keyfleet serve: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        }
+    };
     let opts = crate::serve::ServeOptions {
         listen: args.listen,
         credentials,
@@ -178,6 +192,7 @@ async fn serve_command(
         throttle_rps: args.throttle_rps,
         fault_rate: args.fault_rate,
         drain: args.drain_timeout,
+        upstream,
     };
     crate::serve::serve(opts, shutdown.clone(), |addr| {
         use std::io::Write;

@@ -145,6 +145,17 @@ pub struct ServeArgs {
     /// After a shutdown signal, how long requests in flight may take to finish.
     #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Also register created and imported keys in this cloud (and delete there): `serve` as a
+    /// fast front, answering creates from its reservoir, for a cloud's key-pair API.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Upstream calls per second per provider + account + region (with an upstream); 0 =
+    /// unlimited.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
+    pub upstream_rps: u32,
+    /// Burst allowed above --upstream-rps.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
+    pub upstream_burst: u32,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -201,26 +212,27 @@ pub struct UpstreamArgs {
     /// are imported with ImportKeyPair / ImportUHostKeyPairs, signed with the credentials of
     /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET and UCLOUD_PUBLIC_KEY/_PRIVATE_KEY or
     /// --upstream-credentials.
-    #[arg(long = "upstream-endpoint", env = "KEYFLEET_UPSTREAM_ENDPOINTS", value_name = "PROVIDER=URL", value_delimiter = ',', value_parser = parse_upstream_endpoint)]
+    #[arg(id = "upstream_endpoint", long = "upstream-endpoint", env = "KEYFLEET_UPSTREAM_ENDPOINTS", value_name = "PROVIDER=URL", value_delimiter = ',', value_parser = parse_upstream_endpoint)]
     pub endpoints: Vec<(Provider, crate::upstream::http::Endpoint)>,
     /// Register in these providers' public clouds (comma-separated: `aliyun,ucloud`):
     /// https://ecs.<RegionId>.aliyuncs.com and https://api.ucloud.cn, unless
     /// --upstream-endpoint names another endpoint for the provider.
-    #[arg(long = "upstream", env = "KEYFLEET_UPSTREAM", value_name = "PROVIDERS", value_delimiter = ',', value_parser = parse_provider)]
+    #[arg(id = "upstream_providers", long = "upstream", env = "KEYFLEET_UPSTREAM", value_name = "PROVIDERS", value_delimiter = ',', value_parser = parse_provider)]
     pub providers: Vec<Provider>,
     /// Upstream keys per owner, in `keyfleet serve`'s credentials format (`account` = the row's
     /// owner; mode 0600). Owners it does not name use the environment's keys.
     #[arg(
+        id = "upstream_credentials",
         long = "upstream-credentials",
         env = "KEYFLEET_UPSTREAM_CREDENTIALS",
         value_name = "FILE"
     )]
     pub credentials: Option<PathBuf>,
     /// How Alibaba requests are signed: v3 (ACS3-HMAC-SHA256) or rpc (HMAC-SHA1).
-    #[arg(long = "upstream-signature", env = "KEYFLEET_UPSTREAM_SIGNATURE", value_enum, default_value_t = crate::upstream::http::AliyunSigning::V3)]
+    #[arg(id = "upstream_signature", long = "upstream-signature", env = "KEYFLEET_UPSTREAM_SIGNATURE", value_enum, default_value_t = crate::upstream::http::AliyunSigning::V3)]
     pub signature: crate::upstream::http::AliyunSigning,
     /// How long one key's registration may keep retrying through throttling and faults.
-    #[arg(long = "upstream-timeout", env = "KEYFLEET_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(id = "upstream_timeout", long = "upstream-timeout", env = "KEYFLEET_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
 }
 

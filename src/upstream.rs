@@ -79,6 +79,11 @@ pub enum Configured {
 }
 
 impl Configured {
+    /// keyfleet's registry only, no rate limit.
+    pub fn local() -> Configured {
+        Configured::Local(RateLimited::new(LocalUpstream, None))
+    }
+
     /// From the command line; the environment's `ALIBABA_CLOUD_*` / `UCLOUD_*` keys are read
     /// here. An error says which setting is wrong.
     pub fn build(args: &UpstreamArgs, limit: Option<Arc<RateLimit>>) -> Result<Configured, String> {

@@ -657,3 +657,130 @@ async fn the_config_file_names_the_endpoint() {
     .await
     .expect("test timed out");
 }
+
+/// `keyfleet serve --upstream-endpoint …` in front of a cloud: creates (from its reservoir),
+/// imports and deletes reach the cloud; what the front answers is what the cloud holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_in_front_of_a_cloud_registers_there() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let cloud_dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(cloud_dir.path(), &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let upstream_creds = common::serve::credentials(dir.path());
+        let a = format!("aliyun=http://{}", cloud.addr);
+        let u = format!("ucloud=http://{}", cloud.addr);
+        let front = Server::start(
+            dir.path(),
+            &[
+                "--upstream-endpoint",
+                &a,
+                "--upstream-endpoint",
+                &u,
+                "--upstream-credentials",
+                upstream_creds.to_str().unwrap(),
+            ],
+        );
+        let f = front.client();
+        let r = f
+            .call(
+                &rpc(),
+                "CreateKeyPair",
+                &[("RegionId", "cn-hangzhou"), ("KeyPairName", "front-1")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let fp = r.json()["KeyPairFingerPrint"].as_str().unwrap().to_owned();
+        let r = f
+            .call(
+                &ucloud(),
+                "CreateUHostKeyPair",
+                &[("KeyPairName", "front-u")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.json()["RetCode"], 0, "{}", r.body);
+        let (uid, ufp) = (
+            r.json()["KeyPair"]["KeyPairId"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            r.json()["KeyPair"]["KeyPairFingerPrint"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        let theirs =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let r = f
+            .call(
+                &rpc(),
+                "ImportKeyPair",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("KeyPairName", "front-imp"),
+                    ("PublicKeyBody", theirs),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let c = cloud.client();
+        let held = cloud_pairs(&c, "aliyun").await;
+        assert_eq!(held["front-1"].1, fp);
+        assert_eq!(
+            held["front-imp"].1,
+            "65:96:2d:fc:e8:d5:a9:11:64:0c:0f:ea:00:6e:5b:bd"
+        );
+        let held_u = cloud_pairs(&c, "ucloud").await;
+        assert_eq!(
+            held_u["front-u"],
+            (uid, ufp),
+            "the front answers with the cloud's KeyPairId"
+        );
+        let r = f
+            .call(
+                &rpc(),
+                "DeleteKeyPairs",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("KeyPairNames", "[\"front-1\"]"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let held = cloud_pairs(&c, "aliyun").await;
+        assert!(!held.contains_key("front-1") && held.contains_key("front-imp"));
+        // A name the cloud has under another key: the front answers as the cloud would.
+        let r = c
+            .call(
+                &rpc(),
+                "ImportKeyPair",
+                &[
+                    ("RegionId", "cn-hangzhou"),
+                    ("KeyPairName", "clash"),
+                    ("PublicKeyBody", theirs),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let r = f
+            .call(
+                &rpc(),
+                "CreateKeyPair",
+                &[("RegionId", "cn-hangzhou"), ("KeyPairName", "clash")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.json()["Code"].as_str().unwrap()),
+            (400, "KeyPair.AlreadyExist")
+        );
+        front.stop();
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}

@@ -81,6 +81,7 @@ async fn one_round(
         throttle_rps: 0,
         fault_rate: 0.0,
         drain: Duration::from_secs(30),
+        upstream: crate::upstream::Configured::local(),
     };
     let stop = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

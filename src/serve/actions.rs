@@ -1,7 +1,10 @@
 //! The four key-pair actions of `keyfleet serve`, on the same registry and lifecycle as `run`
 //! and the workers: a create is a job through [`Lifecycle::process`] (so it is reserved,
-//! made, committed and marked delivered exactly as a batch row is); import, describe and
-//! delete are registry operations.
+//! made, registered upstream, committed and marked delivered exactly as a batch row is);
+//! import, describe and delete are registry operations — import and delete also reach the
+//! upstream cloud when one is configured, describe answers from the registry.
+
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -14,13 +17,16 @@ use crate::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
 use crate::registry::{Filter, KeyPairRecord, Registry, RegistryError};
 use crate::sink::HttpReply;
-use crate::upstream::LocalUpstream;
+use crate::upstream::{Configured, Registration, Upstream};
 
 /// The batch id every API create carries (results of `serve` go to HTTP answers, not batches).
 pub const SERVE_BATCH: &str = "serve";
 
 pub struct Actions<R> {
-    pub lifecycle: Lifecycle<R, LocalUpstream>,
+    /// Creates run through it with the configured upstream: with `--upstream-endpoint`,
+    /// `serve` registers every key in that cloud too (a fast front for a slow cloud).
+    pub lifecycle: Lifecycle<R, Configured>,
+    pub upstream: Arc<Configured>,
     pub key_bits: KeyBits,
     pub tasks: tokio_util::task::TaskTracker,
 }
@@ -117,8 +123,33 @@ impl<R: Registry> Actions<R> {
             .reserve(&req.scope, &req.name, job_id, quota, ttl)
             .await
             .map_err(registry_error)?;
-        let (key_pair_id, key_pair_fingerprint) =
-            dialect::key_pair_identity(&req.scope, &req.key.fingerprint_md5, &req.key.line);
+        let create = dialect::CreateRequest {
+            scope: req.scope.clone(),
+            name: req.name.clone(),
+            resource_group_id: req.resource_group_id.clone(),
+            tags: req.tags.clone(),
+            zone: None,
+        };
+        let registration = Registration {
+            req: &create,
+            job_id,
+            public_key: &req.key.line,
+            fingerprint_md5: &req.key.fingerprint_md5,
+            tried: &[],
+        };
+        let registered = match self.upstream.register(&registration).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = registry.release(&req.scope, &req.name, job_id).await;
+                return Err(e);
+            }
+        };
+        let (key_pair_id, key_pair_fingerprint) = dialect::key_pair_identity_with(
+            &req.scope,
+            &req.key.fingerprint_md5,
+            &req.key.line,
+            registered.key_pair_id,
+        );
         let record = KeyPairRecord {
             scope: req.scope.clone(),
             name: req.name.clone(),
@@ -192,6 +223,9 @@ impl<R: Registry> Actions<R> {
                 .collect(),
         };
         for name in &names {
+            if let Configured::Http(cloud) = &*self.upstream {
+                cloud.delete_pair(&req.scope, name).await?;
+            }
             registry
                 .delete(&req.scope, name)
                 .await

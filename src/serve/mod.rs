@@ -41,7 +41,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::reservoir::Reservoir;
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
-use crate::upstream::LocalUpstream;
+use crate::upstream::Configured;
 
 use crate::credentials::Credentials;
 use actions::Actions;
@@ -79,6 +79,8 @@ pub struct ServeOptions {
     pub fault_rate: f64,
     /// How long in-flight requests may take to finish after shutdown is asked for.
     pub drain: Duration,
+    /// Where keys are registered besides the registry (local: nowhere else).
+    pub upstream: Configured,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +135,10 @@ pub async fn serve_with<R: Registry>(
     // Creates run to the end even after shutdown is asked for: their lifecycle has its own
     // token, cancelled only once the server has drained.
     let work = CancellationToken::new();
+    let upstream = Arc::new(opts.upstream);
     let mut lifecycle = Lifecycle::new(
         registry,
-        Arc::new(LocalUpstream),
+        upstream.clone(),
         cpu.clone(),
         opts.settings.clone(),
         RetryPolicy::embedded(),
@@ -172,6 +175,7 @@ pub async fn serve_with<R: Registry>(
         gateway: Gateway::new(opts.credentials, opts.throttle_rps, opts.fault_rate),
         actions: Actions {
             lifecycle,
+            upstream,
             key_bits: opts.key_bits,
             tasks: tasks.clone(),
         },

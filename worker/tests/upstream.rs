@@ -46,6 +46,7 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
             throttle_rps: 20,
             fault_rate: 0.1,
             drain: Duration::from_secs(5),
+            upstream: keyfleet::upstream::Configured::local(),
         };
         let stop = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
