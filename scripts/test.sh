@@ -55,6 +55,33 @@ if ! port_open 5672; then
   wait_port 5672 RabbitMQ 120
 fi
 
+# A 3-master Redis Cluster on loopback for tests/redis_cluster.rs (no replicas: 2 cores).
+CLUSTER_PORTS="${KEYFLEET_TEST_CLUSTER_PORTS:-7101 7102 7103}"
+cluster_ok() { redis-cli -p "${CLUSTER_PORTS%% *}" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+if ! cluster_ok; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  dir="$PWD/target/redis-cluster"
+  mkdir -p "$dir"
+  nodes=()
+  for p in $CLUSTER_PORTS; do
+    if ! port_open "$p"; then
+      rm -f "$dir/nodes-$p.conf"
+      redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+        --cluster-config-file "nodes-$p.conf" --dir "$dir" --save "" --appendonly no \
+        --daemonize yes --logfile "$dir/redis-$p.log" >/dev/null
+      wait_port "$p" "Redis Cluster node" 30
+    fi
+    nodes+=("127.0.0.1:$p")
+  done
+  say "creating a Redis Cluster on ${nodes[*]}"
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  for ((i = 0; i < 120; i++)); do cluster_ok && break; sleep 0.25; done
+  cluster_ok || { say "the Redis Cluster on ${nodes[*]} did not become ready (see $dir)"; exit 1; }
+fi
+export KEYFLEET_TEST_CLUSTER_URLS
+KEYFLEET_TEST_CLUSTER_URLS="$(for p in $CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done)"
+KEYFLEET_TEST_CLUSTER_URLS="${KEYFLEET_TEST_CLUSTER_URLS%,}"
+
 scripts/sdk/setup.sh # the official SDKs tests/serve_sdk.rs drives: target/sdk/{venv,node}
 
 exec cargo test --workspace --all-targets "$@"

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_connection::RedisConn;
 use redis::Script;
 use uuid::Uuid;
 
@@ -65,7 +65,7 @@ pub struct BatchKeys {
 
 #[derive(Clone)]
 pub struct BatchStatusStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: Arc<str>,
     ttl: Duration,
 }
@@ -95,7 +95,7 @@ impl BatchStatusStore {
     }
 
     /// A store over an existing connection (e.g. [`crate::registry::redis::RedisRegistry::connection`]).
-    pub fn from_connection(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn from_connection(conn: RedisConn, prefix: &str) -> Self {
         BatchStatusStore {
             conn,
             prefix: prefix.into(),

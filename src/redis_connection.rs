@@ -1,10 +1,16 @@
 //! The one way keyfleet connects to Redis: a self-reconnecting connection (redis-rs's
 //! `ConnectionManager`) with bounded waits, checked with PING, whose errors name the server
 //! without its password. The registry, the batch status and the readiness probe share it.
+//!
+//! A URL list (`redis://h1:7000,redis://h2:7001,…`) selects a Redis Cluster instead: redis-rs's
+//! cluster client, which follows slot moves and failovers by itself. Every key keyfleet writes
+//! for one scope or batch carries one hash tag, so each script touches one slot.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::endpoints::redact_url;
 use crate::registry::RegistryError;
@@ -35,6 +41,93 @@ pub fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
         )));
     }
     Ok(())
+}
+
+/// A connection to one Redis server or to a Redis Cluster; cheap to clone (clones share it).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Connects to `url` — one server, or a Redis Cluster when `url` is a comma-separated list of
+/// node URLs — waiting at most `timeout`, and checks it with PING. Errors name the URLs
+/// without their passwords and say which step failed.
+pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, RegistryError> {
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if nodes.len() <= 1 {
+        return connect_manager(url.trim(), timeout)
+            .await
+            .map(RedisConn::Single);
+    }
+    let shown = nodes
+        .iter()
+        .map(|n| redact_url(n))
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
+        .connection_timeout(timeout)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .build()
+        .map_err(|e| RegistryError::Storage(format!("invalid Redis Cluster URLs {shown}: {e}")))?;
+    let connect = async {
+        let mut conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| format!("connected, but PING failed: {e}"))?;
+        Ok::<_, String>(conn)
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(conn)) => Ok(RedisConn::Cluster(conn)),
+        Ok(Err(why)) => Err(RegistryError::Storage(format!(
+            "Redis Cluster at {shown}: {why}"
+        ))),
+        Err(_) => Err(RegistryError::Storage(format!(
+            "Redis Cluster at {shown}: no connection within {timeout:?}"
+        ))),
+    }
 }
 
 /// Opens a self-reconnecting connection to `url`, waiting at most `timeout`, and checks it

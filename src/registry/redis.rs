@@ -21,14 +21,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_connection::RedisConn;
 use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
 
 use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
 use crate::dialect::Scope;
-use crate::redis_connection::{check_prefix, connect_manager, storage};
+use crate::redis_connection::{check_prefix, connect, storage};
 
 /// The key prefix the binaries use unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "keyfleet";
@@ -67,7 +67,7 @@ pub struct ScopeKeys {
 
 #[derive(Clone)]
 pub struct RedisRegistry {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: Arc<str>,
 }
 
@@ -90,13 +90,13 @@ impl RedisRegistry {
         timeout: Duration,
     ) -> Result<Self, RegistryError> {
         check_prefix(prefix)?;
-        let conn = connect_manager(url, timeout).await?;
+        let conn = connect(url, timeout).await?;
         Ok(Self::from_connection(conn, prefix))
     }
 
     /// A registry over an existing connection (e.g. one shared with
     /// [`crate::batch_status::BatchStatusStore`]). The prefix is used as given.
-    pub fn from_connection(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn from_connection(conn: RedisConn, prefix: &str) -> Self {
         RedisRegistry {
             conn,
             prefix: prefix.into(),
@@ -108,7 +108,7 @@ impl RedisRegistry {
     }
 
     /// The connection, to share with other Redis users of the same process.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 

@@ -313,3 +313,27 @@ async fn sigterm_during_start_up_stops_at_once() {
     );
     drop(silent);
 }
+
+/// A distributed batch on a Redis Cluster (`--redis-url` with the node list): every job
+/// answered once, every key file the registered key, one worker killed mid-batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_on_a_redis_cluster_with_a_worker_killed() {
+    let urls = std::env::var("KEYFLEET_TEST_CLUSTER_URLS").unwrap_or_else(|_| {
+        "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into()
+    });
+    let mut env = Env::new("cluster").on_redis(&urls);
+    let victim = env.start_worker(&["--threads", "1", "--concurrency", "4"]);
+    env.start_worker(&["--threads", "1", "--concurrency", "4"]);
+    let input = env.write("fleet.csv", &fleet_csv(60, "cn-shenzhen"));
+    env.submit(&input, "bcluster").await;
+    env.wait_status("bcluster", Duration::from_secs(120), |s| s.created >= 10)
+        .await;
+    signal(env.worker(victim), "KILL");
+    let _ = env.worker(victim).wait();
+    let c = env
+        .collect("bcluster", "out", Duration::from_secs(60))
+        .await;
+    assert!(c.complete, "{c:?}");
+    let (created, failed) = check_batch(&env, "out", 60).await;
+    assert_eq!((created, failed.len()), (60, 0), "{failed:?}");
+}

@@ -31,6 +31,9 @@ pub fn redis_url() -> String {
 /// One test's world: its prefix, its folder, its workers.
 pub struct Env {
     pub prefix: String,
+    /// The Redis this test's workers, producer and collector use (one server, or a cluster's
+    /// node list).
+    pub redis: String,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
     /// Batches whose results queues this test created, deleted at the end.
@@ -98,10 +101,17 @@ impl Env {
         );
         Env {
             prefix,
+            redis: redis_url(),
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
             batches: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same world on another Redis (a cluster's node list).
+    pub fn on_redis(mut self, url: &str) -> Env {
+        self.redis = url.to_owned();
+        self
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -109,7 +119,7 @@ impl Env {
     }
 
     pub fn worker_command(&self, extra: &[&str]) -> Command {
-        self.worker_command_urls(&amqp_url(), &redis_url(), extra)
+        self.worker_command_urls(&amqp_url(), &self.redis, extra)
     }
 
     pub fn worker_command_urls(&self, amqp: &str, redis: &str, extra: &[&str]) -> Command {
@@ -189,7 +199,7 @@ impl Env {
     pub async fn give_recipient(&self, batch_id: &str) {
         let recipient = keyfleet::transit::create_identity(&self.identity(batch_id)).unwrap();
         let store = keyfleet::batch_status::BatchStatusStore::connect(
-            &redis_url(),
+            &self.redis,
             &self.prefix,
             Duration::from_secs(10),
         )
@@ -204,7 +214,7 @@ impl Env {
     pub fn endpoints(&self) -> keyfleet::endpoints::Endpoints {
         keyfleet::endpoints::Endpoints {
             amqp_url: amqp_url(),
-            redis_url: redis_url(),
+            redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
             connect_timeout: Duration::from_secs(10),
         }
@@ -275,7 +285,7 @@ impl Env {
 
     pub async fn status(&self, batch_id: &str) -> Option<keyfleet::batch_status::BatchStatus> {
         let store = keyfleet::batch_status::BatchStatusStore::connect(
-            &redis_url(),
+            &self.redis,
             &self.prefix,
             Duration::from_secs(10),
         )
@@ -286,7 +296,7 @@ impl Env {
 
     pub async fn registry(&self) -> keyfleet::registry::redis::RedisRegistry {
         keyfleet::registry::redis::RedisRegistry::connect(
-            &redis_url(),
+            &self.redis,
             &self.prefix,
             Duration::from_secs(10),
         )
