@@ -288,7 +288,8 @@ def table(logdir, wall):
         if os.path.exists(fl):
             for line in open(fl):
                 if line.strip():
-                    faults[line.split()[1]] += 1
+                    w = line.split()
+                    faults["not-reached (" + w[2] + ")" if w[1] == "not-reached" else w[1]] += 1
         c = os.path.join(r, "check.json")
         if os.path.exists(c):
             nrounds += 1

@@ -21,7 +21,8 @@
 #
 # Each round: a fresh prefix (kfchaos-<seed>-<round>), a private Redis on a free loopback port
 # (no persistence configured; its data directory is the round's), the machine's RabbitMQ
-# (amqp://guest:guest@127.0.0.1:5672), 3 workers (--threads 1), `keyfleet submit` of a generated
+# (amqp://guest:guest@127.0.0.1:5672), 3 workers (--threads 1 --reservoir 0: no keys made
+# ahead, so key generation paces the batch and the faults land while jobs are in flight), `keyfleet submit` of a generated
 # batch (both clouds, ~5 % invalid rows, ~8 % duplicate names, half the rounds a small --quota
 # with a hot region), a collector running through the faults, and 2-5 faults at random points
 # of the batch's progress:
@@ -107,7 +108,7 @@ start_redis() {
 start_worker() { # slot
   local s=$1
   WGEN[$s]=$(( ${WGEN[$s]:-0} + 1 ))
-  ( cd "$RD" && exec nice "$KW" --threads 1 --metrics-addr off "${QUOTA_ARGS[@]}" --log info ) \
+  ( cd "$RD" && exec nice "$KW" --threads 1 --reservoir 0 --metrics-addr off "${QUOTA_ARGS[@]}" --log info ) \
     >"$RD/worker-$s-${WGEN[$s]}.log" 2>&1 &
   WPID[$s]=$!
 }
@@ -235,7 +236,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
       sleep 0.3
     done
     [ "$(date +%s)" -ge $deadline ] && break
-    if [ "$t" != "?" ] && [ "$d" -ge "$t" ]; then break; fi  # batch done: later faults not reached
+    if [ "$t" != "?" ] && [ "$d" -ge "$t" ]; then  # the batch outran this fault: not injected
+      echo "$(since "$T0") not-reached $kind $arg" >>"$RD/faults-done.txt"; continue
+    fi
     at=$(since "$T0")
     inject "$kind" "$arg" >"$RD/.note"; rc=$?; note=$(cat "$RD/.note")
     [ $rc = 3 ] && kind=$kind-skipped
