@@ -1,0 +1,8 @@
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../common/mod.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| common::batch_row(data));
