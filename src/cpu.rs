@@ -14,6 +14,9 @@ pub enum CpuError {
     Panicked,
 }
 
+/// The nice value of `serve`'s key-generation threads (0 is normal, 19 the lowest priority).
+pub const KEYGEN_NICE: i32 = 10;
+
 /// A handle to the rayon pool; cheap to clone.
 #[derive(Clone)]
 pub struct CpuPool {
@@ -25,9 +28,27 @@ pub struct CpuPool {
 impl CpuPool {
     /// `threads = 0` means one thread per core.
     pub fn new(threads: usize) -> Result<Self, CpuError> {
+        CpuPool::build(threads, false)
+    }
+
+    /// A pool whose threads yield the cores to the async runtime (`keyfleet serve`): with the
+    /// pool busy filling the reservoir, a request that needs no new key is not kept waiting
+    /// behind one. Throughput is unchanged when nothing else runs; batch modes keep normal
+    /// priority so a busy host does not slow them down.
+    pub fn new_yielding(threads: usize) -> Result<Self, CpuError> {
+        CpuPool::build(threads, true)
+    }
+
+    fn build(threads: usize, yielding: bool) -> Result<Self, CpuError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("keyfleet-keygen-{i}"))
+            .start_handler(move |_| {
+                // On Linux the nice value is per thread; failure only costs the preference.
+                if yielding {
+                    let _ = rustix::process::setpriority_process(None, KEYGEN_NICE);
+                }
+            })
             .build()
             .map_err(|e| CpuError::Build(e.to_string()))?;
         Ok(CpuPool {

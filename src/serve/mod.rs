@@ -131,7 +131,7 @@ pub async fn serve_with<R: Registry>(
     bound: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServeError> {
     crate::metrics::install()?;
-    let cpu = CpuPool::new(opts.threads)?;
+    let cpu = CpuPool::new_yielding(opts.threads)?;
     // Creates run to the end even after shutdown is asked for: their lifecycle has its own
     // token, cancelled only once the server has drained.
     let work = CancellationToken::new();
