@@ -54,7 +54,6 @@ pub mod actions;
 
 use super::{
     clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError,
-    Provider, Scope,
 };
 
 /// The only accepted `Action` value.
@@ -215,40 +214,17 @@ pub fn decode(
         Some(n) if !n.is_empty() => n,
         _ => return Err(ApiError::MissingParameter("KeyPairName".into())),
     };
-    let project = match params.get("ProjectId") {
-        None => owner,
-        Some(p) if project_id_is_valid(p) => p.as_str(),
-        Some(p) => {
-            return Err(ApiError::InvalidParameter {
-                name: "ProjectId".into(),
-                reason: format!("{:?} is not 1-64 of [A-Za-z0-9_-]", clip(p)),
-            })
-        }
-    };
-    let region = match params.get("Region") {
-        None => catalog.ucloud_default_region.as_str(),
-        Some(r) if catalog.ucloud_regions.contains(r) => r.as_str(),
-        Some(r) => return Err(ApiError::RegionNotFound(clip(r))),
-    };
-    let zone = params.get("Zone");
-    if let Some(z) = zone {
-        if !zone_in_region(z, region) {
-            return Err(ApiError::ZoneNotFound(clip(z)));
-        }
-    }
+    // Project, region, zone: the rules every UCloud action shares.
+    let scope = actions::scope(owner, params, catalog)?;
     if !name_is_valid(name) {
         return Err(ApiError::NameMalformed);
     }
     Ok(CreateRequest {
-        scope: Scope {
-            provider: Provider::Ucloud,
-            owner: project.to_string(),
-            region: region.to_string(),
-        },
+        scope,
         name: name.clone(),
         resource_group_id: None,
         tags: Vec::new(),
-        zone: zone.cloned(),
+        zone: params.get("Zone").cloned(),
     })
 }
 
@@ -344,6 +320,7 @@ pub fn error_json(err: &ApiError) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::dialect::tests::all_errors;
+    use crate::dialect::{Provider, Scope};
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -27,7 +27,9 @@ type Params = BTreeMap<String, String>;
 pub const DEFAULT_LIMIT: usize = 20;
 pub const MAX_LIMIT: usize = 100;
 
-fn scope(owner: &str, params: &Params, catalog: &Catalog) -> Result<Scope, ApiError> {
+/// The scope of a UCloud request, checked in the documented order: `ProjectId`, `Region`,
+/// `Zone` (create uses it too).
+pub(super) fn scope(owner: &str, params: &Params, catalog: &Catalog) -> Result<Scope, ApiError> {
     let project = match params.get("ProjectId") {
         None => owner,
         Some(p) if project_id_is_valid(p) => p.as_str(),
