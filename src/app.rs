@@ -302,6 +302,12 @@ pub fn render_summary(s: &Summary) -> String {
         "{} rows: {} created, {} failed in {:.1} s ({:.1} keys/s on {} threads)\n",
         s.tally.rows, s.tally.created, s.tally.failed, s.seconds, s.keys_per_second, s.threads
     );
+    if s.tally.delivered_earlier > 0 {
+        out.push_str(&format!(
+            "  delivered by an earlier run of this batch (listed again): {}\n",
+            s.tally.delivered_earlier
+        ));
+    }
     for (code, n) in &s.tally.failed_by_code {
         out.push_str(&format!("  failed {code}: {n}\n"));
     }

@@ -476,7 +476,9 @@ pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
         if n == 0 {
             break;
         }
-        if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+        // The same blank-line rule as the reader's (`str::trim`, Unicode whitespace such as
+        // U+3000 included), so the total matches the rows it will hand out.
+        if !String::from_utf8_lossy(&buf).trim().is_empty() {
             lines += 1;
         }
     }

@@ -139,6 +139,9 @@ pub struct CreatedPair {
     pub key_pair_id: Option<String>,
     /// The private key, from key generation until a sink takes it; never serialized.
     pub private_key: Option<SecretPem>,
+    /// Listed again, not made: an earlier run of the same job delivered this pair, and its key
+    /// file is in place (a rerun's manifest lists every row of the batch). Never on the wire.
+    pub delivered_earlier: bool,
 }
 
 /// Why a job failed, as its API answers.
@@ -317,6 +320,7 @@ impl JobResult {
     /// `created`, or the error code its API answered with.
     pub fn outcome_label(&self) -> &str {
         match &self.status {
+            Status::Created(c) if c.delivered_earlier => DELIVERED_EARLIER,
             Status::Created(_) => CREATED,
             Status::Failed(f) => &f.code,
         }
@@ -330,6 +334,9 @@ impl JobResult {
 
 /// The outcome label of a created result.
 pub const CREATED: &str = "created";
+
+/// The outcome label of a row whose pair an earlier run of the same job delivered.
+pub const DELIVERED_EARLIER: &str = "delivered_earlier";
 
 pub mod wire {
     //! The v1 wire form of [`JobResult`]: one flat object, field order as published in the
@@ -445,6 +452,7 @@ pub mod wire {
                     key_pair_fingerprint: need(w.key_pair_fingerprint, "key_pair_fingerprint")?,
                     key_pair_id: w.key_pair_id,
                     private_key: None,
+                    delivered_earlier: false,
                 }),
                 "failed" => Status::Failed(Failure {
                     http_status: w.http_status,

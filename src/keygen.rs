@@ -259,6 +259,25 @@ pub fn fingerprints_of_pem(pem: &str) -> Result<(String, String), KeygenError> {
     rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)
 }
 
+/// The key material of a PEM private key this process made before (a key file an unfinished
+/// attempt left): its public line and fingerprints, read from n and e only. The PEM is kept
+/// as it is, byte for byte, so delivering it again finds the same file.
+pub fn material_of_pem(private_pem: Zeroizing<String>) -> Result<KeyMaterial, KeygenError> {
+    let (n, e) = rsa_ct::public_of_pem(&private_pem).map_err(KeygenError::Encode)?;
+    let public = rsa_ct::ssh_public(&n, &e).map_err(KeygenError::Encode)?;
+    let public_line = public
+        .to_openssh()
+        .map_err(|e| KeygenError::Encode(e.to_string()))?;
+    let (fingerprint_md5, fingerprint_sha256) =
+        rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)?;
+    Ok(KeyMaterial {
+        private_pem,
+        public_line,
+        fingerprint_md5,
+        fingerprint_sha256,
+    })
+}
+
 /// Generates and encodes one key pair.
 pub fn generate(bits: KeyBits, engine: Engine) -> Result<KeyMaterial, KeygenError> {
     let key = generate_private(bits, engine)?;

@@ -22,12 +22,12 @@ use crate::cpu::{CpuError, CpuPool};
 use crate::dialect::{self, ApiError, CreateRequest};
 use crate::job::{now_rfc3339, unix_now, CreatedPair, Job, JobResult, SecretPem, Status};
 use crate::job::{CREATED, MESSAGE_VERSION};
-use crate::keygen::{self, KeygenError};
-use crate::registry::{KeyPairRecord, Registry, RegistryError};
+use crate::keygen::{self, KeyMaterial, KeygenError};
+use crate::registry::{Entry, KeyPairRecord, Registry, RegistryError};
 use crate::reservoir::Reservoir;
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
-use crate::sink::{DeliveryError, Sink};
+use crate::sink::{AtDestination, DeliveryError, Sink};
 use crate::upstream::{Registration, Upstream};
 
 /// A failure of keyfleet's own machinery while making a key pair.
@@ -78,6 +78,7 @@ pub enum Admission {
     /// This job's key pair was delivered before: it came back after its answer went out.
     AnsweredBefore {
         job: Job,
+        req: CreateRequest,
         clock: Instant,
     },
     /// Stopped or gave up before reserving; the job goes back to its queue.
@@ -190,7 +191,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             Err(RegistryError::QuotaExceeded) => return answered(&ApiError::QuotaExceeded),
             Err(RegistryError::AlreadyExists) => return answered(&ApiError::AlreadyExists),
             Err(RegistryError::AlreadyDelivered) => {
-                return Admission::AnsweredBefore { job, clock };
+                return Admission::AnsweredBefore { job, req, clock };
             }
             Err(e) => {
                 return match self.give_up(&job, attempt, &started_at, &e) {
@@ -214,17 +215,20 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         let (result, clock) = match admission {
             Admission::Answered { result, clock } => (result, clock),
             Admission::HandBack(why) => return Finished::HandBack(why),
-            Admission::AnsweredBefore { job, clock } => {
+            Admission::AnsweredBefore { job, req, clock } => {
                 if !S::ANSWERS_REPEATED_JOBS {
                     self.settle(sink, &job.batch_id, job.job_id, CREATED).await;
                     return Finished::AnsweredBefore;
                 }
-                let result = JobResult::failed(&job, &ApiError::AlreadyExists, now_rfc3339(), 1);
+                let result = match self.delivered_earlier(&job, &req, sink).await {
+                    Some(result) => result,
+                    None => JobResult::failed(&job, &ApiError::AlreadyExists, now_rfc3339(), 1),
+                };
                 (result, clock)
             }
             Admission::Admitted(admitted) => {
                 let clock = admitted.clock;
-                match self.create(*admitted).await {
+                match self.create(*admitted, sink).await {
                     Ok(result) => (result, clock),
                     Err(finished) => return finished,
                 }
@@ -252,7 +256,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
 
     /// Key, upstream and commit, retried as a whole while keyfleet's own machinery fails (each
     /// try finds the job's reservation again by job id).
-    async fn create(&self, a: Admitted) -> Result<JobResult, Finished> {
+    async fn create<S: Sink>(&self, a: Admitted, sink: &S) -> Result<JobResult, Finished> {
         let retried = AtomicBool::new(false);
         let made = self
             .retry
@@ -269,7 +273,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                self.make(&a).await
+                self.make(&a, sink).await
             })
             .await;
         match made {
@@ -290,25 +294,86 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         JobResult::failed(&a.job, err, a.started_at.clone(), a.attempt)
     }
 
-    /// One try at the key pair: a key (from the reservoir or the rayon pool), its registration
-    /// upstream, and the commit of the undelivered record.
-    async fn make(&self, a: &Admitted) -> Result<JobResult, LifecycleError> {
+    /// A rerun's line for a row whose pair this same job delivered before: the pair as the
+    /// registry holds it, when its key file still holds its key (`None`: answer AlreadyExist).
+    async fn delivered_earlier<S: Sink>(
+        &self,
+        job: &Job,
+        req: &CreateRequest,
+        sink: &S,
+    ) -> Option<JobResult> {
+        let Ok(Some(Entry::Pair(record))) = self.registry.lookup(&req.scope, &req.name).await
+        else {
+            return None;
+        };
+        if record.job_id != job.job_id || !record.delivered {
+            return None;
+        }
+        match sink.at_destination(&req.scope, &req.name).await {
+            AtDestination::Key { key, .. } if key.public_line == record.public_key => {}
+            _ => return None,
+        }
+        let now = now_rfc3339();
+        Some(created_result(job, req, record, 1, now, None))
+    }
+
+    /// The key for this try: one an interrupted attempt of this job left at the destination,
+    /// or a new one. `Err` is the row's answer when the destination holds something else.
+    async fn key_for<S: Sink>(
+        &self,
+        a: &Admitted,
+        sink: &S,
+    ) -> Result<Result<KeyMaterial, ApiError>, LifecycleError> {
         let (job, req) = (&a.job, &a.req);
+        match sink.at_destination(&req.scope, &req.name).await {
+            AtDestination::Free => {}
+            AtDestination::Key { key, at } => {
+                // Taken up only when the registry knows it as one of this job's keys. A key
+                // it does not — a deleted pair's, another run's, the user's own — is never
+                // registered again nor overwritten.
+                let entry = self.registry.lookup(&req.scope, &req.name).await?;
+                let own =
+                    entry.is_some_and(|e| e.tried_keys_for(job.job_id).contains(&key.public_line));
+                if own {
+                    tracing::info!(job = %job.job_id, line = job.line, "taking up the key file an interrupted attempt left");
+                    return Ok(Ok(key));
+                }
+                return Ok(Err(ApiError::Internal(format!(
+                    "refusing to overwrite existing key file {at}: it holds a key this row did not make"
+                ))));
+            }
+            AtDestination::Occupied(why) => return Ok(Err(ApiError::Internal(why))),
+        }
         let (bits, engine) = (job.key_bits, self.settings.engine);
-        let keys = match self.reservoir.as_ref().and_then(|r| r.take(bits)) {
-            Some(ready) => ready,
-            None => {
-                self.cpu
-                    .run(move || {
-                        let t = Instant::now();
-                        let key = keygen::generate_private(bits, engine)?;
-                        crate::metrics::keygen(bits.bits(), t.elapsed());
-                        keygen::encode(&key)
-                    })
-                    .await??
+        Ok(Ok(
+            match self.reservoir.as_ref().and_then(|r| r.take(bits)) {
+                Some(ready) => ready,
+                None => {
+                    self.cpu
+                        .run(move || {
+                            let t = Instant::now();
+                            let key = keygen::generate_private(bits, engine)?;
+                            crate::metrics::keygen(bits.bits(), t.elapsed());
+                            keygen::encode(&key)
+                        })
+                        .await??
+                }
+            },
+        ))
+    }
+
+    /// One try at the key pair: a key (from the destination, the reservoir or the rayon pool),
+    /// its registration upstream, and the commit of the undelivered record.
+    async fn make<S: Sink>(&self, a: &Admitted, sink: &S) -> Result<JobResult, LifecycleError> {
+        let (job, req) = (&a.job, &a.req);
+        let scope = &req.scope;
+        let keys = match self.key_for(a, sink).await? {
+            Ok(keys) => keys,
+            Err(refused) => {
+                self.registry.release(scope, &req.name, job.job_id).await?;
+                return Ok(self.failed(a, &refused));
             }
         };
-        let scope = &req.scope;
         // A key about to leave for a cloud is noted first, so a later attempt can recognise it
         // there (exactly once against a cloud whose answer was lost).
         let tried = if self.upstream.is_remote() {
@@ -361,38 +426,15 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         // A failed commit means our reservation was taken over (we were slower than its TTL):
         // nothing of ours is registered, so the job can safely be tried again.
         self.registry.commit(&record).await?;
-        let response = dialect::success_body(
+        let private_key = Some(SecretPem(keys.private_pem));
+        Ok(created_result(
+            job,
             req,
-            &dialect::Created {
-                request_id: Uuid::new_v4(),
-                key_pair_id: key_pair_id.as_deref().unwrap_or(""),
-                create_time: record.created_at,
-                fingerprint: &key_pair_fingerprint,
-                private_key_body: "",
-            },
-        );
-        Ok(JobResult {
-            v: MESSAGE_VERSION,
-            job_id: job.job_id,
-            batch_id: job.batch_id.clone(),
-            line: job.line,
-            provider: job.provider,
-            owner: scope.owner.clone(),
-            key_pair_name: Some(record.name),
-            region: Some(scope.region.clone()),
-            response,
-            attempt: a.attempt,
-            started_at: a.started_at.clone(),
-            finished_at: now_rfc3339(),
-            status: Status::Created(CreatedPair {
-                public_key: record.public_key,
-                fingerprint_md5: record.fingerprint_md5,
-                fingerprint_sha256: record.fingerprint_sha256,
-                key_pair_fingerprint,
-                key_pair_id,
-                private_key: Some(SecretPem(keys.private_pem)),
-            }),
-        })
+            record,
+            a.attempt,
+            a.started_at.clone(),
+            private_key,
+        ))
     }
 
     /// Internal errors outlasted the retry policy (or shutdown came): the job's answer, an
@@ -539,5 +581,50 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             result.outcome_label(),
             clock.elapsed(),
         );
+    }
+}
+
+/// The created result of `record`: with its private key when it was just made, or listed again
+/// (`private_key` `None`) for a rerun whose earlier run delivered it.
+fn created_result(
+    job: &Job,
+    req: &CreateRequest,
+    record: KeyPairRecord,
+    attempt: u32,
+    started_at: String,
+    private_key: Option<SecretPem>,
+) -> JobResult {
+    let response = dialect::success_body(
+        req,
+        &dialect::Created {
+            request_id: Uuid::new_v4(),
+            key_pair_id: record.key_pair_id.as_deref().unwrap_or(""),
+            create_time: record.created_at,
+            fingerprint: &record.key_pair_fingerprint,
+            private_key_body: "",
+        },
+    );
+    JobResult {
+        v: MESSAGE_VERSION,
+        job_id: job.job_id,
+        batch_id: job.batch_id.clone(),
+        line: job.line,
+        provider: job.provider,
+        owner: record.scope.owner.clone(),
+        key_pair_name: Some(record.name),
+        region: Some(record.scope.region.clone()),
+        response,
+        attempt,
+        started_at,
+        finished_at: now_rfc3339(),
+        status: Status::Created(CreatedPair {
+            public_key: record.public_key,
+            fingerprint_md5: record.fingerprint_md5,
+            fingerprint_sha256: record.fingerprint_sha256,
+            key_pair_fingerprint: record.key_pair_fingerprint,
+            key_pair_id: record.key_pair_id,
+            delivered_earlier: private_key.is_none(),
+            private_key,
+        }),
     }
 }

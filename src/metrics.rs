@@ -154,13 +154,16 @@ pub const SIGNATURE_FAILURE_REASONS: &[&str] = &[
 /// The `provider` label's values; anything else is counted as `unknown`.
 pub const PROVIDERS: &[&str] = &["aliyun", "ucloud"];
 
-/// The `outcome` label's values: `created`, every error code the two dialects answer with
+/// The `outcome` label's values: `created`, `delivered_earlier`, every error code the two dialects answer with
 /// (taken from `src/dialect/`, so a new code is a known label at once), and `other` for
 /// anything else.
 pub fn outcomes() -> &'static [String] {
     static OUTCOMES: OnceLock<Vec<String>> = OnceLock::new();
     OUTCOMES.get_or_init(|| {
-        let mut all = vec![crate::job::CREATED.to_owned()];
+        let mut all = vec![
+            crate::job::CREATED.to_owned(),
+            crate::job::DELIVERED_EARLIER.to_owned(),
+        ];
         for provider in crate::dialect::Provider::ALL {
             all.extend(crate::dialect::error_codes(provider));
         }

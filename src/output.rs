@@ -59,6 +59,7 @@ impl OutputDir {
             source,
         };
         crate::sink::key_files::private_folder(root).map_err(folder_err)?;
+        sweep(root);
         let manifest_path = root.join(MANIFEST);
         let mut rotated = None;
         if manifest_path.exists() {
@@ -99,6 +100,7 @@ impl OutputDir {
             source,
         };
         crate::sink::key_files::private_folder(root).map_err(folder_err)?;
+        sweep(root);
         let manifest_path = root.join(MANIFEST);
         let manifest_err = |source| OutputError::Manifest {
             path: manifest_path.clone(),
@@ -192,11 +194,15 @@ impl OutputDir {
             #[serde(flatten)]
             result: &'a JobResult,
             private_key_file: Option<String>,
+            /// Present (true) only on a rerun's line for a pair an earlier run delivered.
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            delivered_earlier: bool,
         }
         debug_assert!(!r.is_created() || key_file.is_some());
         let line = Line {
             result: r,
             private_key_file: key_file.map(|p| p.to_string_lossy().into_owned()),
+            delivered_earlier: r.created().is_some_and(|c| c.delivered_earlier),
         };
         let err = |source| OutputError::Manifest {
             path: self.manifest_path.clone(),
@@ -256,6 +262,18 @@ fn append_private(path: &Path, line: &str) -> Result<(), OutputError> {
     f.write_all(line.as_bytes()).map_err(err)?;
     f.write_all(b"\n").map_err(err)?;
     f.sync_data().map_err(err)
+}
+
+/// Removes the half-written key files a killed process left (each a private key nobody was
+/// given); the folder is ours alone from here on.
+fn sweep(root: &Path) {
+    match crate::sink::key_files::sweep_unfinished(root) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "removed {n} temporary key file(s) that an interrupted run left unfinished"
+        ),
+        Err(e) => tracing::warn!("could not look for temporary key files left unfinished: {e}"),
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,10 @@ pub enum ProgressMode {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Tally {
     pub rows: u64,
+    /// Key pairs made by this run.
     pub created: u64,
+    /// Rows whose pair an earlier run of the same batch delivered (listed again, not made).
+    pub delivered_earlier: u64,
     pub failed: u64,
     /// Failed rows per error code.
     pub failed_by_code: BTreeMap<String, u64>,
@@ -32,7 +35,9 @@ pub struct Tally {
 impl Tally {
     pub fn add(&mut self, r: &JobResult) {
         self.rows += 1;
-        if r.is_created() {
+        if r.created().is_some_and(|c| c.delivered_earlier) {
+            self.delivered_earlier += 1;
+        } else if r.is_created() {
             self.created += 1;
         } else {
             self.failed += 1;

@@ -144,6 +144,8 @@ pub async fn run_with<R: Registry, U: Upstream>(
         }
     }
     drop(finished);
+    // The last rows' "delivered" marks are not synced on their own (`registry/embedded.rs`).
+    lifecycle.registry().flush().await?;
     let interrupted = shutdown.is_cancelled();
     let read = batch::join_reader(&opts.input, reader);
     if !interrupted {

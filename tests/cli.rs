@@ -111,8 +111,10 @@ fn run_then_describe_and_delete() {
     assert!(text(&out).contains("deleted web-1") && text(&out).contains("not found ghost"));
 
     // Second run into the same folder: the earlier manifest is kept beside the new one; web-1
-    // (deleted) is reserved again but its old key file is never overwritten, so that row fails
-    // and nothing stays registered for it; the others already exist.
+    // (deleted) is reserved again but its old key file is never overwritten (nor its key
+    // registered again), so that row fails and nothing stays registered for it; the other two
+    // are listed again, delivered by the first run, their key files untouched.
+    let web2 = std::fs::read(dir.path().join("keys/aliyun/acme/cn-hangzhou/web-2.pem")).unwrap();
     let out = keyfleet(dir.path())
         .args(["run", "f.csv", "--out", "keys", "--owner", "acme", "--json"])
         .output()
@@ -120,8 +122,28 @@ fn run_then_describe_and_delete() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["created"], 0);
-    assert_eq!(summary["failed_by_code"]["KeyPair.AlreadyExist"], 2);
+    assert_eq!(summary["delivered_earlier"], 2, "{summary}");
     assert_eq!(summary["failed_by_code"]["InternalError"], 1);
+    assert_eq!(
+        std::fs::read(dir.path().join("keys/aliyun/acme/cn-hangzhou/web-2.pem")).unwrap(),
+        web2
+    );
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("keys/manifest.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(lines[1]["status"], "created");
+    assert_eq!(lines[1]["delivered_earlier"], true);
+    assert!(lines[1]["private_key_file"]
+        .as_str()
+        .unwrap()
+        .ends_with("web-2.pem"));
+    assert!(lines[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("it holds a key this row did not make"));
     let manifests = std::fs::read_dir(dir.path().join("keys"))
         .unwrap()
         .filter(|e| {

@@ -279,3 +279,31 @@ fn logs_carry_no_colour_codes_off_a_terminal() {
     assert!(t.contains(" INFO "), "a log line was written: {t:?}");
     assert!(!t.contains('\u{1b}'), "{t:?}");
 }
+
+/// Found by fuzzing: a line holding only Unicode whitespace (U+3000, the ideographic space)
+/// was skipped by the reader but counted in the progress total, which then ended one short.
+#[test]
+fn unicode_whitespace_line_is_not_counted_in_the_progress_total() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        (
+            "f.csv",
+            "RegionId,KeyPairName\ncn-hangzhou,a\n\u{3000}\ncn-hangzhou,b\n \u{3000}\t\n",
+        ),
+        (
+            "f.jsonl",
+            "{\"RegionId\":\"cn-hangzhou\",\"KeyPairName\":\"a\"}\n\u{3000}\n{\"RegionId\":\"cn-hangzhou\",\"KeyPairName\":\"b\"}\n",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        assert_eq!(
+            keyfleet::batch::count_rows(&path, None),
+            Some(2),
+            "{name}: the total is the rows the reader hands out"
+        );
+        let out = run(dir.path(), name, &[]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(manifest(&dir.path().join("o")).len(), 2, "{name}");
+    }
+}

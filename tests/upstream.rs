@@ -360,9 +360,9 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
             ],
         );
         let file = batch(dir.path(), 80, 40);
-        let start = |d: &std::path::Path| {
-            keyfleet(d)
-                .args(["run", "--threads", "2", "--state"])
+        let command = |d: &std::path::Path| {
+            let mut c = keyfleet(d);
+            c.args(["run", "--threads", "2", "--state"])
                 .arg(d.join("keys.redb"))
                 .arg("--out")
                 .arg(d.join("keys"))
@@ -380,20 +380,43 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
                 .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
                 .env("UCLOUD_PRIVATE_KEY", "ucloudpriv")
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
+                .stderr(std::process::Stdio::null());
+            c
         };
-        // Three runs killed at different moments: some keys are registered in the cloud but
+        // Six runs killed at different moments: some keys are registered in the cloud but
         // never written to a key file, which the next run must replace there.
-        for ms in [1300, 2100, 3300] {
-            let mut run = start(dir.path());
+        for ms in [700, 1300, 2100, 900, 1700, 3300] {
+            let mut run = command(dir.path()).spawn().unwrap();
             tokio::time::sleep(Duration::from_millis(ms)).await;
             run.kill().unwrap();
             run.wait().unwrap();
         }
-        let second = start(dir.path()).wait_with_output().unwrap();
+        let second = command(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
         assert!(second.status.success());
+        // Which rows each run did not create, for the messages below.
+        let report = {
+            let mut lines = Vec::new();
+            for entry in std::fs::read_dir(dir.path().join("keys")).unwrap() {
+                let path = entry.unwrap().path();
+                let is_manifest = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("manifest"));
+                if is_manifest {
+                    for line in std::fs::read_to_string(&path).unwrap().lines() {
+                        if !line.contains("\"created\"") {
+                            lines.push(format!("{}: {line}", path.display()));
+                        }
+                    }
+                }
+            }
+            lines.join("\n")
+        };
         let c = cloud.client();
         let mut on_disk = 0;
         for (provider, owner, region) in [
@@ -423,7 +446,7 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
             assert_eq!(
                 held.keys().collect::<Vec<_>>(),
                 files.keys().collect::<Vec<_>>(),
-                "{provider}: the cloud holds a pair for exactly the key files"
+                "{provider}: the cloud holds a pair for exactly the key files\n{report}"
             );
             for (name, (id, fp)) in &held {
                 let pub_line = {
@@ -439,11 +462,14 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
                 };
                 assert_eq!(
                     fp, &expected,
-                    "{provider} {name}: the cloud's key is the key file's"
+                    "{provider} {name}: the cloud's key is the key file's\n{report}"
                 );
             }
         }
-        assert_eq!(on_disk, 120, "every row ends with its key delivered");
+        assert_eq!(
+            on_disk, 120,
+            "every row ends with its key delivered\n{report}"
+        );
         cloud.stop();
     })
     .await

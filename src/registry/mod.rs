@@ -277,6 +277,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Slots counted against the quota of `scope`: records plus reservations, including expired
     /// ones not yet swept (a sweep runs when a reserve finds the scope at its quota).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;
+
+    /// Makes every change so far durable. The embedded store leaves the sync of some writes to
+    /// the next synced one (see `embedded.rs`); a run ends with this. Redis: nothing to do.
+    fn flush(&self) -> impl Future<Output = Result<(), RegistryError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 pub fn now_ms() -> i64 {

@@ -2,6 +2,10 @@
 //! `<provider>/<owner>/<region>/<name>.pem` (mode 0600, created new, synced, never
 //! overwritten) with its `.pub` beside it. The manifest line that lists it is written by the
 //! caller in input order (`output.rs`).
+//!
+//! A key file outlives a crash that the registry's "delivered" mark may not: the sink reports
+//! the key it finds at a destination ([`Sink::at_destination`]), and delivering a key that is
+//! already there, byte for byte, succeeds without writing it again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -10,8 +14,13 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::{DeliveryError, Sink};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::{AtDestination, DeliveryError, Sink};
+use crate::dialect::{Provider, Scope};
 use crate::job::{set_private_key_body, JobResult, SecretPem};
+use crate::keygen;
 use crate::output::path_component;
 use crate::registry::RegistryError;
 
@@ -42,14 +51,20 @@ impl KeyFiles {
 
     /// Where a created pair's private key goes: `<provider>/<owner>/<region>/<name>.pem`.
     pub fn path(&self, r: &JobResult) -> PathBuf {
+        self.path_of(
+            r.provider,
+            &r.owner,
+            r.region.as_deref().unwrap_or("-"),
+            r.key_pair_name.as_deref().unwrap_or("-"),
+        )
+    }
+
+    fn path_of(&self, provider: Provider, owner: &str, region: &str, name: &str) -> PathBuf {
         self.root
-            .join(r.provider.as_str())
-            .join(path_component(&r.owner))
-            .join(path_component(r.region.as_deref().unwrap_or("-")))
-            .join(format!(
-                "{}.pem",
-                path_component(r.key_pair_name.as_deref().unwrap_or("-"))
-            ))
+            .join(provider.as_str())
+            .join(path_component(owner))
+            .join(path_component(region))
+            .join(format!("{}.pem", path_component(name)))
     }
 
     /// Writes the private key (0600) and its `.pub`, and points the result's `PrivateKeyBody`
@@ -93,18 +108,23 @@ fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFile
     };
     let folder = path.parent().unwrap_or(Path::new(".")).to_owned();
     private_folder(&folder).map_err(io(&folder))?;
-    if path.symlink_metadata().is_ok() {
-        return Err(KeyFileError::Exists(path.to_owned()));
-    }
-    let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600, true).map_err(io(path))?;
-    let linked = fs::hard_link(&tmp_key, path);
-    let _ = fs::remove_file(&tmp_key);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(KeyFileError::Exists(path.to_owned()))
+    match read_key_file(path) {
+        Ok(None) => {
+            let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600, true).map_err(io(path))?;
+            let linked = fs::hard_link(&tmp_key, path);
+            let _ = fs::remove_file(&tmp_key);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(KeyFileError::Exists(path.to_owned()))
+                }
+                Err(e) => return Err(io(path)(e)),
+            }
         }
-        Err(e) => return Err(io(path)(e)),
+        // This very key is in place: an earlier attempt wrote it and stopped before the
+        // registry heard of it. It was synced then; it is not written again.
+        Ok(Some(there)) if bool::from(there.as_bytes().ct_eq(pem.0.as_bytes())) => {}
+        Ok(Some(_)) | Err(_) => return Err(KeyFileError::Exists(path.to_owned())),
     }
     let pub_path = path.with_extension("pub");
     // The `.pub` is not synced on its own: it is public and can be made again from the key
@@ -115,6 +135,68 @@ fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFile
     File::open(&folder)
         .and_then(|d| d.sync_all())
         .map_err(io(&folder))
+}
+
+/// Removes the temporary files (`.keyfleet-*.tmp`, each a private key being written) that a
+/// process killed mid-write left in the key folders under `root`: their keys were never
+/// delivered, so nothing refers to them. Only regular files are removed, never through a
+/// symlink. Call it while no other process writes into `root`. Returns how many were removed.
+pub fn sweep_unfinished(root: &Path) -> std::io::Result<usize> {
+    fn dirs(p: &Path) -> Vec<PathBuf> {
+        fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+    let mut removed = 0;
+    // `<provider>/<owner>/<region>/`: exactly the depth key files are written at.
+    for provider in dirs(root) {
+        for owner in dirs(&provider) {
+            for region in dirs(&owner) {
+                for entry in fs::read_dir(&region)?.flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    let ours = name.starts_with(".keyfleet-") && name.ends_with(".tmp");
+                    if ours && entry.file_type().is_ok_and(|t| t.is_file()) {
+                        fs::remove_file(entry.path())?;
+                        removed += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The largest file read as a key file: a 4096-bit PKCS#8 PEM is about 3.3 KB.
+const KEY_FILE_MAX: u64 = 16 * 1024;
+
+/// The key file at `path`, read whole: `Ok(None)` when there is none. Never through a symlink
+/// (that is an error, as is anything but a regular file of at most [`KEY_FILE_MAX`] bytes of
+/// text); the buffer is zeroized when dropped.
+fn read_key_file(path: &Path) -> std::io::Result<Option<Zeroizing<String>>> {
+    use std::io::Read;
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(crate::transit::no_follow())
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.len() > KEY_FILE_MAX {
+        return Err(std::io::Error::other("not a regular file of key-file size"));
+    }
+    // Room for the whole file up front, so the buffer holding the key never reallocates
+    // (which would leave a copy behind that is not zeroized).
+    let mut text = Zeroizing::new(String::with_capacity(KEY_FILE_MAX as usize + 1));
+    (&mut f).take(KEY_FILE_MAX).read_to_string(&mut text)?;
+    Ok(Some(text))
 }
 
 /// Creates `folder` and its missing parents with mode 0700 (existing ones are left as they are).
@@ -152,6 +234,16 @@ impl Sink for KeyFiles {
         if !result.is_created() {
             return Ok(());
         }
+        if result.created().is_some_and(|c| c.delivered_earlier) {
+            // Listed again: the lifecycle found this pair's key in its file.
+            let path = self.path(result);
+            set_private_key_body(
+                result.provider,
+                &mut result.response,
+                &path.to_string_lossy(),
+            );
+            return Ok(());
+        }
         let line = result.line;
         let undeliverable = move |e: &KeyFileError| {
             let why = super::error_chain(e);
@@ -173,6 +265,31 @@ impl Sink for KeyFiles {
             &path.to_string_lossy(),
         );
         Ok(())
+    }
+
+    async fn at_destination(&self, scope: &Scope, name: &str) -> AtDestination {
+        let path = self.path_of(scope.provider, &scope.owner, &scope.region, name);
+        let looked = tokio::task::spawn_blocking(move || {
+            let refuse = |why: String| {
+                AtDestination::Occupied(format!(
+                    "refusing to overwrite existing key file {}: {why}",
+                    path.display()
+                ))
+            };
+            match read_key_file(&path) {
+                Ok(None) => AtDestination::Free,
+                Ok(Some(pem)) => match keygen::material_of_pem(pem) {
+                    Ok(key) => AtDestination::Key {
+                        key,
+                        at: path.display().to_string(),
+                    },
+                    Err(_) => refuse("it holds no RSA private key".into()),
+                },
+                Err(e) => refuse(e.to_string()),
+            }
+        })
+        .await;
+        looked.unwrap_or_else(|e| AtDestination::Occupied(format!("key file reader failed: {e}")))
     }
 
     async fn settled(&self, _: &str, _: Uuid, _: &str) -> Result<(), RegistryError> {

@@ -8,6 +8,9 @@
 //!
 //! The lifecycle (`lifecycle.rs`) calls [`Sink::deliver`] once per result; only when it succeeds
 //! is a created pair marked delivered in the registry, and only then is [`Sink::settled`] told.
+//! A sink whose destinations outlive a crash (key files) also says what a destination already
+//! holds ([`Sink::at_destination`]), so a rerun takes up the key an interrupted attempt left
+//! there instead of making another.
 
 pub mod http_reply;
 pub mod key_files;
@@ -17,7 +20,9 @@ use std::future::Future;
 
 use uuid::Uuid;
 
+use crate::dialect::Scope;
 use crate::job::JobResult;
+use crate::keygen::KeyMaterial;
 use crate::registry::RegistryError;
 
 pub use http_reply::HttpReply;
@@ -39,6 +44,23 @@ pub enum DeliveryError {
     Unconfirmed(String),
 }
 
+/// What a sink's destination for a key pair already holds.
+#[derive(Debug)]
+pub enum AtDestination {
+    /// Nothing: the result is delivered there as usual.
+    Free,
+    /// A private key (a key file an earlier attempt wrote). The lifecycle takes it up when the
+    /// registry shows it is one of the job's own keys, and refuses the job otherwise.
+    Key {
+        key: KeyMaterial,
+        /// Where it is, for messages.
+        at: String,
+    },
+    /// Something this sink never replaces (a symlink, a file that is not a key, a folder):
+    /// the job's result cannot be delivered there.
+    Occupied(String),
+}
+
 pub trait Sink: Send + Sync {
     /// Whether a job whose key pair was delivered before is answered again when it comes back
     /// (`AlreadyExist`: a new manifest needs a line per row), or acknowledged without a second
@@ -51,6 +73,16 @@ pub trait Sink: Send + Sync {
         &self,
         result: &mut JobResult,
     ) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+
+    /// What the destination of `name` in `scope` holds now. Sinks that keep nothing between
+    /// attempts (a queue, an HTTP answer) are always free.
+    fn at_destination(
+        &self,
+        _scope: &Scope,
+        _name: &str,
+    ) -> impl Future<Output = AtDestination> + Send {
+        async { AtDestination::Free }
+    }
 
     /// The job is answered for good (its pair, if any, is marked delivered): record it with the
     /// outcome label. Retried by the lifecycle while it fails with a storage error.
