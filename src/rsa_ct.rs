@@ -26,8 +26,12 @@
 //!   the key that is kept.
 //! - Pair-wise consistency (sign and verify once, as FIPS 140-3 asks of a generated key pair):
 //!   `s = m^d mod n` through CRT with constant-time Montgomery `pow` on the secret side, then
-//!   `s^e mod n = m` on the public side; a mismatch is an error, never a key. This test is most
-//!   of the assembly's cost (two 1024-bit exponentiations for RSA-2048).
+//!   `s^e mod n = m` on the public side; a mismatch is an error, never a key. Its private side
+//!   is two 1024-bit exponentiations for RSA-2048, most of the assembly's cost — except on the
+//!   IFMA lanes, where each prime's half, `2^dp mod p` (`dp = e⁻¹ mod (p − 1)`, computed by
+//!   [`crt_exponent`] the same way as d), rides in a lane its own random-base Miller-Rabin pass
+//!   leaves free, and [`assemble_with_halves`] checks that the key's `dp`, `dq` are those
+//!   exponents (masks) before it recombines the halves and runs the public side.
 //!
 //! What is not constant time, by design: the DER encoding strips leading zero bytes of each
 //! integer, so its length (in bytes) depends on the value — it is written into the key file
@@ -197,6 +201,70 @@ pub fn assemble(p_be: &[u8], q_be: &[u8]) -> Result<RsaPrivate, AssembleError> {
     Ok(key)
 }
 
+/// Both primes' halves of the pair-wise consistency test, computed during the prime search
+/// (`prime::lanes::PrimeHalf`): `dp = e⁻¹ mod (p − 1)`, `sp = 2^dp mod p`, and the same for q.
+/// Limbs little-endian, primes of 64·N bits.
+pub(crate) struct CrtHalves<'a, const N: usize> {
+    pub dp: &'a [u64; N],
+    pub dq: &'a [u64; N],
+    pub sp: &'a [u64; N],
+    pub sq: &'a [u64; N],
+}
+
+/// [`assemble`] for primes whose halves of the pair-wise test were computed already: the key's
+/// `dp` and `dq` must equal the exponents the halves were computed with (compared as masks),
+/// then the halves are recombined (Garner) and the public side checks `s^e mod n = 2`. The
+/// test covers the same values as in [`assemble`]: `dp`, `dq`, `qinv`, `n` and `e`.
+pub(crate) fn assemble_with_halves<const N: usize>(
+    p_be: &[u8],
+    q_be: &[u8],
+    halves: &CrtHalves<'_, N>,
+) -> Result<RsaPrivate, AssembleError> {
+    let (key, p_odd) = derive(p_be, q_be)?;
+    if key.p.bits_precision() != 64 * N as u32 {
+        return Err(AssembleError::Invalid("halves of another size"));
+    }
+    let same = limbs::<N>(&key.dp)[..]
+        .ct_eq(&halves.dp[..])
+        .and(limbs::<N>(&key.dq)[..].ct_eq(&halves.dq[..]));
+    let sp = Zeroizing::new(from_limbs(halves.sp));
+    let sq = Zeroizing::new(from_limbs(halves.sq));
+    let s = garner(&key, &p_odd, &sp, &sq);
+    let m = BoxedUint::from(2u64).resize(key.p.bits_precision());
+    let back = public_side(&key, &s, &m);
+    if !same.to_bool() || !back {
+        return Err(AssembleError::Invalid("pair-wise consistency test failed"));
+    }
+    Ok(key)
+}
+
+/// `e⁻¹ mod (p − 1)` for a prime (or candidate) `p` of 64·N bits, little-endian limbs, in
+/// constant time — as d is computed in [`derive`], with `p − 1` for λ: for the prime that
+/// becomes a key's p, this is its `dp = d mod (p − 1)`. `None` when `e | p − 1`.
+pub(crate) fn crt_exponent<const N: usize>(p: &[u64; N]) -> Option<Zeroizing<[u64; N]>> {
+    let prec = 64 * N as u32;
+    let p = Zeroizing::new(from_limbs(p));
+    let pm1 = Zeroizing::new(p.wrapping_sub(BoxedUint::one_with_precision(prec)));
+    let e_limb = NonZero::new(Limb::from(PUBLIC_EXPONENT)).into_option()?;
+    let e_odd = Odd::new(U64::from_u32(PUBLIC_EXPONENT)).into_option()?;
+    let mut u = U64::from_word(pm1.rem_limb(e_limb).0);
+    let v = u.invert_odd_mod(&e_odd);
+    u.zeroize();
+    let mut ok = v.is_some();
+    let mut v = v.unwrap_or(U64::ONE);
+    let mut t = U64::from_u32(PUBLIC_EXPONENT).wrapping_sub(&v);
+    let t_wide = BoxedUint::from(t);
+    v.zeroize();
+    t.zeroize();
+    let mut num = Zeroizing::new(pm1.concatenating_mul(&t_wide));
+    *num = num.wrapping_add(BoxedUint::one_with_precision(num.bits_precision()));
+    let (quotient, rem) = num.div_rem_limb(e_limb);
+    let quotient = Zeroizing::new(quotient);
+    ok = ok.and(rem.ct_eq(&Limb::ZERO));
+    // Only the verdict is branched on: false means e | p − 1, which the sieve rules out.
+    ok.to_bool().then(|| limbs::<N>(&quotient))
+}
+
 /// [`assemble`] without the pair-wise consistency test: only the d/CRT step (n, λ, d, dp, dq,
 /// qinv and the FIPS checks). For the timing-leak bench (`benches/ct_dudect.rs`); keys that
 /// leave keyfleet always come from [`assemble`].
@@ -352,7 +420,6 @@ fn pct_boxed(
     q_odd: &Odd<BoxedUint>,
     m: &BoxedUint,
 ) -> bool {
-    let prec = key.p.bits_precision();
     let params_p = BoxedMontyParams::new(p_odd.clone());
     let params_q = BoxedMontyParams::new(q_odd.clone());
     // m = 2 < p, q: already reduced.
@@ -367,13 +434,19 @@ fn pct_boxed(
             .retrieve(),
     );
     let s = garner(key, p_odd, &sp, &sq);
-    // Public side: n, e, s and m are public.
+    public_boxed(key, &s, m)
+}
+
+/// The public side on `BoxedMontyForm` (sizes the fixed engines do not cover): n, e, s and m
+/// are public.
+fn public_boxed(key: &RsaPrivate, s: &BoxedUint, m: &BoxedUint) -> bool {
+    let prec = key.p.bits_precision();
     let Some(n_odd) = Odd::new(key.n.clone()).into_option() else {
         return false;
     };
     let params_n = BoxedMontyParams::new_vartime(n_odd);
     let e = BoxedUint::from(u64::from(PUBLIC_EXPONENT));
-    let back = BoxedMontyForm::new(s, &params_n)
+    let back = BoxedMontyForm::new(s.clone(), &params_n)
         .pow_bounded_exp(&e, 17)
         .retrieve();
     back == m.clone().resize_unchecked(2 * prec)
@@ -419,12 +492,27 @@ fn pct_fixed<const N: usize, const M: usize>(
     };
     let (sp, sq) = (Zeroizing::new(sp), Zeroizing::new(sq));
     let s = garner(key, p_odd, &sp, &sq);
-    // Public side: s^(2^16 + 1) mod n on Monty<2N>.
+    public_fixed::<M>(key, &s, m_big)
+}
+
+/// The public side of the test: `s^e mod n = m`, on `Monty<M>` for the engine's sizes.
+fn public_side(key: &RsaPrivate, s: &BoxedUint, m: &BoxedUint) -> bool {
+    match key.p.bits_precision() {
+        1024 => public_fixed::<32>(key, s, m),
+        1536 => public_fixed::<48>(key, s, m),
+        2048 => public_fixed::<64>(key, s, m),
+        _ => public_boxed(key, s, m),
+    }
+}
+
+/// `s^(2^16 + 1) mod n` on `Monty<M>` (M = the modulus' limbs), compared with `m`.
+fn public_fixed<const M: usize>(key: &RsaPrivate, s: &BoxedUint, m_big: &BoxedUint) -> bool {
+    use crate::prime::monty::Monty;
     let n = limbs::<M>(&key.n);
     let Some(ctx) = Monty::<M>::new(&n) else {
         return false;
     };
-    let base = ctx.to_mont(&limbs::<M>(&s));
+    let base = ctx.to_mont(&limbs::<M>(s));
     let mut acc = base;
     for _ in 0..16 {
         acc = ctx.sqr(&acc);
@@ -514,5 +602,56 @@ mod tests {
         bad.qinv = bad.qinv.wrapping_add(BoxedUint::one_with_precision(1024));
         assert!(!pct_boxed(&bad, &p_odd, &q_odd, &m));
         assert!(!pct_fixed::<16, 32>(&bad, &p_odd, &m));
+    }
+
+    /// The halves computed during the prime search (IFMA lanes, or the scalar lanes, whose
+    /// code is the same) make the same test: a key built from them passes, and a wrong half or
+    /// a half of another exponent fails it.
+    #[test]
+    fn pct_from_the_search_halves() {
+        use crate::prime::lanes::{search_with_half, Simd};
+        let simd = if crate::prime::lanes::ifma_available() {
+            Simd::Avx512Ifma
+        } else {
+            Simd::Scalar
+        };
+        let mut rng = rand_core::OsRng;
+        let p = search_with_half::<16>(simd, &mut rng).unwrap();
+        let q = search_with_half::<16>(simd, &mut rng).unwrap();
+        let be = |x: &[u64; 16]| {
+            x.iter()
+                .rev()
+                .flat_map(|l| l.to_be_bytes())
+                .collect::<Vec<_>>()
+        };
+        let (pb, qb) = (be(&p.prime), be(&q.prime));
+        // The exponents are the key's dp and dq, and 2^dp mod p is what the lanes computed.
+        let key = derive(&pb, &qb).unwrap().0;
+        assert_eq!(*limbs::<16>(&key.dp), *p.crt);
+        assert_eq!(*limbs::<16>(&key.dq), *q.crt);
+        assert_eq!(crt_exponent::<16>(&q.prime).unwrap(), q.crt);
+        let ctx = crate::prime::monty::Monty::<16>::new(&p.prime).unwrap();
+        assert_eq!(ctx.from_mont(&ctx.pow2(&p.crt)), *p.half);
+        let halves = CrtHalves {
+            dp: &p.crt,
+            dq: &q.crt,
+            sp: &p.half,
+            sq: &q.half,
+        };
+        assert!(assemble_with_halves(&pb, &qb, &halves).is_ok());
+        let mut wrong = *p.half;
+        wrong[0] ^= 4;
+        let bad_half = CrtHalves {
+            sp: &wrong,
+            ..halves
+        };
+        assert!(assemble_with_halves(&pb, &qb, &bad_half).is_err());
+        let mut other = *q.crt;
+        other[0] ^= 2;
+        let bad_exponent = CrtHalves {
+            dq: &other,
+            ..halves
+        };
+        assert!(assemble_with_halves(&pb, &qb, &bad_exponent).is_err());
     }
 }

@@ -4,7 +4,7 @@
 use rand_core::{CryptoRngCore, OsRng};
 use zeroize::Zeroizing;
 
-use super::{ct, random_prime, EngineError};
+use super::{ct, lanes, random_prime, EngineError};
 use crate::rsa_ct::{self, AssembleError, RsaPrivate};
 
 pub use crate::rsa_ct::PUBLIC_EXPONENT;
@@ -41,6 +41,12 @@ fn to_be<const N: usize>(x: &[u64; N]) -> Zeroizing<Vec<u8>> {
 pub(crate) fn generate<const N: usize>(
     rng: &mut impl CryptoRngCore,
 ) -> Result<RsaPrivate, EngineError> {
+    let simd = lanes::active();
+    if simd == lanes::Simd::Avx512Ifma {
+        if let Some(key) = generate_on_lanes::<N>(simd, rng)? {
+            return Ok(key);
+        }
+    }
     loop {
         let p = random_prime::<N>(rng);
         // The two primes are close with probability about 2⁻⁹⁸: the retry costs nothing in
@@ -54,6 +60,40 @@ pub(crate) fn generate<const N: usize>(
         match rsa_ct::assemble(&to_be(&p), &to_be(&q)) {
             Ok(key) => return Ok(key),
             // FIPS 186-5 A.1.1: d ≤ 2^(nlen/2), probability about 2^(−nlen/2): draw again.
+            Err(AssembleError::Rejected) => continue,
+            Err(err) => return Err(EngineError::Rsa(err.to_string())),
+        }
+    }
+}
+
+/// [`generate`] on the IFMA lanes, each prime found with its half of the pair-wise
+/// consistency test (computed in a lane of its own random-base pass, see
+/// [`lanes::PrimeHalf`]); `None` for sizes the lane search does not cover.
+fn generate_on_lanes<const N: usize>(
+    simd: lanes::Simd,
+    rng: &mut impl CryptoRngCore,
+) -> Result<Option<RsaPrivate>, EngineError> {
+    loop {
+        let Some(p) = lanes::search_with_half::<N>(simd, rng) else {
+            return Ok(None);
+        };
+        // As in `generate`: a q too close to p is drawn again.
+        let q = loop {
+            let Some(q) = lanes::search_with_half::<N>(simd, rng) else {
+                return Ok(None);
+            };
+            if far_apart(&p.prime, &q.prime) != 0 {
+                break q;
+            }
+        };
+        let halves = rsa_ct::CrtHalves {
+            dp: &p.crt,
+            dq: &q.crt,
+            sp: &p.half,
+            sq: &q.half,
+        };
+        match rsa_ct::assemble_with_halves(&to_be(&p.prime), &to_be(&q.prime), &halves) {
+            Ok(key) => return Ok(Some(key)),
             Err(AssembleError::Rejected) => continue,
             Err(err) => return Err(EngineError::Rsa(err.to_string())),
         }

@@ -73,10 +73,11 @@ pub(crate) fn miller_rabin<const N: usize, const L: usize>(
     d: &[[u64; LANES]; N],
     s: &[u64; LANES],
     max_s: u64,
+    first: Option<&mut Limbs<L>>,
 ) -> [u64; LANES] {
     pick!(
         path,
-        ifma::miller_rabin(p, base, d, s, max_s),
-        scalar::miller_rabin(p, base, d, s, max_s)
+        ifma::miller_rabin(p, base, d, s, max_s, first),
+        scalar::miller_rabin(p, base, d, s, max_s, first)
     )
 }

@@ -293,7 +293,8 @@ macro_rules! lane_engine {
         }
 
         /// One Miller-Rabin round per lane: `n − 1 = d·2^s`, base 2 when `base` is `None`, else
-        /// the lane's base (ordinary form, `< n`). Returns a mask per lane, all ones = pass:
+        /// the lane's base (ordinary form, `< n`); `first` receives every lane's `base^d mod n`.
+        /// Returns a mask per lane, all ones = pass:
         /// `y = base^d = ±1`, or `y^(2^j) = −1` for some `1 ≤ j < s`, looking at `j < max_s`
         /// only. The chain of squarings has the public length `max_s − 1` in every lane.
         $(#[$attr])*
@@ -303,6 +304,7 @@ macro_rules! lane_engine {
             d: &[[u64; LANES]; N],
             s: &[u64; LANES],
             max_s: u64,
+            first: Option<&mut Limbs<L>>,
         ) -> [u64; LANES] {
             let c = ctx(p);
             let mut y = match base {
@@ -314,6 +316,13 @@ macro_rules! lane_engine {
                 }
                 None => pow2_mont(&c, d),
             };
+            // `base^d mod m` of every lane (ordinary form), for a caller that put an
+            // exponentiation of its own in a lane (the key's pair-wise test).
+            if let Some(out) = first {
+                let mut y0 = from_mont(&c, &y);
+                *out = store(&y0);
+                wipe(&mut y0);
+            }
             let one = reduce(&c.one, &c.m);
             let mut minus_one = [zero(); L];
             {

@@ -370,7 +370,7 @@ fn sprp_n<const N: usize, const L: usize>(
     let p = Params::<L>::new(&padded, bases.is_some());
     let (d, s) = d_and_s(&padded);
     let b = bases.map(lanes_of::<N, L>);
-    let pass = dispatch::miller_rabin(simd, &p, b.as_deref(), &d, &s, 64 * N as u64);
+    let pass = dispatch::miller_rabin(simd, &p, b.as_deref(), &d, &s, 64 * N as u64, None);
     pass[..ns.len()].iter().map(|&m| m != 0).collect()
 }
 
@@ -411,19 +411,30 @@ pub fn strong_probable_prime<const N: usize>(
     with_l!(sprp_n::<N>(simd, n, bases))
 }
 
-/// Miller-Rabin with `rounds` random bases on one candidate, the bases in lanes.
+/// A prime with the private half of its key's pair-wise consistency test: `crt` =
+/// e⁻¹ mod (p − 1) (the key's dp or dq) and `half` = 2^crt mod p, computed in a lane the
+/// prime's own random-base pass leaves free (see [`crate::rsa_ct`]).
+pub(crate) struct PrimeHalf<const N: usize> {
+    pub prime: Zeroizing<[u64; N]>,
+    pub crt: Zeroizing<[u64; N]>,
+    pub half: Zeroizing<[u64; N]>,
+}
+
+/// Miller-Rabin with `rounds` random bases on one candidate, the bases in lanes. `None` when
+/// the candidate is composite. With `crt` (an exponent below n), `2^crt mod n` is computed too
+/// — in a free lane of the last pass, else in a pass of its own — and returned.
 fn random_rounds<const N: usize, const L: usize>(
     simd: Simd,
     n: &[u64; N],
     rounds: usize,
     rng: &mut impl CryptoRngCore,
-) -> bool {
-    let Some(cand) = Candidate::new(n) else {
-        return false;
-    };
+    crt: Option<&[u64; N]>,
+) -> Option<Option<Zeroizing<[u64; N]>>> {
+    let cand = Candidate::new(n)?;
     let all = Zeroizing::new([*n; LANES]);
     let p = Params::<L>::new(&all, true);
-    let (d, s) = d_and_s(&all);
+    let (mut d, s) = d_and_s(&all);
+    let mut half = None;
     let mut done = 0;
     while done < rounds {
         let count = (rounds - done).min(LANES);
@@ -435,14 +446,34 @@ fn random_rounds<const N: usize, const L: usize>(
         for b in bases.iter_mut().take(count) {
             *b = *cand.random_base(rng);
         }
+        // The last pass carries 2^crt in its first free lane (base 2, exponent crt).
+        let extra = crt.filter(|_| done + count == rounds && count < LANES);
+        if let Some(e) = extra {
+            bases[count] = [0; N];
+            bases[count][0] = 2;
+            for (w, word) in e.iter().enumerate() {
+                d[w][count] = *word;
+            }
+        }
         let b = lanes_of::<N, L>(&bases[..]);
-        let pass = dispatch::miller_rabin(simd, &p, Some(&b), &d, &s, S_MAX);
+        let mut first = Zeroizing::new([[0u64; LANES]; L]);
+        let keep = extra.is_some().then_some(&mut *first);
+        let pass = dispatch::miller_rabin(simd, &p, Some(&b), &d, &s, S_MAX, keep);
         if pass[..count].contains(&0) {
-            return false;
+            return None;
+        }
+        if extra.is_some() {
+            let out = Zeroizing::new(unlanes::<N, L>(&first, count + 1));
+            half = Some(Zeroizing::new(out[count]));
         }
         done += count;
     }
-    true
+    if let (Some(e), None) = (crt, &half) {
+        // Every lane of the last pass held a round: one pass of its own.
+        let out = Zeroizing::new(pow2_n::<N, L>(simd, &[*n], &[*e]));
+        half = Some(Zeroizing::new(out[0]));
+    }
+    Some(half)
 }
 
 /// The prime search of [`crate::prime::random_prime`] on the lanes: survivors are drawn from
@@ -451,11 +482,13 @@ fn random_rounds<const N: usize, const L: usize>(
 /// in lanes. The candidates drawn after the one that becomes the prime were tested too and are
 /// dropped: their verdicts concern other, uniformly random secret positions (see the module
 /// documentation of [`crate::prime`]). The output is the first prime of the random order, as
-/// in the one-at-a-time search.
-pub(crate) fn random_prime<const N: usize, const L: usize>(
+/// in the one-at-a-time search. `with_half`: each survivor of the base-2 round also gets its
+/// CRT exponent and that exponent's half of the pair-wise test ([`PrimeHalf`]).
+fn search_prime<const N: usize, const L: usize>(
     simd: Simd,
     rng: &mut impl CryptoRngCore,
-) -> Zeroizing<[u64; N]> {
+    with_half: bool,
+) -> PrimeHalf<N> {
     let bits = 64 * N;
     let width = (bits / 2).max(32);
     let rounds = rounds_for_bits(bits);
@@ -478,14 +511,40 @@ pub(crate) fn random_prime<const N: usize, const L: usize>(
             }
             let p = Params::<L>::new(&batch, false);
             let (d, s) = d_and_s(&batch);
-            let pass = dispatch::miller_rabin::<N, L>(simd, &p, None, &d, &s, S_MAX);
+            let pass = dispatch::miller_rabin::<N, L>(simd, &p, None, &d, &s, S_MAX, None);
             for lane in 0..count {
-                if pass[lane] != 0 && random_rounds::<N, L>(simd, &batch[lane], rounds, rng) {
-                    return Zeroizing::new(batch[lane]);
+                if pass[lane] == 0 {
+                    continue;
+                }
+                // The sieve keeps e ∤ n − 1, so the exponent exists for every candidate.
+                let crt = if with_half {
+                    match crate::rsa_ct::crt_exponent::<N>(&batch[lane]) {
+                        Some(e) => Some(e),
+                        None => continue,
+                    }
+                } else {
+                    None
+                };
+                if let Some(half) =
+                    random_rounds::<N, L>(simd, &batch[lane], rounds, rng, crt.as_deref())
+                {
+                    return PrimeHalf {
+                        prime: Zeroizing::new(batch[lane]),
+                        crt: crt.unwrap_or_else(|| Zeroizing::new([0; N])),
+                        half: half.unwrap_or_else(|| Zeroizing::new([0; N])),
+                    };
                 }
             }
         }
     }
+}
+
+/// [`search_prime`] without the pair-wise halves.
+pub(crate) fn random_prime<const N: usize, const L: usize>(
+    simd: Simd,
+    rng: &mut impl CryptoRngCore,
+) -> Zeroizing<[u64; N]> {
+    search_prime::<N, L>(simd, rng, false).prime
 }
 
 /// The lane prime search on `simd` for the sizes the engine uses (N = 16, 24, 32), `None` for
@@ -498,6 +557,19 @@ pub fn search<const N: usize>(
         16 => Some(random_prime::<N, 20>(simd, rng)),
         24 => Some(random_prime::<N, 30>(simd, rng)),
         32 => Some(random_prime::<N, 40>(simd, rng)),
+        _ => None,
+    }
+}
+
+/// [`search`] with the prime's half of the key's pair-wise consistency test ([`PrimeHalf`]).
+pub(crate) fn search_with_half<const N: usize>(
+    simd: Simd,
+    rng: &mut impl CryptoRngCore,
+) -> Option<PrimeHalf<N>> {
+    match N {
+        16 => Some(search_prime::<N, 20>(simd, rng, true)),
+        24 => Some(search_prime::<N, 30>(simd, rng, true)),
+        32 => Some(search_prime::<N, 40>(simd, rng, true)),
         _ => None,
     }
 }
