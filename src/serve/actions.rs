@@ -31,12 +31,34 @@ pub struct Actions<R> {
     pub tasks: tokio_util::task::TaskTracker,
 }
 
+impl<R> Clone for Actions<R> {
+    fn clone(&self) -> Self {
+        Actions {
+            lifecycle: self.lifecycle.clone(),
+            upstream: self.upstream.clone(),
+            key_bits: self.key_bits,
+            tasks: self.tasks.clone(),
+        }
+    }
+}
+
 impl<R: Registry> Actions<R> {
     pub async fn run(&self, caller: &Caller) -> Answer {
         let provider = caller.scheme.provider();
         let outcome = match caller.kind {
             ActionKind::Create => return self.create(caller).await,
-            ActionKind::Import => self.import(caller).await,
+            // Its own task, as a create: a client that goes away mid-import (a killed worker)
+            // must not leave the name reserved, unlisted and untaken, until the reservation
+            // expires — its retry would be told the name exists and find nothing there.
+            ActionKind::Import => {
+                let (actions, caller) = (self.clone(), caller.clone());
+                let task = self
+                    .tasks
+                    .spawn(async move { actions.import(&caller).await });
+                task.await.unwrap_or_else(|e| {
+                    Err(ApiError::Internal(format!("the import task failed: {e}")))
+                })
+            }
             ActionKind::Describe => self.describe(caller).await,
             ActionKind::Delete => self.delete(caller).await,
         };

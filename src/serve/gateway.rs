@@ -92,7 +92,7 @@ pub enum Fault {
 }
 
 /// An authenticated request, ready for its action.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub scheme: Scheme,
     pub key: AccessKey,

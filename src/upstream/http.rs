@@ -597,7 +597,9 @@ impl Upstream for HttpUpstream {
         let until = Instant::now() + self.deadline;
         let params = HttpUpstream::import_params(reg);
         // Import; on "exists", look and either succeed, replace our own lost key, or refuse.
-        for _ in 0..4 {
+        let mut replaced = 0;
+        let mut pause = Duration::from_millis(100);
+        loop {
             match self
                 .call(req, &signer, ActionKind::Import, &params, until)
                 .await
@@ -609,7 +611,19 @@ impl Upstream for HttpUpstream {
                 }
                 Err(ApiError::Upstream(r)) if is_already_exists(provider, &r) => {
                     let Some((id, fp)) = self.lookup(req, &signer, until).await? else {
-                        continue; // deleted meanwhile: import again
+                        // The name exists but is not listed: deleted meanwhile, or an import
+                        // of it still under way in the cloud (an earlier attempt's, sent just
+                        // before its worker died). Ask again shortly, within the deadline.
+                        let jitter = Duration::from_millis(u64::from(OsRng.next_u32() % 100));
+                        if Instant::now() + pause + jitter > until {
+                            return Err(ApiError::Internal(format!(
+                                "the cloud kept answering that the name exists without listing it, for {:?}",
+                                self.deadline
+                            )));
+                        }
+                        tokio::time::sleep(pause + jitter).await;
+                        pause = (pause * 2).min(Duration::from_secs(3));
+                        continue;
                     };
                     if same_key(req, id.as_deref(), &fp, reg.public_key) {
                         return Ok(Registered { key_pair_id: id });
@@ -622,15 +636,19 @@ impl Upstream for HttpUpstream {
                     if !ours {
                         return Err(ApiError::AlreadyExists);
                     }
+                    replaced += 1;
+                    if replaced > 3 {
+                        return Err(ApiError::Internal(
+                            "the cloud kept answering that the name exists while it was being replaced"
+                                .into(),
+                        ));
+                    }
                     tracing::info!(%provider, job = %reg.job_id, "replacing this job's earlier key, never delivered, in the cloud");
                     self.delete(req, &signer, id.as_deref(), until).await?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(ApiError::Internal(
-            "the cloud kept answering that the name exists while it was being replaced".into(),
-        ))
     }
 }
 

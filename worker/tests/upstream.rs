@@ -79,7 +79,12 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
         let c = env.collect("bupkill", "out", Duration::from_secs(60)).await;
         assert!(c.complete, "{c:?}");
         let (created, failed) = check_batch(&env, "out", 80).await;
-        assert_eq!((created, failed.len()), (80, 0), "{failed:?}");
+        let why: Vec<String> = manifest(&env.path("out"))
+            .iter()
+            .filter(|l| l["status"] != "created")
+            .map(|l| format!("{}: {} {}", l["key_pair_name"], l["code"], l["message"]))
+            .collect();
+        assert_eq!((created, failed.len()), (80, 0), "{failed:?} {why:?}");
         // The cloud's side: exactly the delivered names, with the delivered keys.
         let delivered: BTreeMap<String, String> = manifest(&env.path("out"))
             .iter()
