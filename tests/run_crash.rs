@@ -34,14 +34,33 @@ fn run_killed_repeatedly_then_rerun_lists_every_row_with_its_registered_key() {
             .args(["--threads", "2", "--json", "--progress", "off"]);
         c
     };
-    // Kills at different points of different runs; each rerun goes on where the last stopped.
-    for ms in [250, 400, 150, 600, 300, 500] {
+    // Six runs, each killed once it has written about 40 more key files (plus a few
+    // milliseconds that differ per run, so the kill falls at different points of a key's
+    // life); each rerun goes on where the last stopped, and the last one finishes the batch.
+    let pem_count = || {
+        walk(&dir.path().join("keys"))
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+            .count()
+    };
+    for extra_ms in [0, 7, 3, 11, 5, 13] {
+        let before = if dir.path().join("keys").exists() {
+            pem_count()
+        } else {
+            0
+        };
         let mut child = run()
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(ms));
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(60)
+            && (!dir.path().join("keys").exists() || pem_count() < before + 40)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(extra_ms));
         child.kill().unwrap();
         child.wait().unwrap();
     }
