@@ -236,7 +236,16 @@ pub fn encode(key: &PrivateKey) -> Result<KeyMaterial, KeygenError> {
     let private_pem = key
         .to_pkcs8_pem()
         .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let public = rsa_ct::ssh_public(&key.n_be(), &key.e_be()).map_err(KeygenError::Encode)?;
+    material(private_pem, &key.n_be(), &key.e_be())
+}
+
+/// A PEM with the public line and fingerprints of its modulus `n` and exponent `e`.
+fn material(
+    private_pem: Zeroizing<String>,
+    n: &[u8],
+    e: &[u8],
+) -> Result<KeyMaterial, KeygenError> {
+    let public = rsa_ct::ssh_public(n, e).map_err(KeygenError::Encode)?;
     let public_line = public
         .to_openssh()
         .map_err(|e| KeygenError::Encode(e.to_string()))?;
@@ -264,18 +273,7 @@ pub fn fingerprints_of_pem(pem: &str) -> Result<(String, String), KeygenError> {
 /// as it is, byte for byte, so delivering it again finds the same file.
 pub fn material_of_pem(private_pem: Zeroizing<String>) -> Result<KeyMaterial, KeygenError> {
     let (n, e) = rsa_ct::public_of_pem(&private_pem).map_err(KeygenError::Encode)?;
-    let public = rsa_ct::ssh_public(&n, &e).map_err(KeygenError::Encode)?;
-    let public_line = public
-        .to_openssh()
-        .map_err(|e| KeygenError::Encode(e.to_string()))?;
-    let (fingerprint_md5, fingerprint_sha256) =
-        rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)?;
-    Ok(KeyMaterial {
-        private_pem,
-        public_line,
-        fingerprint_md5,
-        fingerprint_sha256,
-    })
+    material(private_pem, &n, &e)
 }
 
 /// Generates and encodes one key pair.

@@ -245,24 +245,36 @@ pub(crate) fn crt_exponent<const N: usize>(p: &[u64; N]) -> Option<Zeroizing<[u6
     let prec = 64 * N as u32;
     let p = Zeroizing::new(from_limbs(p));
     let pm1 = Zeroizing::new(p.wrapping_sub(BoxedUint::one_with_precision(prec)));
-    let e_limb = NonZero::new(Limb::from(PUBLIC_EXPONENT)).into_option()?;
-    let e_odd = Odd::new(U64::from_u32(PUBLIC_EXPONENT)).into_option()?;
-    let mut u = U64::from_word(pm1.rem_limb(e_limb).0);
+    let (dp, ok) = e_inverse(&pm1);
+    // Only the verdict is branched on: false means e | p − 1, which the sieve rules out.
+    ok.to_bool().then(|| limbs::<N>(&dp))
+}
+
+/// `e⁻¹ mod m` for an even `m` (λ, or p − 1), in constant time: `(1 + m·(e − v)) / e` with
+/// `v = (m mod e)⁻¹ mod e` (see the module comment). The value has m's precision plus one limb
+/// (its top limb is zero); the choice is false when `e | m` (no inverse) or the division by `e`
+/// was not exact.
+fn e_inverse(m: &BoxedUint) -> (Zeroizing<BoxedUint>, Choice) {
+    let e_limb = NonZero::new(Limb::from(PUBLIC_EXPONENT))
+        .into_option()
+        .expect("e ≠ 0");
+    let e_odd = Odd::new(U64::from_u32(PUBLIC_EXPONENT))
+        .into_option()
+        .expect("e odd");
+    let mut u = U64::from_word(m.rem_limb(e_limb).0);
     let v = u.invert_odd_mod(&e_odd);
-    u.zeroize();
     let mut ok = v.is_some();
     let mut v = v.unwrap_or(U64::ONE);
-    let mut t = U64::from_u32(PUBLIC_EXPONENT).wrapping_sub(&v);
+    let mut t = U64::from_u32(PUBLIC_EXPONENT).wrapping_sub(&v); // e − v, in [1, e − 1]
     let t_wide = BoxedUint::from(t);
+    u.zeroize();
     v.zeroize();
     t.zeroize();
-    let mut num = Zeroizing::new(pm1.concatenating_mul(&t_wide));
+    let mut num = Zeroizing::new(m.concatenating_mul(&t_wide)); // m's bits + 64
     *num = num.wrapping_add(BoxedUint::one_with_precision(num.bits_precision()));
     let (quotient, rem) = num.div_rem_limb(e_limb);
-    let quotient = Zeroizing::new(quotient);
     ok = ok.and(rem.ct_eq(&Limb::ZERO));
-    // Only the verdict is branched on: false means e | p − 1, which the sieve rules out.
-    ok.to_bool().then(|| limbs::<N>(&quotient))
+    (Zeroizing::new(quotient), ok)
 }
 
 /// [`assemble`] without the pair-wise consistency test: only the d/CRT step (n, λ, d, dp, dq,
@@ -301,27 +313,10 @@ fn derive(p_be: &[u8], q_be: &[u8]) -> Result<(RsaPrivate, Odd<BoxedUint>), Asse
     let qm1 = Zeroizing::new(q.wrapping_sub(&one));
     let lambda = Zeroizing::new(pm1.lcm(&qm1)); // 2·prec bits
 
-    // d = (1 + λ·(e − (λ mod e)⁻¹ mod e)) / e: see the module comment.
-    let e_limb = NonZero::new(Limb::from(PUBLIC_EXPONENT))
-        .into_option()
-        .expect("e ≠ 0");
-    let e_odd = Odd::new(U64::from_u32(PUBLIC_EXPONENT))
-        .into_option()
-        .expect("e odd");
-    let mut u = U64::from_word(lambda.rem_limb(e_limb).0);
-    let v = u.invert_odd_mod(&e_odd);
-    ok = ok.and(v.is_some()); // false iff e | λ, i.e. e | p − 1 or e | q − 1
-    let mut v = v.unwrap_or(U64::ONE);
-    let mut t = U64::from_u32(PUBLIC_EXPONENT).wrapping_sub(&v); // e − v, in [1, e − 1]
-    let t_wide = BoxedUint::from(t);
-    u.zeroize();
-    v.zeroize();
-    t.zeroize();
-    let mut num = Zeroizing::new(lambda.concatenating_mul(&t_wide)); // 2·prec + 64 bits
-    *num = num.wrapping_add(BoxedUint::one_with_precision(num.bits_precision()));
-    let (d_wide, rem) = num.div_rem_limb(e_limb);
-    let d_wide = Zeroizing::new(d_wide);
-    ok = ok.and(rem.ct_eq(&Limb::ZERO));
+    // d = (1 + λ·(e − (λ mod e)⁻¹ mod e)) / e: see the module comment. Invalid iff e | λ,
+    // i.e. e | p − 1 or e | q − 1.
+    let (d_wide, d_ok) = e_inverse(&lambda);
+    ok = ok.and(d_ok);
     // d < λ < 2^(2·prec): dropping the top limb loses nothing.
     let d = Zeroizing::new((*d_wide).clone().resize_unchecked(2 * prec));
     let d_lt_lambda = d.ct_lt(&lambda);

@@ -295,8 +295,7 @@ impl HttpUpstream {
                 Outcome::Answer(body) => return Ok(body),
                 Outcome::Refused(reply) => return Err(refusal(provider, reply)),
                 Outcome::Again(why, after) => {
-                    let jitter = Duration::from_millis(u64::from(OsRng.next_u32() % 100));
-                    let wait = after.unwrap_or(pause).max(pause) + jitter;
+                    let wait = after.unwrap_or(pause).max(pause) + jitter();
                     if Instant::now() + wait > until {
                         return Err(ApiError::Internal(format!(
                             "the cloud did not accept {action} within {:?}: {why}",
@@ -401,6 +400,11 @@ impl HttpUpstream {
             .await
             .map(drop)
     }
+}
+
+/// Up to 100 ms added to a retry's wait, so retries of many jobs do not arrive together.
+fn jitter() -> Duration {
+    Duration::from_millis(u64::from(OsRng.next_u32() % 100))
 }
 
 /// A key pair as the cloud describes it.
@@ -614,14 +618,14 @@ impl Upstream for HttpUpstream {
                         // The name exists but is not listed: deleted meanwhile, or an import
                         // of it still under way in the cloud (an earlier attempt's, sent just
                         // before its worker died). Ask again shortly, within the deadline.
-                        let jitter = Duration::from_millis(u64::from(OsRng.next_u32() % 100));
-                        if Instant::now() + pause + jitter > until {
+                        let wait = pause + jitter();
+                        if Instant::now() + wait > until {
                             return Err(ApiError::Internal(format!(
                                 "the cloud kept answering that the name exists without listing it, for {:?}",
                                 self.deadline
                             )));
                         }
-                        tokio::time::sleep(pause + jitter).await;
+                        tokio::time::sleep(wait).await;
                         pause = (pause * 2).min(Duration::from_secs(3));
                         continue;
                     };
