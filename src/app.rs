@@ -15,7 +15,6 @@ use crate::config::{
     resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, Overrides, RunArgs, ServeArgs,
     ServerArgs, StateArgs, StatusArgs, SubmitArgs,
 };
-use crate::dialect::Scope;
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Filter, Registry};
@@ -29,6 +28,24 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// Runs `$command(&registry, args)` on the registry `args.registry` names: Redis with
+/// `--redis-url`, otherwise the embedded state file.
+macro_rules! on_registry {
+    ($command:ident, $args:expr, $file:expr) => {{
+        let args = $args;
+        match args.registry.redis_url.clone() {
+            Some(url) => {
+                let registry = redis_registry(&url, &args.registry.prefix).await?;
+                $command(&registry, args).await
+            }
+            None => {
+                let state = state_path(&args.registry.state, $file);
+                $command(&open_registry(&state)?, args).await
+            }
+        }
+    }};
+}
+
 /// Runs one `keyfleet` command. Errors carry context for the user; the caller prints them.
 pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let (file, _path) = match FileConfig::load(cli.global.config.as_deref()) {
@@ -40,22 +57,10 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
     };
     match cli.command {
         Command::Run(args) => run_command(&file, args, shutdown).await,
-        Command::Describe(args) => match args.redis_url.clone() {
-            Some(url) => {
-                let registry = redis_registry(&url, &args.prefix).await?;
-                describe(&registry, args).await
-            }
-            None => describe(&open_registry(&state_path(&args.state, &file))?, args).await,
-        },
+        Command::Describe(args) => on_registry!(describe, args, &file),
         Command::Delete(mut args) => {
             args.upstream = args.upstream.with_file(&file);
-            match args.redis_url.clone() {
-                Some(url) => {
-                    let registry = redis_registry(&url, &args.prefix).await?;
-                    delete(&registry, args).await
-                }
-                None => delete(&open_registry(&state_path(&args.state, &file))?, args).await,
-            }
+            on_registry!(delete, args, &file)
         }
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => {
@@ -80,13 +85,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
         Command::Reconcile(mut args) => {
             args.upstream = args.upstream.with_file(&file);
-            match args.redis_url.clone() {
-                Some(url) => {
-                    let registry = redis_registry(&url, &args.prefix).await?;
-                    reconcile(&registry, args).await
-                }
-                None => reconcile(&open_registry(&state_path(&args.state, &file))?, args).await,
-            }
+            on_registry!(reconcile, args, &file)
         }
         Command::Bench(args) => {
             if args.scalar {
@@ -146,7 +145,7 @@ async fn serve_command(
     };
     let resolved = resolve(
         &Overrides {
-            state: args.state.state.clone(),
+            state: args.registry.state.state.clone(),
             quota: args.quota,
             key_bits: args.key_bits,
             threads: args.threads,
@@ -154,10 +153,10 @@ async fn serve_command(
         },
         file,
     );
-    let store = match &args.redis_url {
+    let store = match &args.registry.redis_url {
         Some(url) => crate::serve::Store::Redis {
             url: url.clone(),
-            prefix: args.prefix.clone(),
+            prefix: args.registry.prefix.clone(),
             connect_timeout: args.connect_timeout,
         },
         None => crate::serve::Store::Embedded(resolved.state.clone()),
@@ -171,8 +170,7 @@ async fn serve_command(
     let upstream = if upstream_args.all_endpoints().is_empty() {
         crate::upstream::Configured::local()
     } else {
-        let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
-            .map(std::sync::Arc::new);
+        let limit = args.upstream_limit.rate_limit();
         match crate::upstream::Configured::build(&upstream_args, limit) {
             Ok(u) => u,
             Err(e) => {
@@ -265,8 +263,7 @@ async fn run_command(
     let summary = if upstream_args.all_endpoints().is_empty() {
         run(opts, shutdown).await
     } else {
-        let limit = crate::rate_limit::RateLimit::new(args.upstream_rps, args.upstream_burst)
-            .map(std::sync::Arc::new);
+        let limit = args.upstream_limit.rate_limit();
         let upstream = match crate::upstream::Configured::build(&upstream_args, limit) {
             Ok(u) => u,
             Err(e) => {
@@ -604,11 +601,7 @@ async fn reconcile<R: Registry>(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let scope = Scope {
-        provider: args.provider,
-        owner: args.owner.clone(),
-        region: args.region.clone(),
-    };
+    let scope = args.scope.scope();
     let filter = Filter {
         provider: Some(scope.provider),
         owner: Some(scope.owner.clone()),
@@ -687,11 +680,7 @@ async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<E
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let scope = Scope {
-        provider: args.provider,
-        owner: args.owner,
-        region: args.region,
-    };
+    let scope = args.scope.scope();
     let mut missing = 0;
     for name in &args.names {
         // The cloud first: a pair left in keyfleet can be deleted again; one left only in the

@@ -61,6 +61,42 @@ pub struct StateArgs {
     pub state: Option<PathBuf>,
 }
 
+/// Which registry a command uses: the embedded state file, or Redis with `--redis-url`.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Use the registry in Redis (distributed mode) instead of the state file; every process
+    /// on the same Redis and prefix shares names, quota (and for `serve`, nonces).
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
+    pub prefix: String,
+}
+
+/// One provider + owner + region: where `delete` and `reconcile` act.
+#[derive(Debug, Args)]
+pub struct ScopeArgs {
+    #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    /// Alibaba account / UCloud project.
+    #[arg(long, default_value = "default")]
+    pub owner: String,
+    #[arg(long)]
+    pub region: String,
+}
+
+impl ScopeArgs {
+    pub fn scope(&self) -> crate::dialect::Scope {
+        crate::dialect::Scope {
+            provider: self.provider,
+            owner: self.owner.clone(),
+            region: self.region.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a batch file through the whole pipeline in this process (no servers needed).
@@ -101,14 +137,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYFLEET_CREDENTIALS", value_name = "FILE")]
     pub credentials: PathBuf,
     #[command(flatten)]
-    pub state: StateArgs,
-    /// Keep the registry in Redis instead of the state file, so that several `serve` instances
-    /// (and workers) share names, quota and nonces.
-    #[arg(long, env = "KEYFLEET_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Prefix of every Redis key (with --redis-url).
-    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
-    pub prefix: String,
+    pub registry: RegistryArgs,
     /// How long to wait for Redis at start-up (with --redis-url).
     #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: std::time::Duration,
@@ -149,13 +178,8 @@ pub struct ServeArgs {
     /// fast front, answering creates from its reservoir, for a cloud's key-pair API.
     #[command(flatten)]
     pub upstream: UpstreamArgs,
-    /// Upstream calls per second per provider + account + region (with an upstream); 0 =
-    /// unlimited.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
-    pub upstream_rps: u32,
-    /// Burst allowed above --upstream-rps.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
-    pub upstream_burst: u32,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -164,6 +188,26 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a fraction from 0 to 1 (--fault-rate / KEYFLEET_FAULT_RATE)"
         )),
+    }
+}
+
+/// The rate limit on calls to the cloud's API.
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamLimitArgs {
+    /// Upstream (cloud API) calls per second per provider + account + region, with
+    /// --upstream-endpoint; 0 = unlimited.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
+    pub upstream_rps: u32,
+    /// Burst allowed above --upstream-rps.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
+    pub upstream_burst: u32,
+}
+
+impl UpstreamLimitArgs {
+    /// The limiter every task of this process shares; `None` when unlimited.
+    pub fn rate_limit(&self) -> Option<std::sync::Arc<crate::rate_limit::RateLimit>> {
+        crate::rate_limit::RateLimit::new(self.upstream_rps, self.upstream_burst)
+            .map(std::sync::Arc::new)
     }
 }
 
@@ -376,12 +420,8 @@ pub struct WorkerArgs {
     /// burst of jobs does not wait for key generation; 0 turns the reservoir off.
     #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 16)]
     pub reservoir: usize,
-    /// Upstream (cloud API) calls per second per provider + account + region; 0 = unlimited.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
-    pub upstream_rps: u32,
-    /// Burst allowed above --upstream-rps.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
-    pub upstream_burst: u32,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// After a shutdown signal, how long jobs in flight may take to finish.
@@ -432,8 +472,8 @@ impl WorkerArgs {
             threads,
             settings: resolved.settings,
             reservoir: self.reservoir,
-            upstream_rps: self.upstream_rps,
-            upstream_burst: self.upstream_burst,
+            upstream_rps: self.upstream_limit.upstream_rps,
+            upstream_burst: self.upstream_limit.upstream_burst,
             upstream: self.upstream.with_file(file),
             drain_timeout: self.drain_timeout,
             metrics_addr: self.metrics_addr.0,
@@ -564,25 +604,14 @@ pub struct RunArgs {
     pub metrics_addr: MetricsAddr,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
-    /// Upstream (cloud API) calls per second per provider + account + region, with
-    /// --upstream-endpoint; 0 = unlimited.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
-    pub upstream_rps: u32,
-    /// Burst allowed above --upstream-rps.
-    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
-    pub upstream_burst: u32,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct DescribeArgs {
     #[command(flatten)]
-    pub state: StateArgs,
-    /// Read the registry in Redis (distributed mode) instead of the embedded state file.
-    #[arg(long, env = "KEYFLEET_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Redis key prefix (with --redis-url).
-    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
-    pub prefix: String,
+    pub registry: RegistryArgs,
     #[arg(long, value_parser = parse_provider)]
     pub provider: Option<Provider>,
     /// Alibaba account / UCloud project.
@@ -604,20 +633,9 @@ pub struct DescribeArgs {
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     #[command(flatten)]
-    pub state: StateArgs,
-    /// Delete from the registry in Redis (distributed mode) instead of the embedded state file.
-    #[arg(long, env = "KEYFLEET_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Redis key prefix (with --redis-url).
-    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
-    pub prefix: String,
-    #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
-    pub provider: Provider,
-    /// Alibaba account / UCloud project.
-    #[arg(long, default_value = "default")]
-    pub owner: String,
-    #[arg(long)]
-    pub region: String,
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
     /// Names of the key pairs to delete.
     #[arg(required = true)]
     pub names: Vec<String>,
@@ -631,20 +649,9 @@ pub struct DeleteArgs {
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
     #[command(flatten)]
-    pub state: StateArgs,
-    /// Compare the registry in Redis (distributed mode) instead of the embedded state file.
-    #[arg(long, env = "KEYFLEET_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Redis key prefix (with --redis-url).
-    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet")]
-    pub prefix: String,
-    #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
-    pub provider: Provider,
-    /// Alibaba account / UCloud project.
-    #[arg(long, default_value = "default")]
-    pub owner: String,
-    #[arg(long)]
-    pub region: String,
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
     /// The cloud to compare with (required: --upstream-endpoint).
     #[command(flatten)]
     pub upstream: UpstreamArgs,

@@ -50,17 +50,22 @@ pub fn path_component(s: &str) -> String {
     out
 }
 
+/// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
+/// returns its manifest's path.
+fn open_folder(root: &Path) -> Result<PathBuf, OutputError> {
+    crate::sink::key_files::private_folder(root).map_err(|source| OutputError::Folder {
+        path: root.to_owned(),
+        source,
+    })?;
+    sweep(root);
+    Ok(root.join(MANIFEST))
+}
+
 impl OutputDir {
     /// Creates the folder (and parents) and a fresh manifest. An existing manifest is kept
     /// beside it as `manifest-<unix seconds>.jsonl` rather than overwritten.
     pub fn create(root: &Path) -> Result<Self, OutputError> {
-        let folder_err = |source| OutputError::Folder {
-            path: root.to_owned(),
-            source,
-        };
-        crate::sink::key_files::private_folder(root).map_err(folder_err)?;
-        sweep(root);
-        let manifest_path = root.join(MANIFEST);
+        let manifest_path = open_folder(root)?;
         let mut rotated = None;
         if manifest_path.exists() {
             let mut n = crate::job::unix_now();
@@ -71,7 +76,10 @@ impl OutputDir {
                 }
                 n += 1;
             };
-            fs::rename(&manifest_path, &target).map_err(folder_err)?;
+            fs::rename(&manifest_path, &target).map_err(|source| OutputError::Folder {
+                path: root.to_owned(),
+                source,
+            })?;
             rotated = Some(target);
         }
         let file = OpenOptions::new()
@@ -95,13 +103,7 @@ impl OutputDir {
     /// Opens the folder for `collect`, which may be run again and again: the manifest is
     /// appended to, and the job ids already in it are returned so no job is written twice.
     pub fn resume(root: &Path) -> Result<(Self, Written), OutputError> {
-        let folder_err = |source| OutputError::Folder {
-            path: root.to_owned(),
-            source,
-        };
-        crate::sink::key_files::private_folder(root).map_err(folder_err)?;
-        sweep(root);
-        let manifest_path = root.join(MANIFEST);
+        let manifest_path = open_folder(root)?;
         let manifest_err = |source| OutputError::Manifest {
             path: manifest_path.clone(),
             source,

@@ -108,26 +108,10 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, Registry
         .response_timeout(RESPONSE_TIMEOUT)
         .build()
         .map_err(|e| RegistryError::Storage(format!("invalid Redis Cluster URLs {shown}: {e}")))?;
-    let connect = async {
-        let mut conn = client
-            .get_async_connection()
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(|e| format!("connected, but PING failed: {e}"))?;
-        Ok::<_, String>(conn)
-    };
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(conn)) => Ok(RedisConn::Cluster(conn)),
-        Ok(Err(why)) => Err(RegistryError::Storage(format!(
-            "Redis Cluster at {shown}: {why}"
-        ))),
-        Err(_) => Err(RegistryError::Storage(format!(
-            "Redis Cluster at {shown}: no connection within {timeout:?}"
-        ))),
-    }
+    let server = format!("Redis Cluster at {shown}");
+    open_and_ping(server, timeout, client.get_async_connection())
+        .await
+        .map(RedisConn::Cluster)
 }
 
 /// Opens a self-reconnecting connection to `url`, waiting at most `timeout`, and checks it
@@ -144,10 +128,19 @@ pub async fn connect_manager(
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(RECONNECT_ATTEMPTS)
         .set_max_delay(MAX_RECONNECT_DELAY);
+    let opened = ConnectionManager::new_with_config(client, config);
+    open_and_ping(format!("Redis at {shown}"), timeout, opened).await
+}
+
+/// Opens a connection with `open` and checks it with PING, all within `timeout`. Errors name
+/// `server` and say which step failed.
+async fn open_and_ping<C, F>(server: String, timeout: Duration, open: F) -> Result<C, RegistryError>
+where
+    C: redis::aio::ConnectionLike,
+    F: std::future::Future<Output = redis::RedisResult<C>>,
+{
     let connect = async {
-        let mut conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut conn = open.await.map_err(|e| format!("cannot connect: {e}"))?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -156,9 +149,9 @@ pub async fn connect_manager(
     };
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(why)) => Err(RegistryError::Storage(format!("Redis at {shown}: {why}"))),
+        Ok(Err(why)) => Err(RegistryError::Storage(format!("{server}: {why}"))),
         Err(_) => Err(RegistryError::Storage(format!(
-            "Redis at {shown}: no connection within {timeout:?}"
+            "{server}: no connection within {timeout:?}"
         ))),
     }
 }

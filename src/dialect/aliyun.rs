@@ -225,29 +225,16 @@ pub fn decode(
     catalog: &Catalog,
 ) -> Result<CreateRequest, ApiError> {
     // 1. names
-    for name in params.keys() {
-        let known = matches!(
-            name.as_str(),
+    let known = |name: &str| {
+        matches!(
+            name,
             "Action" | "RegionId" | "KeyPairName" | "ResourceGroupId"
-        ) || tag_param(name).is_some();
-        if !known {
-            let reason = if SIGNING_PARAMS.contains(&name.as_str()) {
-                "a signing parameter; keyfleet takes no credentials or signatures"
-            } else {
-                "unknown parameter"
-            };
-            return Err(ApiError::unknown_parameter(name, reason));
-        }
-    }
+        ) || tag_param(name).is_some()
+    };
+    let signing = "a signing parameter; keyfleet takes no credentials or signatures";
+    super::check_create_names(params, known, SIGNING_PARAMS, signing)?;
     // 2. Action
-    if let Some(action) = params.get("Action") {
-        if action != ACTION {
-            return Err(ApiError::InvalidParameter {
-                name: ApiError::ACTION.into(),
-                reason: format!("unsupported action {:?}; expected {ACTION}", clip(action)),
-            });
-        }
-    }
+    super::check_create_action(params, ACTION)?;
     // 3. required
     let required = |p: &str| match params.get(p) {
         Some(v) if !v.is_empty() => Ok(v),
@@ -507,14 +494,7 @@ pub fn xml_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialect::tests::all_errors;
-
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::dialect::tests::{all_errors, params};
 
     fn base() -> BTreeMap<String, String> {
         params(&[

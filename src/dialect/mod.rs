@@ -343,6 +343,37 @@ impl ApiError {
     }
 }
 
+/// A create request's parameter names: each must be `known`; a dialect's signing parameter
+/// (in `signing`) is refused with `signing_reason`, anything else as unknown.
+pub(crate) fn check_create_names(
+    params: &BTreeMap<String, String>,
+    known: impl Fn(&str) -> bool,
+    signing: &[&str],
+    signing_reason: &str,
+) -> Result<(), ApiError> {
+    match params.keys().find(|name| !known(name)) {
+        Some(name) if signing.contains(&name.as_str()) => {
+            Err(ApiError::unknown_parameter(name, signing_reason))
+        }
+        Some(name) => Err(ApiError::unknown_parameter(name, "unknown parameter")),
+        None => Ok(()),
+    }
+}
+
+/// An `Action` parameter, when sent, must name the dialect's create action.
+pub(crate) fn check_create_action(
+    params: &BTreeMap<String, String>,
+    expected: &str,
+) -> Result<(), ApiError> {
+    match params.get("Action") {
+        Some(action) if action != expected => Err(ApiError::InvalidParameter {
+            name: ApiError::ACTION.into(),
+            reason: format!("unsupported action {:?}; expected {expected}", clip(action)),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// How a dialect answers an error.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ErrorReply {
@@ -750,6 +781,14 @@ mod tests {
         assert!(error_body(Provider::Ucloud, &e, uuid::Uuid::nil())
             .get("RetCode")
             .is_some());
+    }
+
+    /// Request parameters from name/value pairs, for the dialect tests.
+    pub(crate) fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// One value of every variant, for exhaustive reply tables in the dialect tests.

@@ -52,9 +52,7 @@ use rand_core::{OsRng, RngCore};
 
 pub mod actions;
 
-use super::{
-    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError,
-};
+use super::{is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError};
 
 /// The only accepted `Action` value.
 pub const ACTION: &str = "CreateUHostKeyPair";
@@ -188,28 +186,16 @@ pub fn decode(
     params: &BTreeMap<String, String>,
     catalog: &Catalog,
 ) -> Result<CreateRequest, ApiError> {
-    for name in params.keys() {
-        if !matches!(
-            name.as_str(),
+    let known = |name: &str| {
+        matches!(
+            name,
             "Action" | "Region" | "Zone" | "ProjectId" | "KeyPairName"
-        ) {
-            let reason = if SIGNING_PARAMS.contains(&name.as_str()) {
-                "a signing parameter (the API credential, not an SSH key); keyfleet takes no \
-                 credentials or signatures"
-            } else {
-                "unknown parameter"
-            };
-            return Err(ApiError::unknown_parameter(name, reason));
-        }
-    }
-    if let Some(action) = params.get("Action") {
-        if action != ACTION {
-            return Err(ApiError::InvalidParameter {
-                name: ApiError::ACTION.into(),
-                reason: format!("unsupported action {:?}; expected {ACTION}", clip(action)),
-            });
-        }
-    }
+        )
+    };
+    let signing = "a signing parameter (the API credential, not an SSH key); keyfleet takes no \
+                   credentials or signatures";
+    super::check_create_names(params, known, SIGNING_PARAMS, signing)?;
+    super::check_create_action(params, ACTION)?;
     let name = match params.get("KeyPairName") {
         Some(n) if !n.is_empty() => n,
         _ => return Err(ApiError::MissingParameter("KeyPairName".into())),
@@ -319,15 +305,8 @@ pub fn error_json(err: &ApiError) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialect::tests::all_errors;
+    use crate::dialect::tests::{all_errors, params};
     use crate::dialect::{Provider, Scope};
-
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn run(pairs: &[(&str, &str)]) -> Result<CreateRequest, ApiError> {
         decode("org-default", &params(pairs), &Catalog::default())

@@ -2,6 +2,8 @@
 -- Only over a reservation held by this job (expired or not, as in the embedded store);
 -- anything else means the reservation was lost to another job.
 --
+-- Runs after entry.lua (`job_entry`).
+--
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
@@ -10,15 +12,8 @@
 -- Returns "ok" | "lost". The quota count is unchanged: the reservation's slot becomes the
 -- record's.
 
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then
-  return 'lost'
-end
-local ok, e = pcall(cjson.decode, raw)
-if not ok or type(e) ~= 'table' then
-  error('keyfleet: entry ' .. ARGV[1] .. ' is not valid JSON')
-end
-if e.state ~= 'reserved' or string.lower(tostring(e.job_id)) ~= string.lower(ARGV[2]) then
+local e = job_entry('reserved')
+if not e then
   return 'lost'
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])

@@ -120,6 +120,35 @@ fn open_database(path: &Path) -> Result<Database, RegistryError> {
     }
 }
 
+/// The entry under `key`, decoded.
+fn entry_at(
+    entries: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Entry>, RegistryError> {
+    match entries.get(key).map_err(storage)? {
+        Some(v) => Ok(Some(decode_entry(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// A write transaction whose commit is not synced on its own (a later synced commit makes it
+/// durable along with itself).
+fn unsynced_write(db: &Database) -> Result<redb::WriteTransaction, RegistryError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(redb::Durability::None)
+        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+    Ok(txn)
+}
+
+/// Gives one slot of `scope_key`'s quota back.
+fn free_slot(counts: &mut redb::Table<&str, u64>, scope_key: &str) -> Result<(), RegistryError> {
+    let used = counts.get(scope_key).map_err(storage)?.map(|v| v.value());
+    counts
+        .insert(scope_key, used.unwrap_or(0).saturating_sub(1))
+        .map_err(storage)?;
+    Ok(())
+}
+
 /// Removes expired reservations of one scope; returns how many slots were freed.
 fn sweep_expired(
     entries: &mut redb::Table<&str, &[u8]>,
@@ -158,10 +187,7 @@ impl Registry for EmbeddedRegistry {
             let txn = db.begin_write().map_err(storage)?;
             let tried = {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-                let existing = match entries.get(key.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode_entry(v.value())?),
-                    None => None,
-                };
+                let existing = entry_at(&entries, &key)?;
                 match existing {
                     Some(Entry::Reserved {
                         job_id: j,
@@ -199,11 +225,9 @@ impl Registry for EmbeddedRegistry {
             == NONCE_SWEEP_EVERY - 1;
         self.blocking(move |db| {
             let now = now_ms();
-            let mut txn = db.begin_write().map_err(storage)?;
             // A nonce lost in a crash lets a replay through only within the 15 minutes its
             // time stamp is valid, and only after that crash: not worth an fsync per request.
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            let txn = unsynced_write(db)?;
             let fresh = {
                 let mut nonces = txn.open_table(NONCES).map_err(storage)?;
                 let seen = nonces
@@ -236,19 +260,14 @@ impl Registry for EmbeddedRegistry {
         let key = entry_key(scope, name);
         self.blocking(move |db| {
             let now = now_ms();
-            let mut txn = db.begin_write().map_err(storage)?;
             // Not synced on its own: a reservation lost in a crash costs nothing (the row
             // reserves again on the re-run, and no key was made for it), and the commit that
             // follows it is synced, which makes this one durable too.
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            let txn = unsynced_write(db)?;
             let outcome = {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;
-                let existing = match entries.get(key.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode_entry(v.value())?),
-                    None => None,
-                };
+                let existing = entry_at(&entries, &key)?;
                 let outcome = match reserve_decision(existing.as_ref(), job_id, now) {
                     ReserveDecision::Taken => return Err(RegistryError::AlreadyExists),
                     ReserveDecision::Delivered => return Err(RegistryError::AlreadyDelivered),
@@ -302,10 +321,7 @@ impl Registry for EmbeddedRegistry {
             let txn = db.begin_write().map_err(storage)?;
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-                let existing = match entries.get(key.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode_entry(v.value())?),
-                    None => None,
-                };
+                let existing = entry_at(&entries, &key)?;
                 match existing {
                     Some(Entry::Reserved { job_id, .. }) if job_id == record.job_id => {}
                     _ => return Err(RegistryError::ReservationLost),
@@ -328,19 +344,14 @@ impl Registry for EmbeddedRegistry {
     ) -> Result<(), RegistryError> {
         let key = entry_key(scope, name);
         self.blocking(move |db| {
-            let mut txn = db.begin_write().map_err(storage)?;
             // Not synced on its own: the next synced write (any job's commit or note, or the
             // run's final flush) carries it. Lost in a crash, it leaves the pair undelivered
             // with its key file in place, and the rerun takes that key up again and delivers
             // it to the same file — one sync per key fewer for the same outcome.
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            let txn = unsynced_write(db)?;
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-                let existing = match entries.get(key.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode_entry(v.value())?),
-                    None => None,
-                };
+                let existing = entry_at(&entries, &key)?;
                 match existing {
                     Some(Entry::Pair(mut r)) if r.job_id == job_id => {
                         r.delivered = true;
@@ -364,10 +375,7 @@ impl Registry for EmbeddedRegistry {
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;
-                let existing = match entries.get(key.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode_entry(v.value())?),
-                    None => None,
-                };
+                let existing = entry_at(&entries, &key)?;
                 let mine = match existing {
                     Some(Entry::Reserved { job_id: j, .. }) => j == job_id,
                     Some(Entry::Pair(r)) => r.job_id == job_id && !r.delivered,
@@ -375,14 +383,7 @@ impl Registry for EmbeddedRegistry {
                 };
                 if mine {
                     entries.remove(key.as_str()).map_err(storage)?;
-                    let used = counts
-                        .get(scope_key.as_str())
-                        .map_err(storage)?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    counts
-                        .insert(scope_key.as_str(), used.saturating_sub(1))
-                        .map_err(storage)?;
+                    free_slot(&mut counts, &scope_key)?;
                 }
             }
             txn.commit().map_err(storage)
@@ -427,14 +428,7 @@ impl Registry for EmbeddedRegistry {
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;
                 let removed = entries.remove(key.as_str()).map_err(storage)?.is_some();
                 if removed {
-                    let used = counts
-                        .get(scope_key.as_str())
-                        .map_err(storage)?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    counts
-                        .insert(scope_key.as_str(), used.saturating_sub(1))
-                        .map_err(storage)?;
+                    free_slot(&mut counts, &scope_key)?;
                 }
                 removed
             };
@@ -449,8 +443,7 @@ impl Registry for EmbeddedRegistry {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(storage)?;
             let entries = txn.open_table(ENTRIES).map_err(storage)?;
-            let got = entries.get(key.as_str()).map_err(storage)?;
-            got.map(|v| decode_entry(v.value())).transpose()
+            entry_at(&entries, &key)
         })
         .await
     }

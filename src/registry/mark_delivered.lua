@@ -1,6 +1,8 @@
 -- mark_delivered: the private key of the job's key pair reached its destination, so from now
 -- on the name answers "already exists" even to its own job (EmbeddedRegistry::mark_delivered).
 --
+-- Runs after entry.lua (`job_entry`).
+--
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
@@ -12,15 +14,8 @@
 -- compact JSON and "delivered" is the only key of that name in an entry (user text sits in
 -- strings, where a quote is always escaped), so exactly one replacement is expected.
 
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then
-  return 'lost'
-end
-local ok, e = pcall(cjson.decode, raw)
-if not ok or type(e) ~= 'table' then
-  error('keyfleet: entry ' .. ARGV[1] .. ' is not valid JSON')
-end
-if e.state ~= 'pair' or string.lower(tostring(e.job_id)) ~= string.lower(ARGV[2]) then
+local e, raw = job_entry('pair')
+if not e then
   return 'lost'
 end
 if e.delivered == true then

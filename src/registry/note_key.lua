@@ -2,6 +2,8 @@
 -- reservation's "tried_keys" (see Entry::Reserved in src/registry/mod.rs), so a later attempt
 -- can tell the job's own lost keys from a key pair someone else made under the same name.
 --
+-- Runs after entry.lua (`job_entry`).
+--
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
@@ -9,15 +11,8 @@
 --
 -- Returns the JSON list of tried keys, or "lost" when the job no longer holds a reservation.
 
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then
-  return 'lost'
-end
-local ok, e = pcall(cjson.decode, raw)
-if not ok or type(e) ~= 'table' then
-  error('keyfleet: entry ' .. ARGV[1] .. ' is not valid JSON')
-end
-if e.state ~= 'reserved' or string.lower(tostring(e.job_id)) ~= string.lower(ARGV[2]) then
+local e = job_entry('reserved')
+if not e then
   return 'lost'
 end
 local tried = {}

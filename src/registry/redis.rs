@@ -49,10 +49,22 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: Script::new(include_str!("reserve.lua")),
-    note_key: Script::new(include_str!("note_key.lua")),
-    commit: Script::new(include_str!("commit.lua")),
-    mark_delivered: Script::new(include_str!("mark_delivered.lua")),
-    release: Script::new(include_str!("release.lua")),
+    note_key: Script::new(concat!(
+        include_str!("entry.lua"),
+        include_str!("note_key.lua")
+    )),
+    commit: Script::new(concat!(
+        include_str!("entry.lua"),
+        include_str!("commit.lua")
+    )),
+    mark_delivered: Script::new(concat!(
+        include_str!("entry.lua"),
+        include_str!("mark_delivered.lua")
+    )),
+    release: Script::new(concat!(
+        include_str!("entry.lua"),
+        include_str!("release.lua")
+    )),
     delete: Script::new(include_str!("delete.lua")),
 });
 
@@ -167,6 +179,33 @@ fn unexpected(script: &str, reply: &str) -> RegistryError {
     ))
 }
 
+impl RedisRegistry {
+    /// Runs one of the scripts that act on a job's entry (those joined to `entry.lua`): KEYS
+    /// the scope's pairs hash; ARGV the name, the job id, then `extra`. The script's "lost" is
+    /// [`RegistryError::ReservationLost`]; any other reply is returned.
+    async fn on_job_entry(
+        &self,
+        script: &Script,
+        scope: &Scope,
+        name: &str,
+        job_id: Uuid,
+        extra: Option<&str>,
+    ) -> Result<String, RegistryError> {
+        let keys = self.scope_keys(scope);
+        let mut conn = self.conn.clone();
+        let mut invocation = script.key(&keys.pairs);
+        invocation.arg(name).arg(job_id.hyphenated().to_string());
+        if let Some(extra) = extra {
+            invocation.arg(extra);
+        }
+        let reply: String = invocation.invoke_async(&mut conn).await.map_err(storage)?;
+        if reply == "lost" {
+            return Err(RegistryError::ReservationLost);
+        }
+        Ok(reply)
+    }
+}
+
 impl Registry for RedisRegistry {
     async fn note_key(
         &self,
@@ -175,20 +214,10 @@ impl Registry for RedisRegistry {
         job_id: Uuid,
         public_key: &str,
     ) -> Result<Vec<String>, RegistryError> {
-        let keys = self.scope_keys(scope);
-        let mut conn = self.conn.clone();
-        let reply: String = SCRIPTS
-            .note_key
-            .key(&keys.pairs)
-            .arg(name)
-            .arg(job_id.hyphenated().to_string())
-            .arg(public_key)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
-        if reply == "lost" {
-            return Err(RegistryError::ReservationLost);
-        }
+        let script = &SCRIPTS.note_key;
+        let reply = self
+            .on_job_entry(script, scope, name, job_id, Some(public_key))
+            .await?;
         serde_json::from_str(&reply).map_err(|_| unexpected("note_key", &reply))
     }
 
@@ -253,20 +282,12 @@ impl Registry for RedisRegistry {
                 "refusing to store a record that contains private key material".to_owned(),
             ));
         }
-        let keys = self.scope_keys(&record.scope);
-        let mut conn = self.conn.clone();
-        let reply: String = SCRIPTS
-            .commit
-            .key(&keys.pairs)
-            .arg(&record.name)
-            .arg(record.job_id.hyphenated().to_string())
-            .arg(json)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
+        let (scope, name) = (&record.scope, &record.name);
+        let reply = self
+            .on_job_entry(&SCRIPTS.commit, scope, name, record.job_id, Some(&json))
+            .await?;
         match reply.as_str() {
             "ok" => Ok(()),
-            "lost" => Err(RegistryError::ReservationLost),
             other => Err(unexpected("commit", other)),
         }
     }
@@ -277,19 +298,10 @@ impl Registry for RedisRegistry {
         name: &str,
         job_id: Uuid,
     ) -> Result<(), RegistryError> {
-        let keys = self.scope_keys(scope);
-        let mut conn = self.conn.clone();
-        let reply: String = SCRIPTS
-            .mark_delivered
-            .key(&keys.pairs)
-            .arg(name)
-            .arg(job_id.hyphenated().to_string())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
+        let script = &SCRIPTS.mark_delivered;
+        let reply = self.on_job_entry(script, scope, name, job_id, None).await?;
         match reply.as_str() {
             "ok" => Ok(()),
-            "lost" => Err(RegistryError::ReservationLost),
             other => Err(unexpected("mark_delivered", other)),
         }
     }
@@ -396,6 +408,7 @@ mod tests {
     #[test]
     fn scripts_pass_keys_in_keys() {
         for src in [
+            include_str!("entry.lua"),
             include_str!("reserve.lua"),
             include_str!("note_key.lua"),
             include_str!("commit.lua"),

@@ -2,6 +2,8 @@
 -- (EmbeddedRegistry::release). Anything else under the name is left alone: another job's
 -- entry, or a delivered key pair (whose private key is out in the world).
 --
+-- Runs after entry.lua (`job_entry`).
+--
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- KEYS[2]  <prefix>:{<scope>}:used    string: slots counted against the quota
 -- ARGV[1]  name
@@ -9,16 +11,11 @@
 --
 -- Returns 1 when something was freed, else 0.
 
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then
+local e = job_entry(nil)
+if not e then
   return 0
 end
-local ok, e = pcall(cjson.decode, raw)
-if not ok or type(e) ~= 'table' then
-  error('keyfleet: entry ' .. ARGV[1] .. ' is not valid JSON')
-end
-local mine = string.lower(tostring(e.job_id)) == string.lower(ARGV[2])
-if not mine or not (e.state == 'reserved' or (e.state == 'pair' and e.delivered == false)) then
+if not (e.state == 'reserved' or (e.state == 'pair' and e.delivered == false)) then
   return 0
 end
 redis.call('HDEL', KEYS[1], ARGV[1])

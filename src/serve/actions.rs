@@ -4,6 +4,7 @@
 //! import, describe and delete are registry operations — import and delete also reach the
 //! upstream cloud when one is configured, describe answers from the registry.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -11,7 +12,7 @@ use uuid::Uuid;
 use super::gateway::Caller;
 use super::Answer;
 use crate::dialect::action::{self, ActionKind, Targets};
-use crate::dialect::{self, ApiError};
+use crate::dialect::{self, ApiError, Catalog, Provider};
 use crate::job::{self, Job, Status, MESSAGE_VERSION};
 use crate::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
@@ -129,15 +130,8 @@ impl<R: Registry> Actions<R> {
     }
 
     async fn import(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let settings = self.lifecycle.settings();
-        let provider = caller.scheme.provider();
-        let req = action::decode_import(
-            provider,
-            &caller.key.account,
-            &caller.params,
-            &settings.catalog,
-        )?;
-        let registry = self.lifecycle.registry();
+        let req = self.decode(caller, action::decode_import)?;
+        let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
         let job_id = Uuid::new_v4();
         let quota = settings.quota.for_region(&req.scope.region);
         let ttl = settings.reservation_ttl.as_millis() as i64;
@@ -200,14 +194,7 @@ impl<R: Registry> Actions<R> {
     }
 
     async fn describe(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let settings = self.lifecycle.settings();
-        let provider = caller.scheme.provider();
-        let req = action::decode_describe(
-            provider,
-            &caller.key.account,
-            &caller.params,
-            &settings.catalog,
-        )?;
+        let req = self.decode(caller, action::decode_describe)?;
         let all = self.in_scope(&req.scope).await?;
         let matching: Vec<KeyPairRecord> = all.into_iter().filter(|r| req.matches(r)).collect();
         let page: Vec<KeyPairRecord> = matching
@@ -225,15 +212,8 @@ impl<R: Registry> Actions<R> {
     }
 
     async fn delete(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let settings = self.lifecycle.settings();
-        let provider = caller.scheme.provider();
-        let req = action::decode_delete(
-            provider,
-            &caller.key.account,
-            &caller.params,
-            &settings.catalog,
-        )?;
-        let registry = self.lifecycle.registry();
+        let req = self.decode(caller, action::decode_delete)?;
+        let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
         let names: Vec<String> = match &req.targets {
             Targets::Names(names) => names.clone(),
             Targets::Ids(ids) => self
@@ -260,7 +240,22 @@ impl<R: Registry> Actions<R> {
                 crate::metrics::quota_used(s.provider.as_str(), &s.owner, &s.region, used, limit);
             }
         }
-        Ok(action::delete_body(provider, Uuid::new_v4()))
+        Ok(action::delete_body(req.scope.provider, Uuid::new_v4()))
+    }
+
+    /// The caller's parameters through one of the dialects' action decoders.
+    fn decode<T>(
+        &self,
+        caller: &Caller,
+        decoder: fn(Provider, &str, &BTreeMap<String, String>, &Catalog) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let catalog = &self.lifecycle.settings().catalog;
+        decoder(
+            caller.scheme.provider(),
+            &caller.key.account,
+            &caller.params,
+            catalog,
+        )
     }
 
     async fn in_scope(&self, scope: &dialect::Scope) -> Result<Vec<KeyPairRecord>, ApiError> {

@@ -227,12 +227,7 @@ fn element(out: &mut String, name: &str, value: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(kv: &[(&str, &str)]) -> Params {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::dialect::tests::params;
 
     #[test]
     fn describe_paging_bounds() {

@@ -203,12 +203,7 @@ pub fn error_json_for(action: &str, err: &ApiError) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(kv: &[(&str, &str)]) -> Params {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::dialect::tests::params;
 
     #[test]
     fn delete_takes_zero_based_ids() {
