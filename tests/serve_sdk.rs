@@ -164,6 +164,37 @@ impl Serve {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
+    /// Waits until the reservoir holds `keys` RSA-2048 keys (read from `/metrics`), so that a
+    /// burst is answered from it, as a running server answers one, rather than measuring how
+    /// fast a cold server on a slow, shared CI machine makes keys (`keyfleet bench --serve`
+    /// measures that).
+    fn wait_for_reservoir(&self, keys: usize) {
+        let deadline = Instant::now() + SERVE_START;
+        let mut held = 0;
+        while Instant::now() < deadline {
+            held = self.reservoir_keys().unwrap_or(0);
+            if held >= keys {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the reservoir held {held} keys, not {keys}, after {SERVE_START:?}");
+    }
+
+    fn reservoir_keys(&self) -> Option<usize> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&self.endpoint).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.endpoint);
+        conn.write_all(request.as_bytes()).ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("keyfleet_reservoir_keys{bits=\"2048\"} "))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .map(|n| n as usize)
+    }
+
     fn run(&self, sdk: Sdk, args: &[&str]) -> Vec<Value> {
         sdk.run(&self.endpoint, args)
     }
@@ -920,6 +951,7 @@ fn create_many(serve: &Serve, plan: &[(Sdk, usize)], base: &str) -> Vec<(Sdk, Va
 fn fifty_concurrent_creates() {
     require_sdks();
     let serve = Serve::start(500);
+    serve.wait_for_reservoir(50);
     let base = unique("many");
     let plan = [
         (Sdk::Classic, 8),
