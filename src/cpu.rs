@@ -66,6 +66,11 @@ impl CpuPool {
         self.busy.load(Ordering::SeqCst) < self.threads()
     }
 
+    /// Whether no task is running or queued.
+    pub fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
+
     /// Runs `f` on the pool in the background, counted as busy like any task; a panic is
     /// contained to the task.
     pub fn spawn_background<F: FnOnce() + Send + 'static>(&self, f: F) {

@@ -96,13 +96,20 @@ impl Reservoir {
                 }
                 pool.filling += 1;
             }
-            let me = self.clone();
+            // The filler holds the reservoir weakly: once its owners are gone (a server that
+            // stopped), the key being made is dropped and no more are started.
+            let weak = Arc::downgrade(&self.inner);
+            let engine = self.inner.engine;
             self.inner.cpu.spawn_background(move || {
                 let started = std::time::Instant::now();
-                let key = keygen::generate_private(bits, me.inner.engine)
+                let key = keygen::generate_private(bits, engine)
                     .and_then(|k| keygen::encode(&k))
                     .ok();
                 crate::metrics::keygen(bits.bits(), started.elapsed());
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let me = Reservoir { inner };
                 {
                     let mut pools = me.lock();
                     if let Some(pool) = pools.get_mut(&bits) {
@@ -146,5 +153,27 @@ mod tests {
             assert!(Instant::now() < deadline, "reservoir did not refill");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A stopped server's reservoir kept refilling on the pool, taking the cores from whatever
+    /// ran next (it showed as a slow cold round in `keyfleet bench --serve`).
+    #[test]
+    fn dropped_reservoir_stops_filling() {
+        let cpu = CpuPool::new(2).unwrap();
+        // So large that filling it would take minutes anywhere.
+        let r = Reservoir::new(cpu.clone(), Engine::Fast, 100_000, &[KeyBits::B2048]);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(r);
+        // At most the keys already being made finish; then the pool goes idle.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cpu.is_idle() {
+            assert!(
+                Instant::now() < deadline,
+                "the pool still works for a dropped reservoir"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cpu.is_idle(), "a dropped reservoir started more keys");
     }
 }

@@ -402,8 +402,11 @@ fn lane_search_primes_confirmed_by_bpsw() {
     }
 }
 
-/// A fixed amount of lane work for `perf stat -e instructions` (release build): `LANES_ITERS`
-/// (default 200) calls of one 8-lane 1024-bit modexp on `LANES_SIMD` (`scalar` or IFMA).
+/// A fixed amount of lane work for an instruction count (`perf stat -e instructions`, or
+/// `valgrind --tool=callgrind` where the VM has no counters; release build): `LANES_ITERS`
+/// (default 200) calls of one 8-lane 1024-bit modexp on `LANES_SIMD` (`scalar` lanes, IFMA, or
+/// `engine`: the same eight modexps one after another on the 64-bit scalar engine's `pow`).
+/// Counting with `LANES_ITERS=0` too and subtracting leaves the modexps alone.
 /// `cargo test --release --test lanes -- --ignored modexp_work`
 #[test]
 #[ignore = "work for an instruction count, release builds only"]
@@ -412,8 +415,9 @@ fn modexp_work() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let simd = match std::env::var("LANES_SIMD").as_deref() {
-        Ok("scalar") => Simd::Scalar,
+    let mode = std::env::var("LANES_SIMD").unwrap_or_default();
+    let simd = match mode.as_str() {
+        "scalar" | "engine" => Simd::Scalar,
         _ if lanes::ifma_available() => Simd::Avx512Ifma,
         _ => Simd::Scalar,
     };
@@ -430,15 +434,26 @@ fn modexp_work() {
         m[i][15] |= 1 << 63;
         a[i][15] >>= 1;
     }
+    let engines: Vec<Monty<16>> = m.iter().map(|m| Monty::new(m).unwrap()).collect();
     let t = std::time::Instant::now();
     let mut sink = 0u64;
     for _ in 0..iters {
-        sink ^= lanes::pow::<16>(simd, &m, &a, &e)[0][0];
+        if mode == "engine" {
+            for (i, ctx) in engines.iter().enumerate() {
+                sink ^= ctx.pow(&a[i], &e[i])[0];
+            }
+        } else {
+            sink ^= lanes::pow::<16>(simd, &m, &a, &e)[0][0];
+        }
     }
     let per = t.elapsed().as_secs_f64() / (iters.max(1) * 8) as f64;
+    let path = if mode == "engine" {
+        "engine"
+    } else {
+        simd.as_str()
+    };
     eprintln!(
-        "{}: {iters} × 8 lanes, {:.1} µs per modexp per lane ({sink:x})",
-        simd.as_str(),
+        "{path}: {iters} × 8 lanes, {:.1} µs per modexp per lane ({sink:x})",
         per * 1e6
     );
 }

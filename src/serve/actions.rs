@@ -20,6 +20,9 @@ use crate::registry::{Filter, KeyPairRecord, Registry, RegistryError};
 use crate::sink::HttpReply;
 use crate::upstream::{Configured, Registration, Upstream};
 
+/// One of `dialect::action`'s decoders: provider, account, parameters, catalogue.
+type ActionDecoder<T> =
+    fn(Provider, &str, &BTreeMap<String, String>, &Catalog) -> Result<T, ApiError>;
 /// The batch id every API create carries (results of `serve` go to HTTP answers, not batches).
 pub const SERVE_BATCH: &str = "serve";
 
@@ -244,11 +247,7 @@ impl<R: Registry> Actions<R> {
     }
 
     /// The caller's parameters through one of the dialects' action decoders.
-    fn decode<T>(
-        &self,
-        caller: &Caller,
-        decoder: fn(Provider, &str, &BTreeMap<String, String>, &Catalog) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
+    fn decode<T>(&self, caller: &Caller, decoder: ActionDecoder<T>) -> Result<T, ApiError> {
         let catalog = &self.lifecycle.settings().catalog;
         decoder(
             caller.scheme.provider(),
