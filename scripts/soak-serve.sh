@@ -3,13 +3,24 @@
 # SDK (create, describe, delete in a loop, several clients at once) for DURATION seconds, with
 # the server's resident memory sampled every 30 s. Not part of CI; run it and read the table.
 #   scripts/soak-serve.sh [DURATION_SECONDS=600] [CLIENTS=4] [KEYFLEET_BIN=target/release/keyfleet]
+# With SOAK_REDIS_URL set (e.g. redis://127.0.0.1:6379), the registry and the nonces live in
+# Redis under a fresh prefix (removed afterwards) instead of the embedded state file, so the
+# server's own memory is measured apart from the state file's page cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-600}"; clients="${2:-4}"; bin="${3:-target/release/keyfleet}"
 [ -x "$bin" ] || { echo "no $bin: cargo build --release first" >&2; exit 1; }
 scripts/sdk/setup.sh >/dev/null
 py=target/sdk/venv/bin/python
-work="$(mktemp -d)"; trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+work="$(mktemp -d)"; pid=""
+cleanup() {
+  kill "$pid" 2>/dev/null || true
+  rm -rf "$work"
+  if [ -n "${SOAK_REDIS_URL:-}" ]; then
+    redis-cli -u "$SOAK_REDIS_URL" --scan --pattern "$prefix*" | xargs -r redis-cli -u "$SOAK_REDIS_URL" del >/dev/null
+  fi
+}
+trap cleanup EXIT
 cat >"$work/creds.toml" <<'TOML'
 [[aliyun]]
 access_key_id = "soakid"
@@ -17,7 +28,10 @@ access_key_secret = "soaksecret"
 account = "soak"
 TOML
 chmod 600 "$work/creds.toml"
-"$bin" serve --listen 127.0.0.1:0 --credentials "$work/creds.toml" --state "$work/state.redb" \
+store=(--state "$work/state.redb")
+prefix="kfsoakserve-$$"
+if [ -n "${SOAK_REDIS_URL:-}" ]; then store=(--redis-url "$SOAK_REDIS_URL" --prefix "$prefix"); fi
+"$bin" serve --listen 127.0.0.1:0 --credentials "$work/creds.toml" "${store[@]}" \
   --quota 100000 >"$work/addr" 2>"$work/serve.log" &
 pid=$!
 for _ in $(seq 100); do grep -q listening "$work/addr" && break; sleep 0.1; done
