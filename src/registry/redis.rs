@@ -47,24 +47,19 @@ struct Scripts {
     delete: Script,
 }
 
+/// A script that acts on one job's entry: `entry.lua` (its `job_entry`) joined in front.
+macro_rules! job_entry_script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("entry.lua"), include_str!($file)))
+    };
+}
+
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: Script::new(include_str!("reserve.lua")),
-    note_key: Script::new(concat!(
-        include_str!("entry.lua"),
-        include_str!("note_key.lua")
-    )),
-    commit: Script::new(concat!(
-        include_str!("entry.lua"),
-        include_str!("commit.lua")
-    )),
-    mark_delivered: Script::new(concat!(
-        include_str!("entry.lua"),
-        include_str!("mark_delivered.lua")
-    )),
-    release: Script::new(concat!(
-        include_str!("entry.lua"),
-        include_str!("release.lua")
-    )),
+    note_key: job_entry_script!("note_key.lua"),
+    commit: job_entry_script!("commit.lua"),
+    mark_delivered: job_entry_script!("mark_delivered.lua"),
+    release: job_entry_script!("release.lua"),
     delete: Script::new(include_str!("delete.lua")),
 });
 
