@@ -1,8 +1,8 @@
-//! Batch files: CSV with API parameter names as the header, or JSON Lines with one flat object
-//! per line. Rows are streamed (never the whole file in memory); a row that cannot be read
-//! becomes a failed entry naming its line, and the rest goes on.
+//! Batch files: CSV (RFC 4180) with API parameter names as the header, or JSON Lines with one
+//! flat object per line; both UTF-8. Rows are streamed (never the whole file in memory); a row
+//! that cannot be read becomes a failed entry naming its line, and the rest goes on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -145,15 +145,31 @@ fn build_row(line: u64, mut params: BTreeMap<String, String>, defaults: &RowDefa
 /// The path that means standard input.
 pub const STDIN: &str = "-";
 
+/// Most physical lines one CSV record may span (a quoted field may hold line breaks, as RFC 4180
+/// allows). A quote still open past this — or at the end of the input — counts as not closed:
+/// its record's first line fails alone and reading resumes on the line after it, so a stray
+/// quote costs one row, not the rest of the file (and the lines read ahead stay bounded).
+const MAX_RECORD_LINES: usize = 64;
+/// Most bytes the lines after a record's first may add to it; past this, as above.
+const MAX_RECORD_BYTES: usize = 256 * 1024;
+
 /// A batch opened once — a file, a FIFO, or standard input (`-`) — with its CSV header already
 /// read and checked, so a bad input fails before anything is created.
 pub struct BatchInput {
     path: PathBuf,
     format: Format,
     lines: Box<dyn BufRead + Send>,
-    /// Physical lines consumed so far (the header's included).
+    /// Physical lines consumed from `lines` so far (the header's included).
     line: u64,
+    /// Lines read ahead for a record that turned out broken, to be read again (numbered).
+    pending: VecDeque<(u64, Vec<u8>)>,
     headers: Vec<String>,
+}
+
+/// One CSV record or JSONL line, not yet a job.
+enum RawRow {
+    Csv(Result<Vec<Vec<u8>>, String>),
+    Jsonl(Vec<u8>),
 }
 
 impl BatchInput {
@@ -176,6 +192,7 @@ impl BatchInput {
             format,
             lines,
             line: 0,
+            pending: VecDeque::new(),
             headers: Vec::new(),
         };
         if format == Format::Csv {
@@ -184,8 +201,13 @@ impl BatchInput {
         Ok(input)
     }
 
-    /// The next physical line without its line ending (`\n` or `\r\n`); `None` at the end.
-    fn next_line(&mut self) -> Result<Option<String>, BatchError> {
+    /// The next physical line, numbered, as bytes with its line ending (`\n`, `\r\n`, or none at
+    /// the end of the input); `None` at the end. A UTF-8 byte order mark opening the input is
+    /// dropped.
+    fn next_line(&mut self) -> Result<Option<(u64, Vec<u8>)>, BatchError> {
+        if let Some(line) = self.pending.pop_front() {
+            return Ok(Some(line));
+        }
         let mut buf = Vec::new();
         let n = self
             .lines
@@ -198,44 +220,107 @@ impl BatchInput {
             return Ok(None);
         }
         self.line += 1;
-        if buf.ends_with(b"\n") {
-            buf.pop();
+        if self.line == 1 && buf.starts_with(b"\xEF\xBB\xBF") {
+            buf.drain(..3);
         }
-        if buf.ends_with(b"\r") {
-            buf.pop();
+        Ok(Some((self.line, buf)))
+    }
+
+    /// The next line that is not blank; `None` at the end.
+    fn next_filled_line(&mut self) -> Result<Option<(u64, Vec<u8>)>, BatchError> {
+        loop {
+            match self.next_line()? {
+                Some((_, l)) if is_blank(&l) => continue,
+                other => return Ok(other),
+            }
         }
-        Ok(Some(match String::from_utf8(buf) {
-            Ok(s) => s,
-            // Answered as a bad row by the caller; the replacement char marks where.
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
+
+    /// The next row, with the line it starts on; `None` at the end.
+    fn next_raw(&mut self) -> Result<Option<(u64, RawRow)>, BatchError> {
+        let Some((start, first)) = self.next_filled_line()? else {
+            return Ok(None);
+        };
+        Ok(Some(match self.format {
+            Format::Jsonl => (start, RawRow::Jsonl(first)),
+            Format::Csv => (start, RawRow::Csv(self.csv_record(first)?)),
+        }))
+    }
+
+    /// The CSV record starting with line `first`, read on over the lines a quoted field runs
+    /// into. When such a record breaks, only its first line fails: the lines after it are
+    /// read again as rows of their own.
+    fn csv_record(&mut self, first: Vec<u8>) -> Result<Result<Vec<Vec<u8>>, String>, BatchError> {
+        let mut record = CsvRecord::default();
+        let mut more: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut bytes = 0;
+        let why = match record.feed(&first) {
+            Ok(true) => return Ok(Ok(record.fields)),
+            Err(reason) => return Ok(Err(reason)),
+            Ok(false) if !first.ends_with(b"\n") => None,
+            Ok(false) => loop {
+                if more.len() + 1 >= MAX_RECORD_LINES || bytes > MAX_RECORD_BYTES {
+                    break Some(format!(
+                        "it runs on past {MAX_RECORD_LINES} lines or {} KiB",
+                        MAX_RECORD_BYTES / 1024
+                    ));
+                }
+                let Some((n, line)) = self.next_line()? else {
+                    break None;
+                };
+                bytes += line.len();
+                let fed = record.feed(&line);
+                let ended = line.ends_with(b"\n");
+                more.push((n, line));
+                match fed {
+                    Ok(true) => return Ok(Ok(record.fields)),
+                    Ok(false) if ended => continue,
+                    Ok(false) => break None,
+                    Err(reason) => {
+                        break Some(format!(
+                            "read on over its line breaks, line {n} has {reason}"
+                        ))
+                    }
+                }
+            },
+        };
+        for line in more.into_iter().rev() {
+            self.pending.push_front(line);
+        }
+        Ok(Err(match why {
+            None => "a quoted field is not closed by the end of the input".into(),
+            Some(why) => format!("a quoted field is not closed ({why})"),
         }))
     }
 
     fn read_header(&mut self) -> Result<(), BatchError> {
-        let header = loop {
-            match self.next_line()? {
-                None => {
-                    return Err(BatchError::Empty {
-                        path: self.path.clone(),
-                    })
-                }
-                Some(l) if l.trim().is_empty() => continue,
-                Some(l) => break l,
-            }
-        };
-        let bad = |reason: String| BatchError::Header {
-            path: self.path.clone(),
+        let bad = |path: &Path, reason: String| BatchError::Header {
+            path: path.to_owned(),
             reason,
         };
-        let header = header.trim_start_matches('\u{feff}');
-        let headers: Vec<String> = split_csv_line(header)
-            .map_err(bad)?
-            .into_iter()
-            .map(|h| h.trim().to_owned())
-            .collect();
+        let Some((_, first)) = self.next_filled_line()? else {
+            return Err(BatchError::Empty {
+                path: self.path.clone(),
+            });
+        };
+        let fields = self
+            .csv_record(first)?
+            .map_err(|reason| bad(&self.path, reason))?;
+        let mut headers = Vec::with_capacity(fields.len());
+        for (i, field) in fields.into_iter().enumerate() {
+            match String::from_utf8(field) {
+                Ok(h) => headers.push(h.trim().to_owned()),
+                Err(e) => {
+                    return Err(bad(
+                        &self.path,
+                        not_utf8(i + 1, None, e.as_bytes(), e.utf8_error()),
+                    ))
+                }
+            }
+        }
         for (i, h) in headers.iter().enumerate() {
             if headers[..i].contains(h) {
-                return Err(bad(format!("column {h:?} appears twice")));
+                return Err(bad(&self.path, format!("column {h:?} appears twice")));
             }
         }
         if !headers.iter().any(|h| h == "KeyPairName") {
@@ -255,11 +340,7 @@ impl BatchInput {
         mut emit: impl FnMut(Row) -> bool,
     ) -> Result<u64, BatchError> {
         let mut rows = 0;
-        while let Some(text) = self.next_line()? {
-            if text.trim().is_empty() {
-                continue;
-            }
-            let line = self.line;
+        while let Some((line, raw)) = self.next_raw()? {
             let bad = |reason: String| {
                 BadRow::row(
                     line,
@@ -269,19 +350,23 @@ impl BatchInput {
                     defaults,
                 )
             };
-            let row = match self.format {
-                Format::Csv => match split_csv_line(&text) {
-                    Ok(fields) if fields.len() != self.headers.len() => bad(format!(
-                        "{} fields where the header has {}",
-                        fields.len(),
-                        self.headers.len()
-                    )),
+            let row = match raw {
+                RawRow::Csv(Ok(fields)) if fields.len() != self.headers.len() => bad(format!(
+                    "{} fields where the header has {}",
+                    fields.len(),
+                    self.headers.len()
+                )),
+                RawRow::Csv(Ok(fields)) => match csv_text(&self.headers, fields) {
                     Ok(fields) => build_row(line, csv_params(&self.headers, &fields), defaults),
                     Err(reason) => bad(reason),
                 },
-                Format::Jsonl => match jsonl_params(text.trim()) {
-                    Ok(params) => build_row(line, params, defaults),
-                    Err(reason) => bad(reason),
+                RawRow::Csv(Err(reason)) => bad(reason),
+                RawRow::Jsonl(bytes) => match std::str::from_utf8(strip_eol(&bytes)) {
+                    Ok(text) => match jsonl_params(text.trim()) {
+                        Ok(params) => build_row(line, params, defaults),
+                        Err(reason) => bad(reason),
+                    },
+                    Err(e) => bad(not_utf8_in_line(strip_eol(&bytes), e)),
                 },
             };
             rows += 1;
@@ -293,53 +378,125 @@ impl BatchInput {
     }
 }
 
-/// One CSV record on one line, quoted as RFC 4180 says and nothing looser: a field is either
-/// bare (no `"` in it) or wholly quoted, with `""` for a quote inside. The csv crate reads on
-/// past an unterminated quote (swallowing the rows after it into one field) and keeps a stray
-/// quote as text (`"bad"quote"` → `badquote"`); a batch row is one line, and a row whose
-/// quoting is wrong fails alone.
-pub fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut chars = line.chars().peekable();
-    loop {
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err("a quoted field is not closed on its line".into()),
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
+/// `line` without its line ending (`\n` or `\r\n`).
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// A line of whitespace only (`str::trim`'s, Unicode whitespace such as U+3000 included) is
+/// skipped, not a row. A line that is not UTF-8 is not blank: it is a row, and fails.
+fn is_blank(line: &[u8]) -> bool {
+    std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty())
+}
+
+/// Why a JSON Lines row is not UTF-8: where, by character column, as an editor counts.
+fn not_utf8_in_line(text: &[u8], e: std::str::Utf8Error) -> String {
+    let at = e.valid_up_to();
+    let column = String::from_utf8_lossy(&text[..at]).chars().count() + 1;
+    format!(
+        "column {column}: byte 0x{:02X} is not valid UTF-8 (a batch file must be UTF-8)",
+        text[at]
+    )
+}
+
+/// Why CSV field `column` (1-based; `header` its name, for a row) is not UTF-8.
+fn not_utf8(column: usize, header: Option<&str>, bytes: &[u8], e: std::str::Utf8Error) -> String {
+    let at = e.valid_up_to();
+    let character = String::from_utf8_lossy(&bytes[..at]).chars().count() + 1;
+    let name = header.map(|h| format!(" ({h})")).unwrap_or_default();
+    format!(
+        "column {column}{name}: byte 0x{:02X} at character {character} of the field is not \
+         valid UTF-8 (a batch file must be UTF-8)",
+        bytes[at]
+    )
+}
+
+/// A record's fields as text; the first that is not UTF-8 fails the row. Nothing is replaced
+/// (a pair never carries a U+FFFD its file did not hold).
+fn csv_text(headers: &[String], fields: Vec<Vec<u8>>) -> Result<Vec<String>, String> {
+    fields
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            String::from_utf8(f).map_err(|e| {
+                not_utf8(
+                    i + 1,
+                    headers.get(i).map(String::as_str),
+                    e.as_bytes(),
+                    e.utf8_error(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// One CSV record as RFC 4180 quotes it, and nothing looser: a field is either bare (no `"` in
+/// it) or wholly quoted, with `""` for a quote inside; only a quoted field holds line breaks
+/// (kept as the file has them, `\r\n` or `\n`). Fed a physical line at a time. The csv crate
+/// is looser: it keeps a stray quote as text (`"bad"quote"` → `badquote"`) and reads on past
+/// an unterminated quote to the end of the file; here such a row fails alone.
+#[derive(Default)]
+struct CsvRecord {
+    fields: Vec<Vec<u8>>,
+    field: Vec<u8>,
+    at: At,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// The start of a field.
+    #[default]
+    Start,
+    Bare,
+    Quoted,
+    /// A `"` inside a quoted field: its end, or the first of `""`.
+    QuoteInQuoted,
+}
+
+impl CsvRecord {
+    /// Takes one physical line (with its line ending); `Ok(true)` when the record ends with it,
+    /// `Ok(false)` when a quoted field runs on into the next line.
+    fn feed(&mut self, line: &[u8]) -> Result<bool, String> {
+        let text = strip_eol(line);
+        for &b in text {
+            self.at = match (self.at, b) {
+                (At::Start, b'"') => At::Quoted,
+                (At::Start | At::Bare | At::QuoteInQuoted, b',') => {
+                    self.fields.push(std::mem::take(&mut self.field));
+                    At::Start
                 }
-            }
-            match chars.next() {
-                None => {
-                    fields.push(field);
-                    return Ok(fields);
+                (At::Bare, b'"') => {
+                    return Err(
+                        "a quote inside an unquoted field (quote the whole field, and \
+                                double the quote)"
+                            .into(),
+                    )
                 }
-                Some(',') => {}
-                Some(_) => return Err("text after the closing quote of a field".into()),
-            }
-        } else {
-            loop {
-                match chars.next() {
-                    None => {
-                        fields.push(field);
-                        return Ok(fields);
-                    }
-                    Some(',') => break,
-                    Some('"') => {
-                        return Err("a quote inside an unquoted field (quote the whole field, and double the quote)".into())
-                    }
-                    Some(c) => field.push(c),
+                (At::Start | At::Bare, b) => {
+                    self.field.push(b);
+                    At::Bare
                 }
-            }
+                (At::Quoted, b'"') => At::QuoteInQuoted,
+                (At::Quoted, b) => {
+                    self.field.push(b);
+                    At::Quoted
+                }
+                (At::QuoteInQuoted, b'"') => {
+                    self.field.push(b'"');
+                    At::Quoted
+                }
+                (At::QuoteInQuoted, _) => {
+                    return Err("text after the closing quote of a field".into())
+                }
+            };
         }
-        fields.push(field);
+        if self.at == At::Quoted {
+            self.field.extend_from_slice(&line[text.len()..]);
+            return Ok(false);
+        }
+        self.fields.push(std::mem::take(&mut self.field));
+        Ok(true)
     }
 }
 
@@ -459,33 +616,19 @@ pub fn join_reader(path: &Path, handle: Reader) -> Result<u64, BatchError> {
     })?
 }
 
-/// Counts the rows of a batch cheaply, for the progress bar (a pass over the bytes only).
-/// Only a regular file can be read twice: for a pipe or standard input the total is unknown.
+/// Counts the rows of a batch for the progress bar: a pass that splits records as the reader
+/// does (quoted line breaks, blank lines), without making jobs. Only a regular file can be read
+/// twice: for a pipe or standard input the total is unknown.
 pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
-    let format = format.or_else(|| Format::from_path(path))?;
     if !std::fs::metadata(path).ok()?.is_file() {
         return None;
     }
-    let file = File::open(path).ok()?;
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let mut lines = 0u64;
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        // The same blank-line rule as the reader's (`str::trim`, Unicode whitespace such as
-        // U+3000 included), so the total matches the rows it will hand out.
-        if !String::from_utf8_lossy(&buf).trim().is_empty() {
-            lines += 1;
-        }
+    let mut input = BatchInput::open(path, format).ok()?;
+    let mut rows = 0u64;
+    while input.next_raw().ok()?.is_some() {
+        rows += 1;
     }
-    Some(match format {
-        Format::Csv => lines.saturating_sub(1),
-        Format::Jsonl => lines,
-    })
+    Some(rows)
 }
 
 #[cfg(test)]
@@ -634,5 +777,113 @@ mod tests {
         let f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
         let err = BatchInput::open(f.path(), None).err().unwrap().to_string();
         assert!(err.contains("is empty"), "{err}");
+    }
+    fn read_bytes(ext: &str, bytes: &[u8]) -> Vec<Row> {
+        let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        let mut rows = Vec::new();
+        BatchInput::open(f.path(), None)
+            .unwrap()
+            .read_rows(&defaults(), |r| {
+                rows.push(r);
+                true
+            })
+            .unwrap();
+        assert_eq!(count_rows(f.path(), None), Some(rows.len() as u64));
+        rows
+    }
+
+    #[test]
+    fn quoted_line_breaks_are_one_record_and_later_lines_keep_their_numbers() {
+        let rows = read(
+            ".csv",
+            "KeyPairName,Description\r\n\
+             a1,\"two\r\nlines\"\r\n\
+             a2,\"three\nlines, \"\"quoted\"\"\n\nand a blank one\"\n\
+             a3,plain\n",
+        );
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| match r {
+                Row::Job(j) => (
+                    j.line,
+                    j.params["KeyPairName"].clone(),
+                    j.params["Description"].clone(),
+                ),
+                Row::Bad(b) => panic!("{b:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), "a1".into(), "two\r\nlines".into()),
+                (
+                    Some(4),
+                    "a2".into(),
+                    "three\nlines, \"quoted\"\n\nand a blank one".into()
+                ),
+                (Some(8), "a3".into(), "plain".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_quote_left_open_fails_its_line_only_even_far_from_the_end() {
+        let mut text = String::from("KeyPairName,Description\nok-1,x\nbad,\"open\n");
+        for i in 0..(MAX_RECORD_LINES + 10) {
+            text.push_str(&format!("after-{i},y\n"));
+        }
+        let rows = read(".csv", &text);
+        assert_eq!(rows.len(), MAX_RECORD_LINES + 12);
+        assert!(
+            matches!(&rows[1], Row::Bad(BadRow { line: 3, reason, .. }) if reason.contains("not closed")),
+            "{:?}",
+            rows[1]
+        );
+        for (i, row) in rows[2..].iter().enumerate() {
+            assert!(
+                matches!(row, Row::Job(j) if j.line == Some(i as u64 + 4) && j.params["KeyPairName"] == format!("after-{i}")),
+                "{row:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_its_row_naming_line_and_column() {
+        let rows = read_bytes(
+            ".csv",
+            b"KeyPairName,Tag.1.Key,Tag.1.Value\na1,env,pr\xffod\na2,env,prod\n",
+        );
+        assert!(
+            matches!(&rows[0], Row::Bad(BadRow { line: 2, reason, .. })
+                if reason.contains("line 2") && reason.contains("column 3 (Tag.1.Value)")
+                    && reason.contains("0xFF") && !reason.contains('\u{fffd}')),
+            "{:?}",
+            rows[0]
+        );
+        assert!(matches!(&rows[1], Row::Job(j) if j.params["Tag.1.Value"] == "prod"));
+        let rows = read_bytes(
+            ".jsonl",
+            b"{\"KeyPairName\":\"a1\",\"Tag.1.Key\":\"pr\xffod\"}\n{\"KeyPairName\":\"a2\"}\n",
+        );
+        assert!(
+            matches!(&rows[0], Row::Bad(BadRow { line: 1, reason, .. })
+                if reason.contains("line 1: column 36") && reason.contains("0xFF")),
+            "{:?}",
+            rows[0]
+        );
+        assert!(matches!(&rows[1], Row::Job(j) if j.line == Some(2)));
+        let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        f.write_all(b"KeyPairName,Re\xe9gion\n").unwrap();
+        let err = BatchInput::open(f.path(), None).err().unwrap().to_string();
+        assert!(err.contains("column 2") && err.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let rows = read_bytes(".csv", b"\xEF\xBB\xBFKeyPairName\na1\n");
+        assert!(matches!(&rows[0], Row::Job(j) if j.params["KeyPairName"] == "a1"));
+        let rows = read_bytes(".jsonl", b"\xEF\xBB\xBF{\"KeyPairName\":\"a1\"}\n");
+        assert!(matches!(&rows[0], Row::Job(j) if j.params["KeyPairName"] == "a1"));
     }
 }

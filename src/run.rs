@@ -135,6 +135,13 @@ pub async fn run_with<R: Registry, U: Upstream>(
             // answered every run: neither ends here.
             Finished::AnsweredBefore | Finished::HandBack(_) => continue,
         };
+        // A damaged state file stops the run: rows it failed are not answered with it (pairs
+        // created before it was found are real, and listed).
+        if !result.is_created() {
+            if let Some(damage) = lifecycle.registry().damage() {
+                return Err(damage.into());
+            }
+        }
         let key_file = result.is_created().then(|| keys.path(&result));
         out.append(&result, key_file.as_deref())?;
         progress.record(&result);

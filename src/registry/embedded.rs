@@ -2,8 +2,12 @@
 //! no servers are configured. Every operation is one write transaction, so reserve / commit /
 //! release are atomic and survive a crash at any point.
 
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
@@ -33,26 +37,47 @@ pub struct EmbeddedRegistry {
     db: Arc<Database>,
     path: PathBuf,
     nonces_since_sweep: Arc<std::sync::atomic::AtomicU64>,
+    /// Set once the file is found damaged: every later call fails with it, so nothing goes on
+    /// reading or writing a file known to be broken.
+    damage: Arc<OnceLock<RegistryError>>,
 }
 
-fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
-    RegistryError::Storage(e.to_string())
+/// A redb error as a registry error: redb's own `Corrupted` is a damaged file (filled in with
+/// its path by [`EmbeddedRegistry::blocking`]), anything else a storage error worth a retry.
+fn storage<E: Into<redb::Error>>(e: E) -> RegistryError {
+    match e.into() {
+        redb::Error::Corrupted(why) => corrupt(why),
+        e => RegistryError::Storage(e.to_string()),
+    }
+}
+
+/// Damage found where the path is not at hand; [`EmbeddedRegistry::blocking`] names the file.
+fn corrupt(detail: impl Into<String>) -> RegistryError {
+    RegistryError::Corrupt {
+        path: PathBuf::new(),
+        detail: detail.into(),
+    }
 }
 
 fn entry_key(scope: &Scope, name: &str) -> String {
     format!("{}{SEP}{name}", scope.key())
 }
 
+/// Every value was written by [`encode_entry`]: one that does not decode is damage, not a
+/// passing failure (retrying would read the same bytes).
 fn decode_entry(bytes: &[u8]) -> Result<Entry, RegistryError> {
-    serde_json::from_slice(bytes).map_err(storage)
+    serde_json::from_slice(bytes)
+        .map_err(|e| corrupt(format!("a stored entry does not decode: {e}")))
 }
 
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, RegistryError> {
-    serde_json::to_vec(entry).map_err(storage)
+    serde_json::to_vec(entry).map_err(|e| RegistryError::Storage(e.to_string()))
 }
 
 impl EmbeddedRegistry {
-    /// Opens (or creates) the state file, creating its parent folder.
+    /// Opens (or creates) the state file. An existing file is checked whole first (every page
+    /// against its checksum, see [`verify`]): a damaged one is refused before anything reads
+    /// or writes it.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
         let shown = path.display();
         // A missing folder is a typo far more often than a wish: say so instead of creating it.
@@ -70,16 +95,27 @@ impl EmbeddedRegistry {
                  it was created, or a file made by hand): move it away to start a new registry"
             )));
         }
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            verify(path)?;
+        }
         let db = open_database(path)?;
-        let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(ENTRIES).map_err(storage)?;
-        txn.open_table(COUNTS).map_err(storage)?;
-        txn.open_table(NONCES).map_err(storage)?;
-        txn.commit().map_err(storage)?;
+        let tables = contained(|| -> Result<(), RegistryError> {
+            let txn = db.begin_write().map_err(storage)?;
+            txn.open_table(ENTRIES).map_err(storage)?;
+            txn.open_table(COUNTS).map_err(storage)?;
+            txn.open_table(NONCES).map_err(storage)?;
+            txn.commit().map_err(storage)
+        });
+        match tables {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(named(e, path)),
+            Err(()) => return Err(damaged(path, "its tables cannot be read")),
+        }
         Ok(EmbeddedRegistry {
             db: Arc::new(db),
             path: path.to_owned(),
             nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            damage: Arc::new(OnceLock::new()),
         })
     }
 
@@ -87,36 +123,237 @@ impl EmbeddedRegistry {
         &self.path
     }
 
+    /// Runs `f` on the blocking pool. A panic inside redb (it asserts on some damaged pages
+    /// instead of returning an error) is contained and, like redb's own `Corrupted` or an
+    /// entry that does not decode, reported as a damaged state file — from then on by every
+    /// call.
     async fn blocking<T, F>(&self, f: F) -> Result<T, RegistryError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, RegistryError> + Send + 'static,
     {
+        if let Some(e) = self.damage.get() {
+            return Err(e.clone());
+        }
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let outcome = tokio::task::spawn_blocking(move || contained(|| f(&db)))
             .await
-            .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?
+            .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?;
+        let e = match outcome {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e @ RegistryError::Corrupt { .. })) => named(e, &self.path),
+            Ok(Err(e)) => return Err(e),
+            Err(()) => damaged(&self.path, "a page of it cannot be read"),
+        };
+        Err(self.damage.get_or_init(|| e).clone())
     }
 }
 
+/// `e` with the state file's path filled in when it is damage found without it.
+fn named(e: RegistryError, path: &Path) -> RegistryError {
+    match e {
+        RegistryError::Corrupt { path: p, detail } if p.as_os_str().is_empty() => {
+            damaged(path, detail)
+        }
+        e => e,
+    }
+}
+
+fn damaged(path: &Path, detail: impl Into<String>) -> RegistryError {
+    RegistryError::Corrupt {
+        path: path.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs a [`contained`] call: its panics are expected, and caught.
+    static CONTAINED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic (`Err`). The panic message stays off the terminal (it would
+/// read as a crash, and says nothing a user can act on); it is logged at debug level. The
+/// process's panic hook is wrapped once, and keeps printing every other panic.
+fn contained<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CONTAINED.with(Cell::get) {
+                tracing::debug!("the state file's storage engine panicked: {info}");
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    let outer = CONTAINED.with(|c| c.replace(true));
+    let caught = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(outer));
+    caught.map_err(|_| ())
+}
+
 /// Opens (or creates) the redb file. redb asserts on some damaged files (a truncated one, for
-/// instance) instead of returning an error; that panic is caught here, with the panic message
-/// kept off the terminal, and reported as what it is: a damaged state file.
+/// instance) instead of returning an error: that is reported as what it is, a damaged file.
 fn open_database(path: &Path) -> Result<Database, RegistryError> {
-    let shown = path.display();
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| Database::create(path));
-    std::panic::set_hook(quiet);
-    match opened {
+    match contained(|| Database::create(path)) {
         Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(RegistryError::Storage(format!(
-            "cannot open state file {shown}: {e}"
-        ))),
-        Err(_) => Err(RegistryError::Storage(format!(
-            "state file {shown} is damaged (truncated or overwritten): keyfleet cannot read it; \
-             restore it from a backup, or move it away to start a new registry"
-        ))),
+        Ok(Err(e)) => Err(open_error(path, e)),
+        Err(()) => Err(damaged(path, "truncated or overwritten")),
+    }
+}
+
+/// Checks every page of an existing state file against the checksums redb keeps in the page
+/// above it (up to the root's, in the file header), without changing the file: redb's
+/// `check_integrity` runs on a copy-on-write view of it ([`Overlay`]). On a damaged file redb
+/// would otherwise read garbage pages as they come — list some entries and not others, or
+/// panic — and `check_integrity` on the file itself would "repair" damage to the latest commit
+/// by rolling it back, so that the next run would silently work on older state.
+///
+/// A file another process has open (and may be writing) is left to the open that follows,
+/// which refuses it.
+fn verify(path: &Path) -> Result<(), RegistryError> {
+    let overlay = match Overlay::new(path) {
+        Ok(Some(o)) => o,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            return Err(RegistryError::Storage(format!(
+                "cannot open state file {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let checked = contained(|| -> Result<bool, redb::DatabaseError> {
+        let mut db = redb::Builder::new().create_with_backend(overlay)?;
+        db.check_integrity()
+    });
+    match checked {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(damaged(
+            path,
+            "pages of its latest state fail their checksums",
+        )),
+        Ok(Err(e)) => Err(open_error(path, e)),
+        // redb asserts when a check finds damage it cannot repair.
+        Err(()) => Err(damaged(path, "pages of it fail their checksums")),
+    }
+}
+
+/// Why redb could not open (or check) the file at `path`.
+fn open_error(path: &Path, e: redb::DatabaseError) -> RegistryError {
+    match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => damaged(path, why),
+        // What redb says of a file without its magic number.
+        redb::DatabaseError::Storage(redb::StorageError::Io(e))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            damaged(
+                path,
+                "it does not begin as a state file does (damaged, or some other file)",
+            )
+        }
+        e => RegistryError::Storage(format!("cannot open state file {}: {e}", path.display())),
+    }
+}
+
+/// The state file read-only, with writes kept in memory: what [`verify`] lets redb repair.
+/// Holds the file's lock while it lives, as redb's own file backend would.
+#[derive(Debug)]
+struct Overlay {
+    file: Mutex<File>,
+    state: Mutex<OverlayState>,
+}
+
+#[derive(Debug)]
+struct OverlayState {
+    len: u64,
+    /// The file's bytes from here on read as zeros (redb shrank the file, then maybe grew it).
+    file_end: u64,
+    /// Writes in the order they came; a read applies the ones it overlaps, in order.
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl Overlay {
+    /// `None` when another process holds the file.
+    fn new(path: &Path) -> std::io::Result<Option<Overlay>> {
+        let file = File::open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let len = file.metadata()?.len();
+        Ok(Some(Overlay {
+            file: Mutex::new(file),
+            state: Mutex::new(OverlayState {
+                len,
+                file_end: len,
+                writes: Vec::new(),
+            }),
+        }))
+    }
+
+    fn state(&self) -> std::io::Result<std::sync::MutexGuard<'_, OverlayState>> {
+        self.state
+            .lock()
+            .map_err(|_| std::io::Error::other("state file check: a lock was poisoned"))
+    }
+}
+
+impl redb::StorageBackend for Overlay {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.state()?.len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let state = self.state()?;
+        let end = offset + out.len() as u64;
+        if end > state.len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out.fill(0);
+        if offset < state.file_end {
+            let n = (state.file_end.min(end) - offset) as usize;
+            let mut file = self
+                .file
+                .lock()
+                .map_err(|_| std::io::Error::other("state file check: a lock was poisoned"))?;
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut out[..n])?;
+        }
+        for (at, data) in &state.writes {
+            let (lo, hi) = (offset.max(*at), end.min(at + data.len() as u64));
+            if lo < hi {
+                out[(lo - offset) as usize..(hi - offset) as usize]
+                    .copy_from_slice(&data[(lo - at) as usize..(hi - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut state = self.state()?;
+        if len < state.len {
+            // What lies past the new end reads as zeros if the file grows again.
+            state.file_end = state.file_end.min(len);
+            state.writes.retain_mut(|(at, data)| {
+                data.truncate(len.saturating_sub(*at) as usize);
+                !data.is_empty()
+            });
+        }
+        state.len = len;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut state = self.state()?;
+        let end = offset + data.len() as u64;
+        state.len = state.len.max(end);
+        state.writes.push((offset, data.to_vec()));
+        Ok(())
     }
 }
 
@@ -136,7 +373,7 @@ fn entry_at(
 fn unsynced_write(db: &Database) -> Result<redb::WriteTransaction, RegistryError> {
     let mut txn = db.begin_write().map_err(storage)?;
     txn.set_durability(redb::Durability::None)
-        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        .map_err(storage)?;
     Ok(txn)
 }
 
@@ -389,6 +626,10 @@ impl Registry for EmbeddedRegistry {
             txn.commit().map_err(storage)
         })
         .await
+    }
+
+    fn damage(&self) -> Option<RegistryError> {
+        self.damage.get().cloned()
     }
 
     async fn flush(&self) -> Result<(), RegistryError> {

@@ -115,6 +115,18 @@ pub enum RegistryError {
     /// The store itself failed: worth retrying.
     #[error("registry storage error: {0}")]
     Storage(String),
+    /// The state file is damaged (pages that fail their checksums, or that cannot be read):
+    /// not retried, and nothing more is read from it or written to it. A run stops on it
+    /// instead of answering rows.
+    #[error(
+        "state file {} is damaged ({detail}): keyfleet will not use it; restore it from a backup, \
+         or move it aside to start a new one (keyfleet then knows none of the key pairs it held)",
+        path.display()
+    )]
+    Corrupt {
+        path: std::path::PathBuf,
+        detail: String,
+    },
 }
 
 /// What to do with an existing entry when `job_id` asks for its name. `None` entry means the
@@ -282,6 +294,12 @@ pub trait Registry: Send + Sync + 'static {
     /// the next synced one (see `embedded.rs`); a run ends with this. Redis: nothing to do.
     fn flush(&self) -> impl Future<Output = Result<(), RegistryError>> + Send {
         async { Ok(()) }
+    }
+
+    /// The damage this store found in itself ([`RegistryError::Corrupt`]), once it has: every
+    /// call fails from then on, and a run stops rather than answer its rows with it.
+    fn damage(&self) -> Option<RegistryError> {
+        None
     }
 }
 
