@@ -28,6 +28,30 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// Standard output that reports a closed pipe (`keyfleet describe | head -1`) as an error,
+/// which `main` ends on quietly with success, where `println!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// Whether `e` is a write to a closed pipe: the reader has all it wanted (`| head`), so the
+/// command ends quietly, with success, as `ripgrep` does.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Runs `$command(&registry, args)` on the registry `args.registry` names: Redis with
 /// `--redis-url`, otherwise the embedded state file.
 macro_rules! on_registry {
@@ -70,6 +94,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
                     &args.batch_id,
                     args.out.clone(),
                     args.identity.clone(),
+                    args.keep_identity,
                     args.idle_timeout,
                     &args.server,
                     args.progress,
@@ -78,8 +103,8 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             )
             .await
             .with_context(|| format!("keyfleet collect {} failed", args.batch_id))?;
-            print_collect(&summary, json)?;
-            Ok(ExitCode::SUCCESS)
+            print_collect(&summary, json, false)?;
+            Ok(collect_exit(&summary))
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
@@ -103,9 +128,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
                 .await
                 .context("benchmark failed")?;
                 if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
+                    outln!("{}", serde_json::to_string(&report)?);
                 } else {
-                    print!("{}", crate::bench::serve::render(&report));
+                    out!("{}", crate::bench::serve::render(&report));
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -122,9 +147,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             .await
             .context("benchmark failed")?;
             if args.json {
-                println!("{}", serde_json::to_string(&report)?);
+                outln!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", crate::bench::render(&report));
+                out!("{}", crate::bench::render(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -192,7 +217,14 @@ async fn serve_command(
         drain: args.drain_timeout,
         upstream,
     };
-    crate::serve::serve(opts, shutdown.clone(), |addr| {
+    let limits = crate::serve::Limits {
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args
+            .max_connections
+            .map_or_else(crate::serve::conn::default_max_connections, |n| n as usize),
+    };
+    crate::serve::serve_limited(opts, limits, shutdown.clone(), |addr| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on http://{addr}");
@@ -283,9 +315,9 @@ async fn run_command(
     }
     .with_context(|| format!("keyfleet run {} failed", args.file.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        outln!("{}", serde_json::to_string(&summary)?);
     } else {
-        print!("{}", render_summary(&summary));
+        out!("{}", render_summary(&summary));
     }
     Ok(if summary.interrupted {
         ExitCode::from(EXIT_INTERRUPTED)
@@ -338,10 +370,12 @@ async fn redis_registry(url: &str, prefix: &str) -> anyhow::Result<RedisRegistry
     Ok(RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn collect_options(
     batch_id: &str,
     out: std::path::PathBuf,
     identity: Option<std::path::PathBuf>,
+    keep_identity: bool,
     idle_timeout: std::time::Duration,
     server: &ServerArgs,
     progress: crate::progress::ProgressMode,
@@ -349,41 +383,85 @@ fn collect_options(
     CollectOptions {
         batch_id: batch_id.to_owned(),
         out,
-        identity: identity.unwrap_or_else(|| transit::default_identity_path(batch_id)),
+        identity,
+        keep_identity,
         endpoints: server.endpoints(),
         idle_timeout,
         progress,
     }
 }
 
-fn print_collect(s: &CollectSummary, json: bool) -> anyhow::Result<()> {
+/// 0 when every result read was written (the batch may still be incomplete: run collect
+/// again); 1 when results were left on the queue because their keys could not be written.
+fn collect_exit(s: &CollectSummary) -> ExitCode {
+    if s.kept > 0 {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `collect`'s report: on standard output, or on standard error for `submit --wait`, whose
+/// standard output is the batch id alone.
+fn print_collect(s: &CollectSummary, json: bool, to_stderr: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(s)?);
+        outln!("{}", serde_json::to_string(s)?);
         return Ok(());
     }
-    println!(
-        "batch {}: collected {} results this run ({} created, {} failed), {} duplicates skipped",
+    let mut text = format!(
+        "batch {}: collected {} results this run ({} created, {} failed), {} duplicates skipped\n",
         s.batch_id, s.tally.rows, s.tally.created, s.tally.failed, s.duplicates
     );
     for (code, n) in &s.tally.failed_by_code {
-        println!("  failed {code}: {n}");
+        text.push_str(&format!("  failed {code}: {n}\n"));
     }
-    match s.total {
-        Some(t) if s.complete => println!(
-            "complete: {}/{t} results in {}",
+    if s.rejected > 0 {
+        text.push_str(&format!(
+            "  rejected (not the registered key; kept in rejected.jsonl): {}\n",
+            s.rejected
+        ));
+    }
+    if s.kept > 0 {
+        text.push_str(&format!(
+            "  left on the queue (their keys did not decrypt with {}): {}\n",
+            s.identity
+                .as_deref()
+                .map_or("no identity".into(), |p| p.display().to_string()),
+            s.kept
+        ));
+    }
+    text.push_str(&match s.total {
+        Some(t) if s.complete => format!(
+            "complete: {}/{t} results in {}\n",
             s.collected,
             s.manifest.display()
         ),
-        Some(t) => println!(
-            "incomplete: {}/{t} results so far in {} (run collect again to continue)",
+        Some(t) => format!(
+            "incomplete: {}/{t} results so far in {} (run collect again to continue)\n",
             s.collected,
             s.manifest.display()
         ),
-        None => println!(
-            "{} results so far in {} (total not known yet)",
+        None => format!(
+            "{} results so far in {} (total not known yet)\n",
             s.collected,
             s.manifest.display()
         ),
+    });
+    match (&s.identity_removed, &s.identity) {
+        (Some(p), _) => text.push_str(&format!(
+            "identity {} removed: every key of the batch is written (--keep-identity keeps it)\n",
+            p.display()
+        )),
+        (None, Some(p)) if !s.complete => text.push_str(&format!(
+            "identity: {} (keep it until the batch is collected)\n",
+            p.display()
+        )),
+        _ => {}
+    }
+    if to_stderr {
+        eprint!("{text}");
+    } else {
+        out!("{text}");
     }
     Ok(())
 }
@@ -420,17 +498,32 @@ async fn submit_command(
         keys_to: match (&args.recipient, &args.identity) {
             (Some(r), _) => KeysTo::Recipient(r.clone()),
             (None, Some(path)) => KeysTo::IdentityFile(path.clone()),
-            (None, None) => KeysTo::IdentityFile(transit::default_identity_path(&batch_id)),
+            (None, None) => KeysTo::IdentityFile(
+                transit::default_identity_path(
+                    &batch_id,
+                    args.out.as_deref().filter(|_| args.wait),
+                )
+                .context("keyfleet submit: no place for the batch's identity")?,
+            ),
         },
     };
-    eprintln!("batch id: {batch_id}");
+    if let KeysTo::IdentityFile(path) = &opts.keys_to {
+        eprintln!(
+            "batch {batch_id}: private keys encrypted to identity {} (collect finds it there; without it the batch's keys cannot be read)",
+            path.display()
+        );
+    }
     let summary = crate::submit::submit(opts, shutdown.clone())
         .await
         .with_context(|| format!("keyfleet submit {} failed", args.file.display()))?;
     if args.json && !args.wait {
-        println!("{}", serde_json::to_string(&summary)?);
+        outln!("{}", serde_json::to_string(&summary)?);
     } else if !args.json {
-        println!(
+        // Standard output is the batch id alone (`B=$(keyfleet submit f.csv)`); the report
+        // goes to standard error.
+        outln!("{}", summary.batch_id);
+        std::io::Write::flush(&mut std::io::stdout())?;
+        eprintln!(
             "batch {}: {} rows, {} enqueued, {} answered at once as failed, {:.0} rows/s",
             summary.batch_id,
             summary.rows,
@@ -448,6 +541,7 @@ async fn submit_command(
                 &batch_id,
                 out,
                 args.identity.clone(),
+                args.keep_identity,
                 std::time::Duration::from_secs(600),
                 &args.server,
                 args.progress,
@@ -456,7 +550,7 @@ async fn submit_command(
         )
         .await
         .with_context(|| format!("collecting batch {batch_id} failed"))?;
-        print_collect(&c, args.json)?;
+        print_collect(&c, args.json, true)?;
         if !c.complete {
             return Ok(ExitCode::from(EXIT_FAILED));
         }
@@ -479,7 +573,7 @@ async fn status_command(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_FAILED));
     };
     if args.json {
-        println!("{}", serde_json::to_string(&s)?);
+        outln!("{}", serde_json::to_string(&s)?);
     } else {
         let total = s
             .total
@@ -489,14 +583,14 @@ async fn status_command(args: StatusArgs) -> anyhow::Result<ExitCode> {
             .pending()
             .map(|p| p.to_string())
             .unwrap_or_else(|| "?".into());
-        println!(
+        outln!(
             "batch {}: total {total}, created {}, failed {}, pending {pending}",
             s.batch_id,
             s.created,
             s.failed.values().sum::<u64>()
         );
         for (code, n) in &s.failed {
-            println!("  failed {code}: {n}");
+            outln!("  failed {code}: {n}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -513,7 +607,7 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
     let records = registry.describe(&filter).await?;
     if args.json {
         for r in &records {
-            println!("{}", serde_json::to_string(r)?);
+            outln!("{}", serde_json::to_string(r)?);
         }
     } else {
         // Padded by display width, so Chinese names (two columns a character) line up.
@@ -528,7 +622,7 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
             line.push_str(&rest);
             line
         };
-        println!(
+        outln!(
             "{}",
             row(
                 [
@@ -557,7 +651,7 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
                     .unwrap_or_default()
             );
             let created = crate::job::rfc3339(r.created_at);
-            println!(
+            outln!(
                 "{}",
                 row(
                     [
@@ -638,17 +732,17 @@ async fn reconcile<R: Registry>(
         && drift.in_keyfleet_only.is_empty()
         && drift.fingerprints_differ.is_empty();
     if args.json {
-        println!("{}", serde_json::to_string(&drift)?);
+        outln!("{}", serde_json::to_string(&drift)?);
     } else {
-        println!("{} in both with the same key", drift.in_both);
+        outln!("{} in both with the same key", drift.in_both);
         for (what, names) in [
             ("in the cloud only", &drift.in_cloud_only),
             ("in keyfleet only", &drift.in_keyfleet_only),
             ("different keys", &drift.fingerprints_differ),
         ] {
-            println!("{}: {}", what, names.len());
+            outln!("{}: {}", what, names.len());
             for n in names {
-                println!("  {n}");
+                outln!("  {n}");
             }
         }
     }
@@ -693,12 +787,12 @@ async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<E
             None => false,
         };
         if registry.delete(&scope, name).await? || in_cloud {
-            println!(
+            outln!(
                 "deleted {name}{}",
                 if in_cloud { " (and in the cloud)" } else { "" }
             );
         } else {
-            println!("not found {name}");
+            outln!("not found {name}");
             missing += 1;
         }
     }

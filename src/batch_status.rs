@@ -61,6 +61,19 @@ pub struct BatchKeys {
     pub jobs: String,
     /// String: the age recipient the batch's private keys are encrypted to (`transit.rs`).
     pub recipient: String,
+    /// String (JSON [`Collected`]): where `collect` wrote the whole batch.
+    pub collected: String,
+}
+
+/// Where a batch was completely collected, so a `collect` elsewhere can say where its keys are
+/// (each private key is delivered once) instead of waiting for results that will not come.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Collected {
+    /// The output folder, absolute.
+    pub dir: String,
+    pub results: u64,
+    /// RFC 3339.
+    pub at: String,
 }
 
 #[derive(Clone)]
@@ -126,6 +139,7 @@ impl BatchStatusStore {
             counts: format!("{}:batch:{{{tag}}}:counts", self.prefix),
             jobs: format!("{}:batch:{{{tag}}}:jobs", self.prefix),
             recipient: format!("{}:batch:{{{tag}}}:recipient", self.prefix),
+            collected: format!("{}:batch:{{{tag}}}:collected", self.prefix),
         })
     }
 
@@ -179,6 +193,38 @@ impl BatchStatusStore {
             .query_async(&mut conn)
             .await
             .map_err(storage)
+    }
+
+    /// Records that the whole batch was collected into `c.dir`.
+    pub async fn set_collected(&self, batch_id: &str, c: &Collected) -> Result<(), RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let json = serde_json::to_string(c).map_err(|e| RegistryError::Storage(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(&keys.collected)
+            .arg(json)
+            .arg("PX")
+            .arg(self.ttl_ms())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(storage)
+    }
+
+    /// Where the whole batch was collected, if it was.
+    pub async fn collected(&self, batch_id: &str) -> Result<Option<Collected>, RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let mut conn = self.conn.clone();
+        let json: Option<String> = redis::cmd("GET")
+            .arg(&keys.collected)
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        json.map(|j| {
+            serde_json::from_str(&j).map_err(|e| {
+                RegistryError::Storage(format!("batch {batch_id:?}: collected record: {e}"))
+            })
+        })
+        .transpose()
     }
 
     /// Records a job's outcome ([`CREATED`] or an error code). Idempotent per job id: a second

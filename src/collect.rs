@@ -2,15 +2,21 @@
 //! (key files + manifest). Resumable: it appends, skips jobs already written, and acks results
 //! only once they are on disk. Stops when the batch is complete (per `keyfleet status`) or
 //! after a quiet spell.
+//!
+//! The rule: a result is acked only once what it carries is durable in the folder. Before it
+//! consumes anything, collect checks that the batch exists, was not already collected
+//! elsewhere, and that the identity it holds is the one the batch's keys are encrypted to; a
+//! key it still cannot write (it does not decrypt, the disk is full, a permission) stays on the
+//! queue for the next collect.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch_status::BatchStatusStore;
+use crate::batch_status::{BatchStatusStore, Collected};
 use crate::broker::{Broker, BrokerError};
 use crate::dialect::Scope;
 use crate::endpoints::Endpoints;
@@ -26,8 +32,12 @@ use crate::sink::KeyFiles;
 pub struct CollectOptions {
     pub batch_id: String,
     pub out: PathBuf,
-    /// The batch's age identity: decrypts the private keys (`transit.rs`).
-    pub identity: PathBuf,
+    /// The batch's age identity file, when the user names one; otherwise it is looked for
+    /// where `submit` puts it ([`crate::transit::identity_candidates`]).
+    pub identity: Option<PathBuf>,
+    /// Keep an identity found in its default place once the batch is completely collected
+    /// (it is removed otherwise: nothing needs it any more).
+    pub keep_identity: bool,
     pub endpoints: Endpoints,
     /// Stop after this long without a result (the batch may be incomplete; run again later).
     pub idle_timeout: Duration,
@@ -41,9 +51,16 @@ pub struct CollectSummary {
     pub tally: Tally,
     /// Results skipped because their job was already written, or superseded by a newer key.
     pub duplicates: u64,
-    /// Created results whose key was not written: it did not decrypt with the batch's
-    /// identity, or was not the registered key. Kept in `rejected.jsonl`.
+    /// Created results whose key was not the registered key (or no key): forged or damaged,
+    /// kept in `rejected.jsonl`. The genuine result is still written when it comes.
     pub rejected: u64,
+    /// Results left on the queue because their key could not be decrypted: the next collect
+    /// with the right identity writes them.
+    pub kept: u64,
+    /// The identity file used, if the batch's keys are encrypted.
+    pub identity: Option<PathBuf>,
+    /// The identity file removed because the batch is now completely collected.
+    pub identity_removed: Option<PathBuf>,
     /// Results of the batch written so far, this run and earlier ones.
     pub collected: u64,
     pub total: Option<u64>,
@@ -61,12 +78,38 @@ pub enum CollectError {
     Redis(#[from] RegistryError),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
-    #[error("the batch's private keys are encrypted, and its identity file {0} does not exist: pass --identity FILE (`submit` wrote ./<batch-id>.age-identity where it ran)")]
-    NoIdentity(PathBuf),
+    #[error("no such batch {batch:?}: Redis (prefix {prefix:?}) holds no recipient, results count or collection record for it (a batch is forgotten 7 days after its last activity); nothing was read or created")]
+    NoSuchBatch { batch: String, prefix: String },
+    #[error("batch {batch:?} was already collected into {} ({results} results, {at}); each private key is delivered once, so its keys are there, not here", dir.display())]
+    AlreadyCollected {
+        batch: String,
+        dir: PathBuf,
+        results: u64,
+        at: String,
+    },
+    #[error("the private keys of batch {batch:?} are encrypted, and its identity file is not in any of {}: pass --identity FILE", list(searched))]
+    NoIdentity {
+        batch: String,
+        searched: Vec<PathBuf>,
+    },
+    #[error("identity file {} is not the identity of batch {batch:?} (its keys are encrypted to {recipient}); nothing was read: pass the batch's own identity with --identity FILE", path.display())]
+    IdentityMismatch {
+        path: PathBuf,
+        batch: String,
+        recipient: String,
+    },
     #[error(transparent)]
     Transit(#[from] crate::transit::TransitError),
     #[error("a key file could not be written, so its result stays on the queue (fix the cause, then run collect again)")]
     KeyFile(#[source] KeyFileError),
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Acks are sent in groups, each after the manifest lines they cover are synced.
@@ -94,23 +137,49 @@ async fn drain(
     let e = &opts.endpoints;
     let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
+    // Everything that would make this collect consume results it cannot write is checked
+    // before the first one is read.
+    let batch = &opts.batch_id;
+    let known = status.status(batch).await?;
+    let recipient = status.recipient(batch).await?;
+    let collected_before = status.collected(batch).await?;
+    if known.is_none() && recipient.is_none() && collected_before.is_none() {
+        return Err(CollectError::NoSuchBatch {
+            batch: batch.clone(),
+            prefix: e.prefix.clone(),
+        });
+    }
+    if let Some(c) = collected_before {
+        if Path::new(&c.dir) != folder_path(&opts.out) {
+            return Err(CollectError::AlreadyCollected {
+                batch: batch.clone(),
+                dir: c.dir.into(),
+                results: c.results,
+                at: c.at,
+            });
+        }
+    }
+    let identity = find_identity(&opts, recipient.as_deref())?;
+    if let Some((path, _, _)) = &identity {
+        tracing::info!("identity: {}", path.display());
+    }
     broker.declare().await?;
-    let queue = broker.declare_results_queue(&opts.batch_id).await?;
+    let queue = broker.declare_results_queue(batch).await?;
     broker.set_prefetch((ACK_EVERY * 4) as u16).await?;
     let (mut out, mut seen) = OutputDir::resume(&opts.out)?;
     let mut consumer = broker.consume(&queue).await?;
 
-    let mut total = status.status(&opts.batch_id).await?.and_then(|s| s.total);
+    let mut total = known.and_then(|s| s.total);
     let mut progress = Progress::new(opts.progress, total);
+    let identity_path = identity.as_ref().map(|(p, _, _)| p.clone());
+    let removable = identity.as_ref().is_some_and(|(_, _, default)| *default);
     let keys = Keys {
         files: out.keys().clone(),
-        identity: match opts.identity.exists() {
-            true => Some(crate::transit::read_identity(&opts.identity)?),
-            false => None,
-        },
-        identity_path: opts.identity.clone(),
+        identity: identity.map(|(_, id, _)| id),
     };
     let mut counts = Counts::default();
+    // Results whose key could not be decrypted: never acked, so they stay on the queue.
+    let mut kept: Vec<lapin::Acker> = Vec::new();
     let mut unacked: Vec<lapin::Acker> = Vec::new();
     // Created results whose pair the registry does not yet hold as delivered: their worker
     // may still confirm them, or their job may come back and replace the pair. Held unacked.
@@ -157,7 +226,7 @@ async fn drain(
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
                     verdict => {
-                        take(
+                        let taken = take(
                             &mut out,
                             &keys,
                             &mut seen,
@@ -167,7 +236,10 @@ async fn drain(
                             verdict,
                         )
                         .await?;
-                        unacked.push(delivery.acker);
+                        match taken {
+                            Taken::Done => unacked.push(delivery.acker),
+                            Taken::Kept => kept.push(delivery.acker),
+                        }
                     }
                 }
                 if unacked.len() >= ACK_EVERY {
@@ -182,7 +254,7 @@ async fn drain(
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
                             let (out, seen) = (&mut out, &mut seen);
-                            take(
+                            let taken = take(
                                 out,
                                 &keys,
                                 seen,
@@ -192,7 +264,10 @@ async fn drain(
                                 verdict,
                             )
                             .await?;
-                            unacked.push(acker);
+                            match taken {
+                                Taken::Done => unacked.push(acker),
+                                Taken::Kept => kept.push(acker),
+                            }
                             last_result = Instant::now();
                         }
                     }
@@ -232,8 +307,15 @@ async fn drain(
             "results not yet confirmed by the registry or the batch status were left on the queue; run collect again"
         );
     }
+    if !kept.is_empty() {
+        tracing::error!(
+            kept = kept.len(),
+            "results whose private key could not be decrypted were left on the queue; run collect again with the batch's identity"
+        );
+    }
     // Dropped unacked: the broker keeps them for the next collect.
     drop(held);
+    drop(kept);
     ack_all(&mut out, &mut unacked).await?;
     if let Ok(s) = status.status(&opts.batch_id).await {
         total = s.and_then(|s| s.total).or(total);
@@ -241,16 +323,85 @@ async fn drain(
     let manifest = out.finish()?;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
+    let complete = total.is_some_and(|t| collected >= t);
+    let mut identity_removed = None;
+    if complete {
+        let record = Collected {
+            dir: folder_path(&opts.out).to_string_lossy().into_owned(),
+            results: collected,
+            at: crate::job::now_rfc3339(),
+        };
+        if let Err(e) = status.set_collected(&opts.batch_id, &record).await {
+            tracing::warn!("could not record where the batch was collected: {e}");
+        }
+        if let (Some(path), true, false) = (&identity_path, removable, opts.keep_identity) {
+            match std::fs::remove_file(path) {
+                Ok(()) => identity_removed = Some(path.clone()),
+                Err(e) => tracing::warn!("could not remove identity {}: {e}", path.display()),
+            }
+        }
+    }
     Ok(CollectSummary {
         batch_id: opts.batch_id,
         tally,
         duplicates: counts.duplicates,
         rejected: counts.rejected,
+        kept: counts.kept,
+        identity: identity_path,
+        identity_removed,
         collected,
         total,
-        complete: total.is_some_and(|t| collected >= t),
+        complete,
         manifest,
     })
+}
+
+/// The output folder as recorded and compared: canonical once it exists.
+fn folder_path(out: &Path) -> PathBuf {
+    std::fs::canonicalize(out)
+        .or_else(|_| std::path::absolute(out))
+        .unwrap_or_else(|_| out.to_owned())
+}
+
+/// The batch's identity: the one named, or the first found where `submit` puts it, checked
+/// against the recipient the batch's keys are encrypted to. Returns the path, the identity,
+/// and whether it was found in a default place (and so may be removed once collected).
+fn find_identity(
+    opts: &CollectOptions,
+    recipient: Option<&str>,
+) -> Result<Option<(PathBuf, crate::transit::Identity, bool)>, CollectError> {
+    let (path, default) = match &opts.identity {
+        Some(path) => (Some(path.clone()), false),
+        None => {
+            let places = crate::transit::identity_candidates(&opts.batch_id, &opts.out);
+            match places.iter().find(|p| p.exists()) {
+                Some(p) => (Some(p.clone()), true),
+                None if recipient.is_some() => {
+                    return Err(CollectError::NoIdentity {
+                        batch: opts.batch_id.clone(),
+                        searched: places,
+                    })
+                }
+                None => (None, true),
+            }
+        }
+    };
+    let Some(path) = path else {
+        // A batch without a recipient: its keys travel in plaintext (a producer other than
+        // `submit`, and a worker run with --allow-plaintext-results).
+        return Ok(None);
+    };
+    let identity = crate::transit::read_identity(&path)?;
+    if let Some(r) = recipient {
+        if identity.to_public().to_string() != r.trim() {
+            return Err(CollectError::IdentityMismatch {
+                path,
+                batch: opts.batch_id.clone(),
+                recipient: r.trim().to_owned(),
+            });
+        }
+    }
+    Ok(Some((path, identity, default)))
 }
 
 async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result<(), CollectError> {
@@ -343,24 +494,43 @@ fn holds_key(path: &std::path::Path, sha256: &str) -> bool {
         .is_some_and(|(_, fp)| fp == sha256)
 }
 
-/// Results dropped as superseded, and created results whose key was rejected.
+/// Results dropped as superseded, created results whose key was rejected, and results left
+/// on the queue.
 #[derive(Default)]
 struct Counts {
     duplicates: u64,
     rejected: u64,
+    kept: u64,
 }
 
 /// How keys are read and written here.
 struct Keys {
     files: KeyFiles,
     identity: Option<crate::transit::Identity>,
-    identity_path: PathBuf,
+}
+
+/// What became of a result taken from the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// Written (or dropped as superseded, or rejected as forged): ack it.
+    Done,
+    /// Its key could not be decrypted: leave it on the queue.
+    Kept,
+}
+
+/// Why a created result's key is not written.
+enum Refused {
+    /// It is not the registered key, or no key: forged or damaged. Kept aside and acked; the
+    /// genuine result is written when it comes.
+    Rejected(String),
+    /// It cannot be decrypted here: it stays on the queue for a collect that can.
+    Undecryptable(String),
 }
 
 /// Writes an accepted result (key file through the sink, then its manifest line), or drops a
-/// superseded one, counting it. A created result whose key is rejected (it does not decrypt
-/// with the batch's identity, or is not the key the registry holds: a forged result; the
-/// genuine one may still come) is kept aside, not written, and counted.
+/// superseded one, counting it. A created result whose key is not the key the registry holds
+/// (a forged result; the genuine one may still come) is kept aside, not written, and counted;
+/// one whose key does not decrypt is left on the queue ([`Taken::Kept`]).
 async fn take(
     out: &mut OutputDir,
     keys: &Keys,
@@ -369,20 +539,25 @@ async fn take(
     counts: &mut Counts,
     mut result: JobResult,
     verdict: Verdict,
-) -> Result<(), CollectError> {
+) -> Result<Taken, CollectError> {
     if verdict != Verdict::Accept {
         counts.duplicates += 1;
-        return Ok(());
+        return Ok(Taken::Done);
     }
     let mut key_file = None;
     if result.is_created() {
-        match plaintext_key(keys, &mut result)? {
+        match plaintext_key(keys, &mut result) {
             Ok(()) => {}
-            Err(why) => {
+            Err(Refused::Undecryptable(why)) => {
+                tracing::error!(job = %result.job_id, "result left on the queue: {why}");
+                counts.kept += 1;
+                return Ok(Taken::Kept);
+            }
+            Err(Refused::Rejected(why)) => {
                 tracing::error!(job = %result.job_id, "result not written: {why}");
                 out.keep_rejected(&result, &why)?;
                 counts.rejected += 1;
-                return Ok(());
+                return Ok(Taken::Done);
             }
         }
         let sha256 = result
@@ -407,35 +582,47 @@ async fn take(
     out.append(&result, key_file.as_deref())?;
     seen.insert(result.job_id, result.is_created());
     progress.record(&result);
-    Ok(())
+    Ok(Taken::Done)
 }
 
 /// Turns the created result's key body into the plaintext PEM, checked against the
-/// fingerprint the registry holds (the result's own, which `verdict` compared). The inner
-/// `Err` is why the key is rejected.
-fn plaintext_key(keys: &Keys, result: &mut JobResult) -> Result<Result<(), String>, CollectError> {
+/// fingerprint the registry holds (the result's own, which `verdict` compared). A key that
+/// cannot be decrypted is put back, so the result still carries it when left on the queue.
+fn plaintext_key(keys: &Keys, result: &mut JobResult) -> Result<(), Refused> {
     let Some(created) = result.created_mut() else {
-        return Ok(Ok(()));
+        return Ok(());
     };
     let Some(body) = created.private_key.take() else {
-        return Ok(Err("a created result without a private key".into()));
+        return Err(Refused::Rejected(
+            "a created result without a private key".into(),
+        ));
     };
     let pem = if crate::transit::is_sealed(&body.0) {
         let Some(identity) = &keys.identity else {
-            return Err(CollectError::NoIdentity(keys.identity_path.clone()));
+            created.private_key = Some(body);
+            return Err(Refused::Undecryptable(
+                "the key is encrypted and the batch has no identity here (--identity FILE)".into(),
+            ));
         };
         match crate::transit::open(identity, &body.0) {
             Ok(pem) => pem,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => {
+                created.private_key = Some(body);
+                return Err(Refused::Undecryptable(e.to_string()));
+            }
         }
     } else {
         body.0
     };
     match crate::keygen::fingerprints_of_pem(&pem) {
         Ok((_, sha256)) if sha256 == created.fingerprint_sha256 => {}
-        Ok(_) => return Ok(Err("the private key is not the registered key".into())),
-        Err(e) => return Ok(Err(format!("not a private key: {e}"))),
+        Ok(_) => {
+            return Err(Refused::Rejected(
+                "the private key is not the registered key".into(),
+            ))
+        }
+        Err(e) => return Err(Refused::Rejected(format!("not a private key: {e}"))),
     }
     created.private_key = Some(crate::job::SecretPem(pem));
-    Ok(Ok(()))
+    Ok(())
 }

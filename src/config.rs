@@ -174,6 +174,18 @@ pub struct ServeArgs {
     /// After a shutdown signal, how long requests in flight may take to finish.
     #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Time for a request's line and headers to arrive, from the connection's start or a later
+    /// request's first byte (and for its body, once the headers are in); a connection that
+    /// takes longer is closed.
+    #[arg(long, env = "KEYFLEET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Connections open at once; one more is answered 503 ServiceUnavailable and closed.
+    /// Default: 1024, or the open-file limit less 128 if that is lower.
+    #[arg(long, env = "KEYFLEET_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
     /// Also register created and imported keys in this cloud (and delete there): `serve` as a
     /// fast front, answering creates from its reservoir, for a cloud's key-pair API.
     #[command(flatten)]
@@ -338,7 +350,9 @@ pub struct SubmitArgs {
     pub confirm_window: usize,
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
-    /// ./<batch-id>.age-identity.
+    /// <batch-id>.age-identity in the --out folder with --wait, otherwise in
+    /// $XDG_STATE_HOME/keyfleet/ (~/.local/state/keyfleet/), where `collect` finds it; removed
+    /// once the batch is completely collected. Lose it and the batch's keys cannot be read.
     #[arg(
         long,
         env = "KEYFLEET_IDENTITY",
@@ -350,6 +364,9 @@ pub struct SubmitArgs {
     /// identity and give it to `collect --identity`.
     #[arg(long, env = "KEYFLEET_RECIPIENT", value_name = "AGE1…")]
     pub recipient: Option<String>,
+    /// With --wait: keep the identity once the batch is completely collected.
+    #[arg(long)]
+    pub keep_identity: bool,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
@@ -368,9 +385,15 @@ pub struct CollectArgs {
     /// Stop after this long without a result (run again later to continue).
     #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub idle_timeout: std::time::Duration,
-    /// The batch's age identity file (what `submit` wrote). Default: ./<batch-id>.age-identity.
+    /// The batch's age identity file. Default: <batch-id>.age-identity where `submit` puts it —
+    /// the --out folder, then $XDG_STATE_HOME/keyfleet/ (~/.local/state/keyfleet/), then the
+    /// working directory. It is checked against the batch's recipient before anything is read.
     #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Keep an identity found in its default place once the batch is completely collected
+    /// (otherwise it is removed then; one named with --identity is always kept).
+    #[arg(long)]
+    pub keep_identity: bool,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
@@ -427,9 +450,12 @@ pub struct WorkerArgs {
     /// After a shutdown signal, how long jobs in flight may take to finish.
     #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
-    /// Prometheus /metrics, /healthz, /readyz; `off` to disable.
-    #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
-    pub metrics_addr: MetricsAddr,
+    /// Prometheus /metrics, /healthz, /readyz; `off` to disable. Loopback unless you ask for
+    /// more (`0.0.0.0:9464` for a scraper on another host). When the default port is taken (a
+    /// second worker on this host), a free loopback port is used and logged; a port given
+    /// here that is taken is an error. `127.0.0.1:0` always picks a free port.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
     #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
     pub engine: Engine,
     /// Config file (TOML; same format as keyfleet's). Default: ./keyfleet.toml when it exists.
@@ -476,7 +502,10 @@ impl WorkerArgs {
             upstream_burst: self.upstream_limit.upstream_burst,
             upstream: self.upstream.with_file(file),
             drain_timeout: self.drain_timeout,
-            metrics_addr: self.metrics_addr.0,
+            metrics_addr: match self.metrics_addr {
+                Some(MetricsAddr(addr)) => addr.map(crate::worker::MetricsBind::Exactly),
+                None => Some(crate::worker::MetricsBind::Default(DEFAULT_WORKER_METRICS)),
+            },
             allow_plaintext_results: self.allow_plaintext_results,
         }
     }
@@ -520,6 +549,12 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .filter(|d| d.as_secs() < 1_000_000_000)
         .ok_or_else(|| format!("'{s}' is not a duration: use e.g. 30s, 500ms, 2m"))
 }
+
+/// Where a worker serves its metrics unless told: loopback, so nothing is exposed on every
+/// interface unasked.
+pub const DEFAULT_WORKER_METRICS: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464),
+);
 
 /// A listen address, or none (`off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,6 +13,8 @@ async fn main() -> ExitCode {
     let shutdown = keyfleet::shutdown::on_signals();
     match keyfleet::app::execute(cli, shutdown).await {
         Ok(code) => code,
+        // `keyfleet describe | head -1`: the reader has what it wanted.
+        Err(e) if keyfleet::app::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyfleet: {e:#}");
             ExitCode::from(keyfleet::app::EXIT_FAILED)

@@ -61,6 +61,15 @@ pub struct Progress {
     pub enqueued: u64,
 }
 
+/// A rate as a person reads it: whole numbers from 10/s up, one decimal below.
+pub fn rate(per_sec: f64) -> String {
+    if per_sec >= 10.0 {
+        format!("{per_sec:.0}/s")
+    } else {
+        format!("{per_sec:.1}/s")
+    }
+}
+
 impl Progress {
     pub fn new(mode: ProgressMode, total: Option<u64>) -> Self {
         let terminal = std::io::stderr().is_terminal();
@@ -75,9 +84,18 @@ impl Progress {
                 Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()),
                 None => ProgressBar::new_spinner(),
             };
+            // indicatif's own `{per_sec}` prints four decimals (`238.1506/s`).
             let style = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {per_sec}  eta {eta}  {msg}",
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {rate}  eta {eta}  {msg}",
             )
+            .map(|s| {
+                s.with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = w.write_str(&rate(state.per_sec()));
+                    },
+                )
+            })
             .unwrap_or_else(|_| ProgressStyle::default_bar());
             pb.set_style(style);
             pb

@@ -35,14 +35,76 @@ pub enum TransitError {
     },
     #[error("identity file {0} holds no age identity (AGE-SECRET-KEY-1…)")]
     IdentityFormat(PathBuf),
+    #[error("no folder for batch identities: set XDG_STATE_HOME or HOME, or pass --identity FILE")]
+    NoStateDir,
 }
 
-/// Where `submit` writes a batch's identity, and `collect` reads it, unless told otherwise.
-pub fn default_identity_path(batch_id: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "{}.age-identity",
-        crate::output::path_component(batch_id)
-    ))
+/// The file name of a batch's identity in the folders below.
+pub fn identity_file_name(batch_id: &str) -> String {
+    format!("{}.age-identity", crate::output::path_component(batch_id))
+}
+
+/// keyfleet's own state folder for identities no output folder holds:
+/// `$XDG_STATE_HOME/keyfleet`, else `~/.local/state/keyfleet` (the XDG base-directory default).
+pub fn state_dir() -> Option<PathBuf> {
+    let nonempty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
+    std::env::var_os("XDG_STATE_HOME")
+        .and_then(nonempty)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(nonempty)
+                .map(|h| h.join(".local").join("state"))
+        })
+        .map(|d| d.join("keyfleet"))
+}
+
+/// Where `submit` puts a batch's identity when the user names no file: in the output folder
+/// of `--wait --out DIR` (where the batch's keys will be, already private), otherwise in the
+/// state folder (made 0700).
+pub fn default_identity_path(batch_id: &str, out: Option<&Path>) -> Result<PathBuf, TransitError> {
+    let (folder, strict) = match out {
+        Some(dir) => (dir.to_owned(), false),
+        None => (state_dir().ok_or(TransitError::NoStateDir)?, true),
+    };
+    private_folder(&folder, strict).map_err(|source| TransitError::IdentityFile {
+        path: folder.clone(),
+        source,
+    })?;
+    Ok(folder.join(identity_file_name(batch_id)))
+}
+
+/// Where `collect` looks for a batch's identity when not told, in this order: the output
+/// folder, the state folder, and the working directory (where `submit` wrote it before
+/// 2026-12).
+pub fn identity_candidates(batch_id: &str, out: &Path) -> Vec<PathBuf> {
+    let name = identity_file_name(batch_id);
+    let mut places = vec![out.join(&name)];
+    places.extend(state_dir().map(|d| d.join(&name)));
+    places.push(PathBuf::from(&name));
+    places
+}
+
+/// Makes `folder` (and its parents) with mode 0700 for what keyfleet creates; refuses a
+/// symlink, and with `strict` (keyfleet's own state folder) a folder other users can open.
+/// An output folder the user made is theirs to set; the identity in it is 0600 either way.
+fn private_folder(folder: &Path, strict: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(folder)?;
+    let meta = std::fs::symlink_metadata(folder)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a folder (a symlink is refused)"));
+    }
+    if strict && meta.permissions().mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "the folder is open to other users (mode {:o}); `chmod 700` it",
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    Ok(())
 }
 
 pub fn parse_recipient(s: &str) -> Result<Recipient, TransitError> {

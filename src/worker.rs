@@ -48,9 +48,20 @@ pub struct WorkerConfig {
     pub upstream: crate::config::UpstreamArgs,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    pub metrics_addr: Option<SocketAddr>,
+    /// Where /metrics is served; `None`: nowhere.
+    pub metrics_addr: Option<MetricsBind>,
     /// Plaintext keys for batches without a recipient (see `sink/results_queue.rs`).
     pub allow_plaintext_results: bool,
+}
+
+/// Where a worker serves its metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsBind {
+    /// The address the user gave: taken is an error.
+    Exactly(SocketAddr),
+    /// The default: when its port is taken (another worker on this host), a free port on the
+    /// same interface is used, so any number of workers start with defaults.
+    Default(SocketAddr),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +90,38 @@ struct Handler {
 /// flight finish within the drain deadline, and leaves the rest unacked for redelivery.
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let readiness = Readiness::new();
-    if let Some(addr) = cfg.metrics_addr {
-        metrics::install().map_err(|e| WorkerError::Metrics(crate::sink::error_chain(&e)))?;
-        let bound = metrics::serve(addr, readiness.clone(), shutdown.clone())
-            .await
-            .map_err(|e| WorkerError::Metrics(crate::sink::error_chain(&e)))?;
+    if let Some(bind) = cfg.metrics_addr {
+        let failed = |e: &(dyn std::error::Error + 'static)| {
+            WorkerError::Metrics(format!(
+                "{} (choose another with --metrics-addr HOST:PORT, 127.0.0.1:0 for any free port, or off)",
+                crate::sink::error_chain(e)
+            ))
+        };
+        metrics::install().map_err(|e| failed(&e))?;
+        let bound = match bind {
+            MetricsBind::Exactly(addr) => metrics::serve(addr, readiness.clone(), shutdown.clone())
+                .await
+                .map_err(|e| failed(&e))?,
+            MetricsBind::Default(addr) => {
+                match metrics::serve(addr, readiness.clone(), shutdown.clone()).await {
+                    Ok(bound) => bound,
+                    Err(metrics::MetricsError::Bind { source, .. })
+                        if source.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
+                        let any = SocketAddr::new(addr.ip(), 0);
+                        let bound = metrics::serve(any, readiness.clone(), shutdown.clone())
+                            .await
+                            .map_err(|e| failed(&e))?;
+                        tracing::warn!(
+                            "metrics port {} is taken (another worker?): serving metrics on {bound} instead",
+                            addr.port()
+                        );
+                        bound
+                    }
+                    Err(e) => return Err(failed(&e)),
+                }
+            }
+        };
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let e = &cfg.endpoints;

@@ -347,7 +347,8 @@ async fn failed_write_is_not_acked() {
     let opts = keyfleet::collect::CollectOptions {
         batch_id: "bfail".into(),
         out: out.clone(),
-        identity: env.identity("bfail"),
+        identity: Some(env.identity("bfail")),
+        keep_identity: false,
         endpoints: env.endpoints(),
         idle_timeout: Duration::from_secs(10),
         progress: keyfleet::progress::ProgressMode::Off,

@@ -149,6 +149,27 @@ impl Env {
         c
     }
 
+    /// The `keyfleet` command line on this test's servers and prefix (through its
+    /// environment variables), run in the test folder, with its state folder
+    /// (`XDG_STATE_HOME`) inside it.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(keyfleet_bin());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEYFLEET_") {
+                c.env_remove(k);
+            }
+        }
+        c.args(args)
+            .env("KEYFLEET_AMQP_URL", amqp_url())
+            .env("KEYFLEET_REDIS_URL", &self.redis)
+            .env("KEYFLEET_PREFIX", &self.prefix)
+            .env("KEYFLEET_PROGRESS", "off")
+            .env("XDG_STATE_HOME", self.path("state"))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        c
+    }
+
     /// Starts a worker whose log goes to `worker-<n>.log` in the test folder.
     pub fn start_worker(&mut self, extra: &[&str]) -> usize {
         let n = self.workers.len();
@@ -269,7 +290,8 @@ impl Env {
         let opts = CollectOptions {
             batch_id: batch_id.into(),
             out: self.path(out),
-            identity: self.identity(batch_id),
+            identity: Some(self.identity(batch_id)),
+            keep_identity: false,
             endpoints: self.endpoints(),
             idle_timeout: idle,
             progress: ProgressMode::Off,
@@ -326,6 +348,17 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The `keyfleet` binary, built beside `keyfleet-worker` by `cargo test --workspace`.
+pub fn keyfleet_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_keyfleet-worker")).with_file_name("keyfleet");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
+        bin.display()
+    );
+    bin
 }
 
 pub fn manifest(out: &Path) -> Vec<serde_json::Value> {
