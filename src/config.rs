@@ -365,7 +365,7 @@ pub struct SubmitArgs {
     #[arg(long, env = "KEYFLEET_RECIPIENT", value_name = "AGE1…")]
     pub recipient: Option<String>,
     /// With --wait: keep the identity once the batch is completely collected.
-    #[arg(long)]
+    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
     pub keep_identity: bool,
     #[command(flatten)]
     pub server: ServerArgs,
@@ -392,7 +392,7 @@ pub struct CollectArgs {
     pub identity: Option<PathBuf>,
     /// Keep an identity found in its default place once the batch is completely collected
     /// (otherwise it is removed then; one named with --identity is always kept).
-    #[arg(long)]
+    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
     pub keep_identity: bool,
     #[command(flatten)]
     pub server: ServerArgs,

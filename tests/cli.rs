@@ -282,3 +282,42 @@ fn describe_table_lines_up_chinese_names() {
     assert_eq!(columns.len(), 2, "{table}");
     assert_eq!(columns[0], columns[1], "{table}");
 }
+
+/// `keyfleet describe | head -1`: the reader closes the pipe; the command ends quietly with 0
+/// instead of panicking ("Broken pipe", exit 101).
+#[test]
+fn describe_into_closed_pipe_exits_0_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("RegionId,KeyPairName\n");
+    for i in 0..3 {
+        csv.push_str(&format!("cn-hangzhou,pipe-{i}\n"));
+    }
+    std::fs::write(dir.path().join("f.csv"), csv).unwrap();
+    let out = keyfleet(dir.path())
+        .args(["run", "f.csv", "--out", "o"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for args in [&["describe"][..], &["describe", "--json"][..]] {
+        let mut child = keyfleet(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the command writes its first line.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// The progress bar's rate reads like the line mode's: `238/s`, not indicatif's `238.1506/s`.
+#[test]
+fn progress_rate_has_no_four_decimals() {
+    assert_eq!(keyfleet::progress::rate(238.150_6), "238/s");
+    assert_eq!(keyfleet::progress::rate(9.46), "9.5/s");
+    assert_eq!(keyfleet::progress::rate(0.0), "0.0/s");
+}

@@ -138,3 +138,65 @@ async fn fresh_worker_first_scrape_lists_every_family() {
     }
     assert!(body.contains(r#"keyfleet_jobs_total{provider="ucloud",outcome="8204"} 0"#));
 }
+
+/// "Run as many workers as you like": a second worker on one host with default flags starts
+/// (the default metrics port is taken, so it serves on a free loopback port and says which);
+/// a taken port given with --metrics-addr is an error naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_worker_with_default_metrics_addr_starts() {
+    let env = Env::new("twoworkers");
+    // Whoever holds 9464 (this test, or another process), it is taken.
+    let _held = std::net::TcpListener::bind("127.0.0.1:9464");
+    let worker = |extra: &[&str], log: &str| {
+        let log = std::fs::File::create(env.path(log)).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet-worker"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEYFLEET_") {
+                c.env_remove(k);
+            }
+        }
+        c.args(["--amqp-url", &common::amqp_url(), "--redis-url", &env.redis])
+            .args(["--prefix", &env.prefix, "--threads", "1", "--log", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map(Killed)
+            .unwrap()
+    };
+    let mut defaults = worker(&[], "defaults.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        let log = std::fs::read_to_string(env.path("defaults.log")).unwrap_or_default();
+        if let Some(rest) = log.split("serving metrics on 127.0.0.1:").nth(1) {
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            break digits.parse::<u16>().unwrap();
+        }
+        assert!(
+            defaults.0.try_wait().unwrap().is_none(),
+            "the worker with defaults exited: {log}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no fallback metrics port logged: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(port, 9464);
+    let health = http_get(port, "/healthz").await;
+    assert!(health.is_some(), "/healthz answers on the fallback port");
+
+    let mut explicit = worker(&["--metrics-addr", "127.0.0.1:9464"], "explicit.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = explicit.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(env.path("explicit.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("--metrics-addr"), "names the flag: {log}");
+}
