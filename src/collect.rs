@@ -149,17 +149,20 @@ async fn drain(
             prefix: e.prefix.clone(),
         });
     }
-    if let Some(c) = collected_before {
-        if Path::new(&c.dir) != folder_path(&opts.out) {
-            return Err(CollectError::AlreadyCollected {
-                batch: batch.clone(),
-                dir: c.dir.into(),
-                results: c.results,
-                at: c.at,
-            });
-        }
+    // Collected here already: nothing is left to decrypt, so its identity (removed then) is
+    // not needed to say so.
+    let done_here = collected_before
+        .as_ref()
+        .is_some_and(|c| Path::new(&c.dir) == folder_path(&opts.out));
+    if let Some(c) = collected_before.filter(|_| !done_here) {
+        return Err(CollectError::AlreadyCollected {
+            batch: batch.clone(),
+            dir: c.dir.into(),
+            results: c.results,
+            at: c.at,
+        });
     }
-    let identity = find_identity(&opts, recipient.as_deref())?;
+    let identity = find_identity(&opts, recipient.as_deref(), !done_here)?;
     if let Some((path, _, _)) = &identity {
         tracing::info!("identity: {}", path.display());
     }
@@ -369,6 +372,7 @@ fn folder_path(out: &Path) -> PathBuf {
 fn find_identity(
     opts: &CollectOptions,
     recipient: Option<&str>,
+    needed: bool,
 ) -> Result<Option<(PathBuf, crate::transit::Identity, bool)>, CollectError> {
     let (path, default) = match &opts.identity {
         Some(path) => (Some(path.clone()), false),
@@ -376,7 +380,7 @@ fn find_identity(
             let places = crate::transit::identity_candidates(&opts.batch_id, &opts.out);
             match places.iter().find(|p| p.exists()) {
                 Some(p) => (Some(p.clone()), true),
-                None if recipient.is_some() => {
+                None if recipient.is_some() && needed => {
                     return Err(CollectError::NoIdentity {
                         batch: opts.batch_id.clone(),
                         searched: places,

@@ -460,6 +460,14 @@ fn submit_prints_the_batch_id_and_keeps_identity_in_state_folder() {
         text(&o)
     );
     assert!(!identity.exists(), "removed once the batch is collected");
+    // Again into the same folder: it is complete there, and needs no identity to say so.
+    let o = run_cli(&env, &["collect", batch, "--out", keys.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("complete: 2/2"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(rt.block_on(keys_are_registered(&env, "keys")), 2);
 }
 
