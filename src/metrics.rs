@@ -57,6 +57,11 @@ pub const API_REQUESTS_TOTAL: &str = "keyfleet_api_requests_total";
 pub const API_REQUEST_DURATION_SECONDS: &str = "keyfleet_api_request_duration_seconds";
 /// `keyfleet serve`: requests refused by the signature checks, by provider and reason.
 pub const SIGNATURE_FAILURES_TOTAL: &str = "keyfleet_signature_failures_total";
+/// `keyfleet serve`: connections open now.
+pub const SERVE_CONNECTIONS_OPEN: &str = "keyfleet_serve_connections_open";
+/// `keyfleet serve`: connections the server refused or closed on a limit, by reason
+/// (`over_cap`, `header_timeout`, `idle_timeout`, `head_too_large`).
+pub const SERVE_CONNECTIONS_SHED_TOTAL: &str = "keyfleet_serve_connections_shed_total";
 
 /// Every metric name keyfleet exports (tests check dashboards/rules only query these).
 pub const NAMES: &[&str] = &[
@@ -397,6 +402,15 @@ fn describe() {
         "keyfleet serve: requests refused by the signature, time stamp or nonce checks, by provider and reason."
     );
     describe_gauge!(
+        SERVE_CONNECTIONS_OPEN,
+        "keyfleet serve: connections open now (at most --max-connections)."
+    );
+    describe_counter!(
+        SERVE_CONNECTIONS_SHED_TOTAL,
+        Unit::Count,
+        "keyfleet serve: connections refused or closed on a limit, by reason: over_cap, header_timeout, idle_timeout, head_too_large."
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label names the running keyfleet build."
     );
@@ -458,6 +472,16 @@ pub fn upstream_request(provider: &str, code: &str) {
 pub fn signature_failure(provider: &str, reason: &'static str) {
     counter!(SIGNATURE_FAILURES_TOTAL, "provider" => provider_label(provider), "reason" => reason)
         .increment(1);
+}
+
+/// `keyfleet serve` opened (+1) or closed (-1) a connection.
+pub fn serve_connections_open(delta: i64) {
+    gauge!(SERVE_CONNECTIONS_OPEN).increment(delta as f64);
+}
+
+/// `keyfleet serve` refused or closed a connection on a limit (`reason`: a fixed word).
+pub fn serve_connection_shed(reason: &'static str) {
+    counter!(SERVE_CONNECTIONS_SHED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Codes are the dialects' own, so the set is bounded; caller text never reaches a label.

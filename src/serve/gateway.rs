@@ -150,15 +150,14 @@ impl Gateway {
         }
     }
 
-    /// Authenticates `req` and finds its action (see the module docs for the order).
-    pub async fn admit<R: Registry>(
-        &self,
-        req: &ApiRequest,
-        registry: &R,
-    ) -> Result<Caller, Refusal> {
+    /// The dialect and format `req` is answered in (before anything is checked).
+    pub fn shape(req: &ApiRequest) -> (Provider, Format) {
         let scheme = Gateway::scheme_of(req);
-        let provider = scheme.provider();
-        let format = match scheme {
+        (scheme.provider(), Gateway::format_of(req, scheme))
+    }
+
+    fn format_of(req: &ApiRequest, scheme: Scheme) -> Format {
+        match scheme {
             Scheme::AliyunRpc => match req.param("Format") {
                 Some(f) if f.eq_ignore_ascii_case("json") => Format::Json,
                 _ => Format::Xml,
@@ -168,7 +167,18 @@ impl Gateway {
                 _ => Format::Json,
             },
             Scheme::Ucloud => Format::Json,
-        };
+        }
+    }
+
+    /// Authenticates `req` and finds its action (see the module docs for the order).
+    pub async fn admit<R: Registry>(
+        &self,
+        req: &ApiRequest,
+        registry: &R,
+    ) -> Result<Caller, Refusal> {
+        let scheme = Gateway::scheme_of(req);
+        let provider = scheme.provider();
+        let format = Gateway::format_of(req, scheme);
         let action_sent = match scheme {
             Scheme::AliyunV3 => req.header("x-acs-action"),
             _ => req.param("Action"),
@@ -201,7 +211,9 @@ impl Gateway {
                 Scheme::AliyunV3 => req.header("x-acs-signature-nonce"),
                 _ => req.param("SignatureNonce"),
             };
-            let Some(nonce) = nonce.filter(|n| !n.is_empty()) else {
+            // Empty or blank is no nonce (issue 17, fault 10): refused as a missing one, and
+            // never remembered, so it cannot stand in for a nonce on any request.
+            let Some(nonce) = nonce.filter(|n| !n.trim().is_empty()) else {
                 crate::metrics::signature_failure(provider.as_str(), "missing");
                 return Err(refuse(GatewayError::IncompleteSignature.into()));
             };

@@ -7,12 +7,16 @@
 //! - `gateway.rs`: which API a request speaks, its signature, time stamp, nonce, throttle and
 //!   injected faults.
 //! - `actions.rs`: create (a lifecycle job), import, describe, delete.
+//! - `conn.rs`: the accept loop: connection cap, header-read and idle timeouts, heads too
+//!   large.
 //!
 //! One listener serves the API on `/` (GET and POST), and `/metrics`, `/healthz`, `/readyz`.
-//! On shutdown the listener stops accepting, in-flight requests finish (up to `drain`), and
-//! creates already running finish and are settled even when their client has gone.
+//! On shutdown the listener stops accepting, idle connections close at once, in-flight
+//! requests finish (up to `drain`), and creates already running finish and are settled even
+//! when their client has gone.
 
 pub mod actions;
+pub mod conn;
 pub mod gateway;
 pub mod request;
 
@@ -21,12 +25,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,12 +51,16 @@ use crate::upstream::Configured;
 
 use crate::credentials::Credentials;
 use actions::Actions;
+pub use conn::Limits;
 use gateway::{Caller, Fault, Format, Gateway, Refusal};
 use request::ApiRequest;
 
 /// Largest request body taken: the longest legitimate one (an import of an RSA-16384 key, or
-/// a delete of 100 names) is a few KB.
+/// a delete of 100 names) is a few KB. A larger one is answered in the API's error shape.
 pub const MAX_BODY: usize = 256 * 1024;
+/// Of a body too large, how much is read (and dropped) before answering, so a client still
+/// sending reads the answer rather than a reset; beyond it the connection is just closed.
+const MAX_BODY_DRAIN: usize = 4 * 1024 * 1024;
 
 /// Where the registry is.
 #[derive(Clone, Debug)]
@@ -102,15 +112,26 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` is cancelled; `bound` is told the listening address once bound.
+/// Connections get the default [`Limits`].
 pub async fn serve(
     opts: ServeOptions,
+    shutdown: CancellationToken,
+    bound: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    serve_limited(opts, Limits::default(), shutdown, bound).await
+}
+
+/// [`serve`] with these connection limits.
+pub async fn serve_limited(
+    opts: ServeOptions,
+    limits: Limits,
     shutdown: CancellationToken,
     bound: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServeError> {
     match opts.store.clone() {
         Store::Embedded(path) => {
             let registry = EmbeddedRegistry::open(&path)?;
-            serve_with(Arc::new(registry), opts, shutdown, bound).await
+            serve_with_limits(Arc::new(registry), opts, limits, shutdown, bound).await
         }
         Store::Redis {
             url,
@@ -118,7 +139,7 @@ pub async fn serve(
             connect_timeout,
         } => {
             let registry = RedisRegistry::connect(&url, &prefix, connect_timeout).await?;
-            serve_with(Arc::new(registry), opts, shutdown, bound).await
+            serve_with_limits(Arc::new(registry), opts, limits, shutdown, bound).await
         }
     }
 }
@@ -127,6 +148,17 @@ pub async fn serve(
 pub async fn serve_with<R: Registry>(
     registry: Arc<R>,
     opts: ServeOptions,
+    shutdown: CancellationToken,
+    bound: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    serve_with_limits(registry, opts, Limits::default(), shutdown, bound).await
+}
+
+/// [`serve_with`] with these connection limits.
+pub async fn serve_with_limits<R: Registry>(
+    registry: Arc<R>,
+    opts: ServeOptions,
+    limits: Limits,
     shutdown: CancellationToken,
     bound: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServeError> {
@@ -180,6 +212,7 @@ pub async fn serve_with<R: Registry>(
             tasks: tasks.clone(),
         },
         readiness: readiness.clone(),
+        body_timeout: limits.header_read_timeout,
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -191,25 +224,43 @@ pub async fn serve_with<R: Registry>(
         addr: opts.listen,
         source,
     })?;
-    tracing::info!(addr = %local, "serving the key-pair APIs");
+    tracing::info!(
+        addr = %local,
+        max_connections = limits.max_connections,
+        header_read_timeout = ?limits.header_read_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        "serving the key-pair APIs"
+    );
     bound(local);
-    let stopping = shutdown.clone();
-    let server = axum::serve(listener, router(app)).with_graceful_shutdown({
-        let readiness = readiness.clone();
-        async move {
-            stopping.cancelled().await;
-            readiness.set_draining(true);
-            tracing::info!("shutting down: finishing requests in flight");
-        }
-    });
-    let server = tokio::spawn(async move { server.await });
-    let result = tokio::select! {
-        r = server => r.map_err(|e| ServeError::Server(std::io::Error::other(e)))?.map_err(ServeError::Server),
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(opts.drain).await } => {
-            tracing::warn!("requests still in flight after {:?}: stopping anyway", opts.drain);
-            Ok(())
-        }
-    };
+    // Connections: gracefully on `shutdown` (idle ones close at once), at once on `hard`
+    // once the drain deadline has passed.
+    let conns = TaskTracker::new();
+    let hard = CancellationToken::new();
+    let accepting = tokio::spawn(conn::accept(
+        listener,
+        router(app),
+        limits,
+        shutdown.clone(),
+        hard.clone(),
+        conns.clone(),
+    ));
+    shutdown.cancelled().await;
+    readiness.set_draining(true);
+    tracing::info!("shutting down: finishing requests in flight");
+    let result = accepting
+        .await
+        .map_err(|e| ServeError::Server(std::io::Error::other(e)));
+    conns.close();
+    if tokio::time::timeout(opts.drain, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still in flight after {:?}: stopping anyway",
+            opts.drain
+        );
+        hard.cancel();
+    }
     // Creates whose clients left still finish (bounded by the same deadline).
     tasks.close();
     if tokio::time::timeout(opts.drain, tasks.wait())
@@ -229,6 +280,8 @@ struct App<R> {
     gateway: Gateway,
     actions: Actions<R>,
     readiness: Readiness,
+    /// Time for a request's body to arrive once its head has.
+    body_timeout: Duration,
 }
 
 fn router<R: Registry>(app: Arc<App<R>>) -> Router {
@@ -249,7 +302,6 @@ fn router<R: Registry>(app: Arc<App<R>>) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<R>))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
 }
 
@@ -268,10 +320,39 @@ async fn api<R: Registry>(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let started = Instant::now();
-    let (answer, format) = app.answer(method, uri.query(), headers, body).await;
+    let (answer, format) = match read_body(body, app.body_timeout).await {
+        Ok(body) => app.answer(method, uri.query(), headers, body).await,
+        Err((why, seen)) => {
+            // Answered in the dialect the request speaks, as far as its head and the start of
+            // its body tell, so the SDK reports an API error rather than an unknown one.
+            let (provider, format) = shape_of(method, uri.query(), headers, seen);
+            let reason = match why {
+                BodyError::TooLarge => format!("the request body exceeds {MAX_BODY} bytes"),
+                BodyError::Timeout => "the request body did not arrive in time".to_owned(),
+                BodyError::Broken => "the request body could not be read".to_owned(),
+            };
+            let err = ApiError::InvalidParameter {
+                name: "body".into(),
+                reason,
+            };
+            let answer = Answer::error(provider, None, &err);
+            crate::metrics::api_request(
+                answer.provider.as_str(),
+                "",
+                &answer.code,
+                started.elapsed(),
+            );
+            let mut response = answer.render(format);
+            // What is left of the body is not read: the connection cannot carry another.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
     crate::metrics::api_request(
         answer.provider.as_str(),
         &answer.action,
@@ -286,6 +367,73 @@ async fn api<R: Registry>(
         "answered"
     );
     answer.render(format)
+}
+
+/// Why a request's body was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyError {
+    TooLarge,
+    Timeout,
+    Broken,
+}
+
+/// The body, up to [`MAX_BODY`], within `timeout`. On error, the body's first bytes (up to
+/// [`MAX_BODY`]) come back too, to tell the dialect by. A body too large is read on (and
+/// dropped) up to [`MAX_BODY_DRAIN`] so the client gets to read the answer.
+async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, (BodyError, Bytes)> {
+    let mut kept = BytesMut::new();
+    let mut total = 0usize;
+    let mut stream = body.into_data_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                return Err(BodyError::Broken);
+            };
+            total = total.saturating_add(chunk.len());
+            if kept.len() < MAX_BODY {
+                let room = MAX_BODY - kept.len();
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            if total > MAX_BODY_DRAIN {
+                break;
+            }
+        }
+        if total > MAX_BODY {
+            Err(BodyError::TooLarge)
+        } else {
+            Ok(())
+        }
+    };
+    let outcome = match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) if total > MAX_BODY => Err(BodyError::TooLarge),
+        Err(_) => Err(BodyError::Timeout),
+    };
+    match outcome {
+        Ok(()) => Ok(kept.freeze()),
+        Err(e) => Err((e, kept.freeze())),
+    }
+}
+
+/// Which dialect and format a request is answered in, from its head and (the start of) its
+/// body; the Alibaba JSON envelope when neither tells.
+fn shape_of(
+    method: Method,
+    query: Option<&str>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (Provider, Format) {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"));
+    if json {
+        return (Provider::Ucloud, Format::Json);
+    }
+    match ApiRequest::parse(method, query, headers, body) {
+        Ok(req) => Gateway::shape(&req),
+        Err(_) => (Provider::Aliyun, Format::Json),
+    }
 }
 
 impl<R: Registry> App<R> {
@@ -378,14 +526,15 @@ impl Answer {
         }
     }
 
-    fn render(self, format: Format) -> Response {
+    /// Status, content type, body text and request id.
+    fn parts(&self, format: Format) -> (StatusCode, &'static str, String, Option<String>) {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let request_id = self
             .body
             .get("RequestId")
             .and_then(|v| v.as_str())
             .map(str::to_owned);
-        let mut response = match (self.provider, format) {
+        let (content_type, text) = match (self.provider, format) {
             (Provider::Aliyun, Format::Xml) => {
                 let root = if self.code == "OK" {
                     format!("{}Response", self.action)
@@ -393,25 +542,44 @@ impl Answer {
                     "Error".to_owned()
                 };
                 let xml = aliyun::actions::to_xml(&root, &self.body);
-                (
-                    status,
-                    [(header::CONTENT_TYPE, "text/xml;charset=utf-8")],
-                    xml,
-                )
-                    .into_response()
+                ("text/xml;charset=utf-8", xml)
             }
-            _ => (
-                status,
-                [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
-                self.body.to_string(),
-            )
-                .into_response(),
+            _ => ("application/json;charset=utf-8", self.body.to_string()),
         };
+        (status, content_type, text, request_id)
+    }
+
+    fn render(self, format: Format) -> Response {
+        let (status, content_type, text, request_id) = self.parts(format);
+        let mut response = (status, [(header::CONTENT_TYPE, content_type)], text).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
             headers.insert("x-acs-request-id", id);
         }
         response
+    }
+
+    /// The answer as bytes on the wire, for a connection hyper does not answer on (over the
+    /// cap, a head too large); the connection is closed after it.
+    pub(crate) fn raw(&self, format: Format, extra: &[(&str, &str)]) -> Vec<u8> {
+        let (status, content_type, text, request_id) = self.parts(format);
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+             cache-control: no-store\r\nconnection: close\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            text.len(),
+        );
+        if let Some(id) = request_id.filter(|id| HeaderValue::from_str(id).is_ok()) {
+            head.push_str(&format!("x-acs-request-id: {id}\r\n"));
+        }
+        for (name, value) in extra {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(text.as_bytes());
+        out
     }
 }
