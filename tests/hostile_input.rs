@@ -307,3 +307,119 @@ fn unicode_whitespace_line_is_not_counted_in_the_progress_total() {
         assert_eq!(manifest(&dir.path().join("o")).len(), 2, "{name}");
     }
 }
+
+/// Issue 17, fault 7: a CSV field that is not UTF-8 was read with U+FFFD in place of the bad
+/// byte, and the pair created with it. Now that row fails, naming its line and column, and the
+/// rows around it go on.
+#[test]
+fn invalid_utf8_csv_field_fails_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("u.csv"),
+        b"RegionId,KeyPairName,Tag.1.Key,Tag.1.Value\n\
+          cn-hangzhou,u1,env,pr\xffod\n\
+          cn-hangzhou,u2,env,prod\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "u.csv", &["--state", "s.redb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = manifest(&dir.path().join("o"));
+    let got: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| (l["line"].as_u64().unwrap(), l["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(2, "failed"), (3, "created")]);
+    let message = lines[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 2")
+            && message.contains("column 4 (Tag.1.Value)")
+            && message.contains("0xFF")
+            && message.contains("UTF-8"),
+        "{message}"
+    );
+    let listed = keyfleet(dir.path())
+        .args(["describe", "--json", "--state", "s.redb"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(
+        !listed.contains('\u{fffd}') && !listed.contains("\\ufffd"),
+        "{listed}"
+    );
+}
+
+/// Issue 17, fault 7: a JSON Lines string holding a raw 0xFF byte was accepted (as U+FFFD).
+#[test]
+fn invalid_utf8_jsonl_fails_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("u.jsonl"),
+        b"{\"RegionId\":\"cn-hangzhou\",\"KeyPairName\":\"j1\",\"Tag.1.Key\":\"pr\xffod\"}\n\
+          {\"RegionId\":\"cn-hangzhou\",\"KeyPairName\":\"j2\"}\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "u.jsonl", &["--state", "s.redb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = manifest(&dir.path().join("o"));
+    let got: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| (l["line"].as_u64().unwrap(), l["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(1, "failed"), (2, "created")]);
+    let message = lines[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 1: column 61") && message.contains("UTF-8"),
+        "{message}"
+    );
+    assert!(
+        !std::fs::read_to_string(dir.path().join("o/manifest.jsonl"))
+            .unwrap()
+            .contains('\u{fffd}')
+    );
+}
+
+/// Issue 17, fault 11: a quoted field holding a line break (RFC 4180) became two failed rows.
+/// It is one row, answered on the line it starts on, and the rows after it keep their numbers.
+#[test]
+fn csv_quoted_line_break_is_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("q.csv"),
+        "RegionId,KeyPairName,Tag.1.Key,Tag.1.Value\r\n\
+         cn-hangzhou,q1,note,\"first line\r\nsecond, \"\"quoted\"\" line\"\r\n\
+         cn-hangzhou,q2,note,plain\r\n\
+         cn-hangzhou,\"q3\",note,\"x\ny\nz\"\n\
+         cn-hangzhou,1bad,note,plain\n",
+    )
+    .unwrap();
+    assert_eq!(
+        keyfleet::batch::count_rows(&dir.path().join("q.csv"), None),
+        Some(4)
+    );
+    let out = run(dir.path(), "q.csv", &["--state", "s.redb"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = manifest(&dir.path().join("o"));
+    let got: Vec<(u64, &str)> = lines
+        .iter()
+        .map(|l| (l["line"].as_u64().unwrap(), l["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (2, "created"),
+            (4, "created"),
+            (5, "created"),
+            (8, "failed")
+        ]
+    );
+    let listed = keyfleet(dir.path())
+        .args(["describe", "--json", "--state", "s.redb", "--name", "q1"])
+        .output()
+        .unwrap();
+    let pair: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        pair["tags"][0]["value"],
+        "first line\r\nsecond, \"quoted\" line"
+    );
+}

@@ -34,12 +34,32 @@ const SEP: char = '\n';
 
 #[derive(Clone)]
 pub struct EmbeddedRegistry {
-    db: Arc<Database>,
+    db: Arc<Store>,
     path: PathBuf,
     nonces_since_sweep: Arc<std::sync::atomic::AtomicU64>,
     /// Set once the file is found damaged: every later call fails with it, so nothing goes on
     /// reading or writing a file known to be broken.
     damage: Arc<OnceLock<RegistryError>>,
+}
+
+/// The open database. redb writes its allocator state when a database closes, and on a damaged
+/// file that can panic: the close runs contained, and is skipped for a file found damaged
+/// (nothing more is written to it; the process lets go of it when it exits).
+struct Store {
+    db: Option<Database>,
+    damage: Arc<OnceLock<RegistryError>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            if self.damage.get().is_some() {
+                std::mem::forget(db);
+            } else if contained(move || drop(db)).is_err() {
+                tracing::warn!("closing the state file failed inside its storage engine");
+            }
+        }
+    }
 }
 
 /// A redb error as a registry error: redb's own `Corrupted` is a damaged file (filled in with
@@ -98,25 +118,35 @@ impl EmbeddedRegistry {
         if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
             verify(path)?;
         }
-        let db = open_database(path)?;
+        let damage = Arc::new(OnceLock::new());
+        let store = Store {
+            db: Some(open_database(path)?),
+            damage: damage.clone(),
+        };
         let tables = contained(|| -> Result<(), RegistryError> {
+            let Some(db) = &store.db else {
+                return Ok(());
+            };
             let txn = db.begin_write().map_err(storage)?;
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(COUNTS).map_err(storage)?;
             txn.open_table(NONCES).map_err(storage)?;
             txn.commit().map_err(storage)
         });
-        match tables {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(named(e, path)),
-            Err(()) => return Err(damaged(path, "its tables cannot be read")),
-        }
-        Ok(EmbeddedRegistry {
-            db: Arc::new(db),
-            path: path.to_owned(),
-            nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            damage: Arc::new(OnceLock::new()),
-        })
+        let e = match tables {
+            Ok(Ok(())) => {
+                return Ok(EmbeddedRegistry {
+                    db: Arc::new(store),
+                    path: path.to_owned(),
+                    nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                    damage,
+                })
+            }
+            Ok(Err(e @ RegistryError::Corrupt { .. })) => named(e, path),
+            Ok(Err(e)) => return Err(e),
+            Err(()) => damaged(path, "its tables cannot be read"),
+        };
+        Err(damage.get_or_init(|| e).clone())
     }
 
     pub fn path(&self) -> &Path {
@@ -135,10 +165,15 @@ impl EmbeddedRegistry {
         if let Some(e) = self.damage.get() {
             return Err(e.clone());
         }
-        let db = self.db.clone();
-        let outcome = tokio::task::spawn_blocking(move || contained(|| f(&db)))
-            .await
-            .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?;
+        let store = self.db.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            contained(|| match &store.db {
+                Some(db) => f(db),
+                None => Err(RegistryError::Storage("the state file is closed".into())),
+            })
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(format!("registry task failed: {e}")))?;
         let e = match outcome {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e @ RegistryError::Corrupt { .. })) => named(e, &self.path),

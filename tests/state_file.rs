@@ -1,0 +1,157 @@
+//! A damaged state file (issue 17, fault 4): 4 KiB overwritten in the middle of a state file
+//! that holds 120 pairs, as `dd if=/dev/urandom of=STATE bs=4096 count=1 seek=N
+//! conv=notrunc` does. `describe` and `run` must exit 1 naming the file and what to do — never
+//! panic, never answer rows with the damage, never list a subset of the pairs with exit 0.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use common::{keyfleet, text};
+
+const PAIRS: usize = 120;
+
+/// A state file holding `PAIRS` delivered pairs (made once per test binary), and its folder.
+fn good_state() -> &'static (tempfile::TempDir, PathBuf) {
+    static GOOD: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    GOOD.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("RegionId,KeyPairName\n");
+        for i in 0..PAIRS {
+            csv.push_str(&format!("cn-hangzhou,pair-{i:03}\n"));
+        }
+        std::fs::write(dir.path().join("fleet.csv"), csv).unwrap();
+        let out = keyfleet(dir.path())
+            .args(["run", "fleet.csv", "--out", "keys", "--state", "good.redb"])
+            .args(["--progress", "off"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let state = dir.path().join("good.redb");
+        (dir, state)
+    })
+}
+
+/// A copy of the good state file with 4 KiB of noise (seeded by `block`, so a failure can be
+/// reproduced) written over block `block` of 4 KiB.
+fn damaged_copy(dir: &Path, block: u64) -> PathBuf {
+    let copy = dir.join(format!("damaged-{block}.redb"));
+    std::fs::copy(&good_state().1, &copy).unwrap();
+    let mut noise = vec![0u8; 4096];
+    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for b in noise.iter_mut() {
+        // xorshift64: noise that does not depend on a random-number crate.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    f.seek(SeekFrom::Start(block * 4096)).unwrap();
+    f.write_all(&noise).unwrap();
+    copy
+}
+
+fn describe(dir: &Path, state: &Path) -> Output {
+    keyfleet(dir)
+        .args(["describe", "--json", "--state"])
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
+/// What a refusal of a damaged file must say: the file, that it is damaged, what to do; and
+/// nothing of redb's panics.
+fn assert_names_the_damage(out: &Output, state: &Path, what: &str) {
+    let t = text(out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {t}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&state.display().to_string()) && stderr.contains("is damaged"),
+        "{what}: {stderr}"
+    );
+    assert!(
+        stderr.contains("restore it from a backup"),
+        "{what}: {stderr}"
+    );
+    for panic_text in [
+        "panicked",
+        "unreachable",
+        "assertion failed",
+        "RUST_BACKTRACE",
+    ] {
+        assert!(!t.contains(panic_text), "{what}: {t}");
+    }
+}
+
+#[test]
+fn damaged_state_file_exits_1_naming_it() {
+    let (good_dir, good) = good_state();
+    let listed = describe(good_dir.path(), good);
+    assert_eq!(listed.status.code(), Some(0), "{}", text(&listed));
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).lines().count(),
+        PAIRS
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("more.csv"),
+        "RegionId,KeyPairName\ncn-hangzhou,new-1\ncn-hangzhou,pair-001\n",
+    )
+    .unwrap();
+    // The tester's offset (65536), the header, and pages near it (live in this layout).
+    for block in [16, 0, 1, 3] {
+        let state = damaged_copy(dir.path(), block);
+        let out = describe(dir.path(), &state);
+        assert_names_the_damage(&out, &state, &format!("describe, block {block}"));
+        assert!(out.stdout.is_empty(), "block {block}: listed something");
+
+        let out = keyfleet(dir.path())
+            .args(["run", "more.csv", "--progress", "off", "--out"])
+            .arg(format!("keys-{block}"))
+            .arg("--state")
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert_names_the_damage(&out, &state, &format!("run, block {block}"));
+        let manifest = dir.path().join(format!("keys-{block}/manifest.jsonl"));
+        let rows = std::fs::read_to_string(&manifest).unwrap_or_default();
+        assert!(rows.is_empty(), "block {block}: rows were answered: {rows}");
+    }
+}
+
+#[test]
+fn damaged_state_file_never_lists_a_subset() {
+    let (_, good) = good_state();
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = std::fs::metadata(good).unwrap().len() / 4096;
+    let mut refused = 0;
+    for block in 0..blocks {
+        let state = damaged_copy(dir.path(), block);
+        let out = describe(dir.path(), &state);
+        if out.status.code() == Some(0) {
+            // Noise over space no pair lives in: the listing must then be whole.
+            let names: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["name"].as_str().unwrap().to_owned()
+                })
+                .collect();
+            assert_eq!(names.len(), PAIRS, "block {block}: a partial listing");
+        } else {
+            assert_names_the_damage(&out, &state, &format!("block {block}"));
+            refused += 1;
+        }
+        std::fs::remove_file(&state).unwrap();
+    }
+    // The noise lands on live pages often enough for this sweep to mean something.
+    assert!(
+        refused * 4 >= blocks,
+        "only {refused} of {blocks} damaged copies refused"
+    );
+}
