@@ -106,6 +106,7 @@ fn damaged_state_file_exits_1_naming_it() {
     // The tester's offset (65536), the header, and pages near it (live in this layout).
     for block in [16, 0, 1, 3] {
         let state = damaged_copy(dir.path(), block);
+        let before = std::fs::read(&state).unwrap();
         let out = describe(dir.path(), &state);
         assert_names_the_damage(&out, &state, &format!("describe, block {block}"));
         assert!(out.stdout.is_empty(), "block {block}: listed something");
@@ -118,6 +119,12 @@ fn damaged_state_file_exits_1_naming_it() {
             .output()
             .unwrap();
         assert_names_the_damage(&out, &state, &format!("run, block {block}"));
+        // Checked, not "repaired": a rollback written into it would let the next run go on
+        // silently with older state.
+        assert!(
+            std::fs::read(&state).unwrap() == before,
+            "block {block}: the damaged file was written to"
+        );
         let manifest = dir.path().join(format!("keys-{block}/manifest.jsonl"));
         let rows = std::fs::read_to_string(&manifest).unwrap_or_default();
         assert!(rows.is_empty(), "block {block}: rows were answered: {rows}");
