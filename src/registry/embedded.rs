@@ -738,3 +738,111 @@ impl Registry for EmbeddedRegistry {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialect::Provider;
+
+    fn record(scope: &Scope, name: &str, job_id: Uuid) -> KeyPairRecord {
+        KeyPairRecord {
+            scope: scope.clone(),
+            name: name.into(),
+            job_id,
+            key_pair_id: None,
+            key_pair_fingerprint: format!("fp-{name}"),
+            fingerprint_md5: format!("md5-{name}"),
+            fingerprint_sha256: format!("SHA256:{name}"),
+            public_key: format!("ssh-rsa AAAAB3NzaC1yc2E {name} {}", "x".repeat(300)),
+            created_at: 1_700_000_000,
+            tags: Vec::new(),
+            resource_group_id: None,
+            zone: None,
+            delivered: true,
+            earlier_keys: Vec::new(),
+        }
+    }
+
+    async fn filled(path: &Path, pairs: usize) {
+        let registry = EmbeddedRegistry::open(path).unwrap();
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acct".into(),
+            region: "cn-hangzhou".into(),
+        };
+        for i in 0..pairs {
+            let (name, job) = (format!("pair-{i:04}"), Uuid::new_v4());
+            registry
+                .reserve(&scope, &name, job, 1_000_000, 60_000)
+                .await
+                .unwrap();
+            registry.commit(&record(&scope, &name, job)).await.unwrap();
+        }
+        registry.flush().await.unwrap();
+    }
+
+    /// A panic inside redb (it asserts on damaged pages it reads) during a call: the call and
+    /// every later one fail as a damaged state file naming it — never a retried storage error
+    /// (which `run` answered rows with), never a crash.
+    #[tokio::test]
+    async fn a_panic_inside_redb_is_a_damaged_file_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        filled(&path, 3).await;
+        let registry = EmbeddedRegistry::open(&path).unwrap();
+        assert_eq!(
+            registry.describe(&Filter::default()).await.unwrap().len(),
+            3
+        );
+        assert!(registry.damage().is_none());
+        let failed = registry
+            .blocking(|_| -> Result<(), RegistryError> {
+                // What redb 3 does on some damaged branch pages.
+                unreachable!("a damaged page")
+            })
+            .await;
+        let Err(RegistryError::Corrupt { path: named, .. }) = failed else {
+            panic!("{failed:?}");
+        };
+        assert_eq!(named, path);
+        assert!(registry.damage().is_some());
+        let again = registry.describe(&Filter::default()).await;
+        assert!(
+            matches!(again, Err(RegistryError::Corrupt { .. })),
+            "{again:?}"
+        );
+        let message = again.unwrap_err().to_string();
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains("restore it"),
+            "{message}"
+        );
+    }
+
+    /// A value that does not decode is damage (not retried), named with the file.
+    #[tokio::test]
+    async fn an_entry_that_does_not_decode_is_a_damaged_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        filled(&path, 2).await;
+        let registry = EmbeddedRegistry::open(&path).unwrap();
+        registry
+            .blocking(|db| {
+                let txn = db.begin_write().map_err(storage)?;
+                txn.open_table(ENTRIES)
+                    .map_err(storage)?
+                    .insert(
+                        "aliyun:acct:cn-hangzhou\npair-0000",
+                        b"{not json".as_slice(),
+                    )
+                    .map_err(storage)?;
+                txn.commit().map_err(storage)
+            })
+            .await
+            .unwrap();
+        let listed = registry.describe(&Filter::default()).await;
+        assert!(
+            matches!(&listed, Err(RegistryError::Corrupt { path: p, .. }) if *p == path),
+            "{listed:?}"
+        );
+    }
+}
