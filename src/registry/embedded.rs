@@ -1,6 +1,8 @@
 //! The registry in one local file (redb): what `keyfleet run`, `describe` and `delete` use when
 //! no servers are configured. Every operation is one write transaction, so reserve / commit /
-//! release are atomic and survive a crash at any point.
+//! release are atomic and survive a crash at any point. A damaged file is refused when opened
+//! (every page checked against redb's checksums) and, should damage show later, every call
+//! fails with [`RegistryError::Corrupt`] naming the file — no partial listing, no panic.
 
 use std::cell::Cell;
 use std::fs::File;
