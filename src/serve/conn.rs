@@ -173,7 +173,32 @@ async fn connection(
     stop: CancellationToken,
     hard: CancellationToken,
 ) {
-    let activity = Arc::new(Activity::new());
+    let accepted = Instant::now();
+    // Until its first byte a connection holds no hyper state (boxed below, several KiB
+    // with its read buffer): a flood of silent connections costs a small task and a socket
+    // each.
+    tokio::select! {
+        r = stream.readable() => if r.is_err() { return },
+        _ = tokio::time::sleep(limits.header_read_timeout) => {
+            crate::metrics::serve_connection_shed("header_timeout");
+            return;
+        }
+        _ = stop.cancelled() => return,
+        _ = hard.cancelled() => return,
+    }
+    Box::pin(http(stream, accepted, router, limits, stop, hard)).await
+}
+
+/// The connection once it has sent something: hyper, watched by this module's timers.
+async fn http(
+    stream: TcpStream,
+    accepted: Instant,
+    router: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    hard: CancellationToken,
+) {
+    let activity = Arc::new(Activity::new(accepted));
     let io = TokioIo::new(Watched::new(stream, activity.clone()));
     let service = Counted {
         inner: TowerToHyperService::new(router),
@@ -245,9 +270,9 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(start: Instant) -> Activity {
         Activity {
-            start: Instant::now(),
+            start,
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
