@@ -219,7 +219,7 @@ async fn serve_command(
     };
     let limits = crate::serve::Limits {
         header_read_timeout: args.header_read_timeout,
-        idle_timeout: args.idle_timeout,
+        idle_timeout: args.keep_alive_timeout,
         max_connections: args
             .max_connections
             .map_or_else(crate::serve::conn::default_max_connections, |n| n as usize),

@@ -112,11 +112,11 @@ pub enum BenchError {
     NoKeys,
     #[error("thread pool: {0}")]
     Pool(String),
-    #[error("key generation failed: {0}")]
+    #[error("key generation failed")]
     Keygen(#[from] keygen::KeygenError),
-    #[error("pipeline run failed: {0}")]
+    #[error("pipeline run failed")]
     Run(#[from] crate::run::RunError),
-    #[error("temporary files: {0}")]
+    #[error("temporary files")]
     Io(#[from] std::io::Error),
 }
 

@@ -28,7 +28,7 @@ pub const PUBLISHED_MS_HEADER: &str = "x-keyfleet-published-ms";
 pub enum BrokerError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("RabbitMQ: {0}")]
+    #[error("RabbitMQ")]
     Amqp(#[from] lapin::Error),
     #[error("RabbitMQ refused a message (nack) on exchange {0}")]
     Nacked(String),

@@ -72,9 +72,9 @@ pub struct CollectSummary {
 pub enum CollectError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("RabbitMQ: {0}")]
+    #[error("RabbitMQ")]
     Amqp(#[from] lapin::Error),
-    #[error("Redis: {0}")]
+    #[error("Redis")]
     Redis(#[from] RegistryError),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),

@@ -180,8 +180,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYFLEET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: std::time::Duration,
     /// A kept-alive connection with no request for this long is closed.
-    #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub idle_timeout: std::time::Duration,
+    /// (Not `--idle-timeout`: that is `collect`'s quiet spell, and one environment variable
+    /// must not mean two things.)
+    #[arg(long, env = "KEYFLEET_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub keep_alive_timeout: std::time::Duration,
     /// Connections open at once; one more is answered 503 ServiceUnavailable and closed.
     /// Default: 1024, or the open-file limit less 128 if that is lower.
     #[arg(long, env = "KEYFLEET_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]

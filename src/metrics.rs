@@ -81,6 +81,16 @@ pub const NAMES: &[&str] = &[
     API_REQUEST_DURATION_SECONDS,
     SIGNATURE_FAILURES_TOTAL,
     UPSTREAM_REQUESTS_TOTAL,
+    SERVE_CONNECTIONS_OPEN,
+    SERVE_CONNECTIONS_SHED_TOTAL,
+];
+
+/// The `reason` label's values of [`SERVE_CONNECTIONS_SHED_TOTAL`].
+pub const SERVE_SHED_REASONS: &[&str] = &[
+    "over_cap",
+    "header_timeout",
+    "idle_timeout",
+    "head_too_large",
 ];
 
 /// The histograms among [`NAMES`]: Prometheus also knows them as `<name>_bucket`, `_sum` and
@@ -276,6 +286,10 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
             counter!(SIGNATURE_FAILURES_TOTAL, "provider" => *provider, "reason" => *reason)
                 .increment(0);
         }
+    }
+    gauge!(SERVE_CONNECTIONS_OPEN).increment(0.0);
+    for reason in SERVE_SHED_REASONS {
+        counter!(SERVE_CONNECTIONS_SHED_TOTAL, "reason" => *reason).increment(0);
     }
     // Published before anything else can fail: the recorder is global from here on, and a
     // second install() must hand out this handle rather than try again.
@@ -479,8 +493,14 @@ pub fn serve_connections_open(delta: i64) {
     gauge!(SERVE_CONNECTIONS_OPEN).increment(delta as f64);
 }
 
-/// `keyfleet serve` refused or closed a connection on a limit (`reason`: a fixed word).
+/// `keyfleet serve` refused or closed a connection on a limit (`reason`: one of
+/// [`SERVE_SHED_REASONS`]; anything else counts as `other`).
 pub fn serve_connection_shed(reason: &'static str) {
+    let reason = if SERVE_SHED_REASONS.contains(&reason) {
+        reason
+    } else {
+        "other"
+    };
     counter!(SERVE_CONNECTIONS_SHED_TOTAL, "reason" => reason).increment(1);
 }
 
@@ -684,6 +704,7 @@ mod tests {
                 API_REQUESTS_TOTAL,
                 SIGNATURE_FAILURES_TOTAL,
                 UPSTREAM_REQUESTS_TOTAL,
+                SERVE_CONNECTIONS_SHED_TOTAL,
             ]
             .contains(n);
             assert_eq!(

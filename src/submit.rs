@@ -61,7 +61,7 @@ pub enum SubmitError {
     Batch(#[from] batch::BatchError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("Redis: {0}")]
+    #[error("Redis")]
     Redis(#[from] RegistryError),
     #[error("answering an invalid row: {0}")]
     Answer(String),

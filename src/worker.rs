@@ -68,7 +68,7 @@ pub enum MetricsBind {
 pub enum WorkerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("Redis: {0}")]
+    #[error("Redis")]
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Cpu(#[from] crate::cpu::CpuError),

@@ -183,6 +183,7 @@ fn every_setting_flag_names_its_environment_variable() {
         "--scalar",
         "--serve",
     ];
+    let mut env_flags = std::collections::HashMap::<String, String>::new();
     for command in ["run", "bench", "submit", "collect", "status", "serve"] {
         let out = keyfleet(dir.path())
             .args([command, "--help"])
@@ -216,6 +217,21 @@ fn every_setting_flag_names_its_environment_variable() {
                 has_env = false;
             }
             has_env |= line.contains("[env: KEYFLEET_");
+            // One variable, one meaning: `collect --idle-timeout` and `serve`'s keep-alive
+            // timeout once shared KEYFLEET_IDLE_TIMEOUT, so exporting it for one changed the other.
+            if let (Some(f), Some(rest)) = (&flag, line.split("[env: ").nth(1)) {
+                let var: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // `bench --bits` is `--key-bits` under a shorter name: the same setting.
+                let f = &f.replace("--bits", "--key-bits");
+                let first = env_flags.entry(var.clone()).or_insert_with(|| f.clone());
+                assert_eq!(
+                    first, f,
+                    "{var} is the variable of both {first} and keyfleet {command} {f}"
+                );
+            }
         }
     }
 }

@@ -97,7 +97,7 @@ async fn serve_sheds_idle_connections() {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             dir.path(),
-            &["--header-read-timeout", "1s", "--idle-timeout", "3s"],
+            &["--header-read-timeout", "1s", "--keep-alive-timeout", "3s"],
         );
         // Connections that never send a byte: closed on the header timeout.
         let mut silent = open(&server.addr, 30).await;
@@ -145,7 +145,7 @@ async fn serve_refuses_half_sent_headers_after_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             dir.path(),
-            &["--header-read-timeout", "1s", "--idle-timeout", "60s"],
+            &["--header-read-timeout", "1s", "--keep-alive-timeout", "60s"],
         );
         let mut half = open(&server.addr, 30).await;
         for (i, s) in half.iter_mut().enumerate() {

@@ -120,7 +120,7 @@ impl Sink for ResultsQueue<'_> {
         match published {
             Ok(()) => Ok(()),
             Err(e @ BrokerError::Unroutable(_)) => Err(DeliveryError::Undeliverable(e.to_string())),
-            Err(e) => Err(DeliveryError::Unconfirmed(e.to_string())),
+            Err(e) => Err(DeliveryError::Unconfirmed(crate::sink::error_chain(&e))),
         }
     }
 
