@@ -2,6 +2,11 @@
 //! that holds 120 pairs, as `dd if=/dev/urandom of=STATE bs=4096 count=1 seek=N
 //! conv=notrunc` does. `describe` and `run` must exit 1 naming the file and what to do — never
 //! panic, never answer rows with the damage, never list a subset of the pairs with exit 0.
+//!
+//! The fault showed on a release build: in a debug build (what `cargo test` builds) redb's own
+//! debug assertions reject most damage as the file opens. To run these tests against a
+//! release binary: `cargo build --release && KEYFLEET_TEST_BIN=target/release/keyfleet cargo
+//! test --test state_file`.
 
 mod common;
 
@@ -10,7 +15,24 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use common::{keyfleet, text};
+use common::text;
+
+/// The `keyfleet` binary under test: `KEYFLEET_TEST_BIN` when set (a release build), else the
+/// one cargo built for the tests; run as [`common::keyfleet`] runs it.
+fn keyfleet(dir: &Path) -> std::process::Command {
+    let mut c = common::keyfleet(dir);
+    if let Some(bin) = std::env::var_os("KEYFLEET_TEST_BIN") {
+        let mut release = std::process::Command::new(bin);
+        release.current_dir(dir).stdin(std::process::Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEYFLEET_") {
+                release.env_remove(k);
+            }
+        }
+        c = release;
+    }
+    c
+}
 
 const PAIRS: usize = 120;
 
