@@ -375,6 +375,8 @@ fn find_identity(
     needed: bool,
 ) -> Result<Option<(PathBuf, crate::transit::Identity, bool)>, CollectError> {
     let (path, default) = match &opts.identity {
+        // A batch without a recipient has nothing to decrypt: a missing file is no matter.
+        Some(path) if recipient.is_none() && !path.exists() => (None, false),
         Some(path) => (Some(path.clone()), false),
         None => {
             let places = crate::transit::identity_candidates(&opts.batch_id, &opts.out);

@@ -2,7 +2,7 @@
 //! input order, and the key files written by its sink (`sink/key_files.rs`).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -127,11 +127,22 @@ impl OutputDir {
                 }
             }
             if !text.is_empty() && !text.ends_with('\n') {
-                let mut f = OpenOptions::new()
-                    .append(true)
+                let whole = text.rfind('\n').map_or(0, |i| i + 1);
+                let last = &text[whole..];
+                let f = OpenOptions::new()
+                    .write(true)
                     .open(&manifest_path)
                     .map_err(manifest_err)?;
-                f.write_all(b"\n").map_err(manifest_err)?;
+                if serde_json::from_str::<serde_json::Value>(last).is_ok() {
+                    // Whole but for its line break (counted above): finish the line.
+                    (&f).seek(SeekFrom::End(0)).map_err(manifest_err)?;
+                    (&f).write_all(b"\n").map_err(manifest_err)?;
+                } else {
+                    // Torn: cut off, so the manifest stays one JSON object per line for
+                    // whoever reads it (`jq`); its result was not acked and comes again.
+                    f.set_len(whole as u64).map_err(manifest_err)?;
+                }
+                f.sync_all().map_err(manifest_err)?;
             }
         }
         let file = OpenOptions::new()

@@ -341,6 +341,20 @@ async fn oversized_body_answered_in_api_error_shape() {
         assert_eq!(r.status().as_u16(), 200);
         let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
         assert_eq!(body["RetCode"], 230, "{body}");
+        // UCloud as its Python SDK sends it: a form body whose `Action` and `PublicKey` come
+        // after the key, beyond what is read of a body too large.
+        let r = http
+            .post(&base)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "Region=cn-bj2&ProjectId=org-1&KeyPairName=k&PublicKeyBody={key}&Action=ImportUHostKeyPairs&PublicKey=ucloudpub"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+        assert_eq!(body["RetCode"], 230, "{body}");
 
         // The case: a 700 KB ImportKeyPair in the query string (as the Tea SDKs send
         // RPC parameters) got hyper's 431 with an empty body.

@@ -415,6 +415,14 @@ async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, (BodyError, B
     }
 }
 
+/// Whether the request says its body is JSON: only UCloud's SDKs send one.
+fn json_body(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"))
+}
+
 /// Which dialect and format a request is answered in, from its head and (the start of) its
 /// body; the Alibaba JSON envelope when neither tells.
 fn shape_of(
@@ -423,14 +431,20 @@ fn shape_of(
     headers: HeaderMap,
     body: Bytes,
 ) -> (Provider, Format) {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"));
-    if json {
+    if json_body(&headers) {
         return (Provider::Ucloud, Format::Json);
     }
     match ApiRequest::parse(method, query, headers, body) {
+        // The UCloud SDK sends `Action` and its `PublicKey` after the other parameters, so a
+        // body cut short may hold neither; its `Region` / `ProjectId` still tell it apart from
+        // Alibaba's `RegionId`.
+        Ok(req)
+            if req.param("Action").is_none()
+                && req.param("RegionId").is_none()
+                && (req.param("Region").is_some() || req.param("ProjectId").is_some()) =>
+        {
+            (Provider::Ucloud, Format::Json)
+        }
         Ok(req) => Gateway::shape(&req),
         Err(_) => (Provider::Aliyun, Format::Json),
     }
@@ -445,10 +459,7 @@ impl<R: Registry> App<R> {
         body: Bytes,
     ) -> (Answer, Format) {
         // Only UCloud sends JSON bodies: an unreadable one gets a UCloud answer (HTTP 200).
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/json"));
+        let json = json_body(&headers);
         let req = match ApiRequest::parse(method, query, headers, body) {
             Ok(req) => req,
             Err(e) => {

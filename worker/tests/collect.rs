@@ -43,6 +43,26 @@ fn run_cli(env: &Env, args: &[&str]) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// `keyfleet collect BATCH --out OUT [--identity FILE] [--idle-timeout T]`, to its end.
+fn collect_cli(env: &Env, batch: &str, out: &Path, identity: Option<&Path>, idle: &str) -> Output {
+    let mut args = vec!["collect", batch, "--out", out.to_str().unwrap()];
+    if let Some(id) = identity {
+        args.extend(["--identity", id.to_str().unwrap()]);
+    }
+    args.extend(["--idle-timeout", idle]);
+    run_cli(env, &args)
+}
+
+/// `o` succeeded and its report says the batch is complete with `n` results.
+fn complete(o: &Output, n: usize) {
+    assert!(o.status.success(), "{}", text(o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("complete: {n}/{n}")),
+        "{}",
+        text(o)
+    );
+}
+
 /// Each created line of the manifest in `out`: its key file is the key the registry holds for
 /// that name, marked delivered. Returns how many created keys were checked.
 async fn keys_are_registered(env: &Env, out: &str) -> usize {
@@ -98,19 +118,7 @@ fn wrong_identity_collect_keeps_keys_queued() {
     );
 
     // The identity of another batch: refused before anything is read.
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "ba",
-            "--out",
-            keys.to_str().unwrap(),
-            "--identity",
-            bb_identity.to_str().unwrap(),
-            "--idle-timeout",
-            "3s",
-        ],
-    );
+    let o = collect_cli(&env, "ba", &keys, Some(&bb_identity), "3s");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -121,23 +129,8 @@ fn wrong_identity_collect_keeps_keys_queued() {
     assert!(!env.path("keys/rejected.jsonl").exists());
 
     // The right identity (found in the state folder without --identity) gets every key.
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "ba",
-            "--out",
-            keys.to_str().unwrap(),
-            "--idle-timeout",
-            "10s",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("complete: 2/2"),
-        "{}",
-        text(&o)
-    );
+    let o = collect_cli(&env, "ba", &keys, None, "10s");
+    complete(&o, 2);
     assert_eq!(rt.block_on(keys_are_registered(&env, "keys")), 2);
 }
 
@@ -166,19 +159,7 @@ fn undecryptable_result_stays_queued() {
     let other_recipient = keyfleet::transit::create_identity(&other).unwrap();
     rt.block_on(store.set_recipient("bund", &other_recipient.to_string()))
         .unwrap();
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "bund",
-            "--out",
-            keys.to_str().unwrap(),
-            "--identity",
-            other.to_str().unwrap(),
-            "--idle-timeout",
-            "3s",
-        ],
-    );
+    let o = collect_cli(&env, "bund", &keys, Some(&other), "3s");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("left on the queue"),
@@ -229,17 +210,7 @@ fn full_disk_collect_keeps_keys_queued() {
     }
     let _unmount = Unmount(&mnt);
     let small = env.path("small/keys");
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "bfull",
-            "--out",
-            small.to_str().unwrap(),
-            "--idle-timeout",
-            "5s",
-        ],
-    );
+    let o = collect_cli(&env, "bfull", &small, None, "5s");
     assert_eq!(o.status.code(), Some(1), "the disk fills up: {}", text(&o));
     let written_first = manifest(&env.path("small/keys")).len();
     assert!(written_first < jobs, "{written_first} of {jobs} fit");
@@ -249,17 +220,7 @@ fn full_disk_collect_keeps_keys_queued() {
         .status()
         .expect("remount");
     assert!(remount.success());
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "bfull",
-            "--out",
-            small.to_str().unwrap(),
-            "--idle-timeout",
-            "10s",
-        ],
-    );
+    let o = collect_cli(&env, "bfull", &small, None, "10s");
     assert!(o.status.success(), "{}", text(&o));
     let (created, _) = rt.block_on(check_batch(&env, "small/keys", jobs));
     assert_eq!(created, jobs);
@@ -287,8 +248,9 @@ fn killed_collect_loses_no_key() {
             0
         }
     };
+    let mut mid_batch = 0;
     for round in 0..4 {
-        let before = manifest(&out).len();
+        let before = pems(&out);
         let mut child = env
             .cli(&[
                 "collect",
@@ -305,14 +267,21 @@ fn killed_collect_loses_no_key() {
         // Kill it as soon as it has written a few more keys (or after 20 s at most).
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline
-            && pems(&out).saturating_sub(before) < 3 + round
+            && pems(&out).saturating_sub(before) < 1 + round
             && child.try_wait().unwrap().is_none()
         {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if child.try_wait().unwrap().is_none() && pems(&out) < jobs {
+            mid_batch += 1;
         }
         let _ = child.kill();
         let _ = child.wait();
     }
+    assert!(
+        mid_batch >= 2,
+        "only {mid_batch} of 4 kills landed mid-batch"
+    );
     let c = rt.block_on(env.collect("bkill", "keys", Duration::from_secs(10)));
     assert!(c.complete, "{c:?}");
     let (created, _) = rt.block_on(check_batch(&env, "keys", jobs));
@@ -363,17 +332,7 @@ fn collect_into_second_folder_names_the_first() {
     assert!(c.complete, "{c:?}");
     let identity = env.identity("btwice");
     let started = Instant::now();
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "btwice",
-            "--out",
-            env.path("second").to_str().unwrap(),
-            "--identity",
-            identity.to_str().unwrap(),
-        ],
-    );
+    let o = collect_cli(&env, "btwice", &env.path("second"), Some(&identity), "30s");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     let first = std::fs::canonicalize(env.path("first")).unwrap();
@@ -388,19 +347,8 @@ fn collect_into_second_folder_names_the_first() {
         "answers at once, not after the idle timeout"
     );
     // The same folder again is fine: it is complete there.
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            "btwice",
-            "--out",
-            env.path("first").to_str().unwrap(),
-            "--identity",
-            identity.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("complete: 3/3"));
+    let o = collect_cli(&env, "btwice", &env.path("first"), Some(&identity), "30s");
+    complete(&o, 3);
 }
 
 /// `B=$(keyfleet submit f.csv)`: standard output is the batch id alone; the identity goes to
@@ -442,32 +390,12 @@ fn submit_prints_the_batch_id_and_keeps_identity_in_state_folder() {
     );
 
     let keys = env.path("keys");
-    let o = run_cli(
-        &env,
-        &[
-            "collect",
-            batch,
-            "--out",
-            keys.to_str().unwrap(),
-            "--idle-timeout",
-            "30s",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("complete: 2/2"),
-        "{}",
-        text(&o)
-    );
+    let o = collect_cli(&env, batch, &keys, None, "30s");
+    complete(&o, 2);
     assert!(!identity.exists(), "removed once the batch is collected");
     // Again into the same folder: it is complete there, and needs no identity to say so.
-    let o = run_cli(&env, &["collect", batch, "--out", keys.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("complete: 2/2"),
-        "{}",
-        text(&o)
-    );
+    let o = collect_cli(&env, batch, &keys, None, "30s");
+    complete(&o, 2);
     assert_eq!(rt.block_on(keys_are_registered(&env, "keys")), 2);
 }
 
