@@ -89,6 +89,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => {
             let json = args.json;
+            let stopped = shutdown.clone();
             let summary = crate::collect::collect(
                 collect_options(
                     &args.batch_id,
@@ -104,7 +105,11 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             .await
             .with_context(|| format!("keyfleet collect {} failed", args.batch_id))?;
             print_collect(&summary, json, false)?;
-            Ok(collect_exit(&summary))
+            Ok(if stopped.is_cancelled() {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                collect_exit(&summary)
+            })
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,

@@ -108,8 +108,19 @@ pub enum Command {
     /// Measure key-generation throughput on this machine.
     Bench(BenchArgs),
     /// Enqueue a batch file as jobs on RabbitMQ (distributed mode); prints the batch id.
+    ///
+    /// Standard output is the batch id alone (`B=$(keyfleet submit fleet.csv)`); the report
+    /// and the place of the batch's identity go to standard error.
     Submit(SubmitArgs),
     /// Write a batch's results (key files + manifest) from RabbitMQ; resumable.
+    ///
+    /// Before it reads a result it checks that the batch exists, was not collected into
+    /// another folder, and that the identity is the batch's. A result is acked only once its
+    /// key is on disk; one it cannot write stays queued for the next collect.
+    ///
+    /// Exit status: 0 when every result read was written (the report says whether the batch is
+    /// complete; run again to continue); 1 when it refused to start, or left results on the
+    /// queue (a key that did not decrypt, a full disk); 2 for bad flags; 130 when interrupted.
     Collect(CollectArgs),
     /// Progress of a batch: total / created / failed per code / pending (from Redis).
     Status(StatusArgs),
@@ -382,6 +393,8 @@ pub struct CollectArgs {
     /// The batch id `submit` printed.
     #[arg(value_parser = parse_batch_id)]
     pub batch_id: String,
+    /// Output folder (made 0700): key files, their .pub files and manifest.jsonl, as `run`
+    /// writes them. The same folder again resumes where the last collect stopped.
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: PathBuf,
     /// Stop after this long without a result (run again later to continue).

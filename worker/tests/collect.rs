@@ -432,3 +432,49 @@ fn submit_wait_keeps_identity_in_the_output_folder() {
     assert!(identity.exists(), "kept with --keep-identity");
     assert!(!env.path("state/keyfleet/bwait.age-identity").exists());
 }
+
+/// SIGTERM while collect waits for results: it stops, says what it has, and exits 130.
+#[test]
+fn interrupted_collect_exits_130() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let env = Env::new("intcollect");
+    // No worker: the batch's results never come, so collect waits.
+    let input = env.write("fleet.csv", &fleet_csv(2, "cn-wulanchabu"));
+    rt.block_on(env.submit(&input, "bint"));
+    let identity = env.identity("bint");
+    let mut child = env
+        .cli(&[
+            "collect",
+            "bint",
+            "--out",
+            env.path("keys").to_str().unwrap(),
+            "--identity",
+            identity.to_str().unwrap(),
+            "--idle-timeout",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Waiting on the queue once its output folder exists.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.path("keys/manifest.jsonl").exists() {
+        assert!(Instant::now() < deadline, "collect did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    common::signal(&child, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "collect did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("incomplete: 0/2"),
+        "{}",
+        text(&o)
+    );
+}
