@@ -648,8 +648,13 @@ mod tests {
     fn read(ext: &str, text: &str) -> Vec<Row> {
         let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
+        rows_in(f.path())
+    }
+
+    /// Every row of the batch file at `path`.
+    fn rows_in(path: &std::path::Path) -> Vec<Row> {
         let mut rows = Vec::new();
-        BatchInput::open(f.path(), None)
+        BatchInput::open(path, None)
             .unwrap()
             .read_rows(&defaults(), |r| {
                 rows.push(r);
@@ -781,14 +786,7 @@ mod tests {
     fn read_bytes(ext: &str, bytes: &[u8]) -> Vec<Row> {
         let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
         f.write_all(bytes).unwrap();
-        let mut rows = Vec::new();
-        BatchInput::open(f.path(), None)
-            .unwrap()
-            .read_rows(&defaults(), |r| {
-                rows.push(r);
-                true
-            })
-            .unwrap();
+        let rows = rows_in(f.path());
         assert_eq!(count_rows(f.path(), None), Some(rows.len() as u64));
         rows
     }
