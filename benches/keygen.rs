@@ -2,7 +2,7 @@
 //! (PKCS#8 PEM, OpenSSH line, fingerprints). Throughput of whole runs: `keyfleet bench`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keyfleet::keygen::{self, Engine, KeyBits};
+use keyfleet::keys::keygen::{self, Engine, KeyBits};
 
 fn keygen_rsa2048(c: &mut Criterion) {
     let mut g = c.benchmark_group("keygen_rsa2048");

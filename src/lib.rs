@@ -29,42 +29,22 @@
 //! - Output: `output.rs` (the folder and its manifest), `progress.rs`.
 //! - Request signatures, pure functions: `sign/` (Alibaba `rpc.rs` and `acs3.rs`, `ucloud.rs`).
 
-pub mod api_client;
-pub mod app;
-pub mod batch;
-pub mod batch_status;
-pub mod bench;
-pub mod broker;
-pub mod collect;
-pub mod config;
-pub mod cpu;
+pub mod cli;
 pub mod credentials;
 pub mod dialect;
-pub mod endpoints;
 pub mod escape;
-pub mod fingerprint;
 pub mod hardening;
 pub mod job;
-pub mod keygen;
+pub mod keys;
 pub mod lifecycle;
-pub mod logging;
-pub mod metrics;
-pub mod output;
+pub mod modes;
 pub mod prime;
-pub mod progress;
-pub mod rate_limit;
-pub mod redis_connection;
+pub mod queue;
 pub mod registry;
-pub mod reservoir;
 pub mod retry;
-pub mod rsa_ct;
-pub mod run;
-pub mod serve;
 pub mod settings;
 pub mod shutdown;
 pub mod sign;
 pub mod sink;
-pub mod submit;
-pub mod transit;
+pub mod telemetry;
 pub mod upstream;
-pub mod worker;

@@ -18,13 +18,13 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cpu::{CpuError, CpuPool};
 use crate::dialect::{self, ApiError, CreateRequest};
 use crate::job::{now_rfc3339, unix_now, CreatedPair, Job, JobResult, SecretPem, Status};
 use crate::job::{CREATED, MESSAGE_VERSION};
-use crate::keygen::{self, KeyMaterial, KeygenError};
+use crate::keys::cpu::{CpuError, CpuPool};
+use crate::keys::keygen::{self, KeyMaterial, KeygenError};
+use crate::keys::reservoir::Reservoir;
 use crate::registry::{Entry, KeyPairRecord, Registry, RegistryError};
-use crate::reservoir::Reservoir;
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
 use crate::sink::{AtDestination, DeliveryError, Sink};
@@ -353,7 +353,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                         .run(move || {
                             let t = Instant::now();
                             let key = keygen::generate_private(bits, engine)?;
-                            crate::metrics::keygen(bits.bits(), t.elapsed());
+                            crate::telemetry::metrics::keygen(bits.bits(), t.elapsed());
                             keygen::encode(&key)
                         })
                         .await??
@@ -542,11 +542,17 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                 }
             }
             // A registry read per key: only worth it when someone can scrape the gauge.
-            if crate::metrics::installed() {
+            if crate::telemetry::metrics::installed() {
                 if let Ok(used) = self.registry.quota_used(scope).await {
                     let limit = self.settings.quota.for_region(&scope.region);
                     let provider = scope.provider.as_str();
-                    crate::metrics::quota_used(provider, &scope.owner, &scope.region, used, limit);
+                    crate::telemetry::metrics::quota_used(
+                        provider,
+                        &scope.owner,
+                        &scope.region,
+                        used,
+                        limit,
+                    );
                 }
             }
         }
@@ -576,7 +582,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
 
     /// The job's metrics, in one place for every mode.
     fn record(&self, result: &JobResult, clock: Instant) {
-        crate::metrics::job_finished(
+        crate::telemetry::metrics::job_finished(
             result.provider.as_str(),
             result.outcome_label(),
             clock.elapsed(),

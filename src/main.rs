@@ -7,17 +7,17 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = keyfleet::config::Cli::parse();
-    keyfleet::logging::init(&cli.global.log, "warn");
+    let cli = keyfleet::cli::config::Cli::parse();
+    keyfleet::telemetry::logging::init(&cli.global.log, "warn");
     keyfleet::hardening::no_core_dumps();
     let shutdown = keyfleet::shutdown::on_signals();
-    match keyfleet::app::execute(cli, shutdown).await {
+    match keyfleet::cli::app::execute(cli, shutdown).await {
         Ok(code) => code,
         // `keyfleet describe | head -1`: the reader has what it wanted.
-        Err(e) if keyfleet::app::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if keyfleet::cli::app::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyfleet: {e:#}");
-            ExitCode::from(keyfleet::app::EXIT_FAILED)
+            ExitCode::from(keyfleet::cli::app::EXIT_FAILED)
         }
     }
 }

@@ -118,7 +118,7 @@ pub trait Transient {
     fn is_transient(&self) -> bool;
 }
 
-impl Transient for crate::broker::BrokerError {
+impl Transient for crate::queue::broker::BrokerError {
     /// A broker that refuses or is away may be back: everything is worth another try.
     fn is_transient(&self) -> bool {
         true

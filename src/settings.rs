@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::dialect::Catalog;
-use crate::keygen::Engine;
+use crate::keys::keygen::Engine;
 
 /// The key-pair quota: one default and per-region overrides. (Not governor's `Quota`, which is
 /// a request rate: see `rate_limit.rs`.)

@@ -333,7 +333,7 @@ fn describe_into_closed_pipe_exits_0_quietly() {
 /// The progress bar's rate reads like the line mode's: `238/s`, not indicatif's `238.1506/s`.
 #[test]
 fn progress_rate_has_no_four_decimals() {
-    assert_eq!(keyfleet::progress::rate(238.150_6), "238/s");
-    assert_eq!(keyfleet::progress::rate(9.46), "9.5/s");
-    assert_eq!(keyfleet::progress::rate(0.0), "0.0/s");
+    assert_eq!(keyfleet::telemetry::progress::rate(238.150_6), "238/s");
+    assert_eq!(keyfleet::telemetry::progress::rate(9.46), "9.5/s");
+    assert_eq!(keyfleet::telemetry::progress::rate(0.0), "0.0/s");
 }

@@ -1,7 +1,7 @@
 //! Checks the files in `deploy/` instead of trusting them: Prometheus config and alert rules
 //! through `promtool` (syntax, and unit tests that make every alert fire and stay quiet as it
 //! should), every YAML and JSON file parsed, every metric the dashboard and rules query declared
-//! in `keyfleet::metrics::NAMES` (or on a short list of external metrics), every dashboard query
+//! in `keyfleet::telemetry::metrics::NAMES` (or on a short list of external metrics), every dashboard query
 //! valid PromQL, and the compose file, Kubernetes manifests and Dockerfile agreeing with each
 //! other and with the worker's contract (port 9464, /healthz, /readyz, drain timeout, queue).
 //!
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keyfleet::metrics::{HISTOGRAMS, NAMES};
+use keyfleet::telemetry::metrics::{HISTOGRAMS, NAMES};
 use serde::Deserialize;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -370,7 +370,7 @@ fn dashboard_and_rules_query_only_declared_metrics() {
     }
     assert!(
         unknown.is_empty(),
-        "not in keyfleet::metrics::NAMES (nor EXTERNAL_METRICS): {unknown:?}"
+        "not in keyfleet::telemetry::metrics::NAMES (nor EXTERNAL_METRICS): {unknown:?}"
     );
 }
 

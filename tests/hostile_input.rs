@@ -298,7 +298,7 @@ fn unicode_whitespace_line_is_not_counted_in_the_progress_total() {
         let path = dir.path().join(name);
         std::fs::write(&path, body).unwrap();
         assert_eq!(
-            keyfleet::batch::count_rows(&path, None),
+            keyfleet::job::batch::count_rows(&path, None),
             Some(2),
             "{name}: the total is the rows the reader hands out"
         );
@@ -394,7 +394,7 @@ fn csv_quoted_line_break_is_one_row() {
     )
     .unwrap();
     assert_eq!(
-        keyfleet::batch::count_rows(&dir.path().join("q.csv"), None),
+        keyfleet::job::batch::count_rows(&dir.path().join("q.csv"), None),
         Some(4)
     );
     let out = run(dir.path(), "q.csv", &["--state", "s.redb"]);

@@ -1,6 +1,6 @@
 //! The metrics keyfleet exports, checked by Prometheus' own tools: the exposition text passes
 //! `promtool check metrics` (format and naming lints), and a real Prometheus scrapes
-//! `keyfleet::metrics::serve` and loads the alert rules from `deploy/prometheus/alerts.yml`.
+//! `keyfleet::telemetry::metrics::serve` and loads the alert rules from `deploy/prometheus/alerts.yml`.
 //!
 //! [`LocalPrometheus`] is the harness for the latter and for the worker's end-to-end test:
 //! it starts `prometheus --config.file=<tmp>/prometheus.yml --storage.tsdb.path=<tmp>/data
@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keyfleet::metrics::{self, Readiness, NAMES};
+use keyfleet::telemetry::metrics::{self, Readiness, NAMES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::serve::{rpc, Server};
-use keyfleet::api_client::CallOptions;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::redis::RedisRegistry;
 use keyfleet::registry::{Registry, RegistryError};
+use keyfleet::upstream::client::CallOptions;
 use uuid::Uuid;
 
 fn cluster_urls() -> String {

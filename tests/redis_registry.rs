@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
-use keyfleet::batch_status::{BatchStatus, BatchStatusStore, CREATED};
 use keyfleet::dialect::{Provider, Scope, Tag};
+use keyfleet::registry::batch_status::{BatchStatus, BatchStatusStore, CREATED};
 use keyfleet::registry::embedded::EmbeddedRegistry;
 use keyfleet::registry::redis::RedisRegistry;
 use keyfleet::registry::{now_ms, Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};

@@ -394,7 +394,7 @@ async fn unwritable_output_folder_is_a_clear_error() {
     sb.write("blocker", "a file where a folder should be");
     let mut opts = sb.options(&input, "blocker/out");
     opts.out = sb.path("blocker/out");
-    let err = keyfleet::run::run(opts, tokio_util::sync::CancellationToken::new())
+    let err = keyfleet::modes::run::run(opts, tokio_util::sync::CancellationToken::new())
         .await
         .unwrap_err()
         .to_string();
@@ -429,8 +429,8 @@ async fn csv_and_jsonl_inputs_agree() {
 async fn key_bits_3072_and_4096_make_keys_of_that_size() {
     let sb = Sandbox::new();
     for bits in [
-        keyfleet::keygen::KeyBits::B3072,
-        keyfleet::keygen::KeyBits::B4096,
+        keyfleet::keys::keygen::KeyBits::B3072,
+        keyfleet::keys::keygen::KeyBits::B4096,
     ] {
         let input = sb.write(
             &format!("{bits}.csv"),

@@ -90,7 +90,7 @@ fn run_killed_repeatedly_then_rerun_lists_every_row_with_its_registered_key() {
         let name = line["key_pair_name"].as_str().unwrap();
         assert!(names.insert(name.to_owned()), "{name} listed twice");
         let file = line["private_key_file"].as_str().unwrap();
-        let (md5, _) = keyfleet::keygen::fingerprints_of_pem(
+        let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
             &std::fs::read_to_string(dir.path().join(file)).unwrap(),
         )
         .unwrap();
@@ -145,13 +145,14 @@ async fn key_file_written_before_the_delivered_mark_is_taken_up() {
     let sb = Sandbox::new();
     let input = sb.write("f.csv", "RegionId,KeyPairName\ncn-hangzhou,web-1\n");
     let opts = sb.options(&input, "out");
-    let job_id = keyfleet::batch::job_id(&opts.defaults.batch_id, 2);
+    let job_id = keyfleet::job::batch::job_id(&opts.defaults.batch_id, 2);
     let scope = Scope {
         provider: Provider::Aliyun,
         owner: "acct".into(),
         region: "cn-hangzhou".into(),
     };
-    let key = keyfleet::keygen::generate(opts.defaults.key_bits, opts.settings.engine).unwrap();
+    let key =
+        keyfleet::keys::keygen::generate(opts.defaults.key_bits, opts.settings.engine).unwrap();
     {
         let registry = EmbeddedRegistry::open(&opts.state).unwrap();
         registry

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use common::serve::{rpc, ucloud, v3, Server};
 use common::{keyfleet, text, tool};
-use keyfleet::api_client::{ApiClient, CallOptions, Reply, Signer};
+use keyfleet::upstream::client::{ApiClient, CallOptions, Reply, Signer};
 
 const LIMIT: Duration = Duration::from_secs(300);
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::serve::{rpc, v3, Server};
-use keyfleet::api_client::CallOptions;
+use keyfleet::upstream::client::CallOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::serve::{rpc, ucloud, Server};
 use common::{keyfleet, text};
-use keyfleet::api_client::ApiClient;
+use keyfleet::upstream::client::ApiClient;
 
 fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::PathBuf {
     let mut csv = String::from("Provider,Owner,RegionId,KeyPairName,Region\n");
@@ -210,9 +210,10 @@ async fn every_created_key_is_registered_once_through_faults_and_throttling() {
                     .join("keys")
                     .join(r["private_key_file"].as_str().unwrap())
             };
-            let (md5, _) =
-                keyfleet::keygen::fingerprints_of_pem(&std::fs::read_to_string(&pem).unwrap())
-                    .unwrap();
+            let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
+                &std::fs::read_to_string(&pem).unwrap(),
+            )
+            .unwrap();
             assert_eq!(md5, r["fingerprint_md5"].as_str().unwrap());
         }
         let metrics = reqwest::get(format!("http://{}/metrics", cloud.addr))
@@ -435,7 +436,7 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "pem") {
                     let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                    let (md5, _) = keyfleet::keygen::fingerprints_of_pem(
+                    let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
                         &std::fs::read_to_string(&path).unwrap(),
                     )
                     .unwrap();

@@ -21,15 +21,15 @@ use std::sync::OnceLock;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use bytes::Bytes;
-use keyfleet::batch::{BatchInput, Format, Row, RowDefaults};
 use keyfleet::credentials::{AccessKey, Credentials, Secret};
 use keyfleet::dialect::action::{self, ActionKind};
 use keyfleet::dialect::{self, public_key, ApiError, Catalog, GatewayError, Provider};
+use keyfleet::job::batch::{BatchInput, Format, Row, RowDefaults};
 use keyfleet::job::{Job, JobResult};
-use keyfleet::keygen::KeyBits;
+use keyfleet::keys::keygen::KeyBits;
+use keyfleet::modes::serve::gateway::Gateway;
+use keyfleet::modes::serve::request::ApiRequest;
 use keyfleet::registry::embedded::EmbeddedRegistry;
-use keyfleet::serve::gateway::Gateway;
-use keyfleet::serve::request::ApiRequest;
 use keyfleet::sign;
 
 pub const TARGETS: &[&str] = &[

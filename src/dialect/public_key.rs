@@ -10,7 +10,7 @@
 use ssh_key::{Algorithm, PublicKey};
 
 use super::ApiError;
-use crate::fingerprint;
+use crate::keys::fingerprint;
 
 /// Longest `PublicKeyBody` looked at: an RSA-16384 line is about 2.8 KB.
 pub const MAX_LEN: usize = 16 * 1024;

@@ -5,6 +5,8 @@
 //! and, in distributed mode, Redis. The rules of a reservation are in [`Entry`] so every
 //! implementation applies the same ones.
 
+pub mod batch_status;
+pub mod connection;
 pub mod embedded;
 pub mod redis;
 

@@ -21,14 +21,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use crate::redis_connection::RedisConn;
+use crate::registry::connection::RedisConn;
 use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
 
 use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
 use crate::dialect::Scope;
-use crate::redis_connection::{check_prefix, connect, storage};
+use crate::registry::connection::{check_prefix, connect, storage};
 
 /// The key prefix the binaries use unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "keyfleet";
@@ -102,7 +102,7 @@ impl RedisRegistry {
     }
 
     /// A registry over an existing connection (e.g. one shared with
-    /// [`crate::batch_status::BatchStatusStore`]). The prefix is used as given.
+    /// [`crate::registry::batch_status::BatchStatusStore`]). The prefix is used as given.
     pub fn from_connection(conn: RedisConn, prefix: &str) -> Self {
         RedisRegistry {
             conn,

@@ -20,9 +20,9 @@ use zeroize::Zeroizing;
 use super::{AtDestination, DeliveryError, Sink};
 use crate::dialect::{Provider, Scope};
 use crate::job::{set_private_key_body, JobResult, SecretPem};
-use crate::keygen;
-use crate::output::path_component;
+use crate::keys::keygen;
 use crate::registry::RegistryError;
+use crate::sink::folder::path_component;
 
 /// Why one result's key could not be written (the run goes on; that row fails).
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,7 @@ fn read_key_file(path: &Path) -> std::io::Result<Option<Zeroizing<String>>> {
     use std::io::Read;
     let mut f = match OpenOptions::new()
         .read(true)
-        .custom_flags(crate::transit::no_follow())
+        .custom_flags(crate::sink::transit::no_follow())
         .open(path)
     {
         Ok(f) => f,
@@ -215,7 +215,7 @@ fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Res
         .write(true)
         .create_new(true)
         .mode(mode)
-        .custom_flags(crate::transit::no_follow())
+        .custom_flags(crate::sink::transit::no_follow())
         .open(&path)?;
     let written = f
         .write_all(bytes)

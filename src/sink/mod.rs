@@ -12,9 +12,11 @@
 //! holds ([`Sink::at_destination`]), so a rerun takes up the key an interrupted attempt left
 //! there instead of making another.
 
+pub mod folder;
 pub mod http_reply;
 pub mod key_files;
 pub mod results_queue;
+pub mod transit;
 
 use std::future::Future;
 
@@ -22,7 +24,7 @@ use uuid::Uuid;
 
 use crate::dialect::Scope;
 use crate::job::JobResult;
-use crate::keygen::KeyMaterial;
+use crate::keys::keygen::KeyMaterial;
 use crate::registry::RegistryError;
 
 pub use http_reply::HttpReply;

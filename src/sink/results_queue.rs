@@ -5,11 +5,11 @@
 use uuid::Uuid;
 
 use super::{DeliveryError, Sink};
-use crate::batch_status::BatchStatusStore;
-use crate::broker::{Broker, BrokerError};
 use crate::job::{set_private_key_body, take_private_key_body, JobResult};
+use crate::queue::broker::{Broker, BrokerError};
+use crate::registry::batch_status::BatchStatusStore;
 use crate::registry::RegistryError;
-use crate::transit;
+use crate::sink::transit;
 use zeroize::Zeroizing;
 
 pub struct ResultsQueue<'a> {

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use rand_core::{OsRng, RngCore};
 
 use super::{Registered, Registration, Upstream};
-use crate::api_client::{ApiClient, Reply, Signer};
 use crate::credentials::{AccessKey, Credentials};
 use crate::dialect::action::ActionKind;
 use crate::dialect::{self, ApiError, CreateRequest, ErrorReply, Provider};
-use crate::rate_limit::RateLimit;
+use crate::upstream::client::{ApiClient, Reply, Signer};
+use crate::upstream::rate_limit::RateLimit;
 
 /// How the Alibaba side is signed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -275,7 +275,7 @@ impl HttpUpstream {
         loop {
             if let Some(limit) = &self.limit {
                 let waited = limit.acquire(req).await;
-                crate::metrics::upstream_wait(provider.as_str(), waited);
+                crate::telemetry::metrics::upstream_wait(provider.as_str(), waited);
             }
             let outcome = match client.call(signer, action, &borrowed).await {
                 Ok(reply) => classify(provider, &reply),
@@ -290,7 +290,7 @@ impl HttpUpstream {
                 Outcome::Refused(r) => r.code.clone(),
                 Outcome::Again(..) => "retry".to_owned(),
             };
-            crate::metrics::upstream_request(provider.as_str(), &label);
+            crate::telemetry::metrics::upstream_request(provider.as_str(), &label);
             match outcome {
                 Outcome::Answer(body) => return Ok(body),
                 Outcome::Refused(reply) => return Err(refusal(provider, reply)),

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use keyfleet::batch::RowDefaults;
 use keyfleet::dialect::Provider;
-use keyfleet::keygen::KeyBits;
-use keyfleet::progress::ProgressMode;
-use keyfleet::run::{run, RunOptions, Summary};
+use keyfleet::job::batch::RowDefaults;
+use keyfleet::keys::keygen::KeyBits;
+use keyfleet::modes::run::{run, RunOptions, Summary};
 use keyfleet::settings::Settings;
+use keyfleet::telemetry::progress::ProgressMode;
 use tokio_util::sync::CancellationToken;
 
 /// Every test gets its own folder, state file and batch id.

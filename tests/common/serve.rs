@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use keyfleet::api_client::{ApiClient, Signer};
+use keyfleet::upstream::client::{ApiClient, Signer};
 
 pub const CREDENTIALS: &str = r#"
 [[aliyun]]

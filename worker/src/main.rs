@@ -4,12 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use keyfleet::config::{FileConfig, WorkerArgs};
+use keyfleet::cli::config::{FileConfig, WorkerArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = WorkerArgs::parse();
-    keyfleet::logging::init(&args.log, "info");
+    keyfleet::telemetry::logging::init(&args.log, "info");
     keyfleet::hardening::no_core_dumps();
     let file = match FileConfig::load(args.config.as_deref()) {
         Ok((file, _)) => file,
@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = keyfleet::shutdown::on_signals();
-    let result = keyfleet::worker::run(args.to_config(&file), shutdown)
+    let result = keyfleet::modes::worker::run(args.to_config(&file), shutdown)
         .await
         .context("keyfleet-worker stopped");
     match result {

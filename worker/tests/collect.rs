@@ -78,7 +78,7 @@ async fn keys_are_registered(env: &Env, out: &str) -> usize {
         let rec = by_name[name];
         assert!(rec.delivered, "{name} delivered");
         let pem = std::fs::read_to_string(l["private_key_file"].as_str().unwrap()).unwrap();
-        let (_, sha256) = keyfleet::keygen::fingerprints_of_pem(&pem).unwrap();
+        let (_, sha256) = keyfleet::keys::keygen::fingerprints_of_pem(&pem).unwrap();
         assert_eq!(
             sha256, rec.fingerprint_sha256,
             "{name}: key file is the registered key"
@@ -147,7 +147,7 @@ fn undecryptable_result_stays_queued() {
     rt.block_on(env.submit(&input, "bund"));
     rt.block_on(env.wait_status("bund", Duration::from_secs(120), |s| s.created >= 3));
     let store = rt
-        .block_on(keyfleet::batch_status::BatchStatusStore::connect(
+        .block_on(keyfleet::registry::batch_status::BatchStatusStore::connect(
             &env.redis,
             &env.prefix,
             Duration::from_secs(10),
@@ -156,7 +156,7 @@ fn undecryptable_result_stays_queued() {
     let sealed_to = rt.block_on(store.recipient("bund")).unwrap().unwrap();
     let other = env.path("other.age-identity");
     let keys = env.path("keys");
-    let other_recipient = keyfleet::transit::create_identity(&other).unwrap();
+    let other_recipient = keyfleet::sink::transit::create_identity(&other).unwrap();
     rt.block_on(store.set_recipient("bund", &other_recipient.to_string()))
         .unwrap();
     let o = collect_cli(&env, "bund", &keys, Some(&other), "3s");

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use common::{amqp_url, check_batch, job, manifest, Env};
 use futures::StreamExt;
-use keyfleet::batch_status::BatchStatusStore;
-use keyfleet::broker::{self, Broker, REASON_HEADER};
-use keyfleet::cpu::CpuPool;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::job::{Job, JobResult};
+use keyfleet::keys::cpu::CpuPool;
 use keyfleet::lifecycle::{Finished, Lifecycle};
+use keyfleet::queue::broker::{self, Broker, REASON_HEADER};
+use keyfleet::registry::batch_status::BatchStatusStore;
 use keyfleet::registry::{Entry, Registry, RegistryError};
 use keyfleet::retry::RetryPolicy;
 use keyfleet::settings::Settings;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{check_batch, fleet_csv, manifest, signal, Env};
 use futures::StreamExt;
-use keyfleet::broker::{Broker, REASON_HEADER};
+use keyfleet::queue::broker::{Broker, REASON_HEADER};
 use lapin::BasicProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,8 +123,10 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
         .unwrap();
     confirm.await.unwrap();
     let redis = env.registry().await;
-    let store =
-        keyfleet::batch_status::BatchStatusStore::from_connection(redis.connection(), &env.prefix);
+    let store = keyfleet::registry::batch_status::BatchStatusStore::from_connection(
+        redis.connection(),
+        &env.prefix,
+    );
     store.set_total("bpoison", 4).await.unwrap();
     let c = env.collect("bpoison", "out", Duration::from_secs(60)).await;
     assert!(c.complete, "{c:?}");
@@ -176,7 +178,8 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
             .unwrap()
             .unwrap();
         reasons.push(
-            keyfleet::broker::header_str(&d.properties, REASON_HEADER).expect("reason header"),
+            keyfleet::queue::broker::header_str(&d.properties, REASON_HEADER)
+                .expect("reason header"),
         );
     }
     assert!(

@@ -10,17 +10,17 @@ use std::time::Duration;
 
 use common::{amqp_url, check_batch, fleet_csv, manifest, Env};
 use futures::StreamExt;
-use keyfleet::batch_status::BatchStatusStore;
-use keyfleet::broker::{self, Broker, REASON_HEADER};
-use keyfleet::cpu::CpuPool;
 use keyfleet::job::{set_private_key_body, Job, JobResult};
-use keyfleet::keygen::{self, KeyBits};
+use keyfleet::keys::cpu::CpuPool;
+use keyfleet::keys::keygen::{self, KeyBits};
 use keyfleet::lifecycle::{Finished, Lifecycle};
+use keyfleet::queue::broker::{self, Broker, REASON_HEADER};
+use keyfleet::registry::batch_status::BatchStatusStore;
 use keyfleet::registry::RegistryError;
 use keyfleet::retry::RetryPolicy;
 use keyfleet::settings::Settings;
+use keyfleet::sink::transit;
 use keyfleet::sink::{DeliveryError, Sink};
-use keyfleet::transit;
 use keyfleet::upstream::LocalUpstream;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::BasicProperties;
@@ -344,16 +344,16 @@ async fn failed_write_is_not_acked() {
     let out = env.path("out");
     std::fs::create_dir_all(out.join("aliyun")).unwrap();
     std::fs::write(out.join("aliyun/acct"), "a file where a folder must go").unwrap();
-    let opts = keyfleet::collect::CollectOptions {
+    let opts = keyfleet::modes::collect::CollectOptions {
         batch_id: "bfail".into(),
         out: out.clone(),
         identity: Some(env.identity("bfail")),
         keep_identity: false,
         endpoints: env.endpoints(),
         idle_timeout: Duration::from_secs(10),
-        progress: keyfleet::progress::ProgressMode::Off,
+        progress: keyfleet::telemetry::progress::ProgressMode::Off,
     };
-    let err = keyfleet::collect::collect(opts, CancellationToken::new())
+    let err = keyfleet::modes::collect::collect(opts, CancellationToken::new())
         .await
         .expect_err("the write fails");
     assert!(format!("{err:#}").contains("stays on the queue"), "{err:#}");

@@ -122,10 +122,10 @@ async fn fresh_worker_first_scrape_lists_every_family() {
         assert!(tokio::time::Instant::now() < deadline, "no /metrics");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    for name in keyfleet::metrics::NAMES {
+    for name in keyfleet::telemetry::metrics::NAMES {
         if [
-            keyfleet::metrics::QUOTA_USED,
-            keyfleet::metrics::QUOTA_LIMIT,
+            keyfleet::telemetry::metrics::QUOTA_USED,
+            keyfleet::telemetry::metrics::QUOTA_LIMIT,
         ]
         .contains(name)
         {

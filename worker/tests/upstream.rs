@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{check_batch, fleet_csv, manifest, signal, Env};
-use keyfleet::api_client::{ApiClient, Signer};
 use keyfleet::credentials::{AccessKey, Credentials, Secret};
 use keyfleet::dialect::Provider;
-use keyfleet::keygen::KeyBits;
+use keyfleet::keys::keygen::KeyBits;
+use keyfleet::modes::serve::{serve_with, ServeOptions, Store};
 use keyfleet::registry::embedded::EmbeddedRegistry;
-use keyfleet::serve::{serve_with, ServeOptions, Store};
 use keyfleet::settings::{KeyPairQuota, Settings};
+use keyfleet::upstream::client::{ApiClient, Signer};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keyfleet::batch::RowDefaults;
-use keyfleet::broker::Topology;
-use keyfleet::collect::{collect, CollectOptions, CollectSummary};
 use keyfleet::dialect::{Catalog, Provider};
-use keyfleet::keygen::KeyBits;
-use keyfleet::progress::ProgressMode;
+use keyfleet::job::batch::RowDefaults;
+use keyfleet::keys::keygen::KeyBits;
+use keyfleet::modes::collect::{collect, CollectOptions, CollectSummary};
+use keyfleet::modes::submit::{submit, SubmitOptions, SubmitSummary};
+use keyfleet::queue::broker::Topology;
 use keyfleet::registry::{Filter, Registry};
-use keyfleet::submit::{submit, SubmitOptions, SubmitSummary};
+use keyfleet::telemetry::progress::ProgressMode;
 use tokio_util::sync::CancellationToken;
 
 pub fn amqp_url() -> String {
@@ -211,15 +211,15 @@ impl Env {
     pub fn identity(&self, batch_id: &str) -> PathBuf {
         self.path(&format!(
             "{}.age-identity",
-            keyfleet::output::path_component(batch_id)
+            keyfleet::sink::folder::path_component(batch_id)
         ))
     }
 
     /// Gives `batch_id` a recipient (and an identity file), as `submit` does, for tests that
     /// publish jobs themselves.
     pub async fn give_recipient(&self, batch_id: &str) {
-        let recipient = keyfleet::transit::create_identity(&self.identity(batch_id)).unwrap();
-        let store = keyfleet::batch_status::BatchStatusStore::connect(
+        let recipient = keyfleet::sink::transit::create_identity(&self.identity(batch_id)).unwrap();
+        let store = keyfleet::registry::batch_status::BatchStatusStore::connect(
             &self.redis,
             &self.prefix,
             Duration::from_secs(10),
@@ -232,8 +232,8 @@ impl Env {
             .unwrap();
     }
 
-    pub fn endpoints(&self) -> keyfleet::endpoints::Endpoints {
-        keyfleet::endpoints::Endpoints {
+    pub fn endpoints(&self) -> keyfleet::queue::endpoints::Endpoints {
+        keyfleet::queue::endpoints::Endpoints {
             amqp_url: amqp_url(),
             redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
@@ -274,7 +274,7 @@ impl Env {
             endpoints: self.endpoints(),
             progress: ProgressMode::Off,
             confirm_window: 1024,
-            keys_to: keyfleet::submit::KeysTo::IdentityFile(self.identity(batch_id)),
+            keys_to: keyfleet::modes::submit::KeysTo::IdentityFile(self.identity(batch_id)),
         };
         tokio::time::timeout(
             Duration::from_secs(120),
@@ -305,8 +305,11 @@ impl Env {
         .expect("collect failed")
     }
 
-    pub async fn status(&self, batch_id: &str) -> Option<keyfleet::batch_status::BatchStatus> {
-        let store = keyfleet::batch_status::BatchStatusStore::connect(
+    pub async fn status(
+        &self,
+        batch_id: &str,
+    ) -> Option<keyfleet::registry::batch_status::BatchStatus> {
+        let store = keyfleet::registry::batch_status::BatchStatusStore::connect(
             &self.redis,
             &self.prefix,
             Duration::from_secs(10),
@@ -331,7 +334,7 @@ impl Env {
         &self,
         batch_id: &str,
         limit: Duration,
-        cond: impl Fn(&keyfleet::batch_status::BatchStatus) -> bool,
+        cond: impl Fn(&keyfleet::registry::batch_status::BatchStatus) -> bool,
     ) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -418,7 +421,7 @@ pub async fn check_batch(env: &Env, out: &str, jobs: usize) -> (usize, BTreeMap<
             let pem = std::fs::read_to_string(l["private_key_file"].as_str().unwrap()).unwrap();
             assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
             // The key file itself, not only its manifest line, is the registered key.
-            let (_, sha256) = keyfleet::keygen::fingerprints_of_pem(&pem).unwrap();
+            let (_, sha256) = keyfleet::keys::keygen::fingerprints_of_pem(&pem).unwrap();
             assert_eq!(
                 sha256, rec.fingerprint_sha256,
                 "{name}: the key file holds the registered key"
@@ -453,7 +456,7 @@ pub fn walk_pem(dir: &std::path::Path) -> usize {
 }
 
 /// Reads (and removes) what lands on the test's dead-letter queue.
-pub async fn dead_letters(broker: &keyfleet::broker::Broker, env: &Env) -> lapin::Consumer {
+pub async fn dead_letters(broker: &keyfleet::queue::broker::Broker, env: &Env) -> lapin::Consumer {
     broker
         .channel()
         .basic_consume(
@@ -482,6 +485,6 @@ pub fn job(batch: &str, name: &str) -> keyfleet::job::Job {
             ("RegionId".to_owned(), "cn-hangzhou".to_owned()),
             ("KeyPairName".to_owned(), name.to_owned()),
         ]),
-        key_bits: keyfleet::keygen::KeyBits::B2048,
+        key_bits: keyfleet::keys::keygen::KeyBits::B2048,
     }
 }

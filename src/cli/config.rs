@@ -1,0 +1,1035 @@
+//! Configuration: command-line flags (each with a `KEYFLEET_*` environment twin) over an
+//! optional `keyfleet.toml`, over built-in defaults. A bad value names its setting.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::dialect::{Catalog, Provider};
+use crate::job::batch::Format;
+use crate::keys::keygen::{Engine, KeyBits};
+use crate::settings::{KeyPairQuota, Settings};
+use crate::telemetry::progress::ProgressMode;
+
+/// Where the embedded store lives unless told otherwise.
+pub const DEFAULT_STATE: &str = "keyfleet.redb";
+/// The optional config file read from the current folder.
+pub const DEFAULT_CONFIG: &str = "keyfleet.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyfleet",
+    version,
+    about = "Create SSH key pairs in bulk with the semantics of Alibaba Cloud ECS CreateKeyPair and UCloud CreateUHostKeyPair",
+    long_about = "Create SSH key pairs in bulk with the exact semantics of Alibaba Cloud ECS \
+CreateKeyPair and UCloud CreateUHostKeyPair: names, tags, regions, quotas (500 per region) and \
+error codes as the APIs answer them.\n\nWith no servers, `keyfleet run` does everything in one \
+process and keeps its registry in a local file (--state).\n\nExit status: 0 when every row was \
+processed (failed rows are results, not crashes); 1 when the run itself failed (unreadable input, \
+unwritable output, broken state file); 2 for bad flags or configuration; 130 when interrupted."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML). Default: ./keyfleet.toml when it exists.
+    #[arg(long, global = true, env = "KEYFLEET_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing syntax), e.g. `info`, `keyfleet=debug`.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYFLEET_LOG",
+        default_value = "warn",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+/// Where the embedded registry lives (`run`, `describe`, `delete`).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Embedded state file (the registry of key pairs). Default: ./keyfleet.redb, or `state` in
+    /// the config file.
+    #[arg(long, env = "KEYFLEET_STATE", value_name = "PATH")]
+    pub state: Option<PathBuf>,
+}
+
+/// Which registry a command uses: the embedded state file, or Redis with `--redis-url`.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Use the registry in Redis (distributed mode) instead of the state file; every process
+    /// on the same Redis and prefix shares names, quota (and for `serve`, nonces).
+    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (with --redis-url).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
+    pub prefix: String,
+}
+
+/// One provider + owner + region: where `delete` and `reconcile` act.
+#[derive(Debug, Args)]
+pub struct ScopeArgs {
+    #[arg(long, default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    /// Alibaba account / UCloud project.
+    #[arg(long, default_value = "default")]
+    pub owner: String,
+    #[arg(long)]
+    pub region: String,
+}
+
+impl ScopeArgs {
+    pub fn scope(&self) -> crate::dialect::Scope {
+        crate::dialect::Scope {
+            provider: self.provider,
+            owner: self.owner.clone(),
+            region: self.region.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a batch file through the whole pipeline in this process (no servers needed).
+    Run(RunArgs),
+    /// List registered key pairs (like DescribeKeyPairs).
+    Describe(DescribeArgs),
+    /// Delete key pairs by name, freeing their quota.
+    Delete(DeleteArgs),
+    /// Measure key-generation throughput on this machine.
+    Bench(BenchArgs),
+    /// Enqueue a batch file as jobs on RabbitMQ (distributed mode); prints the batch id.
+    ///
+    /// Standard output is the batch id alone (`B=$(keyfleet submit fleet.csv)`); the report
+    /// and the place of the batch's identity go to standard error.
+    Submit(SubmitArgs),
+    /// Write a batch's results (key files + manifest) from RabbitMQ; resumable.
+    ///
+    /// Before it reads a result it checks that the batch exists, was not collected into
+    /// another folder, and that the identity is the batch's. A result is acked only once its
+    /// key is on disk; one it cannot write stays queued for the next collect.
+    ///
+    /// Exit status: 0 when every result read was written (the report says whether the batch is
+    /// complete; run again to continue); 1 when it refused to start, or left results on the
+    /// queue (a key that did not decrypt, a full disk); 2 for bad flags; 130 when interrupted.
+    Collect(CollectArgs),
+    /// Progress of a batch: total / created / failed per code / pending (from Redis).
+    Status(StatusArgs),
+    /// List the drift between keyfleet's registry and the cloud for one provider, owner and
+    /// region: pairs in the cloud only, in keyfleet only, and with different fingerprints.
+    /// Exit 0 when they agree, 1 when they do not.
+    Reconcile(ReconcileArgs),
+    /// Serve the Alibaba Cloud ECS and UCloud key-pair APIs over HTTP, for their official SDKs.
+    ///
+    /// Point an SDK's endpoint at the printed address (README, "Pointing the official SDKs at
+    /// keyfleet serve"). Signatures are checked with the keys of --credentials; created,
+    /// imported and deleted pairs are the same registry rows `run`, `describe` and `delete` see.
+    Serve(ServeArgs),
+}
+
+/// `keyfleet serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one. The bound address is printed on stdout
+    /// as `listening on http://ADDR`.
+    #[arg(long, env = "KEYFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// The access keys the API accepts (TOML, mode 0600: `[[aliyun]]` access_key_id /
+    /// access_key_secret / account, `[[ucloud]]` public_key / private_key / account).
+    #[arg(long, env = "KEYFLEET_CREDENTIALS", value_name = "FILE")]
+    pub credentials: PathBuf,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// How long to wait for Redis at start-up (with --redis-url).
+    #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: std::time::Duration,
+    /// Key pairs allowed per region and account (UCloud: per project; default 500).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// RSA key size (2048, 3072 or 4096; default 2048).
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+    /// Key-generation threads; 0 = one per core.
+    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Prime-search engine.
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Keys made ahead on idle threads and kept in memory (never persisted), so a create is
+    /// answered without waiting for key generation; 0 turns this off.
+    #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 64)]
+    pub reservoir: usize,
+    /// Fault injection: requests per second per access key beyond which the answer is
+    /// Alibaba `Throttling.User` / UCloud RetCode 153, as the clouds throttle; 0 = off.
+    #[arg(
+        long,
+        env = "KEYFLEET_THROTTLE_RPS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub throttle_rps: u32,
+    /// Fault injection: the fraction of requests (0 to 1) answered 503 `ServiceUnavailable` /
+    /// RetCode 150 — half before the action runs, half after it was done, so clients learn to
+    /// reconcile a lost answer; 0 = off.
+    #[arg(long, env = "KEYFLEET_FAULT_RATE", value_name = "P", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub fault_rate: f64,
+    /// After a shutdown signal, how long requests in flight may take to finish.
+    #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Time for a request's line and headers to arrive, from the connection's start or a later
+    /// request's first byte (and for its body, once the headers are in); a connection that
+    /// takes longer is closed.
+    #[arg(long, env = "KEYFLEET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    /// (Not `--idle-timeout`: that is `collect`'s quiet spell, and one environment variable
+    /// must not mean two things.)
+    #[arg(long, env = "KEYFLEET_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub keep_alive_timeout: std::time::Duration,
+    /// Connections open at once; one more is answered 503 ServiceUnavailable and closed.
+    /// Default: 1024, or the open-file limit less 128 if that is lower.
+    #[arg(long, env = "KEYFLEET_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Also register created and imported keys in this cloud (and delete there): `serve` as a
+    /// fast front, answering creates from its reservoir, for a cloud's key-pair API.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{s:?} is not a fraction from 0 to 1 (--fault-rate / KEYFLEET_FAULT_RATE)"
+        )),
+    }
+}
+
+/// The rate limit on calls to the cloud's API.
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamLimitArgs {
+    /// Upstream (cloud API) calls per second per provider + account + region, with
+    /// --upstream-endpoint; 0 = unlimited.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
+    pub upstream_rps: u32,
+    /// Burst allowed above --upstream-rps.
+    #[arg(long, env = "KEYFLEET_UPSTREAM_BURST", default_value_t = 10)]
+    pub upstream_burst: u32,
+}
+
+impl UpstreamLimitArgs {
+    /// The limiter every task of this process shares; `None` when unlimited.
+    pub fn rate_limit(&self) -> Option<std::sync::Arc<crate::upstream::rate_limit::RateLimit>> {
+        crate::upstream::rate_limit::RateLimit::new(self.upstream_rps, self.upstream_burst)
+            .map(std::sync::Arc::new)
+    }
+}
+
+/// Where the servers of distributed mode are.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "KEYFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "KEYFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: String,
+    /// Prefix of every queue, exchange and Redis key (lets several deployments share servers).
+    #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// How long to wait for RabbitMQ and Redis at start-up before giving up.
+    #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: std::time::Duration,
+}
+
+impl ServerArgs {
+    pub fn endpoints(&self) -> crate::queue::endpoints::Endpoints {
+        crate::queue::endpoints::Endpoints {
+            amqp_url: self.amqp_url.clone(),
+            redis_url: self.redis_url.clone(),
+            prefix: self.prefix.clone(),
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
+/// Where created public keys are registered: a cloud's key-pair API (`--upstream-endpoint`),
+/// or nowhere but keyfleet's registry (no endpoint: the default).
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpstreamArgs {
+    /// Register every created public key in the cloud at this endpoint: PROVIDER=URL, e.g.
+    /// `aliyun=http://127.0.0.1:18080` (repeat, or comma-separate, for both providers). Keys
+    /// are imported with ImportKeyPair / ImportUHostKeyPairs, signed with the credentials of
+    /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET and UCLOUD_PUBLIC_KEY/_PRIVATE_KEY or
+    /// --upstream-credentials.
+    #[arg(id = "upstream_endpoint", long = "upstream-endpoint", env = "KEYFLEET_UPSTREAM_ENDPOINTS", value_name = "PROVIDER=URL", value_delimiter = ',', value_parser = parse_upstream_endpoint)]
+    pub endpoints: Vec<(Provider, crate::upstream::http::Endpoint)>,
+    /// Register in these providers' public clouds (comma-separated: `aliyun,ucloud`):
+    /// https://ecs.<RegionId>.aliyuncs.com and https://api.ucloud.cn, unless
+    /// --upstream-endpoint names another endpoint for the provider.
+    #[arg(id = "upstream_providers", long = "upstream", env = "KEYFLEET_UPSTREAM", value_name = "PROVIDERS", value_delimiter = ',', value_parser = parse_provider)]
+    pub providers: Vec<Provider>,
+    /// Upstream keys per owner, in `keyfleet serve`'s credentials format (`account` = the row's
+    /// owner; mode 0600). Owners it does not name use the environment's keys.
+    #[arg(
+        id = "upstream_credentials",
+        long = "upstream-credentials",
+        env = "KEYFLEET_UPSTREAM_CREDENTIALS",
+        value_name = "FILE"
+    )]
+    pub credentials: Option<PathBuf>,
+    /// How Alibaba requests are signed: v3 (ACS3-HMAC-SHA256) or rpc (HMAC-SHA1).
+    #[arg(id = "upstream_signature", long = "upstream-signature", env = "KEYFLEET_UPSTREAM_SIGNATURE", value_enum, default_value_t = crate::upstream::http::AliyunSigning::V3)]
+    pub signature: crate::upstream::http::AliyunSigning,
+    /// How long one key's registration may keep retrying through throttling and faults.
+    #[arg(id = "upstream_timeout", long = "upstream-timeout", env = "KEYFLEET_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+impl UpstreamArgs {
+    /// These settings with the config file's `[upstream.<provider>]` endpoints added for the
+    /// providers the command line does not name (validated when the file was read).
+    pub fn with_file(&self, file: &FileConfig) -> UpstreamArgs {
+        let mut merged = self.clone();
+        for (provider, entry) in &file.upstream {
+            let spec = format!("{provider}={}", entry.endpoint);
+            if let Ok((p, e)) = crate::upstream::http::parse_endpoint(&spec) {
+                if !merged.endpoints.iter().any(|(q, _)| *q == p) {
+                    merged.endpoints.push((p, e));
+                }
+            }
+        }
+        merged
+    }
+
+    /// Every provider's endpoint: the ones named, then the public ones of `--upstream`.
+    pub fn all_endpoints(&self) -> Vec<(Provider, crate::upstream::http::Endpoint)> {
+        let mut all = self.endpoints.clone();
+        for p in &self.providers {
+            if !all.iter().any(|(q, _)| q == p) {
+                all.push((*p, crate::upstream::http::public_endpoint(*p)));
+            }
+        }
+        all
+    }
+}
+
+fn parse_upstream_endpoint(s: &str) -> Result<(Provider, crate::upstream::http::Endpoint), String> {
+    crate::upstream::http::parse_endpoint(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Batch file (same formats as `run`).
+    pub file: PathBuf,
+    #[arg(long, env = "KEYFLEET_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    #[arg(long, env = "KEYFLEET_PROVIDER", default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    #[arg(long, env = "KEYFLEET_OWNER", default_value = "default")]
+    pub owner: String,
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+    /// Batch id; default: a new UUID.
+    #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
+    pub batch_id: Option<String>,
+    /// After enqueueing, collect the results into --out (like `collect`).
+    #[arg(long, requires = "out", conflicts_with = "recipient")]
+    pub wait: bool,
+    /// Output folder for --wait.
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Publisher confirms kept in flight.
+    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
+    pub confirm_window: usize,
+    /// The batch's age identity file: private keys travel encrypted to it and only `collect`
+    /// with this file can read them. Created (0600) when it does not exist. Default:
+    /// <batch-id>.age-identity in the --out folder with --wait, otherwise in
+    /// $XDG_STATE_HOME/keyfleet/ (~/.local/state/keyfleet/), where `collect` finds it; removed
+    /// once the batch is completely collected. Lose it and the batch's keys cannot be read.
+    #[arg(
+        long,
+        env = "KEYFLEET_IDENTITY",
+        value_name = "FILE",
+        conflicts_with = "recipient"
+    )]
+    pub identity: Option<PathBuf>,
+    /// Encrypt the batch's private keys to this age recipient (age1…) instead; you keep its
+    /// identity and give it to `collect --identity`.
+    #[arg(long, env = "KEYFLEET_RECIPIENT", value_name = "AGE1…")]
+    pub recipient: Option<String>,
+    /// With --wait: keep the identity once the batch is completely collected.
+    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
+    pub keep_identity: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    /// The batch id `submit` printed.
+    #[arg(value_parser = parse_batch_id)]
+    pub batch_id: String,
+    /// Output folder (made 0700): key files, their .pub files and manifest.jsonl, as `run`
+    /// writes them. The same folder again resumes where the last collect stopped.
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Stop after this long without a result (run again later to continue).
+    #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// The batch's age identity file. Default: <batch-id>.age-identity where `submit` puts it —
+    /// the --out folder, then $XDG_STATE_HOME/keyfleet/ (~/.local/state/keyfleet/), then the
+    /// working directory. It is checked against the batch's recipient before anything is read.
+    #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Keep an identity found in its default place once the batch is completely collected
+    /// (otherwise it is removed then; one named with --identity is always kept).
+    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
+    pub keep_identity: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(value_parser = parse_batch_id)]
+    pub batch_id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `keyfleet-worker`'s flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyfleet-worker",
+    version,
+    about = "keyfleet worker: consumes key-creation jobs from RabbitMQ, enforces quotas in Redis, publishes results",
+    long_about = "keyfleet worker: consumes key-creation jobs from RabbitMQ, generates RSA keys on a \
+rayon pool, enforces the per-region quota atomically in Redis, rate-limits upstream calls per \
+provider and region, and publishes each result (with the private key) before acking its job.\n\n\
+Run as many as you like, anywhere. SIGTERM/Ctrl-C drains: stop consuming, finish jobs in flight \
+within --drain-timeout, leave the rest for redelivery, exit 0; a second signal exits at once (130).\n\n\
+Exit status: 0 after a drain; 1 when start-up or the worker failed (the message says which \
+server); 2 for bad flags."
+)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Jobs in flight at once (RabbitMQ prefetch), 1 to 65535. Default: 4 per key-generation
+    /// thread.
+    #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
+    pub concurrency: Option<u16>,
+    /// Key-generation threads; 0 = one per core, at most 4 per core.
+    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
+    pub threads: usize,
+    /// Key pairs allowed per region (default 500, or `quota` in the config file).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// RSA-2048 keys generated ahead on idle threads and kept in memory (never persisted) so a
+    /// burst of jobs does not wait for key generation; 0 turns the reservoir off.
+    #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 16)]
+    pub reservoir: usize,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// After a shutdown signal, how long jobs in flight may take to finish.
+    #[arg(long, env = "KEYFLEET_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Prometheus /metrics, /healthz, /readyz; `off` to disable. Loopback unless you ask for
+    /// more (`0.0.0.0:9464` for a scraper on another host). When the default port is taken (a
+    /// second worker on this host), a free loopback port is used and logged; a port given
+    /// here that is taken is an error. `127.0.0.1:0` always picks a free port.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Config file (TOML; same format as keyfleet's). Default: ./keyfleet.toml when it exists.
+    #[arg(long, env = "KEYFLEET_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Send private keys in plaintext for batches with no recipient in Redis (jobs published
+    /// by producers other than `keyfleet submit`). Off: such jobs are dead-lettered.
+    #[arg(long, env = "KEYFLEET_ALLOW_PLAINTEXT_RESULTS")]
+    pub allow_plaintext_results: bool,
+    #[arg(
+        long,
+        env = "KEYFLEET_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+impl WorkerArgs {
+    /// The worker's configuration from flags, environment and config file.
+    pub fn to_config(&self, file: &FileConfig) -> crate::modes::worker::WorkerConfig {
+        let cli = Overrides {
+            quota: self.quota,
+            threads: Some(self.threads),
+            engine: self.engine,
+            ..Overrides::default()
+        };
+        let resolved = resolve(&cli, file);
+        let threads = resolved.threads;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let per = if threads == 0 { cores } else { threads };
+        crate::modes::worker::WorkerConfig {
+            endpoints: self.server.endpoints(),
+            concurrency: self
+                .concurrency
+                .unwrap_or((per * 4).min(u16::MAX as usize) as u16)
+                .max(1),
+            threads,
+            settings: resolved.settings,
+            reservoir: self.reservoir,
+            upstream_rps: self.upstream_limit.upstream_rps,
+            upstream_burst: self.upstream_limit.upstream_burst,
+            upstream: self.upstream.with_file(file),
+            drain_timeout: self.drain_timeout,
+            metrics_addr: match self.metrics_addr {
+                Some(MetricsAddr(addr)) => addr.map(crate::modes::worker::MetricsBind::Exactly),
+                None => Some(crate::modes::worker::MetricsBind::Default(
+                    DEFAULT_WORKER_METRICS,
+                )),
+            },
+            allow_plaintext_results: self.allow_plaintext_results,
+        }
+    }
+}
+
+/// More key-generation threads than cores only adds switching: past 4 per core a value is a
+/// typo (`--threads 100000` would spend minutes starting threads).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let max = max_threads();
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!(
+            "must be 0 (one per core) to {max} (4 per core on this machine) (--threads / KEYFLEET_THREADS)"
+        )),
+    }
+}
+
+fn parse_concurrency(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be 1 to 65535 (--concurrency / KEYFLEET_CONCURRENCY)".into()),
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h 30m` (humantime's forms) or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let parsed = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..1e9).contains(&secs) => {
+            Ok(std::time::Duration::from_secs_f64(secs))
+        }
+        Ok(_) => Err(()),
+        Err(_) => humantime::parse_duration(t).map_err(drop),
+    };
+    parsed
+        .ok()
+        .filter(|d| d.as_secs() < 1_000_000_000)
+        .ok_or_else(|| format!("'{s}' is not a duration: use e.g. 30s, 500ms, 2m"))
+}
+
+/// Where a worker serves its metrics unless told: loopback, so nothing is exposed on every
+/// interface unasked.
+pub const DEFAULT_WORKER_METRICS: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464),
+);
+
+/// A listen address, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("'{s}' is not host:port (e.g. 0.0.0.0:9464) or off (--metrics-addr / KEYFLEET_METRICS_ADDR)"))
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 46
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a prefix: 1-46 of A-Z a-z 0-9 - _ . (--prefix / KEYFLEET_PREFIX)"
+        ))
+    }
+}
+
+/// Batch ids: the job contract's rule (`job::check_batch_id`), so any batch a producer can
+/// submit can be `status`ed and `collect`ed.
+pub fn parse_batch_id(s: &str) -> Result<String, String> {
+    crate::job::check_batch_id(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("'{}' is not a batch id: {e}", crate::dialect::clip(s)))
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Batch file: CSV whose header uses API parameter names (RegionId, KeyPairName, Tag.1.Key…;
+    /// optional Provider and Owner columns), or JSON Lines of flat objects with the same names.
+    /// `-` reads standard input.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Key pairs allowed per region (both clouds document 500).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// Output folder: manifest.jsonl plus one private key file (0600) and .pub per created pair.
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Input format; by default from the extension (.csv, .jsonl/.ndjson).
+    #[arg(long, env = "KEYFLEET_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// Provider of rows without a Provider column.
+    #[arg(long, env = "KEYFLEET_PROVIDER", default_value = "aliyun", value_parser = parse_provider)]
+    pub provider: Provider,
+    /// Owner (Alibaba account / UCloud default project) of rows without an Owner column.
+    #[arg(long, env = "KEYFLEET_OWNER", default_value = "default")]
+    pub owner: String,
+    /// RSA modulus size: 2048, 3072 or 4096. Default 2048 (or key_bits in the config file).
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+    /// Key-generation threads; 0 = one per core, at most 4 per core.
+    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Prime engine.
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Batch id (ties job ids to rows so a re-run after a crash resumes). Default: derived
+    /// from the input file's absolute path.
+    #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
+    pub batch_id: Option<String>,
+    /// Progress display.
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Print the summary as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus /metrics (and /healthz, /readyz) here while the run lasts, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[arg(long, value_parser = parse_provider)]
+    pub provider: Option<Provider>,
+    /// Alibaba account / UCloud project.
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Key pair name; `*` matches any run of characters.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Fingerprint (the API's, the MD5 colon form, or SHA256:…).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// Names of the key pairs to delete.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// With an endpoint, the pairs are deleted in the cloud too (DeleteKeyPairs /
+    /// DeleteUHostKeyPairs), before keyfleet's registry.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+/// `keyfleet reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// The cloud to compare with (required: --upstream-endpoint).
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Keys to generate per measurement.
+    #[arg(long, default_value_t = 64)]
+    pub keys: usize,
+    /// Threads; 0 = one per core, at most 4 per core.
+    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
+    pub threads: usize,
+    #[arg(long, env = "KEYFLEET_KEY_BITS", default_value = "2048", value_parser = parse_key_bits)]
+    pub bits: KeyBits,
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
+    /// Also measure, alternated round by round, `rsa`'s RsaPrivateKey::new and OpenSSL's RSA
+    /// key generation (through Python `cryptography`, when python3 has it), and report ratios.
+    #[arg(long)]
+    pub compare: bool,
+    /// Force the portable Miller-Rabin path even on a CPU with AVX-512 IFMA (the same as
+    /// KEYFLEET_SIMD=off).
+    #[arg(long)]
+    pub scalar: bool,
+    /// Rounds to alternate (medians are reported). Default: 3 with --pipeline or --compare, else 1.
+    #[arg(long, env = "KEYFLEET_BENCH_ROUNDS", value_name = "N")]
+    pub rounds: Option<usize>,
+    /// Also run `keyfleet run` on a generated batch of --keys rows (temporary folder and state)
+    /// and report its keys/s against raw generation.
+    #[arg(long)]
+    pub pipeline: bool,
+    /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
+    /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,
+    /// against raw key generation on the same threads (rounds alternated, medians).
+    #[arg(long, conflicts_with_all = ["compare", "pipeline"])]
+    pub serve: bool,
+    /// With --serve: requests in flight at once.
+    #[arg(
+        long,
+        env = "KEYFLEET_BENCH_CONCURRENCY",
+        default_value_t = 8,
+        requires = "serve"
+    )]
+    pub concurrency: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_quota(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a quota: a whole number from 1 to 10000000 (--quota / KEYFLEET_QUOTA)"
+        )),
+    }
+}
+
+fn parse_key_bits(s: &str) -> Result<KeyBits, String> {
+    s.parse::<KeyBits>()
+        .map_err(|e| format!("{e} (--key-bits / KEYFLEET_KEY_BITS)"))
+}
+
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    s.parse::<Provider>()
+}
+
+/// `keyfleet.toml`. Every field is optional; flags and environment variables win.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state: Option<PathBuf>,
+    pub quota: Option<u64>,
+    pub key_bits: Option<u32>,
+    pub threads: Option<usize>,
+    /// Region id → quota, overriding `quota` for that region.
+    #[serde(default)]
+    pub quota_per_region: BTreeMap<String, u64>,
+    pub aliyun: Option<AliyunConfig>,
+    pub ucloud: Option<UcloudConfig>,
+    /// `[upstream.aliyun] endpoint = "http://…"`: where a provider's cloud API is (the
+    /// command line's --upstream-endpoint wins).
+    #[serde(default)]
+    pub upstream: BTreeMap<String, UpstreamFileEntry>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFileEntry {
+    pub endpoint: String,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliyunConfig {
+    /// Region ids that exist (replaces the built-in public list).
+    pub regions: Option<BTreeSet<String>>,
+    /// Resource group ids that exist.
+    pub resource_groups: Option<BTreeSet<String>>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UcloudConfig {
+    pub regions: Option<BTreeSet<String>>,
+    pub default_region: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config file {path}: setting `{setting}` = {value}: {reason}")]
+    Value {
+        path: PathBuf,
+        setting: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl FileConfig {
+    /// Loads `explicit`, or ./keyfleet.toml when it exists, or nothing.
+    pub fn load(explicit: Option<&Path>) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_owned(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG);
+                if !p.exists() {
+                    return Ok((FileConfig::default(), None));
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg = FileConfig::parse(&text, &path)?;
+        Ok((cfg, Some(path)))
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let bad = |setting: &str, value: String, reason: &str| ConfigError::Value {
+            path: path.to_owned(),
+            setting: setting.to_owned(),
+            value,
+            reason: reason.to_owned(),
+        };
+        if let Some(q) = cfg.quota {
+            parse_quota(&q.to_string())
+                .map_err(|_| bad("quota", q.to_string(), "must be 1 to 10000000"))?;
+        }
+        for (region, q) in &cfg.quota_per_region {
+            parse_quota(&q.to_string()).map_err(|_| {
+                bad(
+                    &format!("quota_per_region.{region}"),
+                    q.to_string(),
+                    "must be 1 to 10000000",
+                )
+            })?;
+        }
+        if let Some(t) = cfg.threads {
+            parse_threads(&t.to_string()).map_err(|e| {
+                bad(
+                    "threads",
+                    t.to_string(),
+                    e.split(" (--").next().unwrap_or(&e),
+                )
+            })?;
+        }
+        if let Some(b) = cfg.key_bits {
+            KeyBits::try_from(b).map_err(|e| bad("key_bits", b.to_string(), &e))?;
+        }
+        for (provider, entry) in &cfg.upstream {
+            let spec = format!("{provider}={}", entry.endpoint);
+            crate::upstream::http::parse_endpoint(&spec).map_err(|e| {
+                bad(
+                    &format!("upstream.{provider}.endpoint"),
+                    format!("{:?}", entry.endpoint),
+                    &e.to_string(),
+                )
+            })?;
+        }
+        if let Some(u) = &cfg.ucloud {
+            if let (Some(d), Some(regions)) = (&u.default_region, &u.regions) {
+                if !regions.contains(d) {
+                    return Err(bad(
+                        "ucloud.default_region",
+                        format!("{d:?}"),
+                        "is not one of ucloud.regions",
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// What the command line says (flags and `KEYFLEET_*` variables, already merged by clap)
+/// about settings the config file may also hold; `None` = not given.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub state: Option<PathBuf>,
+    pub quota: Option<u64>,
+    pub key_bits: Option<KeyBits>,
+    pub threads: Option<usize>,
+    pub engine: Engine,
+}
+
+/// The settings a command runs with.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    /// The embedded state file.
+    pub state: PathBuf,
+    pub key_bits: KeyBits,
+    /// Key-generation threads; 0 = one per core.
+    pub threads: usize,
+}
+
+/// The one place sources are merged: flags > environment > config file > defaults.
+pub fn resolve(cli: &Overrides, file: &FileConfig) -> Resolved {
+    let mut catalog = Catalog::default();
+    if let Some(a) = &file.aliyun {
+        if let Some(r) = &a.regions {
+            catalog.aliyun_regions = r.clone();
+        }
+        if let Some(g) = &a.resource_groups {
+            catalog.resource_groups = g.clone();
+        }
+    }
+    if let Some(u) = &file.ucloud {
+        if let Some(r) = &u.regions {
+            catalog.ucloud_regions = r.clone();
+        }
+        if let Some(d) = &u.default_region {
+            catalog.ucloud_default_region = d.clone();
+        }
+    }
+    let defaults = Settings::default();
+    Resolved {
+        settings: Settings {
+            catalog,
+            quota: KeyPairQuota {
+                default: cli.quota.or(file.quota).unwrap_or(defaults.quota.default),
+                per_region: file.quota_per_region.clone(),
+            },
+            engine: cli.engine,
+            ..defaults
+        },
+        state: cli
+            .state
+            .clone()
+            .or_else(|| file.state.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
+        // Validated when the file was parsed.
+        key_bits: cli
+            .key_bits
+            .or_else(|| file.key_bits.and_then(|b| KeyBits::try_from(b).ok()))
+            .unwrap_or_default(),
+        threads: cli.threads.or(file.threads).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let p = Path::new("k.toml");
+        let e = FileConfig::parse("quota = 0", p).unwrap_err().to_string();
+        assert!(e.contains("`quota`") && e.contains('0'), "{e}");
+        let e = FileConfig::parse("key_bits = 1024", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_bits") && e.contains("1024"), "{e}");
+        let e = FileConfig::parse("[quota_per_region]\ncn-hangzhou = 0", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quota_per_region.cn-hangzhou"), "{e}");
+        let e = FileConfig::parse("quota = \"many\"", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quota"), "{e}");
+        let e = FileConfig::parse("qouta = 5", p).unwrap_err().to_string();
+        assert!(e.contains("qouta"), "{e}");
+        assert!(parse_quota("abc").unwrap_err().contains("KEYFLEET_QUOTA"));
+        assert!(parse_key_bits("1024")
+            .unwrap_err()
+            .contains("KEYFLEET_KEY_BITS"));
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let cfg = FileConfig::parse(
+            "quota = 20\nkey_bits = 3072\n[quota_per_region]\ncn-beijing = 5\n[aliyun]\nresource_groups = [\"rg-a\"]\n",
+            Path::new("k.toml"),
+        )
+        .unwrap();
+        let mut cli = Overrides::default();
+        let r = resolve(&cli, &cfg);
+        let s = r.settings;
+        assert_eq!(s.quota.for_region("cn-hangzhou"), 20);
+        assert_eq!(s.quota.for_region("cn-beijing"), 5);
+        assert!(s.catalog.resource_groups.contains("rg-a"));
+        assert_eq!(r.key_bits, KeyBits::B3072);
+        assert_eq!(r.state, PathBuf::from(DEFAULT_STATE));
+        cli.quota = Some(7);
+        cli.key_bits = Some(KeyBits::B4096);
+        let r = resolve(&cli, &cfg);
+        assert_eq!(r.settings.quota.for_region("x"), 7);
+        assert_eq!(r.key_bits, KeyBits::B4096);
+    }
+}

@@ -1,0 +1,179 @@
+//! The key reservoir: a bounded pool of pre-generated RSA keys per key size, filled on the
+//! rayon pool only when a thread is idle, so a burst of jobs after a quiet spell is answered
+//! without waiting for key generation. Keys are kept encoded (PEM, public line, fingerprints:
+//! [`KeyMaterial`]), so a job that takes one needs no CPU work at all — not even a hop to the
+//! rayon pool, where it would queue behind the refills. They live in memory only (never
+//! persisted); the PEM is zeroized when dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use crate::keys::cpu::CpuPool;
+use crate::keys::keygen::{self, Engine, KeyBits, KeyMaterial};
+
+#[derive(Default)]
+struct Pool {
+    keys: VecDeque<KeyMaterial>,
+    /// Keys being generated for this pool right now.
+    filling: usize,
+}
+
+struct Inner {
+    capacity: usize,
+    engine: Engine,
+    cpu: CpuPool,
+    pools: Mutex<HashMap<KeyBits, Pool>>,
+}
+
+/// Cheap to clone; all clones share the pools.
+#[derive(Clone)]
+pub struct Reservoir {
+    inner: Arc<Inner>,
+}
+
+impl Reservoir {
+    /// A reservoir holding up to `capacity` keys of each size in `sizes`; filling starts now.
+    pub fn new(cpu: CpuPool, engine: Engine, capacity: usize, sizes: &[KeyBits]) -> Self {
+        let r = Reservoir {
+            inner: Arc::new(Inner {
+                capacity,
+                engine,
+                cpu,
+                pools: Mutex::new(sizes.iter().map(|b| (*b, Pool::default())).collect()),
+            }),
+        };
+        for b in sizes {
+            r.top_up(*b);
+        }
+        r
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Keys ready for `bits` now.
+    pub fn len(&self, bits: KeyBits) -> usize {
+        self.lock().get(&bits).map_or(0, |p| p.keys.len())
+    }
+
+    pub fn is_empty(&self, bits: KeyBits) -> bool {
+        self.len(bits) == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyBits, Pool>> {
+        // A poisoned lock only means a filler panicked between two plain field updates.
+        self.inner.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A ready key of `bits`, if there is one; starts refilling either way.
+    pub fn take(&self, bits: KeyBits) -> Option<KeyMaterial> {
+        let key = {
+            let mut pools = self.lock();
+            let pool = pools.get_mut(&bits)?;
+            let key = pool.keys.pop_front();
+            crate::telemetry::metrics::reservoir_fill(bits.bits(), pool.keys.len());
+            key
+        };
+        self.top_up(bits);
+        key
+    }
+
+    /// Starts generating keys for `bits` on idle threads until the pool (with what is being
+    /// generated) is full. Each finished key tops up again, so filling continues exactly as
+    /// long as threads stay idle.
+    fn top_up(&self, bits: KeyBits) {
+        loop {
+            {
+                let mut pools = self.lock();
+                let Some(pool) = pools.get_mut(&bits) else {
+                    return;
+                };
+                if pool.keys.len() + pool.filling >= self.inner.capacity
+                    || !self.inner.cpu.has_idle_thread()
+                {
+                    return;
+                }
+                pool.filling += 1;
+            }
+            // The filler holds the reservoir weakly: once its owners are gone (a server that
+            // stopped), the key being made is dropped and no more are started.
+            let weak = Arc::downgrade(&self.inner);
+            let engine = self.inner.engine;
+            self.inner.cpu.spawn_background(move || {
+                let started = std::time::Instant::now();
+                let key = keygen::generate_private(bits, engine)
+                    .and_then(|k| keygen::encode(&k))
+                    .ok();
+                crate::telemetry::metrics::keygen(bits.bits(), started.elapsed());
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let me = Reservoir { inner };
+                {
+                    let mut pools = me.lock();
+                    if let Some(pool) = pools.get_mut(&bits) {
+                        pool.filling -= 1;
+                        if let Some(k) = key {
+                            pool.keys.push_back(k);
+                        }
+                        crate::telemetry::metrics::reservoir_fill(bits.bits(), pool.keys.len());
+                    }
+                }
+                me.top_up(bits);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn fills_up_to_capacity_and_refills_after_take() {
+        let cpu = CpuPool::new(2).unwrap();
+        let r = Reservoir::new(cpu, Engine::Fast, 3, &[KeyBits::B2048]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while r.len(KeyBits::B2048) < 3 {
+            assert!(Instant::now() < deadline, "reservoir did not fill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(r.len(KeyBits::B2048), 3, "never above capacity");
+        let key = r.take(KeyBits::B2048).expect("a ready key");
+        assert!(key.public_line.starts_with("ssh-rsa "));
+        assert!(key.private_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(
+            r.take(KeyBits::B4096).is_none(),
+            "sizes not asked for are never pooled"
+        );
+        while r.len(KeyBits::B2048) < 3 {
+            assert!(Instant::now() < deadline, "reservoir did not refill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A stopped server's reservoir kept refilling on the pool, taking the cores from whatever
+    /// ran next (it showed as a slow cold round in `keyfleet bench --serve`).
+    #[test]
+    fn dropped_reservoir_stops_filling() {
+        let cpu = CpuPool::new(2).unwrap();
+        // So large that filling it would take minutes anywhere.
+        let r = Reservoir::new(cpu.clone(), Engine::Fast, 100_000, &[KeyBits::B2048]);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(r);
+        // At most the keys already being made finish; then the pool goes idle.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cpu.is_idle() {
+            assert!(
+                Instant::now() < deadline,
+                "the pool still works for a dropped reservoir"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cpu.is_idle(), "a dropped reservoir started more keys");
+    }
+}

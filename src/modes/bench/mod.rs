@@ -1,0 +1,330 @@
+//! `keyfleet bench`: key-generation throughput on this machine — the engine alone, the `rsa`
+//! crate's generator side by side, and the whole `run` pipeline against raw generation.
+//! Numbers only; nothing here asserts timing. The report names the Miller-Rabin path (`simd`);
+//! `KEYFLEET_SIMD=off` in the environment forces the scalar engine.
+
+pub mod serve;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::dialect::Provider;
+use crate::job::batch::RowDefaults;
+use crate::keys::keygen::{self, Engine, KeyBits};
+use crate::modes::run::{run, RunOptions};
+use crate::settings::{KeyPairQuota, Settings};
+use crate::telemetry::progress::ProgressMode;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Measurement {
+    pub engine: String,
+    pub bits: usize,
+    pub threads: usize,
+    pub keys: usize,
+    pub seconds: f64,
+    pub keys_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub engine: Measurement,
+    pub keys_per_second_per_thread: f64,
+    /// The Miller-Rabin path of the fast engine: `"avx512ifma"` (8-lane IFMA Montgomery engine)
+    /// or `"scalar"` (no IFMA on this CPU, `KEYFLEET_SIMD=off`, or another engine).
+    pub simd: &'static str,
+    /// `rsa`'s RsaPrivateKey::new measured in the same run (`--compare`).
+    pub baseline: Option<Measurement>,
+    pub ratio_to_baseline: Option<f64>,
+    /// OpenSSL's RSA key generation in the same run (`--compare`, when available).
+    pub openssl: Option<OpensslMeasurement>,
+    /// This engine's keys/s over OpenSSL's (medians).
+    pub ratio_to_openssl: Option<f64>,
+    /// keys/s of `keyfleet run` on a generated batch (`--pipeline`).
+    pub pipeline_keys_per_second: Option<f64>,
+    pub pipeline_ratio_to_raw: Option<f64>,
+}
+
+/// OpenSSL's key generation, timed inside Python `cryptography` (one interpreter per thread,
+/// each generating its share of the keys in a loop; interpreter start-up is outside the clock).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpensslMeasurement {
+    /// `OpenSSL x.y.z …` as the library reports itself.
+    pub version: String,
+    pub keys_per_second: f64,
+}
+
+const OPENSSL_PROBE: &str = r#"
+import sys, time
+from cryptography.hazmat.backends.openssl import backend
+from cryptography.hazmat.primitives.asymmetric import rsa
+bits, n = int(sys.argv[1]), int(sys.argv[2])
+rsa.generate_private_key(public_exponent=65537, key_size=bits)
+t = time.perf_counter()
+for _ in range(n):
+    rsa.generate_private_key(public_exponent=65537, key_size=bits)
+print(time.perf_counter() - t, backend.openssl_version_text())
+"#;
+
+/// keys/s of OpenSSL on `threads` processes generating `keys` keys in all; `None` when python3
+/// with `cryptography` is not installed.
+fn measure_openssl(bits: KeyBits, threads: usize, keys: usize) -> Option<OpensslMeasurement> {
+    let threads = threads.max(1);
+    let per = keys.div_ceil(threads).max(1);
+    let children: Vec<_> = (0..threads)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    OPENSSL_PROBE,
+                    &bits.bits().to_string(),
+                    &per.to_string(),
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let mut slowest = 0f64;
+    let mut version = String::new();
+    for child in children {
+        let out = child.wait_with_output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let (secs, v) = text.trim().split_once(' ')?;
+        slowest = slowest.max(secs.parse().ok()?);
+        version = v.to_owned();
+    }
+    Some(OpensslMeasurement {
+        version,
+        keys_per_second: (per * threads) as f64 / slowest.max(1e-9),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("--keys must be at least 1")]
+    NoKeys,
+    #[error("thread pool: {0}")]
+    Pool(String),
+    #[error("key generation failed")]
+    Keygen(#[from] keygen::KeygenError),
+    #[error("pipeline run failed")]
+    Run(#[from] crate::modes::run::RunError),
+    #[error("temporary files")]
+    Io(#[from] std::io::Error),
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[idx].as_secs_f64() * 1e3
+}
+
+/// Generates `keys` keys on `threads` rayon threads (0 = per core); per-key times and the wall
+/// time of the whole set.
+pub fn measure(
+    engine: Engine,
+    bits: KeyBits,
+    threads: usize,
+    keys: usize,
+) -> Result<Measurement, BenchError> {
+    use rayon::prelude::*;
+    if keys == 0 {
+        return Err(BenchError::NoKeys);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| BenchError::Pool(e.to_string()))?;
+    let started = Instant::now();
+    let mut times: Vec<Duration> = pool.install(|| {
+        (0..keys)
+            .into_par_iter()
+            .map(|_| {
+                let t = Instant::now();
+                keygen::generate_private(bits, engine).map(|_| t.elapsed())
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    times.sort();
+    Ok(Measurement {
+        engine: engine.to_string(),
+        bits: bits.bits(),
+        threads: pool.current_num_threads(),
+        keys,
+        seconds,
+        keys_per_second: keys as f64 / seconds,
+        p50_ms: percentile(&times, 0.50),
+        p99_ms: percentile(&times, 0.99),
+    })
+}
+
+/// Runs `keyfleet run` on a generated batch of `keys` Alibaba rows in a temporary folder and
+/// returns its keys/s.
+pub async fn measure_pipeline(
+    engine: Engine,
+    bits: KeyBits,
+    threads: usize,
+    keys: usize,
+) -> Result<f64, BenchError> {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("bench.csv");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
+    writeln!(f, "RegionId,KeyPairName")?;
+    for i in 0..keys {
+        writeln!(f, "cn-hangzhou,bench-{i:07}")?;
+    }
+    f.flush()?;
+    drop(f);
+    let opts = RunOptions {
+        input,
+        format: None,
+        out: dir.path().join("out"),
+        state: dir.path().join("state.redb"),
+        threads,
+        defaults: RowDefaults {
+            batch_id: "bench".into(),
+            provider: Provider::Aliyun,
+            owner: "bench".into(),
+            key_bits: bits,
+        },
+        settings: Settings {
+            quota: KeyPairQuota {
+                default: keys as u64,
+                ..KeyPairQuota::default()
+            },
+            engine,
+            ..Settings::default()
+        },
+        progress: ProgressMode::Off,
+    };
+    let summary = run(opts, CancellationToken::new()).await?;
+    Ok(summary.keys_per_second)
+}
+
+/// `0` means one per core, as for the key-generation pool.
+fn threads_of(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The whole `bench` subcommand. With `--pipeline`, raw generation and the pipeline alternate
+/// for `rounds` rounds and the medians are compared, so machine noise hits both alike.
+pub async fn bench(
+    engine: Engine,
+    bits: KeyBits,
+    threads: usize,
+    keys: usize,
+    compare: bool,
+    pipeline: bool,
+    rounds: usize,
+) -> Result<Report, BenchError> {
+    let rounds = rounds.max(1);
+    let mut raws = Vec::new();
+    let mut pipes = Vec::new();
+    let mut openssl = Vec::new();
+    for _ in 0..rounds {
+        if compare {
+            let m = tokio::task::spawn_blocking(move || {
+                measure_openssl(bits, threads_of(threads), keys)
+            })
+            .await
+            .map_err(|e| BenchError::Pool(e.to_string()))?;
+            openssl.extend(m);
+        }
+        let m = tokio::task::spawn_blocking(move || measure(engine, bits, threads, keys))
+            .await
+            .map_err(|e| BenchError::Pool(e.to_string()))??;
+        raws.push(m);
+        if pipeline {
+            pipes.push(measure_pipeline(engine, bits, threads, keys).await?);
+        }
+    }
+    let raw_median = median(raws.iter().map(|m| m.keys_per_second).collect());
+    let mut engine_m = raws
+        .iter()
+        .min_by(|a, b| {
+            (a.keys_per_second - raw_median)
+                .abs()
+                .total_cmp(&(b.keys_per_second - raw_median).abs())
+        })
+        .cloned()
+        .ok_or(BenchError::NoKeys)?;
+    engine_m.keys_per_second = raw_median;
+    let baseline = if compare {
+        let b = tokio::task::spawn_blocking(move || measure(Engine::RsaCrate, bits, threads, keys))
+            .await
+            .map_err(|e| BenchError::Pool(e.to_string()))??;
+        Some(b)
+    } else {
+        None
+    };
+    let pipeline_kps = (!pipes.is_empty()).then(|| median(pipes));
+    let openssl = (!openssl.is_empty()).then(|| OpensslMeasurement {
+        version: openssl[0].version.clone(),
+        keys_per_second: median(openssl.iter().map(|m| m.keys_per_second).collect()),
+    });
+    let simd = match engine {
+        Engine::Fast => crate::prime::lanes::active(),
+        _ => crate::prime::lanes::Simd::Scalar,
+    };
+    Ok(Report {
+        simd: simd.as_str(),
+        keys_per_second_per_thread: engine_m.keys_per_second / engine_m.threads as f64,
+        ratio_to_baseline: baseline
+            .as_ref()
+            .map(|b| engine_m.keys_per_second / b.keys_per_second),
+        pipeline_ratio_to_raw: pipeline_kps.map(|p| p / engine_m.keys_per_second),
+        ratio_to_openssl: openssl
+            .as_ref()
+            .map(|o| engine_m.keys_per_second / o.keys_per_second),
+        openssl,
+        pipeline_keys_per_second: pipeline_kps,
+        baseline,
+        engine: engine_m,
+    })
+}
+
+/// Human-readable report.
+pub fn render(r: &Report) -> String {
+    let m = &r.engine;
+    let mut s = format!(
+        "engine {} (simd {})  RSA-{}  {} thread(s)  {} keys\n  {:.1} keys/s ({:.1} per thread)  p50 {:.1} ms  p99 {:.1} ms\n",
+        m.engine, r.simd, m.bits, m.threads, m.keys, m.keys_per_second, r.keys_per_second_per_thread, m.p50_ms, m.p99_ms
+    );
+    if let (Some(b), Some(ratio)) = (&r.baseline, r.ratio_to_baseline) {
+        s.push_str(&format!(
+            "baseline {}: {:.1} keys/s  p50 {:.1} ms  → engine is {:.2}× the baseline\n",
+            b.engine, b.keys_per_second, b.p50_ms, ratio
+        ));
+    }
+    if let (Some(o), Some(ratio)) = (&r.openssl, r.ratio_to_openssl) {
+        s.push_str(&format!(
+            "OpenSSL ({}, via Python cryptography): {:.1} keys/s  → engine is {:.2}× OpenSSL\n",
+            o.version, o.keys_per_second, ratio
+        ));
+    }
+    if let (Some(p), Some(ratio)) = (r.pipeline_keys_per_second, r.pipeline_ratio_to_raw) {
+        s.push_str(&format!(
+            "keyfleet run pipeline: {p:.1} keys/s  → {:.1}% of raw generation\n",
+            ratio * 100.0
+        ));
+    }
+    s
+}

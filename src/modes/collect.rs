@@ -1,0 +1,634 @@
+//! `keyfleet collect`: drains a batch's results queue into the same output folder `run` writes
+//! (key files + manifest). Resumable: it appends, skips jobs already written, and acks results
+//! only once they are on disk. Stops when the batch is complete (per `keyfleet status`) or
+//! after a quiet spell.
+//!
+//! The rule: a result is acked only once what it carries is durable in the folder. Before it
+//! consumes anything, collect checks that the batch exists, was not already collected
+//! elsewhere, and that the identity it holds is the one the batch's keys are encrypted to; a
+//! key it still cannot write (it does not decrypt, the disk is full, a permission) stays on the
+//! queue for the next collect.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::BasicAckOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::dialect::Scope;
+use crate::job::{set_private_key_body, take_private_key_body, JobResult};
+use crate::queue::broker::{Broker, BrokerError};
+use crate::queue::endpoints::Endpoints;
+use crate::registry::batch_status::{BatchStatusStore, Collected};
+use crate::registry::redis::RedisRegistry;
+use crate::registry::{Entry, Registry, RegistryError};
+use crate::sink::folder::OutputDir;
+use crate::sink::key_files::KeyFileError;
+use crate::sink::KeyFiles;
+use crate::telemetry::progress::{Progress, ProgressMode, Tally};
+
+#[derive(Clone, Debug)]
+pub struct CollectOptions {
+    pub batch_id: String,
+    pub out: PathBuf,
+    /// The batch's age identity file, when the user names one; otherwise it is looked for
+    /// where `submit` puts it ([`crate::sink::transit::identity_candidates`]).
+    pub identity: Option<PathBuf>,
+    /// Keep an identity found in its default place once the batch is completely collected
+    /// (it is removed otherwise: nothing needs it any more).
+    pub keep_identity: bool,
+    pub endpoints: Endpoints,
+    /// Stop after this long without a result (the batch may be incomplete; run again later).
+    pub idle_timeout: Duration,
+    pub progress: ProgressMode,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CollectSummary {
+    pub batch_id: String,
+    #[serde(flatten)]
+    pub tally: Tally,
+    /// Results skipped because their job was already written, or superseded by a newer key.
+    pub duplicates: u64,
+    /// Created results whose key was not the registered key (or no key): forged or damaged,
+    /// kept in `rejected.jsonl`. The genuine result is still written when it comes.
+    pub rejected: u64,
+    /// Results left on the queue because their key could not be decrypted: the next collect
+    /// with the right identity writes them.
+    pub kept: u64,
+    /// The identity file used, if the batch's keys are encrypted.
+    pub identity: Option<PathBuf>,
+    /// The identity file removed because the batch is now completely collected.
+    pub identity_removed: Option<PathBuf>,
+    /// Results of the batch written so far, this run and earlier ones.
+    pub collected: u64,
+    pub total: Option<u64>,
+    pub complete: bool,
+    pub manifest: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("RabbitMQ")]
+    Amqp(#[from] lapin::Error),
+    #[error("Redis")]
+    Redis(#[from] RegistryError),
+    #[error(transparent)]
+    Output(#[from] crate::sink::folder::OutputError),
+    #[error("no such batch {batch:?}: Redis (prefix {prefix:?}) holds no recipient, results count or collection record for it (a batch is forgotten 7 days after its last activity); nothing was read or created")]
+    NoSuchBatch { batch: String, prefix: String },
+    #[error("batch {batch:?} was already collected into {} ({results} results, {at}); each private key is delivered once, so its keys are there, not here", dir.display())]
+    AlreadyCollected {
+        batch: String,
+        dir: PathBuf,
+        results: u64,
+        at: String,
+    },
+    #[error("the private keys of batch {batch:?} are encrypted, and its identity file is not in any of {}: pass --identity FILE", list(searched))]
+    NoIdentity {
+        batch: String,
+        searched: Vec<PathBuf>,
+    },
+    #[error("identity file {} is not the identity of batch {batch:?} (its keys are encrypted to {recipient}); nothing was read: pass the batch's own identity with --identity FILE", path.display())]
+    IdentityMismatch {
+        path: PathBuf,
+        batch: String,
+        recipient: String,
+    },
+    #[error(transparent)]
+    Transit(#[from] crate::sink::transit::TransitError),
+    #[error("a key file could not be written, so its result stays on the queue (fix the cause, then run collect again)")]
+    KeyFile(#[source] KeyFileError),
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Acks are sent in groups, each after the manifest lines they cover are synced.
+const ACK_EVERY: usize = 64;
+
+pub async fn collect(
+    opts: CollectOptions,
+    shutdown: CancellationToken,
+) -> Result<CollectSummary, CollectError> {
+    let e = &opts.endpoints;
+    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let collected = drain(&broker, opts, shutdown).await;
+    // Also on an error: whatever was not acked goes back to the queue now, not when the
+    // connection times out.
+    broker.close().await;
+    collected
+}
+
+/// Reads the batch's results queue until the batch is complete, or quiet, or stopped.
+async fn drain(
+    broker: &Broker,
+    opts: CollectOptions,
+    shutdown: CancellationToken,
+) -> Result<CollectSummary, CollectError> {
+    let e = &opts.endpoints;
+    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+    let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
+    // Everything that would make this collect consume results it cannot write is checked
+    // before the first one is read.
+    let batch = &opts.batch_id;
+    let known = status.status(batch).await?;
+    let recipient = status.recipient(batch).await?;
+    let collected_before = status.collected(batch).await?;
+    if known.is_none() && recipient.is_none() && collected_before.is_none() {
+        return Err(CollectError::NoSuchBatch {
+            batch: batch.clone(),
+            prefix: e.prefix.clone(),
+        });
+    }
+    // Collected here already: nothing is left to decrypt, so its identity (removed then) is
+    // not needed to say so.
+    let done_here = collected_before
+        .as_ref()
+        .is_some_and(|c| Path::new(&c.dir) == folder_path(&opts.out));
+    if let Some(c) = collected_before.filter(|_| !done_here) {
+        return Err(CollectError::AlreadyCollected {
+            batch: batch.clone(),
+            dir: c.dir.into(),
+            results: c.results,
+            at: c.at,
+        });
+    }
+    let identity = find_identity(&opts, recipient.as_deref(), !done_here)?;
+    if let Some((path, _, _)) = &identity {
+        tracing::info!("identity: {}", path.display());
+    }
+    broker.declare().await?;
+    let queue = broker.declare_results_queue(batch).await?;
+    broker.set_prefetch((ACK_EVERY * 4) as u16).await?;
+    let (mut out, mut seen) = OutputDir::resume(&opts.out)?;
+    let mut consumer = broker.consume(&queue).await?;
+
+    let mut total = known.and_then(|s| s.total);
+    let mut progress = Progress::new(opts.progress, total);
+    let identity_path = identity.as_ref().map(|(p, _, _)| p.clone());
+    let removable = identity.as_ref().is_some_and(|(_, _, default)| *default);
+    let keys = Keys {
+        files: out.keys().clone(),
+        identity: identity.map(|(_, id, _)| id),
+    };
+    let mut counts = Counts::default();
+    // Results whose key could not be decrypted: never acked, so they stay on the queue.
+    let mut kept: Vec<lapin::Acker> = Vec::new();
+    let mut unacked: Vec<lapin::Acker> = Vec::new();
+    // Created results whose pair the registry does not yet hold as delivered: their worker
+    // may still confirm them, or their job may come back and replace the pair. Held unacked.
+    let mut held: Vec<(JobResult, lapin::Acker)> = Vec::new();
+    let mut last_result = Instant::now();
+    let mut checked_total = Instant::now();
+    loop {
+        if total.is_some_and(|t| seen.len() as u64 >= t) {
+            break;
+        }
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = tokio::time::timeout(Duration::from_millis(250), consumer.next()) => next,
+        };
+        match next {
+            Ok(Some(delivery)) => {
+                let delivery = delivery?;
+                last_result = Instant::now();
+                let mut result: JobResult = match serde_json::from_slice(&delivery.data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Not keyfleet's result format: keep the bytes (they may hold a key,
+                        // hence 0600) and go on, rather than stop on it forever.
+                        tracing::error!("a message on the results queue is not a result: {e}");
+                        out.keep_unreadable(&delivery.data)?;
+                        unacked.push(delivery.acker);
+                        continue;
+                    }
+                };
+                let pem = take_private_key_body(result.provider, &mut result.response);
+                if let Some(c) = result.created_mut() {
+                    c.private_key = pem;
+                }
+                // A job already written is done, unless what was written is a failure and this
+                // is a created pair: a failure may have been forged, or answered by an attempt
+                // before the one that created the pair, which the registry then vouches for.
+                let written = seen.get(&result.job_id).copied();
+                let verdict =
+                    if written == Some(true) || (written.is_some() && !result.is_created()) {
+                        Verdict::Superseded
+                    } else {
+                        verdict(&registry, &status, &result, &shutdown).await?
+                    };
+                match verdict {
+                    Verdict::Wait => held.push((result, delivery.acker)),
+                    verdict => {
+                        let taken = take(
+                            &mut out,
+                            &keys,
+                            &mut seen,
+                            &mut progress,
+                            &mut counts,
+                            result,
+                            verdict,
+                        )
+                        .await?;
+                        match taken {
+                            Taken::Done => unacked.push(delivery.acker),
+                            Taken::Kept => kept.push(delivery.acker),
+                        }
+                    }
+                }
+                if unacked.len() >= ACK_EVERY {
+                    ack_all(&mut out, &mut unacked).await?;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let mut still = Vec::with_capacity(held.len());
+                for (result, acker) in held.drain(..) {
+                    match verdict(&registry, &status, &result, &shutdown).await? {
+                        Verdict::Wait => still.push((result, acker)),
+                        verdict => {
+                            let (out, seen) = (&mut out, &mut seen);
+                            let taken = take(
+                                out,
+                                &keys,
+                                seen,
+                                &mut progress,
+                                &mut counts,
+                                result,
+                                verdict,
+                            )
+                            .await?;
+                            match taken {
+                                Taken::Done => unacked.push(acker),
+                                Taken::Kept => kept.push(acker),
+                            }
+                            last_result = Instant::now();
+                        }
+                    }
+                }
+                held = still;
+                ack_all(&mut out, &mut unacked).await?;
+                if checked_total.elapsed() > Duration::from_secs(1) {
+                    // The total only decides when to stop: a Redis restart is ridden out.
+                    match status.status(&opts.batch_id).await {
+                        Ok(s) => total = s.and_then(|s| s.total).or(total),
+                        Err(e) => tracing::warn!("batch status: {e}; trying again"),
+                    }
+                    checked_total = Instant::now();
+                }
+                if last_result.elapsed() >= opts.idle_timeout {
+                    break;
+                }
+            }
+        }
+    }
+    // One last look at what was held: superseded copies are acked away now rather than left
+    // for the next collect.
+    let mut still = Vec::new();
+    for (result, acker) in held.drain(..) {
+        match verdict(&registry, &status, &result, &shutdown).await? {
+            Verdict::Superseded if seen.contains_key(&result.job_id) || result.is_created() => {
+                counts.duplicates += 1;
+                unacked.push(acker);
+            }
+            _ => still.push((result, acker)),
+        }
+    }
+    let held = still;
+    if !held.is_empty() {
+        tracing::warn!(
+            held = held.len(),
+            "results not yet confirmed by the registry or the batch status were left on the queue; run collect again"
+        );
+    }
+    if !kept.is_empty() {
+        tracing::error!(
+            kept = kept.len(),
+            "results whose private key could not be decrypted were left on the queue; run collect again with the batch's identity"
+        );
+    }
+    // Dropped unacked: the broker keeps them for the next collect.
+    drop(held);
+    drop(kept);
+    ack_all(&mut out, &mut unacked).await?;
+    if let Ok(s) = status.status(&opts.batch_id).await {
+        total = s.and_then(|s| s.total).or(total);
+    }
+    let manifest = out.finish()?;
+    let (tally, _) = progress.finish();
+    let collected = seen.len() as u64;
+    let complete = total.is_some_and(|t| collected >= t);
+    let mut identity_removed = None;
+    if complete {
+        let record = Collected {
+            dir: folder_path(&opts.out).to_string_lossy().into_owned(),
+            results: collected,
+            at: crate::job::now_rfc3339(),
+        };
+        if let Err(e) = status.set_collected(&opts.batch_id, &record).await {
+            tracing::warn!("could not record where the batch was collected: {e}");
+        }
+        if let (Some(path), true, false) = (&identity_path, removable, opts.keep_identity) {
+            match std::fs::remove_file(path) {
+                Ok(()) => identity_removed = Some(path.clone()),
+                Err(e) => tracing::warn!("could not remove identity {}: {e}", path.display()),
+            }
+        }
+    }
+    Ok(CollectSummary {
+        batch_id: opts.batch_id,
+        tally,
+        duplicates: counts.duplicates,
+        rejected: counts.rejected,
+        kept: counts.kept,
+        identity: identity_path,
+        identity_removed,
+        collected,
+        total,
+        complete,
+        manifest,
+    })
+}
+
+/// The output folder as recorded and compared: canonical once it exists.
+fn folder_path(out: &Path) -> PathBuf {
+    std::fs::canonicalize(out)
+        .or_else(|_| std::path::absolute(out))
+        .unwrap_or_else(|_| out.to_owned())
+}
+
+/// The batch's identity: the one named, or the first found where `submit` puts it, checked
+/// against the recipient the batch's keys are encrypted to. Returns the path, the identity,
+/// and whether it was found in a default place (and so may be removed once collected).
+fn find_identity(
+    opts: &CollectOptions,
+    recipient: Option<&str>,
+    needed: bool,
+) -> Result<Option<(PathBuf, crate::sink::transit::Identity, bool)>, CollectError> {
+    let (path, default) = match &opts.identity {
+        // A batch without a recipient has nothing to decrypt: a missing file is no matter.
+        Some(path) if recipient.is_none() && !path.exists() => (None, false),
+        Some(path) => (Some(path.clone()), false),
+        None => {
+            let places = crate::sink::transit::identity_candidates(&opts.batch_id, &opts.out);
+            match places.iter().find(|p| p.exists()) {
+                Some(p) => (Some(p.clone()), true),
+                None if recipient.is_some() && needed => {
+                    return Err(CollectError::NoIdentity {
+                        batch: opts.batch_id.clone(),
+                        searched: places,
+                    })
+                }
+                None => (None, true),
+            }
+        }
+    };
+    let Some(path) = path else {
+        // A batch without a recipient: its keys travel in plaintext (a producer other than
+        // `submit`, and a worker run with --allow-plaintext-results).
+        return Ok(None);
+    };
+    let identity = crate::sink::transit::read_identity(&path)?;
+    if let Some(r) = recipient {
+        if identity.to_public().to_string() != r.trim() {
+            return Err(CollectError::IdentityMismatch {
+                path,
+                batch: opts.batch_id.clone(),
+                recipient: r.trim().to_owned(),
+            });
+        }
+    }
+    Ok(Some((path, identity, default)))
+}
+
+async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result<(), CollectError> {
+    if unacked.is_empty() {
+        return Ok(());
+    }
+    out.sync()?;
+    // One by one: results held back for the registry sit between these on the channel, so a
+    // `multiple` ack would take them too.
+    for acker in unacked.drain(..) {
+        acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// What to do with a result read from the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Write it: a failure, or a created pair the registry holds, delivered, with this key.
+    Accept,
+    /// Drop it (its key unread): the job was written already, or its pair is no longer the
+    /// one registered (the job came back after a worker died, and replaced it).
+    Superseded,
+    /// The registry holds this very pair but not yet as delivered (its worker has not
+    /// confirmed it), or a failure is not yet recorded in the batch status. Decide later.
+    Wait,
+}
+
+/// A created result counts only once the registry holds its pair, for its job, with its
+/// fingerprint, marked delivered: a key read before that may be replaced by its job's next
+/// attempt, and the user would hold a key that is not registered.
+///
+/// A failed result counts only once the batch's status in Redis records that very outcome for
+/// its job: whoever may publish to the results exchange could otherwise answer a job with a
+/// failure and hide its key; only workers and `submit` write the batch status.
+async fn verdict(
+    registry: &RedisRegistry,
+    status: &BatchStatusStore,
+    r: &JobResult,
+    shutdown: &CancellationToken,
+) -> Result<Verdict, RegistryError> {
+    let retry = crate::retry::RetryPolicy::queue();
+    let Some(created) = r.created() else {
+        let recorded = retry
+            .run("batch status", shutdown, || {
+                status.outcome(&r.batch_id, r.job_id)
+            })
+            .await?;
+        return Ok(match recorded {
+            None => Verdict::Wait,
+            Some(o) if o == r.outcome_label() => Verdict::Accept,
+            Some(_) => Verdict::Superseded,
+        });
+    };
+    let (Some(name), Some(region)) = (&r.key_pair_name, &r.region) else {
+        return Ok(Verdict::Superseded);
+    };
+    let scope = Scope {
+        provider: r.provider,
+        owner: r.owner.clone(),
+        region: region.clone(),
+    };
+    // Retried like a worker's registry calls, so a Redis restart does not stop a collect.
+    let entry = retry
+        .run("registry lookup", shutdown, || {
+            registry.lookup(&scope, name)
+        })
+        .await?;
+    Ok(match entry {
+        Some(Entry::Pair(record))
+            if record.job_id == r.job_id
+                && record.fingerprint_sha256 == created.fingerprint_sha256 =>
+        {
+            if record.delivered {
+                Verdict::Accept
+            } else {
+                Verdict::Wait
+            }
+        }
+        _ => Verdict::Superseded,
+    })
+}
+
+/// Whether the key file at `path` holds the key with this SHA-256 fingerprint.
+fn holds_key(path: &std::path::Path, sha256: &str) -> bool {
+    std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .ok()
+        .and_then(|pem| crate::keys::keygen::fingerprints_of_pem(&pem).ok())
+        .is_some_and(|(_, fp)| fp == sha256)
+}
+
+/// Results dropped as superseded, created results whose key was rejected, and results left
+/// on the queue.
+#[derive(Default)]
+struct Counts {
+    duplicates: u64,
+    rejected: u64,
+    kept: u64,
+}
+
+/// How keys are read and written here.
+struct Keys {
+    files: KeyFiles,
+    identity: Option<crate::sink::transit::Identity>,
+}
+
+/// What became of a result taken from the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// Written (or dropped as superseded, or rejected as forged): ack it.
+    Done,
+    /// Its key could not be decrypted: leave it on the queue.
+    Kept,
+}
+
+/// Why a created result's key is not written.
+enum Refused {
+    /// It is not the registered key, or no key: forged or damaged. Kept aside and acked; the
+    /// genuine result is written when it comes.
+    Rejected(String),
+    /// It cannot be decrypted here: it stays on the queue for a collect that can.
+    Undecryptable(String),
+}
+
+/// Writes an accepted result (key file through the sink, then its manifest line), or drops a
+/// superseded one, counting it. A created result whose key is not the key the registry holds
+/// (a forged result; the genuine one may still come) is kept aside, not written, and counted;
+/// one whose key does not decrypt is left on the queue ([`Taken::Kept`]).
+async fn take(
+    out: &mut OutputDir,
+    keys: &Keys,
+    seen: &mut crate::sink::folder::Written,
+    progress: &mut Progress,
+    counts: &mut Counts,
+    mut result: JobResult,
+    verdict: Verdict,
+) -> Result<Taken, CollectError> {
+    if verdict != Verdict::Accept {
+        counts.duplicates += 1;
+        return Ok(Taken::Done);
+    }
+    let mut key_file = None;
+    if result.is_created() {
+        match plaintext_key(keys, &mut result) {
+            Ok(()) => {}
+            Err(Refused::Undecryptable(why)) => {
+                tracing::error!(job = %result.job_id, "result left on the queue: {why}");
+                counts.kept += 1;
+                return Ok(Taken::Kept);
+            }
+            Err(Refused::Rejected(why)) => {
+                tracing::error!(job = %result.job_id, "result not written: {why}");
+                out.keep_rejected(&result, &why)?;
+                counts.rejected += 1;
+                return Ok(Taken::Done);
+            }
+        }
+        let sha256 = result
+            .created()
+            .map(|c| c.fingerprint_sha256.clone())
+            .unwrap_or_default();
+        match keys.files.write(&mut result) {
+            Ok(path) => key_file = Some(path),
+            // Written by an earlier collect that stopped before its manifest line or ack.
+            Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => {
+                set_private_key_body(
+                    result.provider,
+                    &mut result.response,
+                    &path.to_string_lossy(),
+                );
+                key_file = Some(path);
+            }
+            // Not acked: the result stays on the queue for the next collect, and no key is lost.
+            Err(e) => return Err(CollectError::KeyFile(e)),
+        }
+    }
+    out.append(&result, key_file.as_deref())?;
+    seen.insert(result.job_id, result.is_created());
+    progress.record(&result);
+    Ok(Taken::Done)
+}
+
+/// Turns the created result's key body into the plaintext PEM, checked against the
+/// fingerprint the registry holds (the result's own, which `verdict` compared). A key that
+/// cannot be decrypted is put back, so the result still carries it when left on the queue.
+fn plaintext_key(keys: &Keys, result: &mut JobResult) -> Result<(), Refused> {
+    let Some(created) = result.created_mut() else {
+        return Ok(());
+    };
+    let Some(body) = created.private_key.take() else {
+        return Err(Refused::Rejected(
+            "a created result without a private key".into(),
+        ));
+    };
+    let pem = if crate::sink::transit::is_sealed(&body.0) {
+        let Some(identity) = &keys.identity else {
+            created.private_key = Some(body);
+            return Err(Refused::Undecryptable(
+                "the key is encrypted and the batch has no identity here (--identity FILE)".into(),
+            ));
+        };
+        match crate::sink::transit::open(identity, &body.0) {
+            Ok(pem) => pem,
+            Err(e) => {
+                created.private_key = Some(body);
+                return Err(Refused::Undecryptable(e.to_string()));
+            }
+        }
+    } else {
+        body.0
+    };
+    match crate::keys::keygen::fingerprints_of_pem(&pem) {
+        Ok((_, sha256)) if sha256 == created.fingerprint_sha256 => {}
+        Ok(_) => {
+            return Err(Refused::Rejected(
+                "the private key is not the registered key".into(),
+            ))
+        }
+        Err(e) => return Err(Refused::Rejected(format!("not a private key: {e}"))),
+    }
+    created.private_key = Some(crate::job::SecretPem(pem));
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! `keyfleet run`: the job lifecycle in one process on the embedded store. Rows stream from the
+//! batch file through a bounded channel, at most `concurrency` jobs are in flight (keys are made
+//! on the rayon pool), key files are the sink, and the manifest lists results in input order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::batch::{self, Format, Row, RowDefaults};
+use crate::keys::cpu::CpuPool;
+use crate::lifecycle::{Finished, Lifecycle};
+use crate::registry::embedded::EmbeddedRegistry;
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::settings::Settings;
+use crate::sink::folder::OutputDir;
+use crate::telemetry::progress::{Progress, ProgressMode, Tally};
+use crate::upstream::{LocalUpstream, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Batch(#[from] batch::BatchError),
+    #[error(transparent)]
+    Output(#[from] crate::sink::folder::OutputError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Cpu(#[from] crate::keys::cpu::CpuError),
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub input: PathBuf,
+    pub format: Option<Format>,
+    pub out: PathBuf,
+    pub state: PathBuf,
+    /// Rayon threads; 0 = one per core.
+    pub threads: usize,
+    pub defaults: RowDefaults,
+    pub settings: Settings,
+    pub progress: ProgressMode,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub tally: Tally,
+    pub seconds: f64,
+    pub keys_per_second: f64,
+    pub threads: usize,
+    pub manifest: PathBuf,
+    /// A signal stopped the run before the whole batch was read.
+    pub interrupted: bool,
+}
+
+/// Runs a batch file through the pipeline on the embedded store.
+pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
+    let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);
+    run_with(opts, registry, Arc::new(LocalUpstream), shutdown).await
+}
+
+/// [`run`] with the registry and upstream supplied (tests and benchmarks use this).
+pub async fn run_with<R: Registry, U: Upstream>(
+    opts: RunOptions,
+    registry: Arc<R>,
+    upstream: Arc<U>,
+    shutdown: CancellationToken,
+) -> Result<Summary, RunError> {
+    // Fail on an unreadable input or a bad header before creating anything.
+    let input = batch::BatchInput::open(&opts.input, opts.format)?;
+    let mut out = OutputDir::create(&opts.out)?;
+    if let Some(old) = &out.rotated {
+        tracing::info!("kept the previous manifest as {}", old.display());
+    }
+    let cpu = CpuPool::new(opts.threads)?;
+    let threads = cpu.threads();
+    // Rows already read are finished even after a signal; the policy's waits end early then.
+    let lifecycle = Lifecycle::new(
+        registry,
+        upstream,
+        cpu,
+        opts.settings.clone(),
+        RetryPolicy::embedded(),
+        shutdown.child_token(),
+    );
+
+    // Enough jobs in flight to keep every rayon thread busy while results wait for their
+    // turn in input order; small enough that memory does not depend on the batch size.
+    let concurrency = threads * 4 + 4;
+    let (rx, reader) = batch::spawn_reader(input, &opts.defaults, concurrency * 2)?;
+
+    let total = batch::count_rows(&opts.input, opts.format);
+    let mut progress = Progress::new(opts.progress, total);
+    let rows =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+            .take_until(shutdown.clone().cancelled_owned());
+    let keys = out.keys().clone();
+    // Names are admitted one row at a time in input order (so the first of two rows with the
+    // same name wins, as a reader of the file expects); keys are then made concurrently, and
+    // `buffered` hands the finished jobs back in input order for the manifest.
+    let admitted = rows.then(|row| {
+        let lifecycle = lifecycle.clone();
+        async move {
+            match row {
+                Row::Job(job) => Ok(lifecycle.admit(job, 1).await),
+                Row::Bad(bad) => Err(bad),
+            }
+        }
+    });
+    // Boxed so that dropping it below really drops the receiver, which releases the reader
+    // thread if a signal stopped us before the end of the file.
+    let mut finished = Box::pin(
+        admitted
+            .map(|admission| {
+                let (lifecycle, keys) = (lifecycle.clone(), keys.clone());
+                async move {
+                    match admission {
+                        Ok(admission) => lifecycle.complete(admission, &keys).await,
+                        Err(bad) => lifecycle.answer(bad.into_result(), &keys).await,
+                    }
+                }
+            })
+            .buffered(concurrency),
+    );
+
+    let mut flushed = std::time::Instant::now();
+    while let Some(finished) = finished.next().await {
+        let result = match finished {
+            Finished::Delivered(result) | Finished::Undeliverable { result, .. } => result,
+            // The embedded policy answers instead of handing back, and a file's rows are
+            // answered every run: neither ends here.
+            Finished::AnsweredBefore | Finished::HandBack(_) => continue,
+        };
+        // A damaged state file stops the run: rows it failed are not answered with it (pairs
+        // created before it was found are real, and listed).
+        if !result.is_created() {
+            if let Some(damage) = lifecycle.registry().damage() {
+                return Err(damage.into());
+            }
+        }
+        let key_file = result.is_created().then(|| keys.path(&result));
+        out.append(&result, key_file.as_deref())?;
+        progress.record(&result);
+        if flushed.elapsed() > Duration::from_secs(1) {
+            out.flush()?;
+            flushed = std::time::Instant::now();
+        }
+    }
+    drop(finished);
+    // The last rows' "delivered" marks are not synced on their own (`registry/embedded.rs`).
+    lifecycle.registry().flush().await?;
+    let interrupted = shutdown.is_cancelled();
+    let read = batch::join_reader(&opts.input, reader);
+    if !interrupted {
+        read?;
+    }
+    let manifest = out.finish()?;
+    let (tally, elapsed) = progress.finish();
+    let seconds = elapsed.as_secs_f64();
+    Ok(Summary {
+        keys_per_second: tally.created as f64 / seconds.max(1e-9),
+        tally,
+        seconds,
+        threads,
+        manifest,
+        interrupted,
+    })
+}

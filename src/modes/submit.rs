@@ -1,0 +1,161 @@
+//! `keyfleet submit`: the producer. Reads a batch file, answers rows that fail validation at
+//! once (as failed results, never enqueued), and publishes every other row as a persistent job
+//! message with publisher confirms kept in flight, so enqueueing is not one round trip per job.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lapin::PublisherConfirm;
+use tokio_util::sync::CancellationToken;
+
+use crate::dialect::{self, Catalog};
+use crate::job::batch::{self, Format, Row, RowDefaults};
+use crate::job::{now_rfc3339, JobResult};
+use crate::queue::broker::{self, Broker, BrokerError};
+use crate::queue::endpoints::Endpoints;
+use crate::registry::batch_status::BatchStatusStore;
+use crate::registry::RegistryError;
+use crate::sink::transit;
+use crate::sink::{ResultsQueue, Sink};
+use crate::telemetry::progress::{Progress, ProgressMode};
+
+#[derive(Clone, Debug)]
+pub struct SubmitOptions {
+    pub input: PathBuf,
+    pub format: Option<Format>,
+    pub defaults: RowDefaults,
+    pub catalog: Catalog,
+    pub endpoints: Endpoints,
+    pub progress: ProgressMode,
+    /// Publisher confirms awaited at most this many messages behind.
+    pub confirm_window: usize,
+    /// Where private keys are encrypted to.
+    pub keys_to: KeysTo,
+}
+
+/// Whom a batch's private keys are encrypted to.
+#[derive(Clone, Debug)]
+pub enum KeysTo {
+    /// An identity file: read if it exists, created (0600) if not.
+    IdentityFile(PathBuf),
+    /// An age recipient (`age1…`) whose identity the user keeps.
+    Recipient(String),
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SubmitSummary {
+    pub batch_id: String,
+    pub rows: u64,
+    pub enqueued: u64,
+    /// Rows answered at once as failed results (invalid or unreadable).
+    pub rejected: u64,
+    pub seconds: f64,
+    pub jobs_per_second: f64,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Batch(#[from] batch::BatchError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("Redis")]
+    Redis(#[from] RegistryError),
+    #[error("answering an invalid row: {0}")]
+    Answer(String),
+    #[error(transparent)]
+    Transit(#[from] crate::sink::transit::TransitError),
+}
+
+/// Enqueues a batch; returns once every job is confirmed by the broker.
+pub async fn submit(
+    opts: SubmitOptions,
+    shutdown: CancellationToken,
+) -> Result<SubmitSummary, SubmitError> {
+    let input = batch::BatchInput::open(&opts.input, opts.format)?;
+    let e = &opts.endpoints;
+    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+    broker.declare().await?;
+    let batch_id = opts.defaults.batch_id.clone();
+    // Before the first job: a worker refuses a job whose batch has no recipient.
+    let recipient = match &opts.keys_to {
+        KeysTo::Recipient(r) => transit::parse_recipient(r)?,
+        KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
+        KeysTo::IdentityFile(path) => transit::create_identity(path)?,
+    };
+    status
+        .set_recipient(&batch_id, &recipient.to_string())
+        .await?;
+    // Before the first job: results are kept even if no collector is running yet.
+    broker.declare_results_queue(&batch_id).await?;
+
+    let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4096)?;
+
+    let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
+    let started = Instant::now();
+    let routing = e.topology().jobs_routing_key();
+    let mut window: VecDeque<PublisherConfirm> = VecDeque::with_capacity(opts.confirm_window);
+    let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
+    let mut interrupted = false;
+    loop {
+        let row = tokio::select! {
+            _ = shutdown.cancelled() => { interrupted = true; break }
+            row = rx.recv() => match row { Some(r) => r, None => break },
+        };
+        rows += 1;
+        let answer = match row {
+            Row::Bad(bad) => Some(bad.into_result()),
+            Row::Job(job) => {
+                match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
+                    Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
+                    Ok(_) => {
+                        if window.len() >= opts.confirm_window {
+                            if let Some(c) = window.pop_front() {
+                                broker::confirmed(c, &routing).await?;
+                            }
+                        }
+                        window.push_back(broker.publish_job(&job).await?);
+                        enqueued += 1;
+                        progress.enqueue();
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(mut result) = answer {
+            // Answered here, through the same sink a worker answers with.
+            let sink = ResultsQueue::new(&broker, &status);
+            sink.deliver(&mut result)
+                .await
+                .map_err(|e| SubmitError::Answer(e.to_string()))?;
+            sink.settled(&batch_id, result.job_id, result.outcome_label())
+                .await?;
+            progress.record(&result);
+            rejected += 1;
+        }
+    }
+    drop(rx);
+    for c in window.drain(..) {
+        broker::confirmed(c, &routing).await?;
+    }
+    let read = batch::join_reader(&opts.input, reader);
+    if !interrupted {
+        read?;
+    }
+    status.set_total(&batch_id, rows).await?;
+    progress.finish();
+    broker.close().await;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(SubmitSummary {
+        batch_id,
+        rows,
+        enqueued,
+        rejected,
+        seconds,
+        jobs_per_second: rows as f64 / seconds.max(1e-9),
+        interrupted,
+    })
+}

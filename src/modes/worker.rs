@@ -1,0 +1,354 @@
+//! The distributed-mode worker: consumes jobs from RabbitMQ, runs each through the pipeline
+//! (keys on the rayon pool, quota in Redis, upstream rate-limited), publishes the result with a
+//! confirm, and only then acks. Survives broker and Redis restarts; drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::dialect::Provider;
+use crate::job::{DecodeError, Job, JobResult};
+use crate::keys::cpu::CpuPool;
+use crate::keys::keygen::KeyBits;
+use crate::keys::reservoir::Reservoir;
+use crate::lifecycle::{Finished, Lifecycle};
+use crate::queue::broker::{self, Broker, BrokerError};
+use crate::queue::endpoints::Endpoints;
+use crate::registry::batch_status::BatchStatusStore;
+use crate::registry::redis::RedisRegistry;
+use crate::registry::RegistryError;
+use crate::retry::RetryPolicy;
+use crate::settings::Settings;
+use crate::sink::results_queue::Recipients;
+use crate::sink::ResultsQueue;
+use crate::telemetry::metrics::{self, Readiness};
+use crate::upstream::rate_limit::RateLimit;
+use crate::upstream::Configured;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub endpoints: Endpoints,
+    /// Jobs in flight (= RabbitMQ prefetch).
+    pub concurrency: u16,
+    /// Rayon threads; 0 = one per core.
+    pub threads: usize,
+    pub settings: Settings,
+    /// Pre-generated RSA-2048 keys kept ready for bursts; 0 = no reservoir.
+    pub reservoir: usize,
+    /// Upstream calls per second per provider + region; 0 = unlimited.
+    pub upstream_rps: u32,
+    pub upstream_burst: u32,
+    /// Where keys are registered (no endpoint: keyfleet's registry only).
+    pub upstream: crate::cli::config::UpstreamArgs,
+    /// How long in-flight jobs may take to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Where /metrics is served; `None`: nowhere.
+    pub metrics_addr: Option<MetricsBind>,
+    /// Plaintext keys for batches without a recipient (see `sink/results_queue.rs`).
+    pub allow_plaintext_results: bool,
+}
+
+/// Where a worker serves its metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsBind {
+    /// The address the user gave: taken is an error.
+    Exactly(SocketAddr),
+    /// The default: when its port is taken (another worker on this host), a free port on the
+    /// same interface is used, so any number of workers start with defaults.
+    Default(SocketAddr),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("Redis")]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Cpu(#[from] crate::keys::cpu::CpuError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+/// What every job of this worker is handled with.
+struct Handler {
+    lifecycle: Lifecycle<RedisRegistry, Configured>,
+    status: BatchStatusStore,
+    allow_plaintext: bool,
+    recipients: Recipients,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains: stops consuming, lets jobs in
+/// flight finish within the drain deadline, and leaves the rest unacked for redelivery.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let readiness = Readiness::new();
+    if let Some(bind) = cfg.metrics_addr {
+        let failed = |e: &(dyn std::error::Error + 'static)| {
+            WorkerError::Metrics(format!(
+                "{} (choose another with --metrics-addr HOST:PORT, 127.0.0.1:0 for any free port, or off)",
+                crate::sink::error_chain(e)
+            ))
+        };
+        metrics::install().map_err(|e| failed(&e))?;
+        let bound = match bind {
+            MetricsBind::Exactly(addr) => metrics::serve(addr, readiness.clone(), shutdown.clone())
+                .await
+                .map_err(|e| failed(&e))?,
+            MetricsBind::Default(addr) => {
+                match metrics::serve(addr, readiness.clone(), shutdown.clone()).await {
+                    Ok(bound) => bound,
+                    Err(metrics::MetricsError::Bind { source, .. })
+                        if source.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
+                        let any = SocketAddr::new(addr.ip(), 0);
+                        let bound = metrics::serve(any, readiness.clone(), shutdown.clone())
+                            .await
+                            .map_err(|e| failed(&e))?;
+                        tracing::warn!(
+                            "metrics port {} is taken (another worker?): serving metrics on {bound} instead",
+                            addr.port()
+                        );
+                        bound
+                    }
+                    Err(e) => return Err(failed(&e)),
+                }
+            }
+        };
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+    let e = &cfg.endpoints;
+    // A signal during start-up (servers slow to answer) stops the worker at once: nothing is
+    // in flight yet.
+    let started = async {
+        let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+        readiness.set_redis(true);
+        let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+        broker.declare().await?;
+        readiness.set_amqp(true);
+        Ok::<_, WorkerError>((registry, broker))
+    };
+    let (registry, broker) = tokio::select! {
+        started = started => started?,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
+    let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
+    let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
+    let upstream =
+        Arc::new(Configured::build(&cfg.upstream, limit).map_err(WorkerError::Upstream)?);
+    let cpu = CpuPool::new(cfg.threads)?;
+    let mut lifecycle = Lifecycle::new(
+        Arc::new(registry.clone()),
+        upstream,
+        cpu.clone(),
+        cfg.settings.clone(),
+        RetryPolicy::queue(),
+        shutdown.clone(),
+    );
+    if cfg.reservoir > 0 {
+        let reservoir = Reservoir::new(cpu, cfg.settings.engine, cfg.reservoir, &[KeyBits::B2048]);
+        lifecycle = lifecycle.with_reservoir(reservoir);
+    }
+    let handler = Arc::new(Handler {
+        lifecycle,
+        status,
+        allow_plaintext: cfg.allow_plaintext_results,
+        recipients: Recipients::default(),
+    });
+    let tracker = TaskTracker::new();
+    let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
+
+    let mut broker = Arc::new(broker);
+    'connection: loop {
+        let consumer = async {
+            broker.set_prefetch(cfg.concurrency).await?;
+            broker.consume(&broker.topology.jobs_queue()).await
+        }
+        .await;
+        match consumer {
+            Ok(mut consumer) => {
+                readiness.set_amqp(true);
+                tracing::info!(queue = %broker.topology.jobs_queue(), "consuming");
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'connection,
+                        next = consumer.next() => match next {
+                            Some(Ok(delivery)) => {
+                                let (handler, broker) = (handler.clone(), broker.clone());
+                                tracker.spawn(async move { handle(&handler, &broker, delivery).await });
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting");
+                                break;
+                            }
+                            None => {
+                                tracing::warn!("RabbitMQ consumer ended; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot consume jobs: {e}; reconnecting"),
+        }
+        readiness.set_amqp(false);
+        // Until it works or we are told to stop.
+        let reconnected = RetryPolicy::reconnect()
+            .run("reconnecting to RabbitMQ", &shutdown, || async {
+                let b = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+                b.declare().await?;
+                Ok::<_, BrokerError>(b)
+            })
+            .await;
+        match reconnected {
+            Ok(b) => {
+                tracing::info!("reconnected to RabbitMQ");
+                broker = Arc::new(b);
+            }
+            Err(_) => break 'connection,
+        }
+    }
+
+    readiness.set_draining(true);
+    tracing::info!(in_flight = tracker.len(), "draining");
+    tracker.close();
+    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = tracker.len(),
+            "drain deadline passed; unfinished jobs stay unacked and will be redelivered"
+        );
+    }
+    broker.close().await;
+    health.abort();
+    Ok(())
+}
+
+/// Keeps `/readyz` honest about Redis.
+async fn watch_redis(registry: RedisRegistry, readiness: Readiness, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        readiness.set_redis(registry.ping().await.is_ok());
+    }
+}
+
+/// One job message, start to end: decode, the lifecycle with the results queue as its sink,
+/// then ack, hand back or dead-letter as the lifecycle's ending says.
+async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
+    let _in_flight = metrics::InFlight::start();
+    if let Some(waited) = broker::queue_wait(&delivery.properties) {
+        metrics::queue_wait(waited);
+    }
+    if delivery.redelivered {
+        metrics::redelivered();
+    }
+    let sink = ResultsQueue::new(broker, &handler.status)
+        .allow_plaintext(handler.allow_plaintext)
+        .recipients(&handler.recipients);
+    let finished = match Job::decode(&delivery.data) {
+        Ok(job) => {
+            let attempt = broker::delivery_count(&delivery.properties) + 1;
+            handler.lifecycle.process(job, attempt, &sink).await
+        }
+        Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
+    };
+    match finished {
+        Finished::Delivered(_) | Finished::AnsweredBefore => ack(&delivery).await,
+        Finished::HandBack(_) => requeue(&delivery).await,
+        Finished::Undeliverable { result, reason } => {
+            // No results queue takes this batch's answers (deleted, expired, or a batch id
+            // nobody declared): the pair was released; the job waits in the dead-letter queue.
+            tracing::error!(job = %result.job_id, batch = %result.batch_id, "dead-lettering a job whose result cannot be delivered: {reason}");
+            dead_letter(broker, &delivery, "undeliverable", &reason).await;
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel died after the result was confirmed: the job comes back, and the
+        // registry tells its next attempt that it was answered.
+        tracing::warn!("ack failed: {e}");
+    }
+}
+
+/// Hands a job back to the broker for redelivery (counted against its delivery limit).
+async fn requeue(delivery: &Delivery) {
+    let opts = lapin::options::BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.acker.nack(opts).await {
+        tracing::warn!("nack failed (the job comes back when the channel closes): {e}");
+    }
+}
+
+/// Puts the message on the dead-letter queue with `reason`, then acks it; if the broker does
+/// not confirm the copy, the original stays for redelivery.
+async fn dead_letter(broker: &Broker, delivery: &Delivery, label: &str, reason: &str) {
+    match broker
+        .dead_letter(&delivery.data, &delivery.properties, reason)
+        .await
+    {
+        Ok(()) => {
+            metrics::dead_lettered(label);
+            ack(delivery).await;
+        }
+        Err(e) => tracing::warn!("dead-lettering failed, leaving the message for redelivery: {e}"),
+    }
+}
+
+/// A message that is not a job: answer its batch if we can tell which, then dead-letter it
+/// with the reason. Nothing is silently dropped.
+async fn reject_undecodable(
+    handler: &Handler,
+    broker: &Broker,
+    sink: &ResultsQueue<'_>,
+    delivery: &Delivery,
+    err: &DecodeError,
+) {
+    let reason = err.to_string();
+    tracing::warn!("dead-lettering an undecodable message: {reason}");
+    let props = &delivery.properties;
+    let batch = props
+        .correlation_id()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                .ok()?
+                .get("batch_id")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|b| !b.is_empty() && b.len() <= 200);
+    if let Some(batch) = &batch {
+        // Without a usable message id, the job id comes from the bytes: a redelivered copy of
+        // the same poison message is then the same job, counted once.
+        let job_id = props
+            .message_id()
+            .as_ref()
+            .and_then(|m| uuid::Uuid::parse_str(m.as_str()).ok())
+            .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &delivery.data));
+        let result = JobResult::rejected(batch, job_id, None, Provider::Aliyun, "", &reason);
+        if let Finished::HandBack(_) = handler.lifecycle.answer(result, sink).await {
+            return requeue(delivery).await;
+        }
+    }
+    dead_letter(broker, delivery, err.metric_reason(), &reason).await;
+}

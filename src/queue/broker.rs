@@ -1,0 +1,462 @@
+//! RabbitMQ: the topology (README, "RabbitMQ topology") and the few operations the producer, the workers and
+//! the collector need — publishing with confirms, consuming with manual acks, dead-lettering
+//! with a reason.
+//!
+//! Names are derived from one prefix (`keyfleet` in production) so tests can run side by side
+//! on one broker without seeing each other's messages.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
+
+use crate::job::{Job, JobResult};
+use crate::queue::endpoints::redact_url;
+
+/// Header carrying why keyfleet dead-lettered a message.
+pub const REASON_HEADER: &str = "x-keyfleet-reason";
+/// Header carrying when keyfleet published a message, in Unix milliseconds (the AMQP
+/// `timestamp` property has whole seconds only).
+pub const PUBLISHED_MS_HEADER: &str = "x-keyfleet-published-ms";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("RabbitMQ")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ refused a message (nack) on exchange {0}")]
+    Nacked(String),
+    #[error("no queue takes messages for routing key {0} (was the batch's results queue deleted or expired?)")]
+    Unroutable(String),
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+}
+
+/// Queue and exchange names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    pub prefix: String,
+    /// After this many deliveries a job is dead-lettered instead of looping (`x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Abandoned per-batch results queues are deleted after this long unused (`x-expires`).
+    pub results_expiry: Duration,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            prefix: "keyfleet".into(),
+            delivery_limit: 10,
+            results_expiry: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Topology {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Topology {
+            prefix: prefix.to_owned(),
+            ..Topology::default()
+        }
+    }
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.jobs.dead", self.prefix)
+    }
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+    pub fn results_queue(&self, batch_id: &str) -> String {
+        format!("{}.results.{batch_id}", self.prefix)
+    }
+    /// Routing key of jobs on the jobs exchange (direct).
+    pub fn jobs_routing_key(&self) -> String {
+        self.jobs_queue()
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// One connection and one confirm-mode channel.
+pub struct Broker {
+    conn: Connection,
+    channel: Channel,
+    pub topology: Topology,
+}
+
+impl Broker {
+    /// Connects within `timeout`, so a broker that is down fails start-up with a clear message
+    /// instead of hanging.
+    pub async fn connect(
+        url: &str,
+        topology: Topology,
+        timeout: Duration,
+    ) -> Result<Self, BrokerError> {
+        let connect_err = |reason: String| BrokerError::Connect {
+            url: redact_url(url),
+            reason,
+        };
+        if plaintext_off_host(url) {
+            tracing::warn!(
+                "{} is plain amqp:// to another host: credentials and job messages cross the network unencrypted (private keys do not: they are sealed); use amqps://",
+                redact_url(url)
+            );
+        }
+        let conn = tokio::time::timeout(
+            timeout,
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| connect_err(format!("no answer within {} s", timeout.as_secs())))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Broker {
+            conn,
+            channel,
+            topology,
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+
+    /// Declares the durable exchanges, the quorum jobs queue (dead-lettering to the DLX, with a
+    /// delivery limit) and the dead-letter queue. Idempotent.
+    pub async fn declare(&self) -> Result<(), BrokerError> {
+        let t = &self.topology;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let ch = &self.channel;
+        for (name, kind) in [
+            (t.jobs_exchange(), ExchangeKind::Direct),
+            (t.dlx(), ExchangeKind::Fanout),
+            (t.results_exchange(), ExchangeKind::Direct),
+        ] {
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
+        }
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long("quorum"));
+        args.insert("x-dead-letter-exchange".into(), long(&t.dlx()));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(t.delivery_limit as i32),
+        );
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(t.jobs_queue().into(), queue_opts, args)
+            .await?;
+        ch.queue_bind(
+            t.jobs_queue().into(),
+            t.jobs_exchange().into(),
+            t.jobs_routing_key().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long("quorum"));
+        ch.queue_declare(t.dead_queue().into(), queue_opts, dead_args)
+            .await?;
+        ch.queue_bind(
+            t.dead_queue().into(),
+            t.dlx().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Declares the durable results queue of a batch, bound to the results exchange by batch
+    /// id, expiring when unused so abandoned batches clean up. Idempotent.
+    pub async fn declare_results_queue(&self, batch_id: &str) -> Result<String, BrokerError> {
+        let t = &self.topology;
+        let name = t.results_queue(batch_id);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongInt(t.results_expiry.as_millis().min(i32::MAX as u128) as i32),
+        );
+        self.channel
+            .queue_declare(
+                name.clone().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        self.channel
+            .queue_bind(
+                name.clone().into(),
+                t.results_exchange().into(),
+                batch_id.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(name)
+    }
+
+    /// Consumes `queue` with manual acks.
+    pub async fn consume(&self, queue: &str) -> Result<lapin::Consumer, BrokerError> {
+        Ok(self
+            .channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
+    }
+
+    pub async fn set_prefetch(&self, n: u16) -> Result<(), BrokerError> {
+        self.channel
+            .basic_qos(n, BasicQosOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    fn properties(message_id: &str, batch_id: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PUBLISHED_MS_HEADER.into(),
+            AMQPValue::LongLongInt(crate::registry::now_ms()),
+        );
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message_id.into())
+            .with_correlation_id(batch_id.into())
+            .with_timestamp(crate::job::unix_now().max(0) as u64)
+            .with_headers(headers)
+    }
+
+    /// Publishes a job and returns its confirm, so callers can keep many in flight.
+    pub async fn publish_job(&self, job: &Job) -> Result<PublisherConfirm, BrokerError> {
+        let payload = serde_json::to_vec(job).map_err(|e| BrokerError::Encode(e.to_string()))?;
+        let properties = Self::properties(&job.job_id.to_string(), &job.batch_id);
+        self.publish_to_jobs(&payload, properties).await
+    }
+
+    /// Publishes raw bytes as a job message (other systems' producers; tests) and waits for
+    /// the confirm.
+    pub async fn publish_raw_job(
+        &self,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let confirm = self.publish_to_jobs(payload, properties).await?;
+        check(confirm.await?, &self.topology.jobs_routing_key())
+    }
+
+    /// A mandatory publish to the jobs exchange: a job no queue takes comes back unroutable.
+    async fn publish_to_jobs(
+        &self,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, BrokerError> {
+        let t = &self.topology;
+        Ok(self
+            .channel
+            .basic_publish(
+                t.jobs_exchange().into(),
+                t.jobs_routing_key().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                properties,
+            )
+            .await?)
+    }
+
+    /// Publishes a result to its batch's queue and waits for the broker's confirm. The private
+    /// key, if any, must already be in the response body: this is its one delivery.
+    pub async fn publish_result(&self, result: &JobResult) -> Result<(), BrokerError> {
+        let payload = serde_json::to_vec(result).map_err(|e| BrokerError::Encode(e.to_string()))?;
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.results_exchange().into(),
+                result.batch_id.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &payload,
+                Self::properties(&result.job_id.to_string(), &result.batch_id),
+            )
+            .await?;
+        check(confirm.await?, &result.batch_id)
+    }
+
+    /// Puts a message on the dead-letter queue with the reason in a header, and waits for the
+    /// confirm (the caller acks the original only after this).
+    pub async fn dead_letter(
+        &self,
+        payload: &[u8],
+        properties: &BasicProperties,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), long(reason));
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.dlx().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                payload,
+                properties
+                    .clone()
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await?;
+        check(confirm.await?, &self.topology.dlx())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+/// A plain `amqp://` URL whose host is not this machine.
+fn plaintext_off_host(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    // `amqp` is not one of the URL standard's special schemes, so its host comes back as an
+    // opaque name even when it is an address.
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_start_matches('[').trim_end_matches(']');
+            d == "localhost"
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    };
+    u.scheme() == "amqp" && !loopback
+}
+
+/// Waits for a publisher confirm: a mandatory publish that no queue took is `Unroutable`.
+pub async fn confirmed(confirm: PublisherConfirm, routing_key: &str) -> Result<(), BrokerError> {
+    check(confirm.await?, routing_key)
+}
+
+/// How long a message waited between publishing and now: from keyfleet's millisecond header,
+/// else from the AMQP timestamp (whole seconds), else unknown.
+pub fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
+    let published_ms = match properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(PUBLISHED_MS_HEADER).cloned())
+    {
+        Some(AMQPValue::LongLongInt(ms)) => ms,
+        _ => (*properties.timestamp())? as i64 * 1000,
+    };
+    let waited = crate::registry::now_ms() - published_ms;
+    Some(Duration::from_millis(waited.max(0) as u64))
+}
+
+/// A mandatory publish that no queue took comes back as `Ack(Some(returned))`: not delivered.
+/// The returned copy (which may hold a private key) is dropped here unread and unlogged.
+fn check(confirmation: Confirmation, routing_key: &str) -> Result<(), BrokerError> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(routing_key.to_owned())),
+        Confirmation::Nack(_) => Err(BrokerError::Nacked(routing_key.to_owned())),
+    }
+}
+
+/// Reads a string header.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The delivery count RabbitMQ's quorum queues keep in `x-delivery-count` (absent on the
+/// first delivery).
+pub fn delivery_count(properties: &BasicProperties) -> u32 {
+    let Some(headers) = properties.headers().as_ref() else {
+        return 0;
+    };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n as u32,
+        Some(AMQPValue::LongInt(n)) => *n as u32,
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => *n as u32,
+        Some(AMQPValue::ShortUInt(n)) => *n as u32,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_amqp_off_this_machine_is_noticed() {
+        assert!(plaintext_off_host(
+            "amqp://guest:guest@rabbit.internal:5672/%2f"
+        ));
+        assert!(plaintext_off_host("amqp://10.0.0.5"));
+        assert!(!plaintext_off_host("amqp://guest:guest@127.0.0.1:5672/%2f"));
+        assert!(!plaintext_off_host("amqp://localhost"));
+        assert!(!plaintext_off_host("amqps://rabbit.internal"));
+    }
+
+    #[test]
+    fn names_share_the_prefix() {
+        let t = Topology::with_prefix("kf-t1");
+        assert_eq!(t.jobs_queue(), "kf-t1.jobs");
+        assert_eq!(t.dead_queue(), "kf-t1.jobs.dead");
+        assert_eq!(t.results_queue("b1"), "kf-t1.results.b1");
+    }
+}

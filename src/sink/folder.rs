@@ -1,0 +1,305 @@
+//! The output folder of `keyfleet run` / `collect`: `manifest.jsonl`, one line per input row in
+//! input order, and the key files written by its sink (`sink/key_files.rs`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::job::JobResult;
+use crate::sink::KeyFiles;
+
+pub const MANIFEST: &str = "manifest.jsonl";
+
+/// The jobs a manifest answers, and whether each was created.
+pub type Written = std::collections::HashMap<uuid::Uuid, bool>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot write to output folder {path}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct OutputDir {
+    root: PathBuf,
+    keys: KeyFiles,
+    manifest_path: PathBuf,
+    manifest: BufWriter<File>,
+    /// The manifest of an earlier run in the same folder, kept under this name.
+    pub rotated: Option<PathBuf>,
+}
+
+/// File-name-safe form of a path component: keeps letters (any script), digits and `-_.:`,
+/// percent-encodes the rest, and never yields `.`/`..` or a leading dot.
+pub fn path_component(s: &str) -> String {
+    let keep = |i: usize, c: char| {
+        c.is_alphanumeric() || matches!(c, '-' | '_' | ':') || (c == '.' && i > 0)
+    };
+    let out = crate::escape::escape_chars(s, |i, c| !keep(i, c));
+    if out.is_empty() {
+        return "%00".to_owned();
+    }
+    out
+}
+
+/// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
+/// returns its manifest's path.
+fn open_folder(root: &Path) -> Result<PathBuf, OutputError> {
+    crate::sink::key_files::private_folder(root).map_err(|source| OutputError::Folder {
+        path: root.to_owned(),
+        source,
+    })?;
+    sweep(root);
+    Ok(root.join(MANIFEST))
+}
+
+impl OutputDir {
+    /// Creates the folder (and parents) and a fresh manifest. An existing manifest is kept
+    /// beside it as `manifest-<unix seconds>.jsonl` rather than overwritten.
+    pub fn create(root: &Path) -> Result<Self, OutputError> {
+        let manifest_path = open_folder(root)?;
+        let mut rotated = None;
+        if manifest_path.exists() {
+            let mut n = crate::job::unix_now();
+            let target = loop {
+                let candidate = root.join(format!("manifest-{n}.jsonl"));
+                if !candidate.exists() {
+                    break candidate;
+                }
+                n += 1;
+            };
+            fs::rename(&manifest_path, &target).map_err(|source| OutputError::Folder {
+                path: root.to_owned(),
+                source,
+            })?;
+            rotated = Some(target);
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&manifest_path)
+            .map_err(|source| OutputError::Manifest {
+                path: manifest_path.clone(),
+                source,
+            })?;
+        Ok(OutputDir {
+            root: root.to_owned(),
+            keys: KeyFiles::new(root),
+            manifest_path,
+            manifest: BufWriter::new(file),
+            rotated,
+        })
+    }
+
+    /// Opens the folder for `collect`, which may be run again and again: the manifest is
+    /// appended to, and the job ids already in it are returned so no job is written twice.
+    pub fn resume(root: &Path) -> Result<(Self, Written), OutputError> {
+        let manifest_path = open_folder(root)?;
+        let manifest_err = |source| OutputError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        };
+        let mut seen = Written::new();
+        if manifest_path.exists() {
+            let text = fs::read_to_string(&manifest_path).map_err(manifest_err)?;
+            for line in text.lines() {
+                // A torn last line (crash mid-write) is simply not counted: its result was
+                // not acked, so it comes again.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    if let Some(id) = v.get("job_id").and_then(|j| j.as_str()) {
+                        if let Ok(id) = uuid::Uuid::parse_str(id) {
+                            let created =
+                                v.get("status").and_then(|s| s.as_str()) == Some("created");
+                            // A later line for the same job (a created pair after a failure)
+                            // supersedes the earlier one.
+                            seen.insert(id, created);
+                        }
+                    }
+                }
+            }
+            if !text.is_empty() && !text.ends_with('\n') {
+                let whole = text.rfind('\n').map_or(0, |i| i + 1);
+                let last = &text[whole..];
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&manifest_path)
+                    .map_err(manifest_err)?;
+                if serde_json::from_str::<serde_json::Value>(last).is_ok() {
+                    // Whole but for its line break (counted above): finish the line.
+                    (&f).seek(SeekFrom::End(0)).map_err(manifest_err)?;
+                    (&f).write_all(b"\n").map_err(manifest_err)?;
+                } else {
+                    // Torn: cut off, so the manifest stays one JSON object per line for
+                    // whoever reads it (`jq`); its result was not acked and comes again.
+                    f.set_len(whole as u64).map_err(manifest_err)?;
+                }
+                f.sync_all().map_err(manifest_err)?;
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(&manifest_path)
+            .map_err(manifest_err)?;
+        Ok((
+            OutputDir {
+                root: root.to_owned(),
+                keys: KeyFiles::new(root),
+                manifest_path: manifest_path.clone(),
+                manifest: BufWriter::new(file),
+                rotated: None,
+            },
+            seen,
+        ))
+    }
+
+    /// Flushes and syncs the manifest without closing it (before acking what it holds).
+    pub fn sync(&mut self) -> Result<(), OutputError> {
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        self.manifest.flush().map_err(err)?;
+        self.manifest.get_ref().sync_data().map_err(err)
+    }
+
+    /// Appends a message that could not be read as a result to `unreadable.jsonl` (mode 0600:
+    /// it may hold a private key), one line each, so nothing a worker sent is lost.
+    pub fn keep_unreadable(&self, bytes: &[u8]) -> Result<(), OutputError> {
+        let line = String::from_utf8_lossy(bytes).replace('\n', " ");
+        append_private(&self.root.join("unreadable.jsonl"), &line)
+    }
+
+    /// Appends a result whose key was not written (it failed decryption or did not match the
+    /// registered fingerprint) to `rejected.jsonl` (0600), with the reason.
+    pub fn keep_rejected(&self, result: &JobResult, reason: &str) -> Result<(), OutputError> {
+        let line = serde_json::json!({ "reason": reason, "result": result }).to_string();
+        append_private(&self.root.join("rejected.jsonl"), &line)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn manifest_path(&self) -> &Path {
+        &self.manifest_path
+    }
+
+    /// The sink that writes this folder's key files.
+    pub fn keys(&self) -> &KeyFiles {
+        &self.keys
+    }
+
+    /// Appends one manifest line.
+    pub fn append(&mut self, r: &JobResult, key_file: Option<&Path>) -> Result<(), OutputError> {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            #[serde(flatten)]
+            result: &'a JobResult,
+            private_key_file: Option<String>,
+            /// Present (true) only on a rerun's line for a pair an earlier run delivered.
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            delivered_earlier: bool,
+        }
+        debug_assert!(!r.is_created() || key_file.is_some());
+        let line = Line {
+            result: r,
+            private_key_file: key_file.map(|p| p.to_string_lossy().into_owned()),
+            delivered_earlier: r.created().is_some_and(|c| c.delivered_earlier),
+        };
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        serde_json::to_writer(&mut self.manifest, &line).map_err(|e| err(e.into()))?;
+        self.manifest.write_all(b"\n").map_err(err)
+    }
+
+    /// Flushes and syncs the manifest.
+    pub fn finish(mut self) -> Result<PathBuf, OutputError> {
+        let err = |source| OutputError::Manifest {
+            path: self.manifest_path.clone(),
+            source,
+        };
+        self.manifest.flush().map_err(err)?;
+        self.manifest.get_ref().sync_all().map_err(err)?;
+        Ok(self.manifest_path)
+    }
+
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        self.manifest
+            .flush()
+            .map_err(|source| OutputError::Manifest {
+                path: self.manifest_path.clone(),
+                source,
+            })
+    }
+}
+
+/// Appends one line to a file only this user may read: created 0600, never through a
+/// symlink, and an existing file that others could read (or that is not ours) is refused rather
+/// than fed.
+fn append_private(path: &Path, line: &str) -> Result<(), OutputError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| OutputError::Manifest {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(crate::sink::transit::no_follow())
+        .open(path)
+        .map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    if !meta.is_file()
+        || meta.mode() & 0o077 != 0
+        || meta.uid() != rustix::process::getuid().as_raw()
+    {
+        return Err(err(std::io::Error::other(format!(
+            "refusing to write to it: it is not a private file of this user (mode {:o}); move it away",
+            meta.mode() & 0o7777
+        ))));
+    }
+    f.write_all(line.as_bytes()).map_err(err)?;
+    f.write_all(b"\n").map_err(err)?;
+    f.sync_data().map_err(err)
+}
+
+/// Removes the half-written key files a killed process left (each a private key nobody was
+/// given); the folder is ours alone from here on.
+fn sweep(root: &Path) {
+    match crate::sink::key_files::sweep_unfinished(root) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "removed {n} temporary key file(s) that an interrupted run left unfinished"
+        ),
+        Err(e) => tracing::warn!("could not look for temporary key files left unfinished: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_components_are_safe() {
+        assert_eq!(path_component("web-01"), "web-01");
+        assert_eq!(path_component("密钥对"), "密钥对");
+        assert_eq!(path_component("a/b"), "a%2Fb");
+        assert_eq!(path_component(".."), "%2E.");
+        assert_eq!(path_component(""), "%00");
+        assert_eq!(path_component("a b"), "a%20b");
+    }
+}
