@@ -1,4 +1,4 @@
-//! dudect-style timing-leak check of the d/CRT step (`keyfleet::keys::rsa_ct::derive_only`: n, λ, d,
+//! dudect-style timing-leak check of the d/CRT step (`keyfleet::prime::rsa_ct::derive_only`: n, λ, d,
 //! dp, dq, qinv and the FIPS 186-5 checks) for RSA-2048, and that step's share of key
 //! generation time. Not a CI test: timing is noisy on shared machines.
 //!
@@ -14,8 +14,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use keyfleet::keys::keygen::{self, Engine, KeyBits};
-use keyfleet::keys::rsa_ct;
 use keyfleet::prime::random_prime;
+use keyfleet::prime::rsa_ct;
 use rand_core::{OsRng, RngCore};
 
 fn be<const N: usize>(x: &[u64; N]) -> Vec<u8> {

@@ -256,6 +256,6 @@ trait NoFollow {
 impl NoFollow for std::fs::OpenOptions {
     fn custom_flags_nofollow(&mut self) -> &mut Self {
         use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(crate::sink::transit::no_follow())
+        self.custom_flags(crate::sink::files::no_follow())
     }
 }

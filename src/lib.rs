@@ -4,30 +4,38 @@
 //! # Layout
 //!
 //! Every job, in every mode, goes through one lifecycle (`lifecycle.rs`): decode → reserve →
-//! key → upstream → commit → deliver → confirm. A mode is a thin loop around it.
+//! key → upstream → commit → deliver → confirm. A mode is a thin loop around it. The wings,
+//! from the door down; a file imports only from its own wing or the ones below it:
 //!
-//! - Modes: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
-//!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs),
-//!   `submit.rs` (the producer), `collect.rs` (results into a folder), `bench.rs`; `app.rs` turns
-//!   the command line into one of these, `config.rs` holds its flags and the config file.
-//! - The lifecycle and its parts: `lifecycle.rs`, `retry.rs` (the one retry policy),
-//!   `settings.rs` (catalogue, quota, engine), `sink/` (where results go: `key_files.rs`,
-//!   `results_queue.rs`), `upstream.rs` and `rate_limit.rs` (the cloud side).
-//! - Private keys in transit: `transit.rs` (age encryption to a batch's recipient).
-//! - What a job is: `job.rs` (jobs, results, their wire form), `batch.rs` (rows of a batch
-//!   file), `dialect/` (everything provider-specific: `aliyun.rs`, `ucloud.rs`).
-//! - State: `registry/` (names, quota and records: `embedded.rs` on redb, `redis.rs` with its Lua
-//!   beside it), `batch_status.rs` (a batch's progress in Redis).
-//! - Infrastructure: `credentials.rs` (cloud access keys: what `serve` accepts and the upstream
-//!   signs with), `endpoints.rs` (where the servers are), `broker.rs` (RabbitMQ),
-//!   `redis_connection.rs`, `escape.rs` (caller text in keys and paths), `cpu.rs` (the rayon
-//!   pool, the one way CPU work leaves the async runtime), `shutdown.rs`, `logging.rs`,
-//!   `hardening.rs` (no core dumps), `metrics.rs` (every metric; `metrics/http.rs` serves them).
-//! - Keys: `keygen.rs`, `prime/` (the prime search; `prime/lanes/` its AVX-512 IFMA lanes, the
-//!   only `unsafe` in `prime/lanes/dispatch.rs`), `rsa_ct.rs` (constant-time key assembly and
-//!   encoding), `reservoir.rs` (keys made ahead), `fingerprint.rs`.
-//! - Output: `output.rs` (the folder and its manifest), `progress.rs`.
-//! - Request signatures, pure functions: `sign/` (Alibaba `rpc.rs` and `acs3.rs`, `ucloud.rs`).
+//! - `cli/`: the door. Flags and the config file (`config.rs`), the command dispatch
+//!   (`app.rs`), the library's enums as clap values (`values.rs`). The only place that knows
+//!   clap; everything below takes plain settings.
+//! - `modes/`: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
+//!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs), `submit.rs` (the
+//!   producer), `collect.rs` (results into a folder), `bench/`.
+//! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
+//!   quota, engine), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
+//!   file).
+//! - `upstream/`: the cloud side — the seam (`mod.rs`), its settings, the signing HTTP client
+//!   (`client.rs`), the importing upstream (`http.rs`), the per-scope rate limit.
+//! - `sink/`: where results go — key files and the output folder (`key_files.rs`, `folder.rs`),
+//!   the results queue, keys sealed in transit (`transit.rs`), file safety (`files.rs`).
+//! - `queue/`: RabbitMQ (`broker.rs`) and where the servers are (`endpoints.rs`).
+//! - `registry/`: names, quota and records — `embedded.rs` on redb, `redis.rs` with its Lua
+//!   beside it, the Redis connection, a batch's progress (`batch_status.rs`).
+//! - `telemetry/`: every metric (`metrics.rs`; `metrics/http.rs` serves them), logging,
+//!   progress.
+//! - `keys/`: making keys — `keygen.rs`, `reservoir.rs` (keys made ahead), `fingerprint.rs`
+//!   (fingerprints and the OpenSSH public key), `cpu.rs` (the rayon pool, the one way CPU work
+//!   leaves the async runtime).
+//! - `dialect/`: everything provider-specific (`aliyun.rs`, `ucloud.rs`, the other actions in
+//!   `action.rs`, the registered pair in `record.rs`).
+//! - `prime/`: the arithmetic — the prime search (`prime/lanes/` its AVX-512 IFMA lanes, the
+//!   only `unsafe` in `prime/lanes/dispatch.rs`), constant-time key assembly (`rsa_ct.rs`,
+//!   `inverse.rs`).
+//! - Ground floor, pure helpers: `sign/` (request signatures: Alibaba `rpc.rs` and `acs3.rs`,
+//!   `ucloud.rs`), `credentials.rs` (cloud access keys), `escape.rs` (URLs without passwords,
+//!   caller text in keys and paths), `time.rs`, `shutdown.rs`, `hardening.rs` (no core dumps).
 
 pub mod cli;
 pub mod credentials;
@@ -47,4 +55,5 @@ pub mod shutdown;
 pub mod sign;
 pub mod sink;
 pub mod telemetry;
+pub mod time;
 pub mod upstream;

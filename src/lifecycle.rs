@@ -18,16 +18,18 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::dialect::record::KeyPairRecord;
 use crate::dialect::{self, ApiError, CreateRequest};
-use crate::job::{now_rfc3339, unix_now, CreatedPair, Job, JobResult, SecretPem, Status};
+use crate::job::{CreatedPair, Job, JobResult, SecretPem, Status};
 use crate::job::{CREATED, MESSAGE_VERSION};
 use crate::keys::cpu::{CpuError, CpuPool};
 use crate::keys::keygen::{self, KeyMaterial, KeygenError};
 use crate::keys::reservoir::Reservoir;
-use crate::registry::{Entry, KeyPairRecord, Registry, RegistryError};
+use crate::registry::{Entry, Registry, RegistryError};
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
 use crate::sink::{AtDestination, DeliveryError, Sink};
+use crate::time::{now_rfc3339, unix_now};
 use crate::upstream::{Registration, Upstream};
 
 /// A failure of keyfleet's own machinery while making a key pair.

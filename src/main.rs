@@ -1,13 +1,11 @@
-//! The `keyfleet` command line: parse flags, set up logging and the shutdown signal, and hand
+//! The `keyfleet` command: parse flags, set up logging and the shutdown signal, and hand
 //! over to the library.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = keyfleet::cli::config::Cli::parse();
+    let cli: keyfleet::cli::config::Cli = keyfleet::cli::parse();
     keyfleet::telemetry::logging::init(&cli.global.log, "warn");
     keyfleet::hardening::no_core_dumps();
     let shutdown = keyfleet::shutdown::on_signals();

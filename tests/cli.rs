@@ -286,7 +286,7 @@ fn describe_table_lines_up_chinese_names() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let out = keyfleet(dir.path()).arg("describe").output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout).to_string();
-    let year = &keyfleet::job::now_rfc3339()[..4];
+    let year = &keyfleet::time::now_rfc3339()[..4];
     let columns: Vec<usize> = table
         .lines()
         .skip(1)

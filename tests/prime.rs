@@ -350,7 +350,7 @@ fn known_primes_accepted() {
 
 /// The engine's key read back by the `rsa` crate from its PKCS#8 DER (an independent parser and
 /// validator: `check_key` then tests it with rsa's own arithmetic).
-fn as_rsa(key: &keyfleet::keys::rsa_ct::RsaPrivate) -> RsaPrivateKey {
+fn as_rsa(key: &keyfleet::prime::rsa_ct::RsaPrivate) -> RsaPrivateKey {
     RsaPrivateKey::from_pkcs8_der(key.to_pkcs8_der().unwrap().as_bytes()).unwrap()
 }
 

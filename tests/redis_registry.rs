@@ -10,11 +10,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
+use keyfleet::dialect::record::KeyPairRecord;
 use keyfleet::dialect::{Provider, Scope, Tag};
 use keyfleet::registry::batch_status::{BatchStatus, BatchStatusStore, CREATED};
 use keyfleet::registry::embedded::EmbeddedRegistry;
 use keyfleet::registry::redis::RedisRegistry;
-use keyfleet::registry::{now_ms, Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
+use keyfleet::registry::{now_ms, Entry, Filter, Registry, RegistryError, Reserved};
 use uuid::Uuid;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,4 +1,4 @@
-//! The constant-time key assembly (`keyfleet::keys::rsa_ct`) against the `rsa` crate and the outside
+//! The constant-time key assembly (`keyfleet::prime::rsa_ct`) against the `rsa` crate and the outside
 //! tools: for the same primes our PKCS#8 DER equals `rsa::RsaPrivateKey::from_p_q`'s byte for
 //! byte; engine keys pass `openssl pkey -check` and `ssh-keygen -y` gives back our public line;
 //! many random keys satisfy the FIPS 186-5 key-pair relations; the d-size rejection path fires.
@@ -7,8 +7,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 
 use keyfleet::keys::keygen::{self, Engine, KeyBits};
-use keyfleet::keys::rsa_ct::{self, AssembleError};
 use keyfleet::prime::random_prime;
+use keyfleet::prime::rsa_ct::{self, AssembleError};
 use num_bigint_dig::{BigUint, ModInverse};
 use num_traits::{One, Zero};
 use rand_core::OsRng;

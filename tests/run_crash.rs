@@ -9,9 +9,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::time::Duration;
 
 use common::{keyfleet, manifest, run_batch, text, Sandbox};
+use keyfleet::dialect::record::KeyPairRecord;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::embedded::EmbeddedRegistry;
-use keyfleet::registry::{Filter, KeyPairRecord, Registry};
+use keyfleet::registry::{Filter, Registry};
 
 const ROWS: usize = 600;
 
@@ -145,7 +146,7 @@ async fn key_file_written_before_the_delivered_mark_is_taken_up() {
     let sb = Sandbox::new();
     let input = sb.write("f.csv", "RegionId,KeyPairName\ncn-hangzhou,web-1\n");
     let opts = sb.options(&input, "out");
-    let job_id = keyfleet::job::batch::job_id(&opts.defaults.batch_id, 2);
+    let job_id = keyfleet::job::job_id(&opts.defaults.batch_id, 2);
     let scope = Scope {
         provider: Provider::Aliyun,
         owner: "acct".into(),

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use bytes::Bytes;
 use keyfleet::credentials::{AccessKey, Credentials, Secret};
-use keyfleet::dialect::action::{self, ActionKind};
+use keyfleet::dialect::action::ActionKind;
 use keyfleet::dialect::{self, public_key, ApiError, Catalog, GatewayError, Provider};
 use keyfleet::job::batch::{BatchInput, Format, Row, RowDefaults};
 use keyfleet::job::{Job, JobResult};
@@ -180,13 +180,13 @@ fn decode_all(provider: Provider, owner: &str, params: &BTreeMap<String, String>
         }
         Err(e) => answer_error(provider, &e),
     }
-    if let Err(e) = action::decode_import(provider, owner, params, c) {
+    if let Err(e) = dialect::decode_import(provider, owner, params, c) {
         answer_error(provider, &e);
     }
-    if let Err(e) = action::decode_describe(provider, owner, params, c) {
+    if let Err(e) = dialect::decode_describe(provider, owner, params, c) {
         answer_error(provider, &e);
     }
-    if let Err(e) = action::decode_delete(provider, owner, params, c) {
+    if let Err(e) = dialect::decode_delete(provider, owner, params, c) {
         answer_error(provider, &e);
     }
 }
@@ -473,13 +473,13 @@ pub fn serve_outcome(data: &[u8]) -> Option<bool> {
             let outcome = match caller.kind {
                 ActionKind::Create => dialect::decode(provider, owner, &caller.params, c).map(drop),
                 ActionKind::Import => {
-                    action::decode_import(provider, owner, &caller.params, c).map(drop)
+                    dialect::decode_import(provider, owner, &caller.params, c).map(drop)
                 }
                 ActionKind::Describe => {
-                    action::decode_describe(provider, owner, &caller.params, c).map(drop)
+                    dialect::decode_describe(provider, owner, &caller.params, c).map(drop)
                 }
                 ActionKind::Delete => {
-                    action::decode_delete(provider, owner, &caller.params, c).map(drop)
+                    dialect::decode_delete(provider, owner, &caller.params, c).map(drop)
                 }
             };
             if let Err(e) = outcome {

@@ -55,16 +55,16 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Runs `$command(&registry, args)` on the registry `args.registry` names: Redis with
 /// `--redis-url`, otherwise the embedded state file.
 macro_rules! on_registry {
-    ($command:ident, $args:expr, $file:expr) => {{
+    ($command:ident, $args:expr, $file:expr $(, $extra:expr)*) => {{
         let args = $args;
         match args.registry.redis_url.clone() {
             Some(url) => {
                 let registry = redis_registry(&url, &args.registry.prefix).await?;
-                $command(&registry, args).await
+                $command(&registry, args $(, $extra)*).await
             }
             None => {
                 let state = state_path(&args.registry.state, $file);
-                $command(&open_registry(&state)?, args).await
+                $command(&open_registry(&state)?, args $(, $extra)*).await
             }
         }
     }};
@@ -82,9 +82,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
     match cli.command {
         Command::Run(args) => run_command(&file, args, shutdown).await,
         Command::Describe(args) => on_registry!(describe, args, &file),
-        Command::Delete(mut args) => {
-            args.upstream = args.upstream.with_file(&file);
-            on_registry!(delete, args, &file)
+        Command::Delete(args) => {
+            let upstream = args.upstream.resolve(&file);
+            on_registry!(delete, args, &file, &upstream)
         }
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => {
@@ -113,9 +113,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
-        Command::Reconcile(mut args) => {
-            args.upstream = args.upstream.with_file(&file);
-            on_registry!(reconcile, args, &file)
+        Command::Reconcile(args) => {
+            let upstream = args.upstream.resolve(&file);
+            on_registry!(reconcile, args, &file, &upstream)
         }
         Command::Bench(args) => {
             if args.scalar {
@@ -196,15 +196,15 @@ async fn serve_command(
         ucloud_keys = credentials.count(crate::dialect::Provider::Ucloud),
         "credentials loaded"
     );
-    let upstream_args = args.upstream.with_file(file);
-    let upstream = if upstream_args.all_endpoints().is_empty() {
+    let upstream_settings = args.upstream.resolve(file);
+    let upstream = if !upstream_settings.is_remote() {
         crate::upstream::Configured::local()
     } else {
         let limit = args.upstream_limit.rate_limit();
-        match crate::upstream::Configured::build(&upstream_args, limit) {
+        match crate::upstream::Configured::build(&upstream_settings, limit) {
             Ok(u) => u,
             Err(e) => {
-                eprintln!("keyfleet serve: {e}");
+                eprintln!("keyfleet serve: {}", crate::sink::error_chain(&e));
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
         }
@@ -298,15 +298,15 @@ async fn run_command(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         eprintln!("metrics: http://{bound}/metrics");
     }
-    let upstream_args = args.upstream.with_file(file);
-    let summary = if upstream_args.all_endpoints().is_empty() {
+    let upstream_settings = args.upstream.resolve(file);
+    let summary = if !upstream_settings.is_remote() {
         run(opts, shutdown).await
     } else {
         let limit = args.upstream_limit.rate_limit();
-        let upstream = match crate::upstream::Configured::build(&upstream_args, limit) {
+        let upstream = match crate::upstream::Configured::build(&upstream_settings, limit) {
             Ok(u) => u,
             Err(e) => {
-                eprintln!("keyfleet: {e}");
+                eprintln!("keyfleet: {}", crate::sink::error_chain(&e));
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
         };
@@ -657,7 +657,7 @@ async fn describe<R: Registry>(registry: &R, args: DescribeArgs) -> anyhow::Resu
                     .map(|g| format!(" rg={g}"))
                     .unwrap_or_default()
             );
-            let created = crate::job::rfc3339(r.created_at);
+            let created = crate::time::rfc3339(r.created_at);
             outln!(
                 "{}",
                 row(
@@ -690,15 +690,16 @@ struct Drift {
 async fn reconcile<R: Registry>(
     registry: &R,
     args: crate::cli::config::ReconcileArgs,
+    upstream: &crate::upstream::settings::Settings,
 ) -> anyhow::Result<ExitCode> {
-    let cloud = match cloud(&args.upstream) {
+    let cloud = match cloud(upstream) {
         Ok(Some(c)) => c,
         Ok(None) => {
             eprintln!("keyfleet reconcile: no cloud to compare with: give --upstream-endpoint PROVIDER=URL");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         Err(e) => {
-            eprintln!("keyfleet reconcile: {e}");
+            eprintln!("keyfleet reconcile: {}", crate::sink::error_chain(&e));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
@@ -762,22 +763,26 @@ async fn reconcile<R: Registry>(
 
 /// The HTTP upstream of `--upstream-endpoint`, if one is configured.
 fn cloud(
-    args: &crate::cli::config::UpstreamArgs,
-) -> Result<Option<crate::upstream::http::HttpUpstream>, String> {
-    if args.all_endpoints().is_empty() {
+    settings: &crate::upstream::settings::Settings,
+) -> Result<Option<crate::upstream::http::HttpUpstream>, crate::upstream::BuildError> {
+    if !settings.is_remote() {
         return Ok(None);
     }
-    match crate::upstream::Configured::build(args, None)? {
+    match crate::upstream::Configured::build(settings, None)? {
         crate::upstream::Configured::Http(h) => Ok(Some(h)),
         crate::upstream::Configured::Local(_) => Ok(None),
     }
 }
 
-async fn delete<R: Registry>(registry: &R, args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let cloud = match cloud(&args.upstream) {
+async fn delete<R: Registry>(
+    registry: &R,
+    args: DeleteArgs,
+    upstream: &crate::upstream::settings::Settings,
+) -> anyhow::Result<ExitCode> {
+    let cloud = match cloud(upstream) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("keyfleet delete: {e}");
+            eprintln!("keyfleet delete: {}", crate::sink::error_chain(&e));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };

@@ -306,30 +306,30 @@ pub struct UpstreamArgs {
 }
 
 impl UpstreamArgs {
-    /// These settings with the config file's `[upstream.<provider>]` endpoints added for the
-    /// providers the command line does not name (validated when the file was read).
-    pub fn with_file(&self, file: &FileConfig) -> UpstreamArgs {
-        let mut merged = self.clone();
+    /// The upstream these flags and the config file's `[upstream.<provider>]` endpoints name
+    /// (the file's count for the providers the command line does not name; they were validated
+    /// when the file was read): the endpoints named, then the public ones of `--upstream`.
+    pub fn resolve(&self, file: &FileConfig) -> crate::upstream::settings::Settings {
+        let mut endpoints = self.endpoints.clone();
         for (provider, entry) in &file.upstream {
             let spec = format!("{provider}={}", entry.endpoint);
             if let Ok((p, e)) = crate::upstream::http::parse_endpoint(&spec) {
-                if !merged.endpoints.iter().any(|(q, _)| *q == p) {
-                    merged.endpoints.push((p, e));
+                if !endpoints.iter().any(|(q, _)| *q == p) {
+                    endpoints.push((p, e));
                 }
             }
         }
-        merged
-    }
-
-    /// Every provider's endpoint: the ones named, then the public ones of `--upstream`.
-    pub fn all_endpoints(&self) -> Vec<(Provider, crate::upstream::http::Endpoint)> {
-        let mut all = self.endpoints.clone();
         for p in &self.providers {
-            if !all.iter().any(|(q, _)| q == p) {
-                all.push((*p, crate::upstream::http::public_endpoint(*p)));
+            if !endpoints.iter().any(|(q, _)| q == p) {
+                endpoints.push((*p, crate::upstream::http::public_endpoint(*p)));
             }
         }
-        all
+        crate::upstream::settings::Settings {
+            endpoints,
+            credentials: self.credentials.clone(),
+            signing: self.signature,
+            deadline: self.timeout,
+        }
     }
 }
 
@@ -515,7 +515,7 @@ impl WorkerArgs {
             reservoir: self.reservoir,
             upstream_rps: self.upstream_limit.upstream_rps,
             upstream_burst: self.upstream_limit.upstream_burst,
-            upstream: self.upstream.with_file(file),
+            upstream: self.upstream.resolve(file),
             drain_timeout: self.drain_timeout,
             metrics_addr: match self.metrics_addr {
                 Some(MetricsAddr(addr)) => addr.map(crate::modes::worker::MetricsBind::Exactly),

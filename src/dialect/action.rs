@@ -1,12 +1,13 @@
 //! The key-pair actions besides create, as both clouds' APIs name them (`keyfleet serve`):
 //! import, describe and delete, in a provider-neutral form. Each dialect decodes its own
-//! parameters into these (`aliyun/actions.rs`, `ucloud/actions.rs`) and renders the answers.
+//! parameters into these (`aliyun/actions.rs`, `ucloud/actions.rs`) and renders the answers;
+//! `dialect/mod.rs` picks the dialect.
 
 use std::collections::BTreeMap;
 
 use super::public_key::ImportedKey;
-use super::{aliyun, ucloud, ApiError, Catalog, Provider, Scope, Tag};
-use crate::registry::KeyPairRecord;
+use super::record::{wildcard_match, KeyPairRecord};
+use super::{ApiError, Provider, Scope, Tag};
 
 /// What a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,7 +78,7 @@ impl DescribeRequest {
         self.name
             .as_ref()
             .is_none_or(|n| match self.scope.provider {
-                Provider::Aliyun => crate::registry::wildcard_match(n, &r.name),
+                Provider::Aliyun => wildcard_match(n, &r.name),
                 Provider::Ucloud => *n == r.name,
             })
             && self
@@ -108,75 +109,7 @@ pub enum Targets {
 /// Most names or ids one delete takes (both clouds).
 pub const MAX_DELETE: usize = 100;
 
-type Params = BTreeMap<String, String>;
-
-pub fn decode_import(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<ImportRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_import(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_import(owner, params, catalog),
-    }
-}
-
-pub fn decode_describe(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DescribeRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_describe(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_describe(owner, params, catalog),
-    }
-}
-
-pub fn decode_delete(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DeleteRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_delete(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_delete(owner, params, catalog),
-    }
-}
-
-/// The answer to an import: the registered record.
-pub fn import_body(record: &KeyPairRecord, request_id: uuid::Uuid) -> serde_json::Value {
-    match record.scope.provider {
-        Provider::Aliyun => aliyun::actions::import_json(record, request_id),
-        Provider::Ucloud => ucloud::actions::import_json(record),
-    }
-}
-
-/// The answer to a describe: `page` out of `total` matches.
-pub fn describe_body(
-    req: &DescribeRequest,
-    total: usize,
-    page: &[KeyPairRecord],
-    request_id: uuid::Uuid,
-) -> serde_json::Value {
-    match req.scope.provider {
-        Provider::Aliyun => aliyun::actions::describe_json(req, total, page, request_id),
-        Provider::Ucloud => ucloud::actions::describe_json(req, total, page),
-    }
-}
-
-/// The answer to a delete.
-pub fn delete_body(provider: Provider, request_id: uuid::Uuid) -> serde_json::Value {
-    match provider {
-        Provider::Aliyun => serde_json::json!({ "RequestId": aliyun::request_id(request_id) }),
-        Provider::Ucloud => serde_json::json!({
-            "RetCode": 0,
-            "Action": format!("{}Response", ActionKind::Delete.name(Provider::Ucloud)),
-        }),
-    }
-}
+pub(crate) type Params = BTreeMap<String, String>;
 
 /// Rejects the first parameter name (in byte order) that `known` does not accept, so a typo is
 /// reported as itself rather than as a missing parameter.

@@ -15,11 +15,15 @@
 pub mod action;
 pub mod aliyun;
 pub mod public_key;
+pub mod record;
 pub mod ucloud;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
+
+use action::{DeleteRequest, DescribeRequest, ImportRequest, Params};
+use record::KeyPairRecord;
 
 /// Key pairs allowed per [`Scope`] by both clouds (Alibaba: 500 per region and account;
 /// UCloud: the same per project and region; README, "Quota and uniqueness"). The registry enforces it.
@@ -529,6 +533,76 @@ impl ApiError {
             ApiError::AlreadyExists,
             ApiError::Internal(String::new()),
         ]
+    }
+}
+
+// The other key-pair actions (`action.rs`), each sent to its dialect.
+
+pub fn decode_import(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<ImportRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_import(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_import(owner, params, catalog),
+    }
+}
+
+pub fn decode_describe(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<DescribeRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_describe(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_describe(owner, params, catalog),
+    }
+}
+
+pub fn decode_delete(
+    provider: Provider,
+    owner: &str,
+    params: &Params,
+    catalog: &Catalog,
+) -> Result<DeleteRequest, ApiError> {
+    match provider {
+        Provider::Aliyun => aliyun::actions::decode_delete(owner, params, catalog),
+        Provider::Ucloud => ucloud::actions::decode_delete(owner, params, catalog),
+    }
+}
+
+/// The answer to an import: the registered record.
+pub fn import_body(record: &KeyPairRecord, request_id: uuid::Uuid) -> serde_json::Value {
+    match record.scope.provider {
+        Provider::Aliyun => aliyun::actions::import_json(record, request_id),
+        Provider::Ucloud => ucloud::actions::import_json(record),
+    }
+}
+
+/// The answer to a describe: `page` out of `total` matches.
+pub fn describe_body(
+    req: &DescribeRequest,
+    total: usize,
+    page: &[KeyPairRecord],
+    request_id: uuid::Uuid,
+) -> serde_json::Value {
+    match req.scope.provider {
+        Provider::Aliyun => aliyun::actions::describe_json(req, total, page, request_id),
+        Provider::Ucloud => ucloud::actions::describe_json(req, total, page),
+    }
+}
+
+/// The answer to a delete.
+pub fn delete_body(provider: Provider, request_id: uuid::Uuid) -> serde_json::Value {
+    match provider {
+        Provider::Aliyun => serde_json::json!({ "RequestId": aliyun::request_id(request_id) }),
+        Provider::Ucloud => serde_json::json!({
+            "RetCode": 0,
+            "Action": format!("{}Response", action::ActionKind::Delete.name(Provider::Ucloud)),
+        }),
     }
 }
 

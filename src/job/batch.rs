@@ -7,13 +7,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use uuid::Uuid;
-
 use crate::dialect::Provider;
-use crate::job::{Job, MESSAGE_VERSION};
+use crate::job::{job_id, Job, MESSAGE_VERSION};
 use crate::keys::keygen::KeyBits;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Csv,
     Jsonl,
@@ -95,15 +93,6 @@ impl BadRow {
             &self.reason,
         )
     }
-}
-
-/// Job ids are derived from the batch id and the line, so a re-run of the same batch after a
-/// crash finds its own undelivered key pairs and replaces them instead of failing.
-pub fn job_id(batch_id: &str, line: u64) -> Uuid {
-    Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("keyfleet:{batch_id}:{line}").as_bytes(),
-    )
 }
 
 /// Columns that are keyfleet's own, not API parameters.
@@ -704,13 +693,6 @@ mod tests {
         assert!(
             matches!(&rows[3], Row::Bad(BadRow { line: 5, reason, .. }) if reason.contains("number"))
         );
-    }
-
-    #[test]
-    fn job_ids_are_stable_per_batch_and_line() {
-        assert_eq!(job_id("b", 2), job_id("b", 2));
-        assert_ne!(job_id("b", 2), job_id("b", 3));
-        assert_ne!(job_id("b", 2), job_id("c", 2));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::dialect::{self, ApiError, Provider};
 use crate::keys::keygen::KeyBits;
+use crate::time::now_rfc3339;
 
 /// The message-format version this build reads and writes.
 pub const MESSAGE_VERSION: u32 = 1;
@@ -175,24 +176,13 @@ pub fn set_private_key_body(provider: Provider, response: &mut serde_json::Value
     }
 }
 
-/// RFC 3339 UTC timestamp with seconds precision.
-pub fn now_rfc3339() -> String {
-    rfc3339(unix_now())
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH
-        .checked_add(std::time::Duration::from_secs(secs.max(0) as u64))
-        .unwrap_or(std::time::UNIX_EPOCH);
-    humantime::format_rfc3339_seconds(t).to_string()
+/// Job ids are derived from the batch id and the line, so a re-run of the same batch after a
+/// crash finds its own undelivered key pairs and replaces them instead of failing.
+pub fn job_id(batch_id: &str, line: u64) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("keyfleet:{batch_id}:{line}").as_bytes(),
+    )
 }
 
 impl JobResult {
@@ -230,7 +220,7 @@ impl JobResult {
     ) -> JobResult {
         JobResult::rejected(
             batch_id,
-            crate::job::batch::job_id(batch_id, line),
+            job_id(batch_id, line),
             Some(line),
             provider,
             owner,
@@ -491,10 +481,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_392_000), "2026-11-23T00:00:00Z");
+    fn job_ids_are_stable_per_batch_and_line() {
+        assert_eq!(job_id("b", 2), job_id("b", 2));
+        assert_ne!(job_id("b", 2), job_id("b", 3));
+        assert_ne!(job_id("b", 2), job_id("c", 2));
     }
 
     #[test]

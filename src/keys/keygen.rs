@@ -4,7 +4,7 @@
 //! Generation is CPU-bound and must run on the rayon pool (`cpu.rs`), never on the async runtime.
 //!
 //! Every engine's key is assembled from its two primes by the constant-time
-//! [`crate::keys::rsa_ct::assemble`] (n, d, CRT values, FIPS 186-5 checks, pair-wise consistency test)
+//! [`crate::prime::rsa_ct::assemble`] (n, d, CRT values, FIPS 186-5 checks, pair-wise consistency test)
 //! and encoded by [`encode`] with the `pkcs1`/`pkcs8`/`ssh-key` crates. The `rsa` crate is used
 //! in exactly one place: the `rsa-crate` comparison engine ([`Engine::RsaCrate`]), which draws
 //! its primes with `rsa::RsaPrivateKey::new` (variable-time, as that engine always was) and then
@@ -15,10 +15,11 @@ use std::str::FromStr;
 
 use zeroize::Zeroizing;
 
-use crate::keys::rsa_ct::{self, AssembleError};
+use crate::keys::fingerprint;
+use crate::prime::rsa_ct::{self, AssembleError};
 
 /// The private key every engine returns: zeroized on drop, redacting `Debug`.
-pub use crate::keys::rsa_ct::RsaPrivate as PrivateKey;
+pub use crate::prime::rsa_ct::RsaPrivate as PrivateKey;
 
 /// RSA modulus sizes keyfleet creates. The clouds accept these; anything smaller is unsafe and
 /// anything larger is slow enough to be a mistake.
@@ -81,7 +82,7 @@ impl fmt::Display for KeyBits {
 }
 
 /// Which prime source makes the keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Engine {
     /// keyfleet's own engine (`prime/`: constant-time sieve, Miller-Rabin and fixed-size
@@ -245,12 +246,12 @@ fn material(
     n: &[u8],
     e: &[u8],
 ) -> Result<KeyMaterial, KeygenError> {
-    let public = rsa_ct::ssh_public(n, e).map_err(KeygenError::Encode)?;
+    let public = fingerprint::ssh_public(n, e).map_err(KeygenError::Encode)?;
     let public_line = public
         .to_openssh()
         .map_err(|e| KeygenError::Encode(e.to_string()))?;
     let (fingerprint_md5, fingerprint_sha256) =
-        rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)?;
+        fingerprint::fingerprints(&public).map_err(KeygenError::Encode)?;
     Ok(KeyMaterial {
         private_pem,
         public_line,
@@ -263,16 +264,16 @@ fn material(
 /// PEM private key: what a delivered key file is checked against in the registry. Only n and e
 /// are read from the ASN.1 structure; nothing is computed on the private values.
 pub fn fingerprints_of_pem(pem: &str) -> Result<(String, String), KeygenError> {
-    let (n, e) = rsa_ct::public_of_pem(pem).map_err(KeygenError::Encode)?;
-    let public = rsa_ct::ssh_public(&n, &e).map_err(KeygenError::Encode)?;
-    rsa_ct::fingerprints(&public).map_err(KeygenError::Encode)
+    let (n, e) = fingerprint::public_of_pem(pem).map_err(KeygenError::Encode)?;
+    let public = fingerprint::ssh_public(&n, &e).map_err(KeygenError::Encode)?;
+    fingerprint::fingerprints(&public).map_err(KeygenError::Encode)
 }
 
 /// The key material of a PEM private key this process made before (a key file an unfinished
 /// attempt left): its public line and fingerprints, read from n and e only. The PEM is kept
 /// as it is, byte for byte, so delivering it again finds the same file.
 pub fn material_of_pem(private_pem: Zeroizing<String>) -> Result<KeyMaterial, KeygenError> {
-    let (n, e) = rsa_ct::public_of_pem(&private_pem).map_err(KeygenError::Encode)?;
+    let (n, e) = fingerprint::public_of_pem(&private_pem).map_err(KeygenError::Encode)?;
     material(private_pem, &n, &e)
 }
 

@@ -5,4 +5,3 @@ pub mod cpu;
 pub mod fingerprint;
 pub mod keygen;
 pub mod reservoir;
-pub mod rsa_ct;

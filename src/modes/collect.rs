@@ -332,7 +332,7 @@ async fn drain(
         let record = Collected {
             dir: folder_path(&opts.out).to_string_lossy().into_owned(),
             results: collected,
-            at: crate::job::now_rfc3339(),
+            at: crate::time::now_rfc3339(),
         };
         if let Err(e) = status.set_collected(&opts.batch_id, &record).await {
             tracing::warn!("could not record where the batch was collected: {e}");

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dialect::{self, Catalog};
 use crate::job::batch::{self, Format, Row, RowDefaults};
-use crate::job::{now_rfc3339, JobResult};
+use crate::job::JobResult;
 use crate::queue::broker::{self, Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
 use crate::registry::batch_status::BatchStatusStore;
@@ -19,6 +19,7 @@ use crate::registry::RegistryError;
 use crate::sink::transit;
 use crate::sink::{ResultsQueue, Sink};
 use crate::telemetry::progress::{Progress, ProgressMode};
+use crate::time::now_rfc3339;
 
 #[derive(Clone, Debug)]
 pub struct SubmitOptions {

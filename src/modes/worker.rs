@@ -45,7 +45,7 @@ pub struct WorkerConfig {
     pub upstream_rps: u32,
     pub upstream_burst: u32,
     /// Where keys are registered (no endpoint: keyfleet's registry only).
-    pub upstream: crate::cli::config::UpstreamArgs,
+    pub upstream: crate::upstream::settings::Settings,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Where /metrics is served; `None`: nowhere.
@@ -74,8 +74,8 @@ pub enum WorkerError {
     Cpu(#[from] crate::keys::cpu::CpuError),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
-    #[error("upstream: {0}")]
-    Upstream(String),
+    #[error("upstream")]
+    Upstream(#[from] crate::upstream::BuildError),
 }
 
 /// What every job of this worker is handled with.
@@ -144,8 +144,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     };
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
-    let upstream =
-        Arc::new(Configured::build(&cfg.upstream, limit).map_err(WorkerError::Upstream)?);
+    let upstream = Arc::new(Configured::build(&cfg.upstream, limit)?);
     let cpu = CpuPool::new(cfg.threads)?;
     let mut lifecycle = Lifecycle::new(
         Arc::new(registry.clone()),

@@ -1,6 +1,6 @@
 //! The RSA prime engine: random probable primes of 1024, 1536 or 2048 bits for RSA-2048, -3072
 //! and -4096 keys, several times faster than `rsa::RsaPrivateKey::new`, assembled into keys by
-//! the constant-time [`crate::keys::rsa_ct::assemble`] (which does not check primality: the engine does).
+//! the constant-time [`crate::prime::rsa_ct::assemble`] (which does not check primality: the engine does).
 //!
 //! # How a prime is found
 //! 1. A window of `W = bits/2` odd candidates `base + 2j` is drawn from the OS CSPRNG, `base`
@@ -21,7 +21,7 @@
 //!    distribution (the first prime of the random order); about five times the keys per second.
 //!    Without IFMA the rounds run one at a time on [`monty`] as described above.
 //! 3. [`generate_rsa_key`] draws q until `|p − q| > 2^(nlen/2 − 100)`, calls
-//!    [`crate::keys::rsa_ct::assemble`] (constant-time `d = e⁻¹ mod λ(n)`, CRT values, FIPS checks,
+//!    [`crate::prime::rsa_ct::assemble`] (constant-time `d = e⁻¹ mod λ(n)`, CRT values, FIPS checks,
 //!    pair-wise consistency test), and redraws both if `d ≤ 2^(nlen/2)`.
 //!
 //! # Constant-time discipline
@@ -45,7 +45,7 @@
 //! dependence on `base mod q` is a fraction of a bit and says nothing about which survivor
 //! becomes `p`; (c) the negligible-probability retries (carry out of the window, `p` and `q`
 //! too close, `d` too small), each decided on a constant-time mask. Key assembly (`n`, `d`, the CRT values) is
-//! constant-time too: see [`crate::keys::rsa_ct`]. Secret temporaries (bases, windows, flags, residues, exponents,
+//! constant-time too: see [`crate::prime::rsa_ct`]. Secret temporaries (bases, windows, flags, residues, exponents,
 //! tables) are zeroized on drop.
 //!
 //! # The lane engine
@@ -70,15 +70,17 @@
 //! For RSA keys the random-base pass of a survivor also carries the private half of the key's
 //! pair-wise consistency test in a lane its rounds leave free: base 2, exponent
 //! `e⁻¹ mod (p − 1)` (computed with crypto-bigint's constant-time functions, see
-//! [`crate::keys::rsa_ct::crt_exponent`]). That lane runs the same instruction stream as the others
+//! [`crate::prime::rsa_ct::crt_exponent`]). That lane runs the same instruction stream as the others
 //! (its exponent is read through the same fixed windows and masked table scan, its verdict is
 //! never read), and its `base^d` value is copied out of every lane alike into a zeroizing
 //! buffer, so it adds no decision and no address that depends on a secret. It saves the test's
 //! separate pass — about a tenth of an RSA-2048 key's time.
 
+pub mod inverse;
 pub mod lanes;
 pub mod miller_rabin;
 pub mod monty;
+pub mod rsa_ct;
 pub mod sieve;
 
 mod ct;
@@ -105,7 +107,7 @@ pub enum EngineError {
 }
 
 /// A fresh RSA key with e = 65537 from the fast engine. `bits` is the modulus size: 2048, 3072 or 4096.
-pub fn generate_rsa_key(bits: usize) -> Result<crate::keys::rsa_ct::RsaPrivate, EngineError> {
+pub fn generate_rsa_key(bits: usize) -> Result<crate::prime::rsa_ct::RsaPrivate, EngineError> {
     match bits {
         2048 => rsa_key::generate_os::<16>(),
         3072 => rsa_key::generate_os::<24>(),
@@ -118,7 +120,7 @@ pub fn generate_rsa_key(bits: usize) -> Result<crate::keys::rsa_ct::RsaPrivate, 
 pub fn generate_rsa_key_with_rng(
     bits: usize,
     rng: &mut impl CryptoRngCore,
-) -> Result<crate::keys::rsa_ct::RsaPrivate, EngineError> {
+) -> Result<crate::prime::rsa_ct::RsaPrivate, EngineError> {
     match bits {
         2048 => rsa_key::generate::<16>(rng),
         3072 => rsa_key::generate::<24>(rng),

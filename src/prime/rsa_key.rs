@@ -1,13 +1,13 @@
 //! RSA key assembly for the fast engine: two engine primes that meet FIPS 186-5's conditions,
-//! handed to the constant-time [`crate::keys::rsa_ct::assemble`].
+//! handed to the constant-time [`crate::prime::rsa_ct::assemble`].
 
 use rand_core::{CryptoRngCore, OsRng};
 use zeroize::Zeroizing;
 
 use super::{ct, lanes, random_prime, EngineError};
-use crate::keys::rsa_ct::{self, AssembleError, RsaPrivate};
+use crate::prime::rsa_ct::{self, AssembleError, RsaPrivate};
 
-pub use crate::keys::rsa_ct::PUBLIC_EXPONENT;
+pub use crate::prime::rsa_ct::PUBLIC_EXPONENT;
 
 /// Mask: `|p − q| ≥ 2^(64N − 99)`, which implies FIPS 186-5's `|p − q| > 2^(nlen/2 − 100)`.
 fn far_apart<const N: usize>(p: &[u64; N], q: &[u64; N]) -> u64 {

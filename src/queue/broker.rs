@@ -15,8 +15,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 
+use crate::escape::redact_url;
 use crate::job::{Job, JobResult};
-use crate::queue::endpoints::redact_url;
 
 /// Header carrying why keyfleet dead-lettered a message.
 pub const REASON_HEADER: &str = "x-keyfleet-reason";
@@ -264,7 +264,7 @@ impl Broker {
             .with_delivery_mode(2)
             .with_message_id(message_id.into())
             .with_correlation_id(batch_id.into())
-            .with_timestamp(crate::job::unix_now().max(0) as u64)
+            .with_timestamp(crate::time::unix_now().max(0) as u64)
             .with_headers(headers)
     }
 

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::queue::endpoints::redact_url;
+use crate::escape::redact_url;
 use crate::registry::RegistryError;
 
 /// How long one command may wait for its reply. Longer than any script takes (the slowest, a

@@ -15,9 +15,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
 
 use super::{
-    now_ms, reserve_decision, Entry, Filter, KeyPairRecord, Registry, RegistryError,
-    ReserveDecision, Reserved,
+    now_ms, reserve_decision, Entry, Filter, Registry, RegistryError, ReserveDecision, Reserved,
 };
+use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
 
 /// `scope key \n name` → JSON of [`Entry`].

@@ -26,7 +26,8 @@ use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
 
-use super::{Entry, Filter, KeyPairRecord, Registry, RegistryError, Reserved};
+use super::{Entry, Filter, Registry, RegistryError, Reserved};
+use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
 use crate::registry::connection::{check_prefix, connect, storage};
 

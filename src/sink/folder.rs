@@ -37,23 +37,10 @@ pub struct OutputDir {
     pub rotated: Option<PathBuf>,
 }
 
-/// File-name-safe form of a path component: keeps letters (any script), digits and `-_.:`,
-/// percent-encodes the rest, and never yields `.`/`..` or a leading dot.
-pub fn path_component(s: &str) -> String {
-    let keep = |i: usize, c: char| {
-        c.is_alphanumeric() || matches!(c, '-' | '_' | ':') || (c == '.' && i > 0)
-    };
-    let out = crate::escape::escape_chars(s, |i, c| !keep(i, c));
-    if out.is_empty() {
-        return "%00".to_owned();
-    }
-    out
-}
-
 /// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
 /// returns its manifest's path.
 fn open_folder(root: &Path) -> Result<PathBuf, OutputError> {
-    crate::sink::key_files::private_folder(root).map_err(|source| OutputError::Folder {
+    crate::sink::files::private_folder(root).map_err(|source| OutputError::Folder {
         path: root.to_owned(),
         source,
     })?;
@@ -68,7 +55,7 @@ impl OutputDir {
         let manifest_path = open_folder(root)?;
         let mut rotated = None;
         if manifest_path.exists() {
-            let mut n = crate::job::unix_now();
+            let mut n = crate::time::unix_now();
             let target = loop {
                 let candidate = root.join(format!("manifest-{n}.jsonl"));
                 if !candidate.exists() {
@@ -259,7 +246,7 @@ fn append_private(path: &Path, line: &str) -> Result<(), OutputError> {
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(crate::sink::transit::no_follow())
+        .custom_flags(crate::sink::files::no_follow())
         .open(path)
         .map_err(err)?;
     let meta = f.metadata().map_err(err)?;
@@ -286,20 +273,5 @@ fn sweep(root: &Path) {
             "removed {n} temporary key file(s) that an interrupted run left unfinished"
         ),
         Err(e) => tracing::warn!("could not look for temporary key files left unfinished: {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn path_components_are_safe() {
-        assert_eq!(path_component("web-01"), "web-01");
-        assert_eq!(path_component("密钥对"), "密钥对");
-        assert_eq!(path_component("a/b"), "a%2Fb");
-        assert_eq!(path_component(".."), "%2E.");
-        assert_eq!(path_component(""), "%00");
-        assert_eq!(path_component("a b"), "a%20b");
     }
 }

@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -22,7 +22,7 @@ use crate::dialect::{Provider, Scope};
 use crate::job::{set_private_key_body, JobResult, SecretPem};
 use crate::keys::keygen;
 use crate::registry::RegistryError;
-use crate::sink::folder::path_component;
+use crate::sink::files::{path_component, private_folder};
 
 /// Why one result's key could not be written (the run goes on; that row fails).
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,7 @@ fn read_key_file(path: &Path) -> std::io::Result<Option<Zeroizing<String>>> {
     use std::io::Read;
     let mut f = match OpenOptions::new()
         .read(true)
-        .custom_flags(crate::sink::transit::no_follow())
+        .custom_flags(crate::sink::files::no_follow())
         .open(path)
     {
         Ok(f) => f,
@@ -199,14 +199,6 @@ fn read_key_file(path: &Path) -> std::io::Result<Option<Zeroizing<String>>> {
     Ok(Some(text))
 }
 
-/// Creates `folder` and its missing parents with mode 0700 (existing ones are left as they are).
-pub fn private_folder(folder: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(folder)
-}
-
 /// A new file in `folder` holding `bytes` (synced if `sync`); created new and never through a
 /// symlink.
 fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<PathBuf> {
@@ -215,7 +207,7 @@ fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Res
         .write(true)
         .create_new(true)
         .mode(mode)
-        .custom_flags(crate::sink::transit::no_follow())
+        .custom_flags(crate::sink::files::no_follow())
         .open(&path)?;
     let written = f
         .write_all(bytes)

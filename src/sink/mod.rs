@@ -12,6 +12,7 @@
 //! holds ([`Sink::at_destination`]), so a rerun takes up the key an interrupted attempt left
 //! there instead of making another.
 
+pub mod files;
 pub mod folder;
 pub mod http_reply;
 pub mod key_files;

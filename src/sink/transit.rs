@@ -43,7 +43,7 @@ pub enum TransitError {
 pub fn identity_file_name(batch_id: &str) -> String {
     format!(
         "{}.age-identity",
-        crate::sink::folder::path_component(batch_id)
+        crate::sink::files::path_component(batch_id)
     )
 }
 
@@ -70,9 +70,11 @@ pub fn default_identity_path(batch_id: &str, out: Option<&Path>) -> Result<PathB
         Some(dir) => (dir.to_owned(), false),
         None => (state_dir().ok_or(TransitError::NoStateDir)?, true),
     };
-    private_folder(&folder, strict).map_err(|source| TransitError::IdentityFile {
-        path: folder.clone(),
-        source,
+    crate::sink::files::private_folder_checked(&folder, strict).map_err(|source| {
+        TransitError::IdentityFile {
+            path: folder.clone(),
+            source,
+        }
     })?;
     Ok(folder.join(identity_file_name(batch_id)))
 }
@@ -86,28 +88,6 @@ pub fn identity_candidates(batch_id: &str, out: &Path) -> Vec<PathBuf> {
     places.extend(state_dir().map(|d| d.join(&name)));
     places.push(PathBuf::from(&name));
     places
-}
-
-/// Makes `folder` (and its parents) with mode 0700 for what keyfleet creates; refuses a
-/// symlink, and with `strict` (keyfleet's own state folder) a folder other users can open.
-/// An output folder the user made is theirs to set; the identity in it is 0600 either way.
-fn private_folder(folder: &Path, strict: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(folder)?;
-    let meta = std::fs::symlink_metadata(folder)?;
-    if !meta.is_dir() {
-        return Err(std::io::Error::other("not a folder (a symlink is refused)"));
-    }
-    if strict && meta.permissions().mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "the folder is open to other users (mode {:o}); `chmod 700` it",
-            meta.permissions().mode() & 0o777
-        )));
-    }
-    Ok(())
 }
 
 pub fn parse_recipient(s: &str) -> Result<Recipient, TransitError> {
@@ -126,7 +106,7 @@ pub fn create_identity(path: &Path) -> Result<Recipient, TransitError> {
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(no_follow())
+        .custom_flags(crate::sink::files::no_follow())
         .open(path)
         .map_err(io)?;
     let secret = identity.to_string();
@@ -149,7 +129,7 @@ pub fn read_identity(path: &Path) -> Result<Identity, TransitError> {
     };
     let mut file = OpenOptions::new()
         .read(true)
-        .custom_flags(no_follow())
+        .custom_flags(crate::sink::files::no_follow())
         .open(path)
         .map_err(io)?;
     let mut text = Zeroizing::new(String::new());
@@ -186,11 +166,6 @@ pub fn open(identity: &Identity, body: &str) -> Result<Zeroizing<String>, Transi
     stream.read_to_end(&mut plain).map_err(|e| decrypt(&e))?;
     let text = std::str::from_utf8(&plain).map_err(|e| decrypt(&e))?;
     Ok(Zeroizing::new(text.to_owned()))
-}
-
-/// `O_NOFOLLOW`: a path that is a symlink is refused instead of followed.
-pub fn no_follow() -> i32 {
-    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
 #[cfg(test)]

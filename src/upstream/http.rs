@@ -33,7 +33,7 @@ use crate::upstream::client::{ApiClient, Reply, Signer};
 use crate::upstream::rate_limit::RateLimit;
 
 /// How the Alibaba side is signed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AliyunSigning {
     /// `ACS3-HMAC-SHA256` (the Tea SDKs' default).
     #[default]

@@ -11,16 +11,18 @@
 pub mod client;
 pub mod http;
 pub mod rate_limit;
+pub mod settings;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::cli::config::UpstreamArgs;
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, CredentialsError};
 use crate::dialect::{ApiError, CreateRequest};
+use crate::upstream::http::UpstreamConfigError;
 use crate::upstream::rate_limit::{RateLimit, RateLimited};
+use crate::upstream::settings::Settings;
 
 /// One key to register.
 #[derive(Clone, Copy, Debug)]
@@ -86,27 +88,40 @@ impl Configured {
         Configured::Local(RateLimited::new(LocalUpstream, None))
     }
 
-    /// From the command line; the environment's `ALIBABA_CLOUD_*` / `UCLOUD_*` keys are read
+    /// From resolved settings; the environment's `ALIBABA_CLOUD_*` / `UCLOUD_*` keys are read
     /// here. An error says which setting is wrong.
-    pub fn build(args: &UpstreamArgs, limit: Option<Arc<RateLimit>>) -> Result<Configured, String> {
-        let endpoints = args.all_endpoints();
-        if endpoints.is_empty() {
+    pub fn build(
+        settings: &Settings,
+        limit: Option<Arc<RateLimit>>,
+    ) -> Result<Configured, BuildError> {
+        if !settings.is_remote() {
             return Ok(Configured::Local(RateLimited::new(LocalUpstream, limit)));
         }
-        let credentials = match &args.credentials {
-            Some(path) => Some(Credentials::load(path).map_err(|e| crate::sink::error_chain(&e))?),
+        let credentials = match &settings.credentials {
+            Some(path) => Some(Credentials::load(path)?),
             None => None,
         };
         let config = http::UpstreamConfig {
-            endpoints,
+            endpoints: settings.endpoints.clone(),
             credentials,
-            signing: args.signature,
-            deadline: args.timeout,
+            signing: settings.signing,
+            deadline: settings.deadline,
         };
-        http::HttpUpstream::new(config, |k| std::env::var(k).ok(), limit)
-            .map(Configured::Http)
-            .map_err(|e| e.to_string())
+        Ok(Configured::Http(http::HttpUpstream::new(
+            config,
+            |k| std::env::var(k).ok(),
+            limit,
+        )?))
     }
+}
+
+/// Why an upstream could not be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error(transparent)]
+    Config(#[from] UpstreamConfigError),
 }
 
 impl Upstream for Configured {

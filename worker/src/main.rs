@@ -3,12 +3,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use keyfleet::cli::config::{FileConfig, WorkerArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = WorkerArgs::parse();
+    let args: WorkerArgs = keyfleet::cli::parse();
     keyfleet::telemetry::logging::init(&args.log, "info");
     keyfleet::hardening::no_core_dumps();
     let file = match FileConfig::load(args.config.as_deref()) {

@@ -376,7 +376,7 @@ async fn forged_failure_does_not_hide_the_created_key() {
     let forged = JobResult::failed(
         &job,
         &keyfleet::dialect::ApiError::QuotaExceeded,
-        keyfleet::job::now_rfc3339(),
+        keyfleet::time::now_rfc3339(),
         1,
     );
     // Anyone who may publish to the results exchange sends a failure for the job first.

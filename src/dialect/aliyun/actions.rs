@@ -21,8 +21,8 @@ use super::super::action::{
 };
 use super::super::{clip, public_key, ApiError, Catalog, Provider, Scope};
 use super::{decode_tags, name_is_valid, request_id, tag_param, xml_escape};
-use crate::job::rfc3339;
-use crate::registry::KeyPairRecord;
+use crate::dialect::record::KeyPairRecord;
+use crate::time::rfc3339;
 
 type Params = BTreeMap<String, String>;
 

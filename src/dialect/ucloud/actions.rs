@@ -20,7 +20,7 @@ use super::super::action::{
 };
 use super::super::{clip, public_key, ApiError, Catalog, Provider, Scope};
 use super::{name_is_valid, project_id_is_valid, zone_in_region};
-use crate::registry::KeyPairRecord;
+use crate::dialect::record::KeyPairRecord;
 
 type Params = BTreeMap<String, String>;
 

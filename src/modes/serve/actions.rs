@@ -11,12 +11,13 @@ use uuid::Uuid;
 
 use super::gateway::Caller;
 use super::Answer;
-use crate::dialect::action::{self, ActionKind, Targets};
+use crate::dialect::action::{ActionKind, Targets};
+use crate::dialect::record::KeyPairRecord;
 use crate::dialect::{self, ApiError, Catalog, Provider};
 use crate::job::{self, Job, Status, MESSAGE_VERSION};
 use crate::keys::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
-use crate::registry::{Filter, KeyPairRecord, Registry, RegistryError};
+use crate::registry::{Filter, Registry, RegistryError};
 use crate::sink::HttpReply;
 use crate::upstream::{Configured, Registration, Upstream};
 
@@ -133,7 +134,7 @@ impl<R: Registry> Actions<R> {
     }
 
     async fn import(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let req = self.decode(caller, action::decode_import)?;
+        let req = self.decode(caller, dialect::decode_import)?;
         let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
         let job_id = Uuid::new_v4();
         let quota = settings.quota.for_region(&req.scope.region);
@@ -178,7 +179,7 @@ impl<R: Registry> Actions<R> {
             fingerprint_md5: req.key.fingerprint_md5.clone(),
             fingerprint_sha256: req.key.fingerprint_sha256.clone(),
             public_key: req.key.line.clone(),
-            created_at: job::unix_now(),
+            created_at: crate::time::unix_now(),
             tags: req.tags.clone(),
             resource_group_id: req.resource_group_id.clone(),
             zone: caller.params.get("Zone").cloned(),
@@ -193,11 +194,11 @@ impl<R: Registry> Actions<R> {
             let _ = registry.release(&req.scope, &req.name, job_id).await;
             return Err(registry_error(e));
         }
-        Ok(action::import_body(&record, Uuid::new_v4()))
+        Ok(dialect::import_body(&record, Uuid::new_v4()))
     }
 
     async fn describe(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let req = self.decode(caller, action::decode_describe)?;
+        let req = self.decode(caller, dialect::decode_describe)?;
         let all = self.in_scope(&req.scope).await?;
         let matching: Vec<KeyPairRecord> = all.into_iter().filter(|r| req.matches(r)).collect();
         let page: Vec<KeyPairRecord> = matching
@@ -206,7 +207,7 @@ impl<R: Registry> Actions<R> {
             .take(req.limit)
             .cloned()
             .collect();
-        Ok(action::describe_body(
+        Ok(dialect::describe_body(
             &req,
             matching.len(),
             &page,
@@ -215,7 +216,7 @@ impl<R: Registry> Actions<R> {
     }
 
     async fn delete(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
-        let req = self.decode(caller, action::decode_delete)?;
+        let req = self.decode(caller, dialect::decode_delete)?;
         let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
         let names: Vec<String> = match &req.targets {
             Targets::Names(names) => names.clone(),
@@ -249,7 +250,7 @@ impl<R: Registry> Actions<R> {
                 );
             }
         }
-        Ok(action::delete_body(req.scope.provider, Uuid::new_v4()))
+        Ok(dialect::delete_body(req.scope.provider, Uuid::new_v4()))
     }
 
     /// The caller's parameters through one of the dialects' action decoders.

@@ -413,7 +413,7 @@ pub fn strong_probable_prime<const N: usize>(
 
 /// A prime with the private half of its key's pair-wise consistency test: `crt` =
 /// e⁻¹ mod (p − 1) (the key's dp or dq) and `half` = 2^crt mod p, computed in a lane the
-/// prime's own random-base pass leaves free (see [`crate::keys::rsa_ct`]).
+/// prime's own random-base pass leaves free (see [`crate::prime::rsa_ct`]).
 pub(crate) struct PrimeHalf<const N: usize> {
     pub prime: Zeroizing<[u64; N]>,
     pub crt: Zeroizing<[u64; N]>,
@@ -518,7 +518,7 @@ fn search_prime<const N: usize, const L: usize>(
                 }
                 // The sieve keeps e ∤ n − 1, so the exponent exists for every candidate.
                 let crt = if with_half {
-                    match crate::keys::rsa_ct::crt_exponent::<N>(&batch[lane]) {
+                    match crate::prime::inverse::crt_exponent::<N>(&batch[lane]) {
                         Some(e) => Some(e),
                         None => continue,
                     }

@@ -211,7 +211,7 @@ impl Env {
     pub fn identity(&self, batch_id: &str) -> PathBuf {
         self.path(&format!(
             "{}.age-identity",
-            keyfleet::sink::folder::path_component(batch_id)
+            keyfleet::sink::files::path_component(batch_id)
         ))
     }
 

@@ -29,7 +29,7 @@
 //!   `s^e mod n = m` on the public side; a mismatch is an error, never a key. Its private side
 //!   is two 1024-bit exponentiations for RSA-2048, most of the assembly's cost — except on the
 //!   IFMA lanes, where each prime's half, `2^dp mod p` (`dp = e⁻¹ mod (p − 1)`, computed by
-//!   [`crt_exponent`] the same way as d), rides in a lane its own random-base Miller-Rabin pass
+//!   [`crate::prime::inverse::crt_exponent`] the same way as d), rides in a lane its own random-base Miller-Rabin pass
 //!   leaves free, and [`assemble_with_halves`] checks that the key's `dp`, `dq` are those
 //!   exponents (masks) before it recombines the halves and runs the public side.
 //!
@@ -41,16 +41,13 @@ use std::fmt;
 
 use crypto_bigint::modular::{BoxedMontyForm, BoxedMontyParams};
 use crypto_bigint::{
-    BoxedUint, Choice, ConcatenatingMul, CtEq, CtLt, CtSelect, Integer, Lcm, Limb, NonZero, Odd,
-    Resize, U64,
+    BoxedUint, Choice, ConcatenatingMul, CtEq, CtLt, CtSelect, Integer, Lcm, NonZero, Odd, Resize,
 };
 use pkcs8::der::SecretDocument;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::keys::fingerprint;
-
-/// The public exponent.
-pub const PUBLIC_EXPONENT: u32 = 65537;
+pub use crate::prime::inverse::PUBLIC_EXPONENT;
+use crate::prime::inverse::{e_inverse, from_limbs, limbs};
 
 /// Why two primes did not make a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,45 +235,6 @@ pub(crate) fn assemble_with_halves<const N: usize>(
     Ok(key)
 }
 
-/// `e⁻¹ mod (p − 1)` for a prime (or candidate) `p` of 64·N bits, little-endian limbs, in
-/// constant time — as d is computed in [`derive`], with `p − 1` for λ: for the prime that
-/// becomes a key's p, this is its `dp = d mod (p − 1)`. `None` when `e | p − 1`.
-pub(crate) fn crt_exponent<const N: usize>(p: &[u64; N]) -> Option<Zeroizing<[u64; N]>> {
-    let prec = 64 * N as u32;
-    let p = Zeroizing::new(from_limbs(p));
-    let pm1 = Zeroizing::new(p.wrapping_sub(BoxedUint::one_with_precision(prec)));
-    let (dp, ok) = e_inverse(&pm1);
-    // Only the verdict is branched on: false means e | p − 1, which the sieve rules out.
-    ok.to_bool().then(|| limbs::<N>(&dp))
-}
-
-/// `e⁻¹ mod m` for an even `m` (λ, or p − 1), in constant time: `(1 + m·(e − v)) / e` with
-/// `v = (m mod e)⁻¹ mod e` (see the module comment). The value has m's precision plus one limb
-/// (its top limb is zero); the choice is false when `e | m` (no inverse) or the division by `e`
-/// was not exact.
-fn e_inverse(m: &BoxedUint) -> (Zeroizing<BoxedUint>, Choice) {
-    let e_limb = NonZero::new(Limb::from(PUBLIC_EXPONENT))
-        .into_option()
-        .expect("e ≠ 0");
-    let e_odd = Odd::new(U64::from_u32(PUBLIC_EXPONENT))
-        .into_option()
-        .expect("e odd");
-    let mut u = U64::from_word(m.rem_limb(e_limb).0);
-    let v = u.invert_odd_mod(&e_odd);
-    let mut ok = v.is_some();
-    let mut v = v.unwrap_or(U64::ONE);
-    let mut t = U64::from_u32(PUBLIC_EXPONENT).wrapping_sub(&v); // e − v, in [1, e − 1]
-    let t_wide = BoxedUint::from(t);
-    u.zeroize();
-    v.zeroize();
-    t.zeroize();
-    let mut num = Zeroizing::new(m.concatenating_mul(&t_wide)); // m's bits + 64
-    *num = num.wrapping_add(BoxedUint::one_with_precision(num.bits_precision()));
-    let (quotient, rem) = num.div_rem_limb(e_limb);
-    ok = ok.and(rem.ct_eq(&Limb::ZERO));
-    (Zeroizing::new(quotient), ok)
-}
-
 /// [`assemble`] without the pair-wise consistency test: only the d/CRT step (n, λ, d, dp, dq,
 /// qinv and the FIPS checks). For the timing-leak bench (`benches/ct_dudect.rs`); keys that
 /// leave keyfleet always come from [`assemble`].
@@ -447,22 +405,6 @@ fn public_boxed(key: &RsaPrivate, s: &BoxedUint, m: &BoxedUint) -> bool {
     back == m.clone().resize_unchecked(2 * prec)
 }
 
-/// Little-endian limbs of a value of at most 64·N bits.
-fn limbs<const N: usize>(x: &BoxedUint) -> Zeroizing<[u64; N]> {
-    let bytes = Zeroizing::new(x.to_le_bytes());
-    let mut out = Zeroizing::new([0u64; N]);
-    for (o, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-        *o = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-    }
-    out
-}
-
-fn from_limbs<const N: usize>(x: &[u64; N]) -> BoxedUint {
-    let bytes: Zeroizing<Vec<u8>> =
-        Zeroizing::new(x.iter().flat_map(|l| l.to_le_bytes()).collect());
-    BoxedUint::from_le_slice(&bytes, 64 * N as u32).expect("64·N bits")
-}
-
 /// The PCT for primes of 64·N bits; `M = 2N` (the modulus' limbs).
 fn pct_fixed<const N: usize, const M: usize>(
     key: &RsaPrivate,
@@ -516,52 +458,10 @@ fn public_fixed<const M: usize>(key: &RsaPrivate, s: &BoxedUint, m_big: &BoxedUi
     ctx.from_mont(&acc) == *limbs::<M>(&m_big.clone().resize_unchecked(64 * M as u32))
 }
 
-/// The OpenSSH public key for modulus `n` and exponent `e` (big-endian).
-pub fn ssh_public(n_be: &[u8], e_be: &[u8]) -> Result<ssh_key::PublicKey, String> {
-    let rsa = ssh_key::public::RsaPublicKey {
-        e: ssh_key::Mpint::from_positive_bytes(e_be).map_err(|e| e.to_string())?,
-        n: ssh_key::Mpint::from_positive_bytes(n_be).map_err(|e| e.to_string())?,
-    };
-    Ok(ssh_key::PublicKey::from(ssh_key::public::KeyData::Rsa(rsa)))
-}
-
-/// `(md5, sha256)` SSH fingerprints of an OpenSSH public key.
-pub fn fingerprints(public: &ssh_key::PublicKey) -> Result<(String, String), String> {
-    let blob = public.to_bytes().map_err(|e| e.to_string())?;
-    Ok((
-        fingerprint::md5_colon(&blob),
-        fingerprint::sha256_base64(&blob),
-    ))
-}
-
-/// `(n, e)` (big-endian) from a PKCS#8 (`PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`) PEM. Only
-/// the ASN.1 structure is parsed: nothing is computed on the private values.
-pub fn public_of_pem(pem: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let (label, doc) = SecretDocument::from_pem(pem).map_err(|e| e.to_string())?;
-    let take = |der: &[u8]| -> Result<(Vec<u8>, Vec<u8>), String> {
-        let key = pkcs1::RsaPrivateKey::try_from(der).map_err(|e| e.to_string())?;
-        Ok((
-            key.modulus.as_bytes().to_vec(),
-            key.public_exponent.as_bytes().to_vec(),
-        ))
-    };
-    match label {
-        "PRIVATE KEY" => {
-            let info =
-                pkcs8::PrivateKeyInfo::try_from(doc.as_bytes()).map_err(|e| e.to_string())?;
-            if info.algorithm.oid != pkcs1::ALGORITHM_OID {
-                return Err(format!("not an RSA key (algorithm {})", info.algorithm.oid));
-            }
-            take(info.private_key)
-        }
-        "RSA PRIVATE KEY" => take(doc.as_bytes()),
-        other => Err(format!("unexpected PEM label {other:?}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prime::inverse::crt_exponent;
 
     #[test]
     fn debug_is_redacted() {
