@@ -113,6 +113,18 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         }
         Command::Status(args) => status_command(args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
+        Command::Completions(args) => {
+            let mut out = Vec::new();
+            crate::cli::generate::completions(args.shell, &mut out);
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => {
+            let mut out = Vec::new();
+            crate::cli::generate::man(args.out.as_deref(), &mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reconcile(args) => {
             let upstream = args.upstream.resolve(&file);
             on_registry!(reconcile, args, &file, &upstream)
@@ -123,9 +135,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             }
             if args.serve {
                 let report = crate::modes::bench::serve::bench_serve(
-                    args.engine,
+                    args.cpu.engine,
                     args.bits,
-                    args.threads,
+                    args.cpu.threads.unwrap_or(0),
                     args.keys,
                     args.concurrency,
                     args.rounds.unwrap_or(3),
@@ -141,9 +153,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
             }
             let several = args.pipeline || args.compare;
             let report = crate::modes::bench::bench(
-                args.engine,
+                args.cpu.engine,
                 args.bits,
-                args.threads,
+                args.cpu.threads.unwrap_or(0),
                 args.keys,
                 args.compare,
                 args.pipeline,
@@ -178,8 +190,8 @@ async fn serve_command(
             state: args.registry.state.state.clone(),
             quota: args.quota,
             key_bits: args.key_bits,
-            threads: args.threads,
-            engine: args.engine,
+            threads: args.cpu.threads,
+            engine: args.cpu.engine,
         },
         file,
     );
@@ -264,8 +276,8 @@ async fn run_command(
             state: args.state.state.clone(),
             quota: args.quota,
             key_bits: args.key_bits,
-            threads: args.threads,
-            engine: args.engine,
+            threads: args.cpu.threads,
+            engine: args.cpu.engine,
         },
         file,
     );

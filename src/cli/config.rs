@@ -134,6 +134,41 @@ pub enum Command {
     /// keyfleet serve"). Signatures are checked with the keys of --credentials; created,
     /// imported and deleted pairs are the same registry rows `run`, `describe` and `delete` see.
     Serve(ServeArgs),
+    /// Print a shell completion script, e.g.
+    /// `keyfleet completions bash > ~/.local/share/bash-completion/completions/keyfleet`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `keyfleet man | man -l -`; with --out, write one page
+    /// per command into a folder (for `MANPATH`).
+    Man(ManArgs),
+}
+
+/// `keyfleet completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `keyfleet man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write `keyfleet.1` and a `keyfleet-COMMAND.1` per command into this folder instead of
+    /// printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// How keys are made: the flags `run`, `serve`, `bench` and the worker share.
+#[derive(Clone, Copy, Debug, Args)]
+pub struct EngineArgs {
+    /// Key-generation threads; 0 = one per core, at most 4 per core. Default 0 (or `threads`
+    /// in the config file).
+    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Prime-search engine.
+    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
+    pub engine: Engine,
 }
 
 /// `keyfleet serve`.
@@ -158,12 +193,8 @@ pub struct ServeArgs {
     /// RSA key size (2048, 3072 or 4096; default 2048).
     #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
     pub key_bits: Option<KeyBits>,
-    /// Key-generation threads; 0 = one per core.
-    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
-    pub threads: Option<usize>,
-    /// Prime-search engine.
-    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub cpu: EngineArgs,
     /// Keys made ahead on idle threads and kept in memory (never persisted), so a create is
     /// answered without waiting for key generation; 0 turns this off.
     #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 64)]
@@ -448,9 +479,8 @@ pub struct WorkerArgs {
     /// thread.
     #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
     pub concurrency: Option<u16>,
-    /// Key-generation threads; 0 = one per core, at most 4 per core.
-    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub cpu: EngineArgs,
     /// Key pairs allowed per region (default 500, or `quota` in the config file).
     #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
     pub quota: Option<u64>,
@@ -471,8 +501,6 @@ pub struct WorkerArgs {
     /// here that is taken is an error. `127.0.0.1:0` always picks a free port.
     #[arg(long, env = "KEYFLEET_METRICS_ADDR", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<MetricsAddr>,
-    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
-    pub engine: Engine,
     /// Config file (TOML; same format as keyfleet's). Default: ./keyfleet.toml when it exists.
     #[arg(long, env = "KEYFLEET_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -494,8 +522,8 @@ impl WorkerArgs {
     pub fn to_config(&self, file: &FileConfig) -> crate::modes::worker::WorkerConfig {
         let cli = Overrides {
             quota: self.quota,
-            threads: Some(self.threads),
-            engine: self.engine,
+            threads: self.cpu.threads,
+            engine: self.cpu.engine,
             ..Overrides::default()
         };
         let resolved = resolve(&cli, file);
@@ -634,12 +662,8 @@ pub struct RunArgs {
     /// RSA modulus size: 2048, 3072 or 4096. Default 2048 (or key_bits in the config file).
     #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
     pub key_bits: Option<KeyBits>,
-    /// Key-generation threads; 0 = one per core, at most 4 per core.
-    #[arg(long, env = "KEYFLEET_THREADS", value_name = "N", value_parser = parse_threads)]
-    pub threads: Option<usize>,
-    /// Prime engine.
-    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub cpu: EngineArgs,
     /// Batch id (ties job ids to rows so a re-run after a crash resumes). Default: derived
     /// from the input file's absolute path.
     #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
@@ -717,13 +741,10 @@ pub struct BenchArgs {
     /// Keys to generate per measurement.
     #[arg(long, default_value_t = 64)]
     pub keys: usize,
-    /// Threads; 0 = one per core, at most 4 per core.
-    #[arg(long, env = "KEYFLEET_THREADS", default_value_t = 0, value_parser = parse_threads)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub cpu: EngineArgs,
     #[arg(long, env = "KEYFLEET_KEY_BITS", default_value = "2048", value_parser = parse_key_bits)]
     pub bits: KeyBits,
-    #[arg(long, env = "KEYFLEET_ENGINE", value_enum, default_value_t = Engine::Fast)]
-    pub engine: Engine,
     /// Also measure, alternated round by round, `rsa`'s RsaPrivateKey::new and OpenSSL's RSA
     /// key generation (through Python `cryptography`, when python3 has it), and report ratios.
     #[arg(long)]
