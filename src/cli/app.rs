@@ -9,9 +9,10 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::config::{
-    resolve, Cli, Command, DeleteArgs, DescribeArgs, FileConfig, Overrides, RunArgs, ServeArgs,
-    ServerArgs, StateArgs, StatusArgs, SubmitArgs,
+    Cli, Command, DeleteArgs, DescribeArgs, RunArgs, ServeArgs, ServerArgs, StateArgs, StatusArgs,
+    SubmitArgs,
 };
+use crate::cli::resolve::{resolve, FileConfig, Overrides};
 use crate::job::batch::RowDefaults;
 use crate::modes::collect::{CollectOptions, CollectSummary};
 use crate::modes::run::{run, RunOptions, Summary};

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 pub mod generate;
+pub mod resolve;
 pub mod values;
 
 use clap::{CommandFactory, FromArgMatches};

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use keyfleet::cli::config::{FileConfig, WorkerArgs};
+use keyfleet::cli::config::WorkerArgs;
+use keyfleet::cli::resolve::FileConfig;
 
 #[tokio::main]
 async fn main() -> ExitCode {
