@@ -13,7 +13,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::dialect::{ApiError, CreateRequest};
-use crate::upstream::{Registered, Registration, Upstream};
+use crate::upstream::seam::{Registered, Registration, Upstream};
 
 /// A keyed limiter: `rps` calls per second per provider + account + region, bursts up to
 /// `burst`.
