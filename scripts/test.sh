@@ -55,7 +55,7 @@ if ! port_open 5672; then
   wait_port 5672 RabbitMQ 120
 fi
 
-# A 3-master Redis Cluster on loopback for tests/redis_cluster.rs (no replicas: 2 cores).
+# A 3-master Redis Cluster on loopback for tests/redis/redis_cluster.rs (no replicas: 2 cores).
 CLUSTER_PORTS="${KEYFLEET_TEST_CLUSTER_PORTS:-7101 7102 7103}"
 cluster_ok() { redis-cli -p "${CLUSTER_PORTS%% *}" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
 if ! cluster_ok; then
@@ -82,6 +82,6 @@ export KEYFLEET_TEST_CLUSTER_URLS
 KEYFLEET_TEST_CLUSTER_URLS="$(for p in $CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done)"
 KEYFLEET_TEST_CLUSTER_URLS="${KEYFLEET_TEST_CLUSTER_URLS%,}"
 
-scripts/sdk/setup.sh # the official SDKs tests/serve_sdk.rs drives: target/sdk/{venv,node}
+scripts/sdk/setup.sh # the official SDKs tests/serve/serve_sdk.rs drives: target/sdk/{venv,node}
 
 exec cargo test --workspace --all-targets "$@"

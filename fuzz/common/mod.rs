@@ -1,4 +1,4 @@
-//! The checks the fuzz targets run, shared with `tests/fuzz_corpus.rs` (which replays the
+//! The checks the fuzz targets run, shared with `tests/engine/fuzz_corpus.rs` (which replays the
 //! committed corpora on stable): one function per target, each taking the raw fuzz input and
 //! panicking only on a fault.
 //!

@@ -4,7 +4,7 @@ A driver wraps ONE official SDK in a small adapter (create / import_ / describe 
 describe an exception, how to move the SDK's clock or pin its nonce) and hands it to `main`.
 `main` runs the one scenario named on the command line and prints one JSON object per line on
 stdout: what the SDK returned or raised, nothing more. Drivers never decide pass/fail; the Rust
-test (tests/serve_sdk.rs) reads the lines and asserts.
+test (tests/serve/serve_sdk.rs) reads the lines and asserts.
 
 Output lines:
   {"op": "create", "ok": true, "status": 200, "body": {...the answer, wire field names...}}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the official cloud SDKs that tests/serve_sdk.rs drives against `keyfleet serve`:
+# Installs the official cloud SDKs that tests/serve/serve_sdk.rs drives against `keyfleet serve`:
 #   target/sdk/venv  Python venv from scripts/sdk/requirements.txt (aliyun-python-sdk-ecs,
 #                    alibabacloud-ecs20140526, ucloud-sdk-python3, all pinned)
 #   target/sdk/node  `npm ci` from scripts/sdk/package.json + package-lock.json

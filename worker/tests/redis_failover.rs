@@ -10,13 +10,13 @@
 //! test killed at once with a 1 s node timeout on this loaded 2-core machine; in about one run
 //! in six the promoted replica held nothing of the batch's earlier writes.)
 
-mod common;
+mod util;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{check_batch, fleet_csv, Env};
+use util::{check_batch, fleet_csv, Env};
 
 /// Six nodes on loopback, killed when dropped.
 struct Cluster {

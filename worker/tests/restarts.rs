@@ -4,13 +4,13 @@
 //! completes with every job answered once. One test function, so the restarts never overlap with
 //! other tests of this binary; cargo runs test binaries one after another.
 
-mod common;
+mod util;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{fleet_csv, manifest, Env};
 use keyfleet::registry::{Filter, Registry};
+use util::{fleet_csv, manifest, Env};
 
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)

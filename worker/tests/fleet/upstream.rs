@@ -2,13 +2,11 @@
 //! loopback, with injected faults and throttling, is the cloud. One of two workers is
 //! SIGKILLed mid-batch; in the end the cloud holds exactly the delivered keys.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{check_batch, fleet_csv, manifest, signal, Env};
+use crate::util::{check_batch, fleet_csv, manifest, signal, Env};
 use keyfleet::credentials::{AccessKey, Credentials, Secret};
 use keyfleet::dialect::Provider;
 use keyfleet::keys::keygen::KeyBits;

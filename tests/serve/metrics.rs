@@ -109,7 +109,7 @@ impl LocalPrometheus {
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml");
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         let config = format!(
-            "# written by tests/metrics.rs\n\
+            "# written by tests/serve/metrics.rs\n\
              global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - \"{}\"\n\
              scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",

@@ -1,9 +1,7 @@
 //! The `keyfleet` binary as a user meets it: exit codes, error messages that name the bad
 //! setting, describe / delete against the state a run left.
 
-mod common;
-
-use common::{keyfleet, text};
+use crate::util::{keyfleet, text};
 
 #[test]
 fn bad_values_exit_2_and_name_the_setting() {

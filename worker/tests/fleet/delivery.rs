@@ -5,12 +5,10 @@
 //! - A valid job whose results queue does not exist: the broker returns the result, which must
 //!   not reach any log (it holds a private key); the job is dead-lettered, the pair released.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{amqp_url, check_batch, job, manifest, Env};
+use crate::util::{amqp_url, check_batch, job, manifest, Env};
 use futures::StreamExt;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::job::{Job, JobResult};
@@ -144,7 +142,7 @@ async fn unroutable_result_never_logged_and_dead_lettered() {
             .unwrap();
         broker::confirmed(confirm, "jobs").await.unwrap();
     }
-    let mut dead = common::dead_letters(&broker, &env).await;
+    let mut dead = crate::util::dead_letters(&broker, &env).await;
     let mut reasons = Vec::new();
     while reasons.len() < batches.len() {
         let d = tokio::time::timeout(Duration::from_secs(60), dead.next())
@@ -173,7 +171,7 @@ async fn unroutable_result_never_logged_and_dead_lettered() {
             None
         );
     }
-    common::signal(env.worker(w), "TERM");
+    crate::util::signal(env.worker(w), "TERM");
     let _ = env.worker(w).wait();
     let log = env.worker_log(w);
     assert!(

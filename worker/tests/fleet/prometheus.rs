@@ -1,12 +1,10 @@
 //! A real Prometheus on loopback scrapes a real worker while it runs a small batch, and the
 //! job counter is read back through Prometheus's HTTP API — the path a user's dashboard takes.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{fleet_csv, Env};
+use crate::util::{fleet_csv, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn free_port() -> u16 {
@@ -155,15 +153,20 @@ async fn second_worker_with_default_metrics_addr_starts() {
                 c.env_remove(k);
             }
         }
-        c.args(["--amqp-url", &common::amqp_url(), "--redis-url", &env.redis])
-            .args(["--prefix", &env.prefix, "--threads", "1", "--log", "info"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map(Killed)
-            .unwrap()
+        c.args([
+            "--amqp-url",
+            &crate::util::amqp_url(),
+            "--redis-url",
+            &env.redis,
+        ])
+        .args(["--prefix", &env.prefix, "--threads", "1", "--log", "info"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .map(Killed)
+        .unwrap()
     };
     let mut defaults = worker(&[], "defaults.log");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -2,12 +2,10 @@
 //! mixed batch, idempotent re-runs, the 500-per-region quota, and the key files themselves
 //! checked with ssh-keygen and openssl.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{manifest, run_batch, tool, Sandbox};
+use crate::util::{manifest, run_batch, tool, Sandbox};
 use keyfleet::dialect::{ApiError, Provider};
 use keyfleet::registry::embedded::EmbeddedRegistry;
 use keyfleet::registry::{Filter, Registry};

@@ -7,21 +7,19 @@
 //! the file opens, so the test profile builds redb without them (Cargo.toml) and these tests
 //! meet what users meet: on this build, 43 of the 135 blocks of such a file make redb panic
 //! inside `describe` (counted 2026-12-05 with `--log debug`). To run them against another
-//! binary: `KEYFLEET_TEST_BIN=target/release/keyfleet cargo test --test state_file`.
-
-mod common;
+//! binary: `KEYFLEET_TEST_BIN=target/release/keyfleet cargo test --test cli state_file::`.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use common::text;
+use crate::util::text;
 
 /// The `keyfleet` binary under test: `KEYFLEET_TEST_BIN` when set (a release build), else the
-/// one cargo built for the tests; run as [`common::keyfleet`] runs it.
+/// one cargo built for the tests; run as [`crate::util::keyfleet`] runs it.
 fn keyfleet(dir: &Path) -> std::process::Command {
-    let mut c = common::keyfleet(dir);
+    let mut c = crate::util::keyfleet(dir);
     if let Some(bin) = std::env::var_os("KEYFLEET_TEST_BIN") {
         let mut release = std::process::Command::new(bin);
         release.current_dir(dir).stdin(std::process::Stdio::null());

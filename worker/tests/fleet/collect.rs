@@ -4,15 +4,13 @@
 //! is durable in the folder, so every key is still delivered exactly once, by a later collect,
 //! and each key file is the registered key.
 
-mod common;
-
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{check_batch, fleet_csv, manifest, Env};
+use crate::util::{check_batch, fleet_csv, manifest, Env};
 use keyfleet::registry::{Filter, Registry};
 
 fn text(o: &Output) -> String {
@@ -166,7 +164,7 @@ fn undecryptable_result_stays_queued() {
         "{}",
         text(&o)
     );
-    assert_eq!(common::walk_pem(&env.path("keys")), 0);
+    assert_eq!(crate::util::walk_pem(&env.path("keys")), 0);
     rt.block_on(store.set_recipient("bund", &sealed_to))
         .unwrap();
     let c = rt.block_on(env.collect("bund", "keys", Duration::from_secs(10)));
@@ -243,7 +241,7 @@ fn killed_collect_loses_no_key() {
     let out = env.path("keys");
     let pems = |dir: &Path| {
         if dir.exists() {
-            common::walk_pem(dir)
+            crate::util::walk_pem(dir)
         } else {
             0
         }
@@ -303,7 +301,7 @@ fn collect_of_unknown_batch_exits_1_and_creates_nothing() {
     assert!(!env.path("keys").exists(), "no output folder made");
     // No results queue was declared for it: a passive declare finds none.
     rt.block_on(async {
-        let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        let conn = lapin::Connection::connect(&crate::util::amqp_url(), Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -464,7 +462,7 @@ fn interrupted_collect_exits_130() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    common::signal(&child, "TERM");
+    crate::util::signal(&child, "TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "collect did not stop on SIGTERM");

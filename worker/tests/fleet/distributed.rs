@@ -2,12 +2,10 @@
 //! killed mid-batch, poison messages, jobs from any AMQP client, drain on SIGTERM, start-up with
 //! a server down. Every test has its own queue and key prefix and is bounded by timeouts.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{check_batch, fleet_csv, manifest, signal, Env};
+use crate::util::{check_batch, fleet_csv, manifest, signal, Env};
 use futures::StreamExt;
 use keyfleet::queue::broker::{Broker, REASON_HEADER};
 use lapin::BasicProperties;
@@ -66,9 +64,13 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     let mut env = Env::new("poison");
     env.start_worker(&["--threads", "1"]);
     // The batch's results queue exists once a producer declared it; here a foreign producer.
-    let broker = Broker::connect(&common::amqp_url(), env.topology(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let broker = Broker::connect(
+        &crate::util::amqp_url(),
+        env.topology(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     broker.declare().await.unwrap();
     broker.declare_results_queue("bpoison").await.unwrap();
     // A producer other than `keyfleet submit` records the batch's recipient itself (README).
@@ -169,7 +171,7 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     );
 
     // The dead-letter queue holds the two undecodable messages, each with a reason.
-    let mut dead = common::dead_letters(&broker, &env).await;
+    let mut dead = crate::util::dead_letters(&broker, &env).await;
     let mut reasons = Vec::new();
     while reasons.len() < 2 {
         let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
@@ -230,7 +232,7 @@ async fn sigterm_drains_in_flight_jobs_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_with_a_server_down_fails_with_a_clear_message() {
     let env = Env::new("down");
-    let (amqp, redis) = (common::amqp_url(), common::redis_url());
+    let (amqp, redis) = (crate::util::amqp_url(), crate::util::redis_url());
     for (amqp, redis, expect) in [
         (
             "amqp://guest:guest@127.0.0.1:1/%2f",
@@ -296,7 +298,11 @@ async fn sigterm_during_start_up_stops_at_once() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let amqp = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
     let mut child = env
-        .worker_command_urls(&amqp, &common::redis_url(), &["--connect-timeout", "120s"])
+        .worker_command_urls(
+            &amqp,
+            &crate::util::redis_url(),
+            &["--connect-timeout", "120s"],
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

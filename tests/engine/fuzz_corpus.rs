@@ -2,7 +2,7 @@
 //! targets run (`fuzz/common/mod.rs`), on stable and without libFuzzer: a corpus input that
 //! once found a fault keeps being tried by the normal `cargo test`.
 
-#[path = "../fuzz/common/mod.rs"]
+#[path = "../../fuzz/common/mod.rs"]
 mod common;
 
 use std::path::Path;

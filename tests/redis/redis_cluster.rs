@@ -3,12 +3,10 @@
 //! slot. Needs the 3-master cluster `scripts/test.sh` starts on 127.0.0.1:7101-7103 (or
 //! `KEYFLEET_TEST_CLUSTER_URLS`).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::serve::{rpc, Server};
+use crate::util::serve::{rpc, Server};
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::redis::RedisRegistry;
 use keyfleet::registry::{Registry, RegistryError};

@@ -12,8 +12,6 @@
 //! wrong secret, an unknown key, a replayed nonce and a stale timestamp. Across SDKs: 50
 //! concurrent creates, and a race of 2×K creates for the last K quota slots.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, Permissions};
 use std::io::{BufRead, BufReader};
@@ -26,7 +24,7 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 use serde_json::Value;
 
-use common::tool;
+use crate::util::{checked_public_key, tool};
 
 const SERVE_START: Duration = Duration::from_secs(60);
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(180);
@@ -120,7 +118,7 @@ impl Serve {
         std::fs::write(&creds, CREDENTIALS).unwrap();
         std::fs::set_permissions(&creds, Permissions::from_mode(0o600)).unwrap();
         let log = File::create(dir.path().join("serve.log")).unwrap();
-        let mut child = common::keyfleet(dir.path())
+        let mut child = crate::util::keyfleet(dir.path())
             .args(["serve", "--listen", "127.0.0.1:0", "--credentials"])
             .arg(&creds)
             .arg("--state")
@@ -411,10 +409,7 @@ fn check_private_key(pem: &str, dir: &Path, name: &str) -> String {
     let path = dir.join(format!("{name}.pem"));
     std::fs::write(&path, pem).unwrap();
     std::fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
-    let p = path.to_str().unwrap();
-    tool("openssl", &["pkey", "-check", "-noout", "-in", p]);
-    let public = tool("ssh-keygen", &["-y", "-f", p]);
-    type_and_base64(&public)
+    type_and_base64(&checked_public_key(&path))
 }
 
 /// `type base64` of an OpenSSH public-key line (comment and newline dropped).
@@ -427,17 +422,7 @@ fn type_and_base64(line: &str) -> String {
 
 /// `ssh-keygen -l -E md5` of a public key line, without the `MD5:` prefix.
 fn md5_fingerprint(public: &str, dir: &Path, name: &str) -> String {
-    let path = dir.join(format!("{name}.fp.pub"));
-    std::fs::write(&path, format!("{public}\n")).unwrap();
-    let out = tool(
-        "ssh-keygen",
-        &["-l", "-E", "md5", "-f", path.to_str().unwrap()],
-    );
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|f| f.strip_prefix("MD5:"))
-        .unwrap_or_else(|| panic!("unexpected ssh-keygen -l output: {out}"))
-        .to_owned()
+    crate::util::md5_fingerprint(public, &dir.join(format!("{name}.fp.pub")))
 }
 
 /// UCloud: md5(ProjectId + "|" + KeyPairId + "|" + "type base64") as 32 lower-case hex digits

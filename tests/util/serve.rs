@@ -53,6 +53,12 @@ pub fn credentials(dir: &Path) -> PathBuf {
     p
 }
 
+/// A plain HTTP client (reqwest is built without a default TLS provider).
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 pub struct Server {
     child: Child,
     pub addr: String,
@@ -106,6 +112,18 @@ impl Server {
 
     pub fn client(&self) -> ApiClient {
         ApiClient::new(&self.addr).unwrap()
+    }
+
+    /// The exposition text of its `/metrics`.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("http://{}/metrics", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// SIGTERM, then waits (at most 60 s); returns the exit status and the log.

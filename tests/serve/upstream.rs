@@ -3,13 +3,11 @@
 //! created key there. Checked on the cloud's side: exactly the created names, with exactly the
 //! manifest's fingerprints, nothing else.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::serve::{rpc, ucloud, Server};
-use common::{keyfleet, text};
+use crate::util::serve::{rpc, ucloud, Server};
+use crate::util::{keyfleet, manifest, text};
 use keyfleet::upstream::client::ApiClient;
 
 fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::PathBuf {
@@ -23,14 +21,6 @@ fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::Path
     let p = dir.join("batch.csv");
     std::fs::write(&p, csv).unwrap();
     p
-}
-
-fn manifest(out: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// name → (KeyPairId, KeyPairFingerPrint) of everything the cloud holds in the scope.
@@ -216,12 +206,7 @@ async fn every_created_key_is_registered_once_through_faults_and_throttling() {
             .unwrap();
             assert_eq!(md5, r["fingerprint_md5"].as_str().unwrap());
         }
-        let metrics = reqwest::get(format!("http://{}/metrics", cloud.addr))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = cloud.metrics().await;
         assert!(
             metrics.contains("code=\"Throttling.User\"") || metrics.contains("code=\"153\""),
             "throttling happened"
@@ -314,12 +299,7 @@ async fn the_upstream_rate_limit_holds_per_account_and_region() {
         .unwrap();
         let elapsed = started.elapsed();
         assert!(out.status.success(), "{}", text(&out));
-        let metrics = reqwest::get(format!("http://{}/metrics", cloud.addr))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = cloud.metrics().await;
         let imports: f64 = metrics
             .lines()
             .filter(|l| {
@@ -452,7 +432,7 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
             for (name, (id, fp)) in &held {
                 let pub_line = {
                     let pem = folder.join(format!("{name}.pem"));
-                    common::tool("ssh-keygen", &["-y", "-f", pem.to_str().unwrap()])
+                    crate::util::tool("ssh-keygen", &["-y", "-f", pem.to_str().unwrap()])
                         .trim()
                         .to_owned()
                 };
@@ -693,7 +673,7 @@ async fn serve_in_front_of_a_cloud_registers_there() {
         let cloud_dir = tempfile::tempdir().unwrap();
         let cloud = Server::start(cloud_dir.path(), &[]);
         let dir = tempfile::tempdir().unwrap();
-        let upstream_creds = common::serve::credentials(dir.path());
+        let upstream_creds = crate::util::serve::credentials(dir.path());
         let a = format!("aliyun=http://{}", cloud.addr);
         let u = format!("ucloud=http://{}", cloud.addr);
         let front = Server::start(

@@ -3,22 +3,14 @@
 //! OpenSSH against what the registry holds), quota, faults and shutdown. Each test starts its
 //! own server on a free port with its own state file or Redis prefix.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
-use common::serve::{rpc, ucloud, v3, Server};
-use common::{keyfleet, text, tool};
+use crate::util::serve::{rpc, ucloud, v3, Server};
+use crate::util::{checked_public_key, keyfleet, md5_fingerprint, text, tool, within};
 use keyfleet::upstream::client::{ApiClient, CallOptions, Reply, Signer};
 
 const LIMIT: Duration = Duration::from_secs(300);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out")
-}
 
 fn code(r: &Reply) -> String {
     r.json()["Code"].as_str().unwrap_or("").to_owned()
@@ -34,21 +26,9 @@ fn check_private_key(dir: &std::path::Path, pem: &str) -> (String, String) {
     let f = dir.join(format!("k-{}.pem", uuid::Uuid::new_v4().simple()));
     std::fs::write(&f, pem).unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let path = f.to_str().unwrap();
-    tool("openssl", &["pkey", "-check", "-noout", "-in", path]);
-    let public = tool("ssh-keygen", &["-y", "-f", path]).trim().to_owned();
+    let public = checked_public_key(&f);
     let pubfile = dir.join(format!("k-{}.pub", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&pubfile, format!("{public}\n")).unwrap();
-    let listed = tool(
-        "ssh-keygen",
-        &["-l", "-E", "md5", "-f", pubfile.to_str().unwrap()],
-    );
-    let md5 = listed
-        .split_whitespace()
-        .nth(1)
-        .and_then(|f| f.strip_prefix("MD5:"))
-        .unwrap()
-        .to_owned();
+    let md5 = md5_fingerprint(&public, &pubfile);
     (public, md5)
 }
 
@@ -64,7 +44,7 @@ fn at(offset_secs: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_scheme_creates_a_key_that_is_the_registered_key() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &["--quota", "10"]);
         let c = server.client();
@@ -141,7 +121,7 @@ use md5::Digest;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_gateway_error_as_alibaba_answers() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &[]);
         let c = server.client();
@@ -390,7 +370,7 @@ async fn every_gateway_error_as_alibaba_answers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ucloud_actions_and_ret_codes() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &["--quota", "3"]);
         let c = server.client();
@@ -550,7 +530,7 @@ async fn ucloud_actions_and_ret_codes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alibaba_import_describe_delete_at_their_boundaries() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &["--quota", "60"]);
         let c = server.client();
@@ -634,7 +614,7 @@ async fn alibaba_import_describe_delete_at_their_boundaries() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_errors_are_the_seed_codes() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &["--quota", "1"]);
         let c = server.client();
@@ -715,7 +695,7 @@ async fn create_errors_are_the_seed_codes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_file_open_to_others_or_empty_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = common::serve::credentials(dir.path());
+    let creds = crate::util::serve::credentials(dir.path());
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = keyfleet(dir.path())
         .args(["serve", "--listen", "127.0.0.1:0", "--credentials"])
@@ -752,7 +732,7 @@ async fn credentials_file_open_to_others_or_empty_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn injected_faults_and_throttling() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &["--fault-rate", "1", "--quota", "100"]);
         let c = server.client();
@@ -823,7 +803,7 @@ async fn injected_faults_and_throttling() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &[]);
         let c = server.client();
@@ -871,12 +851,7 @@ async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
             assert!(fingerprints.insert(md5));
         }
         assert_eq!(fingerprints.len(), 50);
-        let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics().await;
         let created = |provider: &str, action: &str| {
             metrics
                 .lines()
@@ -910,7 +885,7 @@ async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
 /// the free count succeeds, and a nonce used on one is refused by the other.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_on_one_redis_share_quota_and_nonces() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let prefix = format!(
             "kfserve{}",
@@ -1021,7 +996,7 @@ async fn two_instances_on_one_redis_share_quota_and_nonces() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_requests_in_flight_finish() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         // No reservoir: every create waits for its key, so some are in flight at SIGTERM.
         let server = Server::start(dir.path(), &["--reservoir", "0"]);
@@ -1072,7 +1047,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_requests_get_answers_not_panics() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &[]);
         let base = format!("http://{}/", server.addr);

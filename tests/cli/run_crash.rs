@@ -2,13 +2,11 @@
 //! key is the registered key, and the rerun's manifest lists every row — the ones an earlier
 //! run delivered too (`delivered_earlier`), which no manifest may have listed before the kill.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::time::Duration;
 
-use common::{keyfleet, manifest, run_batch, text, Sandbox};
+use crate::util::{keyfleet, manifest, run_batch, text, Sandbox};
 use keyfleet::dialect::record::KeyPairRecord;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::embedded::EmbeddedRegistry;

@@ -3,13 +3,11 @@
 //! after the fault it pins; each answer is a clear message and a meaningful exit code, never a
 //! panic, a hang or a silently lost row.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{keyfleet, text};
+use crate::util::{keyfleet, text};
 use std::time::Duration;
 
 fn manifest(dir: &Path) -> Vec<serde_json::Value> {

@@ -3,22 +3,15 @@
 //! connections, oversized requests are answered in the API's own error shape, and an empty
 //! `SignatureNonce` is refused like a missing one. Real servers on loopback, raw sockets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::serve::{rpc, v3, Server};
+use crate::util::serve::{http, rpc, v3, Server};
+use crate::util::within;
 use keyfleet::upstream::client::CallOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test timed out")
-}
 
 /// Reads until the server closes the connection; how long that took, or `None` if it was
 /// still open after `limit`. Bytes the server sends are collected into `got`.
@@ -65,23 +58,6 @@ async fn one_request(stream: &mut TcpStream) {
     }
 }
 
-/// A plain HTTP client (reqwest is built without a default TLS provider).
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
-async fn metrics(server: &Server) -> String {
-    http()
-        .get(format!("http://{}/metrics", server.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn shed(metrics: &str, reason: &str) -> u64 {
     let prefix = format!("keyfleet_serve_connections_shed_total{{reason=\"{reason}\"}} ");
     metrics
@@ -93,7 +69,7 @@ fn shed(metrics: &str, reason: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_sheds_idle_connections() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             dir.path(),
@@ -130,7 +106,7 @@ async fn serve_sheds_idle_connections() {
             idle >= Duration::from_millis(2500) && idle < Duration::from_secs(6),
             "idle connections closed after {idle:?}"
         );
-        let m = metrics(&server).await;
+        let m = server.metrics().await;
         assert!(shed(&m, "header_timeout") >= 30, "{m}");
         assert!(shed(&m, "idle_timeout") >= 5, "{m}");
         let (status, log) = server.stop();
@@ -141,7 +117,7 @@ async fn serve_sheds_idle_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_refuses_half_sent_headers_after_timeout() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             dir.path(),
@@ -183,7 +159,7 @@ async fn serve_refuses_half_sent_headers_after_timeout() {
             .unwrap()
             .expect("the slow-loris was never cut");
         assert!(cut < Duration::from_secs(4), "{cut:?}");
-        let m = metrics(&server).await;
+        let m = server.metrics().await;
         assert!(shed(&m, "header_timeout") >= 32, "{m}");
         // Still serving.
         let r = server
@@ -199,7 +175,7 @@ async fn serve_refuses_half_sent_headers_after_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_caps_connections() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             dir.path(),
@@ -244,7 +220,7 @@ async fn serve_caps_connections() {
             }
         };
         assert!(ok, "no room after the held connections closed");
-        let m = metrics(&server).await;
+        let m = server.metrics().await;
         assert!(shed(&m, "over_cap") >= 5, "{m}");
         let (status, log) = server.stop();
         assert!(status.success(), "{log}");
@@ -255,7 +231,7 @@ async fn serve_caps_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_stops_within_5s_with_idle_connections() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         // Defaults: 10 s header timeout, 60 s idle timeout, 30 s drain.
         let server = Server::start(dir.path(), &[]);
@@ -293,7 +269,7 @@ async fn serve_stops_within_5s_with_idle_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_body_answered_in_api_error_shape() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &[]);
         let base = format!("http://{}/", server.addr);
@@ -464,7 +440,7 @@ fn rpc_request(nonce: Option<&str>, get: bool) -> (String, Vec<(String, String)>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_signature_nonce_refused() {
-    within(async {
+    within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(dir.path(), &[]);
         let base = format!("http://{}/", server.addr);
@@ -549,7 +525,7 @@ async fn empty_signature_nonce_refused() {
             assert_eq!(r.status, 400, "{}", r.body);
             assert_eq!(r.json()["Code"], "IncompleteSignature", "{}", r.body);
         }
-        let m = metrics(&server).await;
+        let m = server.metrics().await;
         assert!(
             m.contains(r#"keyfleet_signature_failures_total{provider="aliyun",reason="missing"}"#),
             "{m}"

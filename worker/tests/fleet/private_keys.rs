@@ -3,12 +3,10 @@
 //! before they are written, never lost to a failed write. Each test is named after the fault
 //! it pins.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{amqp_url, check_batch, fleet_csv, manifest, Env};
+use crate::util::{amqp_url, check_batch, fleet_csv, manifest, Env};
 use futures::StreamExt;
 use keyfleet::job::{set_private_key_body, Job, JobResult};
 use keyfleet::keys::cpu::CpuPool;
@@ -194,10 +192,10 @@ async fn batch_without_recipient_is_refused_unless_plaintext_allowed() {
     let strict = env.start_worker(&["--threads", "1"]);
     let broker = connect(&env).await;
     broker.declare_results_queue("bnorec").await.unwrap();
-    let job = |name: &str| common::job("bnorec", name);
+    let job = |name: &str| crate::util::job("bnorec", name);
     let c = broker.publish_job(&job("refused-1")).await.unwrap();
     broker::confirmed(c, "jobs").await.unwrap();
-    let mut dead = common::dead_letters(&broker, &env).await;
+    let mut dead = crate::util::dead_letters(&broker, &env).await;
     let d = tokio::time::timeout(Duration::from_secs(60), dead.next())
         .await
         .expect("dead-lettered")
@@ -205,16 +203,19 @@ async fn batch_without_recipient_is_refused_unless_plaintext_allowed() {
         .unwrap();
     let reason = broker::header_str(&d.properties, REASON_HEADER).unwrap();
     assert!(reason.contains("no recipient"), "{reason}");
-    common::signal(env.worker(strict), "TERM");
+    crate::util::signal(env.worker(strict), "TERM");
     let _ = env.worker(strict).wait();
 
     env.start_worker(&["--threads", "1", "--allow-plaintext-results"]);
     let c = broker.publish_job(&job("allowed-1")).await.unwrap();
     broker::confirmed(c, "jobs").await.unwrap();
-    let store =
-        BatchStatusStore::connect(&common::redis_url(), &env.prefix, Duration::from_secs(10))
-            .await
-            .unwrap();
+    let store = BatchStatusStore::connect(
+        &crate::util::redis_url(),
+        &env.prefix,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     store.set_total("bnorec", 1).await.unwrap();
     let c = env.collect("bnorec", "out", Duration::from_secs(60)).await;
     assert!(c.complete, "{c:?}");
@@ -269,7 +270,7 @@ async fn created_unpublished(
         recipient: identity.to_public(),
         message: Mutex::new(None),
     };
-    let mut job = common::job(batch, name);
+    let mut job = crate::util::job(batch, name);
     job.line = Some(2);
     let finished = lifecycle.process(job.clone(), 1, &sink).await;
     assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");

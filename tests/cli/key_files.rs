@@ -1,14 +1,12 @@
 //! Key files on disk, as a hostile neighbour on the same machine would try them: planted
 //! symlinks are never written through, folders are private, files appear whole or not at all.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 fn run(dir: &Path, rows: &str) -> std::process::Output {
     std::fs::write(dir.join("k.csv"), rows).unwrap();
-    common::keyfleet(dir)
+    crate::util::keyfleet(dir)
         .args([
             "run",
             "k.csv",

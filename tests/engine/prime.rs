@@ -2,7 +2,7 @@
 //! against num-bigint-dig, engine primes against num-bigint-dig's independent primality test,
 //! known composites and pseudoprimes rejected, and engine keys checked by `rsa`, by OpenSSL and
 //! through PKCS#8 and signatures. The `#[ignore]`d tests are the long versions (run them with
-//! `cargo test --release --test prime -- --ignored`).
+//! `cargo test --release --test engine -- --ignored prime::`).
 
 use std::time::Instant;
 
@@ -19,24 +19,7 @@ use rsa::traits::{PrivateKeyParts, PublicKeyParts};
 use rsa::{Pkcs1v15Sign, RsaPrivateKey};
 use sha2::{Digest, Sha256};
 
-fn to_big<const N: usize>(x: &[u64; N]) -> BigUint {
-    let bytes: Vec<u8> = x.iter().flat_map(|l| l.to_le_bytes()).collect();
-    BigUint::from_bytes_le(&bytes)
-}
-
-fn from_big<const N: usize>(x: &BigUint) -> [u64; N] {
-    let bytes = x.to_bytes_le();
-    assert!(bytes.len() <= 8 * N);
-    let mut out = [0u64; N];
-    for (i, b) in bytes.iter().enumerate() {
-        out[i / 8] |= (*b as u64) << (8 * (i % 8));
-    }
-    out
-}
-
-fn big_dec(s: &str) -> BigUint {
-    BigUint::parse_bytes(s.as_bytes(), 10).unwrap()
-}
+use crate::util::bignum::{big_dec, from_big, limbs, to_big};
 
 /// Checks mul, sqr, pow, pow2 for one modulus against num-bigint-dig.
 fn check_monty<const N: usize>(m: [u64; N], a: [u64; N], b: [u64; N], e: [u64; N]) {
@@ -79,14 +62,6 @@ fn check_monty<const N: usize>(m: [u64; N], a: [u64; N], b: [u64; N], e: [u64; N
     // to_mont also accepts any x < R (used for random bases).
     assert_eq!(to_big(&ctx.from_mont(&ctx.to_mont(&b))), &bb % &mb);
     assert_eq!(to_big(ctx.r2()), (BigUint::one() << (128 * N)) % &mb, "r2");
-}
-
-fn limbs<const N: usize>() -> impl Strategy<Value = [u64; N]> {
-    proptest::collection::vec(any::<u64>(), N).prop_map(|v| {
-        let mut out = [0u64; N];
-        out.copy_from_slice(&v);
-        out
-    })
 }
 
 /// Odd modulus; `top` forces the top bit (the engine's case), else arbitrary size.
@@ -488,7 +463,7 @@ fn engine_run(threads: usize, keys: usize) -> (f64, f64, f64) {
 /// Throughput report, engine and `rsa` side by side (no assertions: numbers only). Also
 /// prints keys per on-CPU second and the time spent waiting for a CPU, which separate the
 /// engine's scaling from other load on a shared machine.
-/// `cargo test --release --test prime -- --ignored --nocapture throughput`
+/// `cargo test --release --test engine -- --ignored --nocapture throughput`
 #[test]
 #[ignore = "timing report, release builds only"]
 fn throughput_report() {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod bignum;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,13 @@ impl Sandbox {
     }
 }
 
+/// `f`, failing the test (instead of hanging CI) when it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .expect("test timed out")
+}
+
 /// Runs a batch with a generous timeout so a hang fails the test instead of CI.
 pub async fn run_batch(opts: RunOptions) -> Summary {
     tokio::time::timeout(
@@ -90,6 +98,29 @@ pub fn tool(name: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks a PEM private-key file with `openssl pkey -check` and returns its OpenSSH public-key
+/// line (`ssh-keygen -y`, trimmed).
+pub fn checked_public_key(pem: &Path) -> String {
+    let p = pem.to_str().unwrap();
+    tool("openssl", &["pkey", "-check", "-noout", "-in", p]);
+    tool("ssh-keygen", &["-y", "-f", p]).trim().to_owned()
+}
+
+/// `ssh-keygen -l -E md5` of an OpenSSH public-key line (written to `file` first), without the
+/// `MD5:` prefix.
+pub fn md5_fingerprint(public: &str, file: &Path) -> String {
+    std::fs::write(file, format!("{public}\n")).unwrap();
+    let out = tool(
+        "ssh-keygen",
+        &["-l", "-E", "md5", "-f", file.to_str().unwrap()],
+    );
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|f| f.strip_prefix("MD5:"))
+        .unwrap_or_else(|| panic!("unexpected ssh-keygen -l output: {out}"))
+        .to_owned()
 }
 
 /// The `keyfleet` binary as a user runs it: in `dir`, with no `KEYFLEET_*` settings inherited

@@ -14,6 +14,8 @@ use num_traits::{One, Zero};
 use proptest::prelude::*;
 use rand_core::{OsRng, RngCore};
 
+use crate::util::bignum::{big_dec, from_big, limbs, to_big};
+
 /// The paths to test on this machine: scalar lanes always, IFMA lanes where present.
 fn paths() -> Vec<Simd> {
     let mut v = vec![Simd::Scalar];
@@ -26,25 +28,6 @@ fn paths() -> Vec<Simd> {
 fn report_paths() {
     let names: Vec<&str> = paths().iter().map(|s| s.as_str()).collect();
     eprintln!("lane paths tested on this CPU: {names:?}");
-}
-
-fn to_big<const N: usize>(x: &[u64; N]) -> BigUint {
-    let bytes: Vec<u8> = x.iter().flat_map(|l| l.to_le_bytes()).collect();
-    BigUint::from_bytes_le(&bytes)
-}
-
-fn from_big<const N: usize>(x: &BigUint) -> [u64; N] {
-    let bytes = x.to_bytes_le();
-    assert!(bytes.len() <= 8 * N);
-    let mut out = [0u64; N];
-    for (i, b) in bytes.iter().enumerate() {
-        out[i / 8] |= (*b as u64) << (8 * (i % 8));
-    }
-    out
-}
-
-fn big_dec(s: &str) -> BigUint {
-    BigUint::parse_bytes(s.as_bytes(), 10).unwrap()
 }
 
 /// One lane's operands: odd modulus (top bit set or not), base, second factor, exponent.
@@ -98,14 +81,6 @@ fn check_lanes<const N: usize>(lanes_in: &[Lane<N>]) {
             );
         }
     }
-}
-
-fn limbs<const N: usize>() -> impl Strategy<Value = [u64; N]> {
-    proptest::collection::vec(any::<u64>(), N).prop_map(|v| {
-        let mut out = [0u64; N];
-        out.copy_from_slice(&v);
-        out
-    })
 }
 
 /// Odd modulus; `top` forces the top bit (the engine's case), else a random shorter size.
@@ -407,7 +382,7 @@ fn lane_search_primes_confirmed_by_bpsw() {
 /// (default 200) calls of one 8-lane 1024-bit modexp on `LANES_SIMD` (`scalar` lanes, IFMA, or
 /// `engine`: the same eight modexps one after another on the 64-bit scalar engine's `pow`).
 /// Counting with `LANES_ITERS=0` too and subtracting leaves the modexps alone.
-/// `cargo test --release --test lanes -- --ignored modexp_work`
+/// `cargo test --release --test engine -- --ignored modexp_work`
 #[test]
 #[ignore = "work for an instruction count, release builds only"]
 fn modexp_work() {

@@ -1,0 +1,17 @@
+//! Distributed mode end to end: workers as processes on the RabbitMQ and Redis scripts/test.sh
+//! runs (a fresh prefix per test), submit and collect, key delivery and private keys, the
+//! upstream, and Prometheus scraping a worker.
+//!
+//! `restarts.rs` (restarts the shared Redis and RabbitMQ) and `redis_failover.rs` (six
+//! `redis-server`s of its own, timing-sensitive failover) stay binaries of their own: nothing
+//! else runs while they do.
+
+#[path = "../util/mod.rs"]
+mod util;
+
+mod collect;
+mod delivery;
+mod distributed;
+mod private_keys;
+mod prometheus;
+mod upstream;
