@@ -82,6 +82,11 @@ export KEYFLEET_TEST_CLUSTER_URLS
 KEYFLEET_TEST_CLUSTER_URLS="$(for p in $CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done)"
 KEYFLEET_TEST_CLUSTER_URLS="${KEYFLEET_TEST_CLUSTER_URLS%,}"
 
+# The house rules of DESIGN.md §9 (no import circles, imports run down the wings, clap only in
+# src/cli/): under a second, so a change that breaks them fails first.
+command -v python3 >/dev/null || apt_install python3
+python3 scripts/import-graph.py
+
 scripts/sdk/setup.sh # the official SDKs tests/serve/serve_sdk.rs drives: target/sdk/{venv,node}
 
 exec cargo test --workspace --all-targets "$@"

@@ -28,7 +28,11 @@ pub fn man(dir: Option<&Path>, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut pages = vec![("keyfleet".to_owned(), cmd.clone())];
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         let name = format!("keyfleet-{}", sub.get_name());
-        pages.push((name.clone(), sub.clone().name(name)));
+        let page = sub
+            .clone()
+            .name(name.clone())
+            .version(env!("CARGO_PKG_VERSION"));
+        pages.push((name, page));
     }
     for (name, page) in pages {
         let path = dir.join(format!("{name}.1"));

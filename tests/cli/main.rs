@@ -7,6 +7,7 @@ mod util;
 
 mod cli;
 mod deploy;
+mod generated;
 mod hostile_input;
 mod key_files;
 mod run;
