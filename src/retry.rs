@@ -1,10 +1,11 @@
-//! The one retry policy of the job lifecycle: failures of keyfleet's own machinery (the
-//! registry's storage, the key-generation pool) are retried with capped exponential backoff and
-//! jitter (backon) until an attempt budget or a time window is used up, or shutdown is
-//! signalled. Errors that are answers (quota, name taken, a cloud's refusal) are never retried.
+//! The one retry policy of keyfleet: failures of its own machinery (the registry's storage, the
+//! key-generation pool, the broker) and the cloud's throttling and lost answers (the upstream)
+//! are retried with capped exponential backoff and jitter (backon) until an attempt budget, a
+//! time window or a deadline is used up, or shutdown is signalled. Errors that are answers
+//! (quota, name taken, a cloud's refusal) are never retried.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,9 @@ pub struct RetryPolicy {
     pub retries: Option<usize>,
     /// Total time spent waiting between tries, at most; `None` = no limit.
     pub window: Option<Duration>,
+    /// No wait may end after this; `None` = no deadline. Unlike `window` it is a point in time,
+    /// so several runs can share it (one key's registration: import, look-up, delete).
+    pub deadline: Option<Instant>,
     pub min_delay: Duration,
     pub max_delay: Duration,
     pub give_up: GiveUp,
@@ -36,6 +40,7 @@ impl RetryPolicy {
         RetryPolicy {
             retries: Some(2),
             window: Some(Duration::from_secs(5)),
+            deadline: None,
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             give_up: GiveUp::Answer,
@@ -48,6 +53,7 @@ impl RetryPolicy {
         RetryPolicy {
             retries: None,
             window: Some(Duration::from_secs(120)),
+            deadline: None,
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(3),
             give_up: GiveUp::HandBack,
@@ -60,9 +66,23 @@ impl RetryPolicy {
         RetryPolicy {
             retries: None,
             window: None,
+            deadline: None,
             min_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(5),
             give_up: GiveUp::HandBack,
+        }
+    }
+
+    /// Calls to the upstream cloud: 100 ms doubling to 3 s, up to the key's registration
+    /// `deadline`; what is left after it is the row's answer (an internal error).
+    pub fn upstream(deadline: Instant) -> Self {
+        RetryPolicy {
+            retries: None,
+            window: None,
+            deadline: Some(deadline),
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(3),
+            give_up: GiveUp::Answer,
         }
     }
 
@@ -83,6 +103,8 @@ impl RetryPolicy {
     /// policy gives up; then the last error. An attempt in flight is never cut short: a
     /// shutdown signal only ends the wait between attempts, after which one last attempt runs
     /// (a caller that sees a transient error and a cancelled token hands its job back).
+    /// Each wait is at least what the error asks for ([`Transient::retry_after`]): a server
+    /// that names its back-off knows its load better than our exponent does.
     pub async fn run<T, E, F, Fut>(
         &self,
         what: &str,
@@ -106,6 +128,12 @@ impl RetryPolicy {
                 }
             })
             .when(|e: &E| e.is_transient() && !shutdown.is_cancelled())
+            .adjust(|e: &E, pause: Option<Duration>| {
+                let pause = pause?.max(e.retry_after().unwrap_or_default());
+                self.deadline
+                    .is_none_or(|d| Instant::now() + pause <= d)
+                    .then_some(pause)
+            })
             .notify(|e: &E, after: Duration| {
                 tracing::warn!("{what}: {e}; retrying in {} ms", after.as_millis());
             })
@@ -116,6 +144,11 @@ impl RetryPolicy {
 /// Whether an error may pass if the same thing is tried again.
 pub trait Transient {
     fn is_transient(&self) -> bool;
+
+    /// How long the other side asked us to wait before trying again, if it said.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Transient for crate::queue::broker::BrokerError {
@@ -129,5 +162,52 @@ impl Transient for crate::registry::RegistryError {
     fn is_transient(&self) -> bool {
         use crate::registry::RegistryError as E;
         matches!(self, E::Storage(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A transient error that may name its own wait.
+    #[derive(Debug, thiserror::Error)]
+    #[error("busy")]
+    struct Busy(Option<Duration>);
+
+    impl Transient for Busy {
+        fn is_transient(&self) -> bool {
+            true
+        }
+
+        fn retry_after(&self) -> Option<Duration> {
+            self.0
+        }
+    }
+
+    /// Tries until a failure, counting them, against a deadline `ms` from now.
+    async fn tries_within(ms: u64, err: fn() -> Busy) -> usize {
+        let tries = AtomicUsize::new(0);
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        let op = || async {
+            tries.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>(err())
+        };
+        let r = RetryPolicy::upstream(deadline)
+            .run("test", &CancellationToken::new(), op)
+            .await;
+        assert!(r.is_err());
+        tries.into_inner()
+    }
+
+    #[tokio::test]
+    async fn no_wait_ends_past_the_deadline() {
+        // Waits of 100–200 ms, then 200–400 ms: the second try fits in 250 ms, a third never.
+        assert_eq!(tries_within(250, || Busy(None)).await, 2);
+        // The error's own wait counts: 400 ms does not fit.
+        assert_eq!(
+            tries_within(250, || Busy(Some(Duration::from_millis(400)))).await,
+            1
+        );
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! Every call to the cloud first takes a token from the per provider + account + region limit.
 //! Throttling (`Throttling*`, HTTP 429/503, `ServiceUnavailable`, 5xx, UCloud 150/153) and
-//! network errors are tried again with backoff and jitter, honouring `x-acs-retry-after`,
-//! within the registration deadline; the job is held meanwhile.
+//! network errors are tried again on the one retry policy ([`RetryPolicy::upstream`]: backoff
+//! with jitter, honouring `x-acs-retry-after`) up to the registration deadline, which the
+//! import, look-up and delete of one key share; the job is held meanwhile.
 //!
 //! Exactly once: the lifecycle notes each attempt's public key on the job's reservation before
 //! the call ([`crate::registry::Registry::note_key`]). When the cloud answers that the name
@@ -20,15 +21,15 @@
 //! row's answer with the cloud's code and message. No credential is ever logged or echoed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use rand_core::{OsRng, RngCore};
 
 use super::{Registered, Registration, Upstream};
 use crate::credentials::{AccessKey, Credentials};
 use crate::dialect::action::ActionKind;
 use crate::dialect::{self, ApiError, CreateRequest, ErrorReply, Provider};
+use crate::retry::{RetryPolicy, Transient};
 use crate::upstream::client::{ApiClient, Reply, Signer};
 use crate::upstream::rate_limit::RateLimit;
 
@@ -147,12 +148,45 @@ pub const ALIYUN_SECRET_ENV: &str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET";
 pub const UCLOUD_PUBLIC_ENV: &str = "UCLOUD_PUBLIC_KEY";
 pub const UCLOUD_PRIVATE_ENV: &str = "UCLOUD_PRIVATE_KEY";
 
-/// One call's outcome.
-enum Outcome {
-    Answer(serde_json::Value),
+/// Why one call to the cloud brought no answer to use.
+#[derive(Debug, thiserror::Error)]
+enum Unanswered {
     /// Worth trying again (after at least this long, when the cloud said so).
+    #[error("{0}")]
     Again(String, Option<Duration>),
+    #[error("refused: {}", .0.code)]
     Refused(ErrorReply),
+}
+
+impl Transient for Unanswered {
+    fn is_transient(&self) -> bool {
+        matches!(self, Unanswered::Again(..))
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Unanswered::Again(_, after) => *after,
+            Unanswered::Refused(_) => None,
+        }
+    }
+}
+
+/// Why one import did not register the key.
+#[derive(Debug, thiserror::Error)]
+enum NotImported {
+    /// The name exists but is not listed: deleted meanwhile, or an import of it still under
+    /// way in the cloud (an earlier attempt's, sent just before its worker died). Worth asking
+    /// again shortly.
+    #[error("the cloud answers that the name exists but does not list it")]
+    NotListed,
+    #[error(transparent)]
+    Answer(#[from] ApiError),
+}
+
+impl Transient for NotImported {
+    fn is_transient(&self) -> bool {
+        matches!(self, NotImported::NotListed)
+    }
 }
 
 impl HttpUpstream {
@@ -271,42 +305,92 @@ impl HttpUpstream {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let mut pause = Duration::from_millis(100);
-        loop {
+        let (client, borrowed) = (&client, &borrowed[..]);
+        let attempt = move || async move {
             if let Some(limit) = &self.limit {
                 let waited = limit.acquire(req).await;
                 crate::telemetry::metrics::upstream_wait(provider.as_str(), waited);
             }
-            let outcome = match client.call(signer, action, &borrowed).await {
+            let outcome = match client.call(signer, action, borrowed).await {
                 Ok(reply) => classify(provider, &reply),
                 // The URL carries the request's parameters: left out of messages and logs.
-                Err(e) => Outcome::Again(
+                Err(e) => Err(Unanswered::Again(
                     format!("{action}: {}", crate::sink::error_chain(&e.without_url())),
                     None,
-                ),
+                )),
             };
             let label = match &outcome {
-                Outcome::Answer(_) => "OK".to_owned(),
-                Outcome::Refused(r) => r.code.clone(),
-                Outcome::Again(..) => "retry".to_owned(),
+                Ok(_) => "OK",
+                Err(Unanswered::Refused(r)) => r.code.as_str(),
+                Err(Unanswered::Again(..)) => "retry",
             };
-            crate::telemetry::metrics::upstream_request(provider.as_str(), &label);
-            match outcome {
-                Outcome::Answer(body) => return Ok(body),
-                Outcome::Refused(reply) => return Err(refusal(provider, reply)),
-                Outcome::Again(why, after) => {
-                    let wait = after.unwrap_or(pause).max(pause) + jitter();
-                    if Instant::now() + wait > until {
-                        return Err(ApiError::Internal(format!(
-                            "the cloud did not accept {action} within {:?}: {why}",
-                            self.deadline
-                        )));
-                    }
-                    tracing::warn!(%provider, action, "upstream: {why}; retrying in {} ms", wait.as_millis());
-                    tokio::time::sleep(wait).await;
-                    pause = (pause * 2).min(Duration::from_secs(3));
+            crate::telemetry::metrics::upstream_request(provider.as_str(), label);
+            outcome
+        };
+        let what = format!("upstream {provider} {action}");
+        RetryPolicy::upstream(until)
+            .run(&what, &never_cancelled(), attempt)
+            .await
+            .map_err(|e| match e {
+                Unanswered::Refused(reply) => refusal(provider, reply),
+                Unanswered::Again(why, _) => ApiError::Internal(format!(
+                    "the cloud did not accept {action} within {:?}: {why}",
+                    self.deadline
+                )),
+            })
+    }
+
+    /// One import; on "exists", looks and either succeeds, replaces this job's own lost key
+    /// (and imports again), or refuses. `replaced` counts replacements over all of the
+    /// registration's imports, so a cloud that keeps answering "exists" cannot loop.
+    async fn import(
+        &self,
+        reg: &Registration<'_>,
+        signer: &Signer,
+        params: &[(String, String)],
+        until: Instant,
+        replaced: &AtomicU32,
+    ) -> Result<Registered, NotImported> {
+        let req = reg.req;
+        let provider = req.scope.provider;
+        loop {
+            let err = match self
+                .call(req, signer, ActionKind::Import, params, until)
+                .await
+            {
+                Ok(body) => {
+                    return Ok(Registered {
+                        key_pair_id: body["KeyPairId"].as_str().map(str::to_owned),
+                    })
                 }
+                Err(e) => e,
+            };
+            if !matches!(&err, ApiError::Upstream(r) if is_already_exists(provider, r)) {
+                return Err(err.into());
             }
+            let Some((id, fp)) = self.lookup(req, signer, until).await? else {
+                return Err(NotImported::NotListed);
+            };
+            if same_key(req, id.as_deref(), &fp, reg.public_key) {
+                return Ok(Registered { key_pair_id: id });
+            }
+            let ours = reg
+                .tried
+                .iter()
+                .filter(|k| k.as_str() != reg.public_key)
+                .any(|k| same_key(req, id.as_deref(), &fp, k));
+            if !ours {
+                return Err(ApiError::AlreadyExists.into());
+            }
+            if replaced.fetch_add(1, Ordering::Relaxed) >= 3 {
+                return Err(ApiError::Internal(
+                    "the cloud kept answering that the name exists while it was being replaced"
+                        .into(),
+                )
+                .into());
+            }
+            tracing::info!(%provider, job = %reg.job_id, "replacing this job's earlier key, never delivered, in the cloud");
+            self.delete(req, signer, id.as_deref(), until).await?;
         }
     }
 
@@ -402,9 +486,11 @@ impl HttpUpstream {
     }
 }
 
-/// Up to 100 ms added to a retry's wait, so retries of many jobs do not arrive together.
-fn jitter() -> Duration {
-    Duration::from_millis(u64::from(OsRng.next_u32() % 100))
+/// Shutdown does not end an upstream call's retries: the job is held until the cloud's answer
+/// settles its registration, up to the deadline, so a key the cloud may hold is not dropped
+/// unrecorded.
+fn never_cancelled() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
 }
 
 /// A key pair as the cloud describes it.
@@ -500,14 +586,14 @@ fn is_already_exists(provider: Provider, r: &ErrorReply) -> bool {
 }
 
 /// Reads one answer of the cloud.
-fn classify(provider: Provider, reply: &Reply) -> Outcome {
+fn classify(provider: Provider, reply: &Reply) -> Result<serde_json::Value, Unanswered> {
     let body = reply.json();
     let retry_after = reply.retry_after;
     match provider {
         Provider::Aliyun => {
             let code = body["Code"].as_str().unwrap_or("").to_owned();
             if reply.status == 200 && code.is_empty() {
-                return Outcome::Answer(body);
+                return Ok(body);
             }
             let throttled = code.starts_with("Throttling")
                 || code == "ServiceUnavailable"
@@ -515,16 +601,16 @@ fn classify(provider: Provider, reply: &Reply) -> Outcome {
                 || reply.status == 429
                 || reply.status >= 500;
             if throttled {
-                return Outcome::Again(
+                return Err(Unanswered::Again(
                     format!(
                         "HTTP {} {}",
                         reply.status,
                         if code.is_empty() { "(no code)" } else { &code }
                     ),
                     retry_after,
-                );
+                ));
             }
-            Outcome::Refused(ErrorReply {
+            Err(Unanswered::Refused(ErrorReply {
                 http_status: reply.status,
                 code: if code.is_empty() {
                     format!("HTTP{}", reply.status)
@@ -533,24 +619,30 @@ fn classify(provider: Provider, reply: &Reply) -> Outcome {
                 },
                 message: body["Message"].as_str().unwrap_or("").to_owned(),
                 ret_code: None,
-            })
+            }))
         }
         Provider::Ucloud => {
             if reply.status == 429 || reply.status >= 500 {
-                return Outcome::Again(format!("HTTP {}", reply.status), retry_after);
+                return Err(Unanswered::Again(
+                    format!("HTTP {}", reply.status),
+                    retry_after,
+                ));
             }
             let Some(ret) = body["RetCode"].as_i64() else {
-                return Outcome::Again(format!("HTTP {}: no RetCode", reply.status), retry_after);
+                return Err(Unanswered::Again(
+                    format!("HTTP {}: no RetCode", reply.status),
+                    retry_after,
+                ));
             };
             match ret {
-                0 => Outcome::Answer(body),
-                150 | 153 => Outcome::Again(format!("RetCode {ret}"), retry_after),
-                ret => Outcome::Refused(ErrorReply {
+                0 => Ok(body),
+                150 | 153 => Err(Unanswered::Again(format!("RetCode {ret}"), retry_after)),
+                ret => Err(Unanswered::Refused(ErrorReply {
                     http_status: 200,
                     code: ret.to_string(),
                     message: body["Message"].as_str().unwrap_or("").to_owned(),
                     ret_code: Some(ret),
-                }),
+                })),
             }
         }
     }
@@ -600,59 +692,21 @@ impl Upstream for HttpUpstream {
         let signer = self.signer(provider, &req.scope.owner)?;
         let until = Instant::now() + self.deadline;
         let params = HttpUpstream::import_params(reg);
-        // Import; on "exists", look and either succeed, replace our own lost key, or refuse.
-        let mut replaced = 0;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self
-                .call(req, &signer, ActionKind::Import, &params, until)
-                .await
-            {
-                Ok(body) => {
-                    return Ok(Registered {
-                        key_pair_id: body["KeyPairId"].as_str().map(str::to_owned),
-                    })
-                }
-                Err(ApiError::Upstream(r)) if is_already_exists(provider, &r) => {
-                    let Some((id, fp)) = self.lookup(req, &signer, until).await? else {
-                        // The name exists but is not listed: deleted meanwhile, or an import
-                        // of it still under way in the cloud (an earlier attempt's, sent just
-                        // before its worker died). Ask again shortly, within the deadline.
-                        let wait = pause + jitter();
-                        if Instant::now() + wait > until {
-                            return Err(ApiError::Internal(format!(
-                                "the cloud kept answering that the name exists without listing it, for {:?}",
-                                self.deadline
-                            )));
-                        }
-                        tokio::time::sleep(wait).await;
-                        pause = (pause * 2).min(Duration::from_secs(3));
-                        continue;
-                    };
-                    if same_key(req, id.as_deref(), &fp, reg.public_key) {
-                        return Ok(Registered { key_pair_id: id });
-                    }
-                    let ours = reg
-                        .tried
-                        .iter()
-                        .filter(|k| k.as_str() != reg.public_key)
-                        .any(|k| same_key(req, id.as_deref(), &fp, k));
-                    if !ours {
-                        return Err(ApiError::AlreadyExists);
-                    }
-                    replaced += 1;
-                    if replaced > 3 {
-                        return Err(ApiError::Internal(
-                            "the cloud kept answering that the name exists while it was being replaced"
-                                .into(),
-                        ));
-                    }
-                    tracing::info!(%provider, job = %reg.job_id, "replacing this job's earlier key, never delivered, in the cloud");
-                    self.delete(req, &signer, id.as_deref(), until).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let replaced = AtomicU32::new(0);
+        let (signer, params, replaced) = (&signer, &params[..], &replaced);
+        let attempt =
+            move || async move { self.import(reg, signer, params, until, replaced).await };
+        let what = format!("upstream {provider} import");
+        RetryPolicy::upstream(until)
+            .run(&what, &never_cancelled(), attempt)
+            .await
+            .map_err(|e| match e {
+                NotImported::NotListed => ApiError::Internal(format!(
+                    "the cloud kept answering that the name exists without listing it, for {:?}",
+                    self.deadline
+                )),
+                NotImported::Answer(e) => e,
+            })
     }
 }
 
@@ -697,7 +751,7 @@ mod tests {
 
     #[test]
     fn throttling_and_faults_are_tried_again_refusals_are_answers() {
-        let again = |p, r: &Reply| matches!(classify(p, r), Outcome::Again(..));
+        let again = |p, r: &Reply| matches!(classify(p, r), Err(Unanswered::Again(..)));
         assert!(again(
             Provider::Aliyun,
             &reply(400, r#"{"Code":"Throttling.User"}"#)
@@ -711,11 +765,11 @@ mod tests {
         assert!(again(Provider::Ucloud, &reply(200, r#"{"RetCode":150}"#)));
         assert!(matches!(
             classify(Provider::Aliyun, &reply(403, r#"{"Code":"QuotaExceed.KeyPair","Message":"m"}"#)),
-            Outcome::Refused(r) if r.code == "QuotaExceed.KeyPair" && r.http_status == 403
+            Err(Unanswered::Refused(r)) if r.code == "QuotaExceed.KeyPair" && r.http_status == 403
         ));
         assert!(matches!(
             classify(Provider::Ucloud, &reply(200, r#"{"RetCode":8204,"Message":"m"}"#)),
-            Outcome::Refused(r) if r.ret_code == Some(8204)
+            Err(Unanswered::Refused(r)) if r.ret_code == Some(8204)
         ));
         let wrong = ErrorReply {
             http_status: 400,
