@@ -2,7 +2,8 @@
 //! unit, help text, labels and histogram buckets — so the dashboard and alert rules in `deploy/`
 //! have one list to be checked against ([`NAMES`]). The recording helpers are what the pipeline
 //! calls; they are cheap and do nothing until [`install`] has put the recorder in place.
-//! [`serve`] exposes `/metrics`, `/healthz` and `/readyz` (see `metrics/http.rs`).
+//! [`routes`] answers `/metrics`, `/healthz` and `/readyz`, which [`serve`] exposes alone and
+//! `keyfleet serve` beside its API (see `metrics/http.rs`).
 //!
 //! Label values are kept to small fixed sets (providers, key sizes, error codes, dead-letter
 //! reasons, catalogue regions): anything else is folded into `other` / `unknown`, because one
@@ -14,76 +15,80 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
-};
+use metrics::{counter, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-pub use http::serve;
+pub use http::{routes, serve};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 
-/// Jobs answered, by provider and outcome (`created` or the API's error code).
-pub const JOBS_TOTAL: &str = "keyfleet_jobs_total";
-/// Seconds from picking a job up to its result being ready, by provider.
-pub const JOB_DURATION_SECONDS: &str = "keyfleet_job_duration_seconds";
-/// Seconds to generate one RSA key pair on the key-generation pool, by key size.
-pub const KEYGEN_SECONDS: &str = "keyfleet_keygen_seconds";
-/// Seconds a job message waited in the queue before a worker picked it up.
-pub const QUEUE_WAIT_SECONDS: &str = "keyfleet_queue_wait_seconds";
-/// Seconds spent on the upstream: its rate limit plus the registration call, by provider.
-pub const UPSTREAM_WAIT_SECONDS: &str = "keyfleet_upstream_wait_seconds";
-/// Key pairs held in a scope, by provider, owner and region.
-pub const QUOTA_USED: &str = "keyfleet_quota_used";
-/// The quota of a scope (per-region overrides included), by provider, owner and region: the
-/// alert divides by it rather than by a number written into the rule.
-pub const QUOTA_LIMIT: &str = "keyfleet_quota_limit";
-/// Pre-generated keys waiting in the reservoir, by key size.
-pub const RESERVOIR_KEYS: &str = "keyfleet_reservoir_keys";
-/// Job messages that arrived again after an earlier delivery was not acknowledged.
-pub const REDELIVERIES_TOTAL: &str = "keyfleet_redeliveries_total";
-/// Job messages sent to the dead-letter queue, by reason.
-pub const DEAD_LETTERED_TOTAL: &str = "keyfleet_dead_lettered_total";
-/// Jobs picked up and not yet answered.
-pub const JOBS_IN_FLIGHT: &str = "keyfleet_jobs_in_flight";
-/// Always 1; the `version` label says which build is running.
-pub const BUILD_INFO: &str = "keyfleet_build_info";
-/// Calls to the upstream cloud, by provider and code (`OK`, the cloud's error code or
-/// RetCode, or `retry` for throttling, faults and network errors that were tried again).
-pub const UPSTREAM_REQUESTS_TOTAL: &str = "keyfleet_upstream_requests_total";
-/// `keyfleet serve`: API requests answered, by provider, action and code (`OK` or the error
-/// code; UCloud: the RetCode).
-pub const API_REQUESTS_TOTAL: &str = "keyfleet_api_requests_total";
-/// `keyfleet serve`: seconds from a request's arrival to its answer, by provider and action.
-pub const API_REQUEST_DURATION_SECONDS: &str = "keyfleet_api_request_duration_seconds";
-/// `keyfleet serve`: requests refused by the signature checks, by provider and reason.
-pub const SIGNATURE_FAILURES_TOTAL: &str = "keyfleet_signature_failures_total";
-/// `keyfleet serve`: connections open now.
-pub const SERVE_CONNECTIONS_OPEN: &str = "keyfleet_serve_connections_open";
-/// `keyfleet serve`: connections the server refused or closed on a limit, by reason
-/// (`over_cap`, `header_timeout`, `idle_timeout`, `head_too_large`).
-pub const SERVE_CONNECTIONS_SHED_TOTAL: &str = "keyfleet_serve_connections_shed_total";
+/// Declares each exported metric once: a name constant documented with the metric's help
+/// text, and the same text with its unit given to the recorder ([`describe`]), so the docs
+/// and `# HELP` cannot drift apart. [`NAMES`] lists them all.
+macro_rules! declare_metrics {
+    ($(
+        $(#[$note:meta])*
+        $kind:ident($($unit:ident)?) $NAME:ident = $name:literal, $help:literal;
+    )*) => {
+        $(
+            #[doc = $help]
+            $(#[$note])*
+            pub const $NAME: &str = $name;
+        )*
 
-/// Every metric name keyfleet exports (tests check dashboards/rules only query these).
-pub const NAMES: &[&str] = &[
-    JOBS_TOTAL,
-    JOB_DURATION_SECONDS,
-    KEYGEN_SECONDS,
-    QUEUE_WAIT_SECONDS,
-    UPSTREAM_WAIT_SECONDS,
-    QUOTA_USED,
-    QUOTA_LIMIT,
-    RESERVOIR_KEYS,
-    REDELIVERIES_TOTAL,
-    DEAD_LETTERED_TOTAL,
-    JOBS_IN_FLIGHT,
-    BUILD_INFO,
-    API_REQUESTS_TOTAL,
-    API_REQUEST_DURATION_SECONDS,
-    SIGNATURE_FAILURES_TOTAL,
-    UPSTREAM_REQUESTS_TOTAL,
-    SERVE_CONNECTIONS_OPEN,
-    SERVE_CONNECTIONS_SHED_TOTAL,
-];
+        /// Every metric name keyfleet exports (tests check dashboards/rules only query these).
+        pub const NAMES: &[&str] = &[$($NAME),*];
+
+        /// Gives the recorder every metric's help text and unit.
+        fn describe() {
+            // A metric's kind names the `metrics` macro that describes it.
+            use metrics::{
+                describe_counter as counter, describe_gauge as gauge,
+                describe_histogram as histogram,
+            };
+            $($kind!($NAME, $(Unit::$unit,)? $help);)*
+        }
+    };
+}
+
+declare_metrics! {
+    counter(Count) JOBS_TOTAL = "keyfleet_jobs_total",
+        "Jobs answered, by provider and outcome: created, or the error code the cloud API would answer with.";
+    histogram(Seconds) JOB_DURATION_SECONDS = "keyfleet_job_duration_seconds",
+        "Seconds from picking a job up to its result being ready, including waits for the key-generation pool and the upstream rate limit.";
+    histogram(Seconds) KEYGEN_SECONDS = "keyfleet_keygen_seconds",
+        "Seconds to generate one RSA key pair on the key-generation pool, by key size in bits.";
+    histogram(Seconds) QUEUE_WAIT_SECONDS = "keyfleet_queue_wait_seconds",
+        "Seconds a job message waited in the queue before a worker picked it up.";
+    histogram(Seconds) UPSTREAM_WAIT_SECONDS = "keyfleet_upstream_wait_seconds",
+        "Seconds spent registering a public key upstream, including waiting for the per-provider and region rate limit.";
+    gauge(Count) QUOTA_USED = "keyfleet_quota_used",
+        "Key pairs held in a provider, owner (account or project) and region as last seen by this process.";
+    /// The alert divides by it rather than by a number written into the rule.
+    gauge(Count) QUOTA_LIMIT = "keyfleet_quota_limit",
+        "The key-pair quota of a provider, owner and region as this process enforces it (default 500).";
+    gauge(Count) RESERVOIR_KEYS = "keyfleet_reservoir_keys",
+        "Pre-generated key pairs waiting in the reservoir, by key size in bits.";
+    counter(Count) REDELIVERIES_TOTAL = "keyfleet_redeliveries_total",
+        "Job messages delivered again after an earlier delivery was not acknowledged.";
+    counter(Count) DEAD_LETTERED_TOTAL = "keyfleet_dead_lettered_total",
+        "Job messages sent to the dead-letter queue, by reason.";
+    gauge(Count) JOBS_IN_FLIGHT = "keyfleet_jobs_in_flight",
+        "Jobs picked up and not yet answered.";
+    gauge() BUILD_INFO = "keyfleet_build_info",
+        "Always 1; the version label names the running keyfleet build.";
+    counter(Count) API_REQUESTS_TOTAL = "keyfleet_api_requests_total",
+        "keyfleet serve: API requests answered, by provider, action and code (OK, or the error code / RetCode answered).";
+    histogram(Seconds) API_REQUEST_DURATION_SECONDS = "keyfleet_api_request_duration_seconds",
+        "keyfleet serve: seconds from a request's arrival to its answer, by provider and action.";
+    counter(Count) SIGNATURE_FAILURES_TOTAL = "keyfleet_signature_failures_total",
+        "keyfleet serve: requests refused by the signature, time stamp or nonce checks, by provider and reason.";
+    counter(Count) UPSTREAM_REQUESTS_TOTAL = "keyfleet_upstream_requests_total",
+        "Calls to the upstream cloud API, by provider and code: OK, the cloud's error code, or retry (throttled, unavailable or a network error, tried again).";
+    gauge() SERVE_CONNECTIONS_OPEN = "keyfleet_serve_connections_open",
+        "keyfleet serve: connections open now (at most --max-connections).";
+    counter(Count) SERVE_CONNECTIONS_SHED_TOTAL = "keyfleet_serve_connections_shed_total",
+        "keyfleet serve: connections refused or closed on a limit, by reason: over_cap, header_timeout, idle_timeout, head_too_large.";
+}
 
 /// The `reason` label's values of [`SERVE_CONNECTIONS_SHED_TOTAL`].
 pub const SERVE_SHED_REASONS: &[&str] = &[
@@ -337,97 +342,6 @@ fn builder() -> Result<PrometheusBuilder, MetricsError> {
             .map_err(|e| MetricsError::Install(e.to_string()))?;
     }
     Ok(b)
-}
-
-fn describe() {
-    describe_counter!(
-        JOBS_TOTAL,
-        Unit::Count,
-        "Jobs answered, by provider and outcome: created, or the error code the cloud API would answer with."
-    );
-    describe_histogram!(
-        JOB_DURATION_SECONDS,
-        Unit::Seconds,
-        "Seconds from picking a job up to its result being ready, including waits for the key-generation pool and the upstream rate limit."
-    );
-    describe_histogram!(
-        KEYGEN_SECONDS,
-        Unit::Seconds,
-        "Seconds to generate one RSA key pair on the key-generation pool, by key size in bits."
-    );
-    describe_histogram!(
-        QUEUE_WAIT_SECONDS,
-        Unit::Seconds,
-        "Seconds a job message waited in the queue before a worker picked it up."
-    );
-    describe_histogram!(
-        UPSTREAM_WAIT_SECONDS,
-        Unit::Seconds,
-        "Seconds spent registering a public key upstream, including waiting for the per-provider and region rate limit."
-    );
-    describe_gauge!(
-        QUOTA_USED,
-        Unit::Count,
-        "Key pairs held in a provider, owner (account or project) and region as last seen by this process."
-    );
-    describe_gauge!(
-        QUOTA_LIMIT,
-        Unit::Count,
-        "The key-pair quota of a provider, owner and region as this process enforces it (default 500)."
-    );
-    describe_gauge!(
-        RESERVOIR_KEYS,
-        Unit::Count,
-        "Pre-generated key pairs waiting in the reservoir, by key size in bits."
-    );
-    describe_counter!(
-        REDELIVERIES_TOTAL,
-        Unit::Count,
-        "Job messages delivered again after an earlier delivery was not acknowledged."
-    );
-    describe_counter!(
-        DEAD_LETTERED_TOTAL,
-        Unit::Count,
-        "Job messages sent to the dead-letter queue, by reason."
-    );
-    describe_gauge!(
-        JOBS_IN_FLIGHT,
-        Unit::Count,
-        "Jobs picked up and not yet answered."
-    );
-    describe_counter!(
-        UPSTREAM_REQUESTS_TOTAL,
-        Unit::Count,
-        "Calls to the upstream cloud API, by provider and code: OK, the cloud's error code, or retry (throttled, unavailable or a network error, tried again)."
-    );
-    describe_counter!(
-        API_REQUESTS_TOTAL,
-        Unit::Count,
-        "keyfleet serve: API requests answered, by provider, action and code (OK, or the error code / RetCode answered)."
-    );
-    describe_histogram!(
-        API_REQUEST_DURATION_SECONDS,
-        Unit::Seconds,
-        "keyfleet serve: seconds from a request's arrival to its answer, by provider and action."
-    );
-    describe_counter!(
-        SIGNATURE_FAILURES_TOTAL,
-        Unit::Count,
-        "keyfleet serve: requests refused by the signature, time stamp or nonce checks, by provider and reason."
-    );
-    describe_gauge!(
-        SERVE_CONNECTIONS_OPEN,
-        "keyfleet serve: connections open now (at most --max-connections)."
-    );
-    describe_counter!(
-        SERVE_CONNECTIONS_SHED_TOTAL,
-        Unit::Count,
-        "keyfleet serve: connections refused or closed on a limit, by reason: over_cap, header_timeout, idle_timeout, head_too_large."
-    );
-    describe_gauge!(
-        BUILD_INFO,
-        "Always 1; the version label names the running keyfleet build."
-    );
 }
 
 fn provider_label(provider: &str) -> &'static str {

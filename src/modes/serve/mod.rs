@@ -10,7 +10,8 @@
 //! - `conn.rs`: the accept loop: connection cap, header-read and idle timeouts, heads too
 //!   large.
 //!
-//! One listener serves the API on `/` (GET and POST), and `/metrics`, `/healthz`, `/readyz`.
+//! One listener serves the API on `/` (GET and POST), and beside it the telemetry routes
+//! `/metrics`, `/healthz`, `/readyz` ([`crate::telemetry::metrics::routes`]).
 //! On shutdown the listener stops accepting, idle connections close at once, in-flight
 //! requests finish (up to `drain`), and creates already running finish and are settled even
 //! when their client has gone.
@@ -162,7 +163,7 @@ pub async fn serve_with_limits<R: Registry>(
     shutdown: CancellationToken,
     bound: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), ServeError> {
-    crate::telemetry::metrics::install()?;
+    let handle = crate::telemetry::metrics::install()?;
     let cpu = CpuPool::new_yielding(opts.threads)?;
     // Creates run to the end even after shutdown is asked for: their lifecycle has its own
     // token, cancelled only once the server has drained.
@@ -211,7 +212,6 @@ pub async fn serve_with_limits<R: Registry>(
             key_bits: opts.key_bits,
             tasks: tasks.clone(),
         },
-        readiness: readiness.clone(),
         body_timeout: limits.header_read_timeout,
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -238,7 +238,10 @@ pub async fn serve_with_limits<R: Registry>(
     let hard = CancellationToken::new();
     let accepting = tokio::spawn(conn::accept(
         listener,
-        router(app),
+        router(
+            app,
+            crate::telemetry::metrics::routes(handle, readiness.clone()),
+        ),
         limits,
         shutdown.clone(),
         hard.clone(),
@@ -279,40 +282,16 @@ pub async fn serve_with_limits<R: Registry>(
 struct App<R> {
     gateway: Gateway,
     actions: Actions<R>,
-    readiness: Readiness,
     /// Time for a request's body to arrive once its head has.
     body_timeout: Duration,
 }
 
-fn router<R: Registry>(app: Arc<App<R>>) -> Router {
+/// The API on `/`, beside the `telemetry` routes.
+fn router<R: Registry>(app: Arc<App<R>>, telemetry: Router) -> Router {
     Router::new()
         .route("/", get(api::<R>).post(api::<R>))
-        .route(
-            "/metrics",
-            get(|| async {
-                let body = crate::telemetry::metrics::render().unwrap_or_default();
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    body,
-                )
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz::<R>))
         .with_state(app)
-}
-
-async fn readyz<R: Registry>(State(app): State<Arc<App<R>>>) -> Response {
-    let why = app.readiness.not_ready_because();
-    if why.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let body = format!("not ready: {}\n", why.join(", "));
-        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
-    }
+        .merge(telemetry)
 }
 
 async fn api<R: Registry>(

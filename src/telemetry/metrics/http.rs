@@ -1,8 +1,9 @@
-//! The metrics endpoint: `/metrics`, `/healthz` and `/readyz` as an axum router on hyper. The
-//! `serve` API routes are to join this same stack later, so it is a framework rather than a
-//! hand-written responder. Each answer closes its connection (`Connection: close`): scrapers
-//! and probes open few connections, and with none kept alive nothing idles until the
-//! per-connection deadline cuts it mid-request.
+//! `/metrics`, `/healthz` and `/readyz`: one axum router ([`routes`]) that the metrics
+//! endpoint of `worker` and `run` serves alone ([`serve`]) and `keyfleet serve` beside its API
+//! on its own listener. The endpoint adds its own manners: each answer closes its connection
+//! (`Connection: close`), because scrapers and probes open few connections, and with none kept
+//! alive nothing idles until the per-connection deadline cuts it mid-request; and unknown paths
+//! get a hint. `keyfleet serve` keeps connections alive for the SDKs and leaves both out.
 
 use std::future::Future;
 use std::io;
@@ -34,11 +35,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prometheus text exposition format 0.0.4.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves GET /metrics (Prometheus text exposition), /healthz (200 "ok" while the process
-/// runs), /readyz (200 when `readiness` is ready, 503 with the reasons otherwise) on `addr`
-/// until `shutdown` is cancelled. Installs the recorder if that has not happened yet (its
-/// upkeep thread then runs too). Binds, spawns the server task on the current tokio runtime
-/// and returns the bound address (`addr` may use port 0).
+/// Serves [`routes`] on `addr` until `shutdown` is cancelled. Installs the recorder if that
+/// has not happened yet (its upkeep thread then runs too). Binds, spawns the server task on
+/// the current tokio runtime and returns the bound address (`addr` may use port 0).
 pub async fn serve(
     addr: SocketAddr,
     readiness: Readiness,
@@ -61,7 +60,9 @@ pub async fn serve(
     Ok(local)
 }
 
-fn router(handle: PrometheusHandle, readiness: Readiness) -> Router {
+/// GET /metrics (Prometheus text exposition), /healthz (200 "ok" while the process runs),
+/// /readyz (200 when `readiness` is ready, 503 with the reasons otherwise).
+pub fn routes(handle: PrometheusHandle, readiness: Readiness) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -85,6 +86,11 @@ fn router(handle: PrometheusHandle, readiness: Readiness) -> Router {
                 }
             }),
         )
+}
+
+/// [`routes`] as the metrics endpoint answers them.
+fn router(handle: PrometheusHandle, readiness: Readiness) -> Router {
+    routes(handle, readiness)
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
