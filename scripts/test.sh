@@ -89,7 +89,4 @@ python3 scripts/import-graph.py
 
 scripts/sdk/setup.sh # the official SDKs tests/serve/serve_sdk.rs drives: target/sdk/{venv,node}
 
-# Test threads get 16 MiB of stack: unoptimized async test bodies that drive a whole batch are
-# large futures, and one overflowed libtest's default 2 MiB once in CI.
-export RUST_MIN_STACK="${RUST_MIN_STACK:-16777216}"
 exec cargo test --workspace --all-targets "$@"
