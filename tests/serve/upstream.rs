@@ -56,9 +56,7 @@ async fn cloud_pairs(c: &ApiClient, provider: &str) -> BTreeMap<String, (String,
                 .unwrap()
             };
             let j = r.json();
-            if r.status == 200
-                && j.get("Code").is_none()
-                && j["RetCode"].as_i64().unwrap_or(0) == 0
+            if r.status == 200 && j.get("Code").is_none() && j["RetCode"].as_i64().unwrap_or(0) == 0
             {
                 break j;
             }
