@@ -30,7 +30,7 @@ use crate::dialect::{ucloud, Provider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("cannot read the credentials file {path}: {source}")]
+    #[error("cannot read the credentials file {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -7,12 +7,15 @@
 //! key → upstream → commit → deliver → confirm. A mode is a thin loop around it. The wings,
 //! from the door down; a file imports only from its own wing or the ones below it:
 //!
-//! - `cli/`: the door. Flags and the config file (`config.rs`), the command dispatch
-//!   (`app.rs`), the library's enums as clap values (`values.rs`). The only place that knows
-//!   clap; everything below takes plain settings.
+//! - `cli/`: the door. The flags (`config.rs`, the parsed layer), the config file and the one
+//!   merge of flags, environment, file and defaults (`resolve.rs`, the resolved layer), one
+//!   function per command and the exit codes (`app.rs`), the library's enums as clap values
+//!   (`values.rs`), completions and man pages (`generate.rs`). The only place that knows clap;
+//!   everything below takes plain settings.
 //! - `modes/`: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
 //!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs), `submit.rs` (the
-//!   producer), `collect.rs` (results into a folder), `bench/`.
+//!   producer), `collect.rs` (results into a folder); and around them `describe.rs`,
+//!   `delete.rs`, `reconcile.rs` (registry against cloud), `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
 //!   quota, engine), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
 //!   file).

@@ -11,11 +11,6 @@ async fn main() -> ExitCode {
     let shutdown = keyfleet::shutdown::on_signals();
     match keyfleet::cli::app::execute(cli, shutdown).await {
         Ok(code) => code,
-        // `keyfleet describe | head -1`: the reader has what it wanted.
-        Err(e) if keyfleet::cli::app::is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keyfleet: {e:#}");
-            ExitCode::from(keyfleet::cli::app::EXIT_FAILED)
-        }
+        Err(e) => keyfleet::cli::app::exit_code(&e),
     }
 }

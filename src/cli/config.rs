@@ -170,6 +170,26 @@ pub struct EngineArgs {
     pub engine: Engine,
 }
 
+/// The RSA key size: the flag `run`, `serve`, `submit` and `bench` share.
+#[derive(Clone, Copy, Debug, Args)]
+pub struct KeyBitsArgs {
+    /// RSA modulus size: 2048, 3072 or 4096. Default 2048 (or `key_bits` in the config file;
+    /// `bench` reads no config file).
+    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
+    pub key_bits: Option<KeyBits>,
+}
+
+/// How a batch command reports: the flags `run`, `submit` and `collect` share.
+#[derive(Clone, Copy, Debug, Args)]
+pub struct ReportArgs {
+    /// Progress on standard error.
+    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Print the summary as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `keyfleet serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -189,9 +209,8 @@ pub struct ServeArgs {
     /// Key pairs allowed per region and account (UCloud: per project; default 500).
     #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
     pub quota: Option<u64>,
-    /// RSA key size (2048, 3072 or 4096; default 2048).
-    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
-    pub key_bits: Option<KeyBits>,
+    #[command(flatten)]
+    pub key: KeyBitsArgs,
     #[command(flatten)]
     pub cpu: EngineArgs,
     /// Keys made ahead on idle threads and kept in memory (never persisted), so a create is
@@ -349,8 +368,8 @@ pub struct SubmitArgs {
     pub provider: Provider,
     #[arg(long, env = "KEYFLEET_OWNER", default_value = "default")]
     pub owner: String,
-    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
-    pub key_bits: Option<KeyBits>,
+    #[command(flatten)]
+    pub key: KeyBitsArgs,
     /// Batch id; default: a new UUID.
     #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
@@ -379,15 +398,8 @@ pub struct SubmitArgs {
     /// identity and give it to `collect --identity`.
     #[arg(long, env = "KEYFLEET_RECIPIENT", value_name = "AGE1…")]
     pub recipient: Option<String>,
-    /// With --wait: keep the identity once the batch is completely collected.
-    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
-    pub keep_identity: bool,
     #[command(flatten)]
-    pub server: ServerArgs,
-    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    #[arg(long)]
-    pub json: bool,
+    pub results: ResultsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -407,16 +419,23 @@ pub struct CollectArgs {
     /// working directory. It is checked against the batch's recipient before anything is read.
     #[arg(long, env = "KEYFLEET_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    #[command(flatten)]
+    pub results: ResultsArgs,
+}
+
+/// Where a batch's results are and how their collection reports: the flags `submit` and
+/// `collect` share.
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
     /// Keep an identity found in its default place once the batch is completely collected
-    /// (otherwise it is removed then; one named with --identity is always kept).
+    /// (`collect`, `submit --wait`); otherwise it is removed then. One named with --identity is
+    /// always kept.
     #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
     pub keep_identity: bool,
     #[command(flatten)]
     pub server: ServerArgs,
-    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -591,21 +610,16 @@ pub struct RunArgs {
     /// Owner (Alibaba account / UCloud default project) of rows without an Owner column.
     #[arg(long, env = "KEYFLEET_OWNER", default_value = "default")]
     pub owner: String,
-    /// RSA modulus size: 2048, 3072 or 4096. Default 2048 (or key_bits in the config file).
-    #[arg(long, env = "KEYFLEET_KEY_BITS", value_name = "BITS", value_parser = parse_key_bits)]
-    pub key_bits: Option<KeyBits>,
+    #[command(flatten)]
+    pub key: KeyBitsArgs,
     #[command(flatten)]
     pub cpu: EngineArgs,
     /// Batch id (ties job ids to rows so a re-run after a crash resumes). Default: derived
     /// from the input file's absolute path.
     #[arg(long, env = "KEYFLEET_BATCH_ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
-    /// Progress display.
-    #[arg(long, env = "KEYFLEET_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    /// Print the summary as one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// Serve Prometheus /metrics (and /healthz, /readyz) here while the run lasts, e.g.
     /// 127.0.0.1:9464. Off by default.
     #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
@@ -675,8 +689,8 @@ pub struct BenchArgs {
     pub keys: usize,
     #[command(flatten)]
     pub cpu: EngineArgs,
-    #[arg(long, env = "KEYFLEET_KEY_BITS", default_value = "2048", value_parser = parse_key_bits)]
-    pub bits: KeyBits,
+    #[command(flatten)]
+    pub key: KeyBitsArgs,
     /// Also measure, alternated round by round, `rsa`'s RsaPrivateKey::new and OpenSSL's RSA
     /// key generation (through Python `cryptography`, when python3 has it), and report ratios.
     #[arg(long)]

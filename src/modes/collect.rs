@@ -68,6 +68,55 @@ pub struct CollectSummary {
     pub manifest: PathBuf,
 }
 
+impl CollectSummary {
+    /// The report a person reads.
+    pub fn render(&self) -> String {
+        let t = &self.tally;
+        let mut text = format!(
+            "batch {}: collected {} results this run ({} created, {} failed), {} duplicates skipped\n",
+            self.batch_id, t.rows, t.created, t.failed, self.duplicates
+        );
+        for (code, n) in &t.failed_by_code {
+            text.push_str(&format!("  failed {code}: {n}\n"));
+        }
+        if self.rejected > 0 {
+            text.push_str(&format!(
+                "  rejected (not the registered key; kept in rejected.jsonl): {}\n",
+                self.rejected
+            ));
+        }
+        if self.kept > 0 {
+            text.push_str(&format!(
+                "  left on the queue (their keys did not decrypt with {}): {}\n",
+                self.identity
+                    .as_deref()
+                    .map_or("no identity".into(), |p| p.display().to_string()),
+                self.kept
+            ));
+        }
+        let (collected, manifest) = (self.collected, self.manifest.display());
+        text.push_str(&match self.total {
+            Some(t) if self.complete => format!("complete: {collected}/{t} results in {manifest}\n"),
+            Some(t) => format!(
+                "incomplete: {collected}/{t} results so far in {manifest} (run collect again to continue)\n"
+            ),
+            None => format!("{collected} results so far in {manifest} (total not known yet)\n"),
+        });
+        match (&self.identity_removed, &self.identity) {
+            (Some(p), _) => text.push_str(&format!(
+                "identity {} removed: every key of the batch is written (--keep-identity keeps it)\n",
+                p.display()
+            )),
+            (None, Some(p)) if !self.complete => text.push_str(&format!(
+                "identity: {} (keep it until the batch is collected)\n",
+                p.display()
+            )),
+            _ => {}
+        }
+        text
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
     #[error(transparent)]
@@ -169,18 +218,24 @@ async fn drain(
     broker.declare().await?;
     let queue = broker.declare_results_queue(batch).await?;
     broker.set_prefetch((ACK_EVERY * 4) as u16).await?;
-    let (mut out, mut seen) = OutputDir::resume(&opts.out)?;
+    let (out, seen) = OutputDir::resume(&opts.out)?;
     let mut consumer = broker.consume(&queue).await?;
 
     let mut total = known.and_then(|s| s.total);
-    let mut progress = Progress::new(opts.progress, total);
+    let progress = Progress::new(opts.progress, total);
     let identity_path = identity.as_ref().map(|(p, _, _)| p.clone());
     let removable = identity.as_ref().is_some_and(|(_, _, default)| *default);
     let keys = Keys {
         files: out.keys().clone(),
         identity: identity.map(|(_, id, _)| id),
     };
-    let mut counts = Counts::default();
+    let mut desk = Desk {
+        out,
+        seen,
+        progress,
+        counts: Counts::default(),
+        keys,
+    };
     // Results whose key could not be decrypted: never acked, so they stay on the queue.
     let mut kept: Vec<lapin::Acker> = Vec::new();
     let mut unacked: Vec<lapin::Acker> = Vec::new();
@@ -190,7 +245,7 @@ async fn drain(
     let mut last_result = Instant::now();
     let mut checked_total = Instant::now();
     loop {
-        if total.is_some_and(|t| seen.len() as u64 >= t) {
+        if total.is_some_and(|t| desk.seen.len() as u64 >= t) {
             break;
         }
         let next = tokio::select! {
@@ -207,7 +262,7 @@ async fn drain(
                         // Not keyfleet's result format: keep the bytes (they may hold a key,
                         // hence 0600) and go on, rather than stop on it forever.
                         tracing::error!("a message on the results queue is not a result: {e}");
-                        out.keep_unreadable(&delivery.data)?;
+                        desk.out.keep_unreadable(&delivery.data)?;
                         unacked.push(delivery.acker);
                         continue;
                     }
@@ -219,7 +274,7 @@ async fn drain(
                 // A job already written is done, unless what was written is a failure and this
                 // is a created pair: a failure may have been forged, or answered by an attempt
                 // before the one that created the pair, which the registry then vouches for.
-                let written = seen.get(&result.job_id).copied();
+                let written = desk.seen.get(&result.job_id).copied();
                 let verdict =
                     if written == Some(true) || (written.is_some() && !result.is_created()) {
                         Verdict::Superseded
@@ -228,25 +283,13 @@ async fn drain(
                     };
                 match verdict {
                     Verdict::Wait => held.push((result, delivery.acker)),
-                    verdict => {
-                        let taken = take(
-                            &mut out,
-                            &keys,
-                            &mut seen,
-                            &mut progress,
-                            &mut counts,
-                            result,
-                            verdict,
-                        )
-                        .await?;
-                        match taken {
-                            Taken::Done => unacked.push(delivery.acker),
-                            Taken::Kept => kept.push(delivery.acker),
-                        }
-                    }
+                    verdict => match desk.take(result, verdict).await? {
+                        Taken::Done => unacked.push(delivery.acker),
+                        Taken::Kept => kept.push(delivery.acker),
+                    },
                 }
                 if unacked.len() >= ACK_EVERY {
-                    ack_all(&mut out, &mut unacked).await?;
+                    ack_all(&mut desk.out, &mut unacked).await?;
                 }
             }
             Ok(None) => break,
@@ -256,18 +299,7 @@ async fn drain(
                     match verdict(&registry, &status, &result, &shutdown).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
-                            let (out, seen) = (&mut out, &mut seen);
-                            let taken = take(
-                                out,
-                                &keys,
-                                seen,
-                                &mut progress,
-                                &mut counts,
-                                result,
-                                verdict,
-                            )
-                            .await?;
-                            match taken {
+                            match desk.take(result, verdict).await? {
                                 Taken::Done => unacked.push(acker),
                                 Taken::Kept => kept.push(acker),
                             }
@@ -276,7 +308,7 @@ async fn drain(
                     }
                 }
                 held = still;
-                ack_all(&mut out, &mut unacked).await?;
+                ack_all(&mut desk.out, &mut unacked).await?;
                 if checked_total.elapsed() > Duration::from_secs(1) {
                     // The total only decides when to stop: a Redis restart is ridden out.
                     match status.status(&opts.batch_id).await {
@@ -296,8 +328,10 @@ async fn drain(
     let mut still = Vec::new();
     for (result, acker) in held.drain(..) {
         match verdict(&registry, &status, &result, &shutdown).await? {
-            Verdict::Superseded if seen.contains_key(&result.job_id) || result.is_created() => {
-                counts.duplicates += 1;
+            Verdict::Superseded
+                if desk.seen.contains_key(&result.job_id) || result.is_created() =>
+            {
+                desk.counts.duplicates += 1;
                 unacked.push(acker);
             }
             _ => still.push((result, acker)),
@@ -319,10 +353,17 @@ async fn drain(
     // Dropped unacked: the broker keeps them for the next collect.
     drop(held);
     drop(kept);
-    ack_all(&mut out, &mut unacked).await?;
+    ack_all(&mut desk.out, &mut unacked).await?;
     if let Ok(s) = status.status(&opts.batch_id).await {
         total = s.and_then(|s| s.total).or(total);
     }
+    let Desk {
+        out,
+        seen,
+        progress,
+        counts,
+        ..
+    } = desk;
     let manifest = out.finish()?;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
@@ -509,6 +550,15 @@ struct Counts {
     kept: u64,
 }
 
+/// Where taken results go, and what is counted of them.
+struct Desk {
+    out: OutputDir,
+    seen: crate::sink::folder::Written,
+    progress: Progress,
+    counts: Counts,
+    keys: Keys,
+}
+
 /// How keys are read and written here.
 struct Keys {
     files: KeyFiles,
@@ -533,62 +583,67 @@ enum Refused {
     Undecryptable(String),
 }
 
-/// Writes an accepted result (key file through the sink, then its manifest line), or drops a
-/// superseded one, counting it. A created result whose key is not the key the registry holds
-/// (a forged result; the genuine one may still come) is kept aside, not written, and counted;
-/// one whose key does not decrypt is left on the queue ([`Taken::Kept`]).
-async fn take(
-    out: &mut OutputDir,
-    keys: &Keys,
-    seen: &mut crate::sink::folder::Written,
-    progress: &mut Progress,
-    counts: &mut Counts,
-    mut result: JobResult,
-    verdict: Verdict,
-) -> Result<Taken, CollectError> {
-    if verdict != Verdict::Accept {
-        counts.duplicates += 1;
-        return Ok(Taken::Done);
-    }
-    let mut key_file = None;
-    if result.is_created() {
-        match plaintext_key(keys, &mut result) {
-            Ok(()) => {}
-            Err(Refused::Undecryptable(why)) => {
-                tracing::error!(job = %result.job_id, "result left on the queue: {why}");
-                counts.kept += 1;
-                return Ok(Taken::Kept);
+impl Desk {
+    /// Writes an accepted result (key file through the sink, then its manifest line), or drops a
+    /// superseded one, counting it. A created result whose key is not the key the registry holds
+    /// (a forged result; the genuine one may still come) is kept aside, not written, and counted;
+    /// one whose key does not decrypt is left on the queue ([`Taken::Kept`]).
+    async fn take(
+        &mut self,
+        mut result: JobResult,
+        verdict: Verdict,
+    ) -> Result<Taken, CollectError> {
+        let Desk {
+            out,
+            seen,
+            progress,
+            counts,
+            keys,
+        } = self;
+        if verdict != Verdict::Accept {
+            counts.duplicates += 1;
+            return Ok(Taken::Done);
+        }
+        let mut key_file = None;
+        if result.is_created() {
+            match plaintext_key(keys, &mut result) {
+                Ok(()) => {}
+                Err(Refused::Undecryptable(why)) => {
+                    tracing::error!(job = %result.job_id, "result left on the queue: {why}");
+                    counts.kept += 1;
+                    return Ok(Taken::Kept);
+                }
+                Err(Refused::Rejected(why)) => {
+                    tracing::error!(job = %result.job_id, "result not written: {why}");
+                    out.keep_rejected(&result, &why)?;
+                    counts.rejected += 1;
+                    return Ok(Taken::Done);
+                }
             }
-            Err(Refused::Rejected(why)) => {
-                tracing::error!(job = %result.job_id, "result not written: {why}");
-                out.keep_rejected(&result, &why)?;
-                counts.rejected += 1;
-                return Ok(Taken::Done);
+            let sha256 = result
+                .created()
+                .map(|c| c.fingerprint_sha256.clone())
+                .unwrap_or_default();
+            match keys.files.write(&mut result) {
+                Ok(path) => key_file = Some(path),
+                // Written by an earlier collect that stopped before its manifest line or ack.
+                Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => {
+                    set_private_key_body(
+                        result.provider,
+                        &mut result.response,
+                        &path.to_string_lossy(),
+                    );
+                    key_file = Some(path);
+                }
+                // Not acked: the result stays on the queue for the next collect, and no key is lost.
+                Err(e) => return Err(CollectError::KeyFile(e)),
             }
         }
-        let sha256 = result
-            .created()
-            .map(|c| c.fingerprint_sha256.clone())
-            .unwrap_or_default();
-        match keys.files.write(&mut result) {
-            Ok(path) => key_file = Some(path),
-            // Written by an earlier collect that stopped before its manifest line or ack.
-            Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => {
-                set_private_key_body(
-                    result.provider,
-                    &mut result.response,
-                    &path.to_string_lossy(),
-                );
-                key_file = Some(path);
-            }
-            // Not acked: the result stays on the queue for the next collect, and no key is lost.
-            Err(e) => return Err(CollectError::KeyFile(e)),
-        }
+        out.append(&result, key_file.as_deref())?;
+        seen.insert(result.job_id, result.is_created());
+        progress.record(&result);
+        Ok(Taken::Done)
     }
-    out.append(&result, key_file.as_deref())?;
-    seen.insert(result.job_id, result.is_created());
-    progress.record(&result);
-    Ok(Taken::Done)
 }
 
 /// Turns the created result's key body into the plaintext PEM, checked against the

@@ -1,8 +1,14 @@
-//! The modes: each a thin loop around the one job lifecycle (`crate::lifecycle`).
+//! The modes: the batch modes (`run`, `worker`, `submit`, `collect`, `serve`) are each a thin
+//! loop around the one job lifecycle (`crate::lifecycle`); the others (`describe`, `delete`,
+//! `reconcile`, `status`, `bench`) read or tidy what the lifecycle made, or measure it.
 
 pub mod bench;
 pub mod collect;
+pub mod delete;
+pub mod describe;
+pub mod reconcile;
 pub mod run;
 pub mod serve;
+pub mod status;
 pub mod submit;
 pub mod worker;

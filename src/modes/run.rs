@@ -57,6 +57,33 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
+impl Summary {
+    /// The report a person reads.
+    pub fn render(&self) -> String {
+        let t = &self.tally;
+        let mut out = format!(
+            "{} rows: {} created, {} failed in {:.1} s ({:.1} keys/s on {} threads)\n",
+            t.rows, t.created, t.failed, self.seconds, self.keys_per_second, self.threads
+        );
+        if t.delivered_earlier > 0 {
+            out.push_str(&format!(
+                "  delivered by an earlier run of this batch (listed again): {}\n",
+                t.delivered_earlier
+            ));
+        }
+        for (code, n) in &t.failed_by_code {
+            out.push_str(&format!("  failed {code}: {n}\n"));
+        }
+        out.push_str(&format!("manifest: {}\n", self.manifest.display()));
+        if self.interrupted {
+            out.push_str(
+                "interrupted: rows after the last one in the manifest were not processed\n",
+            );
+        }
+        out
+    }
+}
+
 /// Runs a batch file through the pipeline on the embedded store.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
     let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);

@@ -67,6 +67,20 @@ impl Configured {
     }
 }
 
+impl Configured {
+    /// The cloud at `--upstream-endpoint`, for the commands that talk to it directly
+    /// (`reconcile`, `delete`); `None` when no endpoint is configured.
+    pub fn cloud(settings: &Settings) -> Result<Option<http::HttpUpstream>, BuildError> {
+        if !settings.is_remote() {
+            return Ok(None);
+        }
+        match Configured::build(settings, None)? {
+            Configured::Http(h) => Ok(Some(h)),
+            Configured::Local(_) => Ok(None),
+        }
+    }
+}
+
 /// Why an upstream could not be built from its settings.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

@@ -39,6 +39,29 @@ fn bad_values_exit_2_and_name_the_setting() {
     );
 }
 
+/// A setting that cannot work exits 2 like a bad flag, and each cause is printed once (the
+/// credentials error once printed the OS error twice).
+#[test]
+fn unusable_settings_exit_2_printing_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keyfleet(dir.path())
+        .args(["serve", "--credentials", "missing.toml"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("missing.toml"), "{t}");
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+
+    let out = keyfleet(dir.path())
+        .args(["reconcile", "--region", "cn-hangzhou"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("--upstream-endpoint"), "{t}");
+}
+
 #[test]
 fn missing_input_exits_1_with_the_path() {
     let dir = tempfile::tempdir().unwrap();

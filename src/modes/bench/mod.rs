@@ -17,6 +17,24 @@ use crate::modes::run::{run, RunOptions};
 use crate::settings::{KeyPairQuota, Settings};
 use crate::telemetry::progress::ProgressMode;
 
+/// What keys a benchmark makes, and on how many threads (0 = one per core).
+#[derive(Clone, Copy, Debug)]
+pub struct KeySpec {
+    pub engine: Engine,
+    pub bits: KeyBits,
+    pub threads: usize,
+}
+
+/// What [`bench`] measures: `keys` keys per measurement, alternated for `rounds` rounds,
+/// against OpenSSL and `rsa` (`compare`) and through `keyfleet run` (`pipeline`).
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub keys: usize,
+    pub rounds: usize,
+    pub compare: bool,
+    pub pipeline: bool,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Measurement {
     pub engine: String,
@@ -226,15 +244,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The whole `bench` subcommand. With `--pipeline`, raw generation and the pipeline alternate
 /// for `rounds` rounds and the medians are compared, so machine noise hits both alike.
-pub async fn bench(
-    engine: Engine,
-    bits: KeyBits,
-    threads: usize,
-    keys: usize,
-    compare: bool,
-    pipeline: bool,
-    rounds: usize,
-) -> Result<Report, BenchError> {
+pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
+    let (engine, bits, threads) = (spec.engine, spec.bits, spec.threads);
+    let Plan {
+        keys,
+        rounds,
+        compare,
+        pipeline,
+    } = plan;
     let rounds = rounds.max(1);
     let mut raws = Vec::new();
     let mut pipes = Vec::new();

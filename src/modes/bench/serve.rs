@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{measure, median, percentile, threads_of, BenchError};
+use super::{measure, median, percentile, threads_of, BenchError, KeySpec};
 use crate::credentials::{AccessKey, Credentials, Secret};
 use crate::dialect::Provider;
 use crate::keys::keygen::{Engine, KeyBits};
@@ -165,13 +165,12 @@ fn reservoir_keys(bits: KeyBits) -> usize {
 
 /// Alternates raw / warm / cold for `rounds` rounds of `creates` creates each.
 pub async fn bench_serve(
-    engine: Engine,
-    bits: KeyBits,
-    threads: usize,
+    spec: KeySpec,
     creates: usize,
     concurrency: usize,
     rounds: usize,
 ) -> Result<ServeReport, BenchError> {
+    let (engine, bits, threads) = (spec.engine, spec.bits, spec.threads);
     if creates == 0 {
         return Err(BenchError::NoKeys);
     }
