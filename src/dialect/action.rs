@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use super::public_key::ImportedKey;
+use super::public_key::{self, ImportedKey};
 use super::record::{wildcard_match, KeyPairRecord};
-use super::{ApiError, Provider, Scope, Tag};
+use super::{ApiError, Call, Provider, Scope, Tag};
 
 /// What a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +58,42 @@ pub struct ImportRequest {
     pub tags: Vec<Tag>,
 }
 
+/// A dialect's rules that [`ImportRequest::decode`] plugs in.
+pub(crate) struct ImportRules {
+    /// The scope, checked in the dialect's order.
+    pub scope: fn(Call<'_>) -> Result<Scope, ApiError>,
+    /// The dialect's `KeyPairName` rule.
+    pub name_is_valid: fn(&str) -> bool,
+    /// The resource group and the tags (Alibaba checks them in that order; UCloud has neither).
+    pub extras: fn(Call<'_>) -> Result<Extras, ApiError>,
+}
+
+/// An import's resource group and tags.
+pub(crate) type Extras = (Option<String>, Vec<Tag>);
+
+impl ImportRequest {
+    /// An import once its parameter names (and Alibaba's `RegionId`) are through, in the order
+    /// both clouds check: `KeyPairName`, then `PublicKeyBody`, given; the scope; the name rule;
+    /// the extras; the key itself.
+    pub(crate) fn decode(call: Call<'_>, rules: &ImportRules) -> Result<ImportRequest, ApiError> {
+        let name = call.required("KeyPairName")?;
+        let body = call.required("PublicKeyBody")?;
+        let scope = (rules.scope)(call)?;
+        if !(rules.name_is_valid)(name) {
+            return Err(ApiError::NameMalformed);
+        }
+        let (resource_group_id, tags) = (rules.extras)(call)?;
+        let key = public_key::parse(body)?;
+        Ok(ImportRequest {
+            scope,
+            name: name.clone(),
+            key,
+            resource_group_id,
+            tags,
+        })
+    }
+}
+
 /// DescribeKeyPairs / DescribeUHostKeyPairs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DescribeRequest {
@@ -74,6 +110,21 @@ pub struct DescribeRequest {
 }
 
 impl DescribeRequest {
+    /// One page of `scope` from `offset`, filtered by what both clouds take: `KeyPairName` and
+    /// `KeyPairFingerPrint` (empty meaning no filter). Alibaba adds its own filters to it.
+    pub(crate) fn page(scope: Scope, call: Call<'_>, offset: usize, limit: usize) -> Self {
+        DescribeRequest {
+            scope,
+            name: call.nonempty("KeyPairName"),
+            fingerprint: call.nonempty("KeyPairFingerPrint"),
+            resource_group_id: None,
+            tags: Vec::new(),
+            include_public_key: false,
+            offset,
+            limit,
+        }
+    }
+
     pub fn matches(&self, r: &KeyPairRecord) -> bool {
         self.name
             .as_ref()

@@ -41,10 +41,7 @@ use std::collections::BTreeMap;
 
 pub mod actions;
 
-use super::{
-    clip, is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError,
-    Provider, Scope, Tag,
-};
+use super::{is_chinese, ApiError, Call, CreateRequest, Created, ErrorReply, GatewayError, Tag};
 
 /// `HostId` of every error body.
 pub const HOST_ID: &str = "ecs.aliyuncs.com";
@@ -80,6 +77,8 @@ const SIGNING_PARAMS: &[&str] = &[
     "Timestamp",
     "Version",
 ];
+/// What a signing parameter is refused with.
+const SIGNING_REASON: &str = "a signing parameter; keyfleet takes no credentials or signatures";
 
 /// How Alibaba answers `err`: the seed's table where it has the error, Alibaba's common codes
 /// otherwise.
@@ -218,54 +217,31 @@ fn gateway_reply(err: &GatewayError) -> (u16, String, String) {
     (status, code.into(), message.into())
 }
 
-/// Validate an Alibaba parameter map in the documented check order. `owner` is the account.
-pub fn decode(
-    owner: &str,
-    params: &BTreeMap<String, String>,
-    catalog: &Catalog,
-) -> Result<CreateRequest, ApiError> {
-    // 1. names
+/// Validate an Alibaba parameter map in the documented check order. The owner is the account.
+pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
+    // 1. names, 2. Action
     let known = |name: &str| {
         matches!(
             name,
             "Action" | "RegionId" | "KeyPairName" | "ResourceGroupId"
         ) || tag_param(name).is_some()
     };
-    let signing = "a signing parameter; keyfleet takes no credentials or signatures";
-    super::check_create_names(params, known, SIGNING_PARAMS, signing)?;
-    // 2. Action
-    super::check_create_action(params, ACTION)?;
+    super::check_create(call.params, known, SIGNING_PARAMS, SIGNING_REASON, ACTION)?;
     // 3. required
-    let required = |p: &str| match params.get(p) {
-        Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(ApiError::MissingParameter(p.into())),
-    };
-    let region = required("RegionId")?;
-    let name = required("KeyPairName")?;
+    call.required("RegionId")?;
+    let name = call.required("KeyPairName")?;
     // 4. region
-    if !catalog.aliyun_regions.contains(region) {
-        return Err(ApiError::RegionNotFound(clip(region)));
-    }
+    let scope = actions::scope(call)?;
     // 5. name
     if !name_is_valid(name) {
         return Err(ApiError::NameMalformed);
     }
     // 6. resource group
-    let resource_group_id = params.get("ResourceGroupId").cloned();
-    if let Some(rg) = &resource_group_id {
-        if !catalog.resource_groups.contains(rg) {
-            return Err(ApiError::ResourceGroupNotFound(clip(rg)));
-        }
-    }
+    let resource_group_id = actions::resource_group(call)?;
     // 7. tags
-    let tags = decode_tags(params)?;
-
+    let tags = decode_tags(call.params)?;
     Ok(CreateRequest {
-        scope: Scope {
-            provider: Provider::Aliyun,
-            owner: owner.to_string(),
-            region: region.clone(),
-        },
+        scope,
         name: name.clone(),
         resource_group_id,
         tags,
@@ -495,6 +471,7 @@ pub fn xml_escape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::dialect::tests::{all_errors, params};
+    use crate::dialect::{Catalog, Provider, Scope};
 
     fn base() -> BTreeMap<String, String> {
         params(&[
@@ -510,7 +487,7 @@ mod tests {
     }
 
     fn run(p: &BTreeMap<String, String>) -> Result<CreateRequest, ApiError> {
-        decode("acct", p, &Catalog::default())
+        crate::dialect::decode(Provider::Aliyun, "acct", p, &Catalog::default())
     }
 
     fn name_result(name: &str) -> Result<(), ApiError> {

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
-use action::{DeleteRequest, DescribeRequest, ImportRequest, Params};
+use action::{DeleteRequest, DescribeRequest, ImportRequest};
 use record::KeyPairRecord;
 
 /// Key pairs allowed per [`Scope`] by both clouds (Alibaba: 500 per region and account;
@@ -347,32 +347,53 @@ impl ApiError {
     }
 }
 
-/// A create request's parameter names: each must be `known`; a dialect's signing parameter
-/// (in `signing`) is refused with `signing_reason`, anything else as unknown.
-pub(crate) fn check_create_names(
+/// One request as a dialect's decoders see it: who sends it (`owner`: the account for Alibaba,
+/// the default project for UCloud), its parameters, and what exists.
+#[derive(Clone, Copy, Debug)]
+pub struct Call<'a> {
+    pub owner: &'a str,
+    pub params: &'a BTreeMap<String, String>,
+    pub catalog: &'a Catalog,
+}
+
+impl<'a> Call<'a> {
+    /// A required parameter's value; absent or given as empty is `MissingParameter` (see the
+    /// module docs).
+    pub(crate) fn required(self, name: &str) -> Result<&'a String, ApiError> {
+        match self.params.get(name) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => Err(ApiError::MissingParameter(name.into())),
+        }
+    }
+
+    /// An optional filter's value; absent or given as empty is no filter.
+    pub(crate) fn nonempty(self, name: &str) -> Option<String> {
+        self.params.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+}
+
+/// Steps 1 and 2 of both dialects' create check order. Parameter names: each must be `known`;
+/// a dialect's signing parameter (in `signing`) is refused with `signing_reason`, anything else
+/// as unknown. Then an `Action` parameter, when sent, must name the create `action`.
+pub(crate) fn check_create(
     params: &BTreeMap<String, String>,
     known: impl Fn(&str) -> bool,
     signing: &[&str],
     signing_reason: &str,
+    action: &str,
 ) -> Result<(), ApiError> {
-    match params.keys().find(|name| !known(name)) {
-        Some(name) if signing.contains(&name.as_str()) => {
-            Err(ApiError::unknown_parameter(name, signing_reason))
-        }
-        Some(name) => Err(ApiError::unknown_parameter(name, "unknown parameter")),
-        None => Ok(()),
+    if let Some(name) = params.keys().find(|name| !known(name)) {
+        let reason = if signing.contains(&name.as_str()) {
+            signing_reason
+        } else {
+            "unknown parameter"
+        };
+        return Err(ApiError::unknown_parameter(name, reason));
     }
-}
-
-/// An `Action` parameter, when sent, must name the dialect's create action.
-pub(crate) fn check_create_action(
-    params: &BTreeMap<String, String>,
-    expected: &str,
-) -> Result<(), ApiError> {
     match params.get("Action") {
-        Some(action) if action != expected => Err(ApiError::InvalidParameter {
+        Some(sent) if sent != action => Err(ApiError::InvalidParameter {
             name: ApiError::ACTION.into(),
-            reason: format!("unsupported action {:?}; expected {expected}", clip(action)),
+            reason: format!("unsupported action {:?}; expected {action}", clip(sent)),
         }),
         _ => Ok(()),
     }
@@ -392,22 +413,37 @@ pub struct ErrorReply {
     pub ret_code: Option<i64>,
 }
 
-/// Decode + validate a flat map of API parameter names (Alibaba `RegionId`, `KeyPairName`,
-/// `ResourceGroupId`, `Tag.N.Key`, `Tag.N.Value`, optional `Action`; UCloud `Region`, `Zone`,
-/// `ProjectId`, `KeyPairName`, optional `Action`). Unknown parameter names are an
-/// `InvalidParameter` error: other systems publish jobs to us and must learn about typos.
-/// `owner` is the account (Alibaba) or the default project (UCloud, used when `ProjectId` is
-/// absent). The check order of each dialect is documented in its module.
-pub fn decode(
-    provider: Provider,
-    owner: &str,
-    params: &BTreeMap<String, String>,
-    catalog: &Catalog,
-) -> Result<CreateRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::decode(owner, params, catalog),
-        Provider::Ucloud => ucloud::decode(owner, params, catalog),
-    }
+/// The decoders' dispatchers, all of one signature: each builds the request's [`Call`] and hands
+/// it to `provider`'s decoder of that name, in the dialect module or in its `actions`.
+macro_rules! dispatch_decoders {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident $(in $module:ident)? -> $out:ty;
+    )*) => {$(
+        $(#[$doc])*
+        pub fn $name(
+            provider: Provider,
+            owner: &str,
+            params: &BTreeMap<String, String>,
+            catalog: &Catalog,
+        ) -> Result<$out, ApiError> {
+            let call = Call { owner, params, catalog };
+            match provider {
+                Provider::Aliyun => aliyun::$($module::)?$name(call),
+                Provider::Ucloud => ucloud::$($module::)?$name(call),
+            }
+        }
+    )*};
+}
+
+dispatch_decoders! {
+    /// Decode + validate a flat map of API parameter names (Alibaba `RegionId`, `KeyPairName`,
+    /// `ResourceGroupId`, `Tag.N.Key`, `Tag.N.Value`, optional `Action`; UCloud `Region`, `Zone`,
+    /// `ProjectId`, `KeyPairName`, optional `Action`). Unknown parameter names are an
+    /// `InvalidParameter` error: other systems publish jobs to us and must learn about typos.
+    /// `owner` is the account (Alibaba) or the default project (UCloud, used when `ProjectId` is
+    /// absent). The check order of each dialect is documented in its module.
+    decode -> CreateRequest;
 }
 
 /// What a successful create produced (filled in by the pipeline).
@@ -510,68 +546,49 @@ pub fn key_pair_identity_with(
 impl ApiError {
     /// One error of every kind, for lists derived from the dialects (metric labels).
     pub fn every_kind() -> Vec<ApiError> {
-        vec![
-            ApiError::MissingParameter("KeyPairName".into()),
-            ApiError::MissingParameter("RegionId".into()),
-            ApiError::InvalidParameter {
-                name: ApiError::ACTION.into(),
-                reason: String::new(),
-            },
-            ApiError::InvalidParameter {
-                name: "x".into(),
-                reason: String::new(),
-            },
+        let invalid = [(ApiError::ACTION, ""), ("x", "")];
+        ApiError::create_kinds(&["KeyPairName", "RegionId"], &invalid, [""; 4])
+    }
+
+    /// Every kind of error a create can end in, in a fixed order: a `MissingParameter` for each
+    /// of `missing`, an `InvalidParameter` for each (name, reason) of `invalid`, then one of
+    /// each other kind, those that carry text with `region`, `zone`, `group` and `internal`.
+    pub(crate) fn create_kinds(
+        missing: &[&str],
+        invalid: &[(&str, &str)],
+        [region, zone, group, internal]: [&str; 4],
+    ) -> Vec<ApiError> {
+        let missing = missing
+            .iter()
+            .map(|name| ApiError::MissingParameter((*name).into()));
+        let invalid = invalid
+            .iter()
+            .map(|(name, reason)| ApiError::InvalidParameter {
+                name: (*name).into(),
+                reason: (*reason).into(),
+            });
+        let others = [
             ApiError::NameMalformed,
-            ApiError::RegionNotFound(String::new()),
-            ApiError::ZoneNotFound(String::new()),
-            ApiError::ResourceGroupNotFound(String::new()),
+            ApiError::RegionNotFound(region.into()),
+            ApiError::ZoneNotFound(zone.into()),
+            ApiError::ResourceGroupNotFound(group.into()),
             ApiError::DuplicateTagKey,
             ApiError::TagKeyMalformed,
             ApiError::TagValueMalformed,
             ApiError::TooManyTags,
             ApiError::QuotaExceeded,
             ApiError::AlreadyExists,
-            ApiError::Internal(String::new()),
-        ]
+            ApiError::Internal(internal.into()),
+        ];
+        missing.chain(invalid).chain(others).collect()
     }
 }
 
 // The other key-pair actions (`action.rs`), each sent to its dialect.
-
-pub fn decode_import(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<ImportRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_import(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_import(owner, params, catalog),
-    }
-}
-
-pub fn decode_describe(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DescribeRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_describe(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_describe(owner, params, catalog),
-    }
-}
-
-pub fn decode_delete(
-    provider: Provider,
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DeleteRequest, ApiError> {
-    match provider {
-        Provider::Aliyun => aliyun::actions::decode_delete(owner, params, catalog),
-        Provider::Ucloud => ucloud::actions::decode_delete(owner, params, catalog),
-    }
+dispatch_decoders! {
+    decode_import in actions -> ImportRequest;
+    decode_describe in actions -> DescribeRequest;
+    decode_delete in actions -> DeleteRequest;
 }
 
 /// The answer to an import: the registered record.
@@ -867,23 +884,7 @@ mod tests {
 
     /// One value of every variant, for exhaustive reply tables in the dialect tests.
     pub(crate) fn all_errors() -> Vec<ApiError> {
-        vec![
-            ApiError::MissingParameter("KeyPairName".into()),
-            ApiError::InvalidParameter {
-                name: "Foo".into(),
-                reason: "unknown parameter".into(),
-            },
-            ApiError::NameMalformed,
-            ApiError::RegionNotFound("xx".into()),
-            ApiError::ZoneNotFound("xx-01".into()),
-            ApiError::ResourceGroupNotFound("rg-x".into()),
-            ApiError::DuplicateTagKey,
-            ApiError::TagKeyMalformed,
-            ApiError::TagValueMalformed,
-            ApiError::TooManyTags,
-            ApiError::QuotaExceeded,
-            ApiError::AlreadyExists,
-            ApiError::Internal("disk full".into()),
-        ]
+        let samples = ["xx", "xx-01", "rg-x", "disk full"];
+        ApiError::create_kinds(&["KeyPairName"], &[("Foo", "unknown parameter")], samples)
     }
 }

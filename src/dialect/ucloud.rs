@@ -45,14 +45,12 @@
 //! - The success body carries the `KeyPair` object of the field table and, like the seed's
 //!   response example, `KeyPairName` at the top level too.
 
-use std::collections::BTreeMap;
-
 use md5::{Digest, Md5};
 use rand_core::{OsRng, RngCore};
 
 pub mod actions;
 
-use super::{is_chinese, ApiError, Catalog, CreateRequest, Created, ErrorReply, GatewayError};
+use super::{is_chinese, ApiError, Call, CreateRequest, Created, ErrorReply, GatewayError};
 
 /// The only accepted `Action` value.
 pub const ACTION: &str = "CreateUHostKeyPair";
@@ -78,6 +76,9 @@ pub const RET_KEY_PAIR_NAME_EXISTS: i64 = 8204;
 /// UCloud's signing parameters: a `PublicKey` here is the API credential, not an SSH key, which
 /// is easy to confuse in a key-pair job, so it gets its own explanation.
 const SIGNING_PARAMS: &[&str] = &["PublicKey", "Signature"];
+/// What a signing parameter is refused with.
+const SIGNING_REASON: &str = "a signing parameter (the API credential, not an SSH key); keyfleet \
+                              takes no credentials or signatures";
 
 /// How UCloud answers `err` (see the RetCode table in the module docs).
 pub fn reply(err: &ApiError) -> ErrorReply {
@@ -179,29 +180,19 @@ pub fn reply(err: &ApiError) -> ErrorReply {
     }
 }
 
-/// Validate a UCloud parameter map in the documented check order. `owner` is the default
+/// Validate a UCloud parameter map in the documented check order. The owner is the default
 /// project, used when `ProjectId` is absent.
-pub fn decode(
-    owner: &str,
-    params: &BTreeMap<String, String>,
-    catalog: &Catalog,
-) -> Result<CreateRequest, ApiError> {
+pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
     let known = |name: &str| {
         matches!(
             name,
             "Action" | "Region" | "Zone" | "ProjectId" | "KeyPairName"
         )
     };
-    let signing = "a signing parameter (the API credential, not an SSH key); keyfleet takes no \
-                   credentials or signatures";
-    super::check_create_names(params, known, SIGNING_PARAMS, signing)?;
-    super::check_create_action(params, ACTION)?;
-    let name = match params.get("KeyPairName") {
-        Some(n) if !n.is_empty() => n,
-        _ => return Err(ApiError::MissingParameter("KeyPairName".into())),
-    };
+    super::check_create(call.params, known, SIGNING_PARAMS, SIGNING_REASON, ACTION)?;
+    let name = call.required("KeyPairName")?;
     // Project, region, zone: the rules every UCloud action shares.
-    let scope = actions::scope(owner, params, catalog)?;
+    let scope = actions::scope(call)?;
     if !name_is_valid(name) {
         return Err(ApiError::NameMalformed);
     }
@@ -210,7 +201,7 @@ pub fn decode(
         name: name.clone(),
         resource_group_id: None,
         tags: Vec::new(),
-        zone: params.get("Zone").cloned(),
+        zone: call.params.get("Zone").cloned(),
     })
 }
 
@@ -306,10 +297,15 @@ pub fn error_json(err: &ApiError) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::dialect::tests::{all_errors, params};
-    use crate::dialect::{Provider, Scope};
+    use crate::dialect::{Catalog, Provider, Scope};
 
     fn run(pairs: &[(&str, &str)]) -> Result<CreateRequest, ApiError> {
-        decode("org-default", &params(pairs), &Catalog::default())
+        crate::dialect::decode(
+            Provider::Ucloud,
+            "org-default",
+            &params(pairs),
+            &Catalog::default(),
+        )
     }
 
     #[test]
@@ -348,7 +344,8 @@ mod tests {
             ucloud_default_region: "hk".into(),
             ..Catalog::default()
         };
-        let req = decode("p", &params(&[("KeyPairName", "k")]), &cat).unwrap();
+        let p = params(&[("KeyPairName", "k")]);
+        let req = crate::dialect::decode(Provider::Ucloud, "p", &p, &cat).unwrap();
         assert_eq!(req.scope.region, "hk");
         assert_eq!(req.scope.key(), "ucloud:p:hk");
     }

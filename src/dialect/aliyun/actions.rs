@@ -13,86 +13,63 @@
 //! - DeleteKeyPairs with names that do not exist succeeds and deletes nothing; an empty array
 //!   or one of more than 100 names is `InvalidKeyPairNames.ValueNotSupported`.
 
-use std::collections::BTreeMap;
-
 use super::super::action::{
-    check_names, parse_bool, parse_number, DeleteRequest, DescribeRequest, ImportRequest, Targets,
-    MAX_DELETE,
+    check_names, parse_bool, parse_number, DeleteRequest, DescribeRequest, ImportRequest,
+    ImportRules, Targets, MAX_DELETE,
 };
-use super::super::{clip, public_key, ApiError, Catalog, Provider, Scope};
+use super::super::{clip, ApiError, Call, Provider, Scope};
 use super::{decode_tags, name_is_valid, request_id, tag_param, xml_escape};
 use crate::dialect::record::KeyPairRecord;
 use crate::time::rfc3339;
-
-type Params = BTreeMap<String, String>;
 
 /// Most pairs one DescribeKeyPairs page holds, and its default.
 pub const MAX_PAGE_SIZE: usize = 50;
 pub const DEFAULT_PAGE_SIZE: usize = 10;
 
-fn required<'a>(params: &'a Params, name: &str) -> Result<&'a String, ApiError> {
-    match params.get(name) {
-        Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(ApiError::MissingParameter(name.into())),
-    }
-}
-
-fn scope(owner: &str, params: &Params, catalog: &Catalog) -> Result<Scope, ApiError> {
-    let region = required(params, "RegionId")?;
-    if !catalog.aliyun_regions.contains(region) {
+/// `RegionId` given and in the catalogue (create uses it too).
+pub(super) fn scope(call: Call<'_>) -> Result<Scope, ApiError> {
+    let region = call.required("RegionId")?;
+    if !call.catalog.aliyun_regions.contains(region) {
         return Err(ApiError::RegionNotFound(clip(region)));
     }
     Ok(Scope {
         provider: Provider::Aliyun,
-        owner: owner.to_owned(),
+        owner: call.owner.to_owned(),
         region: region.clone(),
     })
 }
 
-fn resource_group(params: &Params, catalog: &Catalog) -> Result<Option<String>, ApiError> {
-    match params.get("ResourceGroupId") {
-        Some(rg) if !catalog.resource_groups.contains(rg) => {
+/// `ResourceGroupId`, if given (even empty), in the catalogue (create uses it too).
+pub(super) fn resource_group(call: Call<'_>) -> Result<Option<String>, ApiError> {
+    match call.params.get("ResourceGroupId") {
+        Some(rg) if !call.catalog.resource_groups.contains(rg) => {
             Err(ApiError::ResourceGroupNotFound(clip(rg)))
         }
         rg => Ok(rg.cloned()),
     }
 }
 
-pub fn decode_import(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<ImportRequest, ApiError> {
-    check_names(params, |n| {
+/// Alibaba's part of the shared import: the resource group, then the tags, between the name
+/// rule and the key.
+const IMPORT: ImportRules = ImportRules {
+    scope,
+    name_is_valid,
+    extras: |call| Ok((resource_group(call)?, decode_tags(call.params)?)),
+};
+
+pub fn decode_import(call: Call<'_>) -> Result<ImportRequest, ApiError> {
+    check_names(call.params, |n| {
         matches!(
             n,
             "Action" | "RegionId" | "KeyPairName" | "PublicKeyBody" | "ResourceGroupId"
         ) || tag_param(n).is_some()
     })?;
-    required(params, "RegionId")?;
-    let name = required(params, "KeyPairName")?;
-    let body = required(params, "PublicKeyBody")?;
-    let scope = scope(owner, params, catalog)?;
-    if !name_is_valid(name) {
-        return Err(ApiError::NameMalformed);
-    }
-    let resource_group_id = resource_group(params, catalog)?;
-    let tags = decode_tags(params)?;
-    let key = public_key::parse(body)?;
-    Ok(ImportRequest {
-        scope,
-        name: name.clone(),
-        key,
-        resource_group_id,
-        tags,
-    })
+    call.required("RegionId")?;
+    ImportRequest::decode(call, &IMPORT)
 }
 
-pub fn decode_describe(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DescribeRequest, ApiError> {
+pub fn decode_describe(call: Call<'_>) -> Result<DescribeRequest, ApiError> {
+    let params = call.params;
     check_names(params, |n| {
         matches!(
             n,
@@ -106,7 +83,7 @@ pub fn decode_describe(
                 | "ResourceGroupId"
         ) || tag_param(n).is_some()
     })?;
-    let scope = scope(owner, params, catalog)?;
+    let scope = scope(call)?;
     let page_number = parse_number(params, "PageNumber", 1, 1..=1_000_000)?;
     let page_size = parse_number(params, "PageSize", DEFAULT_PAGE_SIZE, 1..=MAX_PAGE_SIZE)?;
     let include_public_key = match params.get("IncludePublicKey") {
@@ -114,30 +91,21 @@ pub fn decode_describe(
         None => false,
     };
     let tags = decode_tags(params)?;
-    let nonempty = |n: &str| params.get(n).filter(|v| !v.is_empty()).cloned();
     Ok(DescribeRequest {
-        scope,
-        name: nonempty("KeyPairName"),
-        fingerprint: nonempty("KeyPairFingerPrint"),
-        resource_group_id: nonempty("ResourceGroupId"),
+        resource_group_id: call.nonempty("ResourceGroupId"),
         tags,
         include_public_key,
-        offset: (page_number - 1) * page_size,
-        limit: page_size,
+        ..DescribeRequest::page(scope, call, (page_number - 1) * page_size, page_size)
     })
 }
 
-pub fn decode_delete(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DeleteRequest, ApiError> {
-    check_names(params, |n| {
+pub fn decode_delete(call: Call<'_>) -> Result<DeleteRequest, ApiError> {
+    check_names(call.params, |n| {
         matches!(n, "Action" | "RegionId" | "KeyPairNames")
     })?;
-    required(params, "RegionId")?;
-    let raw = required(params, "KeyPairNames")?;
-    let scope = scope(owner, params, catalog)?;
+    call.required("RegionId")?;
+    let raw = call.required("KeyPairNames")?;
+    let scope = scope(call)?;
     let names: Vec<String> =
         serde_json::from_str(raw).map_err(|_| ApiError::KeyPairNamesInvalid)?;
     if names.is_empty() || names.len() > MAX_DELETE {
@@ -228,11 +196,13 @@ fn element(out: &mut String, name: &str, value: &serde_json::Value) {
 mod tests {
     use super::*;
     use crate::dialect::tests::params;
+    // Through the dispatchers, as `keyfleet serve` calls them.
+    use crate::dialect::{decode_delete, decode_describe, Catalog};
 
     #[test]
     fn describe_paging_bounds() {
         let cat = Catalog::default();
-        let ok = |kv: &[(&str, &str)]| decode_describe("a", &params(kv), &cat);
+        let ok = |kv: &[(&str, &str)]| decode_describe(Provider::Aliyun, "a", &params(kv), &cat);
         let r = ok(&[("RegionId", "cn-hangzhou")]).unwrap();
         assert_eq!((r.offset, r.limit), (0, 10));
         let r = ok(&[
@@ -267,6 +237,7 @@ mod tests {
         let cat = Catalog::default();
         let del = |names: &str| {
             decode_delete(
+                Provider::Aliyun,
                 "a",
                 &params(&[("RegionId", "cn-hangzhou"), ("KeyPairNames", names)]),
                 &cat,
@@ -283,7 +254,12 @@ mod tests {
                 "{bad}"
             );
         }
-        let missing = decode_delete("a", &params(&[("RegionId", "cn-hangzhou")]), &cat);
+        let missing = decode_delete(
+            Provider::Aliyun,
+            "a",
+            &params(&[("RegionId", "cn-hangzhou")]),
+            &cat,
+        );
         assert_eq!(
             missing.unwrap_err().reply(Provider::Aliyun).code,
             "MissingParameter"

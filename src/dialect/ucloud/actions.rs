@@ -12,26 +12,23 @@
 //! - Delete: `KeyPairIds.N` with N from 0 (as the SDK numbers lists); ids that do not exist
 //!   in the scope are skipped; more than 100 ids is 230.
 
-use std::collections::BTreeMap;
-
 use super::super::action::{
-    check_names, parse_number, ActionKind, DeleteRequest, DescribeRequest, ImportRequest, Targets,
-    MAX_DELETE,
+    check_names, parse_number, ActionKind, DeleteRequest, DescribeRequest, ImportRequest,
+    ImportRules, Targets, MAX_DELETE,
 };
-use super::super::{clip, public_key, ApiError, Catalog, Provider, Scope};
+use super::super::{clip, ApiError, Call, Provider, Scope};
 use super::{name_is_valid, project_id_is_valid, zone_in_region};
 use crate::dialect::record::KeyPairRecord;
-
-type Params = BTreeMap<String, String>;
 
 pub const DEFAULT_LIMIT: usize = 20;
 pub const MAX_LIMIT: usize = 100;
 
 /// The scope of a UCloud request, checked in the documented order: `ProjectId`, `Region`,
 /// `Zone` (create uses it too).
-pub(super) fn scope(owner: &str, params: &Params, catalog: &Catalog) -> Result<Scope, ApiError> {
+pub(super) fn scope(call: Call<'_>) -> Result<Scope, ApiError> {
+    let params = call.params;
     let project = match params.get("ProjectId") {
-        None => owner,
+        None => call.owner,
         Some(p) if project_id_is_valid(p) => p.as_str(),
         Some(p) => {
             return Err(ApiError::InvalidParameter {
@@ -41,8 +38,8 @@ pub(super) fn scope(owner: &str, params: &Params, catalog: &Catalog) -> Result<S
         }
     };
     let region = match params.get("Region") {
-        None => catalog.ucloud_default_region.as_str(),
-        Some(r) if catalog.ucloud_regions.contains(r) => r.as_str(),
+        None => call.catalog.ucloud_default_region.as_str(),
+        Some(r) if call.catalog.ucloud_regions.contains(r) => r.as_str(),
         Some(r) => return Err(ApiError::RegionNotFound(clip(r))),
     };
     if let Some(z) = params.get("Zone") {
@@ -61,59 +58,28 @@ fn common(n: &str) -> bool {
     matches!(n, "Action" | "Region" | "Zone" | "ProjectId")
 }
 
-fn required<'a>(params: &'a Params, name: &str) -> Result<&'a String, ApiError> {
-    match params.get(name) {
-        Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(ApiError::MissingParameter(name.into())),
-    }
-}
+/// UCloud's part of the shared import: no resource groups, no tags.
+const IMPORT: ImportRules = ImportRules {
+    scope,
+    name_is_valid,
+    extras: |_| Ok((None, Vec::new())),
+};
 
-pub fn decode_import(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<ImportRequest, ApiError> {
-    check_names(params, |n| {
+pub fn decode_import(call: Call<'_>) -> Result<ImportRequest, ApiError> {
+    check_names(call.params, |n| {
         common(n) || matches!(n, "KeyPairName" | "PublicKeyBody")
     })?;
-    let name = required(params, "KeyPairName")?;
-    let body = required(params, "PublicKeyBody")?;
-    let scope = scope(owner, params, catalog)?;
-    if !name_is_valid(name) {
-        return Err(ApiError::NameMalformed);
-    }
-    let key = public_key::parse(body)?;
-    Ok(ImportRequest {
-        scope,
-        name: name.clone(),
-        key,
-        resource_group_id: None,
-        tags: Vec::new(),
-    })
+    ImportRequest::decode(call, &IMPORT)
 }
 
-pub fn decode_describe(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DescribeRequest, ApiError> {
-    check_names(params, |n| {
+pub fn decode_describe(call: Call<'_>) -> Result<DescribeRequest, ApiError> {
+    check_names(call.params, |n| {
         common(n) || matches!(n, "KeyPairName" | "KeyPairFingerPrint" | "Offset" | "Limit")
     })?;
-    let scope = scope(owner, params, catalog)?;
-    let offset = parse_number(params, "Offset", 0, 0..=usize::MAX / 2)?;
-    let limit = parse_number(params, "Limit", DEFAULT_LIMIT, 1..=MAX_LIMIT)?;
-    let nonempty = |n: &str| params.get(n).filter(|v| !v.is_empty()).cloned();
-    Ok(DescribeRequest {
-        scope,
-        name: nonempty("KeyPairName"),
-        fingerprint: nonempty("KeyPairFingerPrint"),
-        resource_group_id: None,
-        tags: Vec::new(),
-        include_public_key: false,
-        offset,
-        limit,
-    })
+    let scope = scope(call)?;
+    let offset = parse_number(call.params, "Offset", 0, 0..=usize::MAX / 2)?;
+    let limit = parse_number(call.params, "Limit", DEFAULT_LIMIT, 1..=MAX_LIMIT)?;
+    Ok(DescribeRequest::page(scope, call, offset, limit))
 }
 
 /// `KeyPairIds.N`, N a plain decimal from 0.
@@ -126,13 +92,10 @@ fn id_index(name: &str) -> Option<usize> {
     n.parse().ok()
 }
 
-pub fn decode_delete(
-    owner: &str,
-    params: &Params,
-    catalog: &Catalog,
-) -> Result<DeleteRequest, ApiError> {
-    check_names(params, |n| common(n) || id_index(n).is_some())?;
-    let mut ids: Vec<(usize, &String)> = params
+pub fn decode_delete(call: Call<'_>) -> Result<DeleteRequest, ApiError> {
+    check_names(call.params, |n| common(n) || id_index(n).is_some())?;
+    let mut ids: Vec<(usize, &String)> = call
+        .params
         .iter()
         .filter_map(|(k, v)| id_index(k).map(|i| (i, v)))
         .filter(|(_, v)| !v.is_empty())
@@ -140,7 +103,7 @@ pub fn decode_delete(
     if ids.is_empty() {
         return Err(ApiError::MissingParameter("KeyPairIds".into()));
     }
-    let scope = scope(owner, params, catalog)?;
+    let scope = scope(call)?;
     if ids.len() > MAX_DELETE {
         return Err(ApiError::KeyPairNamesInvalid);
     }
@@ -204,11 +167,14 @@ pub fn error_json_for(action: &str, err: &ApiError) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::dialect::tests::params;
+    // Through the dispatchers, as `keyfleet serve` calls them.
+    use crate::dialect::{decode_delete, decode_describe, Catalog};
 
     #[test]
     fn delete_takes_zero_based_ids() {
         let cat = Catalog::default();
         let r = decode_delete(
+            Provider::Ucloud,
             "p",
             &params(&[("KeyPairIds.1", "uhostkp-b"), ("KeyPairIds.0", "uhostkp-a")]),
             &cat,
@@ -219,16 +185,17 @@ mod tests {
             Targets::Ids(vec!["uhostkp-a".into(), "uhostkp-b".into()])
         );
         assert_eq!(r.scope.owner, "p");
-        let e = decode_delete("p", &params(&[]), &cat).unwrap_err();
+        let e = decode_delete(Provider::Ucloud, "p", &params(&[]), &cat).unwrap_err();
         assert_eq!(e.reply(Provider::Ucloud).ret_code, Some(220));
-        let e = decode_delete("p", &params(&[("KeyPairIds.01", "x")]), &cat).unwrap_err();
+        let leading_zero = params(&[("KeyPairIds.01", "x")]);
+        let e = decode_delete(Provider::Ucloud, "p", &leading_zero, &cat).unwrap_err();
         assert_eq!(e.reply(Provider::Ucloud).ret_code, Some(230));
     }
 
     #[test]
     fn describe_limit_bounds() {
         let cat = Catalog::default();
-        let d = |kv: &[(&str, &str)]| decode_describe("p", &params(kv), &cat);
+        let d = |kv: &[(&str, &str)]| decode_describe(Provider::Ucloud, "p", &params(kv), &cat);
         let r = d(&[]).unwrap();
         assert_eq!((r.offset, r.limit), (0, 20));
         assert_eq!(r.scope.region, "cn-bj2");
