@@ -20,12 +20,11 @@ use uuid::Uuid;
 
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::{self, ApiError, CreateRequest};
-use crate::job::{CreatedPair, Job, JobResult, SecretPem, Status};
-use crate::job::{CREATED, MESSAGE_VERSION};
+use crate::job::{CreatedPair, Job, JobResult, SecretPem, Status, CREATED};
 use crate::keys::cpu::{CpuError, CpuPool};
 use crate::keys::keygen::{self, KeyMaterial, KeygenError};
 use crate::keys::reservoir::Reservoir;
-use crate::registry::{Entry, Registry, RegistryError};
+use crate::registry::{Claim, Entry, Registry, RegistryError};
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
 use crate::sink::{AtDestination, DeliveryError, Sink};
@@ -245,13 +244,15 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
     }
 
     async fn reserve(&self, job: &Job, req: &CreateRequest) -> Result<(), RegistryError> {
-        let quota = self.settings.quota.for_region(&req.scope.region);
-        let ttl_ms = self.settings.reservation_ttl.as_millis() as i64;
+        let claim = Claim {
+            scope: &req.scope,
+            name: &req.name,
+            job_id: job.job_id,
+            quota: self.settings.quota.for_region(&req.scope.region),
+            ttl_ms: self.settings.reservation_ttl.as_millis() as i64,
+        };
         self.retry
-            .run("reserve", &self.shutdown, || {
-                self.registry
-                    .reserve(&req.scope, &req.name, job.job_id, quota, ttl_ms)
-            })
+            .run("reserve", &self.shutdown, || self.registry.reserve(&claim))
             .await
             .map(|_| ())
     }
@@ -613,11 +614,6 @@ fn created_result(
         },
     );
     JobResult {
-        v: MESSAGE_VERSION,
-        job_id: job.job_id,
-        batch_id: job.batch_id.clone(),
-        line: job.line,
-        provider: job.provider,
         owner: record.scope.owner.clone(),
         key_pair_name: Some(record.name),
         region: Some(record.scope.region.clone()),
@@ -634,5 +630,6 @@ fn created_result(
             delivered_earlier: private_key.is_none(),
             private_key,
         }),
+        ..JobResult::of_job(job)
     }
 }

@@ -186,26 +186,56 @@ pub fn job_id(batch_id: &str, line: u64) -> Uuid {
 }
 
 impl JobResult {
-    /// A failed result for a job that could not be served.
-    pub fn failed(job: &Job, err: &ApiError, started_at: String, attempt: u32) -> JobResult {
+    /// A result in this build's message version for the job (or unreadable input) `job_id`
+    /// names, the rest blank for its constructor to fill in: no name, region or response,
+    /// attempt 0, no times, failed without a reason yet.
+    fn blank(
+        job_id: Uuid,
+        batch_id: String,
+        line: Option<u64>,
+        provider: Provider,
+        owner: String,
+    ) -> JobResult {
         JobResult {
             v: MESSAGE_VERSION,
-            job_id: job.job_id,
-            batch_id: job.batch_id.clone(),
-            line: job.line,
-            provider: job.provider,
-            owner: job.owner.clone(),
-            key_pair_name: job.params.get("KeyPairName").cloned(),
-            region: job.params.get(dialect::region_param(job.provider)).cloned(),
+            job_id,
+            batch_id,
+            line,
+            provider,
+            owner,
+            key_pair_name: None,
+            region: None,
             response: serde_json::Value::Null,
-            attempt,
-            started_at,
+            attempt: 0,
+            started_at: String::new(),
             finished_at: String::new(),
             status: Status::Failed(Failure {
                 http_status: 0,
                 code: String::new(),
                 message: String::new(),
             }),
+        }
+    }
+
+    /// [`JobResult::blank`] for `job`: its id, batch, line, provider and owner.
+    pub(crate) fn of_job(job: &Job) -> JobResult {
+        JobResult::blank(
+            job.job_id,
+            job.batch_id.clone(),
+            job.line,
+            job.provider,
+            job.owner.clone(),
+        )
+    }
+
+    /// A failed result for a job that could not be served.
+    pub fn failed(job: &Job, err: &ApiError, started_at: String, attempt: u32) -> JobResult {
+        JobResult {
+            key_pair_name: job.params.get("KeyPairName").cloned(),
+            region: job.params.get(dialect::region_param(job.provider)).cloned(),
+            attempt,
+            started_at,
+            ..JobResult::of_job(job)
         }
         .fail_with(err)
     }
@@ -238,25 +268,10 @@ impl JobResult {
         owner: &str,
         reason: &str,
     ) -> JobResult {
-        let now = now_rfc3339();
         JobResult {
-            v: MESSAGE_VERSION,
-            job_id,
-            batch_id: batch_id.to_owned(),
-            line,
-            provider,
-            owner: owner.to_owned(),
-            key_pair_name: None,
-            region: None,
-            response: serde_json::Value::Null,
             attempt: 1,
-            started_at: now,
-            finished_at: String::new(),
-            status: Status::Failed(Failure {
-                http_status: 0,
-                code: String::new(),
-                message: String::new(),
-            }),
+            started_at: now_rfc3339(),
+            ..JobResult::blank(job_id, batch_id.into(), line, provider, owner.into())
         }
         .fail_with(&ApiError::InvalidParameter {
             name: "row".into(),

@@ -15,7 +15,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
 
 use super::{
-    now_ms, reserve_decision, Entry, Filter, Registry, RegistryError, ReserveDecision, Reserved,
+    now_ms, reserve_decision, Claim, Entry, Filter, Registry, RegistryError, ReserveDecision,
+    Reserved,
 };
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
@@ -522,16 +523,10 @@ impl Registry for EmbeddedRegistry {
         .await
     }
 
-    async fn reserve(
-        &self,
-        scope: &Scope,
-        name: &str,
-        job_id: Uuid,
-        quota: u64,
-        ttl_ms: i64,
-    ) -> Result<Reserved, RegistryError> {
-        let scope_key = scope.key();
-        let key = entry_key(scope, name);
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reserved, RegistryError> {
+        let scope_key = claim.scope.key();
+        let key = entry_key(claim.scope, claim.name);
+        let (job_id, quota, ttl_ms) = (claim.job_id, claim.quota, claim.ttl_ms);
         self.blocking(move |db| {
             let now = now_ms();
             // Not synced on its own: a reservation lost in a crash costs nothing (the row
@@ -775,7 +770,13 @@ mod tests {
         for i in 0..pairs {
             let (name, job) = (format!("pair-{i:04}"), Uuid::new_v4());
             registry
-                .reserve(&scope, &name, job, 1_000_000, 60_000)
+                .reserve(&Claim {
+                    scope: &scope,
+                    name: &name,
+                    job_id: job,
+                    quota: 1_000_000,
+                    ttl_ms: 60_000,
+                })
                 .await
                 .unwrap();
             registry.commit(&record(&scope, &name, job)).await.unwrap();

@@ -160,17 +160,25 @@ impl Filter {
     }
 }
 
+/// What [`Registry::reserve`] asks for: `name` in `scope` for `job_id`, for `ttl_ms`
+/// milliseconds, counted against `quota` (the most slots the scope may hold). Named fields,
+/// so a call site cannot swap the quota and the TTL.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    pub scope: &'a Scope,
+    pub name: &'a str,
+    pub job_id: Uuid,
+    pub quota: u64,
+    pub ttl_ms: i64,
+}
+
 /// The registry seam. Every method is atomic on its own.
 pub trait Registry: Send + Sync + 'static {
-    /// Binds `name` in `scope` to `job_id` for `ttl_ms`, counting it against `quota` unless the
-    /// job already holds it.
+    /// Binds the claim's name in its scope to its job for its TTL, counting it against its
+    /// quota unless the job already holds it.
     fn reserve(
         &self,
-        scope: &Scope,
-        name: &str,
-        job_id: Uuid,
-        quota: u64,
-        ttl_ms: i64,
+        claim: &Claim<'_>,
     ) -> impl Future<Output = Result<Reserved, RegistryError>> + Send;
 
     /// Turns the job's reservation into a record (not yet delivered).

@@ -26,7 +26,7 @@ use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
 
-use super::{Entry, Filter, Registry, RegistryError, Reserved};
+use super::{Claim, Entry, Filter, Registry, RegistryError, Reserved};
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
 use crate::registry::connection::{check_prefix, connect, storage};
@@ -233,15 +233,8 @@ impl Registry for RedisRegistry {
         Ok(set.is_some())
     }
 
-    async fn reserve(
-        &self,
-        scope: &Scope,
-        name: &str,
-        job_id: Uuid,
-        quota: u64,
-        ttl_ms: i64,
-    ) -> Result<Reserved, RegistryError> {
-        let scope_key = scope.key();
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reserved, RegistryError> {
+        let scope_key = claim.scope.key();
         self.index_scope(&scope_key).await?;
         let keys = self.keys_of(&scope_key);
         let mut conn = self.conn.clone();
@@ -249,10 +242,10 @@ impl Registry for RedisRegistry {
             .reserve
             .key(&keys.pairs)
             .key(&keys.used)
-            .arg(name)
-            .arg(job_id.hyphenated().to_string())
-            .arg(quota)
-            .arg(ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS))
+            .arg(claim.name)
+            .arg(claim.job_id.hyphenated().to_string())
+            .arg(claim.quota)
+            .arg(claim.ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS))
             .invoke_async(&mut conn)
             .await
             .map_err(storage)?;

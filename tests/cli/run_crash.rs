@@ -10,7 +10,7 @@ use crate::util::{keyfleet, manifest, run_batch, text, Sandbox};
 use keyfleet::dialect::record::KeyPairRecord;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::embedded::EmbeddedRegistry;
-use keyfleet::registry::{Filter, Registry};
+use keyfleet::registry::{Claim, Filter, Registry};
 
 const ROWS: usize = 600;
 
@@ -155,7 +155,13 @@ async fn key_file_written_before_the_delivered_mark_is_taken_up() {
     {
         let registry = EmbeddedRegistry::open(&opts.state).unwrap();
         registry
-            .reserve(&scope, "web-1", job_id, 500, 60_000)
+            .reserve(&Claim {
+                scope: &scope,
+                name: "web-1",
+                job_id,
+                quota: 500,
+                ttl_ms: 60_000,
+            })
             .await
             .unwrap();
         let record = KeyPairRecord {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::util::serve::{rpc, Server};
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::redis::RedisRegistry;
-use keyfleet::registry::{Registry, RegistryError};
+use keyfleet::registry::{Claim, Registry, RegistryError};
 use keyfleet::upstream::client::CallOptions;
 use uuid::Uuid;
 
@@ -55,8 +55,15 @@ async fn cluster_quota_race_gives_exactly_the_quota() {
         for i in 0..1200 {
             let (reg, scope) = (regs[i % 4].clone(), scope.clone());
             tasks.push(tokio::spawn(async move {
-                reg.reserve(&scope, &format!("k-{i}"), Uuid::new_v4(), 500, 600_000)
-                    .await
+                let name = format!("k-{i}");
+                let claim = Claim {
+                    scope: &scope,
+                    name: &name,
+                    job_id: Uuid::new_v4(),
+                    quota: 500,
+                    ttl_ms: 600_000,
+                };
+                reg.reserve(&claim).await
             }));
         }
         let (mut ok, mut quota) = (0, 0);

@@ -15,7 +15,7 @@ use keyfleet::dialect::{Provider, Scope, Tag};
 use keyfleet::registry::batch_status::{BatchStatus, BatchStatusStore, CREATED};
 use keyfleet::registry::embedded::EmbeddedRegistry;
 use keyfleet::registry::redis::RedisRegistry;
-use keyfleet::registry::{now_ms, Entry, Filter, Registry, RegistryError, Reserved};
+use keyfleet::registry::{now_ms, Claim, Entry, Filter, Registry, RegistryError, Reserved};
 use uuid::Uuid;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -147,6 +147,18 @@ fn hangzhou() -> Scope {
     scope(Provider::Aliyun, "acct", "cn-hangzhou")
 }
 
+/// A reservation of `name` in `scope` for `job_id` under the usual quota (500) and a TTL that
+/// does not run out during a test; a test that needs others says so by name.
+fn claim<'a>(scope: &'a Scope, name: &'a str, job_id: Uuid) -> Claim<'a> {
+    Claim {
+        scope,
+        name,
+        job_id,
+        quota: 500,
+        ttl_ms: LONG_TTL,
+    }
+}
+
 /// A record as the pipeline would commit it (fingerprints derived from the name so filters
 /// can find them).
 fn record(scope: &Scope, name: &str, job_id: Uuid) -> KeyPairRecord {
@@ -190,7 +202,7 @@ async fn concurrent_reserves_stop_exactly_at_the_quota() {
             let r = regs[i % regs.len()].clone();
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
-                r.reserve(&s, &format!("key-{i}"), Uuid::new_v4(), 500, LONG_TTL)
+                r.reserve(&claim(&s, &format!("key-{i}"), Uuid::new_v4()))
                     .await
             }));
         }
@@ -224,7 +236,7 @@ async fn one_name_raced_by_many_jobs_has_one_winner() {
         for _ in 0..100 {
             let (r, s) = (reg.clone(), s.clone());
             tasks.push(tokio::spawn(async move {
-                r.reserve(&s, "web-01", Uuid::new_v4(), 500, LONG_TTL).await
+                r.reserve(&claim(&s, "web-01", Uuid::new_v4())).await
             }));
         }
         let mut outcomes = BTreeMap::new();
@@ -251,23 +263,20 @@ async fn a_name_taken_by_another_job_already_exists() {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(reg.reserve(&claim(&s, "web", a)).await, Ok(Reserved::Fresh));
         assert_eq!(
-            reg.reserve(&s, "web", a, 500, LONG_TTL).await,
-            Ok(Reserved::Fresh)
-        );
-        assert_eq!(
-            reg.reserve(&s, "web", b, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", b)).await,
             Err(RegistryError::AlreadyExists)
         );
         reg.commit(&record(&s, "web", a)).await.unwrap();
         assert_eq!(
-            reg.reserve(&s, "web", b, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", b)).await,
             Err(RegistryError::AlreadyExists)
         );
         // The same name in another region is another scope.
         let other = scope(Provider::Aliyun, "acct", "cn-beijing");
         assert_eq!(
-            reg.reserve(&other, "web", b, 500, LONG_TTL).await,
+            reg.reserve(&claim(&other, "web", b)).await,
             Ok(Reserved::Fresh)
         );
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
@@ -282,25 +291,20 @@ async fn the_same_job_resumes_without_counting_twice() {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
         let job = Uuid::new_v4();
-        assert_eq!(
-            reg.reserve(&s, "web", job, 1, LONG_TTL).await,
-            Ok(Reserved::Fresh)
-        );
+        let held = Claim {
+            quota: 1,
+            ..claim(&s, "web", job)
+        };
+        assert_eq!(reg.reserve(&held).await, Ok(Reserved::Fresh));
         // Even at the quota, a redelivered job gets its name back.
+        assert_eq!(reg.reserve(&held).await, Ok(Reserved::Resumed));
         assert_eq!(
-            reg.reserve(&s, "web", job, 1, LONG_TTL).await,
-            Ok(Reserved::Resumed)
-        );
-        assert_eq!(
-            reg.reserve(&s, "web", job, 1, 1).await,
+            reg.reserve(&Claim { ttl_ms: 1, ..held }).await,
             Ok(Reserved::Resumed)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Its own reservation, expired or not, is still its own.
-        assert_eq!(
-            reg.reserve(&s, "web", job, 1, LONG_TTL).await,
-            Ok(Reserved::Resumed)
-        );
+        assert_eq!(reg.reserve(&held).await, Ok(Reserved::Resumed));
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
         assert!(matches!(
             reg.lookup(&s, "web").await.unwrap(),
@@ -317,12 +321,16 @@ async fn an_expired_reservation_is_taken_over_without_counting_twice() {
         let s = hangzhou();
         let (crashed, next) = (Uuid::new_v4(), Uuid::new_v4());
         assert_eq!(
-            reg.reserve(&s, "web", crashed, 500, 1).await,
+            reg.reserve(&Claim {
+                ttl_ms: 1,
+                ..claim(&s, "web", crashed)
+            })
+            .await,
             Ok(Reserved::Fresh)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
-            reg.reserve(&s, "web", next, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", next)).await,
             Ok(Reserved::TookOver)
         );
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
@@ -332,7 +340,7 @@ async fn an_expired_reservation_is_taken_over_without_counting_twice() {
             Err(RegistryError::ReservationLost)
         );
         assert_eq!(
-            reg.reserve(&s, "web", crashed, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", crashed)).await,
             Err(RegistryError::AlreadyExists)
         );
         reg.commit(&record(&s, "web", next)).await.unwrap();
@@ -346,11 +354,27 @@ async fn at_the_quota_expired_reservations_are_swept() {
     bounded(async {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
-        reg.reserve(&s, "a", Uuid::new_v4(), 2, 1).await.unwrap();
-        reg.reserve(&s, "b", Uuid::new_v4(), 2, 1).await.unwrap();
+        reg.reserve(&Claim {
+            quota: 2,
+            ttl_ms: 1,
+            ..claim(&s, "a", Uuid::new_v4())
+        })
+        .await
+        .unwrap();
+        reg.reserve(&Claim {
+            quota: 2,
+            ttl_ms: 1,
+            ..claim(&s, "b", Uuid::new_v4())
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
-            reg.reserve(&s, "c", Uuid::new_v4(), 2, LONG_TTL).await,
+            reg.reserve(&Claim {
+                quota: 2,
+                ..claim(&s, "c", Uuid::new_v4())
+            })
+            .await,
             Ok(Reserved::Fresh)
         );
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
@@ -358,17 +382,31 @@ async fn at_the_quota_expired_reservations_are_swept() {
         assert_eq!(reg.lookup(&s, "b").await.unwrap(), None);
 
         // A sweep that does not make room is not kept (as in the embedded store).
-        reg.reserve(&s, "d", Uuid::new_v4(), 2, 1).await.unwrap();
+        reg.reserve(&Claim {
+            quota: 2,
+            ttl_ms: 1,
+            ..claim(&s, "d", Uuid::new_v4())
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
-            reg.reserve(&s, "e", Uuid::new_v4(), 1, LONG_TTL).await,
+            reg.reserve(&Claim {
+                quota: 1,
+                ..claim(&s, "e", Uuid::new_v4())
+            })
+            .await,
             Err(RegistryError::QuotaExceeded)
         );
         assert!(reg.lookup(&s, "d").await.unwrap().is_some());
         assert_eq!(reg.quota_used(&s).await.unwrap(), 2);
         // Live reservations are never swept.
         assert_eq!(
-            reg.reserve(&s, "e", Uuid::new_v4(), 0, LONG_TTL).await,
+            reg.reserve(&Claim {
+                quota: 0,
+                ..claim(&s, "e", Uuid::new_v4())
+            })
+            .await,
             Err(RegistryError::QuotaExceeded)
         );
         assert!(reg.lookup(&s, "c").await.unwrap().is_some());
@@ -382,7 +420,7 @@ async fn an_undelivered_pair_is_replaced_a_delivered_one_exists() {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
         let job = Uuid::new_v4();
-        reg.reserve(&s, "web", job, 500, LONG_TTL).await.unwrap();
+        reg.reserve(&claim(&s, "web", job)).await.unwrap();
         reg.commit(&record(&s, "web", job)).await.unwrap();
         assert_eq!(
             reg.lookup(&s, "web").await.unwrap(),
@@ -390,11 +428,11 @@ async fn an_undelivered_pair_is_replaced_a_delivered_one_exists() {
         );
         // Another job never replaces it, delivered or not.
         assert_eq!(
-            reg.reserve(&s, "web", Uuid::new_v4(), 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", Uuid::new_v4())).await,
             Err(RegistryError::AlreadyExists)
         );
         assert_eq!(
-            reg.reserve(&s, "web", job, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", job)).await,
             Ok(Reserved::Replacing)
         );
         assert!(matches!(
@@ -407,11 +445,11 @@ async fn an_undelivered_pair_is_replaced_a_delivered_one_exists() {
         reg.mark_delivered(&s, "web", job).await.unwrap();
         // The same job again is told it was answered; any other job that the name exists.
         assert_eq!(
-            reg.reserve(&s, "web", job, 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", job)).await,
             Err(RegistryError::AlreadyDelivered)
         );
         assert_eq!(
-            reg.reserve(&s, "web", Uuid::new_v4(), 500, LONG_TTL).await,
+            reg.reserve(&claim(&s, "web", Uuid::new_v4())).await,
             Err(RegistryError::AlreadyExists)
         );
         assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
@@ -428,7 +466,7 @@ async fn mark_delivered_changes_only_the_delivered_flag() {
         // spells the very text the script edits.
         for name in ["ab", "abc", "密钥对"] {
             let job = Uuid::new_v4();
-            reg.reserve(&s, name, job, 500, LONG_TTL).await.unwrap();
+            reg.reserve(&claim(&s, name, job)).await.unwrap();
             let mut r = record(&s, name, job);
             reg.commit(&r).await.unwrap();
             reg.mark_delivered(&s, name, job).await.unwrap();
@@ -447,7 +485,7 @@ async fn commit_and_delivery_need_the_jobs_own_entry() {
         let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
         let lost = Err(RegistryError::ReservationLost);
         assert_eq!(reg.commit(&record(&s, "web", mine)).await, lost);
-        reg.reserve(&s, "web", other, 500, LONG_TTL).await.unwrap();
+        reg.reserve(&claim(&s, "web", other)).await.unwrap();
         assert_eq!(reg.commit(&record(&s, "web", mine)).await, lost);
         assert_eq!(reg.mark_delivered(&s, "web", other).await, lost);
         reg.commit(&record(&s, "web", other)).await.unwrap();
@@ -469,9 +507,24 @@ async fn release_and_delete_free_the_quota() {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        reg.reserve(&s, "a", a, 3, LONG_TTL).await.unwrap();
-        reg.reserve(&s, "b", b, 3, LONG_TTL).await.unwrap();
-        reg.reserve(&s, "c", c, 3, LONG_TTL).await.unwrap();
+        reg.reserve(&Claim {
+            quota: 3,
+            ..claim(&s, "a", a)
+        })
+        .await
+        .unwrap();
+        reg.reserve(&Claim {
+            quota: 3,
+            ..claim(&s, "b", b)
+        })
+        .await
+        .unwrap();
+        reg.reserve(&Claim {
+            quota: 3,
+            ..claim(&s, "c", c)
+        })
+        .await
+        .unwrap();
         assert_eq!(reg.quota_used(&s).await.unwrap(), 3);
 
         // Only the owner releases.
@@ -496,9 +549,12 @@ async fn release_and_delete_free_the_quota() {
         assert!(reg.delete(&s, "c").await.unwrap());
         assert!(!reg.delete(&s, "c").await.unwrap());
         assert_eq!(reg.quota_used(&s).await.unwrap(), 0);
-        reg.reserve(&s, "d", Uuid::new_v4(), 3, LONG_TTL)
-            .await
-            .unwrap();
+        reg.reserve(&Claim {
+            quota: 3,
+            ..claim(&s, "d", Uuid::new_v4())
+        })
+        .await
+        .unwrap();
         assert!(reg.delete(&s, "d").await.unwrap());
         assert_eq!(reg.quota_used(&s).await.unwrap(), 0);
         assert!(!reg.delete(&s, "never").await.unwrap());
@@ -506,12 +562,19 @@ async fn release_and_delete_free_the_quota() {
 
         // The freed slots are usable again.
         for i in 0..3 {
-            reg.reserve(&s, &format!("n{i}"), Uuid::new_v4(), 3, LONG_TTL)
-                .await
-                .unwrap();
+            reg.reserve(&Claim {
+                quota: 3,
+                ..claim(&s, &format!("n{i}"), Uuid::new_v4())
+            })
+            .await
+            .unwrap();
         }
         assert_eq!(
-            reg.reserve(&s, "n3", Uuid::new_v4(), 3, LONG_TTL).await,
+            reg.reserve(&Claim {
+                quota: 3,
+                ..claim(&s, "n3", Uuid::new_v4())
+            })
+            .await,
             Err(RegistryError::QuotaExceeded)
         );
     })
@@ -531,12 +594,12 @@ async fn populate<R: Registry>(reg: &R) -> Vec<KeyPairRecord> {
     for (i, s) in scopes.iter().enumerate() {
         for name in ["web-01", "web-02", "db-01"] {
             let job = Uuid::new_v4();
-            reg.reserve(s, name, job, 500, LONG_TTL).await.unwrap();
+            reg.reserve(&claim(s, name, job)).await.unwrap();
             let r = record(s, name, job);
             reg.commit(&r).await.unwrap();
             made.push(r);
         }
-        reg.reserve(s, &format!("pending-{i}"), Uuid::new_v4(), 500, LONG_TTL)
+        reg.reserve(&claim(s, &format!("pending-{i}"), Uuid::new_v4()))
             .await
             .unwrap();
     }
@@ -553,7 +616,7 @@ async fn describe_filters_across_scopes_in_the_embedded_order() {
         for r in &made {
             // Same records in the embedded store, to compare answers.
             embedded
-                .reserve(&r.scope, &r.name, r.job_id, 500, LONG_TTL)
+                .reserve(&claim(&r.scope, &r.name, r.job_id))
                 .await
                 .unwrap();
             embedded.commit(r).await.unwrap();
@@ -693,16 +756,24 @@ async fn every_key_of_a_scope_hashes_to_one_cluster_slot() {
         // What the scripts actually wrote: only the keys passed to them, plus the index.
         for s in &scopes {
             let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-            reg.reserve(s, "a", a, 500, LONG_TTL).await.unwrap();
-            reg.reserve(s, "b", b, 500, 1).await.unwrap();
+            reg.reserve(&claim(s, "a", a)).await.unwrap();
+            reg.reserve(&Claim {
+                ttl_ms: 1,
+                ..claim(s, "b", b)
+            })
+            .await
+            .unwrap();
             reg.commit(&record(s, "a", a)).await.unwrap();
             reg.mark_delivered(s, "a", a).await.unwrap();
-            reg.reserve(s, "c", Uuid::new_v4(), 1, LONG_TTL).await.ok();
+            reg.reserve(&Claim {
+                quota: 1,
+                ..claim(s, "c", Uuid::new_v4())
+            })
+            .await
+            .ok();
             reg.release(s, "b", b).await.unwrap();
             reg.delete(s, "a").await.unwrap();
-            reg.reserve(s, "d", Uuid::new_v4(), 500, LONG_TTL)
-                .await
-                .unwrap();
+            reg.reserve(&claim(s, "d", Uuid::new_v4())).await.unwrap();
         }
         let mut allowed: HashSet<String> = HashSet::from([reg.scopes_key()]);
         for s in &scopes {
@@ -739,7 +810,7 @@ async fn no_private_key_is_ever_stored() {
         let (reg, _cleanup) = fixture().await;
         let s = hangzhou();
         let job = Uuid::new_v4();
-        reg.reserve(&s, "web", job, 500, LONG_TTL).await.unwrap();
+        reg.reserve(&claim(&s, "web", job)).await.unwrap();
         let mut bad = record(&s, "web", job);
         bad.public_key = "-----BEGIN PRIVATE KEY-----\nMIIE...".into();
         assert!(matches!(
@@ -821,7 +892,11 @@ async fn tried_keys_survive_replacing_and_resuming() {
         async fn check<R: Registry>(r: &R) {
             let s = hangzhou();
             let job = Uuid::new_v4();
-            r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap();
+            let k = Claim {
+                quota: 10,
+                ..claim(&s, "k", job)
+            };
+            r.reserve(&k).await.unwrap();
             assert_eq!(
                 r.note_key(&s, "k", job, "ssh-rsa A1").await.unwrap(),
                 ["ssh-rsa A1"]
@@ -835,16 +910,10 @@ async fn tried_keys_survive_replacing_and_resuming() {
             rec.public_key = "ssh-rsa A1".into();
             r.commit(&rec).await.unwrap();
             // The job comes back before delivery: its pair is replaced, its key remembered.
-            assert_eq!(
-                r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap(),
-                Reserved::Replacing
-            );
+            assert_eq!(r.reserve(&k).await.unwrap(), Reserved::Replacing);
             let tried = r.note_key(&s, "k", job, "ssh-rsa A2").await.unwrap();
             assert_eq!(tried, ["ssh-rsa A1", "ssh-rsa A2"]);
-            assert_eq!(
-                r.reserve(&s, "k", job, 10, LONG_TTL).await.unwrap(),
-                Reserved::Resumed
-            );
+            assert_eq!(r.reserve(&k).await.unwrap(), Reserved::Resumed);
             match r.lookup(&s, "k").await.unwrap() {
                 Some(Entry::Reserved { tried_keys, .. }) => assert_eq!(tried_keys, tried),
                 other => panic!("{other:?}"),
@@ -877,14 +946,19 @@ async fn answers_exactly_like_the_embedded_store() {
             let name = names[rng.below(names.len())];
             let job = jobs[rng.below(jobs.len())];
             // TTL 0 expires at once: takeovers and sweeps without sleeping.
-            let ttl = if rng.below(3) == 0 { 0 } else { LONG_TTL };
+            let ttl_ms = if rng.below(3) == 0 { 0 } else { LONG_TTL };
             let quota = 1 + rng.below(3) as u64;
+            let reservation = Claim {
+                quota,
+                ttl_ms,
+                ..claim(s, name, job)
+            };
             let key = ["ssh-rsa AAAA1", "ssh-rsa AAAA2"][rng.below(2)];
             let (op, got, want) = match rng.below(8) {
                 0 | 1 => (
-                    format!("reserve {name} by {job} quota {quota} ttl {ttl}"),
-                    format!("{:?}", reg.reserve(s, name, job, quota, ttl).await),
-                    format!("{:?}", embedded.reserve(s, name, job, quota, ttl).await),
+                    format!("reserve {name} by {job} quota {quota} ttl {ttl_ms}"),
+                    format!("{:?}", reg.reserve(&reservation).await),
+                    format!("{:?}", embedded.reserve(&reservation).await),
                 ),
                 2 | 3 => (
                     format!("commit {name} by {job}"),

@@ -17,7 +17,7 @@ use crate::dialect::{self, ApiError, Catalog, Provider};
 use crate::job::{self, Job, Status, MESSAGE_VERSION};
 use crate::keys::keygen::KeyBits;
 use crate::lifecycle::{Finished, Lifecycle};
-use crate::registry::{Filter, Registry, RegistryError};
+use crate::registry::{Claim, Filter, Registry, RegistryError};
 use crate::sink::HttpReply;
 use crate::upstream::{Configured, Registration, Upstream};
 
@@ -137,12 +137,14 @@ impl<R: Registry> Actions<R> {
         let req = self.decode(caller, dialect::decode_import)?;
         let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
         let job_id = Uuid::new_v4();
-        let quota = settings.quota.for_region(&req.scope.region);
-        let ttl = settings.reservation_ttl.as_millis() as i64;
-        registry
-            .reserve(&req.scope, &req.name, job_id, quota, ttl)
-            .await
-            .map_err(registry_error)?;
+        let claim = Claim {
+            scope: &req.scope,
+            name: &req.name,
+            job_id,
+            quota: settings.quota.for_region(&req.scope.region),
+            ttl_ms: settings.reservation_ttl.as_millis() as i64,
+        };
+        registry.reserve(&claim).await.map_err(registry_error)?;
         let create = dialect::CreateRequest {
             scope: req.scope.clone(),
             name: req.name.clone(),
