@@ -4,11 +4,18 @@
 #      on the same cores, alternating rounds so machine noise hits both alike (medians);
 #   2. `keyfleet submit` enqueue rate with publisher confirms (100,000 jobs, no worker running);
 #   3. worker memory with that 100,000-job backlog: RSS sampled while it works, and peak RSS.
+# With --pooled instead: the plumbing alone. The worker's reservoir is filled with every key of
+# the round before the clock starts and never refilled (--reservoir-once), then a `submit
+# --wait` of that many rows is timed: keys/s and CPU ms a key for each component — the worker,
+# `submit --wait` (producer and collector), RabbitMQ (beam.smp) and Redis (redis-server).
 # Needs RabbitMQ and Redis on loopback (scripts/test.sh starts them). Usage:
 #   scripts/bench-distributed.sh [KEYS_PER_ROUND=200] [ROUNDS=3] [BACKLOG=100000]
+#   scripts/bench-distributed.sh --pooled [KEYS_PER_ROUND=2000] [ROUNDS=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KEYS=${1:-200}; ROUNDS=${2:-3}; BACKLOG=${3:-100000}
+POOLED=0
+if [ "${1:-}" = "--pooled" ]; then POOLED=1; shift; fi
+KEYS=${1:-$([ $POOLED = 1 ] && echo 2000 || echo 200)}; ROUNDS=${2:-3}; BACKLOG=${3:-100000}
 cargo build --release -q -p keyfleet -p keyfleet-worker
 KF=target/release/keyfleet; W=target/release/keyfleet-worker
 prefix="kfbench-$$"; dir=$(mktemp -d)
@@ -29,6 +36,58 @@ regions=(cn-qingdao cn-beijing cn-zhangjiakou cn-huhehaote cn-hangzhou cn-shangh
 fleet() { # rows file: spread over regions so the 500 quota never binds
   { echo "RegionId,KeyPairName"; for ((i = 0; i < $1; i++)); do echo "${regions[i % ${#regions[@]}]},h-$2-$i"; done; } > "$3"
 }
+
+# CPU seconds (user + system) of a process, from /proc/PID/stat (USER_HZ = 100).
+cpu_of() { awk '{ sub(/^.*\) /, ""); print ($12 + $13) / 100 }' "/proc/$1/stat"; }
+# Redis's own count, to the microsecond (its work per key is well under one 10 ms tick).
+redis_cpu() { redis-cli info cpu | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { print s }'; }
+
+if [ $POOLED = 1 ]; then
+  beam=$(pgrep -o beam.smp)
+  port=$((20000 + $$ % 20000))
+  rows=()
+  for ((r = 0; r < ROUNDS; r++)); do
+    fleet "$KEYS" "p$r" "$dir/pooled.csv"
+    $W --prefix "$prefix" --threads 2 --metrics-addr "127.0.0.1:$port" --reservoir "$KEYS" \
+      --reservoir-once --upstream-rps 0 --log warn &
+    wpid=$!
+    # The reservoir is full when its gauge says so.
+    until curl -sf "http://127.0.0.1:$port/metrics" 2>/dev/null \
+      | awk -v k="$KEYS" '/^keyfleet_reservoir_keys\{bits="2048"\}/ && $2 >= k { ok = 1 } END { exit !ok }'; do
+      sleep 0.5
+    done
+    w0=$(cpu_of "$wpid"); b0=$(cpu_of "$beam"); r0=$(redis_cpu)
+    # submit --wait's own CPU: its rusage as a child of this python.
+    row=$(python3 - "$KF" "$dir/pooled.csv" "$prefix" "p$r" "$dir/outp$r" <<'PY'
+import resource, subprocess, sys, time
+kf, csv, prefix, batch, out = sys.argv[1:]
+t0 = time.monotonic()
+subprocess.run([kf, "submit", csv, "--prefix", prefix, "--batch-id", batch, "--wait", "--out", out,
+                "--progress", "off", "--json"], check=True, stdout=subprocess.DEVNULL)
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(wall, ru.ru_utime + ru.ru_stime)
+PY
+)
+    w1=$(cpu_of "$wpid"); b1=$(cpu_of "$beam"); r1=$(redis_cpu)
+    kill -TERM "$wpid"; wait "$wpid" || true; wpid=
+    rows+=("$row $(python3 -c "print($w1 - $w0, $b1 - $b0, $r1 - $r0)")")
+  done
+  python3 - "$KEYS" "${rows[@]}" <<'PY'
+import statistics, sys
+keys = int(sys.argv[1])
+runs = [[float(x) for x in r.split()] for r in sys.argv[2:]]
+kps = [keys / r[0] for r in runs]
+print(f"pooled, {keys} keys a round, 1 worker (2 threads), all on this machine's cores:")
+print(f"  plumbing: {', '.join(f'{x:.0f}' for x in kps)} keys/s  median {statistics.median(kps):.0f}")
+for i, name in [(2, "worker"), (1, "submit --wait (producer + collector)"), (3, "RabbitMQ (beam.smp)"), (4, "Redis")]:
+    ms = [r[i] * 1000 / keys for r in runs]
+    print(f"  CPU a key, {name}: {', '.join(f'{x:.3f}' for x in ms)} ms  median {statistics.median(ms):.3f}")
+total = [sum(r[1:5]) * 1000 / keys for r in runs]
+print(f"  CPU a key, all: median {statistics.median(total):.2f} ms")
+PY
+  exit 0
+fi
 
 raws=(); e2es=()
 for ((r = 0; r < ROUNDS; r++)); do

@@ -192,6 +192,7 @@ async fn run_command(
         threads: resolved.threads,
         settings: resolved.settings,
         progress: args.report.progress,
+        reservoir: None,
     };
     if let Some(addr) = args.metrics_addr.0 {
         crate::telemetry::metrics::install().context("cannot start metrics")?;
@@ -559,6 +560,7 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
             rounds: args.rounds.unwrap_or(if several { 3 } else { 1 }),
             compare: args.compare,
             pipeline: args.pipeline,
+            pooled: args.pooled,
         };
         let report = crate::modes::bench::bench(spec, plan)
             .await

@@ -478,6 +478,11 @@ pub struct WorkerArgs {
     /// burst of jobs does not wait for key generation; 0 turns the reservoir off.
     #[arg(long, env = "KEYFLEET_RESERVOIR", default_value_t = 16)]
     pub reservoir: usize,
+    /// Fill the reservoir once and never refill it: for measuring the plumbing alone
+    /// (`scripts/bench-distributed.sh --pooled`), where refills would take the cores being
+    /// measured. Jobs beyond the reservoir make their keys as usual.
+    #[arg(long, env = "KEYFLEET_RESERVOIR_ONCE")]
+    pub reservoir_once: bool,
     #[command(flatten)]
     pub upstream_limit: UpstreamLimitArgs,
     #[command(flatten)]
@@ -706,6 +711,11 @@ pub struct BenchArgs {
     /// and report its keys/s against raw generation.
     #[arg(long)]
     pub pipeline: bool,
+    /// With --pipeline: also time `run` with every key made before the clock starts (kept in
+    /// memory, no refills), so the plumbing alone is measured: keys/s and CPU ms a key. This
+    /// figure does not depend on how fast the CPU makes keys.
+    #[arg(long, requires = "pipeline")]
+    pub pooled: bool,
     /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
     /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,
     /// against raw key generation on the same threads (rounds alternated, medians).

@@ -272,6 +272,7 @@ impl WorkerArgs {
             threads,
             settings: resolved.settings,
             reservoir: self.reservoir,
+            reservoir_once: self.reservoir_once,
             upstream_rps: self.upstream_limit.upstream_rps,
             upstream_burst: self.upstream_limit.upstream_burst,
             upstream: self.upstream.resolve(file),

@@ -6,6 +6,7 @@
 //! persisted); the PEM is zeroized when dropped.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::keys::cpu::CpuPool;
@@ -20,6 +21,10 @@ struct Pool {
 
 struct Inner {
     capacity: usize,
+    /// Cleared by [`Reservoir::freeze`]: no more keys are started.
+    refill: AtomicBool,
+    /// Set by [`Reservoir::freeze_when_full`].
+    once: AtomicBool,
     engine: Engine,
     cpu: CpuPool,
     pools: Mutex<HashMap<KeyBits, Pool>>,
@@ -31,12 +36,23 @@ pub struct Reservoir {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Reservoir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservoir")
+            .field("capacity", &self.inner.capacity)
+            .field("engine", &self.inner.engine)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Reservoir {
     /// A reservoir holding up to `capacity` keys of each size in `sizes`; filling starts now.
     pub fn new(cpu: CpuPool, engine: Engine, capacity: usize, sizes: &[KeyBits]) -> Self {
         let r = Reservoir {
             inner: Arc::new(Inner {
                 capacity,
+                refill: AtomicBool::new(true),
+                once: AtomicBool::new(false),
                 engine,
                 cpu,
                 pools: Mutex::new(sizes.iter().map(|b| (*b, Pool::default())).collect()),
@@ -50,6 +66,18 @@ impl Reservoir {
 
     pub fn capacity(&self) -> usize {
         self.inner.capacity
+    }
+
+    /// Stops refilling: keys being made still arrive, no more are started. For measuring the
+    /// pipeline alone (`keyfleet bench --pipeline --pooled`), where refills would take the
+    /// cores the plumbing is measured on.
+    pub fn freeze(&self) {
+        self.inner.refill.store(false, Ordering::Relaxed);
+    }
+
+    /// Freezes the reservoir (see [`Reservoir::freeze`]) the first time it is full.
+    pub fn freeze_when_full(&self) {
+        self.inner.once.store(true, Ordering::Relaxed);
     }
 
     /// Keys ready for `bits` now.
@@ -90,6 +118,7 @@ impl Reservoir {
                     return;
                 };
                 if pool.keys.len() + pool.filling >= self.inner.capacity
+                    || !self.inner.refill.load(Ordering::Relaxed)
                     || !self.inner.cpu.has_idle_thread()
                 {
                     return;
@@ -116,6 +145,11 @@ impl Reservoir {
                         pool.filling -= 1;
                         if let Some(k) = key {
                             pool.keys.push_back(k);
+                        }
+                        if pool.keys.len() >= me.inner.capacity
+                            && me.inner.once.load(Ordering::Relaxed)
+                        {
+                            me.inner.refill.store(false, Ordering::Relaxed);
                         }
                         crate::telemetry::metrics::reservoir_fill(bits.bits(), pool.keys.len());
                     }
@@ -157,6 +191,43 @@ mod tests {
 
     /// A stopped server's reservoir kept refilling on the pool, taking the cores from whatever
     /// ran next (it showed as a slow cold round in `keyfleet bench --serve`).
+    #[test]
+    fn frozen_reservoir_keeps_its_keys_and_starts_no_more() {
+        let cpu = CpuPool::new(2).unwrap();
+        let r = Reservoir::new(cpu.clone(), Engine::Fast, 2, &[KeyBits::B2048]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while r.len(KeyBits::B2048) < 2 {
+            assert!(Instant::now() < deadline, "reservoir did not fill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r.freeze();
+        assert!(r.take(KeyBits::B2048).is_some());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cpu.is_idle(), "a frozen reservoir refilled");
+        assert!(r.take(KeyBits::B2048).is_some());
+        assert!(
+            r.take(KeyBits::B2048).is_none(),
+            "no key was made after the freeze"
+        );
+    }
+
+    #[test]
+    fn reservoir_frozen_when_full_is_filled_once() {
+        let cpu = CpuPool::new(2).unwrap();
+        let r = Reservoir::new(cpu.clone(), Engine::Fast, 2, &[KeyBits::B2048]);
+        r.freeze_when_full();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while r.len(KeyBits::B2048) < 2 {
+            assert!(Instant::now() < deadline, "reservoir did not fill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(r.take(KeyBits::B2048).is_some());
+        assert!(r.take(KeyBits::B2048).is_some());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cpu.is_idle(), "a reservoir filled once refilled");
+        assert!(r.take(KeyBits::B2048).is_none());
+    }
+
     #[test]
     fn dropped_reservoir_stops_filling() {
         let cpu = CpuPool::new(2).unwrap();

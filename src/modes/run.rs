@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::batch::{self, Format, Row, RowDefaults};
 use crate::keys::cpu::CpuPool;
+use crate::keys::reservoir::Reservoir;
 use crate::lifecycle::{Finished, Lifecycle};
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::Registry;
@@ -43,6 +44,9 @@ pub struct RunOptions {
     pub defaults: RowDefaults,
     pub settings: Settings,
     pub progress: ProgressMode,
+    /// Keys made ahead, taken before the rayon pool is asked (`bench --pipeline --pooled`
+    /// times the plumbing alone this way); `None` for a plain run.
+    pub reservoir: Option<Reservoir>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -106,7 +110,7 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let cpu = CpuPool::new(opts.threads)?;
     let threads = cpu.threads();
     // Rows already read are finished even after a signal; the policy's waits end early then.
-    let lifecycle = Lifecycle::new(
+    let mut lifecycle = Lifecycle::new(
         registry,
         upstream,
         cpu,
@@ -114,6 +118,9 @@ pub async fn run_with<R: Registry, U: Upstream>(
         RetryPolicy::embedded(),
         shutdown.child_token(),
     );
+    if let Some(reservoir) = opts.reservoir.clone() {
+        lifecycle = lifecycle.with_reservoir(reservoir);
+    }
 
     // Enough jobs in flight to keep every rayon thread busy while results wait for their
     // turn in input order; small enough that memory does not depend on the batch size.

@@ -41,6 +41,8 @@ pub struct WorkerConfig {
     pub settings: Settings,
     /// Pre-generated RSA-2048 keys kept ready for bursts; 0 = no reservoir.
     pub reservoir: usize,
+    /// Fill the reservoir once, never refill it (benchmarks of the plumbing alone).
+    pub reservoir_once: bool,
     /// Upstream calls per second per provider + region; 0 = unlimited.
     pub upstream_rps: u32,
     pub upstream_burst: u32,
@@ -156,6 +158,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     );
     if cfg.reservoir > 0 {
         let reservoir = Reservoir::new(cpu, cfg.settings.engine, cfg.reservoir, &[KeyBits::B2048]);
+        if cfg.reservoir_once {
+            reservoir.freeze_when_full();
+        }
         lifecycle = lifecycle.with_reservoir(reservoir);
     }
     let handler = Arc::new(Handler {

@@ -200,6 +200,7 @@ fn every_setting_flag_names_its_environment_variable() {
         "--wait",
         "--compare",
         "--pipeline",
+        "--pooled",
         "--keys",
         "--scalar",
         "--serve",
@@ -357,4 +358,42 @@ fn progress_rate_has_no_four_decimals() {
     assert_eq!(keyfleet::telemetry::progress::rate(238.150_6), "238/s");
     assert_eq!(keyfleet::telemetry::progress::rate(9.46), "9.5/s");
     assert_eq!(keyfleet::telemetry::progress::rate(0.0), "0.0/s");
+}
+
+/// `bench --pipeline --pooled` reports the plumbing alone beside the pipeline (no figure is
+/// asserted: benchmarks are benchmarks), and `--pooled` alone is refused, naming --pipeline.
+#[test]
+fn bench_pooled_reports_the_plumbing_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keyfleet(dir.path())
+        .args([
+            "bench",
+            "--keys",
+            "6",
+            "--threads",
+            "2",
+            "--rounds",
+            "1",
+            "--pipeline",
+            "--pooled",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in [
+        "pipeline_keys_per_second",
+        "pipeline_cpu_ms_per_key",
+        "pooled_keys_per_second",
+        "pooled_cpu_ms_per_key",
+    ] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+    let out = keyfleet(dir.path())
+        .args(["bench", "--keys", "2", "--pooled"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("--pipeline"), "{}", text(&out));
 }

@@ -55,6 +55,7 @@ impl Sandbox {
             },
             settings: Settings::default(),
             progress: ProgressMode::Off,
+            reservoir: None,
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dialect::Provider;
 use crate::job::batch::RowDefaults;
 use crate::keys::keygen::{self, Engine, KeyBits};
+use crate::keys::reservoir::Reservoir;
 use crate::modes::run::{run, RunOptions};
 use crate::settings::{KeyPairQuota, Settings};
 use crate::telemetry::progress::ProgressMode;
@@ -33,6 +34,9 @@ pub struct Plan {
     pub rounds: usize,
     pub compare: bool,
     pub pipeline: bool,
+    /// With `pipeline`: also time `run` with every key made before the clock starts, so the
+    /// plumbing alone is measured (keys/s and CPU per key).
+    pub pooled: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -65,6 +69,20 @@ pub struct Report {
     /// keys/s of `keyfleet run` on a generated batch (`--pipeline`).
     pub pipeline_keys_per_second: Option<f64>,
     pub pipeline_ratio_to_raw: Option<f64>,
+    /// CPU time of this process (every thread) per key while `run` ran (`--pipeline`).
+    pub pipeline_cpu_ms_per_key: Option<f64>,
+    /// keys/s of `keyfleet run` with every key taken from memory (`--pooled`): the plumbing
+    /// alone — reading, registry, key files, manifest.
+    pub pooled_keys_per_second: Option<f64>,
+    /// CPU time of this process per key in the pooled run: what the plumbing costs.
+    pub pooled_cpu_ms_per_key: Option<f64>,
+}
+
+/// One timed `keyfleet run`.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineMeasurement {
+    pub keys_per_second: f64,
+    pub cpu_ms_per_key: f64,
 }
 
 /// OpenSSL's key generation, timed inside Python `cryptography` (one interpreter per thread,
@@ -187,13 +205,13 @@ pub fn measure(
 }
 
 /// Runs `keyfleet run` on a generated batch of `keys` Alibaba rows in a temporary folder and
-/// returns its keys/s.
+/// returns its keys/s and this process's CPU time per key. `pooled`: every key is made first,
+/// into a reservoir that then stops refilling, so the clock sees the plumbing alone.
 pub async fn measure_pipeline(
-    engine: Engine,
-    bits: KeyBits,
-    threads: usize,
+    spec: KeySpec,
     keys: usize,
-) -> Result<f64, BenchError> {
+    pooled: bool,
+) -> Result<PipelineMeasurement, BenchError> {
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("bench.csv");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
@@ -203,30 +221,55 @@ pub async fn measure_pipeline(
     }
     f.flush()?;
     drop(f);
+    let reservoir = if pooled {
+        let cpu = crate::keys::cpu::CpuPool::new(spec.threads)
+            .map_err(|e| BenchError::Pool(e.to_string()))?;
+        let r = Reservoir::new(cpu, spec.engine, keys, &[spec.bits]);
+        while r.len(spec.bits) < keys {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.freeze();
+        Some(r)
+    } else {
+        None
+    };
     let opts = RunOptions {
         input,
         format: None,
         out: dir.path().join("out"),
         state: dir.path().join("state.redb"),
-        threads,
+        threads: spec.threads,
         defaults: RowDefaults {
             batch_id: "bench".into(),
             provider: Provider::Aliyun,
             owner: "bench".into(),
-            key_bits: bits,
+            key_bits: spec.bits,
         },
         settings: Settings {
             quota: KeyPairQuota {
                 default: keys as u64,
                 ..KeyPairQuota::default()
             },
-            engine,
+            engine: spec.engine,
             ..Settings::default()
         },
         progress: ProgressMode::Off,
+        reservoir,
     };
+    let cpu_before = process_cpu_seconds();
     let summary = run(opts, CancellationToken::new()).await?;
-    Ok(summary.keys_per_second)
+    let cpu = process_cpu_seconds() - cpu_before;
+    Ok(PipelineMeasurement {
+        keys_per_second: summary.keys_per_second,
+        cpu_ms_per_key: cpu * 1000.0 / keys as f64,
+    })
+}
+
+/// User + system CPU time of this process so far, every thread included, to the nanosecond
+/// (`CLOCK_PROCESS_CPUTIME_ID`; `/proc/self/stat` counts in 10 ms ticks).
+fn process_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// `0` means one per core, as for the key-generation pool.
@@ -251,10 +294,12 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
         rounds,
         compare,
         pipeline,
+        pooled,
     } = plan;
     let rounds = rounds.max(1);
     let mut raws = Vec::new();
     let mut pipes = Vec::new();
+    let mut pools = Vec::new();
     let mut openssl = Vec::new();
     for _ in 0..rounds {
         if compare {
@@ -270,7 +315,10 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
             .map_err(|e| BenchError::Pool(e.to_string()))??;
         raws.push(m);
         if pipeline {
-            pipes.push(measure_pipeline(engine, bits, threads, keys).await?);
+            pipes.push(measure_pipeline(spec, keys, false).await?);
+        }
+        if pipeline && pooled {
+            pools.push(measure_pipeline(spec, keys, true).await?);
         }
     }
     let raw_median = median(raws.iter().map(|m| m.keys_per_second).collect());
@@ -292,7 +340,16 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
     } else {
         None
     };
-    let pipeline_kps = (!pipes.is_empty()).then(|| median(pipes));
+    let medians = |v: &[PipelineMeasurement]| {
+        (!v.is_empty()).then(|| {
+            (
+                median(v.iter().map(|m| m.keys_per_second).collect()),
+                median(v.iter().map(|m| m.cpu_ms_per_key).collect()),
+            )
+        })
+    };
+    let (pipeline_kps, pipeline_cpu) = medians(&pipes).unzip();
+    let (pooled_kps, pooled_cpu) = medians(&pools).unzip();
     let openssl = (!openssl.is_empty()).then(|| OpensslMeasurement {
         version: openssl[0].version.clone(),
         keys_per_second: median(openssl.iter().map(|m| m.keys_per_second).collect()),
@@ -313,6 +370,9 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
             .map(|o| engine_m.keys_per_second / o.keys_per_second),
         openssl,
         pipeline_keys_per_second: pipeline_kps,
+        pipeline_cpu_ms_per_key: pipeline_cpu,
+        pooled_keys_per_second: pooled_kps,
+        pooled_cpu_ms_per_key: pooled_cpu,
         baseline,
         engine: engine_m,
     })
@@ -339,8 +399,16 @@ pub fn render(r: &Report) -> String {
     }
     if let (Some(p), Some(ratio)) = (r.pipeline_keys_per_second, r.pipeline_ratio_to_raw) {
         s.push_str(&format!(
-            "keyfleet run pipeline: {p:.1} keys/s  → {:.1}% of raw generation\n",
-            ratio * 100.0
+            "keyfleet run pipeline: {p:.1} keys/s  → {:.1}% of raw generation{}\n",
+            ratio * 100.0,
+            r.pipeline_cpu_ms_per_key
+                .map(|c| format!("  ({c:.2} ms CPU a key)"))
+                .unwrap_or_default()
+        ));
+    }
+    if let (Some(p), Some(c)) = (r.pooled_keys_per_second, r.pooled_cpu_ms_per_key) {
+        s.push_str(&format!(
+            "keyfleet run, keys made beforehand (the plumbing alone): {p:.1} keys/s  ({c:.2} ms CPU a key)\n"
         ));
     }
     s
