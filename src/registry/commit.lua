@@ -5,6 +5,7 @@
 -- Runs after entry.lua (`job_entry`).
 --
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
+-- KEYS[2]  <prefix>:{<scope>}:deadlines  sorted set of reservation deadlines (reserve.lua)
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
 -- ARGV[3]  the new entry: Entry::Pair JSON as serde writes it (public half only)
@@ -17,4 +18,5 @@ if not e then
   return 'lost'
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 'ok'

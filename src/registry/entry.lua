@@ -1,6 +1,7 @@
 -- entry.lua: put in front of the scripts that act on one job's entry (redis.rs joins them).
 --
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
+-- KEYS[2]  <prefix>:{<scope>}:deadlines  sorted set of reservation deadlines (reserve.lua)
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
 

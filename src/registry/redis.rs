@@ -5,6 +5,11 @@
 //! - `<prefix>:{<scope>}:pairs` — hash: name → [`Entry`] JSON (the same serde JSON as the
 //!   embedded store; public halves only, private keys are never written to Redis);
 //! - `<prefix>:{<scope>}:used` — string: slots counted against the scope's quota;
+//! - `<prefix>:{<scope>}:deadlines` — sorted set: name → reservation deadline (ms), so a
+//!   reservation at a full scope finds the expired ones in O(log n) (`reserve.lua`); it may
+//!   hold names that are no longer reservations, which are checked and dropped when met;
+//! - `<prefix>:{<scope>}:indexed` — set once the deadline index covers every reservation of a
+//!   scope written before the index existed;
 //! - `<prefix>:scopes` — set of scope keys, an index for `describe` only;
 //! - `<prefix>:nonce:<hash>` — a signature nonce `keyfleet serve` has seen, expiring by itself.
 //!
@@ -71,6 +76,10 @@ pub struct ScopeKeys {
     pub pairs: String,
     /// Slots counted against the quota.
     pub used: String,
+    /// Sorted set: name → reservation deadline (ms).
+    pub deadlines: String,
+    /// Set once `deadlines` covers every reservation (scopes older than the index).
+    pub indexed: String,
 }
 
 #[derive(Clone)]
@@ -144,6 +153,8 @@ impl RedisRegistry {
         ScopeKeys {
             pairs: format!("{}:{{{scope_key}}}:pairs", self.prefix),
             used: format!("{}:{{{scope_key}}}:used", self.prefix),
+            deadlines: format!("{}:{{{scope_key}}}:deadlines", self.prefix),
+            indexed: format!("{}:{{{scope_key}}}:indexed", self.prefix),
         }
     }
 
@@ -190,6 +201,7 @@ impl RedisRegistry {
         let keys = self.scope_keys(scope);
         let mut conn = self.conn.clone();
         let mut invocation = script.key(&keys.pairs);
+        invocation.key(&keys.deadlines);
         invocation.arg(name).arg(job_id.hyphenated().to_string());
         if let Some(extra) = extra {
             invocation.arg(extra);
@@ -242,6 +254,8 @@ impl Registry for RedisRegistry {
             .reserve
             .key(&keys.pairs)
             .key(&keys.used)
+            .key(&keys.deadlines)
+            .key(&keys.indexed)
             .arg(claim.name)
             .arg(claim.job_id.hyphenated().to_string())
             .arg(claim.quota)
@@ -302,6 +316,7 @@ impl Registry for RedisRegistry {
             .release
             .key(&keys.pairs)
             .key(&keys.used)
+            .key(&keys.deadlines)
             .arg(name)
             .arg(job_id.hyphenated().to_string())
             .invoke_async::<i64>(&mut conn)
@@ -353,6 +368,7 @@ impl Registry for RedisRegistry {
             .delete
             .key(&keys.pairs)
             .key(&keys.used)
+            .key(&keys.deadlines)
             .arg(name)
             .invoke_async(&mut conn)
             .await

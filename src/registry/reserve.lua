@@ -8,12 +8,19 @@
 --   delivered key pair of this job            -> "delivered" (answered before; nothing written)
 --   anything else                             -> "exists"
 -- At the quota, expired reservations of the scope are swept first; as in the embedded store,
--- the sweep is only kept when it makes room (otherwise nothing is written).
+-- the sweep is only kept when it makes room (otherwise no entry is written). They are found in
+-- the scope's deadline index (a sorted set, name -> reservation deadline), so a refusal at a
+-- full scope costs O(log n), not a read of the whole scope. The index may hold names that are
+-- no longer reservations (committed, released, deleted by an older version): each one found
+-- is checked against its entry and dropped from the index. A scope written before the index
+-- existed is indexed once, by one full read, the first time it is full (KEYS[4] marks it).
 -- On success the entry becomes {"state":"reserved","job_id":..,"deadline_ms":now+ttl} plus
 -- "tried_keys" when resuming (kept) or replacing (the pair's earlier keys and its own).
 --
 -- KEYS[1]  <prefix>:{<scope>}:pairs   hash: name -> Entry JSON
 -- KEYS[2]  <prefix>:{<scope>}:used    string: slots counted against the quota
+-- KEYS[3]  <prefix>:{<scope>}:deadlines  sorted set: name -> reservation deadline (ms)
+-- KEYS[4]  <prefix>:{<scope>}:indexed    string: set once KEYS[3] covers every reservation
 -- ARGV[1]  name
 -- ARGV[2]  job id (UUID, hyphenated)
 -- ARGV[3]  quota (integer >= 0)
@@ -84,16 +91,30 @@ if raw then
 else
   local used = tonumber(redis.call('GET', KEYS[2]) or '0')
   if used >= quota then
-    local expired = {}
-    local all = redis.call('HGETALL', KEYS[1])
-    for i = 1, #all, 2 do
-      -- Key pairs are large and never expire: only decode what can be a reservation. The tag
-      -- "state" is the only key of that name in an entry, so the plain search is exact.
-      if string.find(all[i + 1], '"state":"reserved"', 1, true) then
-        local e = decode(all[i + 1], all[i])
-        if e.state == 'reserved' and tonumber(e.deadline_ms) <= now then
-          expired[#expired + 1] = all[i]
+    if redis.call('EXISTS', KEYS[4]) == 0 then
+      local all = redis.call('HGETALL', KEYS[1])
+      for i = 1, #all, 2 do
+        -- Key pairs are large and never expire: only decode what can be a reservation. The
+        -- tag "state" is the only key of that name in an entry, so the plain search is exact.
+        if string.find(all[i + 1], '"state":"reserved"', 1, true) then
+          local e = decode(all[i + 1], all[i])
+          if e.state == 'reserved' then
+            redis.call('ZADD', KEYS[3], int(tonumber(e.deadline_ms)), all[i])
+          end
         end
+      end
+      redis.call('SET', KEYS[4], '1')
+    end
+    local expired = {}
+    for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', int(now))) do
+      local r = redis.call('HGET', KEYS[1], k)
+      local e = r and decode(r, k)
+      if e and e.state == 'reserved' and tonumber(e.deadline_ms) <= now then
+        expired[#expired + 1] = k
+      elseif e and e.state == 'reserved' then
+        redis.call('ZADD', KEYS[3], int(tonumber(e.deadline_ms)), k)
+      else
+        redis.call('ZREM', KEYS[3], k)
       end
     end
     used = used - math.min(#expired, used)
@@ -102,6 +123,7 @@ else
     end
     for _, k in ipairs(expired) do
       redis.call('HDEL', KEYS[1], k)
+      redis.call('ZREM', KEYS[3], k)
     end
   end
   redis.call('SET', KEYS[2], int(used + 1))
@@ -115,4 +137,5 @@ if #tried > 0 then
 end
 redis.call('HSET', KEYS[1], name, string.format(
   '{"state":"reserved","job_id":"%s","deadline_ms":%s%s}', ARGV[2], int(now + ttl), extra))
+redis.call('ZADD', KEYS[3], int(now + ttl), name)
 return how

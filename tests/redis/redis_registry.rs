@@ -414,6 +414,109 @@ async fn at_the_quota_expired_reservations_are_swept() {
     .await;
 }
 
+/// A scope written before the deadline index existed (an older keyfleet) has reservations the
+/// index does not know: the first time the scope is full it is indexed by one full read, so
+/// its expired reservations are still swept.
+#[tokio::test]
+async fn reservations_written_before_the_deadline_index_are_still_swept() {
+    bounded(async {
+        let (reg, _cleanup) = fixture().await;
+        let s = hangzhou();
+        for name in ["a", "b"] {
+            let short = Claim {
+                quota: 2,
+                ttl_ms: 1,
+                ..claim(&s, name, Uuid::new_v4())
+            };
+            assert_eq!(reg.reserve(&short).await, Ok(Reserved::Fresh));
+        }
+        let keys = reg.scope_keys(&s);
+        let mut conn = reg.connection();
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys.deadlines)
+            .arg(&keys.indexed)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = Claim {
+            quota: 2,
+            ..claim(&s, "c", Uuid::new_v4())
+        };
+        assert_eq!(reg.reserve(&next).await, Ok(Reserved::Fresh));
+        assert_eq!(reg.lookup(&s, "a").await.unwrap(), None);
+        assert_eq!(reg.lookup(&s, "b").await.unwrap(), None);
+        assert_eq!(reg.quota_used(&s).await.unwrap(), 1);
+        let indexed: bool = redis::cmd("EXISTS")
+            .arg(&keys.indexed)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(indexed, "the scope is marked as indexed");
+    })
+    .await;
+}
+
+/// A refusal at a full scope finds expired reservations in the deadline index: it never reads
+/// the scope's hash (HGETALL of every pair, public keys included), watched with MONITOR.
+#[tokio::test]
+async fn a_refusal_at_a_full_scope_does_not_read_the_scope() {
+    bounded(async {
+        let (reg, _cleanup) = fixture().await;
+        let s = hangzhou();
+        for i in 0..20 {
+            let (name, job) = (format!("pair-{i}"), Uuid::new_v4());
+            reg.reserve(&Claim {
+                quota: 20,
+                ..claim(&s, &name, job)
+            })
+            .await
+            .unwrap();
+            reg.commit(&record(&s, &name, job)).await.unwrap();
+        }
+        let refuse = |n: usize| {
+            let reg = &reg;
+            let s = &s;
+            async move {
+                for i in 0..n {
+                    let name = format!("more-{i}");
+                    let full = Claim {
+                        quota: 20,
+                        ..claim(s, &name, Uuid::new_v4())
+                    };
+                    assert_eq!(reg.reserve(&full).await, Err(RegistryError::QuotaExceeded));
+                }
+            }
+        };
+        // The first refusal of a scope that was never full marks it indexed.
+        refuse(1).await;
+        let mut monitor = std::process::Command::new("redis-cli")
+            .args(["-u", &redis_url(), "monitor"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli (installed with Redis by scripts/test.sh)");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        refuse(5).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        monitor.kill().unwrap();
+        let out = monitor.wait_with_output().unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout);
+        let keys = reg.scope_keys(&s);
+        let mine = |cmd: &str, key: &str| {
+            seen.lines()
+                .filter(|l| l.contains(&format!("\"{cmd}\" \"{key}\"")))
+                .count()
+        };
+        assert_eq!(
+            mine("ZRANGEBYSCORE", &keys.deadlines),
+            5,
+            "MONITOR saw each refusal look in the index"
+        );
+        assert_eq!(mine("HGETALL", &keys.pairs), 0, "a refusal read the scope");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_undelivered_pair_is_replaced_a_delivered_one_exists() {
     bounded(async {
@@ -780,6 +883,8 @@ async fn every_key_of_a_scope_hashes_to_one_cluster_slot() {
             let keys = reg.scope_keys(s);
             allowed.insert(keys.pairs);
             allowed.insert(keys.used);
+            allowed.insert(keys.deadlines);
+            allowed.insert(keys.indexed);
         }
         for key in keys_under(&reg, reg.prefix()).await {
             assert!(allowed.contains(&key), "unexpected key {key:?} in Redis");
@@ -833,17 +938,20 @@ async fn no_private_key_is_ever_stored() {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            let text: Vec<String> = match kind.as_str() {
-                "hash" => redis::cmd("HGETALL"),
-                "set" => redis::cmd("SMEMBERS"),
-                "string" => redis::cmd("GET"),
+            let (cmd, rest): (&str, &[&str]) = match kind.as_str() {
+                "hash" => ("HGETALL", &[]),
+                "set" => ("SMEMBERS", &[]),
+                "string" => ("GET", &[]),
+                "zset" => ("ZRANGE", &["0", "-1"]),
                 other => panic!("unexpected {other} key {key}"),
-            }
-            .arg(&key)
-            .query_async::<redis::Value>(&mut conn)
-            .await
-            .map(|v| vec![format!("{v:?}")])
-            .unwrap();
+            };
+            let text: Vec<String> = redis::cmd(cmd)
+                .arg(&key)
+                .arg(rest)
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map(|v| vec![format!("{v:?}")])
+                .unwrap();
             for t in text {
                 assert!(!t.contains("PRIVATE KEY"), "{key} holds key material");
             }
