@@ -269,7 +269,8 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 #[derive(Debug, Clone, Args)]
 pub struct UpstreamLimitArgs {
     /// Upstream (cloud API) calls per second per provider + account + region, with
-    /// --upstream-endpoint; 0 = unlimited.
+    /// --upstream-endpoint; 0 = unlimited. For keyfleet-worker, the total of every worker on
+    /// the same Redis and prefix; for run and serve, this process's.
     #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
     pub upstream_rps: u32,
     /// Burst allowed above --upstream-rps.
@@ -278,7 +279,7 @@ pub struct UpstreamLimitArgs {
 }
 
 impl UpstreamLimitArgs {
-    /// The limiter every task of this process shares; `None` when unlimited.
+    /// The limiter every task of this process shares (`run`, `serve`); `None` when unlimited.
     pub fn rate_limit(&self) -> Option<std::sync::Arc<crate::upstream::rate_limit::RateLimit>> {
         crate::upstream::rate_limit::RateLimit::new(self.upstream_rps, self.upstream_burst)
             .map(std::sync::Arc::new)

@@ -145,7 +145,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         }
     };
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
-    let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
+    // One budget for every worker on this Redis: --upstream-rps is the fleet's total.
+    let limit = RateLimit::fleet_wide(
+        cfg.upstream_rps,
+        cfg.upstream_burst,
+        registry.connection(),
+        &e.prefix,
+    )
+    .map(Arc::new);
     let upstream = Arc::new(Configured::build(&cfg.upstream, limit)?);
     let cpu = CpuPool::new(cfg.threads)?;
     let mut lifecycle = Lifecycle::new(

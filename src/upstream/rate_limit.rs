@@ -1,10 +1,16 @@
-//! Upstream rate limiting with governor: one token bucket per provider + account + region,
-//! because that is how the clouds throttle their key-pair APIs (per account, per regional
-//! endpoint). [`RateLimited`] wraps the local upstream; the HTTP upstream takes a token before
-//! every call it makes to the cloud (imports, and the describes and deletes that reconcile).
+//! Upstream rate limiting: one token bucket per provider + account + region, because that is
+//! how the clouds throttle their key-pair APIs (per account, per regional endpoint).
+//! [`RateLimited`] wraps the local upstream; the HTTP upstream takes a token before every call
+//! it makes to the cloud (imports, and the describes and deletes that reconcile).
+//!
+//! In one process the bucket is governor's. Processes that share a Redis (the workers, `serve`
+//! in front of a cloud) share one bucket per scope there as well ([`RateLimit::fleet_wide`]):
+//! `--upstream-rps` is then the fleet's total. governor stays in front, so a process never
+//! asks Redis more often than the rate itself, and an idle fleet costs no Redis calls. If
+//! Redis cannot answer, the call waits and asks again: the limit fails closed, never open.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -13,13 +19,33 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::dialect::{ApiError, CreateRequest};
+use crate::registry::connection::RedisConn;
 use crate::upstream::seam::{Registered, Registration, Upstream};
 
+static FLEET_RATE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("fleet_rate.lua")));
+
 /// A keyed limiter: `rps` calls per second per provider + account + region, bursts up to
-/// `burst`.
-#[derive(Debug)]
+/// `burst`; with [`RateLimit::fleet_wide`], for every process on one Redis together.
 pub struct RateLimit<C: Clock = DefaultClock> {
     limiter: RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<C::Instant>>,
+    fleet: Option<Fleet>,
+}
+
+/// The shared bucket in Redis.
+struct Fleet {
+    conn: RedisConn,
+    prefix: String,
+    interval_us: u64,
+    burst: u32,
+}
+
+impl<C: Clock> std::fmt::Debug for RateLimit<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("fleet_wide", &self.fleet.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 fn quota(rps: u32, burst: u32) -> Option<Quota> {
@@ -39,11 +65,56 @@ impl RateLimit<DefaultClock> {
         RateLimit::with_clock(rps, burst, DefaultClock::default())
     }
 
-    /// Waits until `req`'s bucket has a token; returns how long that took.
+    /// `None` when `rps` is 0 (no limit). The same `rps` and `burst` for every process on the
+    /// Redis behind `conn` together, per provider + account + region (keys
+    /// `<prefix>:{<scope>}:upstream-rate`, in the scope's cluster slot).
+    pub fn fleet_wide(rps: u32, burst: u32, conn: RedisConn, prefix: &str) -> Option<Self> {
+        let mut limit = RateLimit::new(rps, burst)?;
+        limit.fleet = Some(Fleet {
+            conn,
+            prefix: prefix.to_owned(),
+            interval_us: 1_000_000 / u64::from(rps),
+            burst: burst.max(1),
+        });
+        Some(limit)
+    }
+
+    /// Waits until `req`'s bucket has a token — this process's, then the fleet's; returns how
+    /// long that took.
     pub async fn acquire(&self, req: &CreateRequest) -> Duration {
         let started = Instant::now();
         self.limiter.until_key_ready(&key(req)).await;
+        if let Some(fleet) = &self.fleet {
+            fleet.acquire(&key(req)).await;
+        }
         started.elapsed()
+    }
+}
+
+impl Fleet {
+    /// Asks Redis until the scope's shared bucket lets the call go. A Redis that does not
+    /// answer is asked again (up to a second apart, logged): the limit never opens by itself.
+    async fn acquire(&self, scope_key: &str) {
+        let key = format!("{}:{{{scope_key}}}:upstream-rate", self.prefix);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut conn = self.conn.clone();
+            let asked: Result<u64, redis::RedisError> = FLEET_RATE
+                .key(&key)
+                .arg(self.interval_us)
+                .arg(self.burst)
+                .invoke_async(&mut conn)
+                .await;
+            match asked {
+                Ok(0) => return,
+                Ok(wait_ms) => tokio::time::sleep(Duration::from_millis(wait_ms)).await,
+                Err(e) => {
+                    tracing::warn!("the fleet's upstream rate limit in Redis: {e}; asking again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 }
 
@@ -51,6 +122,7 @@ impl<C: Clock> RateLimit<C> {
     pub fn with_clock(rps: u32, burst: u32, clock: C) -> Option<Self> {
         Some(RateLimit {
             limiter: RateLimiter::new(quota(rps, burst)?, DefaultKeyedStateStore::default(), clock),
+            fleet: None,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Workers registering keys in a cloud (`--upstream-endpoint`): a real `keyfleet serve` on
 //! loopback, with injected faults and throttling, is the cloud. One of two workers is
-//! SIGKILLed mid-batch; in the end the cloud holds exactly the delivered keys.
+//! SIGKILLed mid-batch; in the end the cloud holds exactly the delivered keys. Three workers
+//! on one Redis share one `--upstream-rps` budget, as the cloud's throttle counts it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -138,6 +139,99 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
             "the cloud holds exactly the delivered keys"
         );
         stop.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Three workers at `--upstream-rps 5 --upstream-burst 1` against a cloud that throttles an
+/// account above 5 calls a second: the budget is the fleet's, so the cloud throttles nothing
+/// (before it was each worker's: 15 calls a second, and the run saw 84 of 90 calls
+/// throttled). The cloud is a `keyfleet serve` process of its own, so its `/metrics` count
+/// only this test's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_upstream_budget() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("fleetrate");
+        let creds_file = env.write(
+            "cloud-credentials.toml",
+            "[[aliyun]]\naccess_key_id = \"testid\"\naccess_key_secret = \"testsecret\"\naccount = \"acme\"\n",
+        );
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&creds_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let state = env.path("cloud.redb");
+        let mut cloud = std::process::Command::new(crate::util::keyfleet_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--reservoir", "0"])
+            .args(["--throttle-rps", "5", "--threads", "1", "--log", "warn"])
+            .arg("--credentials")
+            .arg(&creds_file)
+            .arg("--state")
+            .arg(&state)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(cloud.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            line.trim()
+                .strip_prefix("listening on http://")
+                .unwrap_or_else(|| panic!("serve printed {line:?}"))
+                .to_owned()
+        };
+        let endpoint = format!("aliyun=http://{addr}");
+        let creds = [
+            ("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid"),
+            ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret"),
+        ];
+        let args = [
+            "--threads",
+            "1",
+            "--upstream-rps",
+            "5",
+            "--upstream-burst",
+            "1",
+            "--upstream-endpoint",
+            endpoint.as_str(),
+        ];
+        for _ in 0..3 {
+            env.start_worker_env(&args, &creds);
+        }
+        let rows = 45;
+        let input = env.write("fleet.csv", &fleet_csv(rows, "cn-qingdao"));
+        let started = std::time::Instant::now();
+        env.submit(&input, "bfleetrate").await;
+        let c = env.collect("bfleetrate", "out", Duration::from_secs(60)).await;
+        let took = started.elapsed();
+        assert!(c.complete, "{c:?}");
+        let (created, failed) = check_batch(&env, "out", rows).await;
+        assert_eq!((created, failed.len()), (rows, 0), "{failed:?}");
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let metrics = crate::util::http_get(port, "/metrics").await.expect("/metrics");
+        let answered = |code: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keyfleet_api_requests_total{")
+                        && l.contains(&format!("code=\"{code}\""))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(answered("Throttling.User"), 0.0, "{metrics}");
+        assert_eq!(answered("OK"), rows as f64, "one import a key: {metrics}");
+        // 45 calls at 5 a second with a burst of 1 cannot take less than 44 intervals.
+        assert!(
+            took >= Duration::from_millis(44 * 200),
+            "the fleet went faster than its budget: {took:?}"
+        );
+        let _ = cloud.kill();
+        let _ = cloud.wait();
     })
     .await
     .expect("test timed out");

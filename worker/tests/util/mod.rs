@@ -17,6 +17,7 @@ use keyfleet::modes::submit::{submit, SubmitOptions, SubmitSummary};
 use keyfleet::queue::broker::Topology;
 use keyfleet::registry::{Filter, Registry};
 use keyfleet::telemetry::progress::ProgressMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 pub fn amqp_url() -> String {
@@ -137,9 +138,11 @@ impl Env {
             "--prefix",
             &self.prefix,
         ])
-        .args(["--upstream-rps", "0"])
         .args(extra)
         .stdin(Stdio::null());
+        if !extra.contains(&"--upstream-rps") {
+            c.args(["--upstream-rps", "0"]);
+        }
         if !extra.contains(&"--log") {
             c.args(["--log", "keyfleet=info"]);
         }
@@ -351,6 +354,20 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback (no HTTP client crate needed for two requests).
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
 
 /// The `keyfleet` binary, built beside `keyfleet-worker` by `cargo test --workspace`.
