@@ -422,6 +422,7 @@ mod tests {
             include_str!("delete.lua"),
             include_str!("batch_record.lua"),
             include_str!("batch_set_total.lua"),
+            include_str!("../upstream/fleet_rate.lua"),
         ] {
             for call in src.split("redis.call(").skip(1) {
                 let args: Vec<&str> = call.splitn(3, ',').map(str::trim).collect();
