@@ -269,8 +269,8 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 #[derive(Debug, Clone, Args)]
 pub struct UpstreamLimitArgs {
     /// Upstream (cloud API) calls per second per provider + account + region, with
-    /// --upstream-endpoint; 0 = unlimited. For keyfleet-worker, the total of every worker on
-    /// the same Redis and prefix; for run and serve, this process's.
+    /// --upstream-endpoint; 0 = unlimited. For keyfleet-worker (and serve with --redis-url),
+    /// the total of every such process on the same Redis and prefix; for run, this process's.
     #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
     pub upstream_rps: u32,
     /// Burst allowed above --upstream-rps.

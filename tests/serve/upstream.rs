@@ -853,3 +853,82 @@ async fn serve_in_front_of_a_cloud_registers_there() {
     .await
     .expect("test timed out");
 }
+
+/// Two `serve` instances in front of one cloud, on one Redis, at `--upstream-rps 5
+/// --upstream-burst 1` each, against a cloud that throttles above 5 calls a second: the budget
+/// is theirs together, so the cloud throttles nothing (each on its own would send up to 10).
+#[tokio::test(flavor = "multi_thread")]
+async fn fronts_on_one_redis_share_the_upstream_budget() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let cloud_dir = tempfile::tempdir().unwrap();
+        let cloud = Server::start(cloud_dir.path(), &["--throttle-rps", "5"]);
+        let redis_url = std::env::var("KEYFLEET_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("kf-test-{}", uuid::Uuid::new_v4().simple());
+        let endpoint = format!("aliyun=http://{}", cloud.addr);
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let fronts: Vec<Server> = dirs
+            .iter()
+            .map(|d| {
+                let creds = crate::util::serve::credentials(d.path());
+                Server::start(
+                    d.path(),
+                    &[
+                        "--redis-url",
+                        &redis_url,
+                        "--prefix",
+                        &prefix,
+                        "--upstream-endpoint",
+                        &endpoint,
+                        "--upstream-credentials",
+                        creds.to_str().unwrap(),
+                        "--upstream-rps",
+                        "5",
+                        "--upstream-burst",
+                        "1",
+                    ],
+                )
+            })
+            .collect();
+        let creates = (0..24).map(|i| {
+            let client = fronts[i % 2].client();
+            async move {
+                let name = format!("shared-{i:02}");
+                let r = client
+                    .call(
+                        &rpc(),
+                        "CreateKeyPair",
+                        &[("RegionId", "cn-hangzhou"), ("KeyPairName", &name)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{name}: {}", r.body);
+            }
+        });
+        futures::future::join_all(creates).await;
+        let metrics = cloud.metrics().await;
+        assert_eq!(answered(&metrics, "Throttling.User"), 0, "{metrics}");
+        assert_eq!(cloud_pairs(&cloud.client(), "aliyun").await.len(), 24);
+        for front in fronts {
+            front.stop();
+        }
+        cloud.stop();
+        // This test's keys in Redis.
+        let client = redis::Client::open(redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("test timed out");
+}
