@@ -738,15 +738,7 @@ async fn injected_faults_and_throttling() {
         let c = server.client();
         let mut answered_503 = 0;
         for i in 0..20 {
-            let name = format!("f-{i:02}");
-            let r = c
-                .call(
-                    &rpc(),
-                    "CreateKeyPair",
-                    &[("RegionId", "cn-hangzhou"), ("KeyPairName", &name)],
-                )
-                .await
-                .unwrap();
+            let r = crate::util::serve::create_in_hangzhou(&c, &format!("f-{i:02}")).await;
             assert_eq!((r.status, code(&r)), (503, "ServiceUnavailable".into()));
             answered_503 += 1;
         }

@@ -894,14 +894,7 @@ async fn fronts_on_one_redis_share_the_upstream_budget() {
             let client = fronts[i % 2].client();
             async move {
                 let name = format!("shared-{i:02}");
-                let r = client
-                    .call(
-                        &rpc(),
-                        "CreateKeyPair",
-                        &[("RegionId", "cn-hangzhou"), ("KeyPairName", &name)],
-                    )
-                    .await
-                    .unwrap();
+                let r = crate::util::serve::create_in_hangzhou(&client, &name).await;
                 assert_eq!(r.status, 200, "{name}: {}", r.body);
             }
         });

@@ -45,6 +45,17 @@ pub fn ucloud() -> Signer {
     }
 }
 
+/// An Alibaba `CreateKeyPair` of `name` in cn-hangzhou, signed with the test key.
+pub async fn create_in_hangzhou(c: &ApiClient, name: &str) -> keyfleet::upstream::client::Reply {
+    c.call(
+        &rpc(),
+        "CreateKeyPair",
+        &[("RegionId", "cn-hangzhou"), ("KeyPairName", name)],
+    )
+    .await
+    .unwrap()
+}
+
 /// Writes the test credentials at `dir/credentials.toml`, mode 0600.
 pub fn credentials(dir: &Path) -> PathBuf {
     let p = dir.join("credentials.toml");
