@@ -19,6 +19,8 @@ KEYS=${1:-$([ $POOLED = 1 ] && echo 2000 || echo 200)}; ROUNDS=${2:-3}; BACKLOG=
 cargo build --release -q -p keyfleet -p keyfleet-worker
 KF=target/release/keyfleet; W=target/release/keyfleet-worker
 prefix="kfbench-$$"; dir=$(mktemp -d)
+# Identities of batches submitted without --wait go to the state folder: keep them in $dir.
+export XDG_STATE_HOME="$dir/state"
 cleanup() {
   if [ -n "${wpid:-}" ]; then kill "$wpid" 2>/dev/null || true; fi
   for q in "$prefix.jobs" "$prefix.jobs.dead" "${prefix}b.jobs" "${prefix}b.jobs.dead"; do
