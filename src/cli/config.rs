@@ -269,8 +269,9 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 #[derive(Debug, Clone, Args)]
 pub struct UpstreamLimitArgs {
     /// Upstream (cloud API) calls per second per provider + account + region, with
-    /// --upstream-endpoint; 0 = unlimited. For keyfleet-worker (and serve with --redis-url),
-    /// the total of every such process on the same Redis and prefix; for run, this process's.
+    /// --upstream-endpoint; 0 = unlimited. With an endpoint, for keyfleet-worker (and serve
+    /// with --redis-url) it is the total of every such process on the same Redis and prefix;
+    /// for run, this process's.
     #[arg(long, env = "KEYFLEET_UPSTREAM_RPS", default_value_t = 50)]
     pub upstream_rps: u32,
     /// Burst allowed above --upstream-rps.
