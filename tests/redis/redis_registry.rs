@@ -457,6 +457,35 @@ async fn reservations_written_before_the_deadline_index_are_still_swept() {
     .await;
 }
 
+/// Sends `ECHO marker` until the MONITOR output read from `lines` shows it; every line read
+/// on the way is pushed to `seen`.
+async fn until_monitored(
+    conn: &mut keyfleet::registry::connection::RedisConn,
+    lines: &std::sync::mpsc::Receiver<String>,
+    marker: &str,
+    seen: &mut Vec<String>,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _: String = redis::cmd("ECHO")
+            .arg(marker)
+            .query_async(conn)
+            .await
+            .unwrap();
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+            let done = line.contains(marker);
+            seen.push(line);
+            if done {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "MONITOR shows nothing"
+        );
+    }
+}
+
 /// A refusal at a full scope finds expired reservations in the deadline index: it never reads
 /// the scope's hash (HGETALL of every pair, public keys included), watched with MONITOR.
 #[tokio::test]
@@ -495,12 +524,32 @@ async fn a_refusal_at_a_full_scope_does_not_read_the_scope() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("redis-cli (installed with Redis by scripts/test.sh)");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = monitor.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        // MONITOR shows only what comes after it attached: an ECHO of a marker, sent until it
+        // is seen, says it has; a second marker after the refusals says all of them are in.
+        let mut conn = reg.connection();
+        let mut seen = Vec::new();
+        let start = format!("start-{}", Uuid::new_v4());
+        until_monitored(&mut conn, &lines, &start, &mut seen).await;
+        seen.clear();
         refuse(5).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let end = format!("end-{}", Uuid::new_v4());
+        until_monitored(&mut conn, &lines, &end, &mut seen).await;
         monitor.kill().unwrap();
-        let out = monitor.wait_with_output().unwrap();
-        let seen = String::from_utf8_lossy(&out.stdout);
+        let _ = monitor.wait();
+        let seen = seen.join("\n");
         let keys = reg.scope_keys(&s);
         let mine = |cmd: &str, key: &str| {
             seen.lines()
