@@ -75,9 +75,14 @@ impl Reservoir {
         self.inner.refill.store(false, Ordering::Relaxed);
     }
 
-    /// Freezes the reservoir (see [`Reservoir::freeze`]) the first time it is full.
+    /// Freezes the reservoir (see [`Reservoir::freeze`]) the first time it is full — now, if
+    /// it already is.
     pub fn freeze_when_full(&self) {
+        let pools = self.lock();
         self.inner.once.store(true, Ordering::Relaxed);
+        if pools.values().all(|p| p.keys.len() >= self.inner.capacity) {
+            self.inner.refill.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Keys ready for `bits` now.
