@@ -28,9 +28,7 @@ use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::redis::RedisRegistry;
 use crate::registry::{Filter, Registry};
 use crate::sink::transit;
-use crate::upstream::rate_limit::RateLimit;
 use crate::upstream::Configured;
-use std::sync::Arc;
 
 /// Exit codes: 0 done, 1 the run itself failed, 2 bad flags/config (clap uses 2 too),
 /// 130 interrupted.
@@ -437,21 +435,8 @@ async fn serve_command(
     );
     let upstream_settings = args.upstream.resolve(file);
     let upstream = if upstream_settings.is_remote() {
-        // In front of a cloud with a shared Redis, the budget is shared with every other
-        // `serve` and worker on it, as the cloud counts it.
-        let limit = match &args.registry.redis_url {
-            Some(url) => {
-                let prefix = &args.registry.prefix;
-                let redis = RedisRegistry::connect(url, prefix, args.connect_timeout).await?;
-                let (rps, burst) = (
-                    args.upstream_limit.upstream_rps,
-                    args.upstream_limit.upstream_burst,
-                );
-                RateLimit::fleet_wide(rps, burst, redis.connection(), prefix).map(Arc::new)
-            }
-            None => args.upstream_limit.rate_limit(),
-        };
-        Configured::build(&upstream_settings, limit).map_err(|e| BadSetting::from(&e))?
+        Configured::build(&upstream_settings, args.upstream_limit.rate_limit())
+            .map_err(|e| BadSetting::from(&e))?
     } else {
         Configured::local()
     };

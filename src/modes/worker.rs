@@ -145,21 +145,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         }
     };
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
-    // In front of a cloud, one budget for every worker on this Redis: --upstream-rps is the
-    // fleet's total, as the cloud counts it. Without one there is no cloud to protect, and the
-    // local limit stays this process's (no Redis call per key).
-    let limit = if cfg.upstream.is_remote() {
-        RateLimit::fleet_wide(
-            cfg.upstream_rps,
-            cfg.upstream_burst,
-            registry.connection(),
-            &e.prefix,
-        )
-    } else {
-        RateLimit::new(cfg.upstream_rps, cfg.upstream_burst)
-    }
-    .map(Arc::new);
-    let upstream = Arc::new(Configured::build(&cfg.upstream, limit)?);
+    let limit = RateLimit::new(cfg.upstream_rps, cfg.upstream_burst).map(Arc::new);
+    let upstream = Configured::build(&cfg.upstream, limit)?;
+    // In front of a cloud, --upstream-rps is the fleet's total, as the cloud counts it.
+    upstream.share_rate_limit(registry.connection(), &e.prefix);
+    let upstream = Arc::new(upstream);
     let cpu = CpuPool::new(cfg.threads)?;
     let mut lifecycle = Lifecycle::new(
         Arc::new(registry.clone()),

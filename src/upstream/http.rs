@@ -133,6 +133,13 @@ pub struct HttpUpstream {
     deadline: Duration,
 }
 
+impl HttpUpstream {
+    /// The limit its calls wait for, if any.
+    pub fn rate_limit(&self) -> Option<&Arc<RateLimit>> {
+        self.limit.as_ref()
+    }
+}
+
 impl std::fmt::Debug for HttpUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpUpstream")

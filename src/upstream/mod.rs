@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::credentials::{Credentials, CredentialsError};
 use crate::dialect::ApiError;
+use crate::registry::connection::RedisConn;
 use crate::upstream::http::UpstreamConfigError;
 use crate::upstream::rate_limit::{RateLimit, RateLimited};
 use crate::upstream::settings::Settings;
@@ -68,6 +69,17 @@ impl Configured {
 }
 
 impl Configured {
+    /// Makes the cloud's rate limit one budget for every process on the Redis behind `conn`
+    /// (see [`RateLimit::share`]). Only in front of a cloud: without one there is no cloud to
+    /// protect, and the local limit stays this process's, with no Redis call per key.
+    pub fn share_rate_limit(&self, conn: RedisConn, prefix: &str) {
+        if let Configured::Http(h) = self {
+            if let Some(limit) = h.rate_limit() {
+                limit.share(conn, prefix);
+            }
+        }
+    }
+
     /// The cloud at `--upstream-endpoint`, for the commands that talk to it directly
     /// (`reconcile`, `delete`); `None` when no endpoint is configured.
     pub fn cloud(settings: &Settings) -> Result<Option<http::HttpUpstream>, BuildError> {

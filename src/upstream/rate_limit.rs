@@ -4,13 +4,13 @@
 //! it makes to the cloud (imports, and the describes and deletes that reconcile).
 //!
 //! In one process the bucket is governor's. Processes that share a Redis (the workers, `serve`
-//! in front of a cloud) share one bucket per scope there as well ([`RateLimit::fleet_wide`]):
+//! in front of a cloud) share one bucket per scope there as well ([`RateLimit::share`]):
 //! `--upstream-rps` is then the fleet's total. governor stays in front, so a process never
 //! asks Redis more often than the rate itself, and an idle fleet costs no Redis calls. If
 //! Redis cannot answer, the call waits and asks again: the limit fails closed, never open.
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -26,10 +26,12 @@ static FLEET_RATE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("fleet_rate.lua")));
 
 /// A keyed limiter: `rps` calls per second per provider + account + region, bursts up to
-/// `burst`; with [`RateLimit::fleet_wide`], for every process on one Redis together.
+/// `burst`; once [`RateLimit::share`]d, for every process on one Redis together.
 pub struct RateLimit<C: Clock = DefaultClock> {
     limiter: RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<C::Instant>>,
-    fleet: Option<Fleet>,
+    rps: u32,
+    burst: u32,
+    fleet: OnceLock<Fleet>,
 }
 
 /// The shared bucket in Redis.
@@ -43,7 +45,7 @@ struct Fleet {
 impl<C: Clock> std::fmt::Debug for RateLimit<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
-            .field("fleet_wide", &self.fleet.is_some())
+            .field("shared", &self.fleet.get().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -65,27 +67,27 @@ impl RateLimit<DefaultClock> {
         RateLimit::with_clock(rps, burst, DefaultClock::default())
     }
 
-    /// `None` when `rps` is 0 (no limit). The same `rps` and `burst` for every process on the
-    /// Redis behind `conn` together, per provider + account + region (keys
-    /// `<prefix>:{<scope>}:upstream-rate`, in the scope's cluster slot).
-    pub fn fleet_wide(rps: u32, burst: u32, conn: RedisConn, prefix: &str) -> Option<Self> {
-        let mut limit = RateLimit::new(rps, burst)?;
-        limit.fleet = Some(Fleet {
+    /// From now on, the same `rps` and `burst` for every process on the Redis behind `conn`
+    /// together, per provider + account + region (keys `<prefix>:{<scope>}:upstream-rate`, in
+    /// the scope's cluster slot). Called once a process has its Redis connection; a second
+    /// call changes nothing.
+    pub fn share(&self, conn: RedisConn, prefix: &str) {
+        let _ = self.fleet.set(Fleet {
             conn,
             prefix: prefix.to_owned(),
-            interval_us: 1_000_000 / u64::from(rps),
-            burst: burst.max(1),
+            interval_us: 1_000_000 / u64::from(self.rps.max(1)),
+            burst: self.burst.max(1),
         });
-        Some(limit)
     }
 
     /// Waits until `req`'s bucket has a token — this process's, then the fleet's; returns how
     /// long that took.
     pub async fn acquire(&self, req: &CreateRequest) -> Duration {
         let started = Instant::now();
-        self.limiter.until_key_ready(&key(req)).await;
-        if let Some(fleet) = &self.fleet {
-            fleet.acquire(&key(req)).await;
+        let key = key(req);
+        self.limiter.until_key_ready(&key).await;
+        if let Some(fleet) = self.fleet.get() {
+            fleet.acquire(&key).await;
         }
         started.elapsed()
     }
@@ -122,7 +124,9 @@ impl<C: Clock> RateLimit<C> {
     pub fn with_clock(rps: u32, burst: u32, clock: C) -> Option<Self> {
         Some(RateLimit {
             limiter: RateLimiter::new(quota(rps, burst)?, DefaultKeyedStateStore::default(), clock),
-            fleet: None,
+            rps,
+            burst,
+            fleet: OnceLock::new(),
         })
     }
 

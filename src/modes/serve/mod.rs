@@ -140,6 +140,9 @@ pub async fn serve_limited(
             connect_timeout,
         } => {
             let registry = RedisRegistry::connect(&url, &prefix, connect_timeout).await?;
+            // In front of a cloud, the budget is shared with every serve and worker on it.
+            opts.upstream
+                .share_rate_limit(registry.connection(), &prefix);
             serve_with_limits(Arc::new(registry), opts, limits, shutdown, bound).await
         }
     }
