@@ -24,7 +24,7 @@ MAX_TOP = 14
 WINGS = [
     "main.rs", "cli", "modes", "lifecycle.rs", "upstream", "credentials.rs", "sink", "retry.rs",
     "queue", "registry", "telemetry", "settings.rs", "job", "dialect", "keys", "prime", "sign",
-    "escape.rs", "time.rs", "shutdown.rs", "hardening.rs", "lib.rs",
+    "escape.rs", "group.rs", "time.rs", "shutdown.rs", "hardening.rs", "lib.rs",
 ]
 
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"

@@ -38,12 +38,14 @@
 //!   `inverse.rs`).
 //! - Ground floor, pure helpers: `sign/` (request signatures: Alibaba `rpc.rs` and `acs3.rs`,
 //!   `ucloud.rs`), `credentials.rs` (cloud access keys), `escape.rs` (URLs without passwords,
-//!   caller text in keys and paths), `time.rs`, `shutdown.rs`, `hardening.rs` (no core dumps).
+//!   caller text in keys and paths), `group.rs` (group commit: one sync for many writes),
+//!   `time.rs`, `shutdown.rs`, `hardening.rs` (no core dumps).
 
 pub mod cli;
 pub mod credentials;
 pub mod dialect;
 pub mod escape;
+pub mod group;
 pub mod hardening;
 pub mod job;
 pub mod keys;

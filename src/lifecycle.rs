@@ -86,6 +86,14 @@ pub enum Admission {
     HandBack(String),
 }
 
+/// A job of [`Lifecycle::admit_many`] after decoding.
+// Moved once, into its admission: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Decoded {
+    Request(Job, CreateRequest),
+    Answered(Admission),
+}
+
 /// How a job's life ended: what the mode does with it.
 #[derive(Debug)]
 pub enum Finished {
@@ -173,41 +181,94 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
     /// Decode + validate the request and reserve its name. Cheap; bad input never touches the
     /// quota or makes a key.
     pub async fn admit(&self, job: Job, attempt: u32) -> Admission {
+        let mut admitted = self.admit_many(vec![job], attempt).await;
+        admitted
+            .pop()
+            .unwrap_or_else(|| Admission::HandBack("the job was not admitted".into()))
+    }
+
+    /// [`Lifecycle::admit`] for jobs in the order they came: their names are reserved together
+    /// (in one round trip where the store can) and decided in that order, so the first of two
+    /// rows with one name wins it and the quota goes to the earlier rows. One admission per
+    /// job, in order.
+    pub async fn admit_many(&self, jobs: Vec<Job>, attempt: u32) -> Vec<Admission> {
         let clock = Instant::now();
         let started_at = now_rfc3339();
         let catalog = &self.settings.catalog;
-        let req = match dialect::decode(job.provider, &job.owner, &job.params, catalog) {
-            Ok(req) => req,
-            Err(e) => {
-                let result = JobResult::failed(&job, &e, started_at, attempt);
-                return Admission::Answered { result, clock };
-            }
+        // A job whose request does not decode is answered here and reserves nothing.
+        let decoded: Vec<Decoded> = jobs
+            .into_iter()
+            .map(
+                |job| match dialect::decode(job.provider, &job.owner, &job.params, catalog) {
+                    Ok(req) => Decoded::Request(job, req),
+                    Err(e) => Decoded::Answered(Admission::Answered {
+                        result: JobResult::failed(&job, &e, started_at.clone(), attempt),
+                        clock,
+                    }),
+                },
+            )
+            .collect();
+        let answers = {
+            let claims: Vec<Claim<'_>> = decoded
+                .iter()
+                .filter_map(|d| match d {
+                    Decoded::Request(job, req) => Some(self.claim(job, req)),
+                    Decoded::Answered(_) => None,
+                })
+                .collect();
+            self.registry.reserve_many(&claims).await
         };
-        let answered = |err: &ApiError| Admission::Answered {
-            result: JobResult::failed(&job, err, started_at.clone(), attempt),
-            clock,
-        };
-        match self.reserve(&job, &req).await {
-            Ok(()) => {}
-            Err(RegistryError::QuotaExceeded) => return answered(&ApiError::QuotaExceeded),
-            Err(RegistryError::AlreadyExists) => return answered(&ApiError::AlreadyExists),
-            Err(RegistryError::AlreadyDelivered) => {
-                return Admission::AnsweredBefore { job, req, clock };
-            }
-            Err(e) => {
-                return match self.give_up(&job, attempt, &started_at, &e) {
-                    Ok(result) => Admission::Answered { result, clock },
-                    Err(why) => Admission::HandBack(why),
+        let mut answers = answers.into_iter();
+        let mut out = Vec::with_capacity(decoded.len());
+        for d in decoded {
+            let (job, req) = match d {
+                Decoded::Request(job, req) => (job, req),
+                Decoded::Answered(answered) => {
+                    out.push(answered);
+                    continue;
                 }
-            }
+            };
+            let reserved = match answers.next() {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) if !e.is_transient() => Err(e),
+                // Not decided (the store failed for now): the one retry policy takes it up.
+                Some(Err(_)) | None => self.reserve(&job, &req).await,
+            };
+            out.push(self.admission(job, req, reserved, attempt, &started_at, clock));
         }
-        Admission::Admitted(Box::new(Admitted {
-            job,
-            req,
-            attempt,
-            started_at,
+        out
+    }
+
+    /// What a job's reservation made of it.
+    fn admission(
+        &self,
+        job: Job,
+        req: CreateRequest,
+        reserved: Result<(), RegistryError>,
+        attempt: u32,
+        started_at: &str,
+        clock: Instant,
+    ) -> Admission {
+        let answered = |err: &ApiError| Admission::Answered {
+            result: JobResult::failed(&job, err, started_at.to_owned(), attempt),
             clock,
-        }))
+        };
+        match reserved {
+            Ok(()) => Admission::Admitted(Box::new(Admitted {
+                job,
+                req,
+                attempt,
+                started_at: started_at.to_owned(),
+                clock,
+            })),
+            Err(RegistryError::QuotaExceeded) => answered(&ApiError::QuotaExceeded),
+            Err(RegistryError::AlreadyExists) => answered(&ApiError::AlreadyExists),
+            Err(RegistryError::AlreadyDelivered) => Admission::AnsweredBefore { job, req, clock },
+            Err(e) => match self.give_up(&job, attempt, started_at, &e) {
+                Ok(result) => Admission::Answered { result, clock },
+                Err(why) => Admission::HandBack(why),
+            },
+        }
     }
 
     /// Everything after admission: the key pair (key, upstream, commit), its delivery through
@@ -243,14 +304,20 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         self.deliver(result, Instant::now(), sink).await
     }
 
-    async fn reserve(&self, job: &Job, req: &CreateRequest) -> Result<(), RegistryError> {
-        let claim = Claim {
+    /// The claim a job makes on its name.
+    fn claim<'a>(&self, job: &Job, req: &'a CreateRequest) -> Claim<'a> {
+        Claim {
             scope: &req.scope,
             name: &req.name,
             job_id: job.job_id,
             quota: self.settings.quota.for_region(&req.scope.region),
             ttl_ms: self.settings.reservation_ttl.as_millis() as i64,
-        };
+        }
+    }
+
+    /// Reserves the job's name, retried by the one policy.
+    async fn reserve(&self, job: &Job, req: &CreateRequest) -> Result<(), RegistryError> {
+        let claim = self.claim(job, req);
         self.retry
             .run("reserve", &self.shutdown, || self.registry.reserve(&claim))
             .await

@@ -9,10 +9,11 @@
 //! key it still cannot write (it does not decrypt, the disk is full, a permission) stays on the
 //! queue for the next collect.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -254,39 +255,67 @@ async fn drain(
         };
         match next {
             Ok(Some(delivery)) => {
-                let delivery = delivery?;
-                last_result = Instant::now();
-                let mut result: JobResult = match serde_json::from_slice(&delivery.data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Not keyfleet's result format: keep the bytes (they may hold a key,
-                        // hence 0600) and go on, rather than stop on it forever.
-                        tracing::error!("a message on the results queue is not a result: {e}");
-                        desk.out.keep_unreadable(&delivery.data)?;
-                        unacked.push(delivery.acker);
-                        continue;
+                // The results that have arrived meanwhile join this one: one group, whose key
+                // files share their syncs and whose registry lookups go out together.
+                let mut deliveries = vec![delivery?];
+                while deliveries.len() < ACK_EVERY {
+                    match consumer.next().now_or_never() {
+                        Some(Some(d)) => deliveries.push(d?),
+                        _ => break,
                     }
-                };
-                let pem = take_private_key_body(result.provider, &mut result.response);
-                if let Some(c) = result.created_mut() {
-                    c.private_key = pem;
                 }
-                // A job already written is done, unless what was written is a failure and this
-                // is a created pair: a failure may have been forged, or answered by an attempt
-                // before the one that created the pair, which the registry then vouches for.
-                let written = desk.seen.get(&result.job_id).copied();
-                let verdict =
-                    if written == Some(true) || (written.is_some() && !result.is_created()) {
-                        Verdict::Superseded
-                    } else {
-                        verdict(&registry, &status, &result, &shutdown).await?
+                last_result = Instant::now();
+                let mut group = Vec::with_capacity(deliveries.len());
+                for delivery in deliveries {
+                    let mut result: JobResult = match serde_json::from_slice(&delivery.data) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Not keyfleet's result format: keep the bytes (they may hold a
+                            // key, hence 0600) and go on, rather than stop on it forever.
+                            tracing::error!("a message on the results queue is not a result: {e}");
+                            desk.out.keep_unreadable(&delivery.data)?;
+                            unacked.push(delivery.acker);
+                            continue;
+                        }
                     };
-                match verdict {
-                    Verdict::Wait => held.push((result, delivery.acker)),
-                    verdict => match desk.take(result, verdict).await? {
-                        Taken::Done => unacked.push(delivery.acker),
-                        Taken::Kept => kept.push(delivery.acker),
-                    },
+                    let pem = take_private_key_body(result.provider, &mut result.response);
+                    if let Some(c) = result.created_mut() {
+                        c.private_key = pem;
+                    }
+                    group.push((result, delivery.acker));
+                }
+                let verdicts = futures::future::try_join_all(group.iter().map(|(result, _)| {
+                    // A job already written is done, unless what was written is a failure
+                    // and this is a created pair: a failure may have been forged, or answered
+                    // by an attempt before the one that created the pair, which the registry
+                    // then vouches for.
+                    let written = desk.seen.get(&result.job_id).copied();
+                    let done = written == Some(true) || (written.is_some() && !result.is_created());
+                    let (registry, status, shutdown) = (&registry, &status, &shutdown);
+                    async move {
+                        match done {
+                            true => Ok(Verdict::Superseded),
+                            false => verdict(registry, status, result, shutdown).await,
+                        }
+                    }
+                }))
+                .await?;
+                let mut taking = Vec::with_capacity(group.len());
+                let mut ackers = Vec::with_capacity(group.len());
+                for ((result, acker), verdict) in group.into_iter().zip(verdicts) {
+                    match verdict {
+                        Verdict::Wait => held.push((result, acker)),
+                        verdict => {
+                            taking.push((result, verdict));
+                            ackers.push(acker);
+                        }
+                    }
+                }
+                for (taken, acker) in desk.take(taking).await?.into_iter().zip(ackers) {
+                    match taken {
+                        Taken::Done => unacked.push(acker),
+                        Taken::Kept => kept.push(acker),
+                    }
                 }
                 if unacked.len() >= ACK_EVERY {
                     ack_all(&mut desk.out, &mut unacked).await?;
@@ -295,16 +324,21 @@ async fn drain(
             Ok(None) => break,
             Err(_) => {
                 let mut still = Vec::with_capacity(held.len());
+                let (mut taking, mut ackers) = (Vec::new(), Vec::new());
                 for (result, acker) in held.drain(..) {
                     match verdict(&registry, &status, &result, &shutdown).await? {
                         Verdict::Wait => still.push((result, acker)),
                         verdict => {
-                            match desk.take(result, verdict).await? {
-                                Taken::Done => unacked.push(acker),
-                                Taken::Kept => kept.push(acker),
-                            }
+                            taking.push((result, verdict));
+                            ackers.push(acker);
                             last_result = Instant::now();
                         }
+                    }
+                }
+                for (taken, acker) in desk.take(taking).await?.into_iter().zip(ackers) {
+                    match taken {
+                        Taken::Done => unacked.push(acker),
+                        Taken::Kept => kept.push(acker),
                     }
                 }
                 held = still;
@@ -583,16 +617,32 @@ enum Refused {
     Undecryptable(String),
 }
 
+/// A result of a group on its way to the folder.
+// Moved once, from the first pass over the group to the second: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Taking {
+    Done(Taken),
+    /// Its manifest line comes next; a created result's key file is being written.
+    Line {
+        result: JobResult,
+        key_file: Option<KeyFileWrite>,
+    },
+}
+
+/// A key file queued for writing, and the fingerprint of the key it holds.
+struct KeyFileWrite {
+    written: std::pin::Pin<Box<dyn Future<Output = Result<PathBuf, KeyFileError>> + Send>>,
+    sha256: String,
+}
+
 impl Desk {
-    /// Writes an accepted result (key file through the sink, then its manifest line), or drops a
-    /// superseded one, counting it. A created result whose key is not the key the registry holds
-    /// (a forged result; the genuine one may still come) is kept aside, not written, and counted;
-    /// one whose key does not decrypt is left on the queue ([`Taken::Kept`]).
-    async fn take(
-        &mut self,
-        mut result: JobResult,
-        verdict: Verdict,
-    ) -> Result<Taken, CollectError> {
+    /// Takes a group of results in their order: writes the accepted ones (their key files as
+    /// one group through the sink, sharing its syncs, then their manifest lines in order),
+    /// drops superseded ones, counting them. A created result whose key is not the key the
+    /// registry holds (a forged result; the genuine one may still come) is kept aside, not
+    /// written, and counted; one whose key does not decrypt is left on the queue
+    /// ([`Taken::Kept`]). One answer per result, in order.
+    async fn take(&mut self, group: Vec<(JobResult, Verdict)>) -> Result<Vec<Taken>, CollectError> {
         let Desk {
             out,
             seen,
@@ -600,49 +650,80 @@ impl Desk {
             counts,
             keys,
         } = self;
-        if verdict != Verdict::Accept {
-            counts.duplicates += 1;
-            return Ok(Taken::Done);
-        }
-        let mut key_file = None;
-        if result.is_created() {
-            match plaintext_key(keys, &mut result) {
-                Ok(()) => {}
-                Err(Refused::Undecryptable(why)) => {
-                    tracing::error!(job = %result.job_id, "result left on the queue: {why}");
-                    counts.kept += 1;
-                    return Ok(Taken::Kept);
-                }
-                Err(Refused::Rejected(why)) => {
-                    tracing::error!(job = %result.job_id, "result not written: {why}");
-                    out.keep_rejected(&result, &why)?;
-                    counts.rejected += 1;
-                    return Ok(Taken::Done);
-                }
+        // What this group writes, for a second result of one job in the same group.
+        let mut writing = crate::sink::folder::Written::new();
+        let mut taking = Vec::with_capacity(group.len());
+        for (mut result, verdict) in group {
+            let written = writing.get(&result.job_id).or(seen.get(&result.job_id));
+            let superseded = written == Some(&true) || (written.is_some() && !result.is_created());
+            if verdict != Verdict::Accept || superseded {
+                counts.duplicates += 1;
+                taking.push(Taking::Done(Taken::Done));
+                continue;
             }
-            let sha256 = result
-                .created()
-                .map(|c| c.fingerprint_sha256.clone())
-                .unwrap_or_default();
-            match keys.files.write(&mut result) {
-                Ok(path) => key_file = Some(path),
-                // Written by an earlier collect that stopped before its manifest line or ack.
-                Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => {
-                    set_private_key_body(
-                        result.provider,
-                        &mut result.response,
-                        &path.to_string_lossy(),
-                    );
-                    key_file = Some(path);
+            let mut key_file = None;
+            if result.is_created() {
+                match plaintext_key(keys, &mut result) {
+                    Ok(()) => {}
+                    Err(Refused::Undecryptable(why)) => {
+                        tracing::error!(job = %result.job_id, "result left on the queue: {why}");
+                        counts.kept += 1;
+                        taking.push(Taking::Done(Taken::Kept));
+                        continue;
+                    }
+                    Err(Refused::Rejected(why)) => {
+                        tracing::error!(job = %result.job_id, "result not written: {why}");
+                        out.keep_rejected(&result, &why)?;
+                        counts.rejected += 1;
+                        taking.push(Taking::Done(Taken::Done));
+                        continue;
+                    }
                 }
-                // Not acked: the result stays on the queue for the next collect, and no key is lost.
-                Err(e) => return Err(CollectError::KeyFile(e)),
+                let sha256 = result
+                    .created()
+                    .map(|c| c.fingerprint_sha256.clone())
+                    .unwrap_or_default();
+                key_file = Some(KeyFileWrite {
+                    written: Box::pin(keys.files.write_queued(&mut result)),
+                    sha256,
+                });
             }
+            writing.insert(result.job_id, result.is_created());
+            taking.push(Taking::Line { result, key_file });
         }
-        out.append(&result, key_file.as_deref())?;
-        seen.insert(result.job_id, result.is_created());
-        progress.record(&result);
-        Ok(Taken::Done)
+        let mut taken = Vec::with_capacity(taking.len());
+        for t in taking {
+            let (mut result, key_file) = match t {
+                Taking::Done(t) => {
+                    taken.push(t);
+                    continue;
+                }
+                Taking::Line { result, key_file } => (result, key_file),
+            };
+            let path = match key_file {
+                None => None,
+                Some(KeyFileWrite { written, sha256 }) => match written.await {
+                    Ok(path) => Some(path),
+                    // Written by an earlier collect that stopped before its manifest line or ack.
+                    Err(KeyFileError::Exists(path)) if holds_key(&path, &sha256) => Some(path),
+                    // Not acked: the result stays on the queue for the next collect, and no key
+                    // is lost.
+                    Err(e) => return Err(CollectError::KeyFile(e)),
+                },
+            };
+            if let Some(path) = &path {
+                set_private_key_body(
+                    result.provider,
+                    &mut result.response,
+                    &path.to_string_lossy(),
+                );
+            }
+            out.append(&result, path.as_deref())?;
+            seen.insert(result.job_id, result.is_created());
+            progress.record(&result);
+            taken.push(Taken::Done);
+        }
+        Ok(taken)
     }
 }
 

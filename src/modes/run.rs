@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::job::batch::{self, Format, Row, RowDefaults};
 use crate::keys::cpu::CpuPool;
 use crate::keys::reservoir::Reservoir;
-use crate::lifecycle::{Finished, Lifecycle};
+use crate::lifecycle::{Admission, Finished, Lifecycle};
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
@@ -88,6 +88,35 @@ impl Summary {
     }
 }
 
+/// At most this many rows already read are admitted (their names reserved) together.
+const ADMITTED_TOGETHER: usize = 64;
+
+/// Admits the jobs of `rows` together, in their order; a bad row stays in its place.
+async fn admit_in_order<R: Registry, U: Upstream>(
+    lifecycle: &Lifecycle<R, U>,
+    rows: Vec<Row>,
+) -> Vec<Result<Admission, batch::BadRow>> {
+    let mut jobs = Vec::new();
+    let mut places = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Row::Job(job) => {
+                jobs.push(job);
+                places.push(None);
+            }
+            Row::Bad(bad) => places.push(Some(bad)),
+        }
+    }
+    let mut admitted = lifecycle.admit_many(jobs, 1).await.into_iter();
+    places
+        .into_iter()
+        .filter_map(|place| match place {
+            Some(bad) => Some(Err(bad)),
+            None => admitted.next().map(Ok),
+        })
+        .collect()
+}
+
 /// Runs a batch file through the pipeline on the embedded store.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
     let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);
@@ -123,8 +152,9 @@ pub async fn run_with<R: Registry, U: Upstream>(
     }
 
     // Enough jobs in flight to keep every rayon thread busy while results wait for their
-    // turn in input order; small enough that memory does not depend on the batch size.
-    let concurrency = threads * 4 + 4;
+    // turn in input order, and for the writes of many jobs to share a group commit (state
+    // file and key files); small enough that memory does not depend on the batch size.
+    let concurrency = threads * 4 + 64;
     let (rx, reader) = batch::spawn_reader(input, &opts.defaults, concurrency * 2)?;
 
     let total = batch::count_rows(&opts.input, opts.format);
@@ -133,18 +163,17 @@ pub async fn run_with<R: Registry, U: Upstream>(
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
             .take_until(shutdown.clone().cancelled_owned());
     let keys = out.keys().clone();
-    // Names are admitted one row at a time in input order (so the first of two rows with the
-    // same name wins, as a reader of the file expects); keys are then made concurrently, and
-    // `buffered` hands the finished jobs back in input order for the manifest.
-    let admitted = rows.then(|row| {
-        let lifecycle = lifecycle.clone();
-        async move {
-            match row {
-                Row::Job(job) => Ok(lifecycle.admit(job, 1).await),
-                Row::Bad(bad) => Err(bad),
-            }
-        }
-    });
+    // Names are admitted in input order (so the first of two rows with the same name wins, as
+    // a reader of the file expects), the rows read so far together; keys are then made
+    // concurrently, and `buffered` hands the finished jobs back in input order for the
+    // manifest.
+    let admitted = rows
+        .ready_chunks(ADMITTED_TOGETHER)
+        .then(|chunk| {
+            let lifecycle = lifecycle.clone();
+            async move { admit_in_order(&lifecycle, chunk).await }
+        })
+        .flat_map(futures::stream::iter);
     // Boxed so that dropping it below really drops the receiver, which releases the reader
     // thread if a signal stopped us before the end of the file.
     let mut finished = Box::pin(

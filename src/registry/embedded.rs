@@ -1,6 +1,8 @@
 //! The registry in one local file (redb): what `keyfleet run`, `describe` and `delete` use when
-//! no servers are configured. Every operation is one write transaction, so reserve / commit /
-//! release are atomic and survive a crash at any point. A damaged file is refused when opened
+//! no servers are configured. Every write runs on one writer thread, in groups (`group.rs`):
+//! the writes queued while the last group committed share one transaction and one sync, and
+//! each is answered only once that transaction has committed. Every operation is atomic and
+//! survives a crash at any point. A damaged file is refused when opened
 //! (every page checked against redb's checksums) and, should damage show later, every call
 //! fails with [`RegistryError::Corrupt`] naming the file — no partial listing, no panic.
 
@@ -20,6 +22,7 @@ use super::{
 };
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
+use crate::group::Group;
 
 /// `scope key \n name` → JSON of [`Entry`].
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
@@ -38,6 +41,9 @@ const SEP: char = '\n';
 #[derive(Clone)]
 pub struct EmbeddedRegistry {
     db: Arc<Store>,
+    /// The one writer (declared after `db`: when the last clone goes, the writer thread, which
+    /// holds the database too, is waited for, so the file is closed when the registry is).
+    writer: Arc<Group<WriteOp>>,
     path: PathBuf,
     nonces_since_sweep: Arc<std::sync::atomic::AtomicU64>,
     /// Set once the file is found damaged: every later call fails with it, so nothing goes on
@@ -138,12 +144,21 @@ impl EmbeddedRegistry {
         });
         let e = match tables {
             Ok(Ok(())) => {
+                let db = Arc::new(store);
+                let writer = Group::spawn("keyfleet-state", WRITES_PER_GROUP, {
+                    let db = db.clone();
+                    move |ops| commit_group(&db, ops)
+                })
+                .map_err(|e| {
+                    RegistryError::Storage(format!("cannot start the state writer: {e}"))
+                })?;
                 return Ok(EmbeddedRegistry {
-                    db: Arc::new(store),
+                    db,
+                    writer: Arc::new(writer),
                     path: path.to_owned(),
                     nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
                     damage,
-                })
+                });
             }
             Ok(Err(e @ RegistryError::Corrupt { .. })) => named(e, path),
             Ok(Err(e)) => return Err(e),
@@ -184,6 +199,220 @@ impl EmbeddedRegistry {
             Err(()) => damaged(&self.path, "a page of it cannot be read"),
         };
         Err(self.damage.get_or_init(|| e).clone())
+    }
+
+    /// Runs `f` inside the writer thread's next group transaction and answers with its outcome
+    /// once that transaction has committed — synced to disk first when `synced`. `f` returns
+    /// a refusal only before writing anything (see [`leaves_transaction_whole`]).
+    async fn write<T, F>(&self, synced: bool, f: F) -> Result<T, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, RegistryError> + Send + 'static,
+    {
+        let queued = self.queue_write(synced, f);
+        self.written(queued).await
+    }
+
+    /// The first half of [`EmbeddedRegistry::write`]: queues the write at once (writes are
+    /// applied in the order they are queued) and returns where its answer will come.
+    fn queue_write<T, F>(&self, synced: bool, f: F) -> Result<Answer<T>, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, RegistryError> + Send + 'static,
+    {
+        if let Some(e) = self.damage.get() {
+            return Err(e.clone());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let apply = move |txn: &redb::WriteTransaction| {
+            let own = f(txn);
+            let spoiled = match &own {
+                Err(e) if !leaves_transaction_whole(e) => Some(e.clone()),
+                _ => None,
+            };
+            let answer = move |group: Result<(), RegistryError>| {
+                let _ = tx.send(group.and(own));
+            };
+            Applied {
+                answer: Box::new(answer),
+                spoiled,
+            }
+        };
+        let op = WriteOp {
+            synced,
+            apply: Box::new(apply),
+        };
+        if self.writer.send(op).is_err() {
+            return Err(RegistryError::Storage(
+                "the state writer has stopped".into(),
+            ));
+        }
+        Ok(rx)
+    }
+
+    /// The second half of [`EmbeddedRegistry::write`]: the answer of a queued write.
+    async fn written<T>(
+        &self,
+        queued: Result<Answer<T>, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        // No answer at all: the write was dropped by a panic inside redb.
+        let outcome = match queued {
+            Ok(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(corrupt("a page of it cannot be read or written"))),
+            Err(e) => Err(e),
+        };
+        let e = match outcome {
+            Ok(v) => return Ok(v),
+            Err(e @ RegistryError::Corrupt { .. }) => named(e, &self.path),
+            Err(e) => return Err(e),
+        };
+        Err(self.damage.get_or_init(|| e).clone())
+    }
+}
+
+/// At most this many writes share a transaction: enough that a busy run syncs rarely, few
+/// enough that one group's transaction stays small.
+const WRITES_PER_GROUP: usize = 256;
+
+/// One write, as the writer thread runs it: applied inside its group's transaction, answered
+/// once that transaction has committed (or failed).
+struct WriteOp {
+    /// The write must be on disk before it is answered: the group's commit is synced.
+    synced: bool,
+    apply: Box<dyn FnOnce(&redb::WriteTransaction) -> Applied + Send>,
+}
+
+/// Where the outcome of a queued write comes.
+type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, RegistryError>>;
+
+/// A write applied to its group's transaction.
+struct Applied {
+    /// Gives the write's own outcome to its caller, or the group's failure.
+    answer: Box<dyn FnOnce(Result<(), RegistryError>) + Send>,
+    /// The store failed part-way through this write: the transaction may hold half of it, so
+    /// the whole group is abandoned (each caller gets this error, and retries).
+    spoiled: Option<RegistryError>,
+}
+
+/// Whether an error a write returns leaves the transaction as it was before the write. The
+/// refusals are decided before anything is written (a quota refusal after sweeping expired
+/// reservations leaves a consistent sweep); a storage error may come from half-way through.
+fn leaves_transaction_whole(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::QuotaExceeded
+            | RegistryError::AlreadyExists
+            | RegistryError::AlreadyDelivered
+            | RegistryError::ReservationLost
+    )
+}
+
+/// Commits a group of writes, then answers each. Runs on the writer thread.
+///
+/// The writes that need no sync go first, in a transaction of their own committed without a
+/// sync, and are answered at once: a reservation does not wait for the sync of other jobs'
+/// commits. Writes in one group are concurrent (a caller waits for each answer before its next
+/// write), so committing them in another order than they came is an order their callers could
+/// have met anyway. The synced ones follow in one transaction, synced once, and make the first
+/// durable too.
+fn commit_group(store: &Store, ops: Vec<WriteOp>) {
+    let (synced, unsynced): (Vec<_>, Vec<_>) = ops.into_iter().partition(|op| op.synced);
+    if !unsynced.is_empty() {
+        commit_writes(store, unsynced, false);
+    }
+    if !synced.is_empty() {
+        commit_writes(store, synced, true);
+    }
+}
+
+/// Applies `ops` in one transaction and commits it (synced if `synced`), then answers each.
+fn commit_writes(store: &Store, ops: Vec<WriteOp>, synced: bool) {
+    let mut answers = Vec::with_capacity(ops.len());
+    let committed = contained(|| -> Result<(), RegistryError> {
+        let Some(db) = &store.db else {
+            return Err(RegistryError::Storage("the state file is closed".into()));
+        };
+        let mut txn = db.begin_write().map_err(storage)?;
+        if !synced {
+            // Nothing here must be on disk before it is answered; the next synced commit
+            // (redb orders commits) makes it durable with itself.
+            txn.set_durability(redb::Durability::None)
+                .map_err(storage)?;
+        }
+        let mut spoiled = None;
+        for op in ops {
+            let applied = (op.apply)(&txn);
+            answers.push(applied.answer);
+            spoiled = spoiled.or(applied.spoiled);
+        }
+        match spoiled {
+            // Dropping the transaction aborts it.
+            Some(e) => Err(e),
+            None => txn.commit().map_err(storage),
+        }
+    });
+    // A panic inside redb is damage (see `blocking`); the writes not yet applied were dropped
+    // with it, which their callers see as the same.
+    let outcome =
+        committed.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
+    for answer in answers {
+        answer(outcome.clone());
+    }
+}
+
+impl EmbeddedRegistry {
+    /// Queues the reservation of `claim` (see [`Registry::reserve`]).
+    ///
+    /// Not synced on its own: a reservation lost in a crash costs nothing (the row reserves
+    /// again on the re-run, and no key was made for it), and the commit that follows it is
+    /// synced, which makes this one durable too.
+    fn queue_reserve(&self, claim: &Claim<'_>) -> Result<Answer<Reserved>, RegistryError> {
+        let scope_key = claim.scope.key();
+        let key = entry_key(claim.scope, claim.name);
+        let (job_id, quota, ttl_ms) = (claim.job_id, claim.quota, claim.ttl_ms);
+        self.queue_write(false, move |txn| {
+            let now = now_ms();
+            let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+            let mut counts = txn.open_table(COUNTS).map_err(storage)?;
+            let existing = entry_at(&entries, &key)?;
+            let outcome = match reserve_decision(existing.as_ref(), job_id, now) {
+                ReserveDecision::Taken => return Err(RegistryError::AlreadyExists),
+                ReserveDecision::Delivered => return Err(RegistryError::AlreadyDelivered),
+                ReserveDecision::Reuse(how) => how,
+                ReserveDecision::NeedsSlot => {
+                    let mut used = counts
+                        .get(scope_key.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    if used >= quota {
+                        used -= sweep_expired(&mut entries, &scope_key, now)?.min(used);
+                        counts.insert(scope_key.as_str(), used).map_err(storage)?;
+                        if used >= quota {
+                            return Err(RegistryError::QuotaExceeded);
+                        }
+                    }
+                    counts
+                        .insert(scope_key.as_str(), used + 1)
+                        .map_err(storage)?;
+                    Reserved::Fresh
+                }
+            };
+            let tried_keys = existing
+                .as_ref()
+                .map(|e| e.tried_keys_for(job_id))
+                .unwrap_or_default();
+            let entry = Entry::Reserved {
+                job_id,
+                deadline_ms: now + ttl_ms,
+                tried_keys,
+            };
+            entries
+                .insert(key.as_str(), encode_entry(&entry)?.as_slice())
+                .map_err(storage)?;
+            Ok(outcome)
+        })
     }
 }
 
@@ -406,15 +635,6 @@ fn entry_at(
     }
 }
 
-/// A write transaction whose commit is not synced on its own (a later synced commit makes it
-/// durable along with itself).
-fn unsynced_write(db: &Database) -> Result<redb::WriteTransaction, RegistryError> {
-    let mut txn = db.begin_write().map_err(storage)?;
-    txn.set_durability(redb::Durability::None)
-        .map_err(storage)?;
-    Ok(txn)
-}
-
 /// Gives one slot of `scope_key`'s quota back.
 fn free_slot(counts: &mut redb::Table<&str, u64>, scope_key: &str) -> Result<(), RegistryError> {
     let used = counts.get(scope_key).map_err(storage)?.map(|v| v.value());
@@ -457,9 +677,8 @@ impl Registry for EmbeddedRegistry {
     ) -> Result<Vec<String>, RegistryError> {
         let key = entry_key(scope, name);
         let fingerprint = public_key.to_owned();
-        self.blocking(move |db| {
-            // Synced: the note must be on disk before the cloud call it announces.
-            let txn = db.begin_write().map_err(storage)?;
+        // Synced: the note must be on disk before the cloud call it announces.
+        self.write(true, move |txn| {
             let tried = {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let existing = entry_at(&entries, &key)?;
@@ -485,7 +704,6 @@ impl Registry for EmbeddedRegistry {
                     _ => return Err(RegistryError::ReservationLost),
                 }
             };
-            txn.commit().map_err(storage)?;
             Ok(tried)
         })
         .await
@@ -498,11 +716,10 @@ impl Registry for EmbeddedRegistry {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % NONCE_SWEEP_EVERY
             == NONCE_SWEEP_EVERY - 1;
-        self.blocking(move |db| {
+        // Not synced: a nonce lost in a crash lets a replay through only within the 15 minutes
+        // its time stamp is valid, and only after that crash: not worth an fsync per request.
+        self.write(false, move |txn| {
             let now = now_ms();
-            // A nonce lost in a crash lets a replay through only within the 15 minutes its
-            // time stamp is valid, and only after that crash: not worth an fsync per request.
-            let txn = unsynced_write(db)?;
             let fresh = {
                 let mut nonces = txn.open_table(NONCES).map_err(storage)?;
                 let seen = nonces
@@ -517,77 +734,33 @@ impl Registry for EmbeddedRegistry {
                 }
                 !seen
             };
-            txn.commit().map_err(storage)?;
             Ok(fresh)
         })
         .await
     }
 
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reserved, RegistryError> {
-        let scope_key = claim.scope.key();
-        let key = entry_key(claim.scope, claim.name);
-        let (job_id, quota, ttl_ms) = (claim.job_id, claim.quota, claim.ttl_ms);
-        self.blocking(move |db| {
-            let now = now_ms();
-            // Not synced on its own: a reservation lost in a crash costs nothing (the row
-            // reserves again on the re-run, and no key was made for it), and the commit that
-            // follows it is synced, which makes this one durable too.
-            let txn = unsynced_write(db)?;
-            let outcome = {
-                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-                let mut counts = txn.open_table(COUNTS).map_err(storage)?;
-                let existing = entry_at(&entries, &key)?;
-                let outcome = match reserve_decision(existing.as_ref(), job_id, now) {
-                    ReserveDecision::Taken => return Err(RegistryError::AlreadyExists),
-                    ReserveDecision::Delivered => return Err(RegistryError::AlreadyDelivered),
-                    ReserveDecision::Reuse(how) => how,
-                    ReserveDecision::NeedsSlot => {
-                        let mut used = counts
-                            .get(scope_key.as_str())
-                            .map_err(storage)?
-                            .map(|v| v.value())
-                            .unwrap_or(0);
-                        if used >= quota {
-                            used -= sweep_expired(&mut entries, &scope_key, now)?.min(used);
-                            counts.insert(scope_key.as_str(), used).map_err(storage)?;
-                            if used >= quota {
-                                return Err(RegistryError::QuotaExceeded);
-                            }
-                        }
-                        counts
-                            .insert(scope_key.as_str(), used + 1)
-                            .map_err(storage)?;
-                        Reserved::Fresh
-                    }
-                };
-                let tried_keys = existing
-                    .as_ref()
-                    .map(|e| e.tried_keys_for(job_id))
-                    .unwrap_or_default();
-                let entry = Entry::Reserved {
-                    job_id,
-                    deadline_ms: now + ttl_ms,
-                    tried_keys,
-                };
-                entries
-                    .insert(key.as_str(), encode_entry(&entry)?.as_slice())
-                    .map_err(storage)?;
-                outcome
-            };
-            txn.commit().map_err(storage)?;
-            Ok(outcome)
-        })
-        .await
+        let queued = self.queue_reserve(claim);
+        self.written(queued).await
+    }
+
+    async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reserved, RegistryError>> {
+        // All queued before any answer is awaited: one group, in the order given.
+        let queued: Vec<_> = claims.iter().map(|c| self.queue_reserve(c)).collect();
+        let mut out = Vec::with_capacity(queued.len());
+        for q in queued {
+            out.push(self.written(q).await);
+        }
+        out
     }
 
     async fn commit(&self, record: &KeyPairRecord) -> Result<(), RegistryError> {
         let key = entry_key(&record.scope, &record.name);
         let record = record.clone();
-        self.blocking(move |db| {
-            // Synced: the key file is written only after this, and a rerun takes up a key file
-            // an interrupted attempt left only when the registry knows its key as this job's
-            // (a key it cannot place is never overwritten, and the row would fail).
-            let txn = db.begin_write().map_err(storage)?;
+        // Synced: the key file is written only after this, and a rerun takes up a key file an
+        // interrupted attempt left only when the registry knows its key as this job's (a key it
+        // cannot place is never overwritten, and the row would fail).
+        self.write(true, move |txn| {
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let existing = entry_at(&entries, &key)?;
@@ -600,7 +773,7 @@ impl Registry for EmbeddedRegistry {
                     .insert(key.as_str(), encode_entry(&entry)?.as_slice())
                     .map_err(storage)?;
             }
-            txn.commit().map_err(storage)
+            Ok(())
         })
         .await
     }
@@ -612,12 +785,11 @@ impl Registry for EmbeddedRegistry {
         job_id: Uuid,
     ) -> Result<(), RegistryError> {
         let key = entry_key(scope, name);
-        self.blocking(move |db| {
-            // Not synced on its own: the next synced write (any job's commit or note, or the
-            // run's final flush) carries it. Lost in a crash, it leaves the pair undelivered
-            // with its key file in place, and the rerun takes that key up again and delivers
-            // it to the same file — one sync per key fewer for the same outcome.
-            let txn = unsynced_write(db)?;
+        // Not synced on its own: the next synced write (any job's commit or note, or the run's
+        // final flush) carries it. Lost in a crash, it leaves the pair undelivered with its key
+        // file in place, and the rerun takes that key up again and delivers it to the same
+        // file — one sync per key fewer for the same outcome.
+        self.write(false, move |txn| {
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let existing = entry_at(&entries, &key)?;
@@ -631,7 +803,7 @@ impl Registry for EmbeddedRegistry {
                     _ => return Err(RegistryError::ReservationLost),
                 }
             }
-            txn.commit().map_err(storage)
+            Ok(())
         })
         .await
     }
@@ -639,8 +811,7 @@ impl Registry for EmbeddedRegistry {
     async fn release(&self, scope: &Scope, name: &str, job_id: Uuid) -> Result<(), RegistryError> {
         let scope_key = scope.key();
         let key = entry_key(scope, name);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(storage)?;
+        self.write(true, move |txn| {
             {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;
@@ -655,7 +826,7 @@ impl Registry for EmbeddedRegistry {
                     free_slot(&mut counts, &scope_key)?;
                 }
             }
-            txn.commit().map_err(storage)
+            Ok(())
         })
         .await
     }
@@ -665,11 +836,8 @@ impl Registry for EmbeddedRegistry {
     }
 
     async fn flush(&self) -> Result<(), RegistryError> {
-        self.blocking(|db| {
-            let txn = db.begin_write().map_err(storage)?;
-            txn.commit().map_err(storage)
-        })
-        .await
+        // An empty synced write: its group's commit makes every earlier one durable.
+        self.write(true, |_| Ok(())).await
     }
 
     async fn describe(&self, filter: &Filter) -> Result<Vec<KeyPairRecord>, RegistryError> {
@@ -694,8 +862,7 @@ impl Registry for EmbeddedRegistry {
     async fn delete(&self, scope: &Scope, name: &str) -> Result<bool, RegistryError> {
         let scope_key = scope.key();
         let key = entry_key(scope, name);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(storage)?;
+        self.write(true, move |txn| {
             let removed = {
                 let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
                 let mut counts = txn.open_table(COUNTS).map_err(storage)?;
@@ -705,7 +872,6 @@ impl Registry for EmbeddedRegistry {
                 }
                 removed
             };
-            txn.commit().map_err(storage)?;
             Ok(removed)
         })
         .await

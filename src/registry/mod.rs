@@ -181,6 +181,23 @@ pub trait Registry: Send + Sync + 'static {
         claim: &Claim<'_>,
     ) -> impl Future<Output = Result<Reserved, RegistryError>> + Send;
 
+    /// [`Registry::reserve`] for several claims, decided in the order given (the first of two
+    /// claims on one name wins it, and quota goes to the earlier ones); one answer per claim,
+    /// in that order. A store that can do it in one round trip does; the default asks one by
+    /// one.
+    fn reserve_many(
+        &self,
+        claims: &[Claim<'_>],
+    ) -> impl Future<Output = Vec<Result<Reserved, RegistryError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(claims.len());
+            for claim in claims {
+                out.push(self.reserve(claim).await);
+            }
+            out
+        }
+    }
+
     /// Turns the job's reservation into a record (not yet delivered).
     fn commit(
         &self,

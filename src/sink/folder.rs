@@ -37,6 +37,14 @@ pub struct OutputDir {
     pub rotated: Option<PathBuf>,
 }
 
+/// The key files of the folder `root`, with their writer.
+fn key_files(root: &Path) -> Result<KeyFiles, OutputError> {
+    KeyFiles::new(root).map_err(|source| OutputError::Folder {
+        path: root.to_owned(),
+        source,
+    })
+}
+
 /// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
 /// returns its manifest's path.
 fn open_folder(root: &Path) -> Result<PathBuf, OutputError> {
@@ -80,7 +88,7 @@ impl OutputDir {
             })?;
         Ok(OutputDir {
             root: root.to_owned(),
-            keys: KeyFiles::new(root),
+            keys: key_files(root)?,
             manifest_path,
             manifest: BufWriter::new(file),
             rotated,
@@ -141,7 +149,7 @@ impl OutputDir {
         Ok((
             OutputDir {
                 root: root.to_owned(),
-                keys: KeyFiles::new(root),
+                keys: key_files(root)?,
                 manifest_path: manifest_path.clone(),
                 manifest: BufWriter::new(file),
                 rotated: None,

@@ -6,11 +6,18 @@
 //! A key file outlives a crash that the registry's "delivered" mark may not: the sink reports
 //! the key it finds at a destination ([`Sink::at_destination`]), and delivering a key that is
 //! already there, byte for byte, succeeds without writing it again.
+//!
+//! Key files are written in groups (`group.rs`): the keys delivered while the last group was
+//! being synced are written together, made durable by one flush of their filesystem and one
+//! sync of each folder, and only then reported delivered — the syncs a key cost alone are
+//! shared by the group.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -19,6 +26,7 @@ use zeroize::Zeroizing;
 
 use super::{AtDestination, DeliveryError, Sink};
 use crate::dialect::{Provider, Scope};
+use crate::group::Group;
 use crate::job::{set_private_key_body, JobResult, SecretPem};
 use crate::keys::keygen;
 use crate::registry::RegistryError;
@@ -37,16 +45,47 @@ pub enum KeyFileError {
     },
 }
 
-#[derive(Clone, Debug)]
+/// At most this many key files share a group's syncs.
+const FILES_PER_GROUP: usize = 128;
+
+/// One key file to write, and where its outcome goes.
+type Queued = (
+    KeyWrite,
+    tokio::sync::oneshot::Sender<Result<(), KeyFileError>>,
+);
+
+#[derive(Clone)]
 pub struct KeyFiles {
     root: PathBuf,
+    /// The thread that writes delivered keys in groups.
+    writer: Arc<Group<Queued>>,
+}
+
+impl std::fmt::Debug for KeyFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFiles")
+            .field("root", &self.root)
+            .finish()
+    }
 }
 
 impl KeyFiles {
-    pub fn new(root: &Path) -> Self {
-        KeyFiles {
+    /// The key files under `root`, and the thread that writes them.
+    pub fn new(root: &Path) -> std::io::Result<Self> {
+        let writer = Group::spawn(
+            "keyfleet-keyfiles",
+            FILES_PER_GROUP,
+            |group: Vec<Queued>| {
+                let (writes, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                for (written, answer) in write_group(writes).into_iter().zip(answers) {
+                    let _ = answer.send(written);
+                }
+            },
+        )?;
+        Ok(KeyFiles {
             root: root.to_owned(),
-        }
+            writer: Arc::new(writer),
+        })
     }
 
     /// Where a created pair's private key goes: `<provider>/<owner>/<region>/<name>.pem`.
@@ -67,23 +106,42 @@ impl KeyFiles {
             .join(format!("{}.pem", path_component(name)))
     }
 
-    /// Writes the private key (0600) and its `.pub`, and points the result's `PrivateKeyBody`
-    /// at the file. The in-memory key is dropped (zeroized) here.
+    /// Queues the private key (0600) and its `.pub` for the writer thread, at once: keys
+    /// queued together are written as one group and share its syncs (see [`write_group`]).
+    /// The key moves out of `r` here; the returned future gives the key file's path once the
+    /// key is durable there. Point the result's `PrivateKeyBody` at it with
+    /// [`set_private_key_body`].
     ///
-    /// Each file is written whole to a temporary name in its folder, synced, then put in place:
-    /// the key with `link` (which never replaces anything, so an existing key file is never
-    /// overwritten), the `.pub` with `rename` (which replaces a planted symlink itself rather
-    /// than writing through it). A crash leaves the whole key file or none. Folders are created
-    /// 0700.
-    pub fn write(&self, r: &mut JobResult) -> Result<PathBuf, KeyFileError> {
-        let (path, pem, public) = self.prepare(r)?;
-        write_files(&path, &pem, &public)?;
-        set_private_key_body(r.provider, &mut r.response, &path.to_string_lossy());
-        Ok(path)
+    /// Each key is written whole to a temporary name in its folder, flushed, then put in place
+    /// with `link` (which never replaces anything, so an existing key file is never
+    /// overwritten). A crash leaves the whole key file or none. Folders are created 0700.
+    pub fn write_queued(
+        &self,
+        r: &mut JobResult,
+    ) -> impl std::future::Future<Output = Result<PathBuf, KeyFileError>> + Send + 'static {
+        let queued = self.prepare(r).and_then(|write| {
+            let path = write.path.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match self.writer.send((write, tx)) {
+                Ok(()) => Ok((path, rx)),
+                Err((write, _)) => Err(io_error(&write.path)(std::io::Error::other(
+                    "the key file writer has stopped",
+                ))),
+            }
+        });
+        async move {
+            let (path, rx) = queued?;
+            match rx.await {
+                Ok(written) => written.map(|()| path),
+                Err(_) => Err(io_error(&path)(std::io::Error::other(
+                    "the key file writer failed",
+                ))),
+            }
+        }
     }
 
-    /// What [`write_files`] needs, taken from the result (its private key moves out).
-    fn prepare(&self, r: &mut JobResult) -> Result<(PathBuf, SecretPem, String), KeyFileError> {
+    /// What [`write_group`] needs, taken from the result (its private key moves out).
+    fn prepare(&self, r: &mut JobResult) -> Result<KeyWrite, KeyFileError> {
         let path = self.path(r);
         let Some(pem) = r.take_private_key() else {
             return Err(KeyFileError::Io {
@@ -96,45 +154,165 @@ impl KeyFiles {
             "{public_key} {}\n",
             r.key_pair_name.as_deref().unwrap_or_default()
         );
-        Ok((path, pem, public))
+        Ok(KeyWrite { path, pem, public })
     }
 }
 
-/// The blocking part of [`KeyFiles::write`]: folders, the key, the `.pub`, and the syncs.
-fn write_files(path: &Path, pem: &SecretPem, public: &str) -> Result<(), KeyFileError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| KeyFileError::Io { path, source }
-    };
-    let folder = path.parent().unwrap_or(Path::new(".")).to_owned();
-    private_folder(&folder).map_err(io(&folder))?;
-    match read_key_file(path) {
-        Ok(None) => {
-            let tmp_key = temp_file(&folder, pem.0.as_bytes(), 0o600, true).map_err(io(path))?;
-            let linked = fs::hard_link(&tmp_key, path);
-            let _ = fs::remove_file(&tmp_key);
-            match linked {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(KeyFileError::Exists(path.to_owned()))
-                }
-                Err(e) => return Err(io(path)(e)),
+/// One key file to write: where, the private key, and the `.pub` line.
+struct KeyWrite {
+    path: PathBuf,
+    pem: SecretPem,
+    public: String,
+}
+
+impl KeyWrite {
+    fn folder(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// How far one key file of a group got.
+enum Step {
+    /// Its key is in a temporary file of its folder, not yet synced.
+    Staged(PathBuf),
+    /// This very key is in place already: an earlier attempt wrote (and synced) it and stopped
+    /// before the registry heard of it. It is not written again.
+    InPlace,
+    /// It is in place and its `.pub` beside it; its folder's sync is all that is left.
+    Linked,
+    Failed(KeyFileError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError {
+    let path = path.to_owned();
+    move |source| KeyFileError::Io { path, source }
+}
+
+/// The blocking part of delivering key files, for a group of them: each key to a temporary
+/// file in its folder; one flush of the filesystem(s) they are on (`syncfs`), so every key's
+/// bytes are on disk before any key has its name; each key linked to its name (never replacing
+/// a file) and its `.pub` renamed beside it; then one sync of each folder, which makes the
+/// names durable. A crash leaves each key file whole or absent. One outcome per write, in
+/// order; a failure is that file's alone where it can be.
+fn write_group(writes: Vec<KeyWrite>) -> Vec<Result<(), KeyFileError>> {
+    let mut steps: Vec<Step> = writes.iter().map(stage).collect();
+
+    // The staged keys' bytes, on disk: one flush per filesystem, not one sync per file. It
+    // also flushes what other programs wrote to that filesystem, which a busy disk makes
+    // slower, never less safe.
+    let staged: Vec<&Path> = writes
+        .iter()
+        .zip(&steps)
+        .filter(|(_, s)| matches!(s, Step::Staged(_)))
+        .map(|(w, _)| w.folder())
+        .collect();
+    if let Err((folder, e)) = flush_filesystems(&staged) {
+        for (w, step) in writes.iter().zip(steps.iter_mut()) {
+            if let Step::Staged(tmp) = step {
+                let _ = fs::remove_file(&*tmp);
+                let why =
+                    std::io::Error::new(e.kind(), format!("{} (flushing {})", e, folder.display()));
+                *step = Step::Failed(io_error(&w.path)(why));
             }
         }
-        // This very key is in place: an earlier attempt wrote it and stopped before the
-        // registry heard of it. It was synced then; it is not written again.
-        Ok(Some(there)) if bool::from(there.as_bytes().ct_eq(pem.0.as_bytes())) => {}
-        Ok(Some(_)) | Err(_) => return Err(KeyFileError::Exists(path.to_owned())),
     }
-    let pub_path = path.with_extension("pub");
-    // The `.pub` is not synced on its own: it is public and can be made again from the key
-    // (`ssh-keygen -y`), and ext4 and XFS flush a file replaced by `rename` before the rename
-    // itself commits. The key file above is synced.
-    let tmp_pub = temp_file(&folder, public.as_bytes(), 0o644, false).map_err(io(&pub_path))?;
-    fs::rename(&tmp_pub, &pub_path).map_err(io(&pub_path))?;
-    File::open(&folder)
-        .and_then(|d| d.sync_all())
-        .map_err(io(&folder))
+
+    for (w, step) in writes.iter().zip(steps.iter_mut()) {
+        let next = match std::mem::replace(step, Step::InPlace) {
+            Step::Staged(tmp) => link(w, &tmp).and_then(|()| write_public(w)),
+            Step::InPlace => write_public(w),
+            failed => {
+                *step = failed;
+                continue;
+            }
+        };
+        *step = match next {
+            Ok(()) => Step::Linked,
+            Err(e) => Step::Failed(e),
+        };
+    }
+
+    // The names, durable: one sync per folder for all its files.
+    let folders: BTreeSet<&Path> = writes
+        .iter()
+        .zip(&steps)
+        .filter(|(_, s)| matches!(s, Step::Linked))
+        .map(|(w, _)| w.folder())
+        .collect();
+    let synced: Vec<(&Path, std::io::Result<()>)> = folders
+        .into_iter()
+        .map(|f| (f, File::open(f).and_then(|d| d.sync_all())))
+        .collect();
+    writes
+        .iter()
+        .zip(steps)
+        .map(|(w, step)| match step {
+            Step::Linked => match synced.iter().find(|(f, _)| *f == w.folder()) {
+                Some((_, Err(e))) => Err(io_error(w.folder())(std::io::Error::new(
+                    e.kind(),
+                    e.to_string(),
+                ))),
+                _ => Ok(()),
+            },
+            Step::Failed(e) => Err(e),
+            Step::Staged(_) | Step::InPlace => Err(io_error(&w.path)(std::io::Error::other(
+                "the key file was not put in place",
+            ))),
+        })
+        .collect()
+}
+
+/// The first step of one key file: its folder, what is at its name, its temporary file.
+fn stage(w: &KeyWrite) -> Step {
+    let folder = w.folder();
+    if let Err(e) = private_folder(folder) {
+        return Step::Failed(io_error(folder)(e));
+    }
+    match read_key_file(&w.path) {
+        Ok(None) => match temp_file(folder, w.pem.0.as_bytes(), 0o600) {
+            Ok(tmp) => Step::Staged(tmp),
+            Err(e) => Step::Failed(io_error(&w.path)(e)),
+        },
+        Ok(Some(there)) if bool::from(there.as_bytes().ct_eq(w.pem.0.as_bytes())) => Step::InPlace,
+        Ok(Some(_)) | Err(_) => Step::Failed(KeyFileError::Exists(w.path.clone())),
+    }
+}
+
+/// `syncfs` once for each filesystem the folders are on; the folder that failed, if one did.
+fn flush_filesystems<'a>(folders: &[&'a Path]) -> Result<(), (&'a Path, std::io::Error)> {
+    let mut flushed = BTreeSet::new();
+    for &folder in folders {
+        let dir = File::open(folder).map_err(|e| (folder, e))?;
+        let device = dir.metadata().map_err(|e| (folder, e))?.dev();
+        if flushed.insert(device) {
+            rustix::fs::syncfs(&dir).map_err(|e| (folder, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives the staged key its name with `link`, which never replaces anything (an existing key
+/// file is never overwritten), and removes the temporary name.
+fn link(w: &KeyWrite, tmp: &Path) -> Result<(), KeyFileError> {
+    let linked = fs::hard_link(tmp, &w.path);
+    let _ = fs::remove_file(tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(KeyFileError::Exists(w.path.clone()))
+        }
+        Err(e) => Err(io_error(&w.path)(e)),
+    }
+}
+
+/// The `.pub` beside the key, put in place with `rename` (which replaces a planted symlink
+/// itself rather than writing through it). Not synced on its own: it is public and can be
+/// made again from the key (`ssh-keygen -y`), and ext4 and XFS flush a file replaced by
+/// `rename` before the rename itself commits; the folder's sync that follows commits it.
+fn write_public(w: &KeyWrite) -> Result<(), KeyFileError> {
+    let pub_path = w.path.with_extension("pub");
+    let tmp = temp_file(w.folder(), w.public.as_bytes(), 0o644).map_err(io_error(&pub_path))?;
+    fs::rename(&tmp, &pub_path).map_err(io_error(&pub_path))
 }
 
 /// Removes the temporary files (`.keyfleet-*.tmp`, each a private key being written) that a
@@ -199,9 +377,9 @@ fn read_key_file(path: &Path) -> std::io::Result<Option<Zeroizing<String>>> {
     Ok(Some(text))
 }
 
-/// A new file in `folder` holding `bytes` (synced if `sync`); created new and never through a
-/// symlink.
-fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<PathBuf> {
+/// A new file in `folder` holding `bytes` (not synced: its group is); created new and never
+/// through a symlink.
+fn temp_file(folder: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
     let path = folder.join(format!(".keyfleet-{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut f = OpenOptions::new()
         .write(true)
@@ -209,10 +387,7 @@ fn temp_file(folder: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Res
         .mode(mode)
         .custom_flags(crate::sink::files::no_follow())
         .open(&path)?;
-    let written = f
-        .write_all(bytes)
-        .and_then(|()| if sync { f.sync_all() } else { Ok(()) });
-    if let Err(e) = written {
+    if let Err(e) = f.write_all(bytes) {
         let _ = fs::remove_file(&path);
         return Err(e);
     }
@@ -242,15 +417,11 @@ impl Sink for KeyFiles {
             tracing::warn!(line, "{why}");
             DeliveryError::Undeliverable(why)
         };
-        let (path, pem, public) = self.prepare(result).map_err(|e| undeliverable(&e))?;
-        // Off the async runtime: three syncs per key would otherwise hold a runtime thread.
-        let written =
-            tokio::task::spawn_blocking(move || write_files(&path, &pem, &public).map(|()| path))
-                .await
-                .map_err(|e| {
-                    DeliveryError::Undeliverable(format!("key file writer failed: {e}"))
-                })?;
-        let path = written.map_err(|e| undeliverable(&e))?;
+        // To the writer thread, off the async runtime; answered once the key is durable.
+        let path = self
+            .write_queued(result)
+            .await
+            .map_err(|e| undeliverable(&e))?;
         set_private_key_body(
             result.provider,
             &mut result.response,
