@@ -1326,3 +1326,61 @@ async fn batch_keys_expire_after_inactivity() {
     })
     .await;
 }
+
+/// `run` reserves the names of the rows it has read together (`reserve_many`): the answers must
+/// be those of reserving one row after another in input order — the first of two rows with one
+/// name wins it, and the quota goes to the earlier rows — on both stores.
+#[tokio::test]
+async fn reserving_many_decides_in_the_order_given() {
+    bounded(async {
+        let (reg, _cleanup) = fixture().await;
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = EmbeddedRegistry::open(&dir.path().join("state.redb")).unwrap();
+        async fn check<R: Registry>(r: &R) {
+            let s = hangzhou();
+            let jobs: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+            let names = ["a", "b", "a", "c", "d", "e"];
+            let claims: Vec<Claim<'_>> = names
+                .iter()
+                .zip(&jobs)
+                .map(|(name, job)| Claim {
+                    quota: 4,
+                    ..claim(&s, name, *job)
+                })
+                .collect();
+            let answers = r.reserve_many(&claims).await;
+            let shown: Vec<String> = answers
+                .iter()
+                .map(|a| match a {
+                    Ok(how) => format!("{how:?}"),
+                    Err(e) => format!("{e:?}"),
+                })
+                .collect();
+            assert_eq!(
+                shown,
+                [
+                    "Fresh",
+                    "Fresh",
+                    "AlreadyExists",
+                    "Fresh",
+                    "Fresh",
+                    "QuotaExceeded"
+                ]
+            );
+            match r.lookup(&s, "a").await.unwrap() {
+                Some(Entry::Reserved { job_id, .. }) => assert_eq!(job_id, jobs[0]),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(r.quota_used(&s).await.unwrap(), 4);
+            // Asked again by the same jobs: each holds its name already.
+            let again = r.reserve_many(&claims[..2]).await;
+            assert!(
+                again.iter().all(|a| matches!(a, Ok(Reserved::Resumed))),
+                "{again:?}"
+            );
+        }
+        check(&reg).await;
+        check(&embedded).await;
+    })
+    .await;
+}
