@@ -257,10 +257,22 @@ async fn batch_survives_losing_the_jobs_queue_leader() {
                 let rows = queues(
                     &survivors,
                     &prefix,
-                    &["messages", "messages_ready", "messages_unacknowledged"],
+                    &[
+                        "messages",
+                        "messages_ready",
+                        "messages_unacknowledged",
+                        "type",
+                        "members",
+                    ],
                 )?;
                 if rows.len() < 3 {
                     return Err(format!("expected jobs, dead and results queues: {rows:?}"));
+                }
+                // Each a quorum queue with a member on every node (the dead one included): what
+                // survived the loss was replicated, not lucky.
+                for r in &rows {
+                    let members = r["members"].as_array().map_or(0, Vec::len);
+                    assert!(r["type"] == "quorum" && members == 3, "{r}");
                 }
                 Ok(rows.iter().all(|r| {
                     r["messages"] == 0
