@@ -178,11 +178,22 @@ impl Broker {
         }
         let opened = async {
             let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-            let channel = conn.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, lapin::Error>((conn, channel))
+            let channel = async {
+                let channel = conn.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(channel)
+            }
+            .await;
+            match channel {
+                Ok(channel) => Ok((conn, channel)),
+                Err(e) => {
+                    // The next node is tried next: this connection must not linger open.
+                    let _ = conn.close(200, "no channel".into()).await;
+                    Err(e)
+                }
+            }
         };
         tokio::time::timeout(timeout, opened)
             .await
