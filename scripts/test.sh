@@ -3,7 +3,8 @@
 # present and running, then runs the whole test suite.
 #   - ssh-keygen and openssl check every generated key;
 #   - Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672, guest/guest) are the real servers the
-#     distributed-mode tests talk to.
+#     distributed-mode tests talk to; a 3-master Redis Cluster and a 3-node RabbitMQ cluster on
+#     loopback are there for the cluster tests.
 # Missing tools are installed with apt-get where possible; otherwise the script stops and says
 # exactly what is missing.
 set -euo pipefail
@@ -81,6 +82,15 @@ fi
 export KEYFLEET_TEST_CLUSTER_URLS
 KEYFLEET_TEST_CLUSTER_URLS="$(for p in $CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$p"; done)"
 KEYFLEET_TEST_CLUSTER_URLS="${KEYFLEET_TEST_CLUSTER_URLS%,}"
+
+# A 3-node RabbitMQ cluster on loopback (kf1-kf3@localhost, AMQP 5681-5683) for
+# worker/tests/rabbit_node_loss.rs: reused when running, otherwise started and joined (about a
+# minute on 2 cores); a node a previous run killed is started again.
+command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+command -v python3 >/dev/null || apt_install python3 # reads rabbitmqctl's JSON
+scripts/rabbit-cluster.sh up
+export KEYFLEET_TEST_RABBIT_CLUSTER_URLS
+KEYFLEET_TEST_RABBIT_CLUSTER_URLS="$(scripts/rabbit-cluster.sh urls)"
 
 # The house rules of DESIGN.md §9 (no import circles, imports run down the wings, clap only in
 # src/cli/): under a second, so a change that breaks them fails first.

@@ -290,13 +290,15 @@ impl UpstreamLimitArgs {
 /// Where the servers of distributed mode are.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or the URLs of a cluster's nodes, comma-separated (tried in order; after
+    /// a lost connection, the next node first).
     #[arg(
         long,
         env = "KEYFLEET_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_parser = AmqpUrlsParser
     )]
-    pub amqp_url: String,
+    pub amqp_url: crate::queue::nodes::AmqpUrls,
     /// Redis URL.
     #[arg(
         long,
@@ -570,6 +572,35 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     s.parse()
         .map(|a| MetricsAddr(Some(a)))
         .map_err(|_| format!("'{s}' is not host:port (e.g. 0.0.0.0:9464) or off (--metrics-addr / KEYFLEET_METRICS_ADDR)"))
+}
+
+/// Parses `--amqp-url` without echoing it: clap's own message for a bad value quotes the value,
+/// and these URLs usually hold a password. Ours names the flag and the URL without it.
+#[derive(Clone, Copy, Debug)]
+struct AmqpUrlsParser;
+
+impl clap::builder::TypedValueParser for AmqpUrlsParser {
+    type Value = crate::queue::nodes::AmqpUrls;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let fail = |message: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{message} (--amqp-url / KEYFLEET_AMQP_URL)"),
+            )
+            .format(&mut cmd.clone())
+        };
+        value
+            .to_str()
+            .ok_or_else(|| fail("the RabbitMQ URL is not UTF-8".into()))?
+            .parse()
+            .map_err(|e: crate::queue::nodes::AmqpUrlError| fail(e.to_string()))
+    }
 }
 
 fn parse_prefix(s: &str) -> Result<String, String> {

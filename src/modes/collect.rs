@@ -170,7 +170,7 @@ pub async fn collect(
     shutdown: CancellationToken,
 ) -> Result<CollectSummary, CollectError> {
     let e = &opts.endpoints;
-    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
     let collected = drain(&broker, opts, shutdown).await;
     // Also on an error: whatever was not acked goes back to the queue now, not when the
     // connection times out.

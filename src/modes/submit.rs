@@ -77,7 +77,7 @@ pub async fn submit(
 ) -> Result<SubmitSummary, SubmitError> {
     let input = batch::BatchInput::open(&opts.input, opts.format)?;
     let e = &opts.endpoints;
-    let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+    let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
     let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
     broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();

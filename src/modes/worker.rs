@@ -132,7 +132,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let started = async {
         let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
         readiness.set_redis(true);
-        let broker = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+        let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
         broker.declare().await?;
         readiness.set_amqp(true);
         Ok::<_, WorkerError>((registry, broker))
@@ -209,17 +209,22 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             Err(e) => tracing::warn!("cannot consume jobs: {e}; reconnecting"),
         }
         readiness.set_amqp(false);
-        // Until it works or we are told to stop.
+        // Until it works or we are told to stop. With several nodes (a cluster), the one after
+        // the node just lost comes first: if that node died, its quorum queues have moved to
+        // the others, and the worker should not wait on the dead one before trying them.
+        let lost = broker.node();
         let reconnected = RetryPolicy::reconnect()
             .run("reconnecting to RabbitMQ", &shutdown, || async {
-                let b = Broker::connect(&e.amqp_url, e.topology(), e.connect_timeout).await?;
+                let b =
+                    Broker::connect_nodes(&e.amqp_url, lost + 1, e.topology(), e.connect_timeout)
+                        .await?;
                 b.declare().await?;
                 Ok::<_, BrokerError>(b)
             })
             .await;
         match reconnected {
             Ok(b) => {
-                tracing::info!("reconnected to RabbitMQ");
+                tracing::info!(node = %e.amqp_url.shown(b.node()), "reconnected to RabbitMQ");
                 broker = Arc::new(b);
             }
             Err(_) => break 'connection,

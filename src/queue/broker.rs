@@ -17,6 +17,7 @@ use lapin::{Confirmation, PublisherConfirm};
 
 use crate::escape::redact_url;
 use crate::job::{Job, JobResult};
+use crate::queue::nodes::{AmqpUrlError, AmqpUrls};
 
 /// Header carrying why keyfleet dead-lettered a message.
 pub const REASON_HEADER: &str = "x-keyfleet-reason";
@@ -28,6 +29,8 @@ pub const PUBLISHED_MS_HEADER: &str = "x-keyfleet-published-ms";
 pub enum BrokerError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error(transparent)]
+    Url(#[from] AmqpUrlError),
     #[error("RabbitMQ")]
     Amqp(#[from] lapin::Error),
     #[error("RabbitMQ refused a message (nack) on exchange {0}")]
@@ -37,6 +40,12 @@ pub enum BrokerError {
     #[error("cannot encode a message: {0}")]
     Encode(String),
 }
+
+/// How long a result that RabbitMQ refuses is offered again before its job is handed back
+/// ([`Broker::publish_result`]). A leader election after a node loss took 1–7 s on a loaded
+/// 3-node test cluster; a queue that has lost its majority does not come back in this time, and
+/// its jobs go back to the queue.
+pub const NACK_RETRY_WINDOW: Duration = Duration::from_secs(60);
 
 /// Queue and exchange names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,42 +107,103 @@ pub struct Broker {
     conn: Connection,
     channel: Channel,
     pub topology: Topology,
+    /// Which of the URLs it was given this broker is connected to.
+    node: usize,
+    /// Where results go once RabbitMQ has refused one on `channel`: a fresh channel (see
+    /// [`Broker::publish_result`]). Channels it replaces are left open, since jobs in flight
+    /// may still be publishing on them; there is one per refusal episode, and they close with
+    /// the connection.
+    results_channel: std::sync::Mutex<Option<Channel>>,
 }
 
 impl Broker {
-    /// Connects within `timeout`, so a broker that is down fails start-up with a clear message
-    /// instead of hanging.
+    /// Connects to `urls` — one URL, or several comma-separated (the nodes of one cluster,
+    /// tried in order) — waiting at most `timeout` for each, so a broker that is down fails
+    /// start-up with a clear message instead of hanging.
     pub async fn connect(
-        url: &str,
+        urls: &str,
         topology: Topology,
         timeout: Duration,
     ) -> Result<Self, BrokerError> {
-        let connect_err = |reason: String| BrokerError::Connect {
-            url: redact_url(url),
-            reason,
-        };
+        Self::connect_nodes(&urls.parse()?, 0, topology, timeout).await
+    }
+
+    /// Connects to the first node of `urls` that answers, starting with node `from` and
+    /// wrapping around; each node gets at most `timeout`. After a lost connection, pass the
+    /// lost node's index + 1 ([`Broker::node`]): a node that just died (or is cut off from this
+    /// host) is tried last, so a fresh connection does not wait on it first.
+    pub async fn connect_nodes(
+        urls: &AmqpUrls,
+        from: usize,
+        topology: Topology,
+        timeout: Duration,
+    ) -> Result<Self, BrokerError> {
+        let mut failures = Vec::new();
+        for node in urls.order_from(from) {
+            match Self::connect_one(urls.get(node), timeout).await {
+                Ok((conn, channel)) => {
+                    if urls.len() > 1 {
+                        tracing::debug!(node = %urls.shown(node), "connected to RabbitMQ");
+                    }
+                    return Ok(Broker {
+                        conn,
+                        channel,
+                        topology,
+                        node,
+                        results_channel: std::sync::Mutex::new(None),
+                    });
+                }
+                Err(reason) if urls.len() == 1 => {
+                    return Err(BrokerError::Connect {
+                        url: urls.shown(node),
+                        reason,
+                    })
+                }
+                Err(reason) => failures.push(format!("{}: {reason}", urls.shown(node))),
+            }
+        }
+        Err(BrokerError::Connect {
+            url: format!("any of {} nodes", urls.len()),
+            reason: failures.join("; "),
+        })
+    }
+
+    /// One node: the connection and a confirm-mode channel, or why not (no password in it).
+    async fn connect_one(url: &str, timeout: Duration) -> Result<(Connection, Channel), String> {
         if plaintext_off_host(url) {
             tracing::warn!(
                 "{} is plain amqp:// to another host: credentials and job messages cross the network unencrypted (private keys do not: they are sealed); use amqps://",
                 redact_url(url)
             );
         }
-        let conn = tokio::time::timeout(
-            timeout,
-            Connection::connect(url, ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| connect_err(format!("no answer within {} s", timeout.as_secs())))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Broker {
-            conn,
-            channel,
-            topology,
-        })
+        let opened = async {
+            let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+            let channel = async {
+                let channel = conn.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(channel)
+            }
+            .await;
+            match channel {
+                Ok(channel) => Ok((conn, channel)),
+                Err(e) => {
+                    // The next node is tried next: this connection must not linger open.
+                    let _ = conn.close(200, "no channel".into()).await;
+                    Err(e)
+                }
+            }
+        };
+        tokio::time::timeout(timeout, opened)
+            .await
+            .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Which of the URLs given to [`Broker::connect_nodes`] this broker is connected to.
+    pub fn node(&self) -> usize {
+        self.node
     }
 
     pub fn channel(&self) -> &Channel {
@@ -201,26 +271,61 @@ impl Broker {
         Ok(())
     }
 
-    /// Declares the durable results queue of a batch, bound to the results exchange by batch
-    /// id, expiring when unused so abandoned batches clean up. Idempotent.
+    /// Declares the results queue of a batch, bound to the results exchange by batch id,
+    /// expiring when unused so abandoned batches clean up. Idempotent.
+    ///
+    /// A quorum queue, like the jobs queue: on a cluster it is replicated on (up to) three
+    /// nodes, so results a worker has had confirmed — the one copy of each private key — survive
+    /// the loss of any one node, as the jobs do. A classic queue lives on one node and is gone
+    /// while that node is. What quorum queues lack is no loss here: results queues were never
+    /// exclusive or auto-delete (results must wait for a collector that is not running yet, or
+    /// that crashed), and `x-expires` works for quorum queues as for classic ones, so an
+    /// abandoned batch's queue is still deleted after [`Topology::results_expiry`] unused.
+    ///
+    /// A results queue that already exists is used as it is: a batch submitted by an older
+    /// keyfleet has a classic one, and declaring it again as quorum would fail with
+    /// PRECONDITION_FAILED and close the channel. The check runs on a channel of its own, since
+    /// RabbitMQ closes the channel a passive declare of a missing queue ran on.
     pub async fn declare_results_queue(&self, batch_id: &str) -> Result<String, BrokerError> {
         let t = &self.topology;
         let name = t.results_queue(batch_id);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongInt(t.results_expiry.as_millis().min(i32::MAX as u128) as i32),
-        );
-        self.channel
+        let probe = self.conn.create_channel().await?;
+        let exists = probe
             .queue_declare(
                 name.clone().into(),
                 QueueDeclareOptions {
-                    durable: true,
+                    passive: true,
                     ..Default::default()
                 },
-                args,
+                FieldTable::default(),
             )
-            .await?;
+            .await
+            .is_ok();
+        if exists {
+            let _ = probe.close(200, "checked".into()).await;
+        } else {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long("quorum"));
+            // A result is the one copy of its key, and collect hands back results it cannot
+            // write yet: RabbitMQ 4 drops a quorum queue's message after 20 such returns unless
+            // told otherwise. Its "unlimited" (-1) means "drop at once" to RabbitMQ 3, so the
+            // limit is set as high as it goes instead.
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(i32::MAX));
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongInt(t.results_expiry.as_millis().min(i32::MAX as u128) as i32),
+            );
+            self.channel
+                .queue_declare(
+                    name.clone().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await?;
+        }
         self.channel
             .queue_bind(
                 name.clone().into(),
@@ -310,22 +415,59 @@ impl Broker {
 
     /// Publishes a result to its batch's queue and waits for the broker's confirm. The private
     /// key, if any, must already be in the response body: this is its one delivery.
+    ///
+    /// A result RabbitMQ refuses (nack: not enqueued) is offered again, with backoff, for up
+    /// to [`NACK_RETRY_WINDOW`], each time on a fresh channel, which then carries this
+    /// broker's later results. A quorum queue refuses publishes while it elects a new leader
+    /// after losing a node, and (RabbitMQ 3.10, in `worker/tests/rabbit_node_loss.rs`) a
+    /// channel whose publishes were refused then may go on being refused for minutes, while
+    /// another channel on the same node publishes to the same queue fine. Handing the job back
+    /// at once instead would have it redelivered in a tight loop, every delivery counted against
+    /// the jobs queue's `x-delivery-limit`, until it was dead-lettered: the first version of
+    /// that test lost 12 of 160 jobs so.
     pub async fn publish_result(&self, result: &JobResult) -> Result<(), BrokerError> {
         let payload = serde_json::to_vec(result).map_err(|e| BrokerError::Encode(e.to_string()))?;
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.topology.results_exchange().into(),
-                result.batch_id.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &payload,
-                Self::properties(&result.job_id.to_string(), &result.batch_id),
-            )
-            .await?;
-        check(confirm.await?, &result.batch_id)
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut warned = false;
+        let mut channel = self
+            .results_channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| self.channel.clone());
+        loop {
+            let confirm = channel
+                .basic_publish(
+                    self.topology.results_exchange().into(),
+                    result.batch_id.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &payload,
+                    Self::properties(&result.job_id.to_string(), &result.batch_id),
+                )
+                .await?;
+            match check(confirm.await?, &result.batch_id) {
+                Err(BrokerError::Nacked(_)) if started.elapsed() + delay < NACK_RETRY_WINDOW => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(job = %result.job_id, "RabbitMQ refused the result (nack; a quorum queue electing a new leader?); offering it again on a new channel for up to {} s", NACK_RETRY_WINDOW.as_secs());
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    channel = self.conn.create_channel().await?;
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await?;
+                    *self
+                        .results_channel
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(channel.clone());
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Puts a message on the dead-letter queue with the reason in a header, and waits for the

@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use crate::queue::broker::Topology;
+use crate::queue::nodes::AmqpUrls;
 
 /// RabbitMQ and Redis, the prefix of every queue and key, and how long to wait for them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
-    pub amqp_url: String,
+    /// One RabbitMQ node, or the nodes of a cluster in the order they are tried.
+    pub amqp_url: AmqpUrls,
     pub redis_url: String,
     /// Prefix of every queue, exchange and Redis key (several deployments can share servers).
     pub prefix: String,

@@ -75,6 +75,22 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     broker.declare_results_queue("bpoison").await.unwrap();
     // A producer other than `keyfleet submit` records the batch's recipient itself (README).
     env.give_recipient("bpoison").await;
+    // Something that is not a result on the results queue does not stop collect: it is kept
+    // aside (0600, it might hold a key) and acked. Published before the jobs, so it is ahead of
+    // their results: published after them, it raced the worker, and collect could see the
+    // batch complete before reaching it.
+    let confirm = broker
+        .channel()
+        .basic_publish(
+            env.topology().results_exchange().into(),
+            "bpoison".into(),
+            Default::default(),
+            b"garbage on the results queue",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    confirm.await.unwrap();
     let props = |id: &str| {
         BasicProperties::default()
             .with_content_type("application/json".into())
@@ -110,20 +126,6 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
         .await
         .unwrap();
 
-    // Something that is not a result on the results queue does not stop collect: it is kept
-    // aside (0600, it might hold a key) and acked.
-    let confirm = broker
-        .channel()
-        .basic_publish(
-            env.topology().results_exchange().into(),
-            "bpoison".into(),
-            Default::default(),
-            b"garbage on the results queue",
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    confirm.await.unwrap();
     let redis = env.registry().await;
     let store = keyfleet::registry::batch_status::BatchStatusStore::from_connection(
         redis.connection(),

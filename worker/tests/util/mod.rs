@@ -32,6 +32,9 @@ pub fn redis_url() -> String {
 /// One test's world: its prefix, its folder, its workers.
 pub struct Env {
     pub prefix: String,
+    /// The RabbitMQ this test's workers, producer and collector use (one node, or a cluster's
+    /// node list).
+    pub amqp: String,
     /// The Redis this test's workers, producer and collector use (one server, or a cluster's
     /// node list).
     pub redis: String,
@@ -49,6 +52,7 @@ impl Drop for Env {
             let _ = w.wait();
         }
         let prefix = self.prefix.clone();
+        let amqp = self.amqp.clone();
         let batches = std::mem::take(&mut *self.batches.lock().unwrap_or_else(|e| e.into_inner()));
         // Best-effort clean-up of the test's queues and keys.
         let _ = std::thread::spawn(move || {
@@ -57,8 +61,15 @@ impl Drop for Env {
                 .build()
                 .ok()?;
             rt.block_on(async {
-                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
-                {
+                // The first node that answers (a cluster's may be down after a node-loss test).
+                let mut conn = None;
+                for url in amqp.split(',') {
+                    if let Ok(c) = lapin::Connection::connect(url, Default::default()).await {
+                        conn = Some(c);
+                        break;
+                    }
+                }
+                if let Some(conn) = conn {
                     if let Ok(ch) = conn.create_channel().await {
                         let results = batches.iter().map(|b| format!("{prefix}.results.{b}"));
                         let queues = [format!("{prefix}.jobs"), format!("{prefix}.jobs.dead")];
@@ -102,11 +113,18 @@ impl Env {
         );
         Env {
             prefix,
+            amqp: amqp_url(),
             redis: redis_url(),
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
             batches: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same world on another RabbitMQ (a cluster's node list).
+    pub fn on_amqp(mut self, urls: &str) -> Env {
+        self.amqp = urls.to_owned();
+        self
     }
 
     /// The same world on another Redis (a cluster's node list).
@@ -120,7 +138,7 @@ impl Env {
     }
 
     pub fn worker_command(&self, extra: &[&str]) -> Command {
-        self.worker_command_urls(&amqp_url(), &self.redis, extra)
+        self.worker_command_urls(&self.amqp, &self.redis, extra)
     }
 
     pub fn worker_command_urls(&self, amqp: &str, redis: &str, extra: &[&str]) -> Command {
@@ -163,7 +181,7 @@ impl Env {
             }
         }
         c.args(args)
-            .env("KEYFLEET_AMQP_URL", amqp_url())
+            .env("KEYFLEET_AMQP_URL", &self.amqp)
             .env("KEYFLEET_REDIS_URL", &self.redis)
             .env("KEYFLEET_PREFIX", &self.prefix)
             .env("KEYFLEET_PROGRESS", "off")
@@ -237,7 +255,7 @@ impl Env {
 
     pub fn endpoints(&self) -> keyfleet::queue::endpoints::Endpoints {
         keyfleet::queue::endpoints::Endpoints {
-            amqp_url: amqp_url(),
+            amqp_url: self.amqp.parse().expect("the test's RabbitMQ URLs"),
             redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
             connect_timeout: Duration::from_secs(10),
