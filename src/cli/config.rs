@@ -470,7 +470,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Jobs in flight at once (RabbitMQ prefetch), 1 to 65535. Default: 4 per key-generation
-    /// thread.
+    /// thread, plus 64 (so the Redis and RabbitMQ round trips of jobs that make no key overlap).
     #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
     pub concurrency: Option<u16>,
     #[command(flatten)]

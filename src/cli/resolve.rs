@@ -265,9 +265,11 @@ impl WorkerArgs {
         let per = if threads == 0 { cores } else { threads };
         crate::modes::worker::WorkerConfig {
             endpoints: self.server.endpoints(),
+            // 4 per thread keep the threads busy; 64 more let the registry and broker round
+            // trips of jobs that make no key (refusals, keys from the reservoir) overlap.
             concurrency: self
                 .concurrency
-                .unwrap_or((per * 4).min(u16::MAX as usize) as u16)
+                .unwrap_or((per * 4 + 64).min(u16::MAX as usize) as u16)
                 .max(1),
             threads,
             settings: resolved.settings,

@@ -98,6 +98,13 @@ impl Topology {
     }
 }
 
+/// A declare RabbitMQ refused because the queue exists with other arguments.
+fn precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
@@ -289,42 +296,52 @@ impl Broker {
     pub async fn declare_results_queue(&self, batch_id: &str) -> Result<String, BrokerError> {
         let t = &self.topology;
         let name = t.results_queue(batch_id);
-        let probe = self.conn.create_channel().await?;
-        let exists = probe
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long("quorum"));
+        // A result is the one copy of its key, and collect hands back results it cannot write
+        // yet: RabbitMQ 4 drops a quorum queue's message after 20 such returns unless told
+        // otherwise. Its "unlimited" (-1) means "drop at once" to RabbitMQ 3, so the limit is
+        // set as high as it goes instead.
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(i32::MAX));
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongInt(t.results_expiry.as_millis().min(i32::MAX as u128) as i32),
+        );
+        // On a channel of its own: a declare RabbitMQ refuses closes the channel it ran on.
+        let declaring = self.conn.create_channel().await?;
+        let declared = declaring
             .queue_declare(
                 name.clone().into(),
                 QueueDeclareOptions {
-                    passive: true,
+                    durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                args,
             )
-            .await
-            .is_ok();
-        if exists {
-            let _ = probe.close(200, "checked".into()).await;
-        } else {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long("quorum"));
-            // A result is the one copy of its key, and collect hands back results it cannot
-            // write yet: RabbitMQ 4 drops a quorum queue's message after 20 such returns unless
-            // told otherwise. Its "unlimited" (-1) means "drop at once" to RabbitMQ 3, so the
-            // limit is set as high as it goes instead.
-            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(i32::MAX));
-            args.insert(
-                "x-expires".into(),
-                AMQPValue::LongInt(t.results_expiry.as_millis().min(i32::MAX as u128) as i32),
-            );
-            self.channel
-                .queue_declare(
-                    name.clone().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await?;
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = declaring.close(200, "declared".into()).await;
+            }
+            // PRECONDITION_FAILED: the queue exists with other arguments (a classic queue of
+            // a batch an older keyfleet submitted). It is used as it is. Asked only in this
+            // rare case, since RabbitMQ (and lapin's log) treats a passive declare of a
+            // missing queue as an error.
+            Err(e) if precondition_failed(&e) => {
+                let checking = self.conn.create_channel().await?;
+                checking
+                    .queue_declare(
+                        name.clone().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let _ = checking.close(200, "checked".into()).await;
+            }
+            Err(e) => return Err(e.into()),
         }
         self.channel
             .queue_bind(
