@@ -5,12 +5,16 @@
 # noise hits both alike. Each round: a fresh worker whose reservoir holds every key of the round
 # (--reservoir-once), then a timed `keyfleet submit --wait` of that many rows; the worker and
 # `submit --wait` both run with the round's setting. Prints keys/s per round and the medians.
+# First, at the Redis level, what `WAIT 1` adds to one write (scripts/wait-cost.py); with
+# --writes, only that (no build, no RabbitMQ).
 # Needs RabbitMQ on loopback (scripts/test.sh starts it), redis-server, redis-cli and curl.
-# Usage: scripts/bench-replicas.sh [KEYS_PER_ROUND=2000] [ROUNDS=3]
+# Usage: scripts/bench-replicas.sh [--writes] [KEYS_PER_ROUND=2000] [ROUNDS=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WRITES_ONLY=0
+if [ "${1:-}" = "--writes" ]; then WRITES_ONLY=1; shift; fi
 KEYS=${1:-2000}; ROUNDS=${2:-3}
-cargo build --release -q -p keyfleet -p keyfleet-worker
+[ $WRITES_ONLY = 1 ] || cargo build --release -q -p keyfleet -p keyfleet-worker
 KF=target/release/keyfleet; W=target/release/keyfleet-worker
 prefix="kfreplbench-$$"; dir=$(mktemp -d)
 export XDG_STATE_HOME="$dir/state"
@@ -37,9 +41,13 @@ redis-server --port "$replica" --bind 127.0.0.1 --save "" --appendonly no --daem
 until redis-cli -p "$master" info replication 2>/dev/null | grep -q 'slave0:.*state=online'; do sleep 0.2; done
 export KEYFLEET_REDIS_URL="redis://127.0.0.1:$master/"
 
+echo "one write, master + 1 replica on loopback:"
+python3 scripts/wait-cost.py "$master" 5000
+[ $WRITES_ONLY = 0 ] || exit 0
+
 regions=(cn-qingdao cn-beijing cn-zhangjiakou cn-huhehaote cn-hangzhou cn-shanghai cn-shenzhen cn-chengdu cn-hongkong ap-southeast-1)
-fleet() { # rows file: spread over regions so the 500 quota never binds
-  { echo "RegionId,KeyPairName"; for ((i = 0; i < $1; i++)); do echo "${regions[i % ${#regions[@]}]},h-$2-$i"; done; } > "$3"
+fleet() { # rows tag file: one owner a round, spread over regions, so the 500 quota never binds
+  { echo "Owner,RegionId,KeyPairName"; for ((i = 0; i < $1; i++)); do echo "acct-$2,${regions[i % ${#regions[@]}]},h-$2-$i"; done; } > "$3"
 }
 
 rows=()
@@ -47,7 +55,7 @@ for ((r = 0; r < ROUNDS; r++)); do
   for n in 0 1; do
     fleet "$KEYS" "n$n-$r" "$dir/pooled.csv"
     KEYFLEET_REDIS_REPLICAS=$n $W --prefix "$prefix" --threads 2 --metrics-addr "127.0.0.1:$metrics" \
-      --reservoir "$KEYS" --reservoir-once --upstream-rps 0 --log warn &
+      --reservoir "$KEYS" --reservoir-once --upstream-rps 0 --log error &
     wpid=$!
     until curl -sf "http://127.0.0.1:$metrics/metrics" 2>/dev/null \
       | awk -v k="$KEYS" '/^keyfleet_reservoir_keys\{bits="2048"\}/ && $2 >= k { ok = 1 } END { exit !ok }'; do
@@ -55,12 +63,13 @@ for ((r = 0; r < ROUNDS; r++)); do
     done
     t0=$(date +%s.%N)
     KEYFLEET_REDIS_REPLICAS=$n $KF submit "$dir/pooled.csv" --prefix "$prefix" --batch-id "n$n-$r" \
-      --wait --out "$dir/out-n$n-$r" --progress off --json > "$dir/n$n-$r.json"
+      --wait --out "$dir/out-n$n-$r" --progress off --json > "$dir/n$n-$r.json" 2>> "$dir/submit.log"
     t1=$(date +%s.%N)
     kill -TERM "$wpid"; wait "$wpid" || true; wpid=
     rm -rf "$dir/out-n$n-$r"
+    created=$(jq -r '.tally.created // .created // empty' "$dir/n$n-$r.json" 2>/dev/null || true)
     rate=$(python3 -c "print($KEYS / ($t1 - $t0))")
-    echo "round $((r + 1)), --redis-replicas $n: $rate keys/s"
+    echo "round $((r + 1)), --redis-replicas $n: $rate keys/s (created: ${created:-?})"
     rows+=("$n $rate")
   done
 done
