@@ -161,7 +161,7 @@ impl Transient for crate::queue::broker::BrokerError {
 impl Transient for crate::registry::RegistryError {
     fn is_transient(&self) -> bool {
         use crate::registry::RegistryError as E;
-        matches!(self, E::Storage(_))
+        matches!(self, E::Storage(_) | E::ReplicasBehind { .. })
     }
 }
 

@@ -88,7 +88,9 @@ macro_rules! on_registry {
         let args = $args;
         match args.registry.redis_url.clone() {
             Some(url) => {
-                let registry = redis_registry(&url, &args.registry.prefix).await?;
+                let registry =
+                    redis_registry(&url, &args.registry.prefix, args.registry.redis_replicas)
+                        .await?;
                 $command(&registry, args $(, $extra)*).await
             }
             None => {
@@ -425,6 +427,7 @@ async fn serve_command(
             url: url.clone(),
             prefix: args.registry.prefix.clone(),
             connect_timeout: args.connect_timeout,
+            replicas: args.registry.redis_replicas,
         },
         None => crate::modes::serve::Store::Embedded(resolved.state.clone()),
     };
@@ -597,6 +600,7 @@ fn open_registry(state: &Path) -> anyhow::Result<EmbeddedRegistry> {
     Ok(EmbeddedRegistry::open(state)?)
 }
 
-async fn redis_registry(url: &str, prefix: &str) -> anyhow::Result<RedisRegistry> {
-    Ok(RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?)
+async fn redis_registry(url: &str, prefix: &str, replicas: u32) -> anyhow::Result<RedisRegistry> {
+    let registry = RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?;
+    Ok(registry.with_replicas(replicas))
 }

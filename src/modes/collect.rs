@@ -185,7 +185,9 @@ async fn drain(
     shutdown: CancellationToken,
 ) -> Result<CollectSummary, CollectError> {
     let e = &opts.endpoints;
-    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+    let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout)
+        .await?
+        .with_replicas(e.redis_replicas);
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     // Everything that would make this collect consume results it cannot write is checked
     // before the first one is read.

@@ -78,7 +78,9 @@ pub async fn submit(
     let input = batch::BatchInput::open(&opts.input, opts.format)?;
     let e = &opts.endpoints;
     let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
-    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout)
+        .await?
+        .with_replicas(e.redis_replicas);
     broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();
     // Before the first job: a worker refuses a job whose batch has no recipient.

@@ -130,7 +130,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     // A signal during start-up (servers slow to answer) stops the worker at once: nothing is
     // in flight yet.
     let started = async {
-        let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout).await?;
+        let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout)
+            .await?
+            .with_replicas(e.redis_replicas);
         readiness.set_redis(true);
         let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
         broker.declare().await?;

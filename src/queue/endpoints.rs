@@ -16,6 +16,9 @@ pub struct Endpoints {
     pub prefix: String,
     /// How long start-up waits for each server.
     pub connect_timeout: Duration,
+    /// Redis replicas every write that decides a key's fate waits for (`--redis-replicas`);
+    /// 0 waits for none.
+    pub redis_replicas: u32,
 }
 
 impl Endpoints {

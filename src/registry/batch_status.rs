@@ -7,6 +7,10 @@
 //! - `<prefix>:batch:{<batch>}:counts` — hash: `total`, `answered`, `created`, `failed:<code>`;
 //! - `<prefix>:batch:{<batch>}:jobs` — hash: job id → outcome (what makes counting idempotent).
 //!
+//! Its writes (a job's outcome, the total, the recipient, where the batch was collected) wait
+//! for `--redis-replicas` replicas ([`RedisConn::write`]): a failover must not lose the total
+//! or an outcome `collect` relies on.
+//!
 //! Both expire after [`DEFAULT_BATCH_TTL`] (or the store's TTL) without activity, so abandoned
 //! batches clean up; `record` and `set_total` refresh it.
 
@@ -14,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use crate::registry::connection::RedisConn;
+use crate::registry::connection::{RedisConn, ScriptCall};
 use redis::Script;
 use uuid::Uuid;
 
@@ -115,6 +119,13 @@ impl BatchStatusStore {
         }
     }
 
+    /// The same store, each write waiting for `replicas` Redis replicas (`--redis-replicas`;
+    /// see [`RedisConn::write`]).
+    pub fn with_replicas(mut self, replicas: u32) -> Self {
+        self.conn = self.conn.with_replicas(replicas);
+        self
+    }
+
     /// The same store with another inactivity TTL for the batch keys it writes.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -151,17 +162,13 @@ impl BatchStatusStore {
     /// Sets the batch's total (the producer calls it once it knows how many rows it read).
     pub async fn set_total(&self, batch_id: &str, total: u64) -> Result<(), RegistryError> {
         let keys = self.batch_keys(batch_id)?;
-        let mut conn = self.conn.clone();
-        SET_TOTAL
-            .key(&keys.counts)
+        let mut call = ScriptCall::new(&SET_TOTAL);
+        call.key(&keys.counts)
             .key(&keys.jobs)
             .key(&keys.recipient)
             .arg(total)
-            .arg(self.ttl_ms())
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(storage)
+            .arg(self.ttl_ms());
+        self.conn.run_script::<i64>(&call).await.map(drop)
     }
 
     /// Records the age recipient the batch's private keys are encrypted to. Only a producer
@@ -172,15 +179,12 @@ impl BatchStatusStore {
         recipient: &str,
     ) -> Result<(), RegistryError> {
         let keys = self.batch_keys(batch_id)?;
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(&keys.recipient)
+        let mut set = redis::cmd("SET");
+        set.arg(&keys.recipient)
             .arg(recipient)
             .arg("PX")
-            .arg(self.ttl_ms())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(storage)
+            .arg(self.ttl_ms());
+        self.conn.write(&set, None).await
     }
 
     /// The batch's age recipient, if its producer recorded one.
@@ -198,15 +202,12 @@ impl BatchStatusStore {
     pub async fn set_collected(&self, batch_id: &str, c: &Collected) -> Result<(), RegistryError> {
         let keys = self.batch_keys(batch_id)?;
         let json = serde_json::to_string(c).map_err(|e| RegistryError::Storage(e.to_string()))?;
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(&keys.collected)
+        let mut set = redis::cmd("SET");
+        set.arg(&keys.collected)
             .arg(json)
             .arg("PX")
-            .arg(self.ttl_ms())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(storage)
+            .arg(self.ttl_ms());
+        self.conn.write(&set, None).await
     }
 
     /// Where the whole batch was collected, if it was.
@@ -235,17 +236,14 @@ impl BatchStatusStore {
         outcome: &str,
     ) -> Result<bool, RegistryError> {
         let keys = self.batch_keys(batch_id)?;
-        let mut conn = self.conn.clone();
-        let counted: i64 = RECORD
-            .key(&keys.counts)
+        let mut call = ScriptCall::new(&RECORD);
+        call.key(&keys.counts)
             .key(&keys.jobs)
             .key(&keys.recipient)
             .arg(job_id.hyphenated().to_string())
             .arg(outcome)
-            .arg(self.ttl_ms())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
+            .arg(self.ttl_ms());
+        let counted: i64 = self.conn.run_script(&call).await?;
         Ok(counted == 1)
     }
 

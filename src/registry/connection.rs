@@ -5,12 +5,18 @@
 //! A URL list (`redis://h1:7000,redis://h2:7001,…`) selects a Redis Cluster instead: redis-rs's
 //! cluster client, which follows slot moves and failovers by itself. Every key keyfleet writes
 //! for one scope or batch carries one hash tag, so each script touches one slot.
+//!
+//! Redis replicates asynchronously: a failover to a replica that is behind loses the writes it
+//! lacks. With `--redis-replicas N` every write that decides a key's fate ([`RedisConn::write`])
+//! is followed by `WAIT N` on the same connection, in the same pipeline, so it reaches the very
+//! node that took the write; fewer than N acknowledgements is
+//! [`RegistryError::ReplicasBehind`], which the retry policy retries like any storage failure.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ToRedisArgs, Value};
 
 use crate::escape::redact_url;
 use crate::registry::RegistryError;
@@ -28,6 +34,13 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_ATTEMPTS: usize = 3;
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
+/// How long one `WAIT` may block for its replicas. A healthy replica acknowledges within a
+/// round trip (the master asks it at once), so this is only ever reached when a replica is
+/// down or far behind; then the write is retried (the retry policy's backoff, not a longer
+/// wait here) so the failure shows in the logs each second. Well under [`RESPONSE_TIMEOUT`]:
+/// a blocked `WAIT` holds up every command queued behind it on the shared connection.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
 pub(crate) fn storage(e: redis::RedisError) -> RegistryError {
     RegistryError::Storage(format!("redis: {e}"))
 }
@@ -43,24 +56,150 @@ pub fn check_prefix(prefix: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// A connection to one Redis server or to a Redis Cluster; cheap to clone (clones share it).
+/// A connection to one Redis server or to a Redis Cluster, and how many replicas a write must
+/// reach before it counts; cheap to clone (clones share the connection and the setting).
 #[derive(Clone)]
-pub enum RedisConn {
+pub struct RedisConn {
+    link: Link,
+    replicas: u32,
+}
+
+#[derive(Clone)]
+enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
 impl RedisConn {
     pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConn::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
+    }
+
+    /// The same connection, whose writes ([`RedisConn::write`]) each wait for `replicas`
+    /// replicas to acknowledge them (`--redis-replicas`); 0, the default, waits for none.
+    pub fn with_replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// How many replicas each write waits for.
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    /// Runs `write` — one command (or one script's EVALSHA, `script` being that script) whose
+    /// keys are all in one slot — then, with `--redis-replicas N` above 0, `WAIT N` in the same
+    /// pipeline. A pipeline goes to one node over one connection, so the `WAIT` counts the
+    /// replicas of the node that took the write, for an offset that includes it (redis-rs's
+    /// cluster client routes a pipeline by its first keyed command; `WAIT` alone would go to
+    /// every master). A short count is [`RegistryError::ReplicasBehind`]: the write stands on
+    /// the master but would be lost to a failover now, so the caller tries it again (every
+    /// write here is safe to repeat) until a replica holds it.
+    pub(crate) async fn write<T: FromRedisValue>(
+        &self,
+        write: &Cmd,
+        script: Option<&Script>,
+    ) -> Result<T, RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(write.clone());
+        if self.replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.replicas)
+                .arg(REPLICA_WAIT.as_millis() as u64);
+        }
+        let mut conn = self.clone();
+        let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            // The server lost its scripts (a restart, a failover to a replica that never ran
+            // this one): load it and run the write once more, as redis-rs's own invoke does.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let Some(script) = script else {
+                    return Err(storage(e));
+                };
+                script.load_async(&mut conn).await.map_err(storage)?;
+                pipe.query_async::<Vec<Value>>(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(storage)?;
+        let mut replies = replies.into_iter();
+        let reply = replies.next().ok_or_else(|| {
+            RegistryError::Storage("redis: a pipeline answered nothing".to_owned())
+        })?;
+        if self.replicas > 0 {
+            let acked = replies
+                .next()
+                .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+                .ok_or_else(|| {
+                    RegistryError::Storage("redis: WAIT did not answer a count".to_owned())
+                })?;
+            if acked < u64::from(self.replicas) {
+                return Err(RegistryError::ReplicasBehind {
+                    acked,
+                    wanted: self.replicas,
+                    waited: REPLICA_WAIT,
+                });
+            }
+        }
+        redis::from_redis_value(reply)
+            .map_err(|e| RegistryError::Storage(format!("redis: unexpected reply: {e}")))
+    }
+
+    /// [`RedisConn::write`] of one script's EVALSHA.
+    pub(crate) async fn run_script<T: FromRedisValue>(
+        &self,
+        call: &ScriptCall<'_>,
+    ) -> Result<T, RegistryError> {
+        self.write(&call.evalsha(), Some(call.script)).await
+    }
+}
+
+/// One script's keys and arguments, to run with [`RedisConn::run_script`]: redis-rs's own
+/// `ScriptInvocation` can only be invoked alone, not in a pipeline with a `WAIT`.
+pub(crate) struct ScriptCall<'a> {
+    script: &'a Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> ScriptCall<'a> {
+    pub(crate) fn new(script: &'a Script) -> Self {
+        ScriptCall {
+            script,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Adds `KEYS[i]`.
+    pub(crate) fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    /// Adds `ARGV[i]`.
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    fn evalsha(&self) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k.as_slice());
+        }
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
     }
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -70,16 +209,16 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -96,7 +235,10 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, Registry
     if nodes.len() <= 1 {
         return connect_manager(url.trim(), timeout)
             .await
-            .map(RedisConn::Single);
+            .map(|c| RedisConn {
+                link: Link::Single(c),
+                replicas: 0,
+            });
     }
     let shown = nodes
         .iter()
@@ -111,7 +253,10 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, Registry
     let server = format!("Redis Cluster at {shown}");
     open_and_ping(server, timeout, client.get_async_connection())
         .await
-        .map(RedisConn::Cluster)
+        .map(|c| RedisConn {
+            link: Link::Cluster(c),
+            replicas: 0,
+        })
 }
 
 /// Opens a self-reconnecting connection to `url`, waiting at most `timeout`, and checks it

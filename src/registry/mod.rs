@@ -89,6 +89,21 @@ pub enum RegistryError {
     /// The store itself failed: worth retrying.
     #[error("registry storage error: {0}")]
     Storage(String),
+    /// A write landed on the Redis master, but fewer of its replicas than `--redis-replicas`
+    /// asks for acknowledged it within `waited`: a failover now would lose it. Worth retrying
+    /// (every write is safe to repeat); if it lasts, a replica is down, far behind, or missing
+    /// (a master with no replica can never satisfy `--redis-replicas` 1).
+    #[error(
+        "registry storage error: the write reached {acked} of the {wanted} Redis replica(s) \
+         --redis-replicas (KEYFLEET_REDIS_REPLICAS) asks for within {} ms; is a replica down, \
+         behind, or missing?",
+        waited.as_millis()
+    )]
+    ReplicasBehind {
+        acked: u64,
+        wanted: u32,
+        waited: std::time::Duration,
+    },
     /// The state file is damaged (pages that fail their checksums, or that cannot be read):
     /// not retried, and nothing more is read from it or written to it. A run stops on it
     /// instead of answering rows.

@@ -19,6 +19,11 @@
 //! script again when the server answers NOSCRIPT, e.g. after a restart). Key names are built
 //! here and passed as KEYS, never inside Lua.
 //!
+//! Every script that changes a scope runs through [`RedisConn::run_script`], which waits for
+//! `--redis-replicas` replicas after it; a reservation, a record, its delivery mark are then on
+//! a replica before the worker acts on them. Not waited for: the `scopes` index (a `describe`
+//! aid, written again by every reserve) and serve's nonces (a replay window, not a key).
+//!
 //! Reservation deadlines are read against the Redis server's clock (`TIME` inside the script),
 //! not the caller's: workers whose clocks disagree still agree on when a reservation expired.
 
@@ -26,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use crate::registry::connection::RedisConn;
+use crate::registry::connection::{RedisConn, ScriptCall};
 use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
@@ -120,6 +125,14 @@ impl RedisRegistry {
         }
     }
 
+    /// The same registry, each write waiting for `replicas` Redis replicas
+    /// (`--redis-replicas`; see [`RedisConn::write`]). Stores built on its
+    /// [`RedisRegistry::connection`] afterwards wait for as many.
+    pub fn with_replicas(mut self, replicas: u32) -> Self {
+        self.conn = self.conn.with_replicas(replicas);
+        self
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -199,14 +212,13 @@ impl RedisRegistry {
         extra: Option<&str>,
     ) -> Result<String, RegistryError> {
         let keys = self.scope_keys(scope);
-        let mut conn = self.conn.clone();
-        let mut invocation = script.key(&keys.pairs);
-        invocation.key(&keys.deadlines);
-        invocation.arg(name).arg(job_id.hyphenated().to_string());
+        let mut call = ScriptCall::new(script);
+        call.key(&keys.pairs).key(&keys.deadlines);
+        call.arg(name).arg(job_id.hyphenated().to_string());
         if let Some(extra) = extra {
-            invocation.arg(extra);
+            call.arg(extra);
         }
-        let reply: String = invocation.invoke_async(&mut conn).await.map_err(storage)?;
+        let reply: String = self.conn.run_script(&call).await?;
         if reply == "lost" {
             return Err(RegistryError::ReservationLost);
         }
@@ -249,20 +261,16 @@ impl Registry for RedisRegistry {
         let scope_key = claim.scope.key();
         self.index_scope(&scope_key).await?;
         let keys = self.keys_of(&scope_key);
-        let mut conn = self.conn.clone();
-        let reply: String = SCRIPTS
-            .reserve
-            .key(&keys.pairs)
+        let mut call = ScriptCall::new(&SCRIPTS.reserve);
+        call.key(&keys.pairs)
             .key(&keys.used)
             .key(&keys.deadlines)
             .key(&keys.indexed)
             .arg(claim.name)
             .arg(claim.job_id.hyphenated().to_string())
             .arg(claim.quota)
-            .arg(claim.ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
+            .arg(claim.ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS));
+        let reply: String = self.conn.run_script(&call).await?;
         match reply.as_str() {
             "fresh" => Ok(Reserved::Fresh),
             "resumed" => Ok(Reserved::Resumed),
@@ -311,18 +319,13 @@ impl Registry for RedisRegistry {
 
     async fn release(&self, scope: &Scope, name: &str, job_id: Uuid) -> Result<(), RegistryError> {
         let keys = self.scope_keys(scope);
-        let mut conn = self.conn.clone();
-        SCRIPTS
-            .release
-            .key(&keys.pairs)
+        let mut call = ScriptCall::new(&SCRIPTS.release);
+        call.key(&keys.pairs)
             .key(&keys.used)
             .key(&keys.deadlines)
             .arg(name)
-            .arg(job_id.hyphenated().to_string())
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(storage)
+            .arg(job_id.hyphenated().to_string());
+        self.conn.run_script::<i64>(&call).await.map(drop)
     }
 
     async fn describe(&self, filter: &Filter) -> Result<Vec<KeyPairRecord>, RegistryError> {
@@ -363,16 +366,12 @@ impl Registry for RedisRegistry {
 
     async fn delete(&self, scope: &Scope, name: &str) -> Result<bool, RegistryError> {
         let keys = self.scope_keys(scope);
-        let mut conn = self.conn.clone();
-        let removed: i64 = SCRIPTS
-            .delete
-            .key(&keys.pairs)
+        let mut call = ScriptCall::new(&SCRIPTS.delete);
+        call.key(&keys.pairs)
             .key(&keys.used)
             .key(&keys.deadlines)
-            .arg(name)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(storage)?;
+            .arg(name);
+        let removed: i64 = self.conn.run_script(&call).await?;
         Ok(removed == 1)
     }
 

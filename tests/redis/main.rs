@@ -6,3 +6,4 @@ mod util;
 
 mod redis_cluster;
 mod redis_registry;
+mod redis_replicas;

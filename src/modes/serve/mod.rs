@@ -71,6 +71,8 @@ pub enum Store {
         url: String,
         prefix: String,
         connect_timeout: Duration,
+        /// Replicas each registry write waits for (`--redis-replicas`).
+        replicas: u32,
     },
 }
 
@@ -138,8 +140,11 @@ pub async fn serve_limited(
             url,
             prefix,
             connect_timeout,
+            replicas,
         } => {
-            let registry = RedisRegistry::connect(&url, &prefix, connect_timeout).await?;
+            let registry = RedisRegistry::connect(&url, &prefix, connect_timeout)
+                .await?
+                .with_replicas(replicas);
             // In front of a cloud, the budget is shared with every serve and worker on it.
             opts.upstream
                 .share_rate_limit(registry.connection(), &prefix);

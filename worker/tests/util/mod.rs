@@ -38,6 +38,8 @@ pub struct Env {
     /// The Redis this test's workers, producer and collector use (one server, or a cluster's
     /// node list).
     pub redis: String,
+    /// `--redis-replicas` of this test's workers, producer and collector.
+    pub redis_replicas: u32,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
     /// Batches whose results queues this test created, deleted at the end.
@@ -115,6 +117,7 @@ impl Env {
             prefix,
             amqp: amqp_url(),
             redis: redis_url(),
+            redis_replicas: 0,
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
             batches: std::sync::Mutex::new(Vec::new()),
@@ -130,6 +133,12 @@ impl Env {
     /// The same world on another Redis (a cluster's node list).
     pub fn on_redis(mut self, url: &str) -> Env {
         self.redis = url.to_owned();
+        self
+    }
+
+    /// The same world with every write waiting for `n` Redis replicas (`--redis-replicas`).
+    pub fn with_redis_replicas(mut self, n: u32) -> Env {
+        self.redis_replicas = n;
         self
     }
 
@@ -158,6 +167,9 @@ impl Env {
         ])
         .args(extra)
         .stdin(Stdio::null());
+        if self.redis_replicas > 0 && !extra.contains(&"--redis-replicas") {
+            c.args(["--redis-replicas", &self.redis_replicas.to_string()]);
+        }
         if !extra.contains(&"--upstream-rps") {
             c.args(["--upstream-rps", "0"]);
         }
@@ -184,6 +196,7 @@ impl Env {
             .env("KEYFLEET_AMQP_URL", &self.amqp)
             .env("KEYFLEET_REDIS_URL", &self.redis)
             .env("KEYFLEET_PREFIX", &self.prefix)
+            .env("KEYFLEET_REDIS_REPLICAS", self.redis_replicas.to_string())
             .env("KEYFLEET_PROGRESS", "off")
             .env("XDG_STATE_HOME", self.path("state"))
             .current_dir(self.dir.path())
@@ -259,6 +272,7 @@ impl Env {
             redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
             connect_timeout: Duration::from_secs(10),
+            redis_replicas: self.redis_replicas,
         }
     }
 
