@@ -253,7 +253,7 @@ async fn drain(
         }
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
-            next = tokio::time::timeout(Duration::from_millis(250), consumer.next()) => next,
+            next = tokio::time::timeout(quiet_spell(&held), consumer.next()) => next,
         };
         match next {
             Ok(Some(delivery)) => {
@@ -434,6 +434,17 @@ async fn drain(
         complete,
         manifest,
     })
+}
+
+/// How long the queue may be quiet before held results are looked at again (and acks sent,
+/// and the total checked). Short while results are held: their workers mark them delivered
+/// within milliseconds, and at the end of a batch the last results are usually among them.
+fn quiet_spell<T>(held: &[T]) -> Duration {
+    if held.is_empty() {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_millis(20)
+    }
 }
 
 /// The output folder as recorded and compared: canonical once it exists.
