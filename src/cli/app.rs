@@ -89,7 +89,7 @@ macro_rules! on_registry {
         match args.registry.redis_url.clone() {
             Some(url) => {
                 let registry =
-                    redis_registry(&url, &args.registry.prefix, args.registry.redis_replicas)
+                    redis_registry(&url, &args.registry.prefix, args.registry.replicas.redis_replicas)
                         .await?;
                 $command(&registry, args $(, $extra)*).await
             }
@@ -427,7 +427,7 @@ async fn serve_command(
             url: url.clone(),
             prefix: args.registry.prefix.clone(),
             connect_timeout: args.connect_timeout,
-            replicas: args.registry.redis_replicas,
+            replicas: args.registry.replicas.redis_replicas,
         },
         None => crate::modes::serve::Store::Embedded(resolved.state.clone()),
     };

@@ -72,12 +72,19 @@ pub struct RegistryArgs {
     /// Prefix of every Redis key (with --redis-url).
     #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
     pub prefix: String,
+    #[command(flatten)]
+    pub replicas: ReplicasArgs,
+}
+
+/// `--redis-replicas`, wherever keyfleet writes to Redis.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ReplicasArgs {
     /// Redis replicas that must acknowledge every write deciding a key's fate (reserve,
     /// commit, delivered, batch totals) before keyfleet acts on it (Redis `WAIT`): with 1, a
     /// failover to that replica loses none of them. A shorter count is retried (the message
     /// names this setting), so a master without enough replicas stalls the work instead of
     /// risking it. 0 waits for none: a failover to a replica that is behind can lose keys.
-    /// With --redis-url.
+    /// With a Redis (--redis-url).
     #[arg(
         long,
         env = "KEYFLEET_REDIS_REPLICAS",
@@ -325,18 +332,8 @@ pub struct ServerArgs {
     /// How long to wait for RabbitMQ and Redis at start-up before giving up.
     #[arg(long, env = "KEYFLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: std::time::Duration,
-    /// Redis replicas that must acknowledge every write deciding a key's fate (reserve,
-    /// commit, delivered, batch totals) before keyfleet acts on it (Redis `WAIT`): with 1, a
-    /// failover to that replica loses none of them. A shorter count is retried (the message
-    /// names this setting), so a master without enough replicas stalls the work instead of
-    /// risking it. 0 waits for none: a failover to a replica that is behind can lose keys.
-    #[arg(
-        long,
-        env = "KEYFLEET_REDIS_REPLICAS",
-        value_name = "N",
-        default_value_t = 0
-    )]
-    pub redis_replicas: u32,
+    #[command(flatten)]
+    pub replicas: ReplicasArgs,
 }
 
 impl ServerArgs {
@@ -346,7 +343,7 @@ impl ServerArgs {
             redis_url: self.redis_url.clone(),
             prefix: self.prefix.clone(),
             connect_timeout: self.connect_timeout,
-            redis_replicas: self.redis_replicas,
+            redis_replicas: self.replicas.redis_replicas,
         }
     }
 }

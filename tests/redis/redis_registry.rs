@@ -143,13 +143,13 @@ fn scope(provider: Provider, owner: &str, region: &str) -> Scope {
     }
 }
 
-fn hangzhou() -> Scope {
+pub(crate) fn hangzhou() -> Scope {
     scope(Provider::Aliyun, "acct", "cn-hangzhou")
 }
 
 /// A reservation of `name` in `scope` for `job_id` under the usual quota (500) and a TTL that
 /// does not run out during a test; a test that needs others says so by name.
-fn claim<'a>(scope: &'a Scope, name: &'a str, job_id: Uuid) -> Claim<'a> {
+pub(crate) fn claim<'a>(scope: &'a Scope, name: &'a str, job_id: Uuid) -> Claim<'a> {
     Claim {
         scope,
         name,

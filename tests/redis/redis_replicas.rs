@@ -6,13 +6,14 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::batch_status::BatchStatusStore;
 use keyfleet::registry::connection::REPLICA_WAIT;
 use keyfleet::registry::redis::RedisRegistry;
-use keyfleet::registry::{Claim, Entry, Registry, RegistryError, Reserved};
+use keyfleet::registry::{Entry, Registry, RegistryError, Reserved};
 use keyfleet::retry::Transient;
 use uuid::Uuid;
+
+use crate::redis_registry::{claim, hangzhou};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,24 +98,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
-}
-
-fn hangzhou() -> Scope {
-    Scope {
-        provider: Provider::Aliyun,
-        owner: "acct".into(),
-        region: "cn-hangzhou".into(),
-    }
-}
-
-fn claim<'a>(scope: &'a Scope, name: &'a str, job_id: Uuid) -> Claim<'a> {
-    Claim {
-        scope,
-        name,
-        job_id,
-        quota: 500,
-        ttl_ms: 600_000,
-    }
 }
 
 /// The registry and the batch counters on `server`, sharing one connection whose writes wait
