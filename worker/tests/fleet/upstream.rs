@@ -151,8 +151,24 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
 /// only this test's calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_one_upstream_budget() {
+    three_workers_within_one_budget(Env::new("fleetrate")).await;
+}
+
+/// The same on the Redis Cluster `scripts/test.sh` starts: the budget is one key on the scope's
+/// slot, so the cluster client routes every worker's calls for it to one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_on_a_redis_cluster_share_one_upstream_budget() {
+    let urls = std::env::var("KEYFLEET_TEST_CLUSTER_URLS").unwrap_or_else(|_| {
+        "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into()
+    });
+    three_workers_within_one_budget(Env::new("fleetratecl").on_redis(&urls)).await;
+}
+
+/// Three workers at `--upstream-rps 5 --upstream-burst 1` in front of a cloud that throttles
+/// above 5 calls a second, 45 rows of one account and region: every pair registered, nothing
+/// throttled, and no faster than the budget allows.
+async fn three_workers_within_one_budget(mut env: Env) {
     tokio::time::timeout(Duration::from_secs(300), async {
-        let mut env = Env::new("fleetrate");
         let creds_file = env.write(
             "cloud-credentials.toml",
             "[[aliyun]]\naccess_key_id = \"testid\"\naccess_key_secret = \"testsecret\"\naccount = \"acme\"\n",
