@@ -8,7 +8,7 @@
 #   --seed S       seed of everything random: inputs, quotas, fault kinds and points (default:
 #                  the date, %s). The same seed gives the same rounds (fault *timing* follows the
 #                  batch's progress, so it varies a little with the machine).
-#   --jobs J       rows per round (default 120: ~50 keys in the long lane, so ~13 s of batch at
+#   --jobs J       rows per round (default 100: ~45 keys in the long lane, so ~11 s of batch at
 #                  the defaults before faults lengthen it)
 #   --workers W    workers per round (default 4)
 #   --rps R        each worker's --upstream-rps, the pace of a round (default 1; see "Pace")
@@ -62,7 +62,7 @@
 # the CPU: each worker passes at most R keys a second per scope (--upstream-rps R, burst 1;
 # every key made goes through it, after its reservation and before its commit), and the plan
 # puts 55 % of the valid rows in one scope, the long lane (aliyun/acme/cn-hangzhou, never under
-# a small quota). A round's batch then lasts about (long-lane keys) / (W x R) seconds -- ~13 s
+# a small quota). A round's batch then lasts about (long-lane keys) / (W x R) seconds -- ~11 s
 # at the defaults -- on any machine that makes more than W x R x 5 keys a second, and longer
 # on a slower one; faults that stop the work (a stall, a restart) lengthen it as they go.
 # --concurrency 8 (the worker's default is 68): after a lost connection a worker still works
@@ -89,7 +89,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=20; SEED=$(date +%s); JOBS=120; WORKERS=4; RPS=1; CONC=8; BIN=target/release; LOGS=; KEEP=0; FORCE_RABBIT=0
+ROUNDS=20; SEED=$(date +%s); JOBS=100; WORKERS=4; RPS=1; CONC=8; BIN=target/release; LOGS=; KEEP=0; FORCE_RABBIT=0
 KINDS=worker-kill,rabbit-restart,redis-restart,redis-stall,rabbit-node-kill,redis-master-kill
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -128,7 +128,10 @@ LANE_TAG=aliyun:acme:cn-hangzhou       # the long lane's scope (chaos.py LONG_LA
 REDIS_NODE_TIMEOUT=10000
 
 # The RabbitMQ cluster (bounded waits inside; a node killed by an earlier run is started again).
-"$RMQ" up >"$LOGS/rabbit-cluster-up.log" 2>&1 \
+rmq_up() { # the cluster whole again; nodes it starts are daemons: they get none of our descriptors
+  "$RMQ" up </dev/null 3<&- 5>&-
+}
+rmq_up >"$LOGS/rabbit-cluster-up.log" 2>&1 \
   || { echo "chaos.sh: the RabbitMQ cluster did not come up (see $LOGS/rabbit-cluster-up.log)" >&2; exit 2; }
 IFS=, read -r -a AMQP_URLS <<<"$("$RMQ" urls)"
 AMQP_PORTS=(); for u in "${AMQP_URLS[@]}"; do p=${u##*:}; AMQP_PORTS+=("${p%%/*}"); done
@@ -179,7 +182,7 @@ since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
 
 # --- state of the current round (for cleanup on exit)
 declare -a WPID=() WGEN=() RPORTS=()
-RD=; PREFIX=; BATCH=; CPID=; NCOLLECT=0; RABBIT_STOPPED=0; RUP_PID=; CLEANUPS=()
+RD=; PREFIX=; BATCH=; CPID=; NCOLLECT=0; RABBIT_STOPPED=0; RUP_PID=; CLEANUPS=(); CHECKS=()
 
 # --- Redis Cluster of the round
 start_redis_node() { # port
@@ -189,7 +192,7 @@ start_redis_node() { # port
     --cluster-node-timeout $REDIS_NODE_TIMEOUT --cluster-config-file nodes.conf \
     --repl-diskless-sync-delay 0 --save '' --appendonly no --daemonize yes \
     --dir "$d" --dbfilename dump.rdb --pidfile "$d/redis.pid" \
-    --logfile "$d/redis.log" --enable-debug-command local >/dev/null
+    --logfile "$d/redis.log" --enable-debug-command local >/dev/null </dev/null 3<&- 5>&-
   wait_port "$1" up 20 && redis-cli -p "$1" PING >/dev/null
 }
 redis_ports_csv() { local IFS=,; echo "${RPORTS[*]}"; }
@@ -231,7 +234,7 @@ for r in json.load(sys.stdin):
 rabbit_back() { # wait for a node killed earlier to be running again (its restart was started)
   [ -n "$RUP_PID" ] || return 0
   wait "$RUP_PID"; local rc=$?; RUP_PID=
-  [ $rc = 0 ] || { "$RMQ" up >>"$RD/rabbit-up.log" 2>&1 || echo "RabbitMQ node did not come back (see $RD/rabbit-up.log)" >>"$RD/notes.txt"; }
+  [ $rc = 0 ] || { rmq_up >>"$RD/rabbit-up.log" 2>&1 || echo "RabbitMQ node did not come back (see $RD/rabbit-up.log)" >>"$RD/notes.txt"; }
 }
 
 start_worker() { # slot
@@ -335,7 +338,7 @@ inject() { # kind arg -> note; exit status 3: skipped
       read -r n pid <<<"$TARGET"
       if [ -z "${pid:-}" ]; then echo "SKIPPED: the jobs queue's leader or its PID was not found"; return 3; fi
       kill -KILL "$pid" 2>/dev/null || { echo "SKIPPED: kf$n (pid $pid) was not running"; return 3; }
-      ( sleep "$arg"; "$RMQ" up ) >>"$RD/rabbit-up.log" 2>&1 &
+      ( sleep "$arg"; rmq_up ) >>"$RD/rabbit-up.log" 2>&1 &
       RUP_PID=$!
       echo "kf$n (pid $pid, leader of $PREFIX.jobs) SIGKILLed; started again after ${arg}s in the background" ;;
     redis-restart)
@@ -414,7 +417,7 @@ end_round() { # stop everything this round started; delete its queues
   if [ -n "$PREFIX" ]; then
     for p in "${AMQP_PORTS[@]}"; do
       port_open "$p" && continue
-      "$RMQ" up >>"$LOGS/rabbit-cluster-up.log" 2>&1 || echo "chaos.sh: the RabbitMQ cluster is not whole (see $LOGS/rabbit-cluster-up.log)" >&2
+      rmq_up >>"$LOGS/rabbit-cluster-up.log" 2>&1 || echo "chaos.sh: the RabbitMQ cluster is not whole (see $LOGS/rabbit-cluster-up.log)" >&2
       break
     done
     # In the background, beside the next round (a new prefix): waited for at the end.
@@ -426,13 +429,14 @@ end_round() { # stop everything this round started; delete its queues
 WALL0=$(now); T0=$WALL0
 exec 5>&1  # the script's own output: a signal may come while a command's output is redirected
 interrupted() { # the round under way is not checked: marked, left out of the table
+  wait "${CHECKS[@]}" 2>/dev/null  # rounds already over are checked to the end
   [ -n "$RD" ] && [ ! -f "$RD/check.json" ] && echo "interrupted at $(since "$T0") s" >"$RD/interrupted"
   end_round; wait "${CLEANUPS[@]}" 2>/dev/null
   python3 "$HELPER" table "$LOGS" "$(since "$WALL0")" | tee "$LOGS/table.txt" >&5
   exit 130
 }
 trap interrupted INT TERM
-trap 'end_round; wait "${CLEANUPS[@]}" 2>/dev/null' EXIT
+trap 'end_round; wait "${CLEANUPS[@]}" "${CHECKS[@]}" 2>/dev/null' EXIT
 
 echo "chaos soak: seed $SEED, $ROUNDS rounds of $JOBS jobs, $WORKERS workers at --upstream-rps $RPS, faults from $KINDS, logs in $LOGS"
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -511,16 +515,21 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 
   # Evidence for the checker.
+  T1=$(now); round_s=$(since "$T0")
   timeout 30 "$KF" describe --json >"$RD/describe.jsonl" 2>"$RD/describe.log" || echo "describe failed" >>"$RD/notes.txt"
   timeout 30 "$KF" status "$BATCH" --json >"$RD/status.json" 2>>"$RD/describe.log" || echo '{}' >"$RD/status.json"
   python3 "$HELPER" redis-state "${RPORTS[0]}" "$PREFIX" >"$RD/redis-state.json" 2>>"$RD/describe.log" || echo '{}' >"$RD/redis-state.json"
-  summary=$(python3 "$HELPER" check "$RD" 2>"$RD/check.log") || summary="CHECK FAILED: $(tail -1 "$RD/check.log")"
   end_round
-  viol=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["violations"].values()))' "$RD/check.json" 2>/dev/null || echo 1)
-  if [ "$KEEP" = 0 ] && [ "$viol" = 0 ]; then rm -rf "$RD/out" "$RD"/redis/*/dump.rdb "$RD/batch.age-identity"; fi
-  printf 'round %2d/%d  %s  %s  batch %s-%ss  %ss\n' "$r" "$ROUNDS" "faults: ${faults_line[*]:-none}" "$summary" "$ready" "$batch_end" "$(since "$T0")"
+  # The checks read only the round's folder: they run beside the next round (its pace is the
+  # rate limit's, not the CPU's), and print the round's line when done.
+  ( summary=$(python3 "$HELPER" check "$RD" 2>"$RD/check.log") || summary="CHECK FAILED: $(tail -1 "$RD/check.log")"
+    viol=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["violations"].values()))' "$RD/check.json" 2>/dev/null || echo 1)
+    if [ "$KEEP" = 0 ] && [ "$viol" = 0 ]; then rm -rf "$RD/out" "$RD"/redis/*/dump.rdb "$RD/batch.age-identity"; fi
+    printf 'round %2d/%d  %s  %s  batch %s-%ss  %ss (+ check %ss)\n' "$r" "$ROUNDS" "faults: ${faults_line[*]:-none}" "$summary" "$ready" "$batch_end" "$round_s" "$(since "$T1")"
+  ) 3<&- &
+  CHECKS+=($!)
 done
 trap - EXIT INT TERM
-wait "${CLEANUPS[@]}" 2>/dev/null
+wait "${CLEANUPS[@]}" "${CHECKS[@]}" 2>/dev/null
 python3 "$HELPER" table "$LOGS" "$(since "$WALL0")" | tee "$LOGS/table.txt"
 exit "${PIPESTATUS[0]}"
