@@ -2,13 +2,21 @@
 """Helper of scripts/chaos.sh (standard library only): plans a round, checks its invariants,
 prints the final table. Not meant to be run by hand.
 
-  chaos.py plan SEED ROUND JOBS DIR      -> DIR/input.csv, DIR/plan.json, DIR/faults.txt
+  chaos.py plan SEED ROUND JOBS WORKERS KINDS DIR
+                                         -> DIR/input.csv, DIR/plan.json, DIR/faults.txt and, in
+                                            quota rounds, DIR/keyfleet.toml; prints the quota
   chaos.py check DIR                     -> DIR/check.json; prints one summary line
-  chaos.py redis-state PORT PREFIX     -> per-scope reservations / pairs / used, as JSON
+  chaos.py redis-state PORT PREFIX       -> per-scope reservations / pairs / used, as JSON (PORT:
+                                            any node of the round's Redis Cluster)
+  chaos.py redis-lane PORTS TAG          -> "MASTER REPLICA": the ports of the master serving TAG's
+                                            slot and of its replica
+  chaos.py queues PREFIX BATCH           -> the batch's queues on the RabbitMQ cluster, as JSON
+                                            (rabbitmqctl list_queues --formatter json on stdin)
   chaos.py table LOGDIR WALL_SECONDS     -> the final table; exit 1 if any violation
 """
 
 import collections
+import concurrent.futures
 import glob
 import json
 import os
@@ -21,17 +29,28 @@ ALIYUN_SCOPES = [("aliyun", "acme", "cn-hangzhou"), ("aliyun", "acme", "cn-shang
                  ("aliyun", "acme", "cn-beijing")]
 UCLOUD_SCOPES = [("ucloud", "org-acme", "cn-bj2", "cn-bj2-02"), ("ucloud", "org-acme", "cn-zj", "cn-zj-01")]
 HEADER = "Provider,Owner,RegionId,KeyPairName,Region,Zone"
-FAULT_KINDS = ["worker-kill", "rabbit-restart", "redis-restart", "redis-stall"]
+FAULT_KINDS = ["worker-kill", "rabbit-restart", "redis-restart", "redis-stall", "rabbit-node-kill",
+               "redis-master-kill"]
+FAULT_WEIGHTS = [4, 2, 2, 2, 3, 3]
+# Most valid rows go to one scope, the long lane: the workers run at `--upstream-rps 1` (one key
+# a second per worker and scope), so this lane sets the round's length (about its keys / the
+# number of workers, in seconds) whatever the CPU. Its quota is never small.
+LONG_LANE = ALIYUN_SCOPES[0]
+LONG_LANE_SHARE = 0.55
 CODES = {  # provider -> (already exists, quota exceeded)
     "aliyun": ("KeyPair.AlreadyExist", "QuotaExceed.KeyPair"),
     "ucloud": ("8204", "8203"),
 }
 
 
-def plan(seed, rnd, jobs, d):
+def plan(seed, rnd, jobs, workers, kinds, d):
     rng = random.Random(f"{seed}/{rnd}")
-    # Half the rounds run with a small quota and a hot scope, so the quota is really hit.
+    # Half the rounds run with a small quota (every scope but the long lane, which keeps the
+    # default through keyfleet.toml's [quota_per_region]) and a hot scope, so the quota is
+    # really hit.
     quota = rng.randint(6, 30) if rng.random() < 0.5 else None
+    hot = ALIYUN_SCOPES[1]
+    others = [sc for sc in ALIYUN_SCOPES + UCLOUD_SCOPES if sc != LONG_LANE]
     rows = []  # (csv line, expectation)
     names = collections.defaultdict(list)  # scope -> names used so far
     for i in range(jobs):
@@ -45,10 +64,12 @@ def plan(seed, rnd, jobs, d):
             else:
                 rows.append((f"ucloud,org-acme,,bad-zone-{i},cn-bj2,cn-zz-{i % 90 + 10}", "invalid:8202"))
             continue
-        if quota and rng.random() < 0.45:
-            scope = ALIYUN_SCOPES[0]  # the hot scope
+        if rng.random() < LONG_LANE_SHARE:
+            scope = LONG_LANE
+        elif quota and rng.random() < 0.45:
+            scope = hot
         else:
-            scope = rng.choice(ALIYUN_SCOPES + UCLOUD_SCOPES)
+            scope = rng.choice(others)
         key = scope[:3]
         if names[key] and rng.random() < 0.08:
             name = rng.choice(names[key])  # a duplicate: KeyPair.AlreadyExist / 8204 (or quota)
@@ -61,12 +82,17 @@ def plan(seed, rnd, jobs, d):
             rows.append((f"ucloud,org-acme,,{name},{scope[2]},{scope[3]}", "valid"))
     nfaults = rng.randint(2, 5)
     fracs = sorted(rng.uniform(0.08, 0.85) for _ in range(nfaults))
+    # Kinds left out (--faults) are not drawn: every fault planned is one the round can inject.
+    allowed = [(k, w) for k, w in zip(FAULT_KINDS, FAULT_WEIGHTS) if k in kinds.split(",")]
     faults = []
     for f in fracs:
-        kind = rng.choices(FAULT_KINDS, weights=[4, 2, 2, 2])[0]
-        arg = {"worker-kill": rng.randint(0, 2), "rabbit-restart": rng.randint(1, 4),
-               "redis-restart": rng.randint(1, 4), "redis-stall": rng.randint(2, 6)}[kind]
+        kind = rng.choices([k for k, _ in allowed], weights=[w for _, w in allowed])[0]
+        arg = {"worker-kill": rng.randint(0, workers - 1), "rabbit-restart": rng.randint(1, 4),
+               "redis-restart": rng.randint(1, 4), "redis-stall": rng.randint(2, 6),
+               "rabbit-node-kill": rng.randint(2, 6), "redis-master-kill": rng.randint(1, 4)}[kind]
         faults.append((round(f, 3), kind, arg))
+    quotas = {"/".join(sc[:3]): (500 if sc == LONG_LANE else quota or 500)
+              for sc in ALIYUN_SCOPES + UCLOUD_SCOPES}
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "input.csv"), "w", encoding="utf-8") as f:
         f.write(HEADER + "\n")
@@ -79,8 +105,13 @@ def plan(seed, rnd, jobs, d):
         expect[n] = {"expect": e, "scope": [p[0], p[1], region], "name": p[3]}
     distinct = {"/".join(k): len(v) for k, v in names.items()}
     with open(os.path.join(d, "plan.json"), "w", encoding="utf-8") as f:
-        json.dump({"seed": seed, "round": rnd, "jobs": jobs, "quota": quota, "faults": faults,
-                   "rows": expect, "distinct": distinct}, f, ensure_ascii=False, indent=1)
+        json.dump({"seed": seed, "round": rnd, "jobs": jobs, "quota": quota, "quotas": quotas,
+                   "faults": faults, "rows": expect, "distinct": distinct}, f,
+                  ensure_ascii=False, indent=1)
+    if quota:
+        with open(os.path.join(d, "keyfleet.toml"), "w") as f:
+            f.write(f"# chaos.sh round {rnd}: a small quota, but not for the long lane\n"
+                    f"quota = {quota}\n[quota_per_region]\n{LONG_LANE[2]} = 500\n")
     with open(os.path.join(d, "faults.txt"), "w") as f:
         for frac, kind, arg in faults:
             f.write(f"{frac} {kind} {arg}\n")
@@ -100,7 +131,10 @@ def fingerprint_of_pem(path):
 
 def check(d):
     p = json.load(open(os.path.join(d, "plan.json"), encoding="utf-8"))
-    quota = p["quota"] or 500
+    quotas = p["quotas"]
+
+    def quota_of(sc):  # sc: provider/owner/region
+        return quotas.get(sc, p["quota"] or 500)
     out = os.path.join(d, "out")
     v = collections.defaultdict(list)  # violation kind -> details
 
@@ -164,25 +198,25 @@ def check(d):
             bad("registry-undelivered", f"{s} {r['name']} job {r['job_id']}")
     per_scope = collections.Counter("/".join([k[0], k[1], k[2]]) for k in reg)
     for sc, n in per_scope.items():
-        if n > quota:
-            bad("quota-exceeded", f"{sc}: {n} key pairs registered, quota {quota}")
+        if n > quota_of(sc):
+            bad("quota-exceeded", f"{sc}: {n} key pairs registered, quota {quota_of(sc)}")
     for sc, n in created.items():
-        if n > quota:
-            bad("quota-exceeded", f"{sc}: {n} created in the manifest, quota {quota}")
+        if n > quota_of(sc):
+            bad("quota-exceeded", f"{sc}: {n} created in the manifest, quota {quota_of(sc)}")
     # Exactly min(quota, distinct names) per scope: every distinct name is created unless the
     # scope is full, and no name twice.
     for sc, dn in p["distinct"].items():
-        want = min(quota, dn)
+        want = min(quota_of(sc), dn)
         if created.get(sc, 0) != want or per_scope.get(sc, 0) != want:
-            bad("created-count", f"{sc}: manifest {created.get(sc, 0)}, registry {per_scope.get(sc, 0)}, expected min(quota {quota}, {dn} names) = {want}")
+            bad("created-count", f"{sc}: manifest {created.get(sc, 0)}, registry {per_scope.get(sc, 0)}, expected min(quota {quota_of(sc)}, {dn} names) = {want}")
     raw_state = json.load(open(os.path.join(d, "redis-state.json")))
     for sc, st in raw_state.items():
         if st["reserved"]:
             bad("registry-leftover", f"{sc}: {st['reserved']} reservations left after the batch")
         if st["used"] != st["pairs"]:
             bad("registry-leftover", f"{sc}: used counter {st['used']} != {st['pairs']} pairs")
-        if st["used"] > quota:
-            bad("quota-exceeded", f"{sc}: used counter {st['used']} > quota {quota}")
+        if st["used"] > quota_of(sc):
+            bad("quota-exceeded", f"{sc}: used counter {st['used']} > quota {quota_of(sc)}")
 
     # --- key files: created == registry == .pem files; fingerprints match the registry
     pems = sorted(glob.glob(os.path.join(out, "**", "*.pem"), recursive=True))
@@ -190,13 +224,16 @@ def check(d):
     if not (ncreated == len(reg) == len(pems)):
         bad("created-registry-files", f"created {ncreated}, registry {len(reg)}, .pem files {len(pems)}")
     fps = collections.Counter()
+    # ssh-keygen twice a file: in a few threads (the work is in the child processes).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        fingerprints = dict(zip(pems, pool.map(fingerprint_of_pem, pems)))
     for pem in pems:
         rel = os.path.relpath(pem, out).split(os.sep)
         key = tuple(rel[:3]) + (rel[3][:-4],) if len(rel) == 4 else None
         st = os.stat(pem)
         if stat.S_IMODE(st.st_mode) != 0o600:
             bad("key-file", f"{pem}: mode {oct(stat.S_IMODE(st.st_mode))}")
-        fp, blob = fingerprint_of_pem(pem)
+        fp, blob = fingerprints[pem]
         if fp is None:
             bad("key-file", f"{pem}: {blob}")
             continue
@@ -228,10 +265,20 @@ def check(d):
         if os.path.exists(f) and os.path.getsize(f) > 0:
             bad("collect-" + side.split(".")[0], f"{f}: {sum(1 for _ in open(f))} lines")
     q = json.load(open(os.path.join(d, "queues.json")))
+    if q.get("error"):
+        bad("queues-unreadable", q["error"])
     if q.get("dead", 0):
         bad("dead-letter", f"{q['dead']} messages in {q['dead_name']} (every job submitted was valid)")
     if q.get("jobs", 0):
         bad("jobs-left", f"{q['jobs']} messages (ready+unacked) still in the jobs queue")
+    for row in q.get("queues", []):
+        # On the cluster: nothing unacked on any queue of the round (a job held by a consumer
+        # on a node that died would show here), and every queue a quorum queue with a member
+        # on each of the three nodes, the killed ones included.
+        if row.get("messages_unacknowledged"):
+            bad("unacked-left", f"{row['name']}: {row['messages_unacknowledged']} unacked (leader {row.get('leader')})")
+        if row.get("type") != "quorum" or len(row.get("members") or []) != 3:
+            bad("queue-not-replicated", f"{row['name']}: type {row.get('type')}, members {row.get('members')}")
     st = json.load(open(os.path.join(d, "status.json")))
     nfailed = sum(1 for m in final.values() if m["status"] == "failed")
     if st.get("total") != len(rows) or st.get("created") != ncreated or sum(st.get("failed", {}).values()) != nfailed:
@@ -261,7 +308,7 @@ def check(d):
 def redis_state(port, prefix):
     """Per scope: entries that are reservations, key pairs, and the quota counter."""
     def cli(*args):
-        r = subprocess.run(["redis-cli", "-p", port, *args], capture_output=True, text=True, check=True)
+        r = subprocess.run(["redis-cli", "-c", "-p", port, *args], capture_output=True, text=True, check=True)
         return r.stdout.splitlines()
     state = {}
     for sc in cli("SMEMBERS", f"{prefix}:scopes"):
@@ -278,18 +325,78 @@ def redis_state(port, prefix):
     print(json.dumps(state, ensure_ascii=False))
 
 
+def redis_lane(ports, tag):
+    """`MASTER REPLICA`: the ports of the master serving TAG's hash slot and of its replica that
+    is online ("-" if none). Each node is asked about itself (its own line of CLUSTER NODES, its
+    INFO replication), which is never stale, unlike its view of the others right after a
+    failover or the cluster's creation."""
+    def cli(p, *args):
+        try:
+            r = subprocess.run(["redis-cli", "-p", p, *args], capture_output=True, text=True, timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+        return r.stdout if r.returncode == 0 and r.stdout.strip() and not r.stdout.startswith("ERR") else None
+    ports = ports.split(",")
+    slot = next((int(x) for x in (cli(p, "CLUSTER", "KEYSLOT", tag) for p in ports) if x), None)
+    if slot is None:
+        sys.exit("no node of the Redis Cluster answers")
+    for p in ports:
+        nodes = cli(p, "CLUSTER", "NODES")
+        me = next((l.split() for l in (nodes or "").splitlines() if "myself" in l.split()[2:3][0]), None)
+        if not me or "master" not in me[2].split(","):
+            continue
+        for rng in me[8:]:
+            if rng.startswith("["):
+                continue
+            a, _, b = rng.partition("-")
+            if int(a) <= slot <= int(b or a):
+                info = cli(p, "INFO", "replication") or ""
+                rep = next((l for l in info.splitlines() if l.startswith("slave") and "state=online" in l), None)
+                rport = next((kv[5:] for kv in rep.split(",") if kv.startswith("port=")), "-") if rep else "-"
+                print(p, rport)
+                return
+    sys.exit(f"no master serves slot {slot}")
+
+
+def queues(prefix, batch):
+    """The round's queues, from `rabbitmqctl list_queues name type leader members messages
+    messages_ready messages_unacknowledged --formatter json` on stdin."""
+    raw = sys.stdin.read()
+    try:
+        rows = [r for r in json.loads(raw or "[]") if str(r.get("name", "")).startswith(prefix + ".")]
+    except ValueError:
+        print(json.dumps({"error": f"list_queues: {raw[:300]!r}"}))
+        return
+    by = {r["name"]: r for r in rows}
+    print(json.dumps({"jobs": by.get(prefix + ".jobs", {}).get("messages", 0),
+                      "dead": by.get(prefix + ".jobs.dead", {}).get("messages", 0),
+                      "dead_name": prefix + ".jobs.dead",
+                      "results_left": by.get(f"{prefix}.results.{batch}", {}).get("messages", 0),
+                      "queues": rows}))
+
+
 def table(logdir, wall):
     rounds = sorted(glob.glob(os.path.join(logdir, "round-*")))
-    faults = collections.Counter()
+    planned, injected, missed, skipped = (collections.Counter() for _ in range(4))
     viol = collections.Counter()
     nrounds = created = quota_rounds = 0
+    stopped = []
     for r in rounds:
+        if os.path.exists(os.path.join(r, "interrupted")):
+            stopped.append(os.path.basename(r))  # stopped by hand mid-round: not counted
+            continue
         fl = os.path.join(r, "faults-done.txt")
         if os.path.exists(fl):
             for line in open(fl):
-                if line.strip():
-                    w = line.split()
-                    faults["not-reached (" + w[2] + ")" if w[1] == "not-reached" else w[1]] += 1
+                w = line.split()
+                if not w:
+                    continue
+                if w[1] == "not-reached":
+                    missed[w[2]] += 1
+                elif w[1].endswith("-skipped"):
+                    skipped[w[1][:-len("-skipped")]] += 1
+                else:
+                    injected[w[1]] += 1
         c = os.path.join(r, "check.json")
         if os.path.exists(c):
             nrounds += 1
@@ -297,16 +404,24 @@ def table(logdir, wall):
             created += res["created"]
             quota_rounds += 1 if res["quota_hit"] else 0
             viol.update(res["violations"])
+            pl = json.load(open(os.path.join(r, "plan.json")))
+            for _, kind, _ in pl["faults"]:
+                planned[kind] += 1
         else:
             viol["round-not-checked"] += 1
     w = int(float(wall))
     print()
-    print(f"{'rounds':<34}{nrounds}")
+    print(f"{'rounds checked':<34}{nrounds}")
+    if stopped:
+        print(f"{'rounds interrupted (not checked)':<34}{len(stopped)} ({', '.join(stopped)})")
     print(f"{'key pairs created (all rounds)':<34}{created}")
     print(f"{'rounds where the quota was hit':<34}{quota_rounds}")
-    print("faults injected")
-    for k in FAULT_KINDS + sorted(set(faults) - set(FAULT_KINDS)):
-        print(f"  {k:<32}{faults.get(k, 0)}")
+    print(f"{'faults':<22}{'planned':>8}{'injected':>10}{'not reached':>13}{'skipped':>9}")
+    kinds = FAULT_KINDS + sorted((set(planned) | set(injected) | set(missed) | set(skipped)) - set(FAULT_KINDS))
+    for k in kinds:
+        print(f"  {k:<20}{planned[k]:>8}{injected[k]:>10}{missed[k]:>13}{skipped[k]:>9}")
+    print(f"  {'all':<20}{sum(planned.values()):>8}{sum(injected.values()):>10}"
+          f"{sum(missed.values()):>13}{sum(skipped.values()):>9}")
     print("invariant violations")
     if not viol:
         print(f"  {'(none)':<32}0")
@@ -319,11 +434,15 @@ def table(logdir, wall):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "plan":
-        plan(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        plan(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7])
     elif cmd == "check":
         check(sys.argv[2])
     elif cmd == "redis-state":
         redis_state(sys.argv[2], sys.argv[3])
+    elif cmd == "redis-lane":
+        redis_lane(sys.argv[2], sys.argv[3])
+    elif cmd == "queues":
+        queues(sys.argv[2], sys.argv[3])
     elif cmd == "table":
         table(sys.argv[2], sys.argv[3])
     else:
