@@ -105,6 +105,11 @@ pub enum Finished {
     /// destination did not confirm): hand the job back. Its next attempt picks up its
     /// reservation or replaces its undelivered pair.
     HandBack(String),
+    /// The sink went away before the answer went out ([`Sink::gone`]: the worker's channel
+    /// closed, and RabbitMQ has given the job to another worker). Nothing more is done for the
+    /// job here, not even releasing its name: its other attempt, which has the same job id,
+    /// may hold it already.
+    Abandoned,
     /// The result can never be delivered; any pair was released. `result` is the failure to
     /// record where a record is kept (the manifest); a queue dead-letters the job with `reason`.
     Undeliverable { result: JobResult, reason: String },
@@ -174,7 +179,11 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
 
     /// The whole life of one job: admit, then complete.
     pub async fn process<S: Sink>(&self, job: Job, attempt: u32, sink: &S) -> Finished {
-        let admission = self.admit(job, attempt).await;
+        let admission = tokio::select! {
+            biased;
+            _ = sink.gone() => return Finished::Abandoned,
+            admission = self.admit(job, attempt) => admission,
+        };
         self.complete(admission, sink).await
     }
 
@@ -290,7 +299,15 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             }
             Admission::Admitted(admitted) => {
                 let clock = admitted.clock;
-                match self.create(*admitted, sink).await {
+                // Up to the delivery, a job whose sink is gone stops where it is: dropped at
+                // an await, as a crash would leave it, which the registry is built to survive.
+                // Its other attempt takes up the reservation or replaces the undelivered pair.
+                let created = tokio::select! {
+                    biased;
+                    _ = sink.gone() => return Finished::Abandoned,
+                    created = self.create(*admitted, sink) => created,
+                };
+                match created {
                     Ok(result) => (result, clock),
                     Err(finished) => return finished,
                 }
@@ -348,6 +365,11 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             .await;
         match made {
             Ok(result) => Ok(result),
+            // Another attempt of this job (its message came back to another worker while this
+            // one was slow) delivered the pair: this job is answered.
+            Err(LifecycleError::Registry(RegistryError::AlreadyDelivered)) => {
+                Err(Finished::AnsweredBefore)
+            }
             Err(e) => {
                 // Whatever we held goes back, so the quota slot is not kept until the TTL.
                 let _ = self

@@ -195,8 +195,8 @@ pub async fn run_with<R: Registry, U: Upstream>(
         let result = match finished {
             Finished::Delivered(result) | Finished::Undeliverable { result, .. } => result,
             // The embedded policy answers instead of handing back, and a file's rows are
-            // answered every run: neither ends here.
-            Finished::AnsweredBefore | Finished::HandBack(_) => continue,
+            // answered every run, and key files are never gone: none of these ends here.
+            Finished::AnsweredBefore | Finished::HandBack(_) | Finished::Abandoned => continue,
         };
         // A damaged state file stops the run: rows it failed are not answered with it (pairs
         // created before it was found are real, and listed).

@@ -184,17 +184,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             broker.consume(&broker.topology.jobs_queue()).await
         }
         .await;
+        // Cancelled when this connection is lost: its deliveries can no longer be acked, and
+        // RabbitMQ gives them to another worker, so the jobs still working on them stop before
+        // their answers (see `Finished::Abandoned`).
+        let closed = CancellationToken::new();
         match consumer {
             Ok(mut consumer) => {
                 readiness.set_amqp(true);
                 tracing::info!(queue = %broker.topology.jobs_queue(), "consuming");
                 loop {
                     tokio::select! {
+                        // A drain, not a loss: the jobs in flight finish and are acked.
                         _ = shutdown.cancelled() => break 'connection,
                         next = consumer.next() => match next {
                             Some(Ok(delivery)) => {
                                 let (handler, broker) = (handler.clone(), broker.clone());
-                                tracker.spawn(async move { handle(&handler, &broker, delivery).await });
+                                let closed = closed.clone();
+                                tracker.spawn(async move { handle(&handler, &broker, &closed, delivery).await });
                             }
                             Some(Err(e)) => {
                                 tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting");
@@ -211,6 +217,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             Err(e) => tracing::warn!("cannot consume jobs: {e}; reconnecting"),
         }
         readiness.set_amqp(false);
+        closed.cancel();
+        // The old channel is closed for certain (a consumer can end with its channel still
+        // open), so RabbitMQ requeues every job of it that was not acked.
+        let _ = tokio::time::timeout(Duration::from_secs(2), broker.close()).await;
         // Until it works or we are told to stop. With several nodes (a cluster), the one after
         // the node just lost comes first: if that node died, its quorum queues have moved to
         // the others, and the worker should not wait on the dead one before trying them.
@@ -263,7 +273,12 @@ async fn watch_redis(registry: RedisRegistry, readiness: Readiness, shutdown: Ca
 
 /// One job message, start to end: decode, the lifecycle with the results queue as its sink,
 /// then ack, hand back or dead-letter as the lifecycle's ending says.
-async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
+async fn handle(
+    handler: &Handler,
+    broker: &Broker,
+    channel_closed: &CancellationToken,
+    delivery: Delivery,
+) {
     let _in_flight = metrics::InFlight::start();
     if let Some(waited) = broker::queue_wait(&delivery.properties) {
         metrics::queue_wait(waited);
@@ -273,7 +288,8 @@ async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
     }
     let sink = ResultsQueue::new(broker, &handler.status)
         .allow_plaintext(handler.allow_plaintext)
-        .recipients(&handler.recipients);
+        .recipients(&handler.recipients)
+        .channel(channel_closed);
     let finished = match Job::decode(&delivery.data) {
         Ok(job) => {
             let attempt = broker::delivery_count(&delivery.properties) + 1;
@@ -284,6 +300,14 @@ async fn handle(handler: &Handler, broker: &Broker, delivery: Delivery) {
     match finished {
         Finished::Delivered(_) | Finished::AnsweredBefore => ack(&delivery).await,
         Finished::HandBack(_) => requeue(&delivery).await,
+        Finished::Abandoned => {
+            // Neither ack nor nack can reach RabbitMQ on a closed channel; it has requeued the
+            // job for another worker already.
+            tracing::info!(
+                "stopped a job whose RabbitMQ channel closed; another worker answers it"
+            );
+            metrics::abandoned();
+        }
         Finished::Undeliverable { result, reason } => {
             // No results queue takes this batch's answers (deleted, expired, or a batch id
             // nobody declared): the pair was released; the job waits in the dead-letter queue.

@@ -184,7 +184,11 @@ impl Broker {
             );
         }
         let opened = async {
-            let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+            // Named, so an operator (and a test) can tell keyfleet's connections apart in
+            // `rabbitmqctl list_connections user_provided_name` and the management UI.
+            let props = ConnectionProperties::default()
+                .with_connection_name(format!("keyfleet pid {}", std::process::id()).into());
+            let conn = Connection::connect(url, props).await?;
             let channel = async {
                 let channel = conn.create_channel().await?;
                 channel

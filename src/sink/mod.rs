@@ -87,6 +87,15 @@ pub trait Sink: Send + Sync {
         async { AtDestination::Free }
     }
 
+    /// Resolves when the job's answer can no longer be taken: a worker's channel to RabbitMQ
+    /// closed, so the job can be neither acked nor handed back, and RabbitMQ has given it to
+    /// another worker. The lifecycle then stops before delivery, as a crash there would, and
+    /// leaves the name to the job's other attempt. Never, for a sink whose caller stays (a
+    /// file; an HTTP reply, whose dropped connection drops the request's future itself).
+    fn gone(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
     /// The job is answered for good (its pair, if any, is marked delivered): record it with the
     /// outcome label. Retried by the lifecycle while it fails with a storage error.
     fn settled(

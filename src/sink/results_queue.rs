@@ -2,6 +2,7 @@
 //! confirm, its private key encrypted to the batch's recipient (`transit.rs`), and the batch's
 //! progress is counted in Redis once the job is settled.
 
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{DeliveryError, Sink};
@@ -19,6 +20,8 @@ pub struct ResultsQueue<'a> {
     /// `keyfleet submit`); otherwise such a job is refused.
     allow_plaintext: bool,
     recipients: Option<&'a Recipients>,
+    /// Cancelled when the channel the job came on closed (see [`Sink::gone`]).
+    channel_closed: Option<&'a CancellationToken>,
 }
 
 /// Batches' recipients already read from Redis: a batch's recipient is set once, before its
@@ -58,7 +61,15 @@ impl<'a> ResultsQueue<'a> {
             status,
             allow_plaintext: false,
             recipients: None,
+            channel_closed: None,
         }
+    }
+
+    /// The job came on a channel that `closed` reports closed: once it is, the job is
+    /// abandoned before its answer goes out.
+    pub fn channel(mut self, closed: &'a CancellationToken) -> Self {
+        self.channel_closed = Some(closed);
+        self
     }
 
     /// Remembers batches' recipients in `recipients` (shared by a worker's jobs).
@@ -107,6 +118,13 @@ impl<'a> ResultsQueue<'a> {
 
 impl Sink for ResultsQueue<'_> {
     const ANSWERS_REPEATED_JOBS: bool = false;
+
+    async fn gone(&self) {
+        match self.channel_closed {
+            Some(closed) => closed.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
 
     async fn deliver(&self, result: &mut JobResult) -> Result<(), DeliveryError> {
         if let Some(pem) = result.take_private_key() {

@@ -70,6 +70,8 @@ declare_metrics! {
         "Pre-generated key pairs waiting in the reservoir, by key size in bits.";
     counter(Count) REDELIVERIES_TOTAL = "keyfleet_redeliveries_total",
         "Job messages delivered again after an earlier delivery was not acknowledged.";
+    counter(Count) JOBS_ABANDONED_TOTAL = "keyfleet_jobs_abandoned_total",
+        "Jobs a worker stopped because its RabbitMQ channel closed first (RabbitMQ gives them to another worker).";
     counter(Count) DEAD_LETTERED_TOTAL = "keyfleet_dead_lettered_total",
         "Job messages sent to the dead-letter queue, by reason.";
     gauge(Count) JOBS_IN_FLIGHT = "keyfleet_jobs_in_flight",
@@ -252,6 +254,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     // Rare events' series exist at 0 from the start: `increase()` cannot see a counter's first
     // sample as an increase, so the first dead letter of a fresh worker would not alert.
     counter!(REDELIVERIES_TOTAL).increment(0);
+    counter!(JOBS_ABANDONED_TOTAL).increment(0);
     for reason in DEAD_LETTER_REASONS {
         counter!(DEAD_LETTERED_TOTAL, "reason" => *reason).increment(0);
     }
@@ -480,6 +483,11 @@ pub fn redelivered() {
     counter!(REDELIVERIES_TOTAL).increment(1);
 }
 
+/// A job was stopped because the channel it came on closed (see `Finished::Abandoned`).
+pub fn abandoned() {
+    counter!(JOBS_ABANDONED_TOTAL).increment(1);
+}
+
 /// A job message was dead-lettered; `reason` is one of [`DEAD_LETTER_REASONS`].
 pub fn dead_lettered(reason: &str) {
     let reason = DEAD_LETTER_REASONS
@@ -579,6 +587,7 @@ mod tests {
         reservoir_fill(2048, 8);
         upstream_wait("aliyun", Duration::from_millis(1));
         redelivered();
+        abandoned();
         dead_lettered("undecodable");
         drop(InFlight::start());
         api_request("aliyun", "CreateKeyPair", "OK", Duration::from_millis(2));
@@ -614,6 +623,7 @@ mod tests {
             let counter = [
                 JOBS_TOTAL,
                 REDELIVERIES_TOTAL,
+                JOBS_ABANDONED_TOTAL,
                 DEAD_LETTERED_TOTAL,
                 API_REQUESTS_TOTAL,
                 SIGNATURE_FAILURES_TOTAL,

@@ -122,7 +122,8 @@ impl<R: Registry> Actions<R> {
                     },
                 }
             }
-            Finished::AnsweredBefore => Answer::error(
+            // An HTTP reply is never gone: its request's future is dropped instead.
+            Finished::AnsweredBefore | Finished::Abandoned => Answer::error(
                 provider,
                 Some(&caller.action),
                 &ApiError::Internal("a fresh job was answered before".into()),

@@ -20,45 +20,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
     tokio::time::timeout(Duration::from_secs(400), async {
-        let cloud_dir = tempfile::tempdir().unwrap();
-        let state = cloud_dir.path().join("cloud.redb");
-        let registry = Arc::new(EmbeddedRegistry::open(&state).unwrap());
-        let opts = ServeOptions {
-            listen: ([127, 0, 0, 1], 0).into(),
-            credentials: Credentials::from_keys(vec![AccessKey {
-                provider: Provider::Aliyun,
-                id: "testid".into(),
-                secret: Secret::new("testsecret".into()),
-                account: "acme".into(),
-            }]),
-            store: Store::Embedded(state),
-            settings: Settings {
-                quota: KeyPairQuota {
-                    default: 10_000,
-                    ..KeyPairQuota::default()
-                },
-                ..Settings::default()
-            },
-            threads: 1,
-            key_bits: KeyBits::B2048,
-            reservoir: 0,
-            throttle_rps: 20,
-            fault_rate: 0.1,
-            drain: Duration::from_secs(5),
-            upstream: keyfleet::upstream::Configured::local(),
-        };
-        let stop = CancellationToken::new();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(serve_with(registry, opts, stop.clone(), move |a| {
-            let _ = tx.send(a);
-        }));
-        let addr = rx.await.unwrap();
-        let endpoint = format!("aliyun=http://{addr}");
-        let creds = [
-            ("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid"),
-            ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret"),
-        ];
         let mut env = Env::new("upkill");
+        let (addr, stop) = start_cloud(&env, 20, 0.1).await;
+        let endpoint = format!("aliyun=http://{addr}");
         let args = [
             "--threads",
             "1",
@@ -67,8 +31,8 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
             "--upstream-endpoint",
             endpoint.as_str(),
         ];
-        let victim = env.start_worker_env(&args, &creds);
-        env.start_worker_env(&args, &creds);
+        let victim = env.start_worker_env(&args, &CLOUD_CREDENTIALS);
+        env.start_worker_env(&args, &CLOUD_CREDENTIALS);
         let input = env.write("fleet.csv", &fleet_csv(80, "cn-beijing"));
         env.submit(&input, "bupkill").await;
         env.wait_status("bupkill", Duration::from_secs(120), |s| s.created >= 15)
@@ -84,64 +48,233 @@ async fn worker_killed_mid_batch_the_cloud_holds_exactly_the_delivered_keys() {
             .map(|l| format!("{}: {} {}", l["key_pair_name"], l["code"], l["message"]))
             .collect();
         assert_eq!((created, failed.len()), (80, 0), "{failed:?} {why:?}");
-        // The cloud's side: exactly the delivered names, with the delivered keys.
-        let delivered: BTreeMap<String, String> = manifest(&env.path("out"))
-            .iter()
-            .map(|l| {
-                (
-                    l["key_pair_name"].as_str().unwrap().to_owned(),
-                    l["key_pair_fingerprint"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-        let client = ApiClient::new(&addr.to_string()).unwrap();
-        let signer = Signer::AliyunRpc {
-            id: "testid".into(),
-            secret: "testsecret".into(),
-        };
-        let mut held = BTreeMap::new();
-        let mut page = 1;
-        while page <= 10 {
-            let n = page.to_string();
-            let r = client
-                .call(
-                    &signer,
-                    "DescribeKeyPairs",
-                    &[
-                        ("RegionId", "cn-beijing"),
-                        ("PageSize", "50"),
-                        ("PageNumber", &n),
-                    ],
-                )
-                .await
-                .unwrap();
-            if r.status != 200 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue; // an injected fault or the throttle: ask again
-            }
-            let items = r.json()["KeyPairs"]["KeyPair"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if items.is_empty() {
-                break;
-            }
-            for p in items {
-                held.insert(
-                    p["KeyPairName"].as_str().unwrap().to_owned(),
-                    p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
-                );
-            }
-            page += 1;
-        }
         assert_eq!(
-            held, delivered,
+            cloud_holds(addr, "cn-beijing").await,
+            delivered(&env, "out"),
             "the cloud holds exactly the delivered keys"
         );
         stop.cancel();
     })
     .await
     .expect("test timed out");
+}
+
+/// The fault chaos found: a worker whose RabbitMQ connection closed kept working the jobs it
+/// had received on it — reserving, making keys, spending the fleet's upstream budget and
+/// calling the cloud — though it could no longer ack them and RabbitMQ had given them to
+/// another worker. Now those jobs stop where they are (`keyfleet_jobs_abandoned_total`), the
+/// worker reconnects, and the batch still ends with every key delivered once and held by the
+/// cloud. The jobs wait on a shared budget of 3 calls a second, so the victim holds several
+/// when RabbitMQ closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_closed_rabbitmq_connection_are_abandoned_not_worked_on() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("chanloss");
+        let (addr, stop) = start_cloud(&env, 20, 0.0).await;
+        let endpoint = format!("aliyun=http://{addr}");
+        let args = [
+            "--threads",
+            "1",
+            "--concurrency",
+            "16",
+            "--upstream-rps",
+            "3",
+            "--upstream-burst",
+            "1",
+            "--upstream-endpoint",
+            endpoint.as_str(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        let victim = env.start_worker_env(&args, &CLOUD_CREDENTIALS);
+        env.start_worker_env(&args, &CLOUD_CREDENTIALS);
+        let rows = 40;
+        let input = env.write("fleet.csv", &fleet_csv(rows, "cn-chengdu"));
+        env.submit(&input, "bchanloss").await;
+        env.wait_status("bchanloss", Duration::from_secs(120), |s| s.created >= 4)
+            .await;
+        let pid = env.worker(victim).id();
+        close_rabbitmq_connections_of(pid);
+
+        let c = env
+            .collect("bchanloss", "out", Duration::from_secs(60))
+            .await;
+        assert!(c.complete, "{c:?}");
+        let (created, failed) = check_batch(&env, "out", rows).await;
+        assert_eq!((created, failed.len()), (rows, 0), "{failed:?}");
+        assert_eq!(
+            cloud_holds(addr, "cn-chengdu").await,
+            delivered(&env, "out"),
+            "the cloud holds exactly the delivered keys"
+        );
+        let log = env.worker_log(victim);
+        let port: u16 = log
+            .split("metrics on http://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+        let metrics = crate::util::http_get(port, "/metrics")
+            .await
+            .expect("/metrics");
+        let abandoned: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("keyfleet_jobs_abandoned_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no keyfleet_jobs_abandoned_total:\n{metrics}"));
+        assert!(
+            abandoned >= 1.0,
+            "the victim held jobs when its connection closed, and stopped none:\n{log}"
+        );
+        assert!(log.contains("reconnected to RabbitMQ"), "{log}");
+        assert!(
+            !log.contains(" ERROR "),
+            "the lost connection's jobs must not race their other attempts:\n{log}"
+        );
+        stop.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The access key the test clouds accept, as a worker's environment gives it.
+const CLOUD_CREDENTIALS: [(&str, &str); 2] = [
+    ("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid"),
+    ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret"),
+];
+
+/// A cloud for the workers: a `keyfleet serve` in this process, on a state file in the test's
+/// folder, with its throttle and injected fault rate. Stopped by cancelling the token.
+async fn start_cloud(
+    env: &Env,
+    throttle_rps: u32,
+    fault_rate: f64,
+) -> (std::net::SocketAddr, CancellationToken) {
+    let state = env.path("cloud.redb");
+    let registry = Arc::new(EmbeddedRegistry::open(&state).unwrap());
+    let opts = ServeOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        credentials: Credentials::from_keys(vec![AccessKey {
+            provider: Provider::Aliyun,
+            id: "testid".into(),
+            secret: Secret::new("testsecret".into()),
+            account: "acme".into(),
+        }]),
+        store: Store::Embedded(state),
+        settings: Settings {
+            quota: KeyPairQuota {
+                default: 10_000,
+                ..KeyPairQuota::default()
+            },
+            ..Settings::default()
+        },
+        threads: 1,
+        key_bits: KeyBits::B2048,
+        reservoir: 0,
+        throttle_rps,
+        fault_rate,
+        drain: Duration::from_secs(5),
+        upstream: keyfleet::upstream::Configured::local(),
+    };
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(serve_with(registry, opts, stop.clone(), move |a| {
+        let _ = tx.send(a);
+    }));
+    (rx.await.unwrap(), stop)
+}
+
+/// Name → fingerprint of every pair a collected manifest delivered.
+fn delivered(env: &Env, out: &str) -> BTreeMap<String, String> {
+    manifest(&env.path(out))
+        .iter()
+        .map(|l| {
+            (
+                l["key_pair_name"].as_str().unwrap().to_owned(),
+                l["key_pair_fingerprint"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Name → fingerprint of every pair the cloud at `addr` holds in `region`, read with its own
+/// `DescribeKeyPairs`.
+async fn cloud_holds(addr: std::net::SocketAddr, region: &str) -> BTreeMap<String, String> {
+    let client = ApiClient::new(&addr.to_string()).unwrap();
+    let signer = Signer::AliyunRpc {
+        id: "testid".into(),
+        secret: "testsecret".into(),
+    };
+    let mut held = BTreeMap::new();
+    let mut page = 1;
+    while page <= 10 {
+        let n = page.to_string();
+        let r = client
+            .call(
+                &signer,
+                "DescribeKeyPairs",
+                &[("RegionId", region), ("PageSize", "50"), ("PageNumber", &n)],
+            )
+            .await
+            .unwrap();
+        if r.status != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue; // an injected fault or the throttle: ask again
+        }
+        let items = r.json()["KeyPairs"]["KeyPair"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        for p in items {
+            held.insert(
+                p["KeyPairName"].as_str().unwrap().to_owned(),
+                p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
+            );
+        }
+        page += 1;
+    }
+    held
+}
+
+/// Has RabbitMQ close every connection of process `pid` (keyfleet names its connections
+/// `keyfleet pid N`), as a broker that restarts or drops a node does to its clients.
+fn close_rabbitmq_connections_of(pid: u32) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties"])
+        .args(["--quiet", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl is needed for this test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    // One line a connection: its Erlang pid (what close_connection takes), a tab, its
+    // client properties.
+    let mine = format!("\"keyfleet pid {pid}\"");
+    let pids: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.contains(&mine))
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection of {mine}:\n{listed}");
+    for conn in pids {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", conn, "test: connection lost"])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            closed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&closed.stderr)
+        );
+    }
 }
 
 /// Three workers at `--upstream-rps 5 --upstream-burst 1` against a cloud that throttles an
