@@ -14,8 +14,9 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::config::{
-    BenchArgs, Cli, CollectArgs, Command, DeleteArgs, DescribeArgs, ReconcileArgs, ResultsArgs,
-    RunArgs, ServeArgs, ServerArgs, StateArgs, StatusArgs, SubmitArgs,
+    BenchArgs, Cli, CollectArgs, Command, DeleteArgs, DescribeArgs, MetricsAddr, ReconcileArgs,
+    ResultsArgs, RetireArgs, RotateArgs, RunArgs, ServeArgs, ServerArgs, StateArgs, StatusArgs,
+    SubmitArgs,
 };
 use crate::cli::resolve::{resolve, FileConfig, Overrides};
 use crate::job::batch::RowDefaults;
@@ -109,7 +110,9 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         Command::Run(args) => run_command(&file, args, shutdown).await,
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => collect_command(args, shutdown).await,
-        Command::Status(args) => status_command(args).await,
+        Command::Status(args) => status_command(&file, args).await,
+        Command::Rotate(args) => rotate_command(&file, args, shutdown).await,
+        Command::Retire(args) => retire_command(&file, args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
         Command::Describe(args) => on_registry!(describe_command, args, &file),
         Command::Delete(args) => {
@@ -196,17 +199,7 @@ async fn run_command(
         progress: args.report.progress,
         reservoir: None,
     };
-    if let Some(addr) = args.metrics_addr.0 {
-        crate::telemetry::metrics::install().context("cannot start metrics")?;
-        let readiness = crate::telemetry::metrics::Readiness::new();
-        // Embedded mode has no servers to wait for.
-        readiness.set_amqp(true);
-        readiness.set_redis(true);
-        let bound = crate::telemetry::metrics::serve(addr, readiness, shutdown.child_token())
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        eprintln!("metrics: http://{bound}/metrics");
-    }
+    serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
     let upstream_settings = args.upstream.resolve(file);
     let failed = || format!("keyfleet run {} failed", args.file.display());
     let summary = if !upstream_settings.is_remote() {
@@ -231,6 +224,120 @@ async fn run_command(
         out!("{}", summary.render());
     }
     Ok(unless_interrupted(summary.interrupted, ExitCode::SUCCESS))
+}
+
+/// Serves /metrics while an embedded command runs, when `--metrics-addr` asks for it.
+async fn serve_embedded_metrics(
+    addr: &MetricsAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(addr) = addr.0 {
+        crate::telemetry::metrics::install().context("cannot start metrics")?;
+        let readiness = crate::telemetry::metrics::Readiness::new();
+        // Embedded mode has no servers to wait for.
+        readiness.set_amqp(true);
+        readiness.set_redis(true);
+        let bound = crate::telemetry::metrics::serve(addr, readiness, shutdown.child_token())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        eprintln!("metrics: http://{bound}/metrics");
+    }
+    Ok(())
+}
+
+async fn rotate_command(
+    file: &FileConfig,
+    args: RotateArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    use crate::modes::rotate::{self, RotateError, RotateOptions, Selection};
+    rotate::check_template(&args.successor).map_err(|e| BadSetting::from(&e))?;
+    let resolved = resolve(
+        &Overrides {
+            state: args.state.state.clone(),
+            quota: args.quota,
+            key_bits: args.key.key_bits,
+            threads: args.cpu.threads,
+            engine: args.cpu.engine,
+        },
+        file,
+    );
+    let names = match &args.names_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --names-file {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect(),
+        ),
+        None => None,
+    };
+    let opts = RotateOptions {
+        rotation_id: args.rotation_id.clone(),
+        selection: Selection {
+            filter: Filter {
+                provider: args.provider,
+                owner: args.owner.clone(),
+                region: args.region.clone(),
+                name: args.name.clone(),
+                fingerprint: args.fingerprint.clone(),
+            },
+            names,
+        },
+        template: args.successor.clone(),
+        out: args.out.clone(),
+        threads: resolved.threads,
+        settings: resolved.settings,
+        key_bits: resolved.key_bits,
+        progress: args.report.progress,
+        waves: args.waves,
+        retire: args.retire,
+    };
+    let upstream = Configured::build(
+        &args.upstream.resolve(file),
+        args.upstream_limit.rate_limit(),
+    )
+    .map_err(|e| BadSetting::from(&e))?;
+    let upstream = std::sync::Arc::new(upstream);
+    let cloud = match &*upstream {
+        Configured::Http(h) => Some(h),
+        Configured::Local(_) => None,
+    };
+    serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
+    let registry = std::sync::Arc::new(open_registry(&resolved.state)?);
+    let summary = match rotate::rotate(opts, registry, upstream.clone(), cloud, shutdown).await {
+        Ok(s) => s,
+        Err(e @ RotateError::Template { .. }) => return Err(BadSetting::from(&e)),
+        Err(e) => return Err(anyhow::Error::new(e).context("keyfleet rotate failed")),
+    };
+    if args.report.json {
+        outln!("{}", serde_json::to_string(&summary)?);
+    } else {
+        out!("{}", summary.render());
+    }
+    Ok(unless_interrupted(summary.interrupted, ExitCode::SUCCESS))
+}
+
+async fn retire_command(file: &FileConfig, args: RetireArgs) -> anyhow::Result<ExitCode> {
+    let cloud =
+        Configured::cloud(&args.upstream.resolve(file)).map_err(|e| BadSetting::from(&e))?;
+    let registry = open_registry(&state_path(&args.state, file))?;
+    let (status, retired) =
+        crate::modes::rotate::retire(&registry, cloud.as_ref(), &args.rotation_id)
+            .await
+            .with_context(|| format!("keyfleet retire {} failed", args.rotation_id))?;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::json!({ "retired_now": retired, "status": status })
+        );
+    } else {
+        outln!("retired {retired} replaced pair(s)");
+        out!("{}", status.render());
+    }
+    Ok(success_if(status.retired == status.replaced))
 }
 
 /// A stable batch id for a file: the same path gives the same job ids on a re-run.
@@ -383,7 +490,17 @@ fn print_summary(s: &CollectSummary, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status_command(args: StatusArgs) -> anyhow::Result<ExitCode> {
+async fn status_command(file: &FileConfig, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if args.batch_id.starts_with(crate::modes::rotate::ID_PREFIX) {
+        let registry = open_registry(&state_path(&args.state, file))?;
+        let s = crate::modes::rotate::status(&registry, &args.batch_id).await?;
+        if args.json {
+            outln!("{}", serde_json::to_string(&s)?);
+        } else {
+            out!("{}", s.render());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let ServerArgs {
         redis_url,
         prefix,

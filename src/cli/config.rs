@@ -141,8 +141,26 @@ pub enum Command {
     /// complete; run again to continue); 1 when it refused to start, or left results on the
     /// queue (a key that did not decrypt, a full disk); 2 for bad flags; 130 when interrupted.
     Collect(CollectArgs),
-    /// Progress of a batch: total / created / failed per code / pending (from Redis).
+    /// Progress of a batch: total / created / failed per code / pending (from Redis); or of a
+    /// rotation (an id starting `rot-`): replaced / delivered / retired / failed / pending,
+    /// from the state file.
     Status(StatusArgs),
+    /// Replace a fleet's key pairs: a successor with a fresh key for every selected pair,
+    /// delivered as `run` delivers; the replaced pairs stay until `retire` (or --retire).
+    ///
+    /// The rotation is recorded before anything is created; run the same command again after
+    /// a crash and it finishes the same rotation. Exit status: 0 when every successor row was
+    /// processed (failed rows are in the manifest); 1 when nothing matches, when the quota has
+    /// no room for the successors beside the pairs they replace (without --waves; nothing is
+    /// created then), or the rotation itself failed; 2 for bad flags or a --successor template
+    /// that cannot make valid names; 130 when interrupted.
+    Rotate(RotateArgs),
+    /// Delete the replaced pairs of a rotation whose successors are delivered, in keyfleet's
+    /// registry and (with an endpoint) in the cloud, freeing their quota.
+    ///
+    /// A pair whose successor is not delivered is kept. Exit status 0 when every replaced
+    /// pair of the rotation is retired, 1 otherwise (the report says what is left).
+    Retire(RetireArgs),
     /// List the drift between keyfleet's registry and the cloud for one provider, owner and
     /// region: pairs in the cloud only, in keyfleet only, and with different fingerprints.
     /// Exit 0 when they agree, 1 when they do not.
@@ -467,8 +485,12 @@ pub struct ResultsArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// A batch id, or a rotation id (`rot-…`, read from the state file).
     #[arg(value_parser = parse_batch_id)]
     pub batch_id: String,
+    /// The state file a rotation is recorded in.
+    #[command(flatten)]
+    pub state: StateArgs,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long)]
@@ -711,6 +733,100 @@ pub struct DescribeArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `keyfleet rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Key pairs allowed per region (both clouds document 500).
+    #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
+    pub quota: Option<u64>,
+    /// Rotate the pairs of this provider only.
+    #[arg(long, value_parser = parse_provider)]
+    pub provider: Option<Provider>,
+    /// Alibaba account / UCloud project.
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Key pair name; `*` matches any run of characters.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Fingerprint (the API's, the MD5 colon form, or SHA256:…).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// Rotate only the pairs named in this file, one name a line (with the filters above).
+    #[arg(long, value_name = "FILE")]
+    pub names_file: Option<PathBuf>,
+    /// The successor's name: `{name}` is the replaced pair's, `{yyyymmdd}` the UTC date the
+    /// rotation is recorded. Every successor name is checked against the API's name rules
+    /// before anything is created.
+    #[arg(long, env = "KEYFLEET_SUCCESSOR", value_name = "TEMPLATE", default_value = crate::modes::rotate::DEFAULT_TEMPLATE)]
+    pub successor: String,
+    /// Output folder: manifest.jsonl (each line names the pair its successor `replaces`, with
+    /// an `authorized_keys` line) plus one private key file (0600) and .pub per successor.
+    #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
+    pub out: PathBuf,
+    /// The rotation's id (`rot-…`). Default: derived from the selection and --successor, so
+    /// the same command resumes the same rotation; give a new one to rotate the same pairs
+    /// again after a finished rotation.
+    #[arg(long, env = "KEYFLEET_ROTATION_ID", value_parser = parse_rotation_id)]
+    pub rotation_id: Option<String>,
+    /// When the free quota cannot hold every successor beside the pair it replaces: create
+    /// as many successors as fit, retire their replaced pairs once delivered, and go on.
+    #[arg(long)]
+    pub waves: bool,
+    /// Retire every replaced pair (registry and cloud) once every successor is delivered.
+    #[arg(long)]
+    pub retire: bool,
+    /// Serve Prometheus /metrics (and /healthz, /readyz) here while the rotation runs, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    #[command(flatten)]
+    pub key: KeyBitsArgs,
+    #[command(flatten)]
+    pub cpu: EngineArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// With an endpoint, successors are registered in the cloud (as `run` registers) and
+    /// replaced pairs deleted there when retired.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub upstream_limit: UpstreamLimitArgs,
+}
+
+/// `keyfleet retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The rotation id `rotate` printed.
+    #[arg(value_parser = parse_rotation_id)]
+    pub rotation_id: String,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// With an endpoint, the replaced pairs are deleted in the cloud too (DeleteKeyPairs /
+    /// DeleteUHostKeyPairs), before keyfleet's registry.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Rotation ids: a batch id (its successors' jobs carry it) that starts with `rot-`.
+pub fn parse_rotation_id(s: &str) -> Result<String, String> {
+    let id = parse_batch_id(s)?;
+    if !id.starts_with(crate::modes::rotate::ID_PREFIX) {
+        return Err(format!(
+            "'{}' is not a rotation id: rotation ids start with {}",
+            crate::dialect::clip(s),
+            crate::modes::rotate::ID_PREFIX
+        ));
+    }
+    Ok(id)
 }
 
 #[derive(Debug, Args)]

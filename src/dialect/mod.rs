@@ -701,6 +701,51 @@ pub fn all_answer_codes() -> Vec<String> {
     codes
 }
 
+/// Whether `name` follows `provider`'s `KeyPairName` rule (Alibaba: 2–128 characters from a
+/// letter or Chinese character on; UCloud: 1–63).
+pub fn name_is_valid(provider: Provider, name: &str) -> bool {
+    match provider {
+        Provider::Aliyun => aliyun::name_is_valid(name),
+        Provider::Ucloud => ucloud::name_is_valid(name),
+    }
+}
+
+/// The create request's parameters, under the API's names, for a pair named `name` in `scope`
+/// with `tags` and `resource_group_id` (Alibaba) or `zone` (UCloud): what `keyfleet rotate`
+/// creates a successor with, so it lands where the pair it replaces is and is tagged alike.
+/// The owner (account, or UCloud's default project) is the job's, not a parameter.
+pub fn create_params(
+    scope: &Scope,
+    name: &str,
+    tags: &[Tag],
+    resource_group_id: Option<&str>,
+    zone: Option<&str>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut params = std::collections::BTreeMap::new();
+    params.insert(
+        region_param(scope.provider).to_owned(),
+        scope.region.clone(),
+    );
+    params.insert("KeyPairName".to_owned(), name.to_owned());
+    match scope.provider {
+        Provider::Aliyun => {
+            for (i, tag) in tags.iter().enumerate() {
+                params.insert(format!("Tag.{}.Key", i + 1), tag.key.clone());
+                params.insert(format!("Tag.{}.Value", i + 1), tag.value.clone());
+            }
+            if let Some(rg) = resource_group_id {
+                params.insert("ResourceGroupId".to_owned(), rg.to_owned());
+            }
+        }
+        Provider::Ucloud => {
+            if let Some(zone) = zone {
+                params.insert("Zone".to_owned(), zone.to_owned());
+            }
+        }
+    }
+    params
+}
+
 /// Caller text as it may appear inside an error: at most [`ECHO_LIMIT`] characters.
 pub(crate) fn clip(s: &str) -> String {
     match s.char_indices().nth(ECHO_LIMIT) {
@@ -720,6 +765,35 @@ pub fn is_chinese(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A successor's request decodes to the scope, tags, group and zone it was made from.
+    #[test]
+    fn create_params_decode_to_the_pair_they_describe() {
+        let catalog = Catalog::default();
+        let tags = vec![Tag {
+            key: "env".into(),
+            value: "prod".into(),
+        }];
+        let aliyun = Scope {
+            provider: Provider::Aliyun,
+            owner: "acme".into(),
+            region: "cn-hangzhou".into(),
+        };
+        let params = create_params(&aliyun, "web-01-20261205", &tags, None, None);
+        let req = decode(Provider::Aliyun, "acme", &params, &catalog).unwrap();
+        assert_eq!(
+            (req.scope, req.name, req.tags),
+            (aliyun, "web-01-20261205".into(), tags)
+        );
+        let ucloud = Scope {
+            provider: Provider::Ucloud,
+            owner: "org-acme".into(),
+            region: "cn-bj2".into(),
+        };
+        let params = create_params(&ucloud, "cache-01-x", &[], None, Some("cn-bj2-02"));
+        let req = decode(Provider::Ucloud, "org-acme", &params, &catalog).unwrap();
+        assert_eq!((req.scope, req.zone), (ucloud, Some("cn-bj2-02".into())));
+    }
 
     #[test]
     fn provider_names_round_trip() {

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::batch::{self, Format, Row, RowDefaults};
+use crate::job::JobResult;
 use crate::keys::cpu::CpuPool;
 use crate::keys::reservoir::Reservoir;
 use crate::lifecycle::{Admission, Finished, Lifecycle};
@@ -117,6 +118,78 @@ async fn admit_in_order<R: Registry, U: Upstream>(
         .collect()
 }
 
+/// What a mode adds to a result's manifest line (`rotate`: the pair it replaces), by result.
+pub type Annotate<'a> =
+    dyn Fn(&JobResult) -> Option<serde_json::Map<String, serde_json::Value>> + Sync + 'a;
+
+/// One pass of `rows` through the lifecycle into `out`: names admitted in input order, keys
+/// made concurrently, one manifest line per row in input order (with what `annotate` adds).
+/// `run` makes one pass per batch; `rotate` one per wave, into the same folder.
+pub async fn pass<R: Registry, U: Upstream>(
+    lifecycle: &Lifecycle<R, U>,
+    out: &mut OutputDir,
+    rows: impl futures::Stream<Item = Row>,
+    progress: &mut Progress,
+    concurrency: usize,
+    annotate: &Annotate<'_>,
+) -> Result<(), RunError> {
+    let keys = out.keys().clone();
+    // Names are admitted in input order (so the first of two rows with the same name wins, as
+    // a reader of the file expects), the rows read so far together; keys are then made
+    // concurrently, and `buffered` hands the finished jobs back in input order for the
+    // manifest.
+    let admitted = rows
+        .ready_chunks(ADMITTED_TOGETHER)
+        .then(|chunk| {
+            let lifecycle = lifecycle.clone();
+            async move { admit_in_order(&lifecycle, chunk).await }
+        })
+        .flat_map(futures::stream::iter);
+    // Boxed so that dropping it below really drops the receiver, which releases the reader
+    // thread if a signal stopped us before the end of the file.
+    let mut finished = Box::pin(
+        admitted
+            .map(|admission| {
+                let (lifecycle, keys) = (lifecycle.clone(), keys.clone());
+                async move {
+                    match admission {
+                        Ok(admission) => lifecycle.complete(admission, &keys).await,
+                        Err(bad) => lifecycle.answer(bad.into_result(), &keys).await,
+                    }
+                }
+            })
+            .buffered(concurrency),
+    );
+
+    let mut flushed = std::time::Instant::now();
+    while let Some(finished) = finished.next().await {
+        let result = match finished {
+            Finished::Delivered(result) | Finished::Undeliverable { result, .. } => result,
+            // The embedded policy answers instead of handing back, and a file's rows are
+            // answered every run, and key files are never gone: none of these ends here.
+            Finished::AnsweredBefore | Finished::HandBack(_) | Finished::Abandoned => continue,
+        };
+        // A damaged state file stops the run: rows it failed are not answered with it (pairs
+        // created before it was found are real, and listed).
+        if !result.is_created() {
+            if let Some(damage) = lifecycle.registry().damage() {
+                return Err(damage.into());
+            }
+        }
+        let key_file = result.is_created().then(|| keys.path(&result));
+        match annotate(&result) {
+            Some(extra) => out.append_with(&result, key_file.as_deref(), &extra)?,
+            None => out.append(&result, key_file.as_deref())?,
+        }
+        progress.record(&result);
+        if flushed.elapsed() > Duration::from_secs(1) {
+            out.flush()?;
+            flushed = std::time::Instant::now();
+        }
+    }
+    Ok(())
+}
+
 /// Runs a batch file through the pipeline on the embedded store.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<Summary, RunError> {
     let registry = Arc::new(EmbeddedRegistry::open(&opts.state)?);
@@ -162,58 +235,15 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let rows =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
             .take_until(shutdown.clone().cancelled_owned());
-    let keys = out.keys().clone();
-    // Names are admitted in input order (so the first of two rows with the same name wins, as
-    // a reader of the file expects), the rows read so far together; keys are then made
-    // concurrently, and `buffered` hands the finished jobs back in input order for the
-    // manifest.
-    let admitted = rows
-        .ready_chunks(ADMITTED_TOGETHER)
-        .then(|chunk| {
-            let lifecycle = lifecycle.clone();
-            async move { admit_in_order(&lifecycle, chunk).await }
-        })
-        .flat_map(futures::stream::iter);
-    // Boxed so that dropping it below really drops the receiver, which releases the reader
-    // thread if a signal stopped us before the end of the file.
-    let mut finished = Box::pin(
-        admitted
-            .map(|admission| {
-                let (lifecycle, keys) = (lifecycle.clone(), keys.clone());
-                async move {
-                    match admission {
-                        Ok(admission) => lifecycle.complete(admission, &keys).await,
-                        Err(bad) => lifecycle.answer(bad.into_result(), &keys).await,
-                    }
-                }
-            })
-            .buffered(concurrency),
-    );
-
-    let mut flushed = std::time::Instant::now();
-    while let Some(finished) = finished.next().await {
-        let result = match finished {
-            Finished::Delivered(result) | Finished::Undeliverable { result, .. } => result,
-            // The embedded policy answers instead of handing back, and a file's rows are
-            // answered every run, and key files are never gone: none of these ends here.
-            Finished::AnsweredBefore | Finished::HandBack(_) | Finished::Abandoned => continue,
-        };
-        // A damaged state file stops the run: rows it failed are not answered with it (pairs
-        // created before it was found are real, and listed).
-        if !result.is_created() {
-            if let Some(damage) = lifecycle.registry().damage() {
-                return Err(damage.into());
-            }
-        }
-        let key_file = result.is_created().then(|| keys.path(&result));
-        out.append(&result, key_file.as_deref())?;
-        progress.record(&result);
-        if flushed.elapsed() > Duration::from_secs(1) {
-            out.flush()?;
-            flushed = std::time::Instant::now();
-        }
-    }
-    drop(finished);
+    pass(
+        &lifecycle,
+        &mut out,
+        rows,
+        &mut progress,
+        concurrency,
+        &|_: &JobResult| None,
+    )
+    .await?;
     // The last rows' "delivered" marks are not synced on their own (`registry/embedded.rs`).
     lifecycle.registry().flush().await?;
     let interrupted = shutdown.is_cancelled();

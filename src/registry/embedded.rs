@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, Once, OnceLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
 
+use super::rotation::Rotation;
 use super::{
     now_ms, reserve_decision, Claim, Entry, Filter, Registry, RegistryError, ReserveDecision,
     Reserved,
@@ -28,6 +29,9 @@ use crate::group::Group;
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// `scope key` → slots counted against its quota.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+
+/// Rotation id → JSON of [`Rotation`] (`keyfleet rotate`).
+const ROTATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("rotations");
 
 /// Signature nonce → Unix milliseconds until which it counts as used (`keyfleet serve`).
 const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
@@ -99,6 +103,10 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, RegistryError> {
         .map_err(|e| corrupt(format!("a stored entry does not decode: {e}")))
 }
 
+fn decode_rotation(bytes: &[u8]) -> Result<Rotation, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(format!("a rotation does not decode: {e}")))
+}
+
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, RegistryError> {
     serde_json::to_vec(entry).map_err(|e| RegistryError::Storage(e.to_string()))
 }
@@ -140,6 +148,7 @@ impl EmbeddedRegistry {
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(COUNTS).map_err(storage)?;
             txn.open_table(NONCES).map_err(storage)?;
+            txn.open_table(ROTATIONS).map_err(storage)?;
             txn.commit().map_err(storage)
         });
         let e = match tables {
@@ -883,6 +892,57 @@ impl Registry for EmbeddedRegistry {
             let txn = db.begin_read().map_err(storage)?;
             let entries = txn.open_table(ENTRIES).map_err(storage)?;
             entry_at(&entries, &key)
+        })
+        .await
+    }
+
+    async fn save_rotation(&self, rotation: &Rotation) -> Result<(), RegistryError> {
+        let id = rotation.id.clone();
+        let bytes = serde_json::to_vec(rotation)
+            .map_err(|e| RegistryError::Storage(format!("encoding rotation {id}: {e}")))?;
+        // Synced: successors are created only once their rotation is on disk.
+        self.write(true, move |txn| {
+            let mut rotations = txn.open_table(ROTATIONS).map_err(storage)?;
+            rotations
+                .insert(id.as_str(), bytes.as_slice())
+                .map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rotation(&self, id: &str) -> Result<Option<Rotation>, RegistryError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let rotations = match txn.open_table(ROTATIONS) {
+                Ok(t) => t,
+                // A state file that never held a rotation has no such table.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(storage(e)),
+            };
+            match rotations.get(id.as_str()).map_err(storage)? {
+                Some(v) => Ok(Some(decode_rotation(v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn rotations(&self) -> Result<Vec<Rotation>, RegistryError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let rotations = match txn.open_table(ROTATIONS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(storage(e)),
+            };
+            let mut out = Vec::new();
+            for item in rotations.iter().map_err(storage)? {
+                let (_, v) = item.map_err(storage)?;
+                out.push(decode_rotation(v.value())?);
+            }
+            Ok(out)
         })
         .await
     }

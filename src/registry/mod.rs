@@ -9,6 +9,7 @@ pub mod batch_status;
 pub mod connection;
 pub mod embedded;
 pub mod redis;
+pub mod rotation;
 
 use std::future::Future;
 
@@ -104,6 +105,10 @@ pub enum RegistryError {
         wanted: u32,
         waited: std::time::Duration,
     },
+    /// This registry does not keep what was asked of it (rotations are kept in the embedded
+    /// state file only, for now).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The state file is damaged (pages that fail their checksums, or that cannot be read):
     /// not retried, and nothing more is read from it or written to it. A run stops on it
     /// instead of answering rows.
@@ -279,6 +284,30 @@ pub trait Registry: Send + Sync + 'static {
     /// ones not yet swept (a sweep runs when a reserve finds the scope at its quota).
     fn quota_used(&self, scope: &Scope) -> impl Future<Output = Result<u64, RegistryError>> + Send;
 
+    /// Records `rotation` (replacing an earlier record of the same id), durably before it
+    /// answers: a rotation's successors are created only once it is recorded.
+    fn save_rotation(
+        &self,
+        _rotation: &rotation::Rotation,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send {
+        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
+    }
+
+    /// The rotation recorded under `id`, if any.
+    fn rotation(
+        &self,
+        _id: &str,
+    ) -> impl Future<Output = Result<Option<rotation::Rotation>, RegistryError>> + Send {
+        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
+    }
+
+    /// Every recorded rotation, by id.
+    fn rotations(
+        &self,
+    ) -> impl Future<Output = Result<Vec<rotation::Rotation>, RegistryError>> + Send {
+        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
+    }
+
     /// Makes every change so far durable. The embedded store leaves the sync of some writes to
     /// the next synced one (see `embedded.rs`); a run ends with this. Redis: nothing to do.
     fn flush(&self) -> impl Future<Output = Result<(), RegistryError>> + Send {
@@ -291,6 +320,10 @@ pub trait Registry: Send + Sync + 'static {
         None
     }
 }
+
+/// What a registry without rotations answers when asked for one.
+pub const ROTATIONS_UNSUPPORTED: &str =
+    "rotations are kept in the embedded state file only: this registry (Redis) does not keep them yet";
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -197,6 +197,17 @@ impl OutputDir {
 
     /// Appends one manifest line.
     pub fn append(&mut self, r: &JobResult, key_file: Option<&Path>) -> Result<(), OutputError> {
+        self.append_with(r, key_file, &serde_json::Map::new())
+    }
+
+    /// Appends one manifest line with the fields of `extra` after the result's own (`rotate`
+    /// adds the pair a successor replaces). `extra` never holds a private key.
+    pub fn append_with(
+        &mut self,
+        r: &JobResult,
+        key_file: Option<&Path>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), OutputError> {
         #[derive(serde::Serialize)]
         struct Line<'a> {
             #[serde(flatten)]
@@ -205,12 +216,15 @@ impl OutputDir {
             /// Present (true) only on a rerun's line for a pair an earlier run delivered.
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             delivered_earlier: bool,
+            #[serde(flatten)]
+            extra: &'a serde_json::Map<String, serde_json::Value>,
         }
         debug_assert!(!r.is_created() || key_file.is_some());
         let line = Line {
             result: r,
             private_key_file: key_file.map(|p| p.to_string_lossy().into_owned()),
             delivered_earlier: r.created().is_some_and(|c| c.delivered_earlier),
+            extra,
         };
         let err = |source| OutputError::Manifest {
             path: self.manifest_path.clone(),

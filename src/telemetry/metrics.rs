@@ -88,6 +88,10 @@ declare_metrics! {
         "Calls to the upstream cloud API, by provider and code: OK, the cloud's error code, or retry (throttled, unavailable or a network error, tried again).";
     gauge() SERVE_CONNECTIONS_OPEN = "keyfleet_serve_connections_open",
         "keyfleet serve: connections open now (at most --max-connections).";
+    gauge(Count) ROTATION_PAIRS = "keyfleet_rotation_pairs",
+        "The rotation this process last worked on (rotate, retire, status), by state: replaced (its pairs), delivered (successors delivered), retired (replaced pairs deleted), failed (successors whose last attempt failed).";
+    counter(Count) ROTATION_RETIRED_TOTAL = "keyfleet_rotation_retired_total",
+        "Replaced pairs a rotation retired, by provider and outcome: deleted (registry, and the cloud with an upstream), gone (deleted before), failed (to be retried).";
     counter(Count) SERVE_CONNECTIONS_SHED_TOTAL = "keyfleet_serve_connections_shed_total",
         "keyfleet serve: connections refused or closed on a limit, by reason: over_cap, header_timeout, idle_timeout, head_too_large.";
 }
@@ -295,6 +299,15 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
                 .increment(0);
         }
     }
+    for state in ROTATION_STATES {
+        gauge!(ROTATION_PAIRS, "state" => *state).set(0.0);
+    }
+    for provider in PROVIDERS {
+        for outcome in ROTATION_RETIRE_OUTCOMES {
+            counter!(ROTATION_RETIRED_TOTAL, "provider" => *provider, "outcome" => *outcome)
+                .increment(0);
+        }
+    }
     gauge!(SERVE_CONNECTIONS_OPEN).increment(0.0);
     for reason in SERVE_SHED_REASONS {
         counter!(SERVE_CONNECTIONS_SHED_TOTAL, "reason" => *reason).increment(0);
@@ -465,6 +478,35 @@ pub fn quota_used(provider: &str, owner: &str, region: &str, used: u64, limit: u
     ];
     gauge!(QUOTA_USED, &labels).set(used as f64);
     gauge!(QUOTA_LIMIT, &labels).set(limit as f64);
+}
+
+/// The `state` label's values of [`ROTATION_PAIRS`].
+pub const ROTATION_STATES: &[&str] = &["replaced", "delivered", "retired", "failed"];
+
+/// The `outcome` label's values of [`ROTATION_RETIRED_TOTAL`].
+pub const ROTATION_RETIRE_OUTCOMES: &[&str] = &["deleted", "gone", "failed"];
+
+/// Where the rotation this process works on stands. No rotation id as a label: one process
+/// works on one rotation at a time, and ids would grow the series without bound.
+pub fn rotation_progress(replaced: u64, delivered: u64, retired: u64, failed: u64) {
+    for (state, n) in ROTATION_STATES
+        .iter()
+        .zip([replaced, delivered, retired, failed])
+    {
+        gauge!(ROTATION_PAIRS, "state" => *state).set(n as f64);
+    }
+}
+
+/// A rotation retired one replaced pair of `provider`; `outcome` is one of
+/// [`ROTATION_RETIRE_OUTCOMES`].
+pub fn rotation_retired(provider: &str, outcome: &'static str) {
+    let outcome = ROTATION_RETIRE_OUTCOMES
+        .iter()
+        .find(|o| **o == outcome)
+        .copied()
+        .unwrap_or("failed");
+    counter!(ROTATION_RETIRED_TOTAL, "provider" => provider_label(provider), "outcome" => outcome)
+        .increment(1);
 }
 
 /// The reservoir of pre-generated `bits`-bit keys now holds `keys` keys.

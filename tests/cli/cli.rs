@@ -213,9 +213,10 @@ fn every_setting_flag_names_its_environment_variable() {
             .unwrap();
         let help = String::from_utf8_lossy(&out.stdout).to_string();
         if command != "run" && command != "serve" {
-            // Settings of the embedded registry belong to the commands that use it.
+            // Settings of the embedded registry belong to the commands that use it: `status`
+            // reads a rotation's record from the state file, nothing else does.
             assert!(
-                !help.contains("--state") && !help.contains("--quota"),
+                (command == "status" || !help.contains("--state")) && !help.contains("--quota"),
                 "{command}: {help}"
             );
         }

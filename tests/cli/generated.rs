@@ -15,6 +15,8 @@ const COMMANDS: &[&str] = &[
     "collect",
     "status",
     "reconcile",
+    "rotate",
+    "retire",
     "serve",
     "completions",
     "man",
