@@ -448,17 +448,17 @@ async fn headroom_of<R: Registry>(
     Ok(out)
 }
 
-fn headroom_error(short: &[&Headroom], waves: bool) -> RotateError {
+fn headroom_error(short: &[&Headroom], waves: bool, resumed: bool) -> RotateError {
     let mut msg = String::from(
         "not enough key-pair quota: each replaced pair and its successor both count until the replaced pair is retired\n",
     );
     for h in short {
         msg.push_str(&format!("  {}\n", h.render()));
     }
-    msg.push_str(if waves {
-        "no slot is free to start even one wave: retire or delete pairs first"
-    } else {
-        "nothing was created; run with --waves to create and retire in waves that fit the free quota"
+    msg.push_str(match (waves, resumed) {
+        (true, _) => "no slot is free for the next wave: retire or delete pairs first",
+        (false, false) => "nothing was created; run with --waves to create and retire in waves that fit the free quota",
+        (false, true) => "nothing more was created; run with --waves to create and retire in waves that fit the free quota",
     });
     RotateError::NoHeadroom(msg)
 }
@@ -558,8 +558,11 @@ pub async fn rotate<R: Registry, U: Upstream>(
     }
     let headroom = headroom_of(&*registry, &opts.settings, &rotation, &states).await?;
     let short: Vec<&Headroom> = headroom.iter().filter(|h| h.needed > h.free()).collect();
-    if !short.is_empty() && (!opts.waves || short.iter().any(|h| h.free() == 0)) {
-        return Err(headroom_error(&short, opts.waves));
+    // A resumed rotation in waves may find its quota full of its own delivered successors:
+    // the first wave retires their replaced pairs, so only a new one is refused here.
+    let no_room = short.iter().any(|h| h.free() == 0) && !resumed;
+    if !short.is_empty() && (!opts.waves || no_room) {
+        return Err(headroom_error(&short, opts.waves, resumed));
     }
     if !resumed {
         // Recorded before anything is created: a rerun finds these members, names and job ids.
@@ -602,7 +605,7 @@ pub async fn rotate<R: Registry, U: Upstream>(
             retired += freed;
             if freed == 0 {
                 let now = headroom_of(&*registry, &opts.settings, &rotation, &states).await?;
-                return Err(headroom_error(&now.iter().collect::<Vec<_>>(), true));
+                return Err(headroom_error(&now.iter().collect::<Vec<_>>(), true, true));
             }
             continue;
         }

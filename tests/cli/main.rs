@@ -10,6 +10,7 @@ mod deploy;
 mod generated;
 mod hostile_input;
 mod key_files;
+mod rotate;
 mod run;
 mod run_crash;
 mod state_file;

@@ -27,7 +27,10 @@ fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::Path
 ///
 /// The cloud injects faults and throttles: a page that fails is asked for again (never the
 /// whole listing from the start, which under a steady throttle never ends), at most 100 times.
-async fn cloud_pairs(c: &ApiClient, provider: &str) -> BTreeMap<String, (String, String)> {
+pub(crate) async fn cloud_pairs(
+    c: &ApiClient,
+    provider: &str,
+) -> BTreeMap<String, (String, String)> {
     let mut out = BTreeMap::new();
     for page in 0.. {
         let mut tries = 0;
