@@ -9,6 +9,7 @@
 mod util;
 
 mod metrics;
+mod rotate;
 mod serve;
 mod serve_connections;
 mod serve_sdk;
