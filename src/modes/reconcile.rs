@@ -1,5 +1,6 @@
 //! `keyfleet reconcile`: the drift between keyfleet's registry and the cloud in one scope —
-//! pairs in the cloud only, in keyfleet only, and under one name with different keys.
+//! pairs in the cloud only (apart: those a rotation retired), in keyfleet only, and under one
+//! name with different keys.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,10 @@ use crate::upstream::http::HttpUpstream;
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Drift {
     pub in_cloud_only: Vec<String>,
+    /// Pairs a rotation replaced and retired (deleted from keyfleet's registry) that the cloud
+    /// still holds: drift too, listed apart from `in_cloud_only` because the fix is known
+    /// (`keyfleet delete` with the cloud's endpoint).
+    pub retired_still_in_cloud: Vec<String>,
     pub in_keyfleet_only: Vec<String>,
     pub fingerprints_differ: Vec<String>,
     pub in_both: usize,
@@ -49,7 +54,20 @@ pub async fn reconcile<R: Registry>(
         .into_iter()
         .map(|p| (p.name, p.fingerprint))
         .collect();
-    Ok(Drift::between(&ours, &theirs))
+    let mut drift = Drift::between(&ours, &theirs);
+    // A registry that keeps no rotations (Redis, for now) has none to tell apart.
+    let retired = match crate::modes::rotate::retired_names(registry, scope).await {
+        Ok(names) => names,
+        Err(RegistryError::Unsupported(_)) => Default::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let (retired, other): (Vec<String>, Vec<String>) = drift
+        .in_cloud_only
+        .into_iter()
+        .partition(|n| retired.contains(n));
+    drift.in_cloud_only = other;
+    drift.retired_still_in_cloud = retired;
+    Ok(drift)
 }
 
 impl Drift {
@@ -74,6 +92,7 @@ impl Drift {
     /// Whether the registry and the cloud hold the same names with the same keys.
     pub fn agree(&self) -> bool {
         self.in_cloud_only.is_empty()
+            && self.retired_still_in_cloud.is_empty()
             && self.in_keyfleet_only.is_empty()
             && self.fingerprints_differ.is_empty()
     }
@@ -83,6 +102,10 @@ impl Drift {
         let mut out = format!("{} in both with the same key\n", self.in_both);
         for (what, names) in [
             ("in the cloud only", &self.in_cloud_only),
+            (
+                "retired by a rotation, still in the cloud",
+                &self.retired_still_in_cloud,
+            ),
             ("in keyfleet only", &self.in_keyfleet_only),
             ("different keys", &self.fingerprints_differ),
         ] {

@@ -258,3 +258,94 @@ async fn rotation_killed_mid_way_then_rerun_and_retired_leaves_exactly_the_succe
     .await
     .expect("test timed out");
 }
+
+/// A pair retired in keyfleet's registry alone (retire run without the cloud's endpoint) is
+/// still in the cloud: `reconcile` names it as a retired pair, apart from strangers, and
+/// `delete` with the endpoint clears it.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_names_a_retired_pair_still_in_the_cloud() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let cloud = Server::start(&d, &["--state", d.join("cloud.redb").to_str().unwrap()]);
+        std::fs::write(
+            d.join("fleet.csv"),
+            "RegionId,KeyPairName\ncn-hangzhou,web-1\ncn-hangzhou,web-2\n",
+        )
+        .unwrap();
+        let state = d.join("keyfleet.redb");
+        let plain = |args: &[&str]| {
+            let mut c = keyfleet(&d);
+            c.args(args).arg("--state").arg(&state);
+            c
+        };
+        let kf = |args: &[&str]| against(&cloud, plain(args));
+        for c in [
+            kf(&["run", "fleet.csv", "--owner", "acme", "--out", "keys0"]),
+            kf(&[
+                "rotate",
+                "--name",
+                "web-*",
+                "--successor",
+                "{name}-r",
+                "--out",
+                "keys",
+            ]),
+        ] {
+            let out = { c }.output().unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        // Retired in the registry only.
+        let rotation = {
+            let registry = EmbeddedRegistry::open(&state).unwrap();
+            let all = registry.rotations().await.unwrap();
+            assert_eq!(all.len(), 1);
+            all[0].id.clone()
+        };
+        let out = plain(&["retire", &rotation]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let reconcile = || {
+            kf(&[
+                "reconcile",
+                "--owner",
+                "acme",
+                "--region",
+                "cn-hangzhou",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+        };
+        let out = reconcile();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let drift: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(
+            drift["retired_still_in_cloud"],
+            serde_json::json!(["web-1", "web-2"])
+        );
+        assert_eq!(drift["in_cloud_only"], serde_json::json!([]));
+        assert_eq!(drift["in_both"], 2);
+        let out = kf(&[
+            "delete",
+            "--owner",
+            "acme",
+            "--region",
+            "cn-hangzhou",
+            "web-1",
+            "web-2",
+        ])
+        .output()
+        .unwrap();
+        assert!(
+            text(&out).contains("deleted web-1 (and in the cloud)"),
+            "{}",
+            text(&out)
+        );
+        let out = reconcile();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        cloud.stop();
+    })
+    .await
+    .expect("test timed out");
+}
