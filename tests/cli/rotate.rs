@@ -373,3 +373,112 @@ fn rotating_400_of_500_needs_waves_and_waves_end_with_the_quota_where_it_was() {
     assert_eq!(summary["already_finished"], true, "{out}");
     assert_eq!(pairs(d), after);
 }
+
+/// `rotate --waves` SIGKILLed again and again, at any point of a wave (creating, delivering,
+/// retiring): after each kill no replaced pair is gone whose successor is not delivered, and
+/// the rerun finishes with exactly one successor per pair, each the key of its key file, and
+/// the quota where it was.
+#[test]
+fn waves_killed_repeatedly_never_retire_a_pair_before_its_successor_and_finish_on_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut csv = String::from("RegionId,KeyPairName\n");
+    for i in 0..400 {
+        csv.push_str(&format!("cn-hangzhou,host-{i:03}\n"));
+    }
+    std::fs::write(d.join("hosts.csv"), csv).unwrap();
+    let (code, out) = kf(
+        d,
+        &[
+            "run",
+            "hosts.csv",
+            "--owner",
+            "acme",
+            "--out",
+            "keys0",
+            "--progress",
+            "off",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let originals: Vec<String> = pairs(d).into_keys().collect();
+    let rotate = || {
+        let mut c = keyfleet(d);
+        c.args([
+            "rotate",
+            "--owner",
+            "acme",
+            "--name",
+            "host-*",
+            "--successor",
+            "{name}-s",
+        ])
+        .args([
+            "--out",
+            "keys",
+            "--waves",
+            "--progress",
+            "off",
+            "--threads",
+            "2",
+        ])
+        .args(["--state", "keyfleet.redb"]);
+        c
+    };
+    let pems = || {
+        let folder = d.join("keys/aliyun/acme/cn-hangzhou");
+        std::fs::read_dir(folder).map_or(0, |entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pem"))
+                .count()
+        })
+    };
+    for at in [30, 120, 150, 260, 390] {
+        let mut child = rotate()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while pems() < at && started.elapsed() < std::time::Duration::from_secs(120) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let now = pairs(d);
+        for p in &originals {
+            if !now.contains_key(p) {
+                let s = now.get(&format!("{p}-s"));
+                assert!(
+                    s.is_some_and(|s| s.delivered),
+                    "{p} was retired, but its successor is {s:?} (killed at {at} key files)"
+                );
+            }
+        }
+    }
+    let out = rotate().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let now = pairs(d);
+    let expected: Vec<String> = originals.iter().map(|p| format!("{p}-s")).collect();
+    assert_eq!(now.keys().cloned().collect::<Vec<_>>(), expected);
+    let folder = d.join("keys/aliyun/acme/cn-hangzhou");
+    for (name, record) in &now {
+        let pem = folder.join(format!("{name}.pem"));
+        let public = checked_public_key(&pem);
+        assert_eq!(
+            md5_fingerprint(&public, &pem),
+            record.fingerprint_md5,
+            "{name}"
+        );
+        assert!(record.delivered, "{name}");
+    }
+    assert_eq!(pems(), 400, "one key file per successor, nothing else");
+    assert_eq!(quota_used(d, &hangzhou("acme")), 400);
+    let lines = manifest(&d.join("keys"));
+    assert_eq!(lines.len(), 400, "the last manifest lists every successor");
+    assert!(lines.iter().all(|l| l["status"] == "created"));
+}
