@@ -482,3 +482,53 @@ fn waves_killed_repeatedly_never_retire_a_pair_before_its_successor_and_finish_o
     assert_eq!(lines.len(), 400, "the last manifest lists every successor");
     assert!(lines.iter().all(|l| l["status"] == "created"));
 }
+
+/// `--names-file` narrows the filters to the names it lists; `--retire` deletes the replaced
+/// pairs in the same run once every successor is delivered.
+#[test]
+fn names_file_selects_within_the_filters_and_retire_deletes_the_replaced_pairs_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fleet(d);
+    std::fs::write(
+        d.join("names.txt"),
+        "# the two to rotate\nweb-01\n\nweb-u1\ndb-01\n",
+    )
+    .unwrap();
+    let (code, out) = kf(
+        d,
+        &[
+            "rotate",
+            "--name",
+            "web-*",
+            "--names-file",
+            "names.txt",
+            "--out",
+            "keys",
+            "--retire",
+            "--progress",
+            "off",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replaced 2, delivered 2, retired 2"), "{out}");
+    let now = pairs(d);
+    // The default template: `{name}-{yyyymmdd}`.
+    let successors: Vec<String> = manifest(&d.join("keys"))
+        .iter()
+        .map(|l| l["key_pair_name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(successors.len(), 2);
+    for (gone, successor) in ["web-01", "web-u1"].iter().zip(&successors) {
+        assert!(!now.contains_key(*gone), "{gone} retired");
+        let date = successor.strip_prefix(&format!("{gone}-")).unwrap_or("");
+        assert!(
+            date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()),
+            "{successor}"
+        );
+        assert!(now.contains_key(successor), "{now:?}");
+    }
+    // db-01 is in the file but not matched by `web-*`; web-00 is matched but not in the file.
+    assert!(now.contains_key("db-01") && now.contains_key("web-00"));
+    assert_eq!(now.len(), 10);
+}
