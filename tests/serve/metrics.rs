@@ -38,6 +38,9 @@ fn record_one_of_each() {
     metrics::reservoir_fill(2048, 16);
     metrics::upstream_wait("ucloud", Duration::from_millis(12));
     metrics::redelivered();
+    metrics::rotation_progress(300, 120, 40, 2);
+    metrics::rotation_retired("aliyun", "deleted");
+    metrics::rotation_retired("ucloud", "an outcome nobody declared");
     metrics::dead_lettered("undecodable");
     metrics::dead_lettered("a reason nobody declared");
     let _in_flight = metrics::InFlight::start();
