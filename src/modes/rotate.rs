@@ -360,13 +360,16 @@ async fn select<R: Registry>(
     }
     let mut records = registry.describe(&selection.filter).await?;
     let matched = records.len();
+    // An undelivered pair is not selected: its own job replaces it with another key when it
+    // comes back, and nobody holds its private key to swap for a successor.
     records.retain(|r| {
-        selection.names.as_ref().is_none_or(|n| n.contains(&r.name))
+        r.delivered
+            && selection.names.as_ref().is_none_or(|n| n.contains(&r.name))
             && !busy.contains(&(r.scope.clone(), r.name.clone()))
     });
     if records.is_empty() {
         let why = if matched > 0 {
-            format!(" ({matched} match, all of them already part of an unfinished rotation or not in --names-file)")
+            format!(" ({matched} match, each of them undelivered, not in --names-file, or already part of an unfinished rotation)")
         } else {
             String::new()
         };
@@ -746,7 +749,9 @@ async fn retire_delivered<R: Registry>(
         }
     }
     // Saved even when one failed: the others are gone, and a rerun must know it.
-    registry.save_rotation(rotation).await?;
+    if retired > 0 {
+        registry.save_rotation(rotation).await?;
+    }
     match error {
         Some(e) => Err(e.into()),
         None => Ok(retired),

@@ -532,3 +532,65 @@ fn names_file_selects_within_the_filters_and_retire_deletes_the_replaced_pairs_a
     assert!(now.contains_key("db-01") && now.contains_key("web-00"));
     assert_eq!(now.len(), 10);
 }
+
+/// A pair committed but never delivered (its run was killed before the key file) is not
+/// selected: its own job replaces it on the rerun, and nobody holds its private key.
+#[test]
+fn an_undelivered_pair_is_not_rotated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fleet(d);
+    let scope = hangzhou("acme");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let registry = EmbeddedRegistry::open(&d.join("keyfleet.redb")).unwrap();
+        let job_id = uuid::Uuid::new_v4();
+        registry
+            .reserve(&keyfleet::registry::Claim {
+                scope: &scope,
+                name: "web-half",
+                job_id,
+                quota: 500,
+                ttl_ms: 60_000,
+            })
+            .await
+            .unwrap();
+        let mut record = pairs_of(&registry, "web-00").await;
+        record.name = "web-half".into();
+        record.job_id = job_id;
+        record.delivered = false;
+        registry.commit(&record).await.unwrap();
+    });
+    let (code, out) = kf(
+        d,
+        &[
+            "rotate",
+            "--provider",
+            "aliyun",
+            "--name",
+            "web-*",
+            "--out",
+            "keys",
+            "--progress",
+            "off",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replaced 6, delivered 6"), "{out}");
+    let names: Vec<_> = manifest(&d.join("keys"))
+        .iter()
+        .map(|l| l["replaces"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!names.contains(&"web-half".to_owned()), "{names:?}");
+}
+
+async fn pairs_of(registry: &EmbeddedRegistry, name: &str) -> KeyPairRecord {
+    registry
+        .describe(&Filter {
+            name: Some(name.into()),
+            ..Filter::default()
+        })
+        .await
+        .unwrap()
+        .remove(0)
+}
