@@ -14,8 +14,10 @@
 //!   everything below takes plain settings.
 //! - `modes/`: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
 //!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs), `submit.rs` (the
-//!   producer), `collect.rs` (results into a folder); and around them `describe.rs`,
-//!   `delete.rs`, `reconcile.rs` (registry against cloud), `status.rs`, `bench/`.
+//!   producer), `collect.rs` (results into a folder), `rotate.rs` (a fleet's pairs replaced:
+//!   successors through `run`'s pass, the replaced pairs retired through `delete.rs`); and
+//!   around them `describe.rs`, `delete.rs`, `reconcile.rs` (registry against cloud),
+//!   `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
 //!   quota, engine), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
 //!   file).
@@ -25,7 +27,8 @@
 //!   the results queue, keys sealed in transit (`transit.rs`), file safety (`files.rs`).
 //! - `queue/`: RabbitMQ (`broker.rs`) and where the servers are (`endpoints.rs`).
 //! - `registry/`: names, quota and records — `embedded.rs` on redb, `redis.rs` with its Lua
-//!   beside it, the Redis connection, a batch's progress (`batch_status.rs`).
+//!   beside it, the Redis connection, a batch's progress (`batch_status.rs`), a rotation's
+//!   record (`rotation.rs`).
 //! - `telemetry/`: every metric (`metrics.rs`; `metrics/http.rs` serves them), logging,
 //!   progress.
 //! - `keys/`: making keys — `keygen.rs`, `reservoir.rs` (keys made ahead), `fingerprint.rs`
