@@ -593,6 +593,9 @@ pub async fn rotate<R: Registry, U: Upstream>(
     let mut listed = vec![false; rotation.members.len()];
     let mut waves = 0;
     let mut retired = 0;
+    // Members left waiting for quota no retirement can free: the error, once the folder and
+    // the registry are made durable.
+    let mut stuck = None;
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -608,7 +611,9 @@ pub async fn rotate<R: Registry, U: Upstream>(
             retired += freed;
             if freed == 0 {
                 let now = headroom_of(&*registry, &opts.settings, &rotation, &states).await?;
-                return Err(headroom_error(&now.iter().collect::<Vec<_>>(), true, true));
+                let short: Vec<&Headroom> = now.iter().filter(|h| h.needed > 0).collect();
+                stuck = Some(headroom_error(&short, true, true));
+                break;
             }
             continue;
         }
@@ -653,6 +658,9 @@ pub async fn rotate<R: Registry, U: Upstream>(
     }
     registry.flush().await?;
     let manifest = out.finish()?;
+    if let Some(e) = stuck {
+        return Err(e);
+    }
     let interrupted = shutdown.is_cancelled();
     let mut states = successor_states(&*registry, &rotation).await?;
     if opts.retire && !interrupted {
