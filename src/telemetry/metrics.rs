@@ -671,6 +671,7 @@ mod tests {
                 SIGNATURE_FAILURES_TOTAL,
                 UPSTREAM_REQUESTS_TOTAL,
                 SERVE_CONNECTIONS_SHED_TOTAL,
+                ROTATION_RETIRED_TOTAL,
             ]
             .contains(n);
             assert_eq!(

@@ -22,11 +22,28 @@ fn kf(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), text(&out))
 }
 
+/// The state file, opened in this process. Another test's child process, forked from this
+/// process while it held the file open a moment ago, holds that lock until it execs: such a
+/// refusal is tried again.
+fn open(dir: &Path) -> EmbeddedRegistry {
+    let mut tries = 0;
+    loop {
+        match EmbeddedRegistry::open(&dir.join("keyfleet.redb")) {
+            Ok(r) => return r,
+            Err(e) if tries == 200 => panic!("opening the state file: {e}"),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 /// Every pair in the registry, by name (the registry file is closed again before returning).
 fn pairs(dir: &Path) -> BTreeMap<String, KeyPairRecord> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let registry = EmbeddedRegistry::open(&dir.join("keyfleet.redb")).unwrap();
+        let registry = open(dir);
         registry
             .describe(&Filter::default())
             .await
@@ -40,7 +57,7 @@ fn pairs(dir: &Path) -> BTreeMap<String, KeyPairRecord> {
 fn quota_used(dir: &Path, scope: &Scope) -> u64 {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let registry = EmbeddedRegistry::open(&dir.join("keyfleet.redb")).unwrap();
+        let registry = open(dir);
         registry.quota_used(scope).await.unwrap()
     })
 }
@@ -543,7 +560,7 @@ fn an_undelivered_pair_is_not_rotated() {
     let scope = hangzhou("acme");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let registry = EmbeddedRegistry::open(&d.join("keyfleet.redb")).unwrap();
+        let registry = open(d);
         let job_id = uuid::Uuid::new_v4();
         registry
             .reserve(&keyfleet::registry::Claim {
