@@ -30,7 +30,8 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// `scope key` → slots counted against its quota.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 
-/// Rotation id → JSON of [`Rotation`] (`keyfleet rotate`).
+/// Rotation id → JSON of [`Rotation`] (`keyfleet rotate`). Made by the first rotation saved,
+/// not when the file is opened: a state file that never held a rotation stays as it was.
 const ROTATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("rotations");
 
 /// Signature nonce → Unix milliseconds until which it counts as used (`keyfleet serve`).
@@ -148,7 +149,6 @@ impl EmbeddedRegistry {
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(COUNTS).map_err(storage)?;
             txn.open_table(NONCES).map_err(storage)?;
-            txn.open_table(ROTATIONS).map_err(storage)?;
             txn.commit().map_err(storage)
         });
         let e = match tables {
