@@ -314,8 +314,8 @@ async fn reconcile_names_a_retired_pair_still_in_the_cloud() {
         };
         let out = reconcile();
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        let drift: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let drift: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", text(&out)));
         assert_eq!(
             drift["retired_still_in_cloud"],
             serde_json::json!(["web-1", "web-2"])
