@@ -543,7 +543,20 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bits: args.key.key_bits.unwrap_or_default(),
         threads: args.cpu.threads.unwrap_or(0),
     };
-    let (json, text) = if args.serve {
+    let (json, text) = if args.submit {
+        let report = crate::modes::bench::publish::bench_submit(
+            &args.server.endpoints(),
+            args.keys,
+            args.rounds.unwrap_or(3),
+            args.confirm_window.max(1),
+        )
+        .await
+        .context("benchmark failed")?;
+        (
+            serde_json::to_string(&report)?,
+            crate::modes::bench::publish::render(&report),
+        )
+    } else if args.serve {
         let report = crate::modes::bench::serve::bench_serve(
             spec,
             args.keys,

@@ -3,6 +3,7 @@
 //! Numbers only; nothing here asserts timing. The report names the Miller-Rabin path (`simd`);
 //! `KEYFLEET_SIMD=off` in the environment forces the scalar engine.
 
+pub mod publish;
 pub mod serve;
 
 use std::io::Write;
