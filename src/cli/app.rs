@@ -614,6 +614,13 @@ fn open_registry(state: &Path) -> anyhow::Result<EmbeddedRegistry> {
 }
 
 async fn redis_registry(url: &str, prefix: &str, replicas: u32) -> anyhow::Result<RedisRegistry> {
-    let registry = RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?;
-    Ok(registry.with_replicas(replicas))
+    let timeout = std::time::Duration::from_secs(10);
+    let registry = RedisRegistry::connect(url, prefix, timeout)
+        .await?
+        .with_replicas(replicas);
+    registry
+        .check_replicas(timeout)
+        .await
+        .map_err(|e| BadSetting::from(&e))?;
+    Ok(registry)
 }

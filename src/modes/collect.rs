@@ -188,6 +188,7 @@ async fn drain(
     let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout)
         .await?
         .with_replicas(e.redis_replicas);
+    registry.check_replicas(e.connect_timeout).await?;
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     // Everything that would make this collect consume results it cannot write is checked
     // before the first one is read.
