@@ -785,7 +785,12 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["compare", "pipeline", "serve"])]
     pub submit: bool,
     /// With --submit: publisher confirms kept in flight (as `submit --confirm-window`).
-    #[arg(long, default_value_t = 4096, requires = "submit")]
+    #[arg(
+        long,
+        env = "KEYFLEET_CONFIRM_WINDOW",
+        default_value_t = 4096,
+        requires = "submit"
+    )]
     pub confirm_window: usize,
     /// With --submit: where RabbitMQ and Redis are.
     #[command(flatten)]

@@ -204,6 +204,7 @@ fn every_setting_flag_names_its_environment_variable() {
         "--keys",
         "--scalar",
         "--serve",
+        "--submit",
     ];
     let mut env_flags = std::collections::HashMap::<String, String>::new();
     for command in ["run", "bench", "submit", "collect", "status", "serve"] {
