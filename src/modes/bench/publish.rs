@@ -6,13 +6,12 @@
 //! uses a prefix of its own, deleted afterwards. Numbers only; nothing asserts timing.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::time::Instant;
 
 use lapin::PublisherConfirm;
 use tokio_util::sync::CancellationToken;
 
-use super::{median, process_cpu_seconds};
+use super::{median, process_cpu_seconds, write_rows};
 use crate::dialect::{Catalog, Provider};
 use crate::job::batch::RowDefaults;
 use crate::job::Job;
@@ -66,14 +65,7 @@ pub async fn bench_submit(
         return Err(PublishBenchError::NoJobs);
     }
     let dir = tempfile::tempdir()?;
-    let input = dir.path().join("bench.csv");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
-    writeln!(f, "RegionId,KeyPairName")?;
-    for i in 0..jobs {
-        writeln!(f, "cn-hangzhou,bench-{i:07}")?;
-    }
-    f.flush()?;
-    drop(f);
+    let input = write_rows(dir.path(), jobs)?;
     let identity = dir.path().join("bench.age-identity");
     let message = sample_job();
     let message_bytes = serde_json::to_vec(&message).map_or(0, |m| m.len());
