@@ -660,7 +660,20 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bits: args.key.key_bits.unwrap_or_default(),
         threads: args.cpu.threads.unwrap_or(0),
     };
-    let (json, text) = if args.serve {
+    let (json, text) = if args.submit {
+        let report = crate::modes::bench::publish::bench_submit(
+            &args.server.endpoints(),
+            args.keys,
+            args.rounds.unwrap_or(3),
+            args.confirm_window.max(1),
+        )
+        .await
+        .context("benchmark failed")?;
+        (
+            serde_json::to_string(&report)?,
+            crate::modes::bench::publish::render(&report),
+        )
+    } else if args.serve {
         let report = crate::modes::bench::serve::bench_serve(
             spec,
             args.keys,
@@ -718,6 +731,13 @@ fn open_registry(state: &Path) -> anyhow::Result<EmbeddedRegistry> {
 }
 
 async fn redis_registry(url: &str, prefix: &str, replicas: u32) -> anyhow::Result<RedisRegistry> {
-    let registry = RedisRegistry::connect(url, prefix, std::time::Duration::from_secs(10)).await?;
-    Ok(registry.with_replicas(replicas))
+    let timeout = std::time::Duration::from_secs(10);
+    let registry = RedisRegistry::connect(url, prefix, timeout)
+        .await?
+        .with_replicas(replicas);
+    registry
+        .check_replicas(timeout)
+        .await
+        .map_err(|e| BadSetting::from(&e))?;
+    Ok(registry)
 }

@@ -67,7 +67,7 @@ pub struct RegistryArgs {
     pub state: StateArgs,
     /// Use the registry in Redis (distributed mode) instead of the state file; every process
     /// on the same Redis and prefix shares names, quota (and for `serve`, nonces).
-    #[arg(long, env = "KEYFLEET_REDIS_URL")]
+    #[arg(long, env = "KEYFLEET_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key (with --redis-url).
     #[arg(long, env = "KEYFLEET_PREFIX", default_value = "keyfleet", value_parser = parse_prefix)]
@@ -333,6 +333,7 @@ pub struct ServerArgs {
     #[arg(
         long,
         env = "KEYFLEET_AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         value_parser = AmqpUrlsParser
     )]
@@ -341,6 +342,7 @@ pub struct ServerArgs {
     #[arg(
         long,
         env = "KEYFLEET_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379/"
     )]
     pub redis_url: String,
@@ -893,6 +895,22 @@ pub struct BenchArgs {
     /// against raw key generation on the same threads (rounds alternated, medians).
     #[arg(long, conflicts_with_all = ["compare", "pipeline"])]
     pub serve: bool,
+    /// Instead: measure `keyfleet submit` of --keys generated rows against a bare publisher (the
+    /// same jobs queue, message and confirm window, nothing else) on the RabbitMQ and Redis of
+    /// --amqp-url / --redis-url, rounds alternated, medians. Queues of its own, deleted after.
+    #[arg(long, conflicts_with_all = ["compare", "pipeline", "serve"])]
+    pub submit: bool,
+    /// With --submit: publisher confirms kept in flight (as `submit --confirm-window`).
+    #[arg(
+        long,
+        env = "KEYFLEET_CONFIRM_WINDOW",
+        default_value_t = 4096,
+        requires = "submit"
+    )]
+    pub confirm_window: usize,
+    /// With --submit: where RabbitMQ and Redis are.
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// With --serve: requests in flight at once.
     #[arg(
         long,

@@ -170,8 +170,8 @@ pub async fn collect(
     shutdown: CancellationToken,
 ) -> Result<CollectSummary, CollectError> {
     let e = &opts.endpoints;
-    let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
-    let collected = drain(&broker, opts, shutdown).await;
+    let mut broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
+    let collected = drain(&mut broker, opts, shutdown).await;
     // Also on an error: whatever was not acked goes back to the queue now, not when the
     // connection times out.
     broker.close().await;
@@ -180,7 +180,7 @@ pub async fn collect(
 
 /// Reads the batch's results queue until the batch is complete, or quiet, or stopped.
 async fn drain(
-    broker: &Broker,
+    broker: &mut Broker,
     opts: CollectOptions,
     shutdown: CancellationToken,
 ) -> Result<CollectSummary, CollectError> {
@@ -188,6 +188,7 @@ async fn drain(
     let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout)
         .await?
         .with_replicas(e.redis_replicas);
+    registry.check_replicas(e.connect_timeout).await?;
     let status = BatchStatusStore::from_connection(registry.connection(), &e.prefix);
     // Everything that would make this collect consume results it cannot write is checked
     // before the first one is read.
@@ -256,13 +257,32 @@ async fn drain(
             next = tokio::time::timeout(quiet_spell(&held), consumer.next()) => next,
         };
         match next {
-            Ok(Some(delivery)) => {
+            // The connection is lost (a RabbitMQ node restarted or died): what was written
+            // is made durable, the results not yet acked go back to the queue with the old
+            // channel (those already written come back as duplicates and are acked away),
+            // and collecting goes on through a new connection, the next node first.
+            Ok(lost @ (Some(Err(_)) | None)) => {
+                match lost {
+                    Some(Err(e)) => tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting"),
+                    _ => tracing::warn!("RabbitMQ consumer ended; reconnecting"),
+                }
+                desk.out.sync()?;
+                unacked.clear();
+                held.clear();
+                kept.clear();
+                match reconnect(broker, &opts, &shutdown).await? {
+                    Some(c) => consumer = c,
+                    None => break,
+                }
+            }
+            Ok(Some(Ok(delivery))) => {
                 // The results that have arrived meanwhile join this one: one group, whose key
-                // files share their syncs and whose registry lookups go out together.
-                let mut deliveries = vec![delivery?];
+                // files share their syncs and whose registry lookups go out together. An error
+                // stops the gathering; the consumer reports it again next.
+                let mut deliveries = vec![delivery];
                 while deliveries.len() < ACK_EVERY {
                     match consumer.next().now_or_never() {
-                        Some(Some(d)) => deliveries.push(d?),
+                        Some(Some(Ok(d))) => deliveries.push(d),
                         _ => break,
                     }
                 }
@@ -323,7 +343,6 @@ async fn drain(
                     ack_all(&mut desk.out, &mut unacked).await?;
                 }
             }
-            Ok(None) => break,
             Err(_) => {
                 let mut still = Vec::with_capacity(held.len());
                 let (mut taking, mut ackers) = (Vec::new(), Vec::new());
@@ -496,6 +515,39 @@ fn find_identity(
         }
     }
     Ok(Some((path, identity, default)))
+}
+
+/// A connection for the rest of the batch after the last one was lost — the node after the
+/// lost one first, tried until it works or `shutdown` — and a consumer of the batch's results
+/// queue on it; `None` when stopped first. The old connection is closed.
+async fn reconnect(
+    broker: &mut Broker,
+    opts: &CollectOptions,
+    shutdown: &CancellationToken,
+) -> Result<Option<lapin::Consumer>, CollectError> {
+    let e = &opts.endpoints;
+    let lost = broker.node();
+    let fresh = crate::retry::RetryPolicy::reconnect()
+        .run("reconnecting to RabbitMQ", shutdown, || async {
+            let b = Broker::connect_nodes(&e.amqp_url, lost + 1, e.topology(), e.connect_timeout)
+                .await?;
+            b.declare().await?;
+            let queue = b.declare_results_queue(&opts.batch_id).await?;
+            b.set_prefetch((ACK_EVERY * 4) as u16).await?;
+            let consumer = b.consume(&queue).await?;
+            Ok::<_, BrokerError>((b, consumer))
+        })
+        .await;
+    match fresh {
+        Ok((b, consumer)) => {
+            let old = std::mem::replace(broker, b);
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.close()).await;
+            tracing::info!(node = %e.amqp_url.shown(broker.node()), "reconnected to RabbitMQ");
+            Ok(Some(consumer))
+        }
+        Err(_) if shutdown.is_cancelled() => Ok(None),
+        Err(err) => Err(err.into()),
+    }
 }
 
 async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result<(), CollectError> {

@@ -81,6 +81,7 @@ pub async fn submit(
     let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout)
         .await?
         .with_replicas(e.redis_replicas);
+    status.check_replicas(e.connect_timeout).await?;
     broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();
     // Before the first job: a worker refuses a job whose batch has no recipient.

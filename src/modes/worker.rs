@@ -133,6 +133,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         let registry = RedisRegistry::connect(&e.redis_url, &e.prefix, e.connect_timeout)
             .await?
             .with_replicas(e.redis_replicas);
+        registry.check_replicas(e.connect_timeout).await?;
         readiness.set_redis(true);
         let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
         broker.declare().await?;

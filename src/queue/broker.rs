@@ -397,8 +397,40 @@ impl Broker {
     /// Publishes a job and returns its confirm, so callers can keep many in flight.
     pub async fn publish_job(&self, job: &Job) -> Result<PublisherConfirm, BrokerError> {
         let payload = serde_json::to_vec(job).map_err(|e| BrokerError::Encode(e.to_string()))?;
-        let properties = Self::properties(&job.job_id.to_string(), &job.batch_id);
-        self.publish_to_jobs(&payload, properties).await
+        self.publish_encoded_job(&payload, &job.job_id.to_string(), &job.batch_id)
+            .await
+    }
+
+    /// [`Broker::publish_job`] for a job already encoded: the message a job becomes, with its
+    /// properties. `keyfleet bench --submit`'s bare publisher sends one payload so.
+    pub async fn publish_encoded_job(
+        &self,
+        payload: &[u8],
+        message_id: &str,
+        batch_id: &str,
+    ) -> Result<PublisherConfirm, BrokerError> {
+        let properties = Self::properties(message_id, batch_id);
+        self.publish_to_jobs(payload, properties).await
+    }
+
+    /// Deletes this topology's queues (the jobs queue, its dead letters and the results
+    /// queues of `batches`) and exchanges, with whatever they hold: for a benchmark that
+    /// declared a prefix of its own.
+    pub async fn remove(&self, batches: &[&str]) -> Result<(), BrokerError> {
+        let t = &self.topology;
+        let mut queues = vec![t.jobs_queue(), t.dead_queue()];
+        queues.extend(batches.iter().map(|b| t.results_queue(b)));
+        for q in queues {
+            self.channel
+                .queue_delete(q.as_str().into(), Default::default())
+                .await?;
+        }
+        for x in [t.jobs_exchange(), t.dlx(), t.results_exchange()] {
+            self.channel
+                .exchange_delete(x.as_str().into(), Default::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Publishes raw bytes as a job message (other systems' producers; tests) and waits for

@@ -126,6 +126,11 @@ impl BatchStatusStore {
         self
     }
 
+    /// See [`RedisConn::check_replicas`].
+    pub async fn check_replicas(&self, within: Duration) -> Result<(), RegistryError> {
+        self.conn.check_replicas(within).await
+    }
+
     /// The same store with another inactivity TTL for the batch keys it writes.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;

@@ -87,6 +87,66 @@ impl RedisConn {
         self.replicas
     }
 
+    /// With `--redis-replicas N` above 0: fails, naming the setting, when a master (the
+    /// server, or each master of a Cluster) has had fewer than N replicas connected for all of
+    /// `within` (a replica resyncing after a failover comes back in seconds) — every write
+    /// would otherwise wait for them and be retried for ever. A replica that drops later is
+    /// what [`RegistryError::ReplicasBehind`] reports, write by write.
+    pub async fn check_replicas(&self, within: Duration) -> Result<(), RegistryError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.replicas_short().await {
+                Err(e @ RegistryError::TooFewReplicas { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!("{e}; asking again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// One look at the masters' replica counts for [`RedisConn::check_replicas`].
+    async fn replicas_short(&self) -> Result<(), RegistryError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let mut conn = self.clone();
+        let info: Value = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        // One server answers its text; a Cluster client asks every master and answers a map
+        // of address to text.
+        let nodes: Vec<(String, String)> = match info {
+            Value::Map(per_node) => per_node
+                .into_iter()
+                .map(|(addr, text)| (text_of(addr), text_of(text)))
+                .collect(),
+            text => vec![("the server".to_owned(), text_of(text))],
+        };
+        let short: Vec<String> = nodes
+            .iter()
+            .filter_map(|(node, text)| {
+                let connected = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("connected_slaves:")?.parse().ok())
+                    .unwrap_or(0u32);
+                (connected < self.replicas).then(|| format!("{node} has {connected}"))
+            })
+            .collect();
+        if short.is_empty() {
+            Ok(())
+        } else {
+            Err(RegistryError::TooFewReplicas {
+                wanted: self.replicas,
+                found: short.join(", "),
+            })
+        }
+    }
+
     /// Runs `write` — one command (or one script's EVALSHA, `script` being that script) whose
     /// keys are all in one slot — then, with `--redis-replicas N` above 0, `WAIT N` in the same
     /// pipeline. A pipeline goes to one node over one connection, so the `WAIT` counts the
@@ -298,5 +358,15 @@ where
         Err(_) => Err(RegistryError::Storage(format!(
             "{server}: no connection within {timeout:?}"
         ))),
+    }
+}
+
+/// A reply as text (an `INFO` answer, a node address), whatever its RESP type.
+fn text_of(v: Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        Value::SimpleString(s) => s,
+        Value::VerbatimString { text, .. } => text,
+        other => format!("{other:?}"),
     }
 }

@@ -109,6 +109,13 @@ pub enum RegistryError {
     /// state file only, for now).
     #[error("{0}")]
     Unsupported(&'static str),
+    /// At start-up: a Redis master has fewer replicas connected than `--redis-replicas` asks
+    /// every write to reach, so no write could ever count. Not retried.
+    #[error(
+        "--redis-replicas {wanted} (KEYFLEET_REDIS_REPLICAS) has every write wait for {wanted} \
+         replica(s), but {found}: start the replicas, or lower the setting"
+    )]
+    TooFewReplicas { wanted: u32, found: String },
     /// The state file is damaged (pages that fail their checksums, or that cannot be read):
     /// not retried, and nothing more is read from it or written to it. A run stops on it
     /// instead of answering rows.

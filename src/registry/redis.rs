@@ -138,6 +138,11 @@ impl RedisRegistry {
     }
 
     /// The connection, to share with other Redis users of the same process.
+    /// See [`RedisConn::check_replicas`].
+    pub async fn check_replicas(&self, within: Duration) -> Result<(), RegistryError> {
+        self.conn.check_replicas(within).await
+    }
+
     pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }

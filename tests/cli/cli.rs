@@ -204,6 +204,7 @@ fn every_setting_flag_names_its_environment_variable() {
         "--keys",
         "--scalar",
         "--serve",
+        "--submit",
     ];
     let mut env_flags = std::collections::HashMap::<String, String>::new();
     for command in ["run", "bench", "submit", "collect", "status", "serve"] {
@@ -397,4 +398,40 @@ fn bench_pooled_reports_the_plumbing_alone() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--pipeline"), "{}", text(&out));
+}
+
+/// `bench --submit` times `submit` and the bare publisher on the real RabbitMQ and Redis
+/// (no figure is asserted: benchmarks are benchmarks), on queues of its own that are gone
+/// afterwards.
+#[test]
+fn bench_submit_reports_submit_beside_a_bare_publisher_and_leaves_no_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("kfbs{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let out = keyfleet(dir.path())
+        .args([
+            "bench", "--submit", "--keys", "200", "--rounds", "1", "--json",
+        ])
+        .args(["--prefix", &prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in [
+        "bare_median_jobs_per_second",
+        "submit_median_jobs_per_second",
+        "submit_ratio_to_bare",
+    ] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+    assert_eq!(r["jobs"], 200, "{r}");
+    let queues = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "--quiet", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl");
+    let left: Vec<String> = String::from_utf8_lossy(&queues.stdout)
+        .lines()
+        .filter(|q| q.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    assert!(left.is_empty(), "queues left behind: {left:?}");
 }

@@ -243,3 +243,61 @@ async fn a_master_without_replicas_fails_writes_with_a_retryable_error_naming_th
         Some(Entry::Reserved { job_id, .. }) if job_id == job
     ));
 }
+
+/// The fault: a process started with `--redis-replicas 1` on a master that has no replica ran
+/// on, every write waiting for a replica that was never coming and retried for ever. Now the
+/// setting is checked when the process connects: refused at once with the count it found,
+/// naming the setting (`describe` exits 2, as for any unusable setting, after giving a replica
+/// its connect timeout to appear), and accepted once the master has its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_replicas_are_refused_at_start_up_naming_the_setting() {
+    let lone = tokio::task::spawn_blocking(|| Server::start(None))
+        .await
+        .unwrap();
+    let (registry, status) = stores(&lone, 1).await;
+    let err = registry.check_replicas(Duration::ZERO).await.unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::TooFewReplicas { wanted: 1, found } if found.contains("has 0")),
+        "{err:?}"
+    );
+    assert!(!err.is_transient(), "nothing to retry: {err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("--redis-replicas 1") && message.contains("KEYFLEET_REDIS_REPLICAS"),
+        "{message}"
+    );
+    assert!(status.check_replicas(Duration::ZERO).await.is_err());
+    let (plain, _) = stores(&lone, 0).await;
+    plain
+        .check_replicas(Duration::ZERO)
+        .await
+        .expect("0 asks for none");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = crate::util::keyfleet(dir.path())
+        .args([
+            "describe",
+            "--redis-url",
+            &lone.url(),
+            "--prefix",
+            "kfcheck",
+        ])
+        .args(["--redis-replicas", "1"])
+        .output()
+        .unwrap();
+    let said = crate::util::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--redis-replicas 1") && said.contains("has 0"),
+        "{said}"
+    );
+
+    let port = lone.port;
+    let _replica = tokio::task::spawn_blocking(move || Server::start(Some(port)))
+        .await
+        .unwrap();
+    registry
+        .check_replicas(Duration::ZERO)
+        .await
+        .expect("the master has its replica now");
+}

@@ -3,6 +3,7 @@
 //! Numbers only; nothing here asserts timing. The report names the Miller-Rabin path (`simd`);
 //! `KEYFLEET_SIMD=off` in the environment forces the scalar engine.
 
+pub mod publish;
 pub mod serve;
 
 use std::io::Write;
@@ -213,14 +214,7 @@ pub async fn measure_pipeline(
     pooled: bool,
 ) -> Result<PipelineMeasurement, BenchError> {
     let dir = tempfile::tempdir()?;
-    let input = dir.path().join("bench.csv");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
-    writeln!(f, "RegionId,KeyPairName")?;
-    for i in 0..keys {
-        writeln!(f, "cn-hangzhou,bench-{i:07}")?;
-    }
-    f.flush()?;
-    drop(f);
+    let input = write_rows(dir.path(), keys)?;
     let reservoir = if pooled {
         let cpu = crate::keys::cpu::CpuPool::new(spec.threads)
             .map_err(|e| BenchError::Pool(e.to_string()))?;
@@ -263,6 +257,19 @@ pub async fn measure_pipeline(
         keys_per_second: summary.keys_per_second,
         cpu_ms_per_key: cpu * 1000.0 / keys as f64,
     })
+}
+
+/// A batch file of `rows` rows in `dir` (one region, unique names), for the benchmarks that
+/// time a pipeline on it.
+fn write_rows(dir: &std::path::Path, rows: usize) -> std::io::Result<std::path::PathBuf> {
+    let input = dir.join("bench.csv");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
+    writeln!(f, "RegionId,KeyPairName")?;
+    for i in 0..rows {
+        writeln!(f, "cn-hangzhou,bench-{i:07}")?;
+    }
+    f.flush()?;
+    Ok(input)
 }
 
 /// User + system CPU time of this process so far, every thread included, to the nanosecond

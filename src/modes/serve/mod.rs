@@ -145,6 +145,7 @@ pub async fn serve_limited(
             let registry = RedisRegistry::connect(&url, &prefix, connect_timeout)
                 .await?
                 .with_replicas(replicas);
+            registry.check_replicas(connect_timeout).await?;
             // In front of a cloud, the budget is shared with every serve and worker on it.
             opts.upstream
                 .share_rate_limit(registry.connection(), &prefix);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{check_batch, fleet_csv, manifest, Env};
+use crate::util::{check_batch, close_rabbitmq_connections_of, fleet_csv, manifest, Env};
 use keyfleet::registry::{Filter, Registry};
 
 fn text(o: &Output) -> String {
@@ -475,4 +475,29 @@ fn interrupted_collect_exits_130() {
         "{}",
         text(&o)
     );
+}
+
+/// The fault: `collect` (and so `submit --wait`) stopped with an error when its RabbitMQ
+/// connection dropped mid-batch — a node restarting, or lost in a cluster — though the batch
+/// went on. Now it makes what it wrote durable, lets the unacked results go back to the queue
+/// with the old channel, reconnects and goes on: the batch completes with every job answered
+/// once and every key file the registered key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_rides_out_a_lost_rabbitmq_connection() {
+    let mut env = Env::new("collost");
+    env.start_worker(&["--threads", "1", "--concurrency", "4", "--reservoir", "0"]);
+    let rows = 60;
+    let input = env.write("fleet.csv", &fleet_csv(rows, "cn-shenzhen"));
+    env.submit(&input, "bcollost").await;
+    let cut = async {
+        env.wait_status("bcollost", Duration::from_secs(120), |s| s.created >= 10)
+            .await;
+        // This test process's connections are the collector's (the worker is a process of
+        // its own): RabbitMQ drops them as it would on a restart.
+        close_rabbitmq_connections_of(std::process::id());
+    };
+    let (c, ()) = tokio::join!(env.collect("bcollost", "out", Duration::from_secs(60)), cut);
+    assert!(c.complete, "{c:?}");
+    let (created, failed) = check_batch(&env, "out", rows).await;
+    assert_eq!((created, failed.len()), (rows, 0), "{failed:?}");
 }

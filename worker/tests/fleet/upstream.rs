@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::util::{check_batch, fleet_csv, manifest, signal, Env};
+use crate::util::{check_batch, close_rabbitmq_connections_of, fleet_csv, manifest, signal, Env};
 use keyfleet::credentials::{AccessKey, Credentials, Secret};
 use keyfleet::dialect::Provider;
 use keyfleet::keys::keygen::KeyBits;
@@ -239,42 +239,6 @@ async fn cloud_holds(addr: std::net::SocketAddr, region: &str) -> BTreeMap<Strin
         page += 1;
     }
     held
-}
-
-/// Has RabbitMQ close every connection of process `pid` (keyfleet names its connections
-/// `keyfleet pid N`), as a broker that restarts or drops a node does to its clients.
-fn close_rabbitmq_connections_of(pid: u32) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties"])
-        .args(["--quiet", "--no-table-headers"])
-        .output()
-        .expect("rabbitmqctl is needed for this test");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed = String::from_utf8_lossy(&out.stdout);
-    // One line a connection: its Erlang pid (what close_connection takes), a tab, its
-    // client properties.
-    let mine = format!("\"keyfleet pid {pid}\"");
-    let pids: Vec<&str> = listed
-        .lines()
-        .filter(|l| l.contains(&mine))
-        .filter_map(|l| l.split('\t').next())
-        .collect();
-    assert!(!pids.is_empty(), "no connection of {mine}:\n{listed}");
-    for conn in pids {
-        let closed = std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", conn, "test: connection lost"])
-            .output()
-            .expect("rabbitmqctl");
-        assert!(
-            closed.status.success(),
-            "{}",
-            String::from_utf8_lossy(&closed.stderr)
-        );
-    }
 }
 
 /// Three workers at `--upstream-rps 5 --upstream-burst 1` against a cloud that throttles an

@@ -537,3 +537,39 @@ pub fn job(batch: &str, name: &str) -> keyfleet::job::Job {
         key_bits: keyfleet::keys::keygen::KeyBits::B2048,
     }
 }
+
+/// Has RabbitMQ close every connection of process `pid` (keyfleet names its connections
+/// `keyfleet pid N`), as a broker that restarts or drops a node does to its clients.
+pub fn close_rabbitmq_connections_of(pid: u32) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties"])
+        .args(["--quiet", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl is needed for this test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    // One line a connection: its Erlang pid (what close_connection takes), a tab, its
+    // client properties.
+    let mine = format!("\"keyfleet pid {pid}\"");
+    let pids: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.contains(&mine))
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection of {mine}:\n{listed}");
+    for conn in pids {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", conn, "test: connection lost"])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            closed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&closed.stderr)
+        );
+    }
+}
