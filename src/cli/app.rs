@@ -27,7 +27,7 @@ use crate::modes::submit::{KeysTo, SubmitOptions};
 use crate::registry::batch_status::BatchStatusStore;
 use crate::registry::embedded::EmbeddedRegistry;
 use crate::registry::redis::RedisRegistry;
-use crate::registry::{Filter, Registry};
+use crate::registry::Registry;
 use crate::sink::transit;
 use crate::upstream::Configured;
 
@@ -277,13 +277,7 @@ async fn rotate_command(
     let opts = RotateOptions {
         rotation_id: args.rotation_id.clone(),
         selection: Selection {
-            filter: Filter {
-                provider: args.provider,
-                owner: args.owner.clone(),
-                region: args.region.clone(),
-                name: args.name.clone(),
-                fingerprint: args.fingerprint.clone(),
-            },
+            filter: args.selection.filter(),
             names,
         },
         template: args.successor.clone(),
@@ -598,14 +592,7 @@ async fn describe_command<R: Registry>(
     registry: &R,
     args: DescribeArgs,
 ) -> anyhow::Result<ExitCode> {
-    let filter = Filter {
-        provider: args.provider,
-        owner: args.owner,
-        region: args.region,
-        name: args.name,
-        fingerprint: args.fingerprint,
-    };
-    let records = registry.describe(&filter).await?;
+    let records = registry.describe(&args.selection.filter()).await?;
     if args.json {
         for r in &records {
             outln!("{}", serde_json::to_string(r)?);

@@ -715,10 +715,11 @@ pub struct RunArgs {
     pub upstream_limit: UpstreamLimitArgs,
 }
 
+/// Which key pairs a command takes from the registry (`describe`, `rotate`): every filter
+/// given must match.
 #[derive(Debug, Args)]
-pub struct DescribeArgs {
-    #[command(flatten)]
-    pub registry: RegistryArgs,
+pub struct SelectionArgs {
+    /// Only the pairs of this provider.
     #[arg(long, value_parser = parse_provider)]
     pub provider: Option<Provider>,
     /// Alibaba account / UCloud project.
@@ -732,6 +733,26 @@ pub struct DescribeArgs {
     /// Fingerprint (the API's, the MD5 colon form, or SHA256:…).
     #[arg(long)]
     pub fingerprint: Option<String>,
+}
+
+impl SelectionArgs {
+    pub fn filter(&self) -> crate::registry::Filter {
+        crate::registry::Filter {
+            provider: self.provider,
+            owner: self.owner.clone(),
+            region: self.region.clone(),
+            name: self.name.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -745,20 +766,9 @@ pub struct RotateArgs {
     /// Key pairs allowed per region (both clouds document 500).
     #[arg(long, env = "KEYFLEET_QUOTA", value_name = "N", value_parser = parse_quota)]
     pub quota: Option<u64>,
-    /// Rotate the pairs of this provider only.
-    #[arg(long, value_parser = parse_provider)]
-    pub provider: Option<Provider>,
-    /// Alibaba account / UCloud project.
-    #[arg(long)]
-    pub owner: Option<String>,
-    #[arg(long)]
-    pub region: Option<String>,
-    /// Key pair name; `*` matches any run of characters.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Fingerprint (the API's, the MD5 colon form, or SHA256:…).
-    #[arg(long)]
-    pub fingerprint: Option<String>,
+    /// The pairs to rotate, as `describe` selects them.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
     /// Rotate only the pairs named in this file, one name a line (with the filters above).
     #[arg(long, value_name = "FILE")]
     pub names_file: Option<PathBuf>,

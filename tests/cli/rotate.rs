@@ -318,25 +318,7 @@ fn a_template_that_makes_invalid_names_exits_2_before_anything_is_recorded() {
 fn rotating_400_of_500_needs_waves_and_waves_end_with_the_quota_where_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut csv = String::from("RegionId,KeyPairName\n");
-    for i in 0..400 {
-        csv.push_str(&format!("cn-hangzhou,host-{i:03}\n"));
-    }
-    std::fs::write(d.join("hosts.csv"), csv).unwrap();
-    let (code, out) = kf(
-        d,
-        &[
-            "run",
-            "hosts.csv",
-            "--owner",
-            "acme",
-            "--out",
-            "keys0",
-            "--progress",
-            "off",
-        ],
-    );
-    assert_eq!(code, Some(0), "{out}");
+    fill_400_of_500(d);
     let before = pairs(d);
     let scope = hangzhou("acme");
     assert_eq!(quota_used(d, &scope), 400);
@@ -399,25 +381,7 @@ fn rotating_400_of_500_needs_waves_and_waves_end_with_the_quota_where_it_was() {
 fn waves_killed_repeatedly_never_retire_a_pair_before_its_successor_and_finish_on_rerun() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut csv = String::from("RegionId,KeyPairName\n");
-    for i in 0..400 {
-        csv.push_str(&format!("cn-hangzhou,host-{i:03}\n"));
-    }
-    std::fs::write(d.join("hosts.csv"), csv).unwrap();
-    let (code, out) = kf(
-        d,
-        &[
-            "run",
-            "hosts.csv",
-            "--owner",
-            "acme",
-            "--out",
-            "keys0",
-            "--progress",
-            "off",
-        ],
-    );
-    assert_eq!(code, Some(0), "{out}");
+    fill_400_of_500(d);
     let originals: Vec<String> = pairs(d).into_keys().collect();
     let rotate = || {
         let mut c = keyfleet(d);
@@ -610,4 +574,27 @@ async fn pairs_of(registry: &EmbeddedRegistry, name: &str) -> KeyPairRecord {
         .await
         .unwrap()
         .remove(0)
+}
+
+/// 400 pairs of acme in cn-hangzhou (of the default quota of 500), made by `run` in `d`.
+fn fill_400_of_500(d: &Path) {
+    let mut csv = String::from("RegionId,KeyPairName\n");
+    for i in 0..400 {
+        csv.push_str(&format!("cn-hangzhou,host-{i:03}\n"));
+    }
+    std::fs::write(d.join("hosts.csv"), csv).unwrap();
+    let (code, out) = kf(
+        d,
+        &[
+            "run",
+            "hosts.csv",
+            "--owner",
+            "acme",
+            "--out",
+            "keys0",
+            "--progress",
+            "off",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
 }
