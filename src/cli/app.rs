@@ -14,9 +14,9 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::config::{
-    BenchArgs, Cli, CollectArgs, Command, DeleteArgs, DescribeArgs, MetricsAddr, ReconcileArgs,
-    ResultsArgs, RetireArgs, RotateArgs, RunArgs, ServeArgs, ServerArgs, StateArgs, StatusArgs,
-    SubmitArgs,
+    BenchArgs, Cli, CollectArgs, Command, DeleteArgs, DescribeArgs, EngineArgs, KeyBitsArgs,
+    MetricsAddr, ReconcileArgs, ResultsArgs, RetireArgs, RotateArgs, RunArgs, ServeArgs,
+    ServerArgs, StateArgs, StatusArgs, SubmitArgs,
 };
 use crate::cli::resolve::{resolve, FileConfig, Overrides};
 use crate::job::batch::RowDefaults;
@@ -171,13 +171,7 @@ async fn run_command(
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let resolved = resolve(
-        &Overrides {
-            state: args.state.state.clone(),
-            quota: args.quota,
-            key_bits: args.key.key_bits,
-            threads: args.cpu.threads,
-            engine: args.cpu.engine,
-        },
+        &making_keys(&args.state, args.quota, &args.key, &args.cpu),
         file,
     );
     let opts = RunOptions {
@@ -253,13 +247,7 @@ async fn rotate_command(
     use crate::modes::rotate::{self, RotateError, RotateOptions, Selection};
     rotate::check_template(&args.successor).map_err(|e| BadSetting::from(&e))?;
     let resolved = resolve(
-        &Overrides {
-            state: args.state.state.clone(),
-            quota: args.quota,
-            key_bits: args.key.key_bits,
-            threads: args.cpu.threads,
-            engine: args.cpu.engine,
-        },
+        &making_keys(&args.state, args.quota, &args.key, &args.cpu),
         file,
     );
     let names = match &args.names_file {
@@ -524,13 +512,7 @@ async fn serve_command(
     let credentials = crate::credentials::Credentials::load(&args.credentials)
         .map_err(|e| BadSetting::from(&e))?;
     let resolved = resolve(
-        &Overrides {
-            state: args.registry.state.state.clone(),
-            quota: args.quota,
-            key_bits: args.key.key_bits,
-            threads: args.cpu.threads,
-            engine: args.cpu.engine,
-        },
+        &making_keys(&args.registry.state, args.quota, &args.key, &args.cpu),
         file,
     );
     let store = match &args.registry.redis_url {
@@ -696,6 +678,22 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
         out!("{text}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the command line of a command that makes keys (`run`, `rotate`, `serve`) overrides.
+fn making_keys(
+    state: &StateArgs,
+    quota: Option<u64>,
+    key: &KeyBitsArgs,
+    cpu: &EngineArgs,
+) -> Overrides {
+    Overrides {
+        state: state.state.clone(),
+        quota,
+        key_bits: key.key_bits,
+        threads: cpu.threads,
+        engine: cpu.engine,
+    }
 }
 
 /// The state file `describe` and `delete` read, resolved like `run`'s.

@@ -523,52 +523,40 @@ fn verify(path: &Path) -> Result<(), RegistryError> {
 }
 
 /// A digest of everything the tables hold, to tell a repair that changed the contents from one
-/// that did not (see [`verify`]).
+/// that did not (see [`verify`]). Only compared within one check, so its layout is free.
 fn contents_digest(db: &Database) -> Result<Vec<u8>, redb::Error> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     let txn = db.begin_read()?;
-    for table in [ENTRIES, ROTATIONS] {
-        match txn.open_table(table) {
-            Ok(t) => {
-                for item in t.iter()? {
-                    let (k, v) = item?;
-                    h.update(k.value().as_bytes());
-                    h.update([0]);
-                    h.update(v.value());
-                    h.update([0]);
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        h.update([1]);
-    }
-    for table in [COUNTS] {
-        match txn.open_table(table) {
-            Ok(t) => {
-                for item in t.iter()? {
-                    let (k, v) = item?;
-                    h.update(k.value().as_bytes());
-                    h.update(v.value().to_le_bytes());
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    match txn.open_table(NONCES) {
-        Ok(t) => {
-            for item in t.iter()? {
-                let (k, v) = item?;
-                h.update(k.value().as_bytes());
-                h.update(v.value().to_le_bytes());
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
+    digest_table(&txn, ENTRIES, &mut h, |v| v.to_vec())?;
+    digest_table(&txn, ROTATIONS, &mut h, |v| v.to_vec())?;
+    digest_table(&txn, COUNTS, &mut h, |v| v.to_le_bytes().to_vec())?;
+    digest_table(&txn, NONCES, &mut h, |v| v.to_le_bytes().to_vec())?;
     Ok(h.finalize().to_vec())
+}
+
+/// Adds every row of `table` (absent: none) to `h`, each field followed by a separator.
+fn digest_table<V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&str, V>,
+    h: &mut sha2::Sha256,
+    bytes: impl for<'a> Fn(V::SelfType<'a>) -> Vec<u8>,
+) -> Result<(), redb::Error> {
+    use sha2::Digest;
+    let t = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for item in t.iter()? {
+        let (k, v) = item?;
+        h.update(k.value().as_bytes());
+        h.update([0]);
+        h.update(bytes(v.value()));
+        h.update([0]);
+    }
+    h.update([1]);
+    Ok(())
 }
 
 /// Why redb could not open (or check) the file at `path`.

@@ -19,18 +19,7 @@ const ALIYUN: usize = 200;
 const UCLOUD: usize = 100;
 
 fn against(cloud: &Server, mut c: Command) -> Command {
-    c.args([
-        "--upstream-endpoint",
-        &format!("aliyun=http://{}", cloud.addr),
-    ])
-    .args([
-        "--upstream-endpoint",
-        &format!("ucloud=http://{}", cloud.addr),
-    ])
-    .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
-    .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
-    .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
-    .env("UCLOUD_PRIVATE_KEY", "ucloudpriv");
+    cloud.as_cloud_of(&mut c);
     c
 }
 

@@ -412,19 +412,9 @@ async fn run_killed_mid_batch_then_rerun_cloud_holds_exactly_the_delivered_keys(
                 .arg(d.join("keys.redb"))
                 .arg("--out")
                 .arg(d.join("keys"))
-                .arg(&file)
-                .args([
-                    "--upstream-endpoint",
-                    &format!("aliyun=http://{}", cloud.addr),
-                ])
-                .args([
-                    "--upstream-endpoint",
-                    &format!("ucloud=http://{}", cloud.addr),
-                ])
-                .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
-                .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
-                .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
-                .env("UCLOUD_PRIVATE_KEY", "ucloudpriv")
+                .arg(&file);
+            cloud
+                .as_cloud_of(&mut c)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             c

@@ -77,6 +77,23 @@ pub struct Server {
 }
 
 impl Server {
+    /// `c` pointed at this server as its cloud, for both providers, with the access keys the
+    /// test clouds accept (from the environment, as a user gives them).
+    pub fn as_cloud_of<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.args([
+            "--upstream-endpoint",
+            &format!("aliyun=http://{}", self.addr),
+        ])
+        .args([
+            "--upstream-endpoint",
+            &format!("ucloud=http://{}", self.addr),
+        ])
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid")
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret")
+        .env("UCLOUD_PUBLIC_KEY", "ucloudpub")
+        .env("UCLOUD_PRIVATE_KEY", "ucloudpriv")
+    }
+
     /// Starts `keyfleet serve` with `args` (plus --listen 127.0.0.1:0 and --credentials, and
     /// --state unless `args` names --redis-url or --state) and waits for its address.
     pub fn start(dir: &Path, args: &[&str]) -> Server {
