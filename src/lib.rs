@@ -14,8 +14,9 @@
 //!   everything below takes plain settings.
 //! - `modes/`: `run.rs` (a batch file, embedded store), `worker.rs` (jobs from RabbitMQ, Redis),
 //!   `serve/` (the clouds' key-pair APIs over HTTP, for their official SDKs), `submit.rs` (the
-//!   producer), `collect.rs` (results into a folder), `rotate.rs` (a fleet's pairs replaced:
-//!   successors through `run`'s pass, the replaced pairs retired through `delete.rs`); and
+//!   producer), `collect.rs` (results into a folder), `rotate/` (a fleet's pairs replaced:
+//!   successors through `run`'s pass, or with `fleet.rs` through the workers and `collect`;
+//!   the replaced pairs retired through `delete.rs`); and
 //!   around them `describe.rs`, `delete.rs`, `reconcile.rs` (registry against cloud),
 //!   `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,

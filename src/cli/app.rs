@@ -277,39 +277,111 @@ async fn rotate_command(
         waves: args.waves,
         retire: args.retire,
     };
-    let upstream = Configured::build(
-        &args.upstream.resolve(file),
-        args.upstream_limit.rate_limit(),
-    )
-    .map_err(|e| BadSetting::from(&e))?;
-    let upstream = std::sync::Arc::new(upstream);
-    let cloud = match &*upstream {
-        Configured::Http(h) => Some(h),
-        Configured::Local(_) => None,
-    };
-    serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
-    let registry = std::sync::Arc::new(open_registry(&resolved.state)?);
-    let summary = match rotate::rotate(opts, registry, upstream.clone(), cloud, shutdown).await {
-        Ok(s) => s,
-        Err(e @ RotateError::Template { .. }) => return Err(BadSetting::from(&e)),
-        Err(e) => return Err(anyhow::Error::new(e).context("keyfleet rotate failed")),
+    let summary = if args.submit {
+        serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
+        rotate_through_workers(opts, &args, file, shutdown).await?
+    } else {
+        let upstream = Configured::build(
+            &args.upstream.resolve(file),
+            args.upstream_limit.rate_limit(),
+        )
+        .map_err(|e| BadSetting::from(&e))?;
+        let upstream = std::sync::Arc::new(upstream);
+        let cloud = match &*upstream {
+            Configured::Http(h) => Some(h),
+            Configured::Local(_) => None,
+        };
+        serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
+        let registry = std::sync::Arc::new(open_registry(&resolved.state)?);
+        match rotate::rotate(opts, registry, upstream.clone(), cloud, shutdown).await {
+            Ok(s) => s,
+            Err(e @ RotateError::Template { .. }) => return Err(BadSetting::from(&e)),
+            Err(e) => return Err(anyhow::Error::new(e).context("keyfleet rotate failed")),
+        }
     };
     if args.report.json {
         outln!("{}", serde_json::to_string(&summary)?);
     } else {
         out!("{}", summary.render());
     }
-    Ok(unless_interrupted(summary.interrupted, ExitCode::SUCCESS))
+    Ok(unless_interrupted(
+        summary.interrupted,
+        success_if(!summary.incomplete),
+    ))
+}
+
+/// `rotate --submit`: the rotation through RabbitMQ and the workers, on the Redis registry.
+async fn rotate_through_workers(
+    opts: crate::modes::rotate::RotateOptions,
+    args: &RotateArgs,
+    file: &FileConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<crate::modes::rotate::RotateSummary> {
+    use crate::modes::rotate::{fleet, RotateError};
+    if (args.waves || args.retire) && !args.wait {
+        return Err(BadSetting(
+            "rotate --submit: --waves and --retire need --wait (a replaced pair is retired only once its successor's key is in --out)".into(),
+        )
+        .into());
+    }
+    let cloud =
+        Configured::cloud(&args.upstream.resolve(file)).map_err(|e| BadSetting::from(&e))?;
+    let endpoints = args.server.endpoints();
+    let registry = std::sync::Arc::new(
+        redis_registry(
+            &endpoints.redis_url,
+            &endpoints.prefix,
+            endpoints.redis_replicas,
+        )
+        .await?,
+    );
+    // The rotation's id is its batch id: the identity is named after it.
+    let id = opts
+        .rotation_id
+        .clone()
+        .unwrap_or_else(|| opts.selection.derived_id(&opts.template));
+    let (keys_to, remove_identity) = match (&args.recipient, &args.identity) {
+        (Some(r), _) => (KeysTo::Recipient(r.clone()), None),
+        (None, Some(path)) => (KeysTo::IdentityFile(path.clone()), None),
+        (None, None) => {
+            let path = transit::default_identity_path(&id, Some(&opts.out))
+                .context("keyfleet rotate: no place for the rotation's identity")?;
+            let remove = (!args.keep_identity).then(|| path.clone());
+            (KeysTo::IdentityFile(path), remove)
+        }
+    };
+    let fleet_opts = fleet::FleetOptions {
+        endpoints,
+        keys_to,
+        identity: args.identity.clone(),
+        remove_identity,
+        wait: args.wait,
+        idle_timeout: args.idle_timeout,
+        confirm_window: args.confirm_window.max(1),
+    };
+    match fleet::rotate(opts, fleet_opts, registry, cloud.as_ref(), shutdown).await {
+        Ok(s) => Ok(s),
+        Err(e @ (RotateError::Template { .. } | RotateError::OtherFolder { .. })) => {
+            Err(BadSetting::from(&e))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("keyfleet rotate --submit failed")),
+    }
 }
 
 async fn retire_command(file: &FileConfig, args: RetireArgs) -> anyhow::Result<ExitCode> {
     let cloud =
         Configured::cloud(&args.upstream.resolve(file)).map_err(|e| BadSetting::from(&e))?;
-    let registry = open_registry(&state_path(&args.state, file))?;
-    let (status, retired) =
-        crate::modes::rotate::retire(&registry, cloud.as_ref(), &args.rotation_id)
-            .await
-            .with_context(|| format!("keyfleet retire {} failed", args.rotation_id))?;
+    on_registry!(retire_on, args, file, cloud.as_ref())
+}
+
+async fn retire_on<R: crate::registry::Registry>(
+    registry: &R,
+    args: RetireArgs,
+    cloud: Option<&crate::upstream::http::HttpUpstream>,
+) -> anyhow::Result<ExitCode> {
+    let (status, retired) = crate::modes::rotate::retire(registry, cloud, &args.rotation_id)
+        .await
+        .with_context(|| format!("keyfleet retire {} failed", args.rotation_id))?;
     if args.json {
         outln!(
             "{}",
@@ -428,13 +500,16 @@ async fn collect_command(
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let stopped = shutdown.clone();
-    let opts = collect_options(
+    let mut opts = collect_options(
         &args.batch_id,
         args.out.clone(),
         args.identity.clone(),
         args.idle_timeout,
         &args.results,
     );
+    if args.batch_id.starts_with(crate::modes::rotate::ID_PREFIX) {
+        opts.annotate = Some(rotation_annotator(&opts).await?);
+    }
     let summary = crate::modes::collect::collect(opts, shutdown)
         .await
         .with_context(|| format!("keyfleet collect {} failed", args.batch_id))?;
@@ -443,6 +518,38 @@ async fn collect_command(
     // again); 1 when results were left on the queue because their keys could not be written.
     let code = success_if(summary.kept == 0);
     Ok(unless_interrupted(stopped.is_cancelled(), code))
+}
+
+/// The manifest lines of a rotation's successors name the pair each replaces, whoever
+/// collects them; and they are collected into the folder the rotation records, where
+/// `rotate --submit --wait` looks for them.
+async fn rotation_annotator(
+    opts: &CollectOptions,
+) -> anyhow::Result<crate::modes::collect::Annotator> {
+    use crate::registry::Registry;
+    let e = &opts.endpoints;
+    let registry = redis_registry(&e.redis_url, &e.prefix, e.redis_replicas).await?;
+    let Some(rotation) = registry.rotation(&opts.batch_id).await? else {
+        anyhow::bail!(
+            "no rotation {} in Redis (prefix {:?}): `keyfleet rotate --submit` records one",
+            opts.batch_id,
+            e.prefix
+        );
+    };
+    let here = std::fs::canonicalize(&opts.out).unwrap_or_else(|_| opts.out.clone());
+    if let Some(recorded) = &rotation.out {
+        if Path::new(recorded) != here {
+            return Err(BadSetting(format!(
+                "rotation {} collects into {recorded}: collect it with --out {recorded}",
+                rotation.id
+            ))
+            .into());
+        }
+    }
+    let rotation = std::sync::Arc::new(rotation);
+    Ok(crate::modes::collect::Annotator(std::sync::Arc::new(
+        move |r| crate::modes::rotate::annotation_of(&rotation, r),
+    )))
 }
 
 fn collect_options(
@@ -460,6 +567,8 @@ fn collect_options(
         endpoints: results.server.endpoints(),
         idle_timeout,
         progress: results.report.progress,
+        until: None,
+        annotate: None,
     }
 }
 
@@ -474,8 +583,27 @@ fn print_summary(s: &CollectSummary, json: bool) -> anyhow::Result<()> {
 
 async fn status_command(file: &FileConfig, args: StatusArgs) -> anyhow::Result<ExitCode> {
     if args.batch_id.starts_with(crate::modes::rotate::ID_PREFIX) {
-        let registry = open_registry(&state_path(&args.state, file))?;
-        let s = crate::modes::rotate::status(&registry, &args.batch_id).await?;
+        use crate::modes::rotate::{self, RotateError};
+        // The state file when it holds the rotation (`rotate`), otherwise the fleet's Redis
+        // (`rotate --submit`).
+        let state = state_path(&args.state, file);
+        let embedded = match state.exists() {
+            true => match rotate::status(&open_registry(&state)?, &args.batch_id).await {
+                Err(RotateError::NoSuchRotation(_)) => None,
+                other => Some(other?),
+            },
+            false => None,
+        };
+        let s = match embedded {
+            Some(s) => s,
+            None => {
+                let e = args.server.endpoints();
+                let registry = redis_registry(&e.redis_url, &e.prefix, e.redis_replicas).await?;
+                rotate::status(&registry, &args.batch_id)
+                    .await
+                    .with_context(|| format!("not in the state file {} either", state.display()))?
+            }
+        };
         if args.json {
             outln!("{}", serde_json::to_string(&s)?);
         } else {

@@ -487,7 +487,8 @@ pub struct ResultsArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// A batch id, or a rotation id (`rot-…`, read from the state file).
+    /// A batch id, or a rotation id (`rot-…`: read from the state file when it holds it,
+    /// otherwise from Redis, where `rotate --submit` records it).
     #[arg(value_parser = parse_batch_id)]
     pub batch_id: String,
     /// The state file a rotation is recorded in.
@@ -793,6 +794,50 @@ pub struct RotateArgs {
     /// Retire every replaced pair (registry and cloud) once every successor is delivered.
     #[arg(long)]
     pub retire: bool,
+    /// Create the successors through RabbitMQ and the workers (distributed mode), selecting
+    /// pairs in and recording the rotation in the fleet's Redis registry (--redis-url), not
+    /// the state file. The workers register the successors in the cloud; this command deletes
+    /// the replaced pairs there when it retires them (--upstream-endpoint).
+    #[arg(long)]
+    pub submit: bool,
+    /// With --submit: collect the successors' keys into --out as they come (as `submit
+    /// --wait` does), wave by wave with --waves, and retire with --waves / --retire. Without
+    /// it, the jobs are published and `keyfleet collect ROTATION-ID --out DIR` collects them.
+    #[arg(long, requires = "submit")]
+    pub wait: bool,
+    /// With --submit: the age identity file the successors' private keys are encrypted to
+    /// (read if it exists, created 0600 if not). Default: in --out, removed once every
+    /// successor's key is there.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "submit",
+        conflicts_with = "recipient"
+    )]
+    pub identity: Option<PathBuf>,
+    /// With --submit --wait: keep the identity made in --out once every successor's key is
+    /// there (it is removed otherwise; one named with --identity is always kept).
+    #[arg(long, env = "KEYFLEET_KEEP_IDENTITY")]
+    pub keep_identity: bool,
+    /// With --submit and without --wait: encrypt the successors' keys to this age recipient
+    /// (`age1…`), whose identity you keep.
+    #[arg(
+        long,
+        value_name = "AGE1…",
+        requires = "submit",
+        conflicts_with = "wait"
+    )]
+    pub recipient: Option<String>,
+    /// With --submit --wait: give up after this long without a result (are the workers
+    /// running?); run the same command again to go on.
+    #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// With --submit: publisher confirms awaited at most this many jobs behind.
+    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
+    pub confirm_window: usize,
+    /// RabbitMQ and Redis, with --submit.
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Serve Prometheus /metrics (and /healthz, /readyz) here while the rotation runs, e.g.
     /// 127.0.0.1:9464. Off by default.
     #[arg(long, env = "KEYFLEET_METRICS_ADDR", default_value = "off", value_parser = parse_metrics_addr)]
@@ -817,8 +862,10 @@ pub struct RetireArgs {
     /// The rotation id `rotate` printed.
     #[arg(value_parser = parse_rotation_id)]
     pub rotation_id: String,
+    /// The state file, or with --redis-url the fleet's registry (a rotation made with
+    /// `rotate --submit`).
     #[command(flatten)]
-    pub state: StateArgs,
+    pub registry: RegistryArgs,
     /// With an endpoint, the replaced pairs are deleted in the cloud too (DeleteKeyPairs /
     /// DeleteUHostKeyPairs), before keyfleet's registry.
     #[command(flatten)]

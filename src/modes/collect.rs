@@ -9,13 +9,16 @@
 //! key it still cannot write (it does not decrypt, the disk is full, a permission) stays on the
 //! queue for the next collect.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::dialect::Scope;
 use crate::job::{set_private_key_body, take_private_key_body, JobResult};
@@ -43,6 +46,28 @@ pub struct CollectOptions {
     /// Stop after this long without a result (the batch may be incomplete; run again later).
     pub idle_timeout: Duration,
     pub progress: ProgressMode,
+    /// Stop once the folder holds a result for each of these jobs — a created pair where the
+    /// value is true, any result where it is false — rather than when the batch's total is
+    /// reached (`rotate --submit --wait` collects one wave at a time).
+    pub until: Option<HashMap<Uuid, bool>>,
+    /// What a mode adds to each manifest line (`rotate`: the pair a successor replaces).
+    pub annotate: Option<Annotator>,
+}
+
+/// Fields a mode adds to a manifest line (never a private key).
+pub type Annotation = serde_json::Map<String, serde_json::Value>;
+
+/// What a mode adds to one result's manifest line.
+pub type Annotate = dyn Fn(&JobResult) -> Option<Annotation> + Send + Sync;
+
+/// The fields added to each result's manifest line, by result.
+#[derive(Clone)]
+pub struct Annotator(pub Arc<Annotate>);
+
+impl std::fmt::Debug for Annotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Annotator")
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -67,6 +92,9 @@ pub struct CollectSummary {
     pub total: Option<u64>,
     pub complete: bool,
     pub manifest: PathBuf,
+    /// Every job the folder answers, and whether its pair was created.
+    #[serde(skip)]
+    pub written: crate::sink::folder::Written,
 }
 
 impl CollectSummary {
@@ -239,6 +267,13 @@ async fn drain(
         progress,
         counts: Counts::default(),
         keys,
+        annotate: opts.annotate.clone(),
+    };
+    let reached = |seen: &crate::sink::folder::Written, total: Option<u64>| match &opts.until {
+        Some(until) => until
+            .iter()
+            .all(|(job, created)| seen.get(job).is_some_and(|c| *c || !created)),
+        None => total.is_some_and(|t| seen.len() as u64 >= t),
     };
     // Results whose key could not be decrypted: never acked, so they stay on the queue.
     let mut kept: Vec<lapin::Acker> = Vec::new();
@@ -249,7 +284,7 @@ async fn drain(
     let mut last_result = Instant::now();
     let mut checked_total = Instant::now();
     loop {
-        if total.is_some_and(|t| desk.seen.len() as u64 >= t) {
+        if reached(&desk.seen, total) {
             break;
         }
         let next = tokio::select! {
@@ -422,7 +457,9 @@ async fn drain(
     let manifest = out.finish()?;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
-    let complete = total.is_some_and(|t| collected >= t);
+    // A batch collected wave by wave (`until`) is never recorded as complete here: the mode
+    // that runs it knows when it is.
+    let complete = opts.until.is_none() && total.is_some_and(|t| collected >= t);
     let mut identity_removed = None;
     if complete {
         let record = Collected {
@@ -452,6 +489,7 @@ async fn drain(
         total,
         complete,
         manifest,
+        written: seen,
     })
 }
 
@@ -656,6 +694,7 @@ struct Desk {
     progress: Progress,
     counts: Counts,
     keys: Keys,
+    annotate: Option<Annotator>,
 }
 
 /// How keys are read and written here.
@@ -714,6 +753,7 @@ impl Desk {
             progress,
             counts,
             keys,
+            annotate,
         } = self;
         // What this group writes, for a second result of one job in the same group.
         let mut writing = crate::sink::folder::Written::new();
@@ -783,7 +823,11 @@ impl Desk {
                     &path.to_string_lossy(),
                 );
             }
-            out.append(&result, path.as_deref())?;
+            let extra = annotate
+                .as_ref()
+                .and_then(|a| (a.0)(&result))
+                .unwrap_or_default();
+            out.append_with(&result, path.as_deref(), &extra)?;
             seen.insert(result.job_id, result.is_created());
             progress.record(&result);
             taken.push(Taken::Done);

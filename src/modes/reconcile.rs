@@ -55,12 +55,7 @@ pub async fn reconcile<R: Registry>(
         .map(|p| (p.name, p.fingerprint))
         .collect();
     let mut drift = Drift::between(&ours, &theirs);
-    // A registry that keeps no rotations (Redis, for now) has none to tell apart.
-    let retired = match crate::modes::rotate::retired_names(registry, scope).await {
-        Ok(names) => names,
-        Err(RegistryError::Unsupported(_)) => Default::default(),
-        Err(e) => return Err(e.into()),
-    };
+    let retired = crate::modes::rotate::retired_names(registry, scope).await?;
     let (retired, other): (Vec<String>, Vec<String>) = drift
         .in_cloud_only
         .into_iter()

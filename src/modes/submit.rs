@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dialect::{self, Catalog};
 use crate::job::batch::{self, Format, Row, RowDefaults};
-use crate::job::JobResult;
+use crate::job::{Job, JobResult};
 use crate::queue::broker::{self, Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
 use crate::registry::batch_status::BatchStatusStore;
@@ -76,32 +76,14 @@ pub async fn submit(
     shutdown: CancellationToken,
 ) -> Result<SubmitSummary, SubmitError> {
     let input = batch::BatchInput::open(&opts.input, opts.format)?;
-    let e = &opts.endpoints;
-    let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
-    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout)
-        .await?
-        .with_replicas(e.redis_replicas);
-    status.check_replicas(e.connect_timeout).await?;
-    broker.declare().await?;
     let batch_id = opts.defaults.batch_id.clone();
-    // Before the first job: a worker refuses a job whose batch has no recipient.
-    let recipient = match &opts.keys_to {
-        KeysTo::Recipient(r) => transit::parse_recipient(r)?,
-        KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
-        KeysTo::IdentityFile(path) => transit::create_identity(path)?,
-    };
-    status
-        .set_recipient(&batch_id, &recipient.to_string())
-        .await?;
-    // Before the first job: results are kept even if no collector is running yet.
-    broker.declare_results_queue(&batch_id).await?;
+    let (broker, status) = open_batch(&opts.endpoints, &batch_id, &opts.keys_to).await?;
 
     let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4096)?;
 
     let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
     let started = Instant::now();
-    let routing = e.topology().jobs_routing_key();
-    let mut window: VecDeque<PublisherConfirm> = VecDeque::with_capacity(opts.confirm_window);
+    let mut window = ConfirmWindow::new(&opts.endpoints, opts.confirm_window);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
     loop {
@@ -116,12 +98,7 @@ pub async fn submit(
                 match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
                     Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
                     Ok(_) => {
-                        if window.len() >= opts.confirm_window {
-                            if let Some(c) = window.pop_front() {
-                                broker::confirmed(c, &routing).await?;
-                            }
-                        }
-                        window.push_back(broker.publish_job(&job).await?);
+                        window.publish(&broker, &job).await?;
                         enqueued += 1;
                         progress.enqueue();
                         None
@@ -142,9 +119,7 @@ pub async fn submit(
         }
     }
     drop(rx);
-    for c in window.drain(..) {
-        broker::confirmed(c, &routing).await?;
-    }
+    window.drain().await?;
     let read = batch::join_reader(&opts.input, reader);
     if !interrupted {
         read?;
@@ -162,4 +137,66 @@ pub async fn submit(
         jobs_per_second: rows as f64 / seconds.max(1e-9),
         interrupted,
     })
+}
+
+/// Connects for a batch and readies it for its first job: the topology declared, the batch's
+/// recipient recorded (a worker refuses a job whose batch has none) and its results queue
+/// declared (results are kept even before a collector runs). `rotate --submit` shares it.
+pub async fn open_batch(
+    e: &Endpoints,
+    batch_id: &str,
+    keys_to: &KeysTo,
+) -> Result<(Broker, BatchStatusStore), SubmitError> {
+    let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
+    let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout)
+        .await?
+        .with_replicas(e.redis_replicas);
+    status.check_replicas(e.connect_timeout).await?;
+    broker.declare().await?;
+    let recipient = match keys_to {
+        KeysTo::Recipient(r) => transit::parse_recipient(r)?,
+        KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
+        KeysTo::IdentityFile(path) => transit::create_identity(path)?,
+    };
+    status
+        .set_recipient(batch_id, &recipient.to_string())
+        .await?;
+    broker.declare_results_queue(batch_id).await?;
+    Ok((broker, status))
+}
+
+/// Publisher confirms kept in flight: a job is published without waiting for its confirm,
+/// and a confirm is awaited only when `size` are outstanding (and all of them at the end).
+pub struct ConfirmWindow {
+    routing: String,
+    size: usize,
+    waiting: VecDeque<PublisherConfirm>,
+}
+
+impl ConfirmWindow {
+    pub fn new(e: &Endpoints, size: usize) -> Self {
+        ConfirmWindow {
+            routing: e.topology().jobs_routing_key(),
+            size: size.max(1),
+            waiting: VecDeque::with_capacity(size.max(1)),
+        }
+    }
+
+    pub async fn publish(&mut self, broker: &Broker, job: &Job) -> Result<(), BrokerError> {
+        if self.waiting.len() >= self.size {
+            if let Some(c) = self.waiting.pop_front() {
+                broker::confirmed(c, &self.routing).await?;
+            }
+        }
+        self.waiting.push_back(broker.publish_job(job).await?);
+        Ok(())
+    }
+
+    /// Waits for every confirm still outstanding.
+    pub async fn drain(&mut self) -> Result<(), BrokerError> {
+        for c in self.waiting.drain(..) {
+            broker::confirmed(c, &self.routing).await?;
+        }
+        Ok(())
+    }
 }

@@ -105,10 +105,6 @@ pub enum RegistryError {
         wanted: u32,
         waited: std::time::Duration,
     },
-    /// This registry does not keep what was asked of it (rotations are kept in the embedded
-    /// state file only, for now).
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// At start-up: a Redis master has fewer replicas connected than `--redis-replicas` asks
     /// every write to reach, so no write could ever count. Not retried.
     #[error(
@@ -295,25 +291,19 @@ pub trait Registry: Send + Sync + 'static {
     /// answers: a rotation's successors are created only once it is recorded.
     fn save_rotation(
         &self,
-        _rotation: &rotation::Rotation,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send {
-        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
-    }
+        rotation: &rotation::Rotation,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// The rotation recorded under `id`, if any.
     fn rotation(
         &self,
-        _id: &str,
-    ) -> impl Future<Output = Result<Option<rotation::Rotation>, RegistryError>> + Send {
-        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
-    }
+        id: &str,
+    ) -> impl Future<Output = Result<Option<rotation::Rotation>, RegistryError>> + Send;
 
     /// Every recorded rotation, by id.
     fn rotations(
         &self,
-    ) -> impl Future<Output = Result<Vec<rotation::Rotation>, RegistryError>> + Send {
-        async { Err(RegistryError::Unsupported(ROTATIONS_UNSUPPORTED)) }
-    }
+    ) -> impl Future<Output = Result<Vec<rotation::Rotation>, RegistryError>> + Send;
 
     /// Makes every change so far durable. The embedded store leaves the sync of some writes to
     /// the next synced one (see `embedded.rs`); a run ends with this. Redis: nothing to do.
@@ -327,10 +317,6 @@ pub trait Registry: Send + Sync + 'static {
         None
     }
 }
-
-/// What a registry without rotations answers when asked for one.
-pub const ROTATIONS_UNSUPPORTED: &str =
-    "rotations are kept in the embedded state file only: this registry (Redis) does not keep them yet";
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -11,7 +11,10 @@
 //! - `<prefix>:{<scope>}:indexed` — set once the deadline index covers every reservation of a
 //!   scope written before the index existed;
 //! - `<prefix>:scopes` — set of scope keys, an index for `describe` only;
-//! - `<prefix>:nonce:<hash>` — a signature nonce `keyfleet serve` has seen, expiring by itself.
+//! - `<prefix>:nonce:<hash>` — a signature nonce `keyfleet serve` has seen, expiring by itself;
+//! - `<prefix>:rotation:<id>` — string: a rotation ([`Rotation`] JSON: names, fingerprints and
+//!   job ids, no key), and `<prefix>:rotations` — set of rotation ids, for `rotate`'s selection
+//!   and `reconcile`. Written with the `--redis-replicas` wait like the scopes' entries.
 //!
 //! Every key of a scope carries the scope as its hash tag, so each operation's script touches
 //! one cluster slot and works on Redis Cluster. Reserve, commit, mark_delivered, release and
@@ -36,6 +39,7 @@ use redis::Script;
 use sha2::Digest;
 use uuid::Uuid;
 
+use super::rotation::Rotation;
 use super::{Claim, Entry, Filter, Registry, RegistryError, Reserved};
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
@@ -167,6 +171,16 @@ impl RedisRegistry {
         format!("{}:scopes", self.prefix)
     }
 
+    /// The key a rotation is kept under.
+    pub fn rotation_key(&self, id: &str) -> String {
+        format!("{}:rotation:{id}", self.prefix)
+    }
+
+    /// The set of every rotation id.
+    pub fn rotations_key(&self) -> String {
+        format!("{}:rotations", self.prefix)
+    }
+
     fn keys_of(&self, scope_key: &str) -> ScopeKeys {
         ScopeKeys {
             pairs: format!("{}:{{{scope_key}}}:pairs", self.prefix),
@@ -191,6 +205,11 @@ impl RedisRegistry {
             .map(drop)
             .map_err(storage)
     }
+}
+
+fn decode_rotation(id: &str, raw: &str) -> Result<Rotation, RegistryError> {
+    serde_json::from_str(raw)
+        .map_err(|e| RegistryError::Storage(format!("rotation {id:?} is not valid: {e}")))
 }
 
 fn decode_entry(name: &str, raw: &str) -> Result<Entry, RegistryError> {
@@ -390,6 +409,47 @@ impl Registry for RedisRegistry {
             .await
             .map_err(storage)?;
         raw.map(|raw| decode_entry(name, &raw)).transpose()
+    }
+
+    async fn save_rotation(&self, rotation: &Rotation) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(rotation).map_err(|e| {
+            RegistryError::Storage(format!("encoding rotation {}: {e}", rotation.id))
+        })?;
+        // The record first, then the index: a rotation listed is always readable.
+        let mut set = redis::cmd("SET");
+        set.arg(self.rotation_key(&rotation.id)).arg(json);
+        self.conn.write::<()>(&set, None).await?;
+        let mut index = redis::cmd("SADD");
+        index.arg(self.rotations_key()).arg(&rotation.id);
+        self.conn.write::<i64>(&index, None).await.map(drop)
+    }
+
+    async fn rotation(&self, id: &str) -> Result<Option<Rotation>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.rotation_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        raw.map(|raw| decode_rotation(id, &raw)).transpose()
+    }
+
+    async fn rotations(&self) -> Result<Vec<Rotation>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.rotations_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        // One GET each: on a Cluster the records live in different slots.
+        for id in ids {
+            if let Some(r) = self.rotation(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {

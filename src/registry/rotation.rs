@@ -19,6 +19,10 @@ pub struct Rotation {
     pub template: String,
     /// The replaced pairs, in the order their successors are made.
     pub members: Vec<Member>,
+    /// The output folder a rotation run through the workers collects into (`rotate --submit
+    /// --wait`): its successors' keys are written there only, so a rerun must use it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<String>,
 }
 
 /// A replaced pair (P) and its successor (S).
@@ -34,6 +38,19 @@ pub struct Member {
     pub successor: String,
     /// S's job id: fixed here, so every attempt at S is the same job to the registry.
     pub successor_job_id: Uuid,
+    /// S's job ids before the current one. A rerun through the workers never publishes a job
+    /// id again (its first message may still be queued, and two copies of one job must never
+    /// be worked at once): when S's job must be published again, it gets a new id, recorded
+    /// here first. Whichever of them holds S holds it for this member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_job_ids: Vec<Uuid>,
+    /// How many of S's jobs RabbitMQ confirmed (0: never published, or made in-process).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub published: u32,
+    /// S's current job is being published and not yet confirmed: after a crash, nobody knows
+    /// whether it is queued.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publishing: bool,
     /// P's tags, resource group and zone, which S is created with.
     #[serde(default)]
     pub tags: Vec<Tag>,
@@ -76,10 +93,37 @@ impl Replaced {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 impl Member {
     /// Whether `name` in `scope` is this member's successor.
     pub fn is_successor(&self, scope: &Scope, name: &str) -> bool {
         self.scope == *scope && self.successor == name
+    }
+
+    /// Whether `job_id` is one of the jobs made for S (the current one or an earlier one).
+    pub fn is_job(&self, job_id: Uuid) -> bool {
+        self.successor_job_id == job_id || self.earlier_job_ids.contains(&job_id)
+    }
+
+    /// Readies S's job to be published: a job published (or being published) before gets a
+    /// new id, the old one kept in [`Member::earlier_job_ids`]. Save the rotation before
+    /// publishing, and call [`Member::confirmed`] once RabbitMQ confirms it.
+    pub fn next_publication(&mut self) {
+        if self.published > 0 || self.publishing {
+            self.earlier_job_ids.push(self.successor_job_id);
+            self.successor_job_id = Uuid::new_v4();
+        }
+        self.publishing = true;
+        self.failed = None;
+    }
+
+    /// RabbitMQ confirmed S's current job: it is queued, and will be answered.
+    pub fn confirmed(&mut self) {
+        self.publishing = false;
+        self.published += 1;
     }
 }
 

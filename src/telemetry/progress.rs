@@ -33,6 +33,17 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Adds another tally's counts to this one's.
+    pub fn merge(&mut self, other: &Tally) {
+        self.rows += other.rows;
+        self.created += other.created;
+        self.delivered_earlier += other.delivered_earlier;
+        self.failed += other.failed;
+        for (code, n) in &other.failed_by_code {
+            *self.failed_by_code.entry(code.clone()).or_default() += n;
+        }
+    }
+
     pub fn add(&mut self, r: &JobResult) {
         self.rows += 1;
         if r.created().is_some_and(|c| c.delivered_earlier) {

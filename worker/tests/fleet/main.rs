@@ -14,4 +14,5 @@ mod delivery;
 mod distributed;
 mod private_keys;
 mod prometheus;
+mod rotate;
 mod upstream;

@@ -353,6 +353,8 @@ async fn failed_write_is_not_acked() {
         endpoints: env.endpoints(),
         idle_timeout: Duration::from_secs(10),
         progress: keyfleet::telemetry::progress::ProgressMode::Off,
+        until: None,
+        annotate: None,
     };
     let err = keyfleet::modes::collect::collect(opts, CancellationToken::new())
         .await

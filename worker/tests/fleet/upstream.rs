@@ -139,15 +139,19 @@ async fn jobs_of_a_closed_rabbitmq_connection_are_abandoned_not_worked_on() {
     .expect("test timed out");
 }
 
-/// The access key the test clouds accept, as a worker's environment gives it.
-const CLOUD_CREDENTIALS: [(&str, &str); 2] = [
+/// The access keys the test clouds accept (Alibaba Cloud's for account `acme`, UCloud's for
+/// `org-acme`), as a worker's environment gives them.
+pub(crate) const CLOUD_CREDENTIALS: [(&str, &str); 4] = [
     ("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid"),
     ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "testsecret"),
+    ("UCLOUD_PUBLIC_KEY", "ucloudpub"),
+    ("UCLOUD_PRIVATE_KEY", "ucloudpriv"),
 ];
 
 /// A cloud for the workers: a `keyfleet serve` in this process, on a state file in the test's
-/// folder, with its throttle and injected fault rate. Stopped by cancelling the token.
-async fn start_cloud(
+/// folder, with its throttle and injected fault rate, for both providers. Stopped by
+/// cancelling the token.
+pub(crate) async fn start_cloud(
     env: &Env,
     throttle_rps: u32,
     fault_rate: f64,
@@ -156,12 +160,20 @@ async fn start_cloud(
     let registry = Arc::new(EmbeddedRegistry::open(&state).unwrap());
     let opts = ServeOptions {
         listen: ([127, 0, 0, 1], 0).into(),
-        credentials: Credentials::from_keys(vec![AccessKey {
-            provider: Provider::Aliyun,
-            id: "testid".into(),
-            secret: Secret::new("testsecret".into()),
-            account: "acme".into(),
-        }]),
+        credentials: Credentials::from_keys(vec![
+            AccessKey {
+                provider: Provider::Aliyun,
+                id: "testid".into(),
+                secret: Secret::new("testsecret".into()),
+                account: "acme".into(),
+            },
+            AccessKey {
+                provider: Provider::Ucloud,
+                id: "ucloudpub".into(),
+                secret: Secret::new("ucloudpriv".into()),
+                account: "org-acme".into(),
+            },
+        ]),
         store: Store::Embedded(state),
         settings: Settings {
             quota: KeyPairQuota {

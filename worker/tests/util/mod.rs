@@ -330,6 +330,8 @@ impl Env {
             endpoints: self.endpoints(),
             idle_timeout: idle,
             progress: ProgressMode::Off,
+            until: None,
+            annotate: None,
         };
         tokio::time::timeout(
             Duration::from_secs(600),

@@ -8,6 +8,11 @@
 //! finds the recorded rotation and so makes the same jobs, which the lifecycle finishes exactly
 //! once. P is deleted (registry and cloud, as `delete` does) only once the registry shows its
 //! successor delivered: by `retire`, at the end with `--retire`, or wave by wave with `--waves`.
+//!
+//! This file runs a rotation in-process on the embedded store; `fleet.rs` runs the same
+//! rotation through RabbitMQ and the workers on the Redis registry (`rotate --submit`).
+
+pub mod fleet;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -30,7 +35,7 @@ use crate::registry::rotation::{Member, Replaced, Rotation};
 use crate::registry::{Entry, Filter, Registry, RegistryError};
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
-use crate::sink::folder::OutputDir;
+use crate::sink::folder::{OutputDir, Written};
 use crate::telemetry::progress::{Progress, ProgressMode, Tally};
 use crate::upstream::http::HttpUpstream;
 use crate::upstream::Upstream;
@@ -53,6 +58,15 @@ pub enum RotateError {
     NoHeadroom(String),
     #[error("no rotation {0} in this registry")]
     NoSuchRotation(String),
+    /// A rotation through the workers collects into one folder: its keys are nowhere else.
+    #[error("rotation {id} collects into {recorded}: run it again with --out {recorded} (its successors' keys already written are there, and only there)")]
+    OtherFolder { id: String, recorded: String },
+    #[error(transparent)]
+    Submit(#[from] crate::modes::submit::SubmitError),
+    #[error(transparent)]
+    Broker(#[from] crate::queue::broker::BrokerError),
+    #[error(transparent)]
+    Collect(#[from] crate::modes::collect::CollectError),
     #[error(transparent)]
     Run(#[from] RunError),
     #[error(transparent)]
@@ -150,12 +164,17 @@ pub struct RotateSummary {
     pub already_finished: bool,
     pub headroom: Vec<Headroom>,
     pub waves: u32,
+    /// Successor jobs published to RabbitMQ (`--submit`).
+    pub enqueued: u64,
     #[serde(flatten)]
     pub tally: Tally,
     pub retired: u64,
     pub status: RotationStatus,
     pub manifest: Option<PathBuf>,
     pub interrupted: bool,
+    /// Through the workers: results stopped coming for `--idle-timeout` before every
+    /// successor of the wave was collected.
+    pub incomplete: bool,
 }
 
 impl RotateSummary {
@@ -178,12 +197,26 @@ impl RotateSummary {
             out.push_str(&format!("  quota {}\n", h.render()));
         }
         let t = &self.tally;
-        out.push_str(&format!(
-            "{} successor row(s) in {} wave(s): {} created, {} delivered earlier, {} failed; {} replaced pair(s) retired\n",
-            t.rows, self.waves, t.created, t.delivered_earlier, t.failed, self.retired
-        ));
+        if self.manifest.is_some() {
+            out.push_str(&format!(
+                "{} successor row(s) in {} wave(s): {} created, {} delivered earlier, {} failed; {} replaced pair(s) retired\n",
+                t.rows, self.waves, t.created, t.delivered_earlier, t.failed, self.retired
+            ));
+        }
         for (code, n) in &t.failed_by_code {
             out.push_str(&format!("  failed {code}: {n}\n"));
+        }
+        if self.enqueued > 0 {
+            out.push_str(&format!(
+                "{} successor job(s) enqueued for the workers\n",
+                self.enqueued
+            ));
+        }
+        if self.manifest.is_none() {
+            out.push_str(&format!(
+                "collect the successors' keys with: keyfleet collect {} --out (the same folder)\n",
+                self.rotation_id
+            ));
         }
         out.push_str(&self.status.render());
         if let Some(m) = &self.manifest {
@@ -191,6 +224,9 @@ impl RotateSummary {
         }
         if self.interrupted {
             out.push_str("interrupted: run the same command again to finish the rotation\n");
+        }
+        if self.incomplete {
+            out.push_str("incomplete: no result came for --idle-timeout (are the workers running?); run the same command again to go on\n");
         }
         out
     }
@@ -247,24 +283,41 @@ enum Successor {
     Taken,
 }
 
-fn successor_state(entry: Option<&Entry>, job_id: Uuid) -> Successor {
+fn successor_state(entry: Option<&Entry>, member: &Member, folder: Option<&Written>) -> Successor {
     match entry {
         None => Successor::Missing,
-        Some(Entry::Reserved { job_id: j, .. }) if *j == job_id => Successor::Holding,
-        Some(Entry::Pair(r)) if r.job_id == job_id && r.delivered => Successor::Delivered,
-        Some(Entry::Pair(r)) if r.job_id == job_id => Successor::Holding,
+        // Through the workers, a reservation nobody renewed in time is free: the job that
+        // held it is gone (its message dead-lettered or lost), and a new one takes it over.
+        Some(Entry::Reserved {
+            job_id,
+            deadline_ms,
+            ..
+        }) if member.is_job(*job_id) => match folder {
+            Some(_) if *deadline_ms <= crate::registry::now_ms() => Successor::Missing,
+            _ => Successor::Holding,
+        },
+        // Through the workers, delivered means in the folder: until collected, the key is on
+        // the results queue.
+        Some(Entry::Pair(r)) if member.is_job(r.job_id) && r.delivered => match folder {
+            Some(w) if w.get(&r.job_id) != Some(&true) => Successor::Holding,
+            _ => Successor::Delivered,
+        },
+        Some(Entry::Pair(r)) if member.is_job(r.job_id) => Successor::Holding,
         Some(_) => Successor::Taken,
     }
 }
 
+/// Where each member's successor stands; with `folder` (a rotation through the workers, and
+/// what its folder holds), as [`successor_state`] says.
 async fn successor_states<R: Registry>(
     registry: &R,
     rotation: &Rotation,
+    folder: Option<&Written>,
 ) -> Result<Vec<Successor>, RegistryError> {
     let mut out = Vec::with_capacity(rotation.members.len());
     for m in &rotation.members {
         let entry = registry.lookup(&m.scope, &m.successor).await?;
-        out.push(successor_state(entry.as_ref(), m.successor_job_id));
+        out.push(successor_state(entry.as_ref(), m, folder));
     }
     Ok(out)
 }
@@ -275,7 +328,7 @@ pub async fn status<R: Registry>(registry: &R, id: &str) -> Result<RotationStatu
         .rotation(id)
         .await?
         .ok_or_else(|| RotateError::NoSuchRotation(id.to_owned()))?;
-    let states = successor_states(registry, &rotation).await?;
+    let states = successor_states(registry, &rotation, None).await?;
     Ok(status_of(&rotation, &states))
 }
 
@@ -413,6 +466,9 @@ async fn select<R: Registry>(
             successor,
             // The line of a batch file this rotation could be: the same id scheme as `run`.
             successor_job_id: job_id(id, i as u64 + 1),
+            earlier_job_ids: Vec::new(),
+            published: 0,
+            publishing: false,
             tags: r.tags,
             resource_group_id: r.resource_group_id,
             zone: r.zone,
@@ -487,6 +543,31 @@ fn row(rotation: &Rotation, i: usize, key_bits: KeyBits) -> Row {
     })
 }
 
+/// What the manifest line of `result` adds when it answers a successor of `rotation` (found
+/// by job id, or else by scope and name: a rerun may have given the member a new job).
+pub fn annotation_of(
+    rotation: &Rotation,
+    result: &JobResult,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let member = rotation
+        .members
+        .iter()
+        .find(|m| m.is_job(result.job_id))
+        .or_else(|| {
+            let (name, region) = (result.key_pair_name.as_ref()?, result.region.as_ref()?);
+            let scope = Scope {
+                provider: result.provider,
+                owner: result.owner.clone(),
+                region: region.clone(),
+            };
+            rotation
+                .members
+                .iter()
+                .find(|m| m.is_successor(&scope, name))
+        })?;
+    Some(annotation(rotation, member, result))
+}
+
 /// What a successor's manifest line adds: the rotation, the pair it replaces, and a ready
 /// `authorized_keys` line.
 fn annotation(
@@ -509,15 +590,45 @@ fn annotation(
     extra
 }
 
-/// Runs (or resumes) a rotation: record, headroom, successors in one pass or in waves, and the
-/// retirement `--waves` and `--retire` ask for.
-pub async fn rotate<R: Registry, U: Upstream>(
-    opts: RotateOptions,
-    registry: Arc<R>,
-    upstream: Arc<U>,
-    cloud: Option<&HttpUpstream>,
-    shutdown: CancellationToken,
-) -> Result<RotateSummary, RotateError> {
+/// How a rotation starts: finished already, or recorded and ready to go on.
+enum Begun {
+    Finished(Box<RotateSummary>),
+    Go {
+        rotation: Rotation,
+        resumed: bool,
+        headroom: Vec<Headroom>,
+    },
+}
+
+impl Begun {
+    /// A rotation found finished: nothing changed.
+    fn finished(rotation_id: String, resumed: bool, status: RotationStatus) -> Begun {
+        Begun::Finished(Box::new(RotateSummary {
+            rotation_id,
+            resumed,
+            already_finished: true,
+            headroom: Vec::new(),
+            waves: 0,
+            enqueued: 0,
+            tally: Tally::default(),
+            retired: 0,
+            status,
+            manifest: None,
+            interrupted: false,
+            incomplete: false,
+        }))
+    }
+}
+
+/// What every rotation does first, in-process or through the workers: finds the recorded
+/// rotation or selects a new one, answers a finished one, checks the headroom, and records a
+/// new one (before anything is created). `folder`, through the workers: the output folder
+/// (canonical) and what it holds.
+async fn begin<R: Registry>(
+    registry: &R,
+    opts: &RotateOptions,
+    folder: Option<(&str, &Written)>,
+) -> Result<Begun, RotateError> {
     check_template(&opts.template)?;
     let id = opts
         .rotation_id
@@ -526,40 +637,46 @@ pub async fn rotate<R: Registry, U: Upstream>(
     let (mut rotation, resumed) = match registry.rotation(&id).await? {
         Some(r) => (r, true),
         None => {
-            let members = select(&*registry, &id, &opts.selection, &opts.template).await?;
+            let members = select(registry, &id, &opts.selection, &opts.template).await?;
             let rotation = Rotation {
                 id: id.clone(),
                 created_at: crate::time::unix_now(),
                 template: opts.template.clone(),
                 members,
+                out: folder.map(|(dir, _)| dir.to_owned()),
             };
             (rotation, false)
         }
     };
+    match (&rotation.out, folder) {
+        // Nothing more to collect or retire: finished wherever it is asked.
+        (Some(_), Some(_)) if rotation.all_retired() => {
+            let states = successor_states(registry, &rotation, None).await?;
+            return Ok(Begun::finished(id, resumed, status_of(&rotation, &states)));
+        }
+        (Some(recorded), Some((dir, _))) if recorded != dir => {
+            return Err(RotateError::OtherFolder {
+                id,
+                recorded: recorded.clone(),
+            })
+        }
+        // Saved with the rotation's next change, before its next job is published.
+        (None, Some((dir, _))) => rotation.out = Some(dir.to_owned()),
+        _ => {}
+    }
     if resumed && rotation.template != opts.template {
         tracing::warn!(
             "rotation {id} was recorded with --successor {:?}: its successors keep those names",
             rotation.template
         );
     }
-    let states = successor_states(&*registry, &rotation).await?;
+    let states = successor_states(registry, &rotation, folder.map(|(_, w)| w)).await?;
     let status = status_of(&rotation, &states);
     let retiring = opts.retire || opts.waves;
     if status.finished() || (status.delivered == status.replaced && !retiring) {
-        return Ok(RotateSummary {
-            rotation_id: id,
-            resumed,
-            already_finished: true,
-            headroom: Vec::new(),
-            waves: 0,
-            tally: Tally::default(),
-            retired: 0,
-            status,
-            manifest: None,
-            interrupted: false,
-        });
+        return Ok(Begun::finished(id, resumed, status));
     }
-    let headroom = headroom_of(&*registry, &opts.settings, &rotation, &states).await?;
+    let headroom = headroom_of(registry, &opts.settings, &rotation, &states).await?;
     let short: Vec<&Headroom> = headroom.iter().filter(|h| h.needed > h.free()).collect();
     // A resumed rotation in waves may find its quota full of its own delivered successors:
     // the first wave retires their replaced pairs, so only a new one is refused here.
@@ -572,6 +689,31 @@ pub async fn rotate<R: Registry, U: Upstream>(
         registry.save_rotation(&rotation).await?;
     }
 
+    Ok(Begun::Go {
+        rotation,
+        resumed,
+        headroom,
+    })
+}
+
+/// Runs (or resumes) a rotation: record, headroom, successors in one pass or in waves, and the
+/// retirement `--waves` and `--retire` ask for.
+pub async fn rotate<R: Registry, U: Upstream>(
+    opts: RotateOptions,
+    registry: Arc<R>,
+    upstream: Arc<U>,
+    cloud: Option<&HttpUpstream>,
+    shutdown: CancellationToken,
+) -> Result<RotateSummary, RotateError> {
+    let (mut rotation, resumed, headroom) = match begin(&*registry, &opts, None).await? {
+        Begun::Finished(summary) => return Ok(*summary),
+        Begun::Go {
+            rotation,
+            resumed,
+            headroom,
+        } => (rotation, resumed, headroom),
+    };
+    let id = rotation.id.clone();
     let mut out = OutputDir::create(&opts.out)?;
     let cpu = CpuPool::new(opts.threads)?;
     let concurrency = cpu.threads() * 4 + 64;
@@ -600,20 +742,18 @@ pub async fn rotate<R: Registry, U: Upstream>(
         if shutdown.is_cancelled() {
             break;
         }
-        let states = successor_states(&*registry, &rotation).await?;
+        let states = successor_states(&*registry, &rotation, None).await?;
         let wave = next_wave(&*registry, &opts, &rotation, &states, &listed).await?;
         if wave.is_empty() {
             if listed.iter().all(|l| *l) {
                 break;
             }
-            // Members wait for slots: retiring what is delivered frees them, once.
-            let freed = retire_delivered(&*registry, cloud, &mut rotation, &states).await?;
-            retired += freed;
-            if freed == 0 {
-                let now = headroom_of(&*registry, &opts.settings, &rotation, &states).await?;
-                let short: Vec<&Headroom> = now.iter().filter(|h| h.needed > 0).collect();
-                stuck = Some(headroom_error(&short, true, true));
-                break;
+            match make_room(&*registry, cloud, &opts, &mut rotation, &states).await? {
+                Room::Freed(n) => retired += n,
+                Room::Stuck(e) => {
+                    stuck = Some(e);
+                    break;
+                }
             }
             continue;
         }
@@ -652,7 +792,7 @@ pub async fn rotate<R: Registry, U: Upstream>(
         }
         registry.save_rotation(&rotation).await?;
         if opts.waves {
-            let states = successor_states(&*registry, &rotation).await?;
+            let states = successor_states(&*registry, &rotation, None).await?;
             retired += retire_delivered(&*registry, cloud, &mut rotation, &states).await?;
         }
     }
@@ -662,11 +802,11 @@ pub async fn rotate<R: Registry, U: Upstream>(
         return Err(e);
     }
     let interrupted = shutdown.is_cancelled();
-    let mut states = successor_states(&*registry, &rotation).await?;
+    let mut states = successor_states(&*registry, &rotation, None).await?;
     if opts.retire && !interrupted {
         if states.iter().all(|s| *s == Successor::Delivered) {
             retired += retire_delivered(&*registry, cloud, &mut rotation, &states).await?;
-            states = successor_states(&*registry, &rotation).await?;
+            states = successor_states(&*registry, &rotation, None).await?;
         } else {
             tracing::warn!(
                 "rotation {id}: not retiring: some successors are not delivered (see `keyfleet status {id}`)"
@@ -680,12 +820,40 @@ pub async fn rotate<R: Registry, U: Upstream>(
         already_finished: false,
         headroom,
         waves,
+        enqueued: 0,
         tally,
         retired,
         status: status_of(&rotation, &states),
         manifest: Some(manifest),
         interrupted,
+        incomplete: false,
     })
+}
+
+/// What retiring the delivered members did for members waiting for a slot.
+enum Room {
+    /// This many replaced pairs retired, their slots free.
+    Freed(u64),
+    /// None could be: the members left wait for quota no retirement frees (the error, once
+    /// the output is made durable).
+    Stuck(RotateError),
+}
+
+/// Members wait for slots (`--waves`): retiring what is delivered frees them, once.
+async fn make_room<R: Registry>(
+    registry: &R,
+    cloud: Option<&HttpUpstream>,
+    opts: &RotateOptions,
+    rotation: &mut Rotation,
+    states: &[Successor],
+) -> Result<Room, RotateError> {
+    let freed = retire_delivered(registry, cloud, rotation, states).await?;
+    if freed > 0 {
+        return Ok(Room::Freed(freed));
+    }
+    let now = headroom_of(registry, &opts.settings, rotation, states).await?;
+    let short: Vec<&Headroom> = now.iter().filter(|h| h.needed > 0).collect();
+    Ok(Room::Stuck(headroom_error(&short, true, true)))
 }
 
 /// The members of the next pass, in order: every one not yet listed by this run whose successor
@@ -805,10 +973,10 @@ pub async fn retire<R: Registry>(
         .rotation(id)
         .await?
         .ok_or_else(|| RotateError::NoSuchRotation(id.to_owned()))?;
-    let states = successor_states(registry, &rotation).await?;
+    let states = successor_states(registry, &rotation, None).await?;
     let retired = retire_delivered(registry, cloud, &mut rotation, &states).await?;
     registry.flush().await?;
-    let states = successor_states(registry, &rotation).await?;
+    let states = successor_states(registry, &rotation, None).await?;
     Ok((status_of(&rotation, &states), retired))
 }
 
@@ -847,15 +1015,58 @@ mod tests {
 
     #[test]
     fn a_successor_of_another_job_is_taken_not_ours() {
-        let ours = Uuid::new_v4();
-        let other = Uuid::new_v4();
+        let member = |job_id: Uuid| Member {
+            scope: Scope {
+                provider: crate::dialect::Provider::Aliyun,
+                owner: "o".into(),
+                region: "r".into(),
+            },
+            name: "p".into(),
+            replaces: Replaced {
+                name: "p".into(),
+                key_pair_id: None,
+                key_pair_fingerprint: String::new(),
+                fingerprint_md5: String::new(),
+                fingerprint_sha256: String::new(),
+            },
+            successor: "s".into(),
+            successor_job_id: job_id,
+            earlier_job_ids: vec![],
+            published: 0,
+            publishing: false,
+            tags: vec![],
+            resource_group_id: None,
+            zone: None,
+            retired_at: None,
+            failed: None,
+        };
+        let (ours, other) = (member(Uuid::new_v4()), member(Uuid::new_v4()));
         let held = Entry::Reserved {
-            job_id: ours,
+            job_id: ours.successor_job_id,
             deadline_ms: 0,
             tried_keys: vec![],
         };
-        assert_eq!(successor_state(Some(&held), ours), Successor::Holding);
-        assert_eq!(successor_state(Some(&held), other), Successor::Taken);
-        assert_eq!(successor_state(None, ours), Successor::Missing);
+        assert_eq!(
+            successor_state(Some(&held), &ours, None),
+            Successor::Holding
+        );
+        assert_eq!(successor_state(Some(&held), &other, None), Successor::Taken);
+        assert_eq!(successor_state(None, &ours, None), Successor::Missing);
+        // Through the workers, an expired reservation of ours is free to take again.
+        let folder = Written::new();
+        assert_eq!(
+            successor_state(Some(&held), &ours, Some(&folder)),
+            Successor::Missing
+        );
+        // An earlier job of the member holds it just as well.
+        let mut moved = ours.clone();
+        moved.next_publication();
+        moved.confirmed();
+        moved.next_publication();
+        assert_ne!(moved.successor_job_id, ours.successor_job_id);
+        assert_eq!(
+            successor_state(Some(&held), &moved, None),
+            Successor::Holding
+        );
     }
 }

@@ -1,0 +1,553 @@
+//! `keyfleet rotate --submit --wait`: a rotation through RabbitMQ and the workers, on the Redis
+//! registry, with the workers registering successors in a cloud (`keyfleet serve` with
+//! injected faults and throttling). `rotate` and a worker are SIGKILLed mid-way, `retire` too;
+//! in the end the cloud and the registry hold exactly the successors, each successor's key
+//! file is the registered key, and the quota is where it was before the rotation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::upstream::{start_cloud, CLOUD_CREDENTIALS};
+use crate::util::{manifest, signal, Env};
+use keyfleet::dialect::{Provider, Scope};
+use keyfleet::registry::{Filter, Registry};
+use keyfleet::upstream::client::{ApiClient, Signer};
+
+const ALIYUN: usize = 200;
+const UCLOUD: usize = 100;
+
+/// The key files under `folder` (recursively): file name → MD5 fingerprint of its key.
+fn key_files(folder: &Path) -> BTreeMap<String, String> {
+    fn walk(p: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|x| x == "pem") {
+                let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+                let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
+                    &std::fs::read_to_string(&path).unwrap(),
+                )
+                .unwrap();
+                assert!(out.insert(name, md5).is_none(), "two key files of one name");
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(folder, &mut out);
+    out
+}
+
+/// Name → fingerprint of every pair the cloud at `addr` holds for `provider`, read with its
+/// own Describe action (asked again through injected faults).
+async fn cloud_pairs(addr: std::net::SocketAddr, provider: Provider) -> BTreeMap<String, String> {
+    let client = ApiClient::new(&addr.to_string()).unwrap();
+    let mut out = BTreeMap::new();
+    for page in 0.. {
+        let mut tries = 0;
+        let j = loop {
+            let r = match provider {
+                Provider::Aliyun => {
+                    let n = (page + 1).to_string();
+                    let signer = Signer::AliyunRpc {
+                        id: "testid".into(),
+                        secret: "testsecret".into(),
+                    };
+                    let params = [
+                        ("RegionId", "cn-hangzhou"),
+                        ("PageSize", "50"),
+                        ("PageNumber", n.as_str()),
+                    ];
+                    client.call(&signer, "DescribeKeyPairs", &params).await
+                }
+                Provider::Ucloud => {
+                    let off = (page * 100).to_string();
+                    let signer = Signer::Ucloud {
+                        public_key: "ucloudpub".into(),
+                        private_key: "ucloudpriv".into(),
+                    };
+                    let params = [("Region", "cn-bj2"), ("Limit", "100"), ("Offset", &off)];
+                    client.call(&signer, "DescribeUHostKeyPairs", &params).await
+                }
+            }
+            .unwrap();
+            let j = r.json();
+            if r.status == 200 && j.get("Code").is_none() && j["RetCode"].as_i64().unwrap_or(0) == 0
+            {
+                break j;
+            }
+            tries += 1;
+            assert!(tries < 100, "page {page} of {provider}: {}", r.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let items = match provider {
+            Provider::Aliyun => j["KeyPairs"]["KeyPair"].clone(),
+            Provider::Ucloud => j["KeyPairs"].clone(),
+        };
+        let items = items.as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        for p in items {
+            out.insert(
+                p["KeyPairName"].as_str().unwrap().to_owned(),
+                p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    out
+}
+
+/// Runs `command` and SIGKILLs it once `ready` holds; `false` when it ended by itself first.
+fn kill_when(mut command: Command, ready: impl Fn() -> bool) -> bool {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) && !ready() {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    true
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The issue's end-to-end case through the workers: 300 pairs on both clouds, rotated through
+/// a cloud that fails a fifth of its calls and throttles at 20 a second; `rotate` SIGKILLed
+/// mid-way, then a worker SIGKILLed mid-way through the rerun, then `retire` SIGKILLed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_through_the_workers_killed_mid_way_leaves_exactly_the_successors_everywhere() {
+    tokio::time::timeout(Duration::from_secs(900), async {
+        let mut env = Env::new("rotfleet");
+        let (addr, stop) = start_cloud(&env, 20, 0.2).await;
+        let aliyun = format!("aliyun=http://{addr}");
+        let ucloud = format!("ucloud=http://{addr}");
+        let worker_args = [
+            "--threads",
+            "1",
+            "--concurrency",
+            "8",
+            "--upstream-endpoint",
+            aliyun.as_str(),
+            "--upstream-endpoint",
+            ucloud.as_str(),
+        ];
+        let victim = env.start_worker_env(&worker_args, &CLOUD_CREDENTIALS);
+        env.start_worker_env(&worker_args, &CLOUD_CREDENTIALS);
+
+        // The fleet to rotate: made by the workers, registered in the cloud.
+        let mut csv =
+            String::from("Provider,Owner,RegionId,KeyPairName,Tag.1.Key,Tag.1.Value,Region\n");
+        for i in 0..ALIYUN {
+            csv.push_str(&format!("aliyun,acme,cn-hangzhou,web-{i:03},env,prod,\n"));
+        }
+        for i in 0..UCLOUD {
+            csv.push_str(&format!("ucloud,org-acme,,web-{i:03},,,cn-bj2\n"));
+        }
+        submit_and_wait(&env, &csv);
+
+        let kf = |env: &Env, args: &[&str]| {
+            let mut c = env.cli(args);
+            c.args([
+                "--upstream-endpoint",
+                &aliyun,
+                "--upstream-endpoint",
+                &ucloud,
+            ])
+            .envs(CLOUD_CREDENTIALS);
+            c
+        };
+        let rotate_args = [
+            "rotate",
+            "--submit",
+            "--wait",
+            "--name",
+            "web-*",
+            "--successor",
+            "{name}-r",
+            "--rotation-id",
+            "rot-fleet",
+            "--out",
+            "keys",
+            "--idle-timeout",
+            "60s",
+        ];
+        let keys = env.path("keys");
+        assert!(
+            kill_when(kf(&env, &rotate_args), || key_files(&keys).len() >= 60),
+            "rotate was to be killed mid-way, but it ended first"
+        );
+        // The rerun publishes new jobs for the successors still missing; a worker dies under it.
+        let rerun = kf(&env, &rotate_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while key_files(&keys).len() < 150 && started.elapsed() < Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal(env.worker(victim), "KILL");
+        let _ = env.worker(victim).wait();
+        env.start_worker_env(&worker_args, &CLOUD_CREDENTIALS);
+        let out = tokio::task::spawn_blocking(move || rerun.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let report = text(&out);
+        assert!(out.status.success(), "{report}");
+        assert!(report.contains("rotation rot-fleet (resumed)"), "{report}");
+        assert!(
+            report.contains("replaced 300, delivered 300, retired 0"),
+            "{report}"
+        );
+        let out = kf(&env, &rotate_args).output().unwrap();
+        assert!(
+            text(&out).contains("is finished: nothing changed"),
+            "{}",
+            text(&out)
+        );
+
+        // `retire`, on the Redis registry: killed once mid-way, then run until it has retired
+        // every replaced pair.
+        let redis = ["--redis-url", &crate::util::redis_url()];
+        let retire = |extra: &[&str]| {
+            let mut c = kf(&env, &["retire", "rot-fleet"]);
+            c.args(redis).args(extra);
+            c
+        };
+        let mut killed = retire(&[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        killed.kill().unwrap();
+        killed.wait().unwrap();
+        let mut tries = 0;
+        let retired = loop {
+            let out = retire(&[]).output().unwrap();
+            tries += 1;
+            if out.status.success() || tries == 5 {
+                break text(&out);
+            }
+        };
+        assert!(
+            retired.contains("retired 300, failed 0, pending 0"),
+            "{retired}"
+        );
+        let status = env.cli(&["status", "rot-fleet"]).output().unwrap();
+        assert!(
+            text(&status).contains("replaced 300, delivered 300, retired 300"),
+            "{}",
+            text(&status)
+        );
+
+        let registry = env.registry().await;
+        let lines = manifest(&keys);
+        for (provider, owner, region, n) in [
+            (Provider::Aliyun, "acme", "cn-hangzhou", ALIYUN),
+            (Provider::Ucloud, "org-acme", "cn-bj2", UCLOUD),
+        ] {
+            let scope = Scope {
+                provider,
+                owner: owner.into(),
+                region: region.into(),
+            };
+            let held = cloud_pairs(addr, provider).await;
+            let files = key_files(&keys.join(provider.as_str()).join(owner).join(region));
+            let ours: BTreeMap<String, _> = registry
+                .describe(&Filter {
+                    provider: Some(provider),
+                    owner: Some(owner.into()),
+                    region: Some(region.into()),
+                    ..Filter::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.name.clone(), r))
+                .collect();
+            let successors: Vec<String> = (0..n).map(|i| format!("web-{i:03}-r")).collect();
+            assert_eq!(
+                held.keys().cloned().collect::<Vec<_>>(),
+                successors,
+                "{provider}: the cloud holds exactly the successors"
+            );
+            assert_eq!(
+                ours.keys().cloned().collect::<Vec<_>>(),
+                successors,
+                "{provider}: so does the registry"
+            );
+            assert_eq!(
+                files.keys().cloned().collect::<Vec<_>>(),
+                successors,
+                "{provider}: one key file each"
+            );
+            for name in &successors {
+                let record = &ours[name];
+                assert!(record.delivered, "{name}: delivered");
+                assert_eq!(
+                    files[name], record.fingerprint_md5,
+                    "{name}: key file = registry"
+                );
+                assert_eq!(
+                    held[name], record.key_pair_fingerprint,
+                    "{name}: cloud = registry"
+                );
+                if provider == Provider::Aliyun {
+                    assert_eq!(
+                        record.tags.len(),
+                        1,
+                        "{name}: tagged as the pair it replaced"
+                    );
+                }
+                // Its manifest line names the pair it replaced.
+                let line = lines
+                    .iter()
+                    .find(|l| {
+                        l["status"] == "created"
+                            && l["key_pair_name"] == name.as_str()
+                            && l["provider"] == provider.as_str()
+                    })
+                    .unwrap_or_else(|| panic!("{provider} {name}: no created line"));
+                assert_eq!(line["rotation_id"], "rot-fleet");
+                assert_eq!(line["replaces"]["name"], name.trim_end_matches("-r"));
+            }
+            assert_eq!(
+                registry.quota_used(&scope).await.unwrap(),
+                n as u64,
+                "{provider}: quota back where it was"
+            );
+        }
+        stop.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The pairs to rotate, made by the workers from `csv` (and registered in the cloud when
+/// the workers have one), collected into `keys0`.
+fn submit_and_wait(env: &Env, csv: &str) {
+    env.write("fleet.csv", csv);
+    let out = env
+        .cli(&["submit", "fleet.csv", "--wait", "--out", "keys0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Seeds `n` delivered pairs `app-00…` in aliyun/acme/cn-shanghai through the workers.
+fn seed(env: &Env, n: usize) {
+    let mut csv = String::from("Owner,RegionId,KeyPairName\n");
+    for i in 0..n {
+        csv.push_str(&format!("acme,cn-shanghai,app-{i:02}\n"));
+    }
+    submit_and_wait(env, &csv);
+}
+
+/// A crash between publishing a wave's jobs and recording that RabbitMQ confirmed them leaves
+/// jobs nobody knows to be queued. The rerun publishes them again under new job ids, so the
+/// queue holds two jobs for each successor: the registry gives each name to one of them, the
+/// other answers `KeyPair.AlreadyExist`, and each successor is made once, its key file the
+/// registered key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_after_a_crash_mid_publication_makes_each_successor_once() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("rotdup");
+        env.start_worker(&["--threads", "1"]);
+        seed(&env, 10);
+        // No worker now: the rotation's first jobs stay queued.
+        signal(env.worker(0), "KILL");
+        let _ = env.worker(0).wait();
+        let args = [
+            "rotate",
+            "--submit",
+            "--name",
+            "app-*",
+            "--rotation-id",
+            "rot-dup",
+            "--out",
+            "keys",
+        ];
+        let out = env.cli(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("10 successor job(s) enqueued"),
+            "{}",
+            text(&out)
+        );
+        // As a crash would leave it: published, the confirms not recorded.
+        let registry = env.registry().await;
+        let mut rotation = registry.rotation("rot-dup").await.unwrap().unwrap();
+        for m in &mut rotation.members {
+            assert_eq!((m.published, m.publishing), (1, false));
+            m.published = 0;
+            m.publishing = true;
+        }
+        registry.save_rotation(&rotation).await.unwrap();
+
+        // The rerun (still no worker): every job again, under new ids.
+        let out = env.cli(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("10 successor job(s) enqueued"),
+            "{}",
+            text(&out)
+        );
+
+        // Now the workers find two jobs for each successor; the wait publishes nothing more.
+        env.start_worker(&["--threads", "1", "--concurrency", "8"]);
+        let mut wait = args.to_vec();
+        wait.push("--wait");
+        let out = env.cli(&wait).output().unwrap();
+        let report = text(&out);
+        assert!(out.status.success(), "{report}");
+        assert!(!report.contains("enqueued"), "{report}");
+        assert!(
+            report.contains("replaced 10, delivered 10, retired 0, failed 0, pending 0"),
+            "{report}"
+        );
+        let rotation = registry.rotation("rot-dup").await.unwrap().unwrap();
+        let keys = env.path("keys");
+        let files = key_files(&keys);
+        assert_eq!(files.len(), 10, "{files:?}");
+        let lines = manifest(&keys);
+        for m in &rotation.members {
+            assert_eq!(
+                m.earlier_job_ids.len(),
+                1,
+                "a second job for {}",
+                m.successor
+            );
+            let Some(keyfleet::registry::Entry::Pair(record)) =
+                registry.lookup(&m.scope, &m.successor).await.unwrap()
+            else {
+                panic!("{}: not registered", m.successor)
+            };
+            assert!(m.is_job(record.job_id) && record.delivered);
+            assert_eq!(
+                files[&m.successor], record.fingerprint_md5,
+                "key file = registry"
+            );
+            let created: Vec<_> = lines
+                .iter()
+                .filter(|l| l["key_pair_name"] == m.successor.as_str() && l["status"] == "created")
+                .collect();
+            assert_eq!(created.len(), 1, "{}: one created line", m.successor);
+            assert_eq!(created[0]["job_id"], record.job_id.to_string());
+            assert_eq!(created[0]["replaces"]["name"], m.name.as_str());
+        }
+        // Every job of the queue was answered: the other of each pair of jobs, AlreadyExist
+        // (written once the wait had what it needed, or left for `keyfleet collect`).
+        let queued = lines.len() - 10;
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l["status"] != "created")
+                .all(|l| l["code"] == "KeyPair.AlreadyExist" && l["rotation_id"] == "rot-dup"),
+            "{lines:?}"
+        );
+        assert!(queued <= 10, "{lines:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `--waves` through the workers, at a region whose quota cannot hold every successor beside
+/// the pair it replaces: 8 pairs under a quota of 10 go in waves of the free slots, each wave
+/// collected before its replaced pairs are retired, and no worker is ever refused for quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_through_the_workers_in_waves_within_the_quota() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("rotwave");
+        env.start_worker(&["--threads", "1", "--quota", "10"]);
+        seed(&env, 8);
+        let args = [
+            "rotate",
+            "--submit",
+            "--wait",
+            "--quota",
+            "10",
+            "--name",
+            "app-*",
+            "--rotation-id",
+            "rot-waves",
+            "--out",
+            "keys",
+        ];
+        // Without --waves: refused before anything is published.
+        let out = env.cli(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains("run with --waves"), "{}", text(&out));
+        assert!(
+            !env.path("keys").join("manifest.jsonl").exists()
+                || manifest(&env.path("keys")).is_empty()
+        );
+
+        let mut waves = args.to_vec();
+        waves.push("--waves");
+        let out = env.cli(&waves).output().unwrap();
+        let report = text(&out);
+        assert!(out.status.success(), "{report}");
+        assert!(
+            report.contains("replaced 8, delivered 8, retired 8, failed 0, pending 0"),
+            "{report}"
+        );
+        let n: u32 = report
+            .split(" wave(s)")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no wave count: {report}"));
+        assert!(n >= 4, "2 free slots make at least 4 waves of 8: {report}");
+        let registry = env.registry().await;
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acme".into(),
+            region: "cn-shanghai".into(),
+        };
+        assert_eq!(registry.quota_used(&scope).await.unwrap(), 8);
+        let names: Vec<String> = registry
+            .describe(&Filter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.scope == scope)
+            .map(|r| r.name)
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("app-") && n.len() > 6),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), 8);
+        assert_eq!(key_files(&env.path("keys")).len(), 8);
+        assert!(
+            manifest(&env.path("keys"))
+                .iter()
+                .all(|l| l["status"] == "created"),
+            "no row refused for quota"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
