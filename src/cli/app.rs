@@ -361,9 +361,15 @@ async fn rotate_through_workers(
     };
     match fleet::rotate(opts, fleet_opts, registry, cloud.as_ref(), shutdown).await {
         Ok(s) => Ok(s),
-        Err(e @ (RotateError::Template { .. } | RotateError::OtherFolder { .. })) => {
-            Err(BadSetting::from(&e))
-        }
+        Err(
+            e @ (RotateError::Template { .. }
+            | RotateError::OtherFolder { .. }
+            | RotateError::Submit(crate::modes::submit::SubmitError::OtherRecipient { .. })
+            | RotateError::Collect(
+                crate::modes::collect::CollectError::IdentityMismatch { .. }
+                | crate::modes::collect::CollectError::NoIdentity { .. },
+            )),
+        ) => Err(BadSetting::from(&e)),
         Err(e) => Err(anyhow::Error::new(e).context("keyfleet rotate --submit failed")),
     }
 }
@@ -508,7 +514,7 @@ async fn collect_command(
         &args.results,
     );
     if args.batch_id.starts_with(crate::modes::rotate::ID_PREFIX) {
-        opts.annotate = Some(rotation_annotator(&opts).await?);
+        for_rotation(&mut opts).await?;
     }
     let summary = crate::modes::collect::collect(opts, shutdown)
         .await
@@ -520,12 +526,11 @@ async fn collect_command(
     Ok(unless_interrupted(stopped.is_cancelled(), code))
 }
 
-/// The manifest lines of a rotation's successors name the pair each replaces, whoever
-/// collects them; and they are collected into the folder the rotation records, where
-/// `rotate --submit --wait` looks for them.
-async fn rotation_annotator(
-    opts: &CollectOptions,
-) -> anyhow::Result<crate::modes::collect::Annotator> {
+/// `collect` of a rotation's successors (`rotate --submit` without `--wait`): their manifest
+/// lines name the pair each replaces; they go into the folder the rotation records, where
+/// `rotate --submit --wait` and `retire` look for them; the collect ends once every successor
+/// is answered there; and the identity is kept, for successors a rerun may publish again.
+async fn for_rotation(opts: &mut CollectOptions) -> anyhow::Result<()> {
     use crate::registry::Registry;
     let e = &opts.endpoints;
     let registry = redis_registry(&e.redis_url, &e.prefix, e.redis_replicas).await?;
@@ -546,10 +551,16 @@ async fn rotation_annotator(
             .into());
         }
     }
+    let written = crate::sink::folder::read_written(&opts.out).unwrap_or_default();
+    let all = 0..rotation.members.len();
+    opts.until =
+        Some(crate::modes::rotate::fleet::awaited(&registry, &rotation, all, &written).await?);
+    opts.keep_identity = true;
     let rotation = std::sync::Arc::new(rotation);
-    Ok(crate::modes::collect::Annotator(std::sync::Arc::new(
+    opts.annotate = Some(crate::modes::collect::Annotator(std::sync::Arc::new(
         move |r| crate::modes::rotate::annotation_of(&rotation, r),
-    )))
+    )));
+    Ok(())
 }
 
 fn collect_options(

@@ -126,6 +126,9 @@ impl CollectSummary {
         let (collected, manifest) = (self.collected, self.manifest.display());
         text.push_str(&match self.total {
             Some(t) if self.complete => format!("complete: {collected}/{t} results in {manifest}\n"),
+            None if self.complete => {
+                format!("complete: every result waited for is in {manifest} ({collected} results)\n")
+            }
             Some(t) => format!(
                 "incomplete: {collected}/{t} results so far in {manifest} (run collect again to continue)\n"
             ),
@@ -457,9 +460,7 @@ async fn drain(
     let manifest = out.finish()?;
     let (tally, _) = progress.finish();
     let collected = seen.len() as u64;
-    // A batch collected wave by wave (`until`) is never recorded as complete here: the mode
-    // that runs it knows when it is.
-    let complete = opts.until.is_none() && total.is_some_and(|t| collected >= t);
+    let complete = reached(&seen, total);
     let mut identity_removed = None;
     if complete {
         let record = Collected {

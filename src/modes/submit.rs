@@ -68,6 +68,13 @@ pub enum SubmitError {
     Answer(String),
     #[error(transparent)]
     Transit(#[from] crate::sink::transit::TransitError),
+    /// The batch was published to before, its keys encrypted to another recipient.
+    #[error("the keys of batch {batch:?} are encrypted to {recorded}, and {why}: pass that recipient's identity with --identity FILE")]
+    OtherRecipient {
+        batch: String,
+        recorded: String,
+        why: String,
+    },
 }
 
 /// Enqueues a batch; returns once every job is confirmed by the broker.
@@ -153,11 +160,30 @@ pub async fn open_batch(
         .with_replicas(e.redis_replicas);
     status.check_replicas(e.connect_timeout).await?;
     broker.declare().await?;
-    let recipient = match keys_to {
-        KeysTo::Recipient(r) => transit::parse_recipient(r)?,
-        KeysTo::IdentityFile(path) if path.exists() => transit::read_identity(path)?.to_public(),
-        KeysTo::IdentityFile(path) => transit::create_identity(path)?,
+    // A batch published to before (a rerun) keeps its recipient: results already sealed to it
+    // must stay readable, so another identity is refused, and none is made in its place.
+    let recorded = status.recipient(batch_id).await?;
+    let other = |why: String| SubmitError::OtherRecipient {
+        batch: batch_id.to_owned(),
+        recorded: recorded.clone().unwrap_or_default().trim().to_owned(),
+        why,
     };
+    let recipient = match (keys_to, &recorded) {
+        (KeysTo::Recipient(r), _) => transit::parse_recipient(r)?,
+        (KeysTo::IdentityFile(path), _) if path.exists() => {
+            transit::read_identity(path)?.to_public()
+        }
+        (KeysTo::IdentityFile(path), None) => transit::create_identity(path)?,
+        (KeysTo::IdentityFile(path), Some(_)) => {
+            return Err(other(format!("its identity is not at {}", path.display())))
+        }
+    };
+    if recorded
+        .as_deref()
+        .is_some_and(|r| r.trim() != recipient.to_string())
+    {
+        return Err(other(format!("the one given here is {recipient}")));
+    }
     status
         .set_recipient(batch_id, &recipient.to_string())
         .await?;

@@ -45,6 +45,36 @@ fn key_files(root: &Path) -> Result<KeyFiles, OutputError> {
     })
 }
 
+/// The jobs a manifest's text answers. A torn last line (crash mid-write) is simply not
+/// counted: its result was not acked, so it comes again. A later line for the same job (a
+/// created pair after a failure) supersedes the earlier one.
+fn written_in(text: &str) -> Written {
+    let mut seen = Written::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let id = v.get("job_id").and_then(|j| j.as_str());
+        if let Some(Ok(id)) = id.map(uuid::Uuid::parse_str) {
+            let created = v.get("status").and_then(|s| s.as_str()) == Some("created");
+            seen.insert(id, created);
+        }
+    }
+    seen
+}
+
+/// The jobs the manifest in `root` answers, read without touching the folder (a `collect`
+/// may be writing it): for a reader elsewhere, such as `retire` of a rotation whose keys were
+/// collected there. No manifest answers nothing; an unreadable one is an error.
+pub fn read_written(root: &Path) -> Result<Written, OutputError> {
+    let path = root.join(MANIFEST);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(written_in(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && root.is_dir() => Ok(Written::new()),
+        Err(source) => Err(OutputError::Manifest { path, source }),
+    }
+}
+
 /// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
 /// returns its manifest's path.
 fn open_folder(root: &Path) -> Result<PathBuf, OutputError> {
@@ -106,21 +136,7 @@ impl OutputDir {
         let mut seen = Written::new();
         if manifest_path.exists() {
             let text = fs::read_to_string(&manifest_path).map_err(manifest_err)?;
-            for line in text.lines() {
-                // A torn last line (crash mid-write) is simply not counted: its result was
-                // not acked, so it comes again.
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                    if let Some(id) = v.get("job_id").and_then(|j| j.as_str()) {
-                        if let Ok(id) = uuid::Uuid::parse_str(id) {
-                            let created =
-                                v.get("status").and_then(|s| s.as_str()) == Some("created");
-                            // A later line for the same job (a created pair after a failure)
-                            // supersedes the earlier one.
-                            seen.insert(id, created);
-                        }
-                    }
-                }
-            }
+            seen = written_in(&text);
             if !text.is_empty() && !text.ends_with('\n') {
                 let whole = text.rfind('\n').map_or(0, |i| i + 1);
                 let last = &text[whole..];

@@ -28,6 +28,7 @@ use super::{
 use crate::job::batch::Row;
 use crate::modes::collect::{self, Annotator, CollectOptions};
 use crate::modes::submit::{open_batch, ConfirmWindow, KeysTo};
+use crate::queue::broker::Broker;
 use crate::queue::endpoints::Endpoints;
 use crate::registry::batch_status::BatchStatusStore;
 use crate::registry::redis::RedisRegistry;
@@ -82,8 +83,16 @@ pub async fn rotate(
             } => (rotation, resumed, headroom),
         };
     let id = rotation.id.clone();
-    let (broker, status) = open_batch(&fleet.endpoints, &id, &fleet.keys_to).await?;
-    let mut window = ConfirmWindow::new(&fleet.endpoints, fleet.confirm_window);
+    // Opened when a job is first published: a rerun with nothing to publish (only keys to
+    // collect, or pairs to retire) needs neither RabbitMQ's jobs queue nor the identity.
+    let mut publisher = Publisher {
+        endpoints: &fleet.endpoints,
+        keys_to: &fleet.keys_to,
+        key_bits: opts.key_bits,
+        window: ConfirmWindow::new(&fleet.endpoints, fleet.confirm_window),
+        broker: None,
+    };
+    let status = BatchStatusStore::from_connection(registry.connection(), &fleet.endpoints.prefix);
 
     let mut listed = vec![false; rotation.members.len()];
     let (mut waves, mut retired, mut enqueued) = (0, 0, 0);
@@ -126,28 +135,13 @@ pub async fn rotate(
                     && (!queued || written.contains_key(&m.successor_job_id))
             })
             .collect();
-        for &i in &publish {
-            rotation.members[i].next_publication();
-        }
-        // Recorded before publishing: every job id a worker may answer is the rotation's.
-        registry.save_rotation(&rotation).await?;
-        for &i in &publish {
-            if let Row::Job(job) = row(&rotation, i, opts.key_bits) {
-                window.publish(&broker, &job).await?;
-                enqueued += 1;
-            }
-        }
-        window.drain().await?;
-        if !publish.is_empty() {
-            for &i in &publish {
-                rotation.members[i].confirmed();
-            }
-            registry.save_rotation(&rotation).await?;
-        }
+        enqueued += publisher
+            .publish(&registry, &mut rotation, &publish)
+            .await?;
         if !fleet.wait {
             continue;
         }
-        let collected = settle(
+        let mut collected = settle(
             &registry,
             &opts,
             &fleet,
@@ -158,6 +152,38 @@ pub async fn rotate(
             &shutdown,
         )
         .await?;
+        if !collected && !shutdown.is_cancelled() {
+            // No answer for --idle-timeout, and nothing holds the successor: its job is lost
+            // (dead-lettered after too many deliveries, or its queue purged). Published again
+            // under a new id, once; should it turn up after all, the registry picks one.
+            let states = successor_states(&*registry, &rotation, Some(&written)).await?;
+            let lost: Vec<usize> = wave
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    states[i] == Successor::Missing
+                        && !written.contains_key(&rotation.members[i].successor_job_id)
+                })
+                .collect();
+            if !lost.is_empty() {
+                tracing::warn!(
+                    "rotation {id}: {} successor job(s) did not answer within --idle-timeout and hold nothing: publishing them again",
+                    lost.len()
+                );
+                enqueued += publisher.publish(&registry, &mut rotation, &lost).await?;
+                collected = settle(
+                    &registry,
+                    &opts,
+                    &fleet,
+                    &rotation,
+                    &wave,
+                    &mut written,
+                    &mut tally,
+                    &shutdown,
+                )
+                .await?;
+            }
+        }
         note_failures(&status, &mut rotation, &wave, &written).await?;
         registry.save_rotation(&rotation).await?;
         if !collected {
@@ -169,7 +195,7 @@ pub async fn rotate(
             retired += retire_delivered(&*registry, cloud, &mut rotation, &states).await?;
         }
     }
-    broker.close().await;
+    publisher.close().await;
     if let Some(e) = stuck {
         return Err(e);
     }
@@ -214,6 +240,59 @@ pub async fn rotate(
     })
 }
 
+/// Publishes successors' jobs for a rotation: the batch opened on first use.
+struct Publisher<'a> {
+    endpoints: &'a Endpoints,
+    keys_to: &'a KeysTo,
+    key_bits: crate::keys::keygen::KeyBits,
+    window: ConfirmWindow,
+    broker: Option<Broker>,
+}
+
+impl Publisher<'_> {
+    /// Publishes a job for each of `members` (a new id for one published before), recorded
+    /// before it is published and confirmed after; returns how many.
+    async fn publish(
+        &mut self,
+        registry: &RedisRegistry,
+        rotation: &mut Rotation,
+        members: &[usize],
+    ) -> Result<u64, RotateError> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let broker = match &mut self.broker {
+            Some(b) => b,
+            None => {
+                let (b, _) = open_batch(self.endpoints, &rotation.id, self.keys_to).await?;
+                self.broker.insert(b)
+            }
+        };
+        for &i in members {
+            rotation.members[i].next_publication();
+        }
+        // Recorded before publishing: every job id a worker may answer is the rotation's.
+        registry.save_rotation(rotation).await?;
+        for &i in members {
+            if let Row::Job(job) = row(rotation, i, self.key_bits) {
+                self.window.publish(broker, &job).await?;
+            }
+        }
+        self.window.drain().await?;
+        for &i in members {
+            rotation.members[i].confirmed();
+        }
+        registry.save_rotation(rotation).await?;
+        Ok(members.len() as u64)
+    }
+
+    async fn close(self) {
+        if let Some(b) = self.broker {
+            b.close().await;
+        }
+    }
+}
+
 /// Collects the wave's successors into the folder: each member is waited for through the job
 /// that holds its name (an earlier one of its jobs, after a rerun), or through its current job
 /// when none does. Returns false when the results stopped coming for `--idle-timeout`, or a
@@ -232,25 +311,7 @@ async fn settle(
     let snapshot = Arc::new(rotation.clone());
     let annotate = Annotator(Arc::new(move |r| annotation_of(&snapshot, r)));
     loop {
-        let mut until: HashMap<Uuid, bool> = HashMap::new();
-        for &i in wave {
-            let m = &rotation.members[i];
-            let entry = registry.lookup(&m.scope, &m.successor).await?;
-            let (job, created) = match entry {
-                // Its pair: wait for the key.
-                Some(Entry::Pair(r)) if m.is_job(r.job_id) => (r.job_id, true),
-                // Being worked on: wait for its answer (a created pair, if a failure of the
-                // same job is written already).
-                Some(Entry::Reserved { job_id, .. }) if m.is_job(job_id) => {
-                    (job_id, written.contains_key(&job_id))
-                }
-                _ => (m.successor_job_id, false),
-            };
-            let done = written.get(&job).is_some_and(|c| *c || !created);
-            if !done {
-                until.insert(job, created);
-            }
-        }
+        let until = awaited(registry, rotation, wave.iter().copied(), written).await?;
         if until.is_empty() {
             return Ok(true);
         }
@@ -281,6 +342,37 @@ async fn settle(
             return Ok(false);
         }
     }
+}
+
+/// What the folder still waits for, for each of `members`: the job that holds its successor's
+/// name (an earlier one of its jobs, after a rerun) — its key, once the pair is registered —
+/// or, when none does, an answer of its current job. The stop set of `collect` (`until`).
+pub async fn awaited(
+    registry: &RedisRegistry,
+    rotation: &Rotation,
+    members: impl IntoIterator<Item = usize>,
+    written: &Written,
+) -> Result<HashMap<Uuid, bool>, crate::registry::RegistryError> {
+    let mut until = HashMap::new();
+    for i in members {
+        let m = &rotation.members[i];
+        let entry = registry.lookup(&m.scope, &m.successor).await?;
+        let (job, created) = match entry {
+            // Its pair: wait for the key.
+            Some(Entry::Pair(r)) if m.is_job(r.job_id) => (r.job_id, true),
+            // Being worked on: wait for its answer (a created pair, if a failure of the same
+            // job is written already).
+            Some(Entry::Reserved { job_id, .. }) if m.is_job(job_id) => {
+                (job_id, written.contains_key(&job_id))
+            }
+            _ => (m.successor_job_id, false),
+        };
+        let done = written.get(&job).is_some_and(|c| *c || !created);
+        if !done {
+            until.insert(job, created);
+        }
+    }
+    Ok(until)
 }
 
 /// Records, for `status`, the error each member of the wave whose successor is not in the

@@ -58,6 +58,15 @@ pub enum RotateError {
     NoHeadroom(String),
     #[error("no rotation {0} in this registry")]
     NoSuchRotation(String),
+    /// `retire` of a rotation through the workers reads its folder, to retire only pairs whose
+    /// successor's key is there.
+    #[error("rotation {id} collects into {dir}, which cannot be read here (retire it where that folder is)")]
+    FolderUnreadable {
+        id: String,
+        dir: String,
+        #[source]
+        source: crate::sink::folder::OutputError,
+    },
     /// A rotation through the workers collects into one folder: its keys are nowhere else.
     #[error("rotation {id} collects into {recorded}: run it again with --out {recorded} (its successors' keys already written are there, and only there)")]
     OtherFolder { id: String, recorded: String },
@@ -328,8 +337,35 @@ pub async fn status<R: Registry>(registry: &R, id: &str) -> Result<RotationStatu
         .rotation(id)
         .await?
         .ok_or_else(|| RotateError::NoSuchRotation(id.to_owned()))?;
-    let states = successor_states(registry, &rotation, None).await?;
+    // Through the workers a successor is delivered once its key is in the rotation's folder;
+    // where that folder cannot be read (another machine), the registry's view is shown.
+    let folder = match folder_of(&rotation) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(
+                "{}: counting delivered as the registry does",
+                crate::sink::error_chain(&e)
+            );
+            None
+        }
+    };
+    let states = successor_states(registry, &rotation, folder.as_ref()).await?;
     Ok(status_of(&rotation, &states))
+}
+
+/// What the folder of a rotation through the workers holds (`None` for one made in-process,
+/// whose keys are in its folder before the registry calls them delivered).
+fn folder_of(rotation: &Rotation) -> Result<Option<Written>, RotateError> {
+    let Some(dir) = &rotation.out else {
+        return Ok(None);
+    };
+    crate::sink::folder::read_written(std::path::Path::new(dir))
+        .map(Some)
+        .map_err(|source| RotateError::FolderUnreadable {
+            id: rotation.id.clone(),
+            dir: dir.clone(),
+            source,
+        })
 }
 
 fn status_of(rotation: &Rotation, states: &[Successor]) -> RotationStatus {
@@ -973,10 +1009,13 @@ pub async fn retire<R: Registry>(
         .rotation(id)
         .await?
         .ok_or_else(|| RotateError::NoSuchRotation(id.to_owned()))?;
-    let states = successor_states(registry, &rotation, None).await?;
+    // A replaced pair is retired only once its successor's key is in the rotation's folder:
+    // not from a machine that cannot read that folder.
+    let folder = folder_of(&rotation)?;
+    let states = successor_states(registry, &rotation, folder.as_ref()).await?;
     let retired = retire_delivered(registry, cloud, &mut rotation, &states).await?;
     registry.flush().await?;
-    let states = successor_states(registry, &rotation, None).await?;
+    let states = successor_states(registry, &rotation, folder.as_ref()).await?;
     Ok((status_of(&rotation, &states), retired))
 }
 

@@ -501,3 +501,50 @@ async fn collect_rides_out_a_lost_rabbitmq_connection() {
     let (created, failed) = check_batch(&env, "out", rows).await;
     assert_eq!((created, failed.len()), (rows, 0), "{failed:?}");
 }
+
+/// A batch id submitted again with another identity than the one its keys are already
+/// encrypted to: refused before any job is published (the keys already sealed would become
+/// unreadable to the batch's collector), naming the recorded recipient and `--identity`.
+#[test]
+fn resubmitting_a_batch_with_another_identity_is_refused() {
+    let env = Env::new("reid");
+    env.track("breid");
+    env.write("fleet.csv", &fleet_csv(2, "cn-nanjing"));
+    let first = env.path("first.age-identity");
+    let o = run_cli(
+        &env,
+        &[
+            "submit",
+            "fleet.csv",
+            "--batch-id",
+            "breid",
+            "--identity",
+            first.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let again = |identity: &std::path::Path| {
+        run_cli(
+            &env,
+            &[
+                "submit",
+                "fleet.csv",
+                "--batch-id",
+                "breid",
+                "--identity",
+                identity.to_str().unwrap(),
+            ],
+        )
+    };
+    let o = again(&env.path("second.age-identity"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("are encrypted to age1"), "{}", text(&o));
+    assert!(text(&o).contains("--identity"), "{}", text(&o));
+    assert!(
+        !env.path("second.age-identity").exists(),
+        "no identity made for it"
+    );
+    // The batch's own identity: accepted.
+    let o = again(&first);
+    assert!(o.status.success(), "{}", text(&o));
+}

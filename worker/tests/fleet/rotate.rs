@@ -551,3 +551,155 @@ async fn rotate_through_the_workers_in_waves_within_the_quota() {
     .await
     .expect("test timed out");
 }
+
+/// Without `--wait` the successors' keys sit on the results queue until `keyfleet collect`
+/// writes them: `retire` (which reads the rotation's folder) retires nothing before that, and
+/// everything after. `collect ROTATION-ID` ends as soon as every successor is in the folder,
+/// and a rerun with another identity than the one the keys are encrypted to is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retire_waits_for_the_successors_keys_in_the_folder_not_on_the_queue() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("rotret");
+        env.start_worker(&["--threads", "1"]);
+        seed(&env, 6);
+        let args = [
+            "rotate",
+            "--submit",
+            "--name",
+            "app-*",
+            "--rotation-id",
+            "rot-ret",
+            "--out",
+            "keys",
+        ];
+        let out = env.cli(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        // Every successor made and on the results queue; none in the folder.
+        let registry = env.registry().await;
+        let rotation = registry.rotation("rot-ret").await.unwrap().unwrap();
+        let started = Instant::now();
+        loop {
+            let mut delivered = 0;
+            for m in &rotation.members {
+                if let Some(keyfleet::registry::Entry::Pair(r)) =
+                    registry.lookup(&m.scope, &m.successor).await.unwrap()
+                {
+                    delivered += usize::from(r.delivered);
+                }
+            }
+            if delivered == 6 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the workers made {delivered} of 6"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let redis = crate::util::redis_url();
+        let retire = || {
+            env.cli(&["retire", "rot-ret", "--redis-url", &redis])
+                .output()
+                .unwrap()
+        };
+        let out = retire();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            text(&out).contains("retired 0 replaced pair(s)"),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("delivered 0, retired 0"),
+            "{}",
+            text(&out)
+        );
+
+        // Another identity than the rotation's: refused, naming the way out.
+        keyfleet::sink::transit::create_identity(&env.path("other.age-identity")).unwrap();
+        let out = env
+            .cli(&[&args[..], &["--wait", "--identity", "other.age-identity"]].concat())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains("--identity"), "{}", text(&out));
+
+        let started = Instant::now();
+        let out = env
+            .cli(&[
+                "collect",
+                "rot-ret",
+                "--out",
+                "keys",
+                "--idle-timeout",
+                "60s",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("complete"), "{}", text(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "collect waited for its idle timeout"
+        );
+        assert_eq!(key_files(&env.path("keys")).len(), 6);
+        assert!(manifest(&env.path("keys"))
+            .iter()
+            .all(|l| l["replaces"]["name"].is_string()));
+        let out = retire();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("delivered 6, retired 6"),
+            "{}",
+            text(&out)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A successor's job that never answers — its queue purged here, as dead-lettering after too
+/// many deliveries would lose it too — holds nothing in the registry: once `--idle-timeout`
+/// passes without an answer, `rotate --submit --wait` publishes it again under a new id,
+/// instead of waiting for it on every rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_successor_job_is_published_again_after_the_idle_timeout() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut env = Env::new("rotlost");
+        env.start_worker(&["--threads", "1"]);
+        seed(&env, 4);
+        signal(env.worker(0), "KILL");
+        let _ = env.worker(0).wait();
+        let args = [
+            "rotate",
+            "--submit",
+            "--name",
+            "app-*",
+            "--rotation-id",
+            "rot-lost",
+            "--out",
+            "keys",
+        ];
+        let out = env.cli(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let queue = env.topology().jobs_queue();
+        let purged = Command::new("rabbitmqctl")
+            .args(["purge_queue", &queue])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(purged.status.success(), "{}", text(&purged));
+
+        env.start_worker(&["--threads", "1"]);
+        let out = env
+            .cli(&[&args[..], &["--wait", "--idle-timeout", "3s"]].concat())
+            .output()
+            .unwrap();
+        let report = text(&out);
+        assert!(out.status.success(), "{report}");
+        assert!(report.contains("publishing them again"), "{report}");
+        assert!(report.contains("replaced 4, delivered 4"), "{report}");
+        assert_eq!(key_files(&env.path("keys")).len(), 4);
+    })
+    .await
+    .expect("test timed out");
+}
