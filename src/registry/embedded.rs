@@ -99,6 +99,9 @@ fn entry_key(scope: &Scope, name: &str) -> String {
 
 /// Every value was written by [`encode_entry`]: one that does not decode is damage, not a
 /// passing failure (retrying would read the same bytes).
+/// How every stored [`Entry::Pair`] begins (its serde tag, written first).
+const PAIR_PREFIX: &[u8] = br#"{"state":"pair""#;
+
 fn decode_entry(bytes: &[u8]) -> Result<Entry, RegistryError> {
     serde_json::from_slice(bytes)
         .map_err(|e| corrupt(format!("a stored entry does not decode: {e}")))
@@ -709,6 +712,12 @@ fn sweep_expired(
     let mut expired = Vec::new();
     for item in entries.range(lo.as_str()..hi.as_str()).map_err(storage)? {
         let (k, v) = item.map_err(storage)?;
+        // A full scope is mostly pairs: those are known by their first bytes (serde writes
+        // the tag first), so a refusal does not decode every record of the scope. Anything
+        // else is decoded.
+        if v.value().starts_with(PAIR_PREFIX) {
+            continue;
+        }
         if let Entry::Reserved { deadline_ms, .. } = decode_entry(v.value())? {
             if deadline_ms <= now {
                 expired.push(k.value().to_owned());
@@ -1010,6 +1019,7 @@ impl Registry for EmbeddedRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::dialect::Provider;
 
     fn record(scope: &Scope, name: &str, job_id: Uuid) -> KeyPairRecord {
@@ -1028,6 +1038,71 @@ mod tests {
             zone: None,
             delivered: true,
             earlier_keys: Vec::new(),
+        }
+    }
+
+    /// `sweep_expired` skips pairs by their first bytes: every pair must begin so, and no
+    /// reservation may.
+    #[test]
+    fn stored_pairs_and_only_pairs_begin_with_the_pair_prefix() {
+        let scope = Scope {
+            provider: Provider::Ucloud,
+            owner: "o".into(),
+            region: "r".into(),
+        };
+        let pair = serde_json::to_vec(&Entry::Pair(record(&scope, "n", Uuid::nil()))).unwrap();
+        assert!(
+            pair.starts_with(PAIR_PREFIX),
+            "{}",
+            String::from_utf8_lossy(&pair)
+        );
+        let reserved = serde_json::to_vec(&Entry::Reserved {
+            job_id: Uuid::nil(),
+            deadline_ms: 1,
+            tried_keys: vec!["ssh-rsa AAAA pair".into()],
+        })
+        .unwrap();
+        assert!(!reserved.starts_with(PAIR_PREFIX));
+    }
+
+    /// At the quota, a reservation sweeps the scope's expired reservations from among its
+    /// pairs (which the sweep passes over by their first bytes), and only those.
+    #[tokio::test]
+    async fn at_the_quota_expired_reservations_among_pairs_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        filled(&path, 3).await;
+        let registry = EmbeddedRegistry::open(&path).unwrap();
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acct".into(),
+            region: "cn-hangzhou".into(),
+        };
+        let claim = |name: &'static str, quota: u64, ttl_ms: i64| Claim {
+            scope: &scope,
+            name,
+            job_id: Uuid::new_v4(),
+            quota,
+            ttl_ms,
+        };
+        registry.reserve(&claim("lapsing", 4, 1)).await.unwrap();
+        assert_eq!(
+            registry.reserve(&claim("refused", 4, 60_000)).await,
+            Err(RegistryError::QuotaExceeded)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            registry.reserve(&claim("fresh", 4, 60_000)).await,
+            Ok(Reserved::Fresh)
+        );
+        assert_eq!(registry.lookup(&scope, "lapsing").await.unwrap(), None);
+        assert_eq!(registry.quota_used(&scope).await.unwrap(), 4);
+        for i in 0..3 {
+            let name = format!("pair-{i:04}");
+            assert!(matches!(
+                registry.lookup(&scope, &name).await.unwrap(),
+                Some(Entry::Pair(_))
+            ));
         }
     }
 
