@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    annotation_of, begin, make_room, next_wave, retire_delivered, row, status_of, successor_states,
-    Begun, Room, RotateError, RotateOptions, RotateSummary, Successor,
+    annotation_of, begin, next_step, retire_delivered, row, status_of, successor_states, Begun,
+    Next, RotateError, RotateOptions, RotateSummary, Successor,
 };
 use crate::job::batch::Row;
 use crate::modes::collect::{self, Annotator, CollectOptions};
@@ -103,21 +103,24 @@ pub async fn rotate(
         if shutdown.is_cancelled() {
             break;
         }
-        let states = successor_states(&*registry, &rotation, Some(&written)).await?;
-        let wave = next_wave(&*registry, &opts, &rotation, &states, &listed).await?;
-        if wave.is_empty() {
-            if listed.iter().all(|l| *l) {
+        let next = next_step(
+            &*registry,
+            cloud,
+            &opts,
+            &mut rotation,
+            Some(&written),
+            &listed,
+            &mut retired,
+        )
+        .await?;
+        let (wave, states) = match next {
+            Next::Wave { members, states } => (members, states),
+            Next::Done => break,
+            Next::Stuck(e) => {
+                stuck = Some(e);
                 break;
             }
-            match make_room(&*registry, cloud, &opts, &mut rotation, &states).await? {
-                Room::Freed(n) => retired += n,
-                Room::Stuck(e) => {
-                    stuck = Some(e);
-                    break;
-                }
-            }
-            continue;
-        }
+        };
         waves += 1;
         for &i in &wave {
             listed[i] = true;
@@ -141,47 +144,44 @@ pub async fn rotate(
         if !fleet.wait {
             continue;
         }
-        let mut collected = settle(
-            &registry,
-            &opts,
-            &fleet,
-            &rotation,
-            &wave,
-            &mut written,
-            &mut tally,
-            &shutdown,
-        )
-        .await?;
-        if !collected && !shutdown.is_cancelled() {
-            // No answer for --idle-timeout, and nothing holds the successor: its job is lost
-            // (dead-lettered after too many deliveries, or its queue purged). Published again
-            // under a new id, once; should it turn up after all, the registry picks one.
-            let states = successor_states(&*registry, &rotation, Some(&written)).await?;
-            let lost: Vec<usize> = wave
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    states[i] == Successor::Missing
-                        && !written.contains_key(&rotation.members[i].successor_job_id)
-                })
-                .collect();
-            if !lost.is_empty() {
+        // Collected; if the results stop for --idle-timeout, the jobs that answered nothing
+        // and hold nothing are lost (dead-lettered after too many deliveries, or their queue
+        // purged): published again under new ids, once, and waited for again. Should a lost
+        // one turn up after all, the registry picks one of the two.
+        let mut collected = false;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                let states = successor_states(&*registry, &rotation, Some(&written)).await?;
+                let lost: Vec<usize> = wave
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        states[i] == Successor::Missing
+                            && !written.contains_key(&rotation.members[i].successor_job_id)
+                    })
+                    .collect();
+                if lost.is_empty() {
+                    break;
+                }
                 tracing::warn!(
                     "rotation {id}: {} successor job(s) did not answer within --idle-timeout and hold nothing: publishing them again",
                     lost.len()
                 );
                 enqueued += publisher.publish(&registry, &mut rotation, &lost).await?;
-                collected = settle(
-                    &registry,
-                    &opts,
-                    &fleet,
-                    &rotation,
-                    &wave,
-                    &mut written,
-                    &mut tally,
-                    &shutdown,
-                )
-                .await?;
+            }
+            collected = settle(
+                &registry,
+                &opts,
+                &fleet,
+                &rotation,
+                &wave,
+                &mut written,
+                &mut tally,
+                &shutdown,
+            )
+            .await?;
+            if collected || shutdown.is_cancelled() {
+                break;
             }
         }
         note_failures(&status, &mut rotation, &wave, &written).await?;

@@ -778,21 +778,24 @@ pub async fn rotate<R: Registry, U: Upstream>(
         if shutdown.is_cancelled() {
             break;
         }
-        let states = successor_states(&*registry, &rotation, None).await?;
-        let wave = next_wave(&*registry, &opts, &rotation, &states, &listed).await?;
-        if wave.is_empty() {
-            if listed.iter().all(|l| *l) {
+        let next = next_step(
+            &*registry,
+            cloud,
+            &opts,
+            &mut rotation,
+            None,
+            &listed,
+            &mut retired,
+        )
+        .await?;
+        let wave = match next {
+            Next::Wave { members, .. } => members,
+            Next::Done => break,
+            Next::Stuck(e) => {
+                stuck = Some(e);
                 break;
             }
-            match make_room(&*registry, cloud, &opts, &mut rotation, &states).await? {
-                Room::Freed(n) => retired += n,
-                Room::Stuck(e) => {
-                    stuck = Some(e);
-                    break;
-                }
-            }
-            continue;
-        }
+        };
         waves += 1;
         for &i in &wave {
             listed[i] = true;
@@ -866,30 +869,48 @@ pub async fn rotate<R: Registry, U: Upstream>(
     })
 }
 
-/// What retiring the delivered members did for members waiting for a slot.
-enum Room {
-    /// This many replaced pairs retired, their slots free.
-    Freed(u64),
-    /// None could be: the members left wait for quota no retirement frees (the error, once
-    /// the output is made durable).
+/// What a rotation works on next.
+enum Next {
+    /// These members, with where every member's successor stands.
+    Wave {
+        members: Vec<usize>,
+        states: Vec<Successor>,
+    },
+    /// Every member was listed by this run.
+    Done,
+    /// The members left wait for quota no retirement frees (the error, once the output is
+    /// made durable).
     Stuck(RotateError),
 }
 
-/// Members wait for slots (`--waves`): retiring what is delivered frees them, once.
-async fn make_room<R: Registry>(
+/// The next wave ([`next_wave`]). When none fits the free quota (`--waves`), the delivered
+/// members are retired to free slots, and it looks again; `retired` counts them.
+async fn next_step<R: Registry>(
     registry: &R,
     cloud: Option<&HttpUpstream>,
     opts: &RotateOptions,
     rotation: &mut Rotation,
-    states: &[Successor],
-) -> Result<Room, RotateError> {
-    let freed = retire_delivered(registry, cloud, rotation, states).await?;
-    if freed > 0 {
-        return Ok(Room::Freed(freed));
+    folder: Option<&Written>,
+    listed: &[bool],
+    retired: &mut u64,
+) -> Result<Next, RotateError> {
+    loop {
+        let states = successor_states(registry, rotation, folder).await?;
+        let members = next_wave(registry, opts, rotation, &states, listed).await?;
+        if !members.is_empty() {
+            return Ok(Next::Wave { members, states });
+        }
+        if listed.iter().all(|l| *l) {
+            return Ok(Next::Done);
+        }
+        let freed = retire_delivered(registry, cloud, rotation, &states).await?;
+        if freed == 0 {
+            let now = headroom_of(registry, &opts.settings, rotation, &states).await?;
+            let short: Vec<&Headroom> = now.iter().filter(|h| h.needed > 0).collect();
+            return Ok(Next::Stuck(headroom_error(&short, true, true)));
+        }
+        *retired += freed;
     }
-    let now = headroom_of(registry, &opts.settings, rotation, states).await?;
-    let short: Vec<&Headroom> = now.iter().filter(|h| h.needed > 0).collect();
-    Ok(Room::Stuck(headroom_error(&short, true, true)))
 }
 
 /// The members of the next pass, in order: every one not yet listed by this run whose successor

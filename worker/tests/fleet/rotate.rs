@@ -356,6 +356,27 @@ fn submit_and_wait(env: &Env, csv: &str) {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// Seeds `n` pairs through a worker that is then SIGKILLed, so the rotation `id`'s first
+/// jobs stay queued; returns the arguments of `rotate --submit` for it (without `--wait`).
+fn first_jobs_left_queued(env: &mut Env, n: usize, id: &str) -> Vec<String> {
+    env.start_worker(&["--threads", "1"]);
+    seed(env, n);
+    signal(env.worker(0), "KILL");
+    let _ = env.worker(0).wait();
+    [
+        "rotate",
+        "--submit",
+        "--name",
+        "app-*",
+        "--rotation-id",
+        id,
+        "--out",
+        "keys",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Seeds `n` delivered pairs `app-00…` in aliyun/acme/cn-shanghai through the workers.
 fn seed(env: &Env, n: usize) {
     let mut csv = String::from("Owner,RegionId,KeyPairName\n");
@@ -374,21 +395,8 @@ fn seed(env: &Env, n: usize) {
 async fn a_rerun_after_a_crash_mid_publication_makes_each_successor_once() {
     tokio::time::timeout(Duration::from_secs(300), async {
         let mut env = Env::new("rotdup");
-        env.start_worker(&["--threads", "1"]);
-        seed(&env, 10);
-        // No worker now: the rotation's first jobs stay queued.
-        signal(env.worker(0), "KILL");
-        let _ = env.worker(0).wait();
-        let args = [
-            "rotate",
-            "--submit",
-            "--name",
-            "app-*",
-            "--rotation-id",
-            "rot-dup",
-            "--out",
-            "keys",
-        ];
+        let args = first_jobs_left_queued(&mut env, 10, "rot-dup");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = env.cli(&args).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
         assert!(
@@ -666,20 +674,8 @@ async fn retire_waits_for_the_successors_keys_in_the_folder_not_on_the_queue() {
 async fn a_lost_successor_job_is_published_again_after_the_idle_timeout() {
     tokio::time::timeout(Duration::from_secs(300), async {
         let mut env = Env::new("rotlost");
-        env.start_worker(&["--threads", "1"]);
-        seed(&env, 4);
-        signal(env.worker(0), "KILL");
-        let _ = env.worker(0).wait();
-        let args = [
-            "rotate",
-            "--submit",
-            "--name",
-            "app-*",
-            "--rotation-id",
-            "rot-lost",
-            "--out",
-            "keys",
-        ];
+        let args = first_jobs_left_queued(&mut env, 4, "rot-lost");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = env.cli(&args).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
         let queue = env.topology().jobs_queue();
