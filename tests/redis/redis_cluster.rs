@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::util::serve::{rpc, Server};
+use crate::util::cloud::rpc;
+use crate::util::serve::Server;
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::redis::RedisRegistry;
 use keyfleet::registry::{Claim, Registry, RegistryError};

@@ -3,17 +3,15 @@
 //! and the registry hold exactly the successors, with the keys of their key files, and the
 //! quota is where it was before the rotation.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::upstream::cloud_pairs;
+use crate::util::cloud::{assert_exactly_the_successors, kill_when, pem_count};
 use crate::util::serve::Server;
 use crate::util::{keyfleet, text};
-use keyfleet::dialect::{Provider, Scope};
+use keyfleet::dialect::Provider;
 use keyfleet::registry::embedded::EmbeddedRegistry;
-use keyfleet::registry::{Filter, Registry};
+use keyfleet::registry::Registry;
 
 const ALIYUN: usize = 200;
 const UCLOUD: usize = 100;
@@ -21,62 +19,6 @@ const UCLOUD: usize = 100;
 fn against(cloud: &Server, mut c: Command) -> Command {
     cloud.as_cloud_of(&mut c);
     c
-}
-
-fn pem_count(dir: &Path) -> usize {
-    fn walk(p: &Path, n: &mut usize) {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, n);
-            } else if path.extension().is_some_and(|x| x == "pem") {
-                *n += 1;
-            }
-        }
-    }
-    let mut n = 0;
-    walk(dir, &mut n);
-    n
-}
-
-/// The key files under `folder`: name → MD5 fingerprint of the key.
-fn key_files(folder: &Path) -> BTreeMap<String, String> {
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(folder).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "pem") {
-            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-            let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
-                &std::fs::read_to_string(&path).unwrap(),
-            )
-            .unwrap();
-            files.insert(name, md5);
-        }
-    }
-    files
-}
-
-/// Starts `command`, and SIGKILLs it once `ready` holds; `false` when it ended by itself
-/// first.
-fn kill_when(mut command: Command, ready: impl Fn() -> bool) -> bool {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(300) && !ready() {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    true
 }
 
 /// The issue's end-to-end case: 300 pairs on both clouds, rotated through a cloud that fails
@@ -174,70 +116,8 @@ async fn rotation_killed_mid_way_then_rerun_and_retired_leaves_exactly_the_succe
         );
 
         let registry = EmbeddedRegistry::open(&state).unwrap();
-        let c = cloud.client();
-        for (provider, owner, region, n) in [
-            (Provider::Aliyun, "acme", "cn-hangzhou", ALIYUN),
-            (Provider::Ucloud, "org-acme", "cn-bj2", UCLOUD),
-        ] {
-            let scope = Scope {
-                provider,
-                owner: owner.into(),
-                region: region.into(),
-            };
-            let held = cloud_pairs(&c, provider.as_str()).await;
-            let files = key_files(&keys.join(provider.as_str()).join(owner).join(region));
-            let ours: BTreeMap<String, _> = registry
-                .describe(&Filter {
-                    provider: Some(provider),
-                    owner: Some(owner.into()),
-                    region: Some(region.into()),
-                    ..Filter::default()
-                })
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.name.clone(), r))
-                .collect();
-            let successors: Vec<String> = (0..n).map(|i| format!("web-{i:03}-r")).collect();
-            assert_eq!(
-                held.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: the cloud holds exactly the successors"
-            );
-            assert_eq!(
-                ours.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: so does the registry"
-            );
-            assert_eq!(
-                files.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: one key file each"
-            );
-            for name in &successors {
-                let record = &ours[name];
-                assert_eq!(
-                    files[name], record.fingerprint_md5,
-                    "{name}: key file = registry"
-                );
-                assert_eq!(
-                    held[name].1, record.key_pair_fingerprint,
-                    "{name}: cloud = registry"
-                );
-                if provider == Provider::Aliyun {
-                    assert_eq!(
-                        record.tags.len(),
-                        1,
-                        "{name}: tagged as the pair it replaced"
-                    );
-                }
-            }
-            assert_eq!(
-                registry.quota_used(&scope).await.unwrap(),
-                n as u64,
-                "{provider}: quota back where it was"
-            );
-        }
+        let counts = [(Provider::Aliyun, ALIYUN), (Provider::Ucloud, UCLOUD)];
+        assert_exactly_the_successors(&registry, &cloud.client(), &keys, counts).await;
         cloud.stop();
     })
     .await

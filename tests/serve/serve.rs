@@ -6,7 +6,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
-use crate::util::serve::{rpc, ucloud, v3, Server};
+use crate::util::cloud::{rpc, ucloud};
+use crate::util::serve::{v3, Server};
 use crate::util::{checked_public_key, keyfleet, md5_fingerprint, text, tool, within};
 use keyfleet::upstream::client::{ApiClient, CallOptions, Reply, Signer};
 

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::serve::{http, rpc, v3, Server};
+use crate::util::cloud::rpc;
+use crate::util::serve::{http, v3, Server};
 use crate::util::within;
 use keyfleet::upstream::client::CallOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::util::serve::{rpc, ucloud, Server};
+use crate::util::cloud::{cloud_pairs, rpc, ucloud};
+use crate::util::serve::Server;
 use crate::util::{keyfleet, manifest, text};
-use keyfleet::upstream::client::ApiClient;
 
 fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::PathBuf {
     let mut csv = String::from("Provider,Owner,RegionId,KeyPairName,Region\n");
@@ -21,72 +21,6 @@ fn batch(dir: &std::path::Path, aliyun: usize, ucloud: usize) -> std::path::Path
     let p = dir.join("batch.csv");
     std::fs::write(&p, csv).unwrap();
     p
-}
-
-/// name → (KeyPairId, KeyPairFingerPrint) of everything the cloud holds in the scope.
-///
-/// The cloud injects faults and throttles: a page that fails is asked for again (never the
-/// whole listing from the start, which under a steady throttle never ends), at most 100 times.
-pub(crate) async fn cloud_pairs(
-    c: &ApiClient,
-    provider: &str,
-) -> BTreeMap<String, (String, String)> {
-    let mut out = BTreeMap::new();
-    for page in 0.. {
-        let mut tries = 0;
-        let j = loop {
-            let r = if provider == "aliyun" {
-                let n = (page + 1).to_string();
-                c.call(
-                    &rpc(),
-                    "DescribeKeyPairs",
-                    &[
-                        ("RegionId", "cn-hangzhou"),
-                        ("PageSize", "50"),
-                        ("PageNumber", &n),
-                    ],
-                )
-                .await
-                .unwrap()
-            } else {
-                let off = (page * 100).to_string();
-                c.call(
-                    &ucloud(),
-                    "DescribeUHostKeyPairs",
-                    &[("Region", "cn-bj2"), ("Limit", "100"), ("Offset", &off)],
-                )
-                .await
-                .unwrap()
-            };
-            let j = r.json();
-            if r.status == 200 && j.get("Code").is_none() && j["RetCode"].as_i64().unwrap_or(0) == 0
-            {
-                break j;
-            }
-            tries += 1;
-            assert!(tries < 100, "page {page} of {provider}: {}", r.body);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let items = if provider == "aliyun" {
-            j["KeyPairs"]["KeyPair"].clone()
-        } else {
-            j["KeyPairs"].clone()
-        };
-        let items = items.as_array().cloned().unwrap_or_default();
-        if items.is_empty() {
-            break;
-        }
-        for p in items {
-            out.insert(
-                p["KeyPairName"].as_str().unwrap().to_owned(),
-                (
-                    p["KeyPairId"].as_str().unwrap_or("").to_owned(),
-                    p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
-                ),
-            );
-        }
-    }
-    out
 }
 
 /// The sum of `keyfleet_api_requests_total` over the series answered with `code`.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bignum;
+pub mod cloud;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

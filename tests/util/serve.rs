@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::cloud::rpc;
 use keyfleet::upstream::client::{ApiClient, Signer};
 
 pub const CREDENTIALS: &str = r#"
@@ -24,24 +25,10 @@ private_key = "ucloudpriv"
 account = "org-acme"
 "#;
 
-pub fn rpc() -> Signer {
-    Signer::AliyunRpc {
-        id: "testid".into(),
-        secret: "testsecret".into(),
-    }
-}
-
 pub fn v3() -> Signer {
     Signer::AliyunV3 {
         id: "testid".into(),
         secret: "testsecret".into(),
-    }
-}
-
-pub fn ucloud() -> Signer {
-    Signer::Ucloud {
-        public_key: "ucloudpub".into(),
-        private_key: "ucloudpriv".into(),
     }
 }
 

@@ -9,6 +9,11 @@
 #[path = "../util/mod.rs"]
 mod util;
 
+/// The test cloud's keys and contents, and a rotation's end check: shared with the
+/// `keyfleet` crate's tests.
+#[path = "../../../tests/util/cloud.rs"]
+mod cloud;
+
 mod collect;
 mod delivery;
 mod distributed;

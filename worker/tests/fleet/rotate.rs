@@ -4,123 +4,18 @@
 //! in the end the cloud and the registry hold exactly the successors, each successor's key
 //! file is the registered key, and the quota is where it was before the rotation.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cloud::{assert_exactly_the_successors, key_files, kill_when, pem_count};
 use crate::upstream::{start_cloud, CLOUD_CREDENTIALS};
 use crate::util::{manifest, signal, Env};
 use keyfleet::dialect::{Provider, Scope};
 use keyfleet::registry::{Filter, Registry};
-use keyfleet::upstream::client::{ApiClient, Signer};
+use keyfleet::upstream::client::ApiClient;
 
 const ALIYUN: usize = 200;
 const UCLOUD: usize = 100;
-
-/// The key files under `folder` (recursively): file name → MD5 fingerprint of its key.
-fn key_files(folder: &Path) -> BTreeMap<String, String> {
-    fn walk(p: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|x| x == "pem") {
-                let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                let (md5, _) = keyfleet::keys::keygen::fingerprints_of_pem(
-                    &std::fs::read_to_string(&path).unwrap(),
-                )
-                .unwrap();
-                assert!(out.insert(name, md5).is_none(), "two key files of one name");
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(folder, &mut out);
-    out
-}
-
-/// Name → fingerprint of every pair the cloud at `addr` holds for `provider`, read with its
-/// own Describe action (asked again through injected faults).
-async fn cloud_pairs(addr: std::net::SocketAddr, provider: Provider) -> BTreeMap<String, String> {
-    let client = ApiClient::new(&addr.to_string()).unwrap();
-    let mut out = BTreeMap::new();
-    for page in 0.. {
-        let mut tries = 0;
-        let j = loop {
-            let r = match provider {
-                Provider::Aliyun => {
-                    let n = (page + 1).to_string();
-                    let signer = Signer::AliyunRpc {
-                        id: "testid".into(),
-                        secret: "testsecret".into(),
-                    };
-                    let params = [
-                        ("RegionId", "cn-hangzhou"),
-                        ("PageSize", "50"),
-                        ("PageNumber", n.as_str()),
-                    ];
-                    client.call(&signer, "DescribeKeyPairs", &params).await
-                }
-                Provider::Ucloud => {
-                    let off = (page * 100).to_string();
-                    let signer = Signer::Ucloud {
-                        public_key: "ucloudpub".into(),
-                        private_key: "ucloudpriv".into(),
-                    };
-                    let params = [("Region", "cn-bj2"), ("Limit", "100"), ("Offset", &off)];
-                    client.call(&signer, "DescribeUHostKeyPairs", &params).await
-                }
-            }
-            .unwrap();
-            let j = r.json();
-            if r.status == 200 && j.get("Code").is_none() && j["RetCode"].as_i64().unwrap_or(0) == 0
-            {
-                break j;
-            }
-            tries += 1;
-            assert!(tries < 100, "page {page} of {provider}: {}", r.body);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let items = match provider {
-            Provider::Aliyun => j["KeyPairs"]["KeyPair"].clone(),
-            Provider::Ucloud => j["KeyPairs"].clone(),
-        };
-        let items = items.as_array().cloned().unwrap_or_default();
-        if items.is_empty() {
-            break;
-        }
-        for p in items {
-            out.insert(
-                p["KeyPairName"].as_str().unwrap().to_owned(),
-                p["KeyPairFingerPrint"].as_str().unwrap().to_owned(),
-            );
-        }
-    }
-    out
-}
-
-/// Runs `command` and SIGKILLs it once `ready` holds; `false` when it ended by itself first.
-fn kill_when(mut command: Command, ready: impl Fn() -> bool) -> bool {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(300) && !ready() {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    true
-}
 
 fn text(out: &std::process::Output) -> String {
     format!(
@@ -193,7 +88,7 @@ async fn rotation_through_the_workers_killed_mid_way_leaves_exactly_the_successo
         ];
         let keys = env.path("keys");
         assert!(
-            kill_when(kf(&env, &rotate_args), || key_files(&keys).len() >= 60),
+            kill_when(kf(&env, &rotate_args), || pem_count(&keys) >= 60),
             "rotate was to be killed mid-way, but it ended first"
         );
         // The rerun publishes new jobs for the successors still missing; a worker dies under it.
@@ -203,7 +98,7 @@ async fn rotation_through_the_workers_killed_mid_way_leaves_exactly_the_successo
             .spawn()
             .unwrap();
         let started = Instant::now();
-        while key_files(&keys).len() < 150 && started.elapsed() < Duration::from_secs(300) {
+        while pem_count(&keys) < 150 && started.elapsed() < Duration::from_secs(300) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         signal(env.worker(victim), "KILL");
@@ -263,81 +158,23 @@ async fn rotation_through_the_workers_killed_mid_way_leaves_exactly_the_successo
         );
 
         let registry = env.registry().await;
+        let client = ApiClient::new(&addr.to_string()).unwrap();
+        let counts = [(Provider::Aliyun, ALIYUN), (Provider::Ucloud, UCLOUD)];
         let lines = manifest(&keys);
-        for (provider, owner, region, n) in [
-            (Provider::Aliyun, "acme", "cn-hangzhou", ALIYUN),
-            (Provider::Ucloud, "org-acme", "cn-bj2", UCLOUD),
-        ] {
-            let scope = Scope {
-                provider,
-                owner: owner.into(),
-                region: region.into(),
-            };
-            let held = cloud_pairs(addr, provider).await;
-            let files = key_files(&keys.join(provider.as_str()).join(owner).join(region));
-            let ours: BTreeMap<String, _> = registry
-                .describe(&Filter {
-                    provider: Some(provider),
-                    owner: Some(owner.into()),
-                    region: Some(region.into()),
-                    ..Filter::default()
+        for record in assert_exactly_the_successors(&registry, &client, &keys, counts).await {
+            let (provider, name) = (record.scope.provider, &record.name);
+            assert!(record.delivered, "{name}: delivered");
+            // Its manifest line names the pair it replaced.
+            let line = lines
+                .iter()
+                .find(|l| {
+                    l["status"] == "created"
+                        && l["key_pair_name"] == name.as_str()
+                        && l["provider"] == provider.as_str()
                 })
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.name.clone(), r))
-                .collect();
-            let successors: Vec<String> = (0..n).map(|i| format!("web-{i:03}-r")).collect();
-            assert_eq!(
-                held.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: the cloud holds exactly the successors"
-            );
-            assert_eq!(
-                ours.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: so does the registry"
-            );
-            assert_eq!(
-                files.keys().cloned().collect::<Vec<_>>(),
-                successors,
-                "{provider}: one key file each"
-            );
-            for name in &successors {
-                let record = &ours[name];
-                assert!(record.delivered, "{name}: delivered");
-                assert_eq!(
-                    files[name], record.fingerprint_md5,
-                    "{name}: key file = registry"
-                );
-                assert_eq!(
-                    held[name], record.key_pair_fingerprint,
-                    "{name}: cloud = registry"
-                );
-                if provider == Provider::Aliyun {
-                    assert_eq!(
-                        record.tags.len(),
-                        1,
-                        "{name}: tagged as the pair it replaced"
-                    );
-                }
-                // Its manifest line names the pair it replaced.
-                let line = lines
-                    .iter()
-                    .find(|l| {
-                        l["status"] == "created"
-                            && l["key_pair_name"] == name.as_str()
-                            && l["provider"] == provider.as_str()
-                    })
-                    .unwrap_or_else(|| panic!("{provider} {name}: no created line"));
-                assert_eq!(line["rotation_id"], "rot-fleet");
-                assert_eq!(line["replaces"]["name"], name.trim_end_matches("-r"));
-            }
-            assert_eq!(
-                registry.quota_used(&scope).await.unwrap(),
-                n as u64,
-                "{provider}: quota back where it was"
-            );
+                .unwrap_or_else(|| panic!("{provider} {name}: no created line"));
+            assert_eq!(line["rotation_id"], "rot-fleet");
+            assert_eq!(line["replaces"]["name"], name.trim_end_matches("-r"));
         }
         stop.cancel();
     })
@@ -437,7 +274,7 @@ async fn a_rerun_after_a_crash_mid_publication_makes_each_successor_once() {
         );
         let rotation = registry.rotation("rot-dup").await.unwrap().unwrap();
         let keys = env.path("keys");
-        let files = key_files(&keys);
+        let files = key_files(&keys, true);
         assert_eq!(files.len(), 10, "{files:?}");
         let lines = manifest(&keys);
         for m in &rotation.members {
@@ -548,7 +385,7 @@ async fn rotate_through_the_workers_in_waves_within_the_quota() {
             "{names:?}"
         );
         assert_eq!(names.len(), 8);
-        assert_eq!(key_files(&env.path("keys")).len(), 8);
+        assert_eq!(pem_count(&env.path("keys")), 8);
         assert!(
             manifest(&env.path("keys"))
                 .iter()
@@ -650,7 +487,7 @@ async fn retire_waits_for_the_successors_keys_in_the_folder_not_on_the_queue() {
             started.elapsed() < Duration::from_secs(30),
             "collect waited for its idle timeout"
         );
-        assert_eq!(key_files(&env.path("keys")).len(), 6);
+        assert_eq!(pem_count(&env.path("keys")), 6);
         assert!(manifest(&env.path("keys"))
             .iter()
             .all(|l| l["replaces"]["name"].is_string()));
@@ -694,7 +531,7 @@ async fn a_lost_successor_job_is_published_again_after_the_idle_timeout() {
         assert!(out.status.success(), "{report}");
         assert!(report.contains("publishing them again"), "{report}");
         assert!(report.contains("replaced 4, delivered 4"), "{report}");
-        assert_eq!(key_files(&env.path("keys")).len(), 4);
+        assert_eq!(pem_count(&env.path("keys")), 4);
     })
     .await
     .expect("test timed out");
