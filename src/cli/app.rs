@@ -556,10 +556,7 @@ async fn for_rotation(opts: &mut CollectOptions) -> anyhow::Result<()> {
     opts.until =
         Some(crate::modes::rotate::fleet::awaited(&registry, &rotation, all, &written).await?);
     opts.keep_identity = true;
-    let rotation = std::sync::Arc::new(rotation);
-    opts.annotate = Some(crate::modes::collect::Annotator(std::sync::Arc::new(
-        move |r| crate::modes::rotate::annotation_of(&rotation, r),
-    )));
+    opts.annotate = Some(crate::modes::rotate::annotator(rotation));
     Ok(())
 }
 

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    annotation_of, begin, next_step, retire_delivered, row, status_of, successor_states, Begun,
-    Next, RotateError, RotateOptions, RotateSummary, Successor,
+    annotator, begin, next_step, retire_delivered, row, status_of, successor_states, Begun, Next,
+    RotateError, RotateOptions, RotateSummary, Successor,
 };
 use crate::job::batch::Row;
-use crate::modes::collect::{self, Annotator, CollectOptions};
+use crate::modes::collect::{self, CollectOptions};
 use crate::modes::submit::{open_batch, ConfirmWindow, KeysTo};
 use crate::queue::broker::Broker;
 use crate::queue::endpoints::Endpoints;
@@ -308,8 +308,7 @@ async fn settle(
     tally: &mut Tally,
     shutdown: &CancellationToken,
 ) -> Result<bool, RotateError> {
-    let snapshot = Arc::new(rotation.clone());
-    let annotate = Annotator(Arc::new(move |r| annotation_of(&snapshot, r)));
+    let annotate = annotator(rotation.clone());
     loop {
         let until = awaited(registry, rotation, wave.iter().copied(), written).await?;
         if until.is_empty() {

@@ -579,29 +579,30 @@ fn row(rotation: &Rotation, i: usize, key_bits: KeyBits) -> Row {
     })
 }
 
-/// What the manifest line of `result` adds when it answers a successor of `rotation` (found
-/// by job id, or else by scope and name: a rerun may have given the member a new job).
-pub fn annotation_of(
-    rotation: &Rotation,
-    result: &JobResult,
-) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let member = rotation
-        .members
-        .iter()
-        .find(|m| m.is_job(result.job_id))
-        .or_else(|| {
+/// What `collect` adds to the manifest line of each result that answers a successor of
+/// `rotation` (found by job id, or else by scope and name: a rerun may have given the member a
+/// new job), looked up in indexes built once.
+pub fn annotator(rotation: Rotation) -> crate::modes::collect::Annotator {
+    let mut by_job = HashMap::new();
+    let mut by_name = HashMap::new();
+    for (i, m) in rotation.members.iter().enumerate() {
+        for job in m.earlier_job_ids.iter().chain([&m.successor_job_id]) {
+            by_job.insert(*job, i);
+        }
+        by_name.insert((m.scope.key(), m.successor.clone()), i);
+    }
+    crate::modes::collect::Annotator(Arc::new(move |result: &JobResult| {
+        let i = by_job.get(&result.job_id).or_else(|| {
             let (name, region) = (result.key_pair_name.as_ref()?, result.region.as_ref()?);
             let scope = Scope {
                 provider: result.provider,
                 owner: result.owner.clone(),
                 region: region.clone(),
             };
-            rotation
-                .members
-                .iter()
-                .find(|m| m.is_successor(&scope, name))
+            by_name.get(&(scope.key(), name.clone()))
         })?;
-    Some(annotation(rotation, member, result))
+        Some(annotation(&rotation, &rotation.members[*i], result))
+    }))
 }
 
 /// What a successor's manifest line adds: the rotation, the pair it replaces, and a ready
