@@ -1085,12 +1085,38 @@ mod tests {
             quota,
             ttl_ms,
         };
-        registry.reserve(&claim("lapsing", 4, 1)).await.unwrap();
+        // The reservation lapses by the test's hand, not the clock's: a 1 ms lease could
+        // lapse before the refusal below on a slow machine (CI saw it answered Fresh).
+        registry
+            .reserve(&claim("lapsing", 4, 60_000))
+            .await
+            .unwrap();
         assert_eq!(
             registry.reserve(&claim("refused", 4, 60_000)).await,
             Err(RegistryError::QuotaExceeded)
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let key = entry_key(&scope, "lapsing");
+        registry
+            .write(true, move |txn| {
+                let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+                let Some(Entry::Reserved {
+                    job_id, tried_keys, ..
+                }) = entry_at(&entries, &key)?
+                else {
+                    panic!("lapsing is not a reservation");
+                };
+                let lapsed = Entry::Reserved {
+                    job_id,
+                    deadline_ms: now_ms() - 1,
+                    tried_keys,
+                };
+                entries
+                    .insert(key.as_str(), encode_entry(&lapsed)?.as_slice())
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
         assert_eq!(
             registry.reserve(&claim("fresh", 4, 60_000)).await,
             Ok(Reserved::Fresh)
