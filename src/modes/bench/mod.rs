@@ -205,16 +205,23 @@ pub fn measure(
     })
 }
 
-/// Runs `keyfleet run` on a generated batch of `keys` Alibaba rows in a temporary folder and
-/// returns its keys/s and this process's CPU time per key. `pooled`: every key is made first,
-/// into a reservoir that then stops refilling, so the clock sees the plumbing alone.
+/// Runs `keyfleet run` on a generated batch of `keys` Alibaba rows in a new folder in
+/// `scratch` and returns its keys/s and this process's CPU time per key. `pooled`: every key
+/// is made first, into a reservoir that then stops refilling, so the clock sees the plumbing
+/// alone.
+///
+/// The folder is left for the caller to remove after the last round: on ext4, files created
+/// within seconds of many others being deleted cost several times the CPU (the inode
+/// allocator passes over each recently deleted inode), so one round's cleanup would be paid
+/// by the next round.
 pub async fn measure_pipeline(
     spec: KeySpec,
     keys: usize,
     pooled: bool,
+    scratch: &std::path::Path,
 ) -> Result<PipelineMeasurement, BenchError> {
-    let dir = tempfile::tempdir()?;
-    let input = write_rows(dir.path(), keys)?;
+    let dir = tempfile::tempdir_in(scratch)?.keep();
+    let input = write_rows(&dir, keys)?;
     let reservoir = if pooled {
         let cpu = crate::keys::cpu::CpuPool::new(spec.threads)
             .map_err(|e| BenchError::Pool(e.to_string()))?;
@@ -230,8 +237,8 @@ pub async fn measure_pipeline(
     let opts = RunOptions {
         input,
         format: None,
-        out: dir.path().join("out"),
-        state: dir.path().join("state.redb"),
+        out: dir.join("out"),
+        state: dir.join("state.redb"),
         threads: spec.threads,
         defaults: RowDefaults {
             batch_id: "bench".into(),
@@ -308,6 +315,8 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
     let mut pipes = Vec::new();
     let mut pools = Vec::new();
     let mut openssl = Vec::new();
+    // Every round's folders, removed at the end (see `measure_pipeline`).
+    let scratch = tempfile::tempdir()?;
     for _ in 0..rounds {
         if compare {
             let m = tokio::task::spawn_blocking(move || {
@@ -322,10 +331,10 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
             .map_err(|e| BenchError::Pool(e.to_string()))??;
         raws.push(m);
         if pipeline {
-            pipes.push(measure_pipeline(spec, keys, false).await?);
+            pipes.push(measure_pipeline(spec, keys, false, scratch.path()).await?);
         }
         if pipeline && pooled {
-            pools.push(measure_pipeline(spec, keys, true).await?);
+            pools.push(measure_pipeline(spec, keys, true, scratch.path()).await?);
         }
     }
     let raw_median = median(raws.iter().map(|m| m.keys_per_second).collect());
