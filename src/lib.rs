@@ -59,6 +59,7 @@ pub mod prime;
 pub mod queue;
 pub mod registry;
 pub mod retry;
+pub mod scheduling;
 pub mod settings;
 pub mod shutdown;
 pub mod sign;

@@ -197,19 +197,17 @@ async fn run_command(
     let upstream_settings = args.upstream.resolve(file);
     let failed = || format!("keyfleet run {} failed", args.file.display());
     let summary = if !upstream_settings.is_remote() {
-        run(opts, shutdown).await
+        run(
+            opts,
+            std::sync::Arc::new(crate::upstream::LocalUpstream),
+            shutdown,
+        )
+        .await
     } else {
         let limit = args.upstream_limit.rate_limit();
         let upstream =
             Configured::build(&upstream_settings, limit).map_err(|e| BadSetting::from(&e))?;
-        let registry = EmbeddedRegistry::open(&opts.state).with_context(failed)?;
-        crate::modes::run::run_with(
-            opts,
-            std::sync::Arc::new(registry),
-            std::sync::Arc::new(upstream),
-            shutdown,
-        )
-        .await
+        run(opts, std::sync::Arc::new(upstream), shutdown).await
     }
     .with_context(failed)?;
     if args.report.json {
@@ -292,6 +290,9 @@ async fn rotate_command(
             Configured::Local(_) => None,
         };
         serve_embedded_metrics(&args.metrics_addr, &shutdown).await?;
+        // A batch, as `run` is: its threads batch-scheduled (`scheduling.rs`), the state
+        // file's writer among them.
+        let _batch = crate::scheduling::batch();
         let registry = std::sync::Arc::new(open_registry(&resolved.state)?);
         match rotate::rotate(opts, registry, upstream.clone(), cloud, shutdown).await {
             Ok(s) => s,

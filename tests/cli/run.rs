@@ -392,7 +392,7 @@ async fn unwritable_output_folder_is_a_clear_error() {
     sb.write("blocker", "a file where a folder should be");
     let mut opts = sb.options(&input, "blocker/out");
     opts.out = sb.path("blocker/out");
-    let err = keyfleet::modes::run::run(opts, tokio_util::sync::CancellationToken::new())
+    let err = keyfleet::modes::run::run_locally(opts, tokio_util::sync::CancellationToken::new())
         .await
         .unwrap_err()
         .to_string();

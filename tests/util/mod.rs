@@ -14,7 +14,7 @@ use std::time::Duration;
 use keyfleet::dialect::Provider;
 use keyfleet::job::batch::RowDefaults;
 use keyfleet::keys::keygen::KeyBits;
-use keyfleet::modes::run::{run, RunOptions, Summary};
+use keyfleet::modes::run::{run_locally, RunOptions, Summary};
 use keyfleet::settings::Settings;
 use keyfleet::telemetry::progress::ProgressMode;
 use tokio_util::sync::CancellationToken;
@@ -72,7 +72,7 @@ pub async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>)
 pub async fn run_batch(opts: RunOptions) -> Summary {
     tokio::time::timeout(
         Duration::from_secs(600),
-        run(opts, CancellationToken::new()),
+        run_locally(opts, CancellationToken::new()),
     )
     .await
     .expect("run timed out")

@@ -15,7 +15,7 @@ use crate::dialect::Provider;
 use crate::job::batch::RowDefaults;
 use crate::keys::keygen::{self, Engine, KeyBits};
 use crate::keys::reservoir::Reservoir;
-use crate::modes::run::{run, RunOptions};
+use crate::modes::run::{run_locally, RunOptions};
 use crate::settings::{KeyPairQuota, Settings};
 use crate::telemetry::progress::ProgressMode;
 
@@ -258,7 +258,7 @@ pub async fn measure_pipeline(
         reservoir,
     };
     let cpu_before = process_cpu_seconds();
-    let summary = run(opts, CancellationToken::new()).await?;
+    let summary = run_locally(opts, CancellationToken::new()).await?;
     let cpu = process_cpu_seconds() - cpu_before;
     Ok(PipelineMeasurement {
         keys_per_second: summary.keys_per_second,

@@ -753,7 +753,7 @@ pub async fn rotate<R: Registry, U: Upstream>(
     let id = rotation.id.clone();
     let mut out = OutputDir::create(&opts.out)?;
     let cpu = CpuPool::new(opts.threads)?;
-    let concurrency = cpu.threads() * 4 + 64;
+    let concurrency = crate::modes::run::concurrency(cpu.threads());
     let lifecycle = Lifecycle::new(
         registry.clone(),
         upstream,
