@@ -1,12 +1,11 @@
 //! Linux's batch scheduling policy (`SCHED_BATCH`) for the modes that work through a file
 //! (`run`, `rotate` on the embedded store). Under the normal policy every wakeup of a plumbing
 //! thread (the state file's writer, the key files' writer, the async runtime) preempts a
-//! key-generation thread at once: about twelve preemptions a key on two cores, and the keys
-//! came ~10 % slower beside the plumbing than alone. Batch threads are not preempted by
-//! wakeups (the plumbing waits for the running thread's slice to end, and then does more at
-//! once) and get the same share of the CPU; what they give up is wakeup latency, which a
-//! batch file does not notice. `serve` and the worker answer requests, so they keep the
-//! normal policy.
+//! key-generation thread at once: about twelve preemptions a key on two cores. Batch threads
+//! are not preempted by wakeups (the plumbing waits for the running thread's slice to end,
+//! and then does more at once) and get the same share of the CPU; what they give up is
+//! wakeup latency, which a batch file does not notice. `serve` and the worker answer
+//! requests, so they keep the normal policy. Measured in docs/benchmarks.md.
 //!
 //! The policy is the thread's, and threads inherit it: set on the thread that starts a run,
 //! before the key-generation pool and the writers are spawned, it covers them all.

@@ -119,6 +119,10 @@ impl ScopeArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a batch file through the whole pipeline in this process (no servers needed).
+    ///
+    /// On Linux its threads run under the batch scheduling policy (SCHED_BATCH), so the
+    /// writers' wakeups do not interrupt key generation; a keyfleet started under `nice` or
+    /// `chrt` keeps what it was given (docs/keygen.md).
     Run(RunArgs),
     /// List registered key pairs (like DescribeKeyPairs).
     Describe(DescribeArgs),
