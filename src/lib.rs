@@ -43,7 +43,8 @@
 //! - Ground floor, pure helpers: `sign/` (request signatures: Alibaba `rpc.rs` and `acs3.rs`,
 //!   `ucloud.rs`), `credentials.rs` (cloud access keys), `escape.rs` (URLs without passwords,
 //!   caller text in keys and paths), `group.rs` (group commit: one sync for many writes),
-//!   `time.rs`, `shutdown.rs`, `hardening.rs` (no core dumps).
+//!   `time.rs`, `shutdown.rs`, `hardening.rs` (no core dumps), `scheduling.rs` (batch modes'
+//!   threads under `SCHED_BATCH`).
 
 pub mod cli;
 pub mod credentials;
