@@ -93,13 +93,26 @@ pub async fn cloud_pairs(c: &ApiClient, provider: &str) -> BTreeMap<String, (Str
     out
 }
 
-/// How many private key files (`.pem`) are under `dir`, at any depth.
+/// How many private key files (`.pem`) are under `dir`, at any depth. Counted by path: the
+/// same name in two providers' folders is two files (`key_files` keys by name, for one
+/// region's folder).
 pub fn pem_count(dir: &Path) -> usize {
-    key_files(dir, false).len()
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .map(|path| match path.is_dir() {
+            true => pem_count(&path),
+            false => usize::from(path.extension().is_some_and(|x| x == "pem")),
+        })
+        .sum()
 }
 
 /// The private key files under `dir`, at any depth: file name → MD5 fingerprint of its key
-/// (read only when `fingerprints`; empty otherwise).
+/// (read only when `fingerprints`; empty otherwise). Two files of one name are a failure, so
+/// `dir` is one provider's, owner's and region's folder (or a tree where names are unique).
 pub fn key_files(dir: &Path, fingerprints: bool) -> BTreeMap<String, String> {
     fn walk(p: &Path, fingerprints: bool, out: &mut BTreeMap<String, String>) {
         let Ok(entries) = std::fs::read_dir(p) else {
