@@ -473,13 +473,30 @@ fn contained<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
 
 /// Opens (or creates) the redb file. redb asserts on some damaged files (a truncated one, for
 /// instance) instead of returning an error: that is reported as what it is, a damaged file.
+///
+/// A lock that is held only a moment is waited for: a process that starts a program in another
+/// thread while this one opens the file lends its children, between their fork and their
+/// exec, every open file description it has — the check's ([`verify`]) among them, with its
+/// lock. CI saw a test's open refused so, right after the check let go of the file.
 fn open_database(path: &Path) -> Result<Database, RegistryError> {
-    match contained(|| Database::create(path)) {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(open_error(path, e)),
-        Err(()) => Err(damaged(path, "truncated or overwritten")),
+    let mut tries = 0;
+    loop {
+        match contained(|| Database::create(path)) {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if tries < LOCK_TRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_PAUSE);
+            }
+            Ok(Err(e)) => return Err(open_error(path, e)),
+            Err(()) => return Err(damaged(path, "truncated or overwritten")),
+        }
     }
 }
+
+/// How long [`open_database`] waits for a lock held a moment: 10 × 50 ms. A file another
+/// keyfleet really has open is refused half a second later than it would be.
+const LOCK_TRIES: u32 = 10;
+const LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Checks every page of an existing state file against the checksums redb keeps in the page
 /// above it (up to the root's, in the file header), without changing the file: redb's
@@ -1063,6 +1080,33 @@ mod tests {
         })
         .unwrap();
         assert!(!reserved.starts_with(PAIR_PREFIX));
+    }
+
+    /// The fault CI showed: a child forked by another thread holds the lock of a file
+    /// description this process just closed, until it execs. An open then waits for it.
+    #[test]
+    fn a_lock_held_a_moment_by_a_forked_child_does_not_fail_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        drop(EmbeddedRegistry::open(&path).unwrap());
+        let held = std::fs::File::open(&path).unwrap();
+        held.try_lock().unwrap();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(120));
+            drop(held);
+        });
+        assert!(EmbeddedRegistry::open(&path).is_ok());
+        released.join().unwrap();
+
+        // A lock held for good is still refused, naming the file.
+        let held = std::fs::File::open(&path).unwrap();
+        held.try_lock().unwrap();
+        let Err(refused) = EmbeddedRegistry::open(&path) else {
+            panic!("a state file locked by another holder was opened");
+        };
+        let refused = refused.to_string();
+        assert!(refused.contains("already open"), "{refused}");
+        assert!(refused.contains("state.redb"), "{refused}");
     }
 
     /// At the quota, a reservation sweeps the scope's expired reservations from among its
