@@ -36,12 +36,7 @@ fn run_killed_repeatedly_then_rerun_lists_every_row_with_its_registered_key() {
     // Six runs, each killed once it has written about 40 more key files (plus a few
     // milliseconds that differ per run, so the kill falls at different points of a key's
     // life); each rerun goes on where the last stopped, and the last one finishes the batch.
-    let pem_count = || {
-        walk(&dir.path().join("keys"))
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "pem"))
-            .count()
-    };
+    let pem_count = || crate::util::cloud::pem_count(&dir.path().join("keys"));
     for extra_ms in [0, 7, 3, 11, 5, 13] {
         let before = if dir.path().join("keys").exists() {
             pem_count()

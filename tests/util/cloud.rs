@@ -5,7 +5,7 @@
 //! successors.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -93,53 +93,47 @@ pub async fn cloud_pairs(c: &ApiClient, provider: &str) -> BTreeMap<String, (Str
     out
 }
 
-/// How many private key files (`.pem`) are under `dir`, at any depth. Counted by path: the
-/// same name in two providers' folders is two files (`key_files` keys by name, for one
-/// region's folder).
-pub fn pem_count(dir: &Path) -> usize {
+/// The private key files (`.pem`) under `dir`, at any depth.
+fn pem_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
-    entries
-        .flatten()
-        .map(|e| e.path())
-        .map(|path| match path.is_dir() {
-            true => pem_count(&path),
-            false => usize::from(path.extension().is_some_and(|x| x == "pem")),
-        })
-        .sum()
+    let mut out = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.is_dir() {
+            out.extend(pem_files(&path));
+        } else if path.extension().is_some_and(|x| x == "pem") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// How many private key files are under `dir`, at any depth. Counted by path: the same name
+/// in two providers' folders is two files.
+pub fn pem_count(dir: &Path) -> usize {
+    pem_files(dir).len()
 }
 
 /// The private key files under `dir`, at any depth: file name → MD5 fingerprint of its key
 /// (read only when `fingerprints`; empty otherwise). Two files of one name are a failure, so
 /// `dir` is one provider's, owner's and region's folder (or a tree where names are unique).
 pub fn key_files(dir: &Path, fingerprints: bool) -> BTreeMap<String, String> {
-    fn walk(p: &Path, fingerprints: bool, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, fingerprints, out);
-            } else if path.extension().is_some_and(|x| x == "pem") {
-                let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                let md5 = match fingerprints {
-                    true => {
-                        keyfleet::keys::keygen::fingerprints_of_pem(
-                            &std::fs::read_to_string(&path).unwrap(),
-                        )
-                        .unwrap()
-                        .0
-                    }
-                    false => String::new(),
-                };
-                assert!(out.insert(name, md5).is_none(), "two key files of one name");
-            }
-        }
-    }
     let mut out = BTreeMap::new();
-    walk(dir, fingerprints, &mut out);
+    for path in pem_files(dir) {
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let md5 = match fingerprints {
+            true => {
+                keyfleet::keys::keygen::fingerprints_of_pem(
+                    &std::fs::read_to_string(&path).unwrap(),
+                )
+                .unwrap()
+                .0
+            }
+            false => String::new(),
+        };
+        assert!(out.insert(name, md5).is_none(), "two key files of one name");
+    }
     out
 }
 
