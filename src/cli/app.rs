@@ -111,7 +111,7 @@ pub async fn execute(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<Ex
         Command::Submit(args) => submit_command(&file, args, shutdown).await,
         Command::Collect(args) => collect_command(args, shutdown).await,
         Command::Status(args) => status_command(&file, args).await,
-        Command::Rotate(args) => rotate_command(&file, args, shutdown).await,
+        Command::Rotate(args) => rotate_command(&file, *args, shutdown).await,
         Command::Retire(args) => retire_command(&file, args).await,
         Command::Serve(args) => serve_command(&file, args, shutdown).await,
         Command::Describe(args) => on_registry!(describe_command, args, &file),
@@ -359,6 +359,7 @@ async fn rotate_through_workers(
         wait: args.wait,
         idle_timeout: args.idle_timeout,
         confirm_window: args.confirm_window.max(1),
+        jobs_per_message: args.jobs_per_message,
     };
     match fleet::rotate(opts, fleet_opts, registry, cloud.as_ref(), shutdown).await {
         Ok(s) => Ok(s),
@@ -439,6 +440,7 @@ async fn submit_command(
         endpoints: args.results.server.endpoints(),
         progress: args.results.report.progress,
         confirm_window: args.confirm_window.max(1),
+        jobs_per_message: args.jobs_per_message,
         keys_to: match (&args.recipient, &args.identity) {
             (Some(r), _) => KeysTo::Recipient(r.clone()),
             (None, Some(path)) => KeysTo::IdentityFile(path.clone()),
@@ -772,6 +774,7 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
             args.keys,
             args.rounds.unwrap_or(3),
             args.confirm_window.max(1),
+            args.jobs_per_message,
         )
         .await
         .context("benchmark failed")?;

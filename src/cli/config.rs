@@ -158,7 +158,7 @@ pub enum Command {
     /// no room for the successors beside the pairs they replace (without --waves; nothing is
     /// created then), or the rotation itself failed; 2 for bad flags or a --successor template
     /// that cannot make valid names; 130 when interrupted.
-    Rotate(RotateArgs),
+    Rotate(Box<RotateArgs>),
     /// Delete the replaced pairs of a rotation whose successors are delivered, in keyfleet's
     /// registry and (with an endpoint) in the cloud, freeing their quota.
     ///
@@ -430,9 +430,14 @@ pub struct SubmitArgs {
     /// Output folder for --wait.
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Publisher confirms kept in flight.
+    /// Publisher confirms (one a message) kept in flight.
     #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
+    /// Jobs packed into one RabbitMQ message, 1 to 1000: one message, one confirm and one
+    /// ack carry that many jobs (the v2 message of docs/distributed.md). 1 publishes v1
+    /// messages, one job each, for workers older than v2.
+    #[arg(long, env = "KEYFLEET_JOBS_PER_MESSAGE", default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE, value_parser = parse_jobs_per_message)]
+    pub jobs_per_message: usize,
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
     /// <batch-id>.age-identity in the --out folder with --wait, otherwise in
@@ -521,8 +526,10 @@ server); 2 for bad flags."
 pub struct WorkerArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Jobs in flight at once (RabbitMQ prefetch), 1 to 65535. Default: 4 per key-generation
-    /// thread, plus 64 (so the Redis and RabbitMQ round trips of jobs that make no key overlap).
+    /// Job messages in flight at once (RabbitMQ prefetch), 1 to 65535. A v2 message's jobs
+    /// (`submit --jobs-per-message`, default 8) run together, so the jobs in flight are up to
+    /// this many times that. Default: 4 per key-generation thread, plus 64 (so the Redis and
+    /// RabbitMQ round trips of jobs that make no key overlap).
     #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
     pub concurrency: Option<u16>,
     #[command(flatten)]
@@ -836,9 +843,14 @@ pub struct RotateArgs {
     /// running?); run the same command again to go on.
     #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub idle_timeout: std::time::Duration,
-    /// With --submit: publisher confirms awaited at most this many jobs behind.
+    /// With --submit: publisher confirms awaited at most this many messages behind.
     #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
+    /// With --submit: jobs packed into one RabbitMQ message, 1 to 1000: one message, one confirm and one
+    /// ack carry that many jobs (the v2 message of docs/distributed.md). 1 publishes v1
+    /// messages, one job each, for workers older than v2.
+    #[arg(long, env = "KEYFLEET_JOBS_PER_MESSAGE", default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE, value_parser = parse_jobs_per_message)]
+    pub jobs_per_message: usize,
     /// RabbitMQ and Redis, with --submit.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -969,6 +981,16 @@ pub struct BenchArgs {
         requires = "submit"
     )]
     pub confirm_window: usize,
+    /// With --submit: jobs a message (as `submit --jobs-per-message`); the bare publisher
+    /// sends messages of as many jobs.
+    #[arg(
+        long,
+        env = "KEYFLEET_JOBS_PER_MESSAGE",
+        default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE,
+        value_parser = parse_jobs_per_message,
+        requires = "submit"
+    )]
+    pub jobs_per_message: usize,
     /// With --submit: where RabbitMQ and Redis are.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -983,6 +1005,16 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_jobs_per_message(s: &str) -> Result<usize, String> {
+    let max = crate::job::message::MAX_JOBS_PER_MESSAGE;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be 1 to {max} (--jobs-per-message / KEYFLEET_JOBS_PER_MESSAGE)"
+        )),
+    }
 }
 
 pub(crate) fn parse_quota(s: &str) -> Result<u64, String> {

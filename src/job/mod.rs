@@ -1,7 +1,9 @@
 //! Jobs (one key-pair creation request) and their results: the in-process form of the
-//! message contract. Both serialize to the versioned JSON documented in the README.
+//! message contract. Both serialize to the versioned JSON documented in docs/distributed.md
+//! (a job message of several jobs is in `message`).
 
 pub mod batch;
+pub mod message;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +45,7 @@ pub enum DecodeError {
     /// Not JSON, or not the job format (a missing, mistyped or unknown field).
     #[error("not a keyfleet job message: {0}")]
     NotAJob(String),
-    #[error("unsupported message version v={0} (this worker reads v={MESSAGE_VERSION})")]
+    #[error("unsupported message version v={0} (this worker reads v=1 and v=2)")]
     UnsupportedVersion(u64),
     #[error("batch_id must be 1 to 200 bytes without control characters")]
     BatchId,

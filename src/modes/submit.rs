@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dialect::{self, Catalog};
 use crate::job::batch::{self, Format, Row, RowDefaults};
+use crate::job::message::MAX_JOBS_PER_MESSAGE;
 use crate::job::{Job, JobResult};
 use crate::queue::broker::{self, Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
@@ -31,6 +32,8 @@ pub struct SubmitOptions {
     pub progress: ProgressMode,
     /// Publisher confirms awaited at most this many messages behind.
     pub confirm_window: usize,
+    /// Jobs packed into one message: 1 publishes v1 messages, more v2 ones.
+    pub jobs_per_message: usize,
     /// Where private keys are encrypted to.
     pub keys_to: KeysTo,
 }
@@ -90,7 +93,8 @@ pub async fn submit(
 
     let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
     let started = Instant::now();
-    let mut window = ConfirmWindow::new(&opts.endpoints, opts.confirm_window);
+    let mut window =
+        ConfirmWindow::new(&opts.endpoints, opts.confirm_window, opts.jobs_per_message);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
     loop {
@@ -126,7 +130,7 @@ pub async fn submit(
         }
     }
     drop(rx);
-    window.drain().await?;
+    window.drain(&broker).await?;
     let read = batch::join_reader(&opts.input, reader);
     if !interrupted {
         read?;
@@ -191,35 +195,66 @@ pub async fn open_batch(
     Ok((broker, status))
 }
 
-/// Publisher confirms kept in flight: a job is published without waiting for its confirm,
-/// and a confirm is awaited only when `size` are outstanding (and all of them at the end).
+/// Jobs packed into messages and publisher confirms kept in flight: jobs are gathered until
+/// `jobs_per_message` are waiting (one v1 message for a single job, a v2 message for several;
+/// [`crate::job::message`]), each message is published without waiting for its confirm, and
+/// a confirm is awaited only when `size` messages are outstanding (and all of them at the end).
 pub struct ConfirmWindow {
     routing: String,
     size: usize,
+    jobs_per_message: usize,
+    gathered: Vec<Job>,
     waiting: VecDeque<PublisherConfirm>,
 }
 
 impl ConfirmWindow {
-    pub fn new(e: &Endpoints, size: usize) -> Self {
+    pub fn new(e: &Endpoints, size: usize, jobs_per_message: usize) -> Self {
+        let jobs_per_message = jobs_per_message.clamp(1, MAX_JOBS_PER_MESSAGE);
         ConfirmWindow {
             routing: e.topology().jobs_routing_key(),
             size: size.max(1),
+            jobs_per_message,
+            gathered: Vec::with_capacity(jobs_per_message),
             waiting: VecDeque::with_capacity(size.max(1)),
         }
     }
 
+    /// Takes a job; it is published once its message is full (or at [`ConfirmWindow::drain`]).
+    /// A job of another batch than those gathered starts a message of its own.
     pub async fn publish(&mut self, broker: &Broker, job: &Job) -> Result<(), BrokerError> {
+        if self
+            .gathered
+            .first()
+            .is_some_and(|first| first.batch_id != job.batch_id)
+        {
+            self.flush(broker).await?;
+        }
+        self.gathered.push(job.clone());
+        if self.gathered.len() >= self.jobs_per_message {
+            self.flush(broker).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the jobs gathered so far as one message.
+    async fn flush(&mut self, broker: &Broker) -> Result<(), BrokerError> {
+        if self.gathered.is_empty() {
+            return Ok(());
+        }
         if self.waiting.len() >= self.size {
             if let Some(c) = self.waiting.pop_front() {
                 broker::confirmed(c, &self.routing).await?;
             }
         }
-        self.waiting.push_back(broker.publish_job(job).await?);
+        self.waiting
+            .push_back(broker.publish_jobs(&self.gathered).await?);
+        self.gathered.clear();
         Ok(())
     }
 
-    /// Waits for every confirm still outstanding.
-    pub async fn drain(&mut self) -> Result<(), BrokerError> {
+    /// Publishes what is gathered and waits for every confirm still outstanding.
+    pub async fn drain(&mut self, broker: &Broker) -> Result<(), BrokerError> {
+        self.flush(broker).await?;
         for c in self.waiting.drain(..) {
             broker::confirmed(c, &self.routing).await?;
         }

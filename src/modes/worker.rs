@@ -1,6 +1,7 @@
-//! The distributed-mode worker: consumes jobs from RabbitMQ, runs each through the pipeline
-//! (keys on the rayon pool, quota in Redis, upstream rate-limited), publishes the result with a
-//! confirm, and only then acks. Survives broker and Redis restarts; drains on shutdown.
+//! The distributed-mode worker: consumes job messages (v1: one job, v2: several) from RabbitMQ,
+//! runs each job through the pipeline (keys on the rayon pool, quota in Redis, upstream
+//! rate-limited), publishes each result with a confirm, and only then acks the message.
+//! Survives broker and Redis restarts; drains on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::dialect::Provider;
+use crate::job::message::{BadJob, JobMessage};
 use crate::job::{DecodeError, Job, JobResult};
 use crate::keys::cpu::CpuPool;
 use crate::keys::keygen::KeyBits;
@@ -26,7 +28,7 @@ use crate::registry::RegistryError;
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
 use crate::sink::results_queue::Recipients;
-use crate::sink::ResultsQueue;
+use crate::sink::{ResultsQueue, Sink};
 use crate::telemetry::metrics::{self, Readiness};
 use crate::upstream::rate_limit::RateLimit;
 use crate::upstream::Configured;
@@ -272,15 +274,15 @@ async fn watch_redis(registry: RedisRegistry, readiness: Readiness, shutdown: Ca
     }
 }
 
-/// One job message, start to end: decode, the lifecycle with the results queue as its sink,
-/// then ack, hand back or dead-letter as the lifecycle's ending says.
+/// One job message, start to end: decode, the lifecycle of its job (or of each of its jobs,
+/// for a v2 message) with the results queue as its sink, then ack, hand back or dead-letter as
+/// the jobs' endings say.
 async fn handle(
     handler: &Handler,
     broker: &Broker,
     channel_closed: &CancellationToken,
     delivery: Delivery,
 ) {
-    let _in_flight = metrics::InFlight::start();
     if let Some(waited) = broker::queue_wait(&delivery.properties) {
         metrics::queue_wait(waited);
     }
@@ -291,30 +293,97 @@ async fn handle(
         .allow_plaintext(handler.allow_plaintext)
         .recipients(&handler.recipients)
         .channel(channel_closed);
-    let finished = match Job::decode(&delivery.data) {
-        Ok(job) => {
-            let attempt = broker::delivery_count(&delivery.properties) + 1;
-            handler.lifecycle.process(job, attempt, &sink).await
+    let attempt = broker::delivery_count(&delivery.properties) + 1;
+    let endings = match JobMessage::decode(&delivery.data) {
+        Ok(JobMessage::One(job)) => {
+            let _in_flight = metrics::InFlight::start();
+            vec![handler.lifecycle.process(job, attempt, &sink).await]
+        }
+        Ok(JobMessage::Group { batch_id, jobs }) => {
+            run_group(handler, broker, &sink, &delivery, &batch_id, jobs, attempt).await
         }
         Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
     };
-    match finished {
-        Finished::Delivered(_) | Finished::AnsweredBefore => ack(&delivery).await,
-        Finished::HandBack(_) => requeue(&delivery).await,
-        Finished::Abandoned => {
-            // Neither ack nor nack can reach RabbitMQ on a closed channel; it has requeued the
-            // job for another worker already.
-            tracing::info!(
-                "stopped a job whose RabbitMQ channel closed; another worker answers it"
-            );
-            metrics::abandoned();
+    settle(broker, &delivery, endings).await;
+}
+
+/// The jobs of a v2 message: a job that does not decode is answered and dead-lettered alone;
+/// the others are admitted together (their names reserved in one round trip) and completed
+/// side by side. One ending a job.
+async fn run_group(
+    handler: &Handler,
+    broker: &Broker,
+    sink: &ResultsQueue<'_>,
+    delivery: &Delivery,
+    batch_id: &str,
+    jobs: Vec<Result<Job, BadJob>>,
+    attempt: u32,
+) -> Vec<Finished> {
+    let mut endings = Vec::with_capacity(jobs.len());
+    let mut good = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match job {
+            Ok(job) => good.push(job),
+            Err(bad) => {
+                if !refuse_bad_job(handler, broker, sink, delivery, batch_id, &bad).await {
+                    endings.push(Finished::HandBack(
+                        "a bad job of the message was not yet answered and dead-lettered".into(),
+                    ));
+                }
+            }
         }
-        Finished::Undeliverable { result, reason } => {
-            // No results queue takes this batch's answers (deleted, expired, or a batch id
-            // nobody declared): the pair was released; the job waits in the dead-letter queue.
-            tracing::error!(job = %result.job_id, batch = %result.batch_id, "dead-lettering a job whose result cannot be delivered: {reason}");
-            dead_letter(broker, &delivery, "undeliverable", &reason).await;
+    }
+    let _in_flight: Vec<_> = good.iter().map(|_| metrics::InFlight::start()).collect();
+    let admissions = tokio::select! {
+        biased;
+        _ = sink.gone() => return vec![Finished::Abandoned],
+        admissions = handler.lifecycle.admit_many(good, attempt) => admissions,
+    };
+    let completed = futures::future::join_all(
+        admissions
+            .into_iter()
+            .map(|a| handler.lifecycle.complete(a, sink)),
+    )
+    .await;
+    endings.extend(completed);
+    endings
+}
+
+/// What a message's jobs' endings make of it. Every job settled: ack. A channel gone: nothing
+/// (RabbitMQ has requeued the message). A job to try again: the whole message is handed back,
+/// and its jobs answered already are acknowledged without a second answer when it returns. A
+/// result nobody can take: the message is dead-lettered with the reason.
+async fn settle(broker: &Broker, delivery: &Delivery, endings: Vec<Finished>) {
+    let mut undeliverable = None;
+    let mut hand_back = false;
+    for ending in endings {
+        match ending {
+            Finished::Delivered(_) | Finished::AnsweredBefore => {}
+            Finished::HandBack(_) => hand_back = true,
+            Finished::Abandoned => {
+                // Neither ack nor nack can reach RabbitMQ on a closed channel; it has requeued
+                // the message for another worker already.
+                tracing::info!(
+                    "stopped a job whose RabbitMQ channel closed; another worker answers it"
+                );
+                metrics::abandoned();
+                return;
+            }
+            Finished::Undeliverable { result, reason } => {
+                // No results queue takes this batch's answers (deleted, expired, or a batch id
+                // nobody declared): the pair was released; the job waits in the dead-letter
+                // queue.
+                tracing::error!(job = %result.job_id, batch = %result.batch_id, "dead-lettering a job whose result cannot be delivered: {reason}");
+                undeliverable.get_or_insert(reason);
+            }
         }
+    }
+    if hand_back {
+        requeue(delivery).await;
+    } else if let Some(reason) = undeliverable {
+        dead_letter(broker, delivery, "undeliverable", &reason).await;
+    } else {
+        ack(delivery).await;
     }
 }
 
@@ -368,13 +437,7 @@ async fn reject_undecodable(
         .correlation_id()
         .as_ref()
         .map(|s| s.as_str().to_owned())
-        .or_else(|| {
-            serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                .ok()?
-                .get("batch_id")?
-                .as_str()
-                .map(str::to_owned)
-        })
+        .or_else(|| field(&delivery.data, "batch_id"))
         .filter(|b| !b.is_empty() && b.len() <= 200);
     if let Some(batch) = &batch {
         // Without a usable message id, the job id comes from the bytes: a redelivered copy of
@@ -390,4 +453,50 @@ async fn reject_undecodable(
         }
     }
     dead_letter(broker, delivery, err.metric_reason(), &reason).await;
+}
+
+/// A job of a v2 message that does not decode: its batch (the message's) is answered for it
+/// under its own `job_id` when it has a readable one (else an id from its bytes), and its
+/// bytes alone are dead-lettered with the reason. True once both are done; false leaves the
+/// message to come back.
+async fn refuse_bad_job(
+    handler: &Handler,
+    broker: &Broker,
+    sink: &ResultsQueue<'_>,
+    delivery: &Delivery,
+    batch_id: &str,
+    bad: &BadJob,
+) -> bool {
+    let reason = bad.error.to_string();
+    tracing::warn!("dead-lettering an undecodable job of a v2 message: {reason}");
+    let job_id = field(&bad.bytes, "job_id")
+        .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+        .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &bad.bytes));
+    let result = JobResult::rejected(batch_id, job_id, None, Provider::Aliyun, "", &reason);
+    if let Finished::HandBack(_) = handler.lifecycle.answer(result, sink).await {
+        return false;
+    }
+    let props = delivery
+        .properties
+        .clone()
+        .with_message_id(job_id.to_string().into());
+    match broker.dead_letter(&bad.bytes, &props, &reason).await {
+        Ok(()) => {
+            metrics::dead_lettered(bad.error.metric_reason());
+            true
+        }
+        Err(e) => {
+            tracing::warn!("dead-lettering failed, leaving the message for redelivery: {e}");
+            false
+        }
+    }
+}
+
+/// A string field of a JSON object, if `data` is one and has it.
+fn field(data: &[u8], name: &str) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(data)
+        .ok()?
+        .get(name)?
+        .as_str()
+        .map(str::to_owned)
 }

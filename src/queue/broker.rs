@@ -396,9 +396,17 @@ impl Broker {
 
     /// Publishes a job and returns its confirm, so callers can keep many in flight.
     pub async fn publish_job(&self, job: &Job) -> Result<PublisherConfirm, BrokerError> {
-        let payload = serde_json::to_vec(job).map_err(|e| BrokerError::Encode(e.to_string()))?;
-        self.publish_encoded_job(&payload, &job.job_id.to_string(), &job.batch_id)
-            .await
+        self.publish_jobs(std::slice::from_ref(job)).await
+    }
+
+    /// Publishes jobs of one batch as one message ([`crate::job::message`]): v1 for one job,
+    /// v2 for several.
+    pub async fn publish_jobs(&self, jobs: &[Job]) -> Result<PublisherConfirm, BrokerError> {
+        let payload =
+            crate::job::message::encode(jobs).map_err(|e| BrokerError::Encode(e.to_string()))?;
+        let batch = jobs.first().map_or("", |j| j.batch_id.as_str());
+        let id = crate::job::message::message_id(jobs).to_string();
+        self.publish_encoded_job(&payload, &id, batch).await
     }
 
     /// [`Broker::publish_job`] for a job already encoded: the message a job becomes, with its

@@ -1,6 +1,6 @@
 //! `keyfleet bench --submit`: `keyfleet submit` of generated rows against a bare publisher —
-//! the same jobs queue (quorum), the same message bytes and properties, the same window of
-//! publisher confirms, and nothing else (no file, no validation, no encoding, no Redis). The
+//! the same jobs queue (quorum), the same message bytes and properties (as many jobs a
+//! message), the same window of publisher confirms, and nothing else (no file, no validation, no encoding, no Redis). The
 //! bare rate is the broker's own ceiling on this machine; submit's share of it is what its
 //! plumbing costs. Rounds alternate which goes first; medians are reported. Each measurement
 //! uses a prefix of its own, deleted afterwards. Numbers only; nothing asserts timing.
@@ -33,6 +33,7 @@ pub struct PublishReport {
     pub jobs: usize,
     pub rounds: usize,
     pub confirm_window: usize,
+    pub jobs_per_message: usize,
     pub message_bytes: usize,
     pub bare: Vec<PublishMeasurement>,
     pub submit: Vec<PublishMeasurement>,
@@ -60,6 +61,7 @@ pub async fn bench_submit(
     jobs: usize,
     rounds: usize,
     confirm_window: usize,
+    jobs_per_message: usize,
 ) -> Result<PublishReport, PublishBenchError> {
     if jobs == 0 {
         return Err(PublishBenchError::NoJobs);
@@ -68,7 +70,8 @@ pub async fn bench_submit(
     let input = write_rows(dir.path(), jobs)?;
     let identity = dir.path().join("bench.age-identity");
     let message = sample_job();
-    let message_bytes = serde_json::to_vec(&message).map_or(0, |m| m.len());
+    let group = vec![message.clone(); jobs_per_message.clamp(1, jobs)];
+    let message_bytes = crate::job::message::encode(&group).map_or(0, |m| m.len());
     let (mut bare, mut subs) = (Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         for first in [round % 2 == 0, round % 2 != 0] {
@@ -81,7 +84,7 @@ pub async fn bench_submit(
                 ..endpoints.clone()
             };
             if first {
-                bare.push(measure_bare(&ep, &message, jobs, confirm_window).await?);
+                bare.push(measure_bare(&ep, &group, jobs, confirm_window).await?);
             } else {
                 let opts = SubmitOptions {
                     input: input.clone(),
@@ -96,6 +99,7 @@ pub async fn bench_submit(
                     endpoints: ep.clone(),
                     progress: ProgressMode::Off,
                     confirm_window,
+                    jobs_per_message,
                     keys_to: KeysTo::IdentityFile(identity.clone()),
                 };
                 let cpu = process_cpu_seconds();
@@ -115,6 +119,7 @@ pub async fn bench_submit(
         jobs,
         rounds: rounds.max(1),
         confirm_window,
+        jobs_per_message: group.len(),
         message_bytes,
         bare,
         submit: subs,
@@ -143,32 +148,31 @@ fn sample_job() -> Job {
     }
 }
 
-/// The bare publisher: one encoded message, `jobs` times, confirms kept `window` deep.
+/// The bare publisher: one encoded message of `group`, enough times for `jobs` jobs, confirms
+/// kept `window` deep.
 async fn measure_bare(
     ep: &Endpoints,
-    job: &Job,
+    group: &[Job],
     jobs: usize,
     window: usize,
 ) -> Result<PublishMeasurement, PublishBenchError> {
     let broker = Broker::connect_nodes(&ep.amqp_url, 0, ep.topology(), ep.connect_timeout).await?;
     broker.declare().await?;
-    let payload = serde_json::to_vec(job).map_err(|e| BrokerError::Encode(e.to_string()))?;
-    let id = job.job_id.to_string();
+    let payload =
+        crate::job::message::encode(group).map_err(|e| BrokerError::Encode(e.to_string()))?;
+    let id = crate::job::message::message_id(group).to_string();
+    let batch = &group[0].batch_id;
     let routing = ep.topology().jobs_routing_key();
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
     let cpu = process_cpu_seconds();
     let started = Instant::now();
-    for _ in 0..jobs {
+    for _ in 0..jobs.div_ceil(group.len()) {
         if pending.len() >= window {
             if let Some(c) = pending.pop_front() {
                 broker::confirmed(c, &routing).await?;
             }
         }
-        pending.push_back(
-            broker
-                .publish_encoded_job(&payload, &id, &job.batch_id)
-                .await?,
-        );
+        pending.push_back(broker.publish_encoded_job(&payload, &id, batch).await?);
     }
     for c in pending.drain(..) {
         broker::confirmed(c, &routing).await?;
@@ -200,13 +204,15 @@ pub fn render(r: &PublishReport) -> String {
     };
     let cpu = |v: &[PublishMeasurement]| median(v.iter().map(|m| m.cpu_us_per_job).collect());
     format!(
-        "{} jobs a measurement, {} rounds alternated, {} confirms in flight, {}-byte messages\n\
+        "{} jobs a measurement, {} rounds alternated, {} confirms in flight, {} jobs in each \
+         {}-byte message\n\
          bare publisher: {} jobs/s  median {:.0}  ({:.1} µs CPU a job in this process)\n\
          keyfleet submit: {} jobs/s  median {:.0}  ({:.1} µs CPU a job in this process)\n\
          submit / bare: {:.1}%\n",
         r.jobs,
         r.rounds,
         r.confirm_window,
+        r.jobs_per_message,
         r.message_bytes,
         list(&r.bare),
         r.bare_median_jobs_per_second,

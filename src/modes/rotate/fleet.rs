@@ -55,6 +55,8 @@ pub struct FleetOptions {
     /// Give up waiting after this long without a result (the workers are gone, or stuck).
     pub idle_timeout: Duration,
     pub confirm_window: usize,
+    /// Jobs packed into one message (`submit --jobs-per-message`).
+    pub jobs_per_message: usize,
 }
 
 /// Runs (or resumes) a rotation through the workers.
@@ -89,7 +91,11 @@ pub async fn rotate(
         endpoints: &fleet.endpoints,
         keys_to: &fleet.keys_to,
         key_bits: opts.key_bits,
-        window: ConfirmWindow::new(&fleet.endpoints, fleet.confirm_window),
+        window: ConfirmWindow::new(
+            &fleet.endpoints,
+            fleet.confirm_window,
+            fleet.jobs_per_message,
+        ),
         broker: None,
     };
     let status = BatchStatusStore::from_connection(registry.connection(), &fleet.endpoints.prefix);
@@ -278,7 +284,7 @@ impl Publisher<'_> {
                 self.window.publish(broker, &job).await?;
             }
         }
-        self.window.drain().await?;
+        self.window.drain(broker).await?;
         for &i in members {
             rotation.members[i].confirmed();
         }

@@ -1,11 +1,12 @@
 //! Distributed mode against the real RabbitMQ and Redis: many workers and one quota, a worker
-//! killed mid-batch, poison messages, jobs from any AMQP client, drain on SIGTERM, start-up with
-//! a server down. Every test has its own queue and key prefix and is bounded by timeouts.
+//! killed mid-batch, poison messages, jobs from any AMQP client (v1 and v2 messages), drain on
+//! SIGTERM, start-up with a server down. Every test has its own queue and key prefix and is
+//! bounded by timeouts.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::util::{check_batch, fleet_csv, manifest, signal, Env};
+use crate::util::{check_batch, fleet_csv, job, manifest, signal, Env};
 use futures::StreamExt;
 use keyfleet::queue::broker::{Broker, REASON_HEADER};
 use lapin::BasicProperties;
@@ -118,8 +119,8 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
         .publish_raw_job(good.to_string().as_bytes(), props("g"))
         .await
         .unwrap();
-    // 4. Unknown field and a future version: dead-lettered too.
-    let future = serde_json::json!({"v": 2, "job_id": uuid::Uuid::new_v4(), "batch_id": "bpoison",
+    // 4. A future version: dead-lettered too.
+    let future = serde_json::json!({"v": 3, "job_id": uuid::Uuid::new_v4(), "batch_id": "bpoison",
         "provider": "aliyun", "owner": "acct", "params": {}});
     broker
         .publish_raw_job(future.to_string().as_bytes(), props("f"))
@@ -195,6 +196,92 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     assert!(reasons.iter().any(|r| r.contains("version")), "{reasons:?}");
 }
 
+/// A v2 message (several jobs of one batch, from any AMQP client): each job is answered on its
+/// own; a job that does not decode is answered under its own job id and dead-lettered alone,
+/// its bytes as they were; the others are created, each key file the registered key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_message_runs_every_job_and_dead_letters_a_bad_one_alone() {
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let mut env = Env::new("v2msg");
+        env.start_worker(&["--threads", "1"]);
+        let broker = Broker::connect(
+            &crate::util::amqp_url(),
+            env.topology(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        broker.declare().await.unwrap();
+        broker.declare_results_queue("bv2").await.unwrap();
+        env.track("bv2");
+        env.give_recipient("bv2").await;
+        let good: Vec<_> = (0..3)
+            .map(|i| serde_json::to_value(job("bv2", &format!("v2-{i}"))).unwrap())
+            .collect();
+        let bad_name = serde_json::to_value(job("bv2", "1bad")).unwrap();
+        let broken_id = uuid::Uuid::new_v4();
+        // A job with its params missing: not a job, answered under its own id.
+        let broken = serde_json::json!({"v": 1, "job_id": broken_id, "batch_id": "bv2",
+            "provider": "aliyun", "owner": "acct"});
+        let message = serde_json::json!({"v": 2, "batch_id": "bv2",
+            "jobs": [good[0], broken, good[1], bad_name, good[2]]});
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_correlation_id("bv2".into())
+            .with_message_id(uuid::Uuid::new_v4().to_string().into());
+        broker
+            .publish_raw_job(message.to_string().as_bytes(), props)
+            .await
+            .unwrap();
+        let store = keyfleet::registry::batch_status::BatchStatusStore::from_connection(
+            env.registry().await.connection(),
+            &env.prefix,
+        );
+        store.set_total("bv2", 5).await.unwrap();
+        let c = env.collect("bv2", "out", Duration::from_secs(60)).await;
+        assert!(c.complete, "{c:?}");
+        let (created, failed) = check_batch(&env, "out", 5).await;
+        assert_eq!(created, 3);
+        assert_eq!(
+            failed,
+            BTreeMap::from([
+                ("InvalidKeyPairName.Malformed".to_owned(), 1),
+                ("InvalidParameter".to_owned(), 1)
+            ])
+        );
+        let broken_line = manifest(&env.path("out"))
+            .into_iter()
+            .find(|l| l["job_id"] == broken_id.to_string())
+            .expect("the broken job is answered under its own id");
+        assert_eq!(broken_line["status"], "failed");
+
+        // The dead-letter queue holds the broken job alone, as it was sent, with its reason.
+        let mut dead = crate::util::dead_letters(&broker, &env).await;
+        let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+            .await
+            .expect("a dead letter")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
+            broken
+        );
+        let reason = keyfleet::queue::broker::header_str(&d.properties, REASON_HEADER)
+            .expect("reason header");
+        assert!(reason.contains("params"), "{reason}");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), dead.next())
+                .await
+                .is_err(),
+            "nothing else is dead-lettered"
+        );
+        broker.close().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_jobs_and_exits_0() {
     let mut env = Env::new("drain");
@@ -262,11 +349,13 @@ async fn start_up_with_a_server_down_fails_with_a_clear_message() {
 
 /// The exactly-once fault of a worker killed between publishing a result and marking its pair
 /// delivered, tried for real: ten rounds, each killing one of two workers at a random point of
-/// a batch. Every round, every key file must be the registered key (`check_batch`).
+/// a batch, half of them with v1 messages and half with v2. Every round, every key file must be the registered key (`check_batch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_ten_times_every_delivered_key_is_the_registered_key() {
     for round in 0..10 {
-        let mut env = Env::new(&format!("kill10-{round}"));
+        // Odd rounds publish v1 messages (a job each), even rounds v2 (8 jobs a message).
+        let per_message = if round % 2 == 1 { 1 } else { 8 };
+        let mut env = Env::new(&format!("kill10-{round}")).with_jobs_per_message(per_message);
         let victim =
             env.start_worker(&["--threads", "1", "--concurrency", "8", "--reservoir", "0"]);
         env.start_worker(&["--threads", "1", "--concurrency", "8", "--reservoir", "0"]);

@@ -40,6 +40,7 @@ pub struct Env {
     pub redis: String,
     /// `--redis-replicas` of this test's workers, producer and collector.
     pub redis_replicas: u32,
+    pub jobs_per_message: usize,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
     /// Batches whose results queues this test created, deleted at the end.
@@ -118,6 +119,7 @@ impl Env {
             amqp: amqp_url(),
             redis: redis_url(),
             redis_replicas: 0,
+            jobs_per_message: keyfleet::job::message::DEFAULT_JOBS_PER_MESSAGE,
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
             batches: std::sync::Mutex::new(Vec::new()),
@@ -137,6 +139,12 @@ impl Env {
     }
 
     /// The same world with every write waiting for `n` Redis replicas (`--redis-replicas`).
+    /// Jobs a message when this env submits (1: v1 messages).
+    pub fn with_jobs_per_message(mut self, n: usize) -> Env {
+        self.jobs_per_message = n;
+        self
+    }
+
     pub fn with_redis_replicas(mut self, n: u32) -> Env {
         self.redis_replicas = n;
         self
@@ -309,6 +317,7 @@ impl Env {
             endpoints: self.endpoints(),
             progress: ProgressMode::Off,
             confirm_window: 1024,
+            jobs_per_message: self.jobs_per_message,
             keys_to: keyfleet::modes::submit::KeysTo::IdentityFile(self.identity(batch_id)),
         };
         tokio::time::timeout(
