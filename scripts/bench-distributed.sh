@@ -3,7 +3,9 @@
 #   1. end-to-end keys/s through RabbitMQ and Redis with one worker, against raw key generation
 #      on the same cores, alternating rounds so machine noise hits both alike (medians);
 #   2. `keyfleet submit` enqueue rate with publisher confirms (100,000 jobs, no worker running);
-#   3. worker memory with that 100,000-job backlog: RSS sampled while it works, and peak RSS.
+#   3. worker memory with that 100,000-job backlog: RSS sampled while it works, and peak RSS
+#      (BACKLOG=0 skips steps 2 and 3).
+# `submit` packs KEYFLEET_JOBS_PER_MESSAGE jobs a message (default 8; 1 for v1 messages).
 # With --pooled instead: the plumbing alone. The worker's reservoir is filled with every key of
 # the round before the clock starts and never refilled (--reservoir-once), then a `submit
 # --wait` of that many rows is timed: keys/s and CPU ms a key for each component — the worker,
@@ -114,6 +116,7 @@ print(f"end to end (1 worker, 2 thr.): {', '.join(f'{x:.1f}' for x in e2e)} keys
 print(f"ratio of medians: {statistics.median(e2e) / statistics.median(raw) * 100:.1f}%")
 PY
 
+if [ "$BACKLOG" = 0 ]; then exit 0; fi
 fleet "$BACKLOG" big "$dir/big.csv"
 $KF submit "$dir/big.csv" --prefix "${prefix}b" --batch-id big --progress off --json > "$dir/submit.json"
 python3 -c "import json; s=json.load(open('$dir/submit.json')); print(f\"submit: {s['enqueued']} jobs in {s['seconds']:.2f} s = {s['jobs_per_second']:.0f} jobs/s with confirms\")"

@@ -974,12 +974,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["compare", "pipeline", "serve"])]
     pub submit: bool,
     /// With --submit: publisher confirms kept in flight (as `submit --confirm-window`).
-    #[arg(
-        long,
-        env = "KEYFLEET_CONFIRM_WINDOW",
-        default_value_t = 4096,
-        requires = "submit"
-    )]
+    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
     /// With --submit: jobs a message (as `submit --jobs-per-message`); the bare publisher
     /// sends messages of as many jobs.
@@ -987,20 +982,14 @@ pub struct BenchArgs {
         long,
         env = "KEYFLEET_JOBS_PER_MESSAGE",
         default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE,
-        value_parser = parse_jobs_per_message,
-        requires = "submit"
+        value_parser = parse_jobs_per_message
     )]
     pub jobs_per_message: usize,
     /// With --submit: where RabbitMQ and Redis are.
     #[command(flatten)]
     pub server: ServerArgs,
     /// With --serve: requests in flight at once.
-    #[arg(
-        long,
-        env = "KEYFLEET_BENCH_CONCURRENCY",
-        default_value_t = 8,
-        requires = "serve"
-    )]
+    #[arg(long, env = "KEYFLEET_BENCH_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Print one JSON object.
     #[arg(long)]

@@ -400,6 +400,25 @@ fn bench_pooled_reports_the_plumbing_alone() {
     assert!(text(&out).contains("--pipeline"), "{}", text(&out));
 }
 
+/// Settings of `bench --submit` and `bench --serve` exported for `submit` and the others
+/// (`KEYFLEET_CONFIRM_WINDOW`, `KEYFLEET_JOBS_PER_MESSAGE`, `KEYFLEET_BENCH_CONCURRENCY`) do not
+/// stop a plain `bench`: clap took a value from the environment for a flag given, and refused
+/// the run for want of `--submit`.
+#[test]
+fn bench_runs_with_the_submit_settings_in_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keyfleet(dir.path())
+        .args(["bench", "--keys", "2", "--threads", "1", "--json"])
+        .env("KEYFLEET_CONFIRM_WINDOW", "64")
+        .env("KEYFLEET_JOBS_PER_MESSAGE", "1")
+        .env("KEYFLEET_BENCH_CONCURRENCY", "2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["keys"], 2, "{r}");
+}
+
 /// `bench --submit` times `submit` and the bare publisher on the real RabbitMQ and Redis
 /// (no figure is asserted: benchmarks are benchmarks), on queues of its own that are gone
 /// afterwards.
@@ -424,6 +443,7 @@ fn bench_submit_reports_submit_beside_a_bare_publisher_and_leaves_no_queue() {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
     assert_eq!(r["jobs"], 200, "{r}");
+    assert_eq!(r["jobs_per_message"], 8, "{r}");
     let queues = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "name", "--quiet", "--no-table-headers"])
         .output()
