@@ -526,10 +526,10 @@ server); 2 for bad flags."
 pub struct WorkerArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Job messages in flight at once (RabbitMQ prefetch), 1 to 65535. A v2 message's jobs
-    /// (`submit --jobs-per-message`, default 8) run together, so the jobs in flight are up to
-    /// this many times that. Default: 4 per key-generation thread, plus 64 (so the Redis and
-    /// RabbitMQ round trips of jobs that make no key overlap).
+    /// Jobs in flight at once, 1 to 65535; also the RabbitMQ prefetch, in messages (a v2
+    /// message of `submit --jobs-per-message` jobs waits, unacked, until its jobs have room).
+    /// Default: 4 per key-generation thread, plus 64 (so the Redis and RabbitMQ round trips of
+    /// jobs that make no key overlap).
     #[arg(long, env = "KEYFLEET_CONCURRENCY", value_parser = parse_concurrency)]
     pub concurrency: Option<u16>,
     #[command(flatten)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,7 +37,7 @@ use crate::upstream::Configured;
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub endpoints: Endpoints,
-    /// Jobs in flight (= RabbitMQ prefetch).
+    /// Jobs in flight; also the RabbitMQ prefetch, in messages.
     pub concurrency: u16,
     /// Rayon threads; 0 = one per core.
     pub threads: usize,
@@ -88,6 +89,11 @@ struct Handler {
     status: BatchStatusStore,
     allow_plaintext: bool,
     recipients: Recipients,
+    /// One permit a job in flight: a v2 message's jobs wait for theirs, so `--concurrency`
+    /// bounds jobs, not messages, whatever the producer packs into a message.
+    slots: Arc<Semaphore>,
+    /// The permits `slots` was made with.
+    concurrency: usize,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains: stops consuming, lets jobs in
@@ -176,6 +182,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         status,
         allow_plaintext: cfg.allow_plaintext_results,
         recipients: Recipients::default(),
+        slots: Arc::new(Semaphore::new(usize::from(cfg.concurrency.max(1)))),
+        concurrency: usize::from(cfg.concurrency.max(1)),
     });
     let tracker = TaskTracker::new();
     let health = tokio::spawn(watch_redis(registry, readiness.clone(), shutdown.clone()));
@@ -294,15 +302,32 @@ async fn handle(
         .recipients(&handler.recipients)
         .channel(channel_closed);
     let attempt = broker::delivery_count(&delivery.properties) + 1;
-    let endings = match JobMessage::decode(&delivery.data) {
-        Ok(JobMessage::One(job)) => {
+    let message = match JobMessage::decode(&delivery.data) {
+        Ok(message) => message,
+        Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
+    };
+    let jobs = match &message {
+        JobMessage::One(_) => 1,
+        JobMessage::Group { jobs, .. } => jobs.len(),
+    };
+    // A message of more jobs than --concurrency takes every permit and runs alone.
+    let wanted = u32::try_from(jobs.clamp(1, handler.concurrency)).unwrap_or(u32::MAX);
+    let _slots = tokio::select! {
+        biased;
+        _ = sink.gone() => return settle(broker, &delivery, vec![Finished::Abandoned]).await,
+        slots = handler.slots.acquire_many(wanted) => match slots {
+            Ok(slots) => slots,
+            Err(_) => return,
+        },
+    };
+    let endings = match message {
+        JobMessage::One(job) => {
             let _in_flight = metrics::InFlight::start();
             vec![handler.lifecycle.process(job, attempt, &sink).await]
         }
-        Ok(JobMessage::Group { batch_id, jobs }) => {
+        JobMessage::Group { batch_id, jobs } => {
             run_group(handler, broker, &sink, &delivery, &batch_id, jobs, attempt).await
         }
-        Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
     };
     settle(broker, &delivery, endings).await;
 }
