@@ -60,11 +60,10 @@ async fn worker_killed_mid_batch_every_job_answered_once_and_keys_delivered_once
     assert_eq!((created, failed.len()), (80, 0), "{failed:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
-    let mut env = Env::new("poison");
-    env.start_worker(&["--threads", "1"]);
-    // The batch's results queue exists once a producer declared it; here a foreign producer.
+/// A producer other than `keyfleet submit`, ready for `batch`: the topology and the batch's
+/// results queue declared (results need somewhere to go), and the batch's recipient recorded
+/// (README: such a producer records it itself).
+async fn foreign_producer(env: &Env, batch: &str) -> Broker {
     let broker = Broker::connect(
         &crate::util::amqp_url(),
         env.topology(),
@@ -73,9 +72,25 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
     .await
     .unwrap();
     broker.declare().await.unwrap();
-    broker.declare_results_queue("bpoison").await.unwrap();
-    // A producer other than `keyfleet submit` records the batch's recipient itself (README).
-    env.give_recipient("bpoison").await;
+    broker.declare_results_queue(batch).await.unwrap();
+    env.give_recipient(batch).await;
+    broker
+}
+
+/// The properties the job-message contract asks for.
+fn job_properties(batch: &str, message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_correlation_id(batch.into())
+        .with_message_id(message_id.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
+    let mut env = Env::new("poison");
+    env.start_worker(&["--threads", "1"]);
+    let broker = foreign_producer(&env, "bpoison").await;
     // Something that is not a result on the results queue does not stop collect: it is kept
     // aside (0600, it might hold a key) and acked. Published before the jobs, so it is ahead of
     // their results: published after them, it raced the worker, and collect could see the
@@ -92,13 +107,7 @@ async fn poison_message_is_dead_lettered_and_bad_jobs_get_error_results() {
         .await
         .unwrap();
     confirm.await.unwrap();
-    let props = |id: &str| {
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_correlation_id("bpoison".into())
-            .with_message_id(id.into())
-    };
+    let props = |id: &str| job_properties("bpoison", id);
     // 1. Not JSON at all.
     let poison_id = uuid::Uuid::new_v4().to_string();
     broker
@@ -204,17 +213,8 @@ async fn a_v2_message_runs_every_job_and_dead_letters_a_bad_one_alone() {
     tokio::time::timeout(Duration::from_secs(180), async {
         let mut env = Env::new("v2msg");
         env.start_worker(&["--threads", "1"]);
-        let broker = Broker::connect(
-            &crate::util::amqp_url(),
-            env.topology(),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        broker.declare().await.unwrap();
-        broker.declare_results_queue("bv2").await.unwrap();
         env.track("bv2");
-        env.give_recipient("bv2").await;
+        let broker = foreign_producer(&env, "bv2").await;
         let good: Vec<_> = (0..3)
             .map(|i| serde_json::to_value(job("bv2", &format!("v2-{i}"))).unwrap())
             .collect();
@@ -225,11 +225,7 @@ async fn a_v2_message_runs_every_job_and_dead_letters_a_bad_one_alone() {
             "provider": "aliyun", "owner": "acct"});
         let message = serde_json::json!({"v": 2, "batch_id": "bv2",
             "jobs": [good[0], broken, good[1], bad_name, good[2]]});
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_correlation_id("bv2".into())
-            .with_message_id(uuid::Uuid::new_v4().to_string().into());
+        let props = job_properties("bv2", &uuid::Uuid::new_v4().to_string());
         broker
             .publish_raw_job(message.to_string().as_bytes(), props)
             .await
