@@ -109,7 +109,7 @@ pub async fn submit(
                 match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
                     Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
                     Ok(_) => {
-                        window.publish(&broker, &job).await?;
+                        window.publish(&broker, job).await?;
                         enqueued += 1;
                         progress.enqueue();
                         None
@@ -221,7 +221,7 @@ impl ConfirmWindow {
 
     /// Takes a job; it is published once its message is full (or at [`ConfirmWindow::drain`]).
     /// A job of another batch than those gathered starts a message of its own.
-    pub async fn publish(&mut self, broker: &Broker, job: &Job) -> Result<(), BrokerError> {
+    pub async fn publish(&mut self, broker: &Broker, job: Job) -> Result<(), BrokerError> {
         if self
             .gathered
             .first()
@@ -229,7 +229,7 @@ impl ConfirmWindow {
         {
             self.flush(broker).await?;
         }
-        self.gathered.push(job.clone());
+        self.gathered.push(job);
         if self.gathered.len() >= self.jobs_per_message {
             self.flush(broker).await?;
         }

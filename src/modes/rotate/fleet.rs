@@ -281,7 +281,7 @@ impl Publisher<'_> {
         registry.save_rotation(rotation).await?;
         for &i in members {
             if let Row::Job(job) = row(rotation, i, self.key_bits) {
-                self.window.publish(broker, &job).await?;
+                self.window.publish(broker, job).await?;
             }
         }
         self.window.drain(broker).await?;
