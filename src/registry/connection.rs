@@ -160,17 +160,39 @@ impl RedisConn {
         write: &Cmd,
         script: Option<&Script>,
     ) -> Result<T, RegistryError> {
+        let reply = self
+            .write_many(std::slice::from_ref(write), script)
+            .await?
+            .pop()
+            .ok_or_else(|| {
+                RegistryError::Storage("redis: a pipeline answered nothing".to_owned())
+            })?;
+        redis::from_redis_value(reply)
+            .map_err(|e| RegistryError::Storage(format!("redis: unexpected reply: {e}")))
+    }
+
+    /// [`RedisConn::write`] of several writes, all of whose keys are in one slot, in one
+    /// pipeline (one round trip) with one `WAIT` after the last: one reply a write, in order.
+    /// Redis runs them in the order given.
+    pub(crate) async fn write_many(
+        &self,
+        writes: &[Cmd],
+        script: Option<&Script>,
+    ) -> Result<Vec<Value>, RegistryError> {
         let mut pipe = redis::pipe();
-        pipe.add_command(write.clone());
+        for write in writes {
+            pipe.add_command(write.clone());
+        }
         if self.replicas > 0 {
             pipe.cmd("WAIT")
                 .arg(self.replicas)
                 .arg(REPLICA_WAIT.as_millis() as u64);
         }
         let mut conn = self.clone();
-        let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
+        let mut replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
             // The server lost its scripts (a restart, a failover to a replica that never ran
-            // this one): load it and run the write once more, as redis-rs's own invoke does.
+            // this one): load it and run the writes once more, as redis-rs's own invoke does.
+            // None of them ran: a script that is not loaded runs nothing.
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 let Some(script) = script else {
                     return Err(storage(e));
@@ -181,13 +203,16 @@ impl RedisConn {
             other => other,
         }
         .map_err(storage)?;
-        let mut replies = replies.into_iter();
-        let reply = replies.next().ok_or_else(|| {
-            RegistryError::Storage("redis: a pipeline answered nothing".to_owned())
-        })?;
+        if replies.len() != writes.len() + usize::from(self.replicas > 0) {
+            return Err(RegistryError::Storage(format!(
+                "redis: a pipeline of {} writes answered {} replies",
+                writes.len(),
+                replies.len()
+            )));
+        }
         if self.replicas > 0 {
             let acked = replies
-                .next()
+                .pop()
                 .and_then(|v| redis::from_redis_value::<u64>(v).ok())
                 .ok_or_else(|| {
                     RegistryError::Storage("redis: WAIT did not answer a count".to_owned())
@@ -200,8 +225,7 @@ impl RedisConn {
                 });
             }
         }
-        redis::from_redis_value(reply)
-            .map_err(|e| RegistryError::Storage(format!("redis: unexpected reply: {e}")))
+        Ok(replies)
     }
 
     /// [`RedisConn::write`] of one script's EVALSHA.
@@ -210,6 +234,16 @@ impl RedisConn {
         call: &ScriptCall<'_>,
     ) -> Result<T, RegistryError> {
         self.write(&call.evalsha(), Some(call.script)).await
+    }
+
+    /// [`RedisConn::write_many`] of calls of one script, all of whose keys are in one slot.
+    pub(crate) async fn run_scripts(
+        &self,
+        calls: &[ScriptCall<'_>],
+    ) -> Result<Vec<Value>, RegistryError> {
+        let writes: Vec<Cmd> = calls.iter().map(ScriptCall::evalsha).collect();
+        self.write_many(&writes, calls.first().map(|c| c.script))
+            .await
     }
 }
 

@@ -207,6 +207,34 @@ impl RedisRegistry {
     }
 }
 
+/// The reserve script's call for `claim` in the scope whose keys are `keys`.
+fn reserve_call<'a>(keys: &ScopeKeys, claim: &Claim<'_>) -> ScriptCall<'a> {
+    let mut call = ScriptCall::new(&SCRIPTS.reserve);
+    call.key(&keys.pairs)
+        .key(&keys.used)
+        .key(&keys.deadlines)
+        .key(&keys.indexed)
+        .arg(claim.name)
+        .arg(claim.job_id.hyphenated().to_string())
+        .arg(claim.quota)
+        .arg(claim.ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS));
+    call
+}
+
+/// What the reserve script's answer means.
+fn reserved(reply: &str) -> Result<Reserved, RegistryError> {
+    match reply {
+        "fresh" => Ok(Reserved::Fresh),
+        "resumed" => Ok(Reserved::Resumed),
+        "tookover" => Ok(Reserved::TookOver),
+        "replacing" => Ok(Reserved::Replacing),
+        "exists" => Err(RegistryError::AlreadyExists),
+        "delivered" => Err(RegistryError::AlreadyDelivered),
+        "quota" => Err(RegistryError::QuotaExceeded),
+        other => Err(unexpected("reserve", other)),
+    }
+}
+
 fn decode_rotation(id: &str, raw: &str) -> Result<Rotation, RegistryError> {
     serde_json::from_str(raw)
         .map_err(|e| RegistryError::Storage(format!("rotation {id:?} is not valid: {e}")))
@@ -284,27 +312,72 @@ impl Registry for RedisRegistry {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reserved, RegistryError> {
         let scope_key = claim.scope.key();
         self.index_scope(&scope_key).await?;
-        let keys = self.keys_of(&scope_key);
-        let mut call = ScriptCall::new(&SCRIPTS.reserve);
-        call.key(&keys.pairs)
-            .key(&keys.used)
-            .key(&keys.deadlines)
-            .key(&keys.indexed)
-            .arg(claim.name)
-            .arg(claim.job_id.hyphenated().to_string())
-            .arg(claim.quota)
-            .arg(claim.ttl_ms.clamp(-MAX_TTL_MS, MAX_TTL_MS));
-        let reply: String = self.conn.run_script(&call).await?;
-        match reply.as_str() {
-            "fresh" => Ok(Reserved::Fresh),
-            "resumed" => Ok(Reserved::Resumed),
-            "tookover" => Ok(Reserved::TookOver),
-            "replacing" => Ok(Reserved::Replacing),
-            "exists" => Err(RegistryError::AlreadyExists),
-            "delivered" => Err(RegistryError::AlreadyDelivered),
-            "quota" => Err(RegistryError::QuotaExceeded),
-            other => Err(unexpected("reserve", other)),
+        let reply: String = self
+            .conn
+            .run_script(&reserve_call(&self.keys_of(&scope_key), claim))
+            .await?;
+        reserved(&reply)
+    }
+
+    /// The claims of each scope in one round trip: its index entry, then one pipeline of its
+    /// reserve scripts in the order given (one slot, so one node of a cluster), with one `WAIT`
+    /// after them. Scopes are independent of each other (names and quota are per scope), so
+    /// only the order within a scope matters. A pipeline that fails answers each of its
+    /// claims with that error; the lifecycle tries a transient one again, claim by claim.
+    async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reserved, RegistryError>> {
+        let mut scopes: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, claim) in claims.iter().enumerate() {
+            let key = claim.scope.key();
+            match scopes.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => scopes.push((key, vec![i])),
+            }
         }
+        let mut answers: Vec<Option<Result<Reserved, RegistryError>>> =
+            claims.iter().map(|_| None).collect();
+        for (scope_key, members) in scopes {
+            let replies = match self.index_scope(&scope_key).await {
+                Ok(()) => {
+                    let keys = self.keys_of(&scope_key);
+                    let calls: Vec<ScriptCall<'_>> = members
+                        .iter()
+                        .map(|&i| reserve_call(&keys, &claims[i]))
+                        .collect();
+                    self.conn.run_scripts(&calls).await
+                }
+                Err(e) => Err(e),
+            };
+            match replies {
+                Ok(replies) => {
+                    for (&i, reply) in members.iter().zip(replies) {
+                        answers[i] = Some(
+                            redis::from_redis_value::<String>(reply)
+                                .map_err(|e| {
+                                    RegistryError::Storage(format!(
+                                        "redis: unexpected reply to reserve: {e}"
+                                    ))
+                                })
+                                .and_then(|r| reserved(&r)),
+                        );
+                    }
+                }
+                Err(e) => {
+                    for &i in &members {
+                        answers[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(RegistryError::Storage(
+                        "redis: a reservation was not answered".into(),
+                    ))
+                })
+            })
+            .collect()
     }
 
     async fn commit(&self, record: &KeyPairRecord) -> Result<(), RegistryError> {

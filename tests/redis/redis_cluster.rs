@@ -36,6 +36,49 @@ fn prefix() -> String {
     format!("kfc{}", &Uuid::new_v4().simple().to_string()[..10])
 }
 
+/// Reservations of several scopes together (a worker's v2 message) on a cluster: each scope's
+/// pipeline goes to the node of its slot, and the answers are those of one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reserves_many_over_scopes_in_other_slots() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let reg = connect(&prefix()).await;
+        let scopes: Vec<Scope> = ["cn-hangzhou", "cn-beijing", "cn-shanghai", "cn-shenzhen"]
+            .iter()
+            .map(|region| Scope {
+                provider: Provider::Aliyun,
+                owner: "acct".into(),
+                region: (*region).into(),
+            })
+            .collect();
+        // Two claims a scope, interleaved, the second of each on the first's name.
+        let claims: Vec<Claim<'_>> = (0..8)
+            .map(|i| Claim {
+                scope: &scopes[i % 4],
+                name: "web",
+                job_id: Uuid::new_v4(),
+                quota: 500,
+                ttl_ms: 600_000,
+            })
+            .collect();
+        let answers = reg.reserve_many(&claims).await;
+        for (i, a) in answers.iter().enumerate() {
+            if i < 4 {
+                assert!(a.is_ok(), "claim {i}: {a:?}");
+            } else {
+                assert!(
+                    matches!(a, Err(RegistryError::AlreadyExists)),
+                    "claim {i}: {a:?}"
+                );
+            }
+        }
+        for s in &scopes {
+            assert_eq!(reg.quota_used(s).await.unwrap(), 1);
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// 1200 reserves for one region from 4 separate cluster connections stop at exactly 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_quota_race_gives_exactly_the_quota() {

@@ -1327,9 +1327,10 @@ async fn batch_keys_expire_after_inactivity() {
     .await;
 }
 
-/// `run` reserves the names of the rows it has read together (`reserve_many`): the answers must
-/// be those of reserving one row after another in input order — the first of two rows with one
-/// name wins it, and the quota goes to the earlier rows — on both stores.
+/// `run` and a worker's v2 message reserve the names of their jobs together (`reserve_many`;
+/// in Redis one pipeline a scope): the answers must be those of reserving one job after
+/// another in input order — the first of two rows with one name wins it, and the quota goes to
+/// the earlier rows, each scope on its own — on both stores.
 #[tokio::test]
 async fn reserving_many_decides_in_the_order_given() {
     bounded(async {
@@ -1378,6 +1379,27 @@ async fn reserving_many_decides_in_the_order_given() {
                 again.iter().all(|a| matches!(a, Ok(Reserved::Resumed))),
                 "{again:?}"
             );
+            // Scopes interleaved: each scope is decided on its own, in order within it.
+            let beijing = scope(Provider::Aliyun, "acct", "cn-beijing");
+            let more = [(&beijing, "a"), (&s, "f"), (&beijing, "a"), (&beijing, "b")];
+            let mixed: Vec<Claim<'_>> = more
+                .iter()
+                .map(|(sc, name)| Claim {
+                    quota: 4,
+                    ..claim(sc, name, Uuid::new_v4())
+                })
+                .collect();
+            let shown: Vec<String> = r
+                .reserve_many(&mixed)
+                .await
+                .iter()
+                .map(|a| match a {
+                    Ok(how) => format!("{how:?}"),
+                    Err(e) => format!("{e:?}"),
+                })
+                .collect();
+            assert_eq!(shown, ["Fresh", "QuotaExceeded", "AlreadyExists", "Fresh"]);
+            assert_eq!(r.quota_used(&beijing).await.unwrap(), 2);
         }
         check(&reg).await;
         check(&embedded).await;
