@@ -322,8 +322,9 @@ impl Registry for RedisRegistry {
     /// The claims of each scope in one round trip: its index entry, then one pipeline of its
     /// reserve scripts in the order given (one slot, so one node of a cluster), with one `WAIT`
     /// after them. Scopes are independent of each other (names and quota are per scope), so
-    /// only the order within a scope matters. A pipeline that fails answers each of its
-    /// claims with that error; the lifecycle tries a transient one again, claim by claim.
+    /// only the order within a scope matters, and the scopes go out side by side. A pipeline
+    /// that fails answers each of its claims with that error; the lifecycle tries a transient
+    /// one again, claim by claim.
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reserved, RegistryError>> {
         let mut scopes: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
@@ -333,20 +334,19 @@ impl Registry for RedisRegistry {
                 None => scopes.push((key, vec![i])),
             }
         }
+        let decided = futures::future::join_all(scopes.iter().map(|(scope_key, members)| async {
+            self.index_scope(scope_key).await?;
+            let keys = self.keys_of(scope_key);
+            let calls: Vec<ScriptCall<'_>> = members
+                .iter()
+                .map(|&i| reserve_call(&keys, &claims[i]))
+                .collect();
+            self.conn.run_scripts(&calls).await
+        }))
+        .await;
         let mut answers: Vec<Option<Result<Reserved, RegistryError>>> =
             claims.iter().map(|_| None).collect();
-        for (scope_key, members) in scopes {
-            let replies = match self.index_scope(&scope_key).await {
-                Ok(()) => {
-                    let keys = self.keys_of(&scope_key);
-                    let calls: Vec<ScriptCall<'_>> = members
-                        .iter()
-                        .map(|&i| reserve_call(&keys, &claims[i]))
-                        .collect();
-                    self.conn.run_scripts(&calls).await
-                }
-                Err(e) => Err(e),
-            };
+        for ((_, members), replies) in scopes.iter().zip(decided) {
             match replies {
                 Ok(replies) => {
                     for (&i, reply) in members.iter().zip(replies) {
@@ -362,7 +362,7 @@ impl Registry for RedisRegistry {
                     }
                 }
                 Err(e) => {
-                    for &i in &members {
+                    for &i in members {
                         answers[i] = Some(Err(e.clone()));
                     }
                 }
