@@ -13,8 +13,8 @@ use super::{check_batch_id, DecodeError, Job, MESSAGE_VERSION};
 /// The version of a message that carries several jobs.
 pub const GROUP_VERSION: u32 = 2;
 
-/// Jobs a message when `--jobs-per-message` is not given: RabbitMQ's work a job falls about
-/// eightfold, while a worker's prefetch of messages holds at most eight times the jobs.
+/// Jobs a message when `--jobs-per-message` is not given: the jobs queue's work a job falls
+/// about eightfold, while a worker's prefetch of messages holds at most eight times the jobs.
 pub const DEFAULT_JOBS_PER_MESSAGE: usize = 8;
 
 /// The most jobs one v2 message may carry: a message stays well under RabbitMQ's frame and
