@@ -306,12 +306,13 @@ async fn handle(
         Ok(message) => message,
         Err(e) => return reject_undecodable(handler, broker, &sink, &delivery, &e).await,
     };
-    let jobs = match &message {
-        JobMessage::One(_) => 1,
-        JobMessage::Group { jobs, .. } => jobs.len(),
+    // A v1 message is a group of one: one path for both.
+    let (batch_id, jobs) = match message {
+        JobMessage::One(job) => (job.batch_id.clone(), vec![Ok(job)]),
+        JobMessage::Group { batch_id, jobs } => (batch_id, jobs),
     };
     // A message of more jobs than --concurrency takes every permit and runs alone.
-    let wanted = u32::try_from(jobs.clamp(1, handler.concurrency)).unwrap_or(u32::MAX);
+    let wanted = u32::try_from(jobs.len().clamp(1, handler.concurrency)).unwrap_or(u32::MAX);
     let _slots = tokio::select! {
         biased;
         _ = sink.gone() => return settle(broker, &delivery, vec![Finished::Abandoned]).await,
@@ -320,22 +321,14 @@ async fn handle(
             Err(_) => return,
         },
     };
-    let endings = match message {
-        JobMessage::One(job) => {
-            let _in_flight = metrics::InFlight::start();
-            vec![handler.lifecycle.process(job, attempt, &sink).await]
-        }
-        JobMessage::Group { batch_id, jobs } => {
-            run_group(handler, broker, &sink, &delivery, &batch_id, jobs, attempt).await
-        }
-    };
+    let endings = run_jobs(handler, broker, &sink, &delivery, &batch_id, jobs, attempt).await;
     settle(broker, &delivery, endings).await;
 }
 
-/// The jobs of a v2 message: a job that does not decode is answered and dead-lettered alone;
-/// the others are admitted together (their names reserved in one round trip) and completed
-/// side by side. One ending a job.
-async fn run_group(
+/// The jobs of a message (one for v1): a job that does not decode is answered and
+/// dead-lettered alone; the others are admitted together (their names reserved in one round
+/// trip) and completed side by side. One ending a job.
+async fn run_jobs(
     handler: &Handler,
     broker: &Broker,
     sink: &ResultsQueue<'_>,

@@ -310,13 +310,10 @@ impl Registry for RedisRegistry {
     }
 
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reserved, RegistryError> {
-        let scope_key = claim.scope.key();
-        self.index_scope(&scope_key).await?;
-        let reply: String = self
-            .conn
-            .run_script(&reserve_call(&self.keys_of(&scope_key), claim))
-            .await?;
-        reserved(&reply)
+        self.reserve_many(std::slice::from_ref(claim))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(RegistryError::Storage("redis: no reservation".into())))
     }
 
     /// The claims of each scope in one round trip: its index entry, then one pipeline of its
