@@ -315,7 +315,7 @@ async fn handle(
     let wanted = u32::try_from(jobs.len().clamp(1, handler.concurrency)).unwrap_or(u32::MAX);
     let _slots = tokio::select! {
         biased;
-        _ = sink.gone() => return settle(broker, &delivery, vec![Finished::Abandoned]).await,
+        _ = sink.gone() => return settle(broker, &delivery, abandoned(jobs.len())).await,
         slots = handler.slots.acquire_many(wanted) => match slots {
             Ok(slots) => slots,
             Err(_) => return,
@@ -352,9 +352,10 @@ async fn run_jobs(
         }
     }
     let _in_flight: Vec<_> = good.iter().map(|_| metrics::InFlight::start()).collect();
+    let admitting = good.len();
     let admissions = tokio::select! {
         biased;
-        _ = sink.gone() => return vec![Finished::Abandoned],
+        _ = sink.gone() => return abandoned(admitting),
         admissions = handler.lifecycle.admit_many(good, attempt) => admissions,
     };
     let completed = futures::future::join_all(
@@ -367,26 +368,36 @@ async fn run_jobs(
     endings
 }
 
+/// The endings of `jobs` jobs stopped together because their channel closed.
+fn abandoned(jobs: usize) -> Vec<Finished> {
+    (0..jobs.max(1)).map(|_| Finished::Abandoned).collect()
+}
+
 /// What a message's jobs' endings make of it. Every job settled: ack. A channel gone: nothing
 /// (RabbitMQ has requeued the message). A job to try again: the whole message is handed back,
 /// and its jobs answered already are acknowledged without a second answer when it returns. A
 /// result nobody can take: the message is dead-lettered with the reason.
 async fn settle(broker: &Broker, delivery: &Delivery, endings: Vec<Finished>) {
+    let stopped = endings
+        .iter()
+        .filter(|e| matches!(e, Finished::Abandoned))
+        .count();
+    if stopped > 0 {
+        // Neither ack nor nack can reach RabbitMQ on a closed channel; it has requeued the
+        // message for another worker already.
+        tracing::info!(
+            jobs = stopped,
+            "stopped jobs whose RabbitMQ channel closed; another worker answers them"
+        );
+        metrics::abandoned(stopped);
+        return;
+    }
     let mut undeliverable = None;
     let mut hand_back = false;
     for ending in endings {
         match ending {
-            Finished::Delivered(_) | Finished::AnsweredBefore => {}
+            Finished::Delivered(_) | Finished::AnsweredBefore | Finished::Abandoned => {}
             Finished::HandBack(_) => hand_back = true,
-            Finished::Abandoned => {
-                // Neither ack nor nack can reach RabbitMQ on a closed channel; it has requeued
-                // the message for another worker already.
-                tracing::info!(
-                    "stopped a job whose RabbitMQ channel closed; another worker answers it"
-                );
-                metrics::abandoned();
-                return;
-            }
             Finished::Undeliverable { result, reason } => {
                 // No results queue takes this batch's answers (deleted, expired, or a batch id
                 // nobody declared): the pair was released; the job waits in the dead-letter

@@ -525,9 +525,10 @@ pub fn redelivered() {
     counter!(REDELIVERIES_TOTAL).increment(1);
 }
 
-/// A job was stopped because the channel it came on closed (see `Finished::Abandoned`).
-pub fn abandoned() {
-    counter!(JOBS_ABANDONED_TOTAL).increment(1);
+/// `jobs` jobs were stopped because the channel they came on closed (see
+/// `Finished::Abandoned`).
+pub fn abandoned(jobs: usize) {
+    counter!(JOBS_ABANDONED_TOTAL).increment(jobs as u64);
 }
 
 /// A job message was dead-lettered; `reason` is one of [`DEAD_LETTER_REASONS`].
@@ -629,7 +630,7 @@ mod tests {
         reservoir_fill(2048, 8);
         upstream_wait("aliyun", Duration::from_millis(1));
         redelivered();
-        abandoned();
+        abandoned(3);
         dead_lettered("undecodable");
         drop(InFlight::start());
         api_request("aliyun", "CreateKeyPair", "OK", Duration::from_millis(2));
