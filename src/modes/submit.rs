@@ -80,6 +80,9 @@ pub enum SubmitError {
     },
 }
 
+/// Rows taken from the reader thread at once.
+const READ_AHEAD: usize = 1024;
+
 /// Enqueues a batch; returns once every job is confirmed by the broker.
 pub async fn submit(
     opts: SubmitOptions,
@@ -89,44 +92,58 @@ pub async fn submit(
     let batch_id = opts.defaults.batch_id.clone();
     let (broker, status) = open_batch(&opts.endpoints, &batch_id, &opts.keys_to).await?;
 
-    let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4096)?;
+    let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4 * READ_AHEAD)?;
 
-    let mut progress = Progress::new(opts.progress, batch::count_rows(&opts.input, opts.format));
+    let total = opts
+        .progress
+        .shows_total()
+        .then(|| batch::count_rows(&opts.input, opts.format))
+        .flatten();
+    let mut progress = Progress::new(opts.progress, total);
     let started = Instant::now();
     let mut window =
         ConfirmWindow::new(&opts.endpoints, opts.confirm_window, opts.jobs_per_message);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
-    loop {
-        let row = tokio::select! {
+    // Rows are taken as many as are ready at once: one wake-up of the reader thread for up to
+    // a few hundred rows, not one a row.
+    let mut ready = Vec::with_capacity(READ_AHEAD);
+    'read: loop {
+        tokio::select! {
             _ = shutdown.cancelled() => { interrupted = true; break }
-            row = rx.recv() => match row { Some(r) => r, None => break },
+            n = rx.recv_many(&mut ready, READ_AHEAD) => if n == 0 { break },
         };
-        rows += 1;
-        let answer = match row {
-            Row::Bad(bad) => Some(bad.into_result()),
-            Row::Job(job) => {
-                match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
-                    Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
-                    Ok(_) => {
-                        window.publish(&broker, job).await?;
-                        enqueued += 1;
-                        progress.enqueue();
-                        None
+        for row in ready.drain(..) {
+            if shutdown.is_cancelled() {
+                interrupted = true;
+                break 'read;
+            }
+            rows += 1;
+            let answer = match row {
+                Row::Bad(bad) => Some(bad.into_result()),
+                Row::Job(job) => {
+                    match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
+                        Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
+                        Ok(_) => {
+                            window.publish(&broker, job).await?;
+                            enqueued += 1;
+                            progress.enqueue();
+                            None
+                        }
                     }
                 }
+            };
+            if let Some(mut result) = answer {
+                // Answered here, through the same sink a worker answers with.
+                let sink = ResultsQueue::new(&broker, &status);
+                sink.deliver(&mut result)
+                    .await
+                    .map_err(|e| SubmitError::Answer(e.to_string()))?;
+                sink.settled(&batch_id, result.job_id, result.outcome_label())
+                    .await?;
+                progress.record(&result);
+                rejected += 1;
             }
-        };
-        if let Some(mut result) = answer {
-            // Answered here, through the same sink a worker answers with.
-            let sink = ResultsQueue::new(&broker, &status);
-            sink.deliver(&mut result)
-                .await
-                .map_err(|e| SubmitError::Answer(e.to_string()))?;
-            sink.settled(&batch_id, result.job_id, result.outcome_label())
-                .await?;
-            progress.record(&result);
-            rejected += 1;
         }
     }
     drop(rx);

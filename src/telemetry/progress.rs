@@ -19,6 +19,14 @@ pub enum ProgressMode {
     Off,
 }
 
+impl ProgressMode {
+    /// Whether a total is shown: counting a batch file's rows is a pass over the whole file,
+    /// not made when nothing shows it.
+    pub fn shows_total(self) -> bool {
+        self != ProgressMode::Off
+    }
+}
+
 /// Counts by outcome; what the summary reports.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Tally {
