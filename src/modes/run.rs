@@ -254,12 +254,7 @@ pub async fn run_with<R: Registry, U: Upstream>(
     let concurrency = concurrency(threads);
     let (rx, reader) = batch::spawn_reader(input, &opts.defaults, concurrency * 2)?;
 
-    let total = opts
-        .progress
-        .shows_total()
-        .then(|| batch::count_rows(&opts.input, opts.format))
-        .flatten();
-    let mut progress = Progress::new(opts.progress, total);
+    let mut progress = Progress::of_batch(opts.progress, &opts.input, opts.format);
     let rows =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
             .take_until(shutdown.clone().cancelled_owned());

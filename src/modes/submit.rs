@@ -94,19 +94,14 @@ pub async fn submit(
 
     let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4 * READ_AHEAD)?;
 
-    let total = opts
-        .progress
-        .shows_total()
-        .then(|| batch::count_rows(&opts.input, opts.format))
-        .flatten();
-    let mut progress = Progress::new(opts.progress, total);
+    let mut progress = Progress::of_batch(opts.progress, &opts.input, opts.format);
     let started = Instant::now();
     let mut window =
         ConfirmWindow::new(&opts.endpoints, opts.confirm_window, opts.jobs_per_message);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
-    // Rows are taken as many as are ready at once: one wake-up of the reader thread for up to
-    // a few hundred rows, not one a row.
+    // Rows are taken as many as are ready at once: one wake-up of the reader thread (blocked on
+    // a full channel) for up to READ_AHEAD rows, not one a row.
     let mut ready = Vec::with_capacity(READ_AHEAD);
     'read: loop {
         tokio::select! {

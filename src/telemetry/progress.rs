@@ -22,7 +22,7 @@ pub enum ProgressMode {
 impl ProgressMode {
     /// Whether a total is shown: counting a batch file's rows is a pass over the whole file,
     /// not made when nothing shows it.
-    pub fn shows_total(self) -> bool {
+    fn shows_total(self) -> bool {
         self != ProgressMode::Off
     }
 }
@@ -90,6 +90,20 @@ pub fn rate(per_sec: f64) -> String {
 }
 
 impl Progress {
+    /// Progress over the rows of the batch file at `path`: they are counted first (a pass over
+    /// the file) only when something shows the total.
+    pub fn of_batch(
+        mode: ProgressMode,
+        path: &std::path::Path,
+        format: Option<crate::job::batch::Format>,
+    ) -> Self {
+        let total = mode
+            .shows_total()
+            .then(|| crate::job::batch::count_rows(path, format))
+            .flatten();
+        Progress::new(mode, total)
+    }
+
     pub fn new(mode: ProgressMode, total: Option<u64>) -> Self {
         let terminal = std::io::stderr().is_terminal();
         let (bar, lines) = match mode {
