@@ -1,9 +1,11 @@
 //! Jobs (one key-pair creation request) and their results: the in-process form of the
 //! message contract. Both serialize to the versioned JSON documented in docs/distributed.md
-//! (a job message of several jobs is in `message`).
+//! (a job message of several jobs is in `message`, a results message of several results in
+//! `results_message`).
 
 pub mod batch;
 pub mod message;
+pub mod results_message;
 
 use std::collections::BTreeMap;
 use std::fmt;

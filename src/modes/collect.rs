@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dialect::Scope;
+use crate::job::results_message::{unpack_keys, ResultsMessage};
 use crate::job::{set_private_key_body, take_private_key_body, JobResult};
 use crate::queue::broker::{Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
@@ -196,6 +197,10 @@ fn list(paths: &[PathBuf]) -> String {
 /// Acks are sent in groups, each after the manifest lines they cover are synced.
 const ACK_EVERY: usize = 64;
 
+/// How long results may be held back for the registry before they are looked at again while
+/// the queue keeps delivering (when it is quiet, [`quiet_spell`] decides).
+const HELD_RECHECK: Duration = Duration::from_millis(20);
+
 pub async fn collect(
     opts: CollectOptions,
     shutdown: CancellationToken,
@@ -278,12 +283,15 @@ async fn drain(
             .all(|(job, created)| seen.get(job).is_some_and(|c| *c || !created)),
         None => total.is_some_and(|t| seen.len() as u64 >= t),
     };
-    // Results whose key could not be decrypted: never acked, so they stay on the queue.
+    // Messages whose keys could not be decrypted: never acked, so they stay on the queue.
     let mut kept: Vec<lapin::Acker> = Vec::new();
     let mut unacked: Vec<lapin::Acker> = Vec::new();
-    // Created results whose pair the registry does not yet hold as delivered: their worker
-    // may still confirm them, or their job may come back and replace the pair. Held unacked.
-    let mut held: Vec<(JobResult, lapin::Acker)> = Vec::new();
+    // Messages holding a result the registry or the batch status does not yet vouch for
+    // (a created pair not yet marked delivered, a failure not yet recorded): their worker
+    // may still confirm them, or their job may come back and replace the pair. Held unacked,
+    // whole: a message is acked only once every result in it is written or superseded.
+    let mut held: Vec<Arrived> = Vec::new();
+    let mut held_since = Instant::now();
     let mut last_result = Instant::now();
     let mut checked_total = Instant::now();
     loop {
@@ -314,7 +322,7 @@ async fn drain(
                 }
             }
             Ok(Some(Ok(delivery))) => {
-                // The results that have arrived meanwhile join this one: one group, whose key
+                // The messages that have arrived meanwhile join this one: one group, whose key
                 // files share their syncs and whose registry lookups go out together. An error
                 // stops the gathering; the consumer reports it again next.
                 let mut deliveries = vec![delivery];
@@ -325,82 +333,68 @@ async fn drain(
                     }
                 }
                 last_result = Instant::now();
-                let mut group = Vec::with_capacity(deliveries.len());
+                let mut arrived = Vec::with_capacity(deliveries.len());
                 for delivery in deliveries {
-                    let mut result: JobResult = match serde_json::from_slice(&delivery.data) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // Not keyfleet's result format: keep the bytes (they may hold a
-                            // key, hence 0600) and go on, rather than stop on it forever.
-                            tracing::error!("a message on the results queue is not a result: {e}");
-                            desk.out.keep_unreadable(&delivery.data)?;
-                            unacked.push(delivery.acker);
-                            continue;
-                        }
-                    };
-                    let pem = take_private_key_body(result.provider, &mut result.response);
-                    if let Some(c) = result.created_mut() {
-                        c.private_key = pem;
-                    }
-                    group.push((result, delivery.acker));
-                }
-                let verdicts = futures::future::try_join_all(group.iter().map(|(result, _)| {
-                    // A job already written is done, unless what was written is a failure
-                    // and this is a created pair: a failure may have been forged, or answered
-                    // by an attempt before the one that created the pair, which the registry
-                    // then vouches for.
-                    let written = desk.seen.get(&result.job_id).copied();
-                    let done = written == Some(true) || (written.is_some() && !result.is_created());
-                    let (registry, status, shutdown) = (&registry, &status, &shutdown);
-                    async move {
-                        match done {
-                            true => Ok(Verdict::Superseded),
-                            false => verdict(registry, status, result, shutdown).await,
-                        }
-                    }
-                }))
-                .await?;
-                let mut taking = Vec::with_capacity(group.len());
-                let mut ackers = Vec::with_capacity(group.len());
-                for ((result, acker), verdict) in group.into_iter().zip(verdicts) {
-                    match verdict {
-                        Verdict::Wait => held.push((result, acker)),
-                        verdict => {
-                            taking.push((result, verdict));
-                            ackers.push(acker);
-                        }
+                    match desk.open(&delivery.data)? {
+                        Opened::Results(results) => arrived.push(Arrived {
+                            results,
+                            acker: delivery.acker,
+                        }),
+                        Opened::Unreadable => unacked.push(delivery.acker),
+                        Opened::Undecryptable => kept.push(delivery.acker),
                     }
                 }
-                for (taken, acker) in desk.take(taking).await?.into_iter().zip(ackers) {
-                    match taken {
-                        Taken::Done => unacked.push(acker),
-                        Taken::Kept => kept.push(acker),
-                    }
+                if held.is_empty() {
+                    held_since = Instant::now();
+                }
+                let still = desk
+                    .judge_and_take(
+                        &registry,
+                        &status,
+                        &shutdown,
+                        arrived,
+                        &mut unacked,
+                        &mut kept,
+                    )
+                    .await?;
+                held.extend(still);
+                // Results held a while are looked at again even while the queue is busy: at a
+                // steady trickle it is never quiet, and they would wait for the batch's end.
+                if !held.is_empty() && held_since.elapsed() >= HELD_RECHECK {
+                    let waiting = std::mem::take(&mut held);
+                    held = desk
+                        .judge_and_take(
+                            &registry,
+                            &status,
+                            &shutdown,
+                            waiting,
+                            &mut unacked,
+                            &mut kept,
+                        )
+                        .await?;
+                    held_since = Instant::now();
                 }
                 if unacked.len() >= ACK_EVERY {
                     ack_all(&mut desk.out, &mut unacked).await?;
                 }
             }
             Err(_) => {
-                let mut still = Vec::with_capacity(held.len());
-                let (mut taking, mut ackers) = (Vec::new(), Vec::new());
-                for (result, acker) in held.drain(..) {
-                    match verdict(&registry, &status, &result, &shutdown).await? {
-                        Verdict::Wait => still.push((result, acker)),
-                        verdict => {
-                            taking.push((result, verdict));
-                            ackers.push(acker);
-                            last_result = Instant::now();
-                        }
-                    }
+                let waiting = std::mem::take(&mut held);
+                let before = desk.seen.len();
+                held = desk
+                    .judge_and_take(
+                        &registry,
+                        &status,
+                        &shutdown,
+                        waiting,
+                        &mut unacked,
+                        &mut kept,
+                    )
+                    .await?;
+                held_since = Instant::now();
+                if desk.seen.len() > before {
+                    last_result = Instant::now();
                 }
-                for (taken, acker) in desk.take(taking).await?.into_iter().zip(ackers) {
-                    match taken {
-                        Taken::Done => unacked.push(acker),
-                        Taken::Kept => kept.push(acker),
-                    }
-                }
-                held = still;
                 ack_all(&mut desk.out, &mut unacked).await?;
                 if checked_total.elapsed() > Duration::from_secs(1) {
                     // The total only decides when to stop: a Redis restart is ridden out.
@@ -416,24 +410,31 @@ async fn drain(
             }
         }
     }
-    // One last look at what was held: superseded copies are acked away now rather than left
-    // for the next collect.
+    // One last look at what was held: messages whose every result is a superseded copy are
+    // acked away now rather than left for the next collect.
     let mut still = Vec::new();
-    for (result, acker) in held.drain(..) {
-        match verdict(&registry, &status, &result, &shutdown).await? {
-            Verdict::Superseded
-                if desk.seen.contains_key(&result.job_id) || result.is_created() =>
-            {
-                desk.counts.duplicates += 1;
-                unacked.push(acker);
-            }
-            _ => still.push((result, acker)),
+    for message in held.drain(..) {
+        let verdicts = futures::future::try_join_all(
+            message
+                .results
+                .iter()
+                .map(|r| verdict(&registry, &status, r, &shutdown)),
+        )
+        .await?;
+        let stale = message.results.iter().zip(&verdicts).all(|(r, v)| {
+            *v == Verdict::Superseded && (desk.seen.contains_key(&r.job_id) || r.is_created())
+        });
+        if stale {
+            desk.counts.duplicates += message.results.len() as u64;
+            unacked.push(message.acker);
+        } else {
+            still.push(message);
         }
     }
     let held = still;
     if !held.is_empty() {
         tracing::warn!(
-            held = held.len(),
+            held = held.iter().map(|m| m.results.len()).sum::<usize>(),
             "results not yet confirmed by the registry or the batch status were left on the queue; run collect again"
         );
     }
@@ -496,12 +497,13 @@ async fn drain(
 
 /// How long the queue may be quiet before held results are looked at again (and acks sent,
 /// and the total checked). Short while results are held: their workers mark them delivered
-/// within milliseconds, and at the end of a batch the last results are usually among them.
+/// within a millisecond of the confirm, and at the end of a batch the last results are
+/// usually among them (a look costs one Redis round trip for the held results together).
 fn quiet_spell<T>(held: &[T]) -> Duration {
     if held.is_empty() {
         Duration::from_millis(250)
     } else {
-        Duration::from_millis(20)
+        Duration::from_millis(5)
     }
 }
 
@@ -740,7 +742,155 @@ struct KeyFileWrite {
     sha256: String,
 }
 
+/// A message taken from the results queue: its results (one for v1), their keys in
+/// plaintext, and its acker.
+struct Arrived {
+    results: Vec<JobResult>,
+    acker: lapin::Acker,
+}
+
+/// What a message read from the results queue turned out to be.
+enum Opened {
+    Results(Vec<JobResult>),
+    /// Not a results message: kept aside in `unreadable.jsonl`, to be acked.
+    Unreadable,
+    /// A v2 message whose keys do not decrypt here: left on the queue.
+    Undecryptable,
+}
+
 impl Desk {
+    /// Reads a results message of either version; a v2 message's keys are decrypted (once for
+    /// the message) and put into their results, as a v1 result's key is taken out of its body.
+    fn open(&mut self, data: &[u8]) -> Result<Opened, CollectError> {
+        let unreadable = |out: &OutputDir, why: &str| {
+            // Not keyfleet's result format: keep the bytes (they may hold a key, hence 0600)
+            // and go on, rather than stop on it forever.
+            tracing::error!("a message on the results queue is not a result: {why}");
+            out.keep_unreadable(data).map(|()| Opened::Unreadable)
+        };
+        let (mut results, private_keys) = match ResultsMessage::decode(data) {
+            Err(e) => return Ok(unreadable(&self.out, &e.to_string())?),
+            Ok(ResultsMessage::One(result)) => {
+                let mut result = *result;
+                let pem = take_private_key_body(result.provider, &mut result.response);
+                if let Some(c) = result.created_mut() {
+                    c.private_key = pem;
+                }
+                return Ok(Opened::Results(vec![result]));
+            }
+            Ok(ResultsMessage::Group {
+                results,
+                private_keys,
+                ..
+            }) => (results, private_keys),
+        };
+        let n = results.len();
+        if n == 0 {
+            return Ok(unreadable(
+                &self.out,
+                "a v2 results message without results",
+            )?);
+        }
+        let keys = if private_keys.is_empty() {
+            (0..n).map(|_| None).collect()
+        } else {
+            let plain = if crate::sink::transit::is_sealed(&private_keys) {
+                let opened = match &self.keys.identity {
+                    Some(identity) => crate::sink::transit::open_bytes(identity, &private_keys, 0)
+                        .map_err(|e| e.to_string()),
+                    None => Err(
+                        "the keys are encrypted and the batch has no identity here (--identity FILE)"
+                            .to_owned(),
+                    ),
+                };
+                match opened {
+                    Ok(plain) => plain,
+                    Err(why) => {
+                        tracing::error!(results = n, "message left on the queue: {why}");
+                        self.counts.kept += n as u64;
+                        return Ok(Opened::Undecryptable);
+                    }
+                }
+            } else {
+                zeroize::Zeroizing::new(private_keys.as_bytes().to_vec())
+            };
+            match unpack_keys(&plain, n) {
+                Some(keys) => keys,
+                None => {
+                    return Ok(unreadable(
+                        &self.out,
+                        "its keys are not one a result (a v2 results message)",
+                    )?)
+                }
+            }
+        };
+        for (result, key) in results.iter_mut().zip(keys) {
+            if let Some(c) = result.created_mut() {
+                c.private_key = key;
+            }
+        }
+        Ok(Opened::Results(results))
+    }
+
+    /// Judges the results of `messages` (their registry and status lookups together) and
+    /// takes those of every message none of whose results must wait: each such message is
+    /// pushed to `unacked`, or to `kept` when a key of it could not be decrypted. Returns the
+    /// messages that wait.
+    async fn judge_and_take(
+        &mut self,
+        registry: &RedisRegistry,
+        status: &BatchStatusStore,
+        shutdown: &CancellationToken,
+        messages: Vec<Arrived>,
+        unacked: &mut Vec<lapin::Acker>,
+        kept: &mut Vec<lapin::Acker>,
+    ) -> Result<Vec<Arrived>, CollectError> {
+        if messages.is_empty() {
+            return Ok(messages);
+        }
+        let seen = &self.seen;
+        let verdicts =
+            futures::future::try_join_all(messages.iter().flat_map(|m| m.results.iter()).map(
+                |result| {
+                    // A job already written is done, unless what was written is a failure and
+                    // this is a created pair: a failure may have been forged, or answered by an
+                    // attempt before the one that created the pair, which the registry then
+                    // vouches for.
+                    let written = seen.get(&result.job_id).copied();
+                    let done = written == Some(true) || (written.is_some() && !result.is_created());
+                    async move {
+                        match done {
+                            true => Ok(Verdict::Superseded),
+                            false => verdict(registry, status, result, shutdown).await,
+                        }
+                    }
+                },
+            ))
+            .await?;
+        let mut verdicts = verdicts.into_iter();
+        let (mut waiting, mut taking, mut ackers) = (Vec::new(), Vec::new(), Vec::new());
+        for message in messages {
+            let mine: Vec<Verdict> = verdicts.by_ref().take(message.results.len()).collect();
+            if mine.contains(&Verdict::Wait) {
+                waiting.push(message);
+                continue;
+            }
+            ackers.push((message.acker, message.results.len()));
+            taking.extend(message.results.into_iter().zip(mine));
+        }
+        let mut taken = self.take(taking).await?.into_iter();
+        for (acker, n) in ackers {
+            // Every one of the message's n answers is consumed, whatever they are.
+            let undecrypted = taken.by_ref().take(n).filter(|t| *t == Taken::Kept).count() > 0;
+            if undecrypted {
+                kept.push(acker);
+            } else {
+                unacked.push(acker);
+            }
+        }
+        Ok(waiting)
+    }
+
     /// Takes a group of results in their order: writes the accepted ones (their key files as
     /// one group through the sink, sharing its syncs, then their manifest lines in order),
     /// drops superseded ones, counting them. A created result whose key is not the key the

@@ -28,6 +28,7 @@ use crate::registry::redis::RedisRegistry;
 use crate::registry::RegistryError;
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
+use crate::sink::result_group::ResultGroup;
 use crate::sink::results_queue::Recipients;
 use crate::sink::{ResultsQueue, Sink};
 use crate::telemetry::metrics::{self, Readiness};
@@ -358,12 +359,25 @@ async fn run_jobs(
         _ = sink.gone() => return abandoned(admitting),
         admissions = handler.lifecycle.admit_many(good, attempt) => admissions,
     };
-    let completed = futures::future::join_all(
-        admissions
-            .into_iter()
-            .map(|a| handler.lifecycle.complete(a, sink)),
-    )
-    .await;
+    // The jobs of a v2 message answer together: one results message, one confirm.
+    if admissions.len() < 2 {
+        for a in admissions {
+            endings.push(handler.lifecycle.complete(a, sink).await);
+        }
+        return endings;
+    }
+    let group = ResultGroup::new(batch_id, admissions.len());
+    let completed =
+        futures::future::join_all(admissions.into_iter().enumerate().map(|(slot, a)| {
+            let sink = sink.in_group(&group, slot);
+            let group = &group;
+            async move {
+                let ending = handler.lifecycle.complete(a, &sink).await;
+                group.leave(slot, &sink).await;
+                ending
+            }
+        }))
+        .await;
     endings.extend(completed);
     endings
 }

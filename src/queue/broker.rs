@@ -488,6 +488,19 @@ impl Broker {
     /// that test lost 12 of 160 jobs so.
     pub async fn publish_result(&self, result: &JobResult) -> Result<(), BrokerError> {
         let payload = serde_json::to_vec(result).map_err(|e| BrokerError::Encode(e.to_string()))?;
+        self.publish_results(&payload, &result.job_id.to_string(), &result.batch_id)
+            .await
+    }
+
+    /// Publishes an encoded results message (one result, or a v2 group of them; see
+    /// [`crate::job::results_message`]) to `batch_id`'s results queue, as
+    /// [`Broker::publish_result`] does.
+    pub async fn publish_results(
+        &self,
+        payload: &[u8],
+        message_id: &str,
+        batch_id: &str,
+    ) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut warned = false;
@@ -501,19 +514,19 @@ impl Broker {
             let confirm = channel
                 .basic_publish(
                     self.topology.results_exchange().into(),
-                    result.batch_id.as_str().into(),
+                    batch_id.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
                     },
-                    &payload,
-                    Self::properties(&result.job_id.to_string(), &result.batch_id),
+                    payload,
+                    Self::properties(message_id, batch_id),
                 )
                 .await?;
-            match check(confirm.await?, &result.batch_id) {
+            match check(confirm.await?, batch_id) {
                 Err(BrokerError::Nacked(_)) if started.elapsed() + delay < NACK_RETRY_WINDOW => {
                     if !std::mem::replace(&mut warned, true) {
-                        tracing::warn!(job = %result.job_id, "RabbitMQ refused the result (nack; a quorum queue electing a new leader?); offering it again on a new channel for up to {} s", NACK_RETRY_WINDOW.as_secs());
+                        tracing::warn!(message = %message_id, "RabbitMQ refused the result (nack; a quorum queue electing a new leader?); offering it again on a new channel for up to {} s", NACK_RETRY_WINDOW.as_secs());
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));

@@ -3,7 +3,8 @@
 //! - [`key_files`]: the output folder (`keyfleet run`, `keyfleet collect`): the private key
 //!   becomes a 0600 file.
 //! - [`results_queue`]: the batch's RabbitMQ results queue (the worker), confirmed by the
-//!   broker, plus the batch's progress in Redis.
+//!   broker, plus the batch's progress in Redis; [`result_group`] publishes the answers of a
+//!   v2 job message's jobs as one message.
 //! - [`http_reply`]: the HTTP answer of one API request (`keyfleet serve`).
 //!
 //! The lifecycle (`lifecycle.rs`) calls [`Sink::deliver`] once per result; only when it succeeds
@@ -16,6 +17,7 @@ pub mod files;
 pub mod folder;
 pub mod http_reply;
 pub mod key_files;
+pub mod result_group;
 pub mod results_queue;
 pub mod transit;
 
@@ -33,7 +35,7 @@ pub use key_files::KeyFiles;
 pub use results_queue::ResultsQueue;
 
 /// Why a result did not reach its destination. The variant decides what happens to the job.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// The destination can never take this result (its results queue does not exist, its key
     /// file cannot be written): the pair is released and the job dead-lettered or answered

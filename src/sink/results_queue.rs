@@ -1,11 +1,14 @@
 //! The worker's sink: a result is published to its batch's results queue with a publisher
 //! confirm, its private key encrypted to the batch's recipient (`transit.rs`), and the batch's
-//! progress is counted in Redis once the job is settled.
+//! progress is counted in Redis once the job is settled. The jobs of a v2 job message publish
+//! their results together, as one v2 results message (`result_group.rs`).
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::result_group::{Pending, ResultGroup};
 use super::{DeliveryError, Sink};
+use crate::job::results_message::{encode_group, pack_keys};
 use crate::job::{set_private_key_body, take_private_key_body, JobResult};
 use crate::queue::broker::{Broker, BrokerError};
 use crate::registry::batch_status::BatchStatusStore;
@@ -13,6 +16,7 @@ use crate::registry::RegistryError;
 use crate::sink::transit;
 use zeroize::Zeroizing;
 
+#[derive(Clone)]
 pub struct ResultsQueue<'a> {
     broker: &'a Broker,
     status: &'a BatchStatusStore,
@@ -22,6 +26,8 @@ pub struct ResultsQueue<'a> {
     recipients: Option<&'a Recipients>,
     /// Cancelled when the channel the job came on closed (see [`Sink::gone`]).
     channel_closed: Option<&'a CancellationToken>,
+    /// The job's message and its slot in it, when its results go out together.
+    group: Option<(&'a ResultGroup, usize)>,
 }
 
 /// Batches' recipients already read from Redis: a batch's recipient is set once, before its
@@ -62,6 +68,16 @@ impl<'a> ResultsQueue<'a> {
             allow_plaintext: false,
             recipients: None,
             channel_closed: None,
+            group: None,
+        }
+    }
+
+    /// The sink of the job in `slot` of `group`: its result is published with the others of
+    /// its message.
+    pub fn in_group(&self, group: &'a ResultGroup, slot: usize) -> Self {
+        ResultsQueue {
+            group: Some((group, slot)),
+            ..self.clone()
         }
     }
 
@@ -83,15 +99,11 @@ impl<'a> ResultsQueue<'a> {
         self
     }
 
-    /// What goes into `PrivateKeyBody`: the key sealed to the batch's recipient.
-    async fn body(&self, batch_id: &str, pem: &str) -> Result<Zeroizing<String>, DeliveryError> {
-        let seal = |r: &transit::Recipient| {
-            transit::seal(r, pem)
-                .map(Zeroizing::new)
-                .map_err(|e| DeliveryError::Undeliverable(e.to_string()))
-        };
+    /// Whom the batch's keys are sealed to: its recipient, or `None` when it has none and
+    /// plaintext is allowed.
+    async fn sealer(&self, batch_id: &str) -> Result<Option<transit::Recipient>, DeliveryError> {
         if let Some(r) = self.recipients.and_then(|c| c.get(batch_id)) {
-            return seal(&r);
+            return Ok(Some(r));
         }
         let recipient = self.status.recipient(batch_id).await.map_err(|e| {
             DeliveryError::Unconfirmed(format!("reading the batch's recipient: {e}"))
@@ -103,15 +115,73 @@ impl<'a> ResultsQueue<'a> {
                 if let Some(c) = self.recipients {
                     c.put(batch_id, &r);
                 }
-                seal(&r)
+                Ok(Some(r))
             }
-            None if self.allow_plaintext => Ok(Zeroizing::new(pem.to_owned())),
+            None if self.allow_plaintext => Ok(None),
             None => Err(DeliveryError::Undeliverable(format!(
                 "batch {:?} has no recipient for its private keys in Redis, so its keys cannot \
                  be sent encrypted (submit batches with `keyfleet submit`, or run the worker with \
                  --allow-plaintext-results)",
                 crate::dialect::clip(batch_id)
             ))),
+        }
+    }
+
+    /// What goes into `PrivateKeyBody`: the key sealed to the batch's recipient.
+    async fn body(&self, batch_id: &str, pem: &str) -> Result<Zeroizing<String>, DeliveryError> {
+        match self.sealer(batch_id).await? {
+            Some(r) => transit::seal(&r, pem)
+                .map(Zeroizing::new)
+                .map_err(|e| DeliveryError::Undeliverable(e.to_string())),
+            None => Ok(Zeroizing::new(pem.to_owned())),
+        }
+    }
+
+    /// Publishes the results a message's jobs left ([`ResultGroup`]) as one v2 results
+    /// message, their keys sealed together; the keys are dropped (zeroized) whatever happens.
+    pub(crate) async fn publish_group(
+        &self,
+        batch: &str,
+        pending: Vec<Pending>,
+    ) -> Result<(), DeliveryError> {
+        let Some(first) = pending.first() else {
+            return Ok(());
+        };
+        let message_id = first.job_id.to_string();
+        let keys: Vec<Option<&str>> = pending
+            .iter()
+            .map(|p| p.key.as_ref().map(|k| k.0.as_str()))
+            .collect();
+        let blob = if keys.iter().any(Option::is_some) {
+            let packed = pack_keys(&keys);
+            match self.sealer(batch).await? {
+                Some(r) => Zeroizing::new(
+                    transit::seal_bytes(&r, &packed)
+                        .map_err(|e| DeliveryError::Undeliverable(e.to_string()))?,
+                ),
+                None => Zeroizing::new(
+                    String::from_utf8(packed.to_vec())
+                        .map_err(|e| DeliveryError::Undeliverable(e.to_string()))?,
+                ),
+            }
+        } else {
+            Zeroizing::new(String::new())
+        };
+        drop(keys);
+        let encoded: Vec<_> = pending.into_iter().map(|p| p.encoded).collect();
+        let payload = Zeroizing::new(
+            encode_group(batch, &encoded, &blob)
+                .map_err(|e| DeliveryError::Undeliverable(format!("encoding results: {e}")))?,
+        );
+        drop(blob);
+        match self
+            .broker
+            .publish_results(&payload, &message_id, batch)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e @ BrokerError::Unroutable(_)) => Err(DeliveryError::Undeliverable(e.to_string())),
+            Err(e) => Err(DeliveryError::Unconfirmed(crate::sink::error_chain(&e))),
         }
     }
 }
@@ -127,6 +197,9 @@ impl Sink for ResultsQueue<'_> {
     }
 
     async fn deliver(&self, result: &mut JobResult) -> Result<(), DeliveryError> {
+        if let Some((group, slot)) = self.group {
+            return group.deliver(slot, result, self).await;
+        }
         if let Some(pem) = result.take_private_key() {
             let body = self.body(&result.batch_id, &pem.0).await?;
             set_private_key_body(result.provider, &mut result.response, &body);

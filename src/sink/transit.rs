@@ -152,20 +152,38 @@ pub fn is_sealed(body: &str) -> bool {
     body.trim_start().starts_with(ARMOR_BEGIN)
 }
 
+/// The keys of a results group ([`crate::job::results_message::pack_keys`]), encrypted to
+/// `recipient` under one header and armored: one X25519 agreement for the whole group.
+pub fn seal_bytes(recipient: &Recipient, plain: &[u8]) -> Result<String, TransitError> {
+    age::encrypt_and_armor(recipient, plain).map_err(|e| TransitError::Encrypt(e.to_string()))
+}
+
 /// The private key in a sealed `body`, into a buffer that is zeroized when dropped.
 pub fn open(identity: &Identity, body: &str) -> Result<Zeroizing<String>, TransitError> {
+    // Sized so a 4096-bit PEM never makes the buffer grow (a grown buffer leaves its old copy
+    // behind unzeroized).
+    let plain = open_bytes(identity, body, 16 * 1024)?;
+    let text = std::str::from_utf8(&plain).map_err(|e| TransitError::Decrypt(e.to_string()))?;
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+/// What a sealed `body` holds, into a zeroized buffer of at least `capacity` bytes, and never
+/// less than the body itself (the plaintext is shorter than its armored ciphertext, so the
+/// buffer never grows and leaves a copy behind).
+pub fn open_bytes(
+    identity: &Identity,
+    body: &str,
+    capacity: usize,
+) -> Result<Zeroizing<Vec<u8>>, TransitError> {
     let decrypt = |e: &dyn std::fmt::Display| TransitError::Decrypt(e.to_string());
     let reader = age::armor::ArmoredReader::new(body.as_bytes());
     let decryptor = age::Decryptor::new_buffered(reader).map_err(|e| decrypt(&e))?;
     let mut stream = decryptor
         .decrypt(std::iter::once(identity as &dyn age::Identity))
         .map_err(|e| decrypt(&e))?;
-    // Sized so a 4096-bit PEM never makes the buffer grow (a grown buffer leaves its old copy
-    // behind unzeroized).
-    let mut plain = Zeroizing::new(Vec::with_capacity(16 * 1024));
+    let mut plain = Zeroizing::new(Vec::with_capacity(capacity.max(body.len() + 64)));
     stream.read_to_end(&mut plain).map_err(|e| decrypt(&e))?;
-    let text = std::str::from_utf8(&plain).map_err(|e| decrypt(&e))?;
-    Ok(Zeroizing::new(text.to_owned()))
+    Ok(plain)
 }
 
 #[cfg(test)]

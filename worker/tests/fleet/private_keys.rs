@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::util::{amqp_url, check_batch, fleet_csv, manifest, Env};
 use futures::StreamExt;
-use keyfleet::job::{set_private_key_body, Job, JobResult};
+use keyfleet::job::{results_message, set_private_key_body, Job, JobResult};
 use keyfleet::keys::cpu::CpuPool;
 use keyfleet::keys::keygen::{self, KeyBits};
 use keyfleet::lifecycle::{Finished, Lifecycle};
@@ -96,15 +96,26 @@ async fn results_queue_holds_no_plaintext_key() {
     let (created, _) = check_batch(&env, "out", 12).await;
     assert_eq!(created, 12);
 
-    let mut seen = Vec::new();
-    while seen.len() < 12 {
+    // A v2 results message carries the results of a v2 job message's jobs, their keys sealed
+    // together: count results, not messages.
+    let (mut seen, mut results) = (Vec::new(), 0);
+    while results < 12 {
         let d = tokio::time::timeout(Duration::from_secs(10), spied.next())
             .await
             .expect("the spy saw every result")
             .unwrap()
             .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        results += m["results"].as_array().map_or(1, Vec::len);
         seen.push(String::from_utf8(d.data).unwrap());
     }
+    assert_eq!(results, 12);
+    // 12 jobs in job messages of 8 and 4: one results message for each.
+    assert_eq!(
+        seen.len(),
+        2,
+        "the jobs of a v2 job message answer in one v2 results message"
+    );
     for l in manifest(&env.path("out")) {
         let file = l["private_key_file"].as_str().unwrap();
         // PKCS#8 holds the modulus too, which the public key carries in the clear: a PEM line
@@ -253,11 +264,22 @@ async fn created_unpublished(
     batch: &str,
     name: &str,
 ) -> (transit::Identity, Job, Vec<u8>) {
+    let (identity, mut made) = created_unpublished_jobs(env, batch, &[name]).await;
+    let (job, message) = made.remove(0);
+    (identity, job, message)
+}
+
+/// [`created_unpublished`] for several jobs of one batch: each job and its v1 result message.
+async fn created_unpublished_jobs(
+    env: &Env,
+    batch: &str,
+    names: &[&str],
+) -> (transit::Identity, Vec<(Job, Vec<u8>)>) {
     env.give_recipient(batch).await;
     let identity = transit::read_identity(&env.identity(batch)).unwrap();
     let registry = env.registry().await;
     let status = BatchStatusStore::from_connection(registry.connection(), &env.prefix);
-    status.set_total(batch, 1).await.unwrap();
+    status.set_total(batch, names.len() as u64).await.unwrap();
     let lifecycle = Lifecycle::new(
         Arc::new(registry.clone()),
         Arc::new(LocalUpstream),
@@ -266,16 +288,41 @@ async fn created_unpublished(
         RetryPolicy::queue(),
         CancellationToken::new(),
     );
-    let sink = Captured {
-        recipient: identity.to_public(),
-        message: Mutex::new(None),
-    };
-    let mut job = crate::util::job(batch, name);
-    job.line = Some(2);
-    let finished = lifecycle.process(job.clone(), 1, &sink).await;
-    assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
-    let genuine = sink.message.lock().unwrap().take().unwrap();
-    (identity, job, genuine)
+    let mut made = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let sink = Captured {
+            recipient: identity.to_public(),
+            message: Mutex::new(None),
+        };
+        let mut job = crate::util::job(batch, name);
+        job.line = Some(2 + i as u64);
+        let finished = lifecycle.process(job.clone(), 1, &sink).await;
+        assert!(matches!(finished, Finished::Delivered(_)), "{finished:?}");
+        let genuine = sink.message.lock().unwrap().take().unwrap();
+        made.push((job, genuine));
+    }
+    (identity, made)
+}
+
+/// The v2 results message a worker would send for `genuine` (v1 result messages): their
+/// results without keys, and their keys packed and sealed to `to` under one header.
+fn v2_results(
+    batch: &str,
+    genuine: &[&[u8]],
+    identity: &transit::Identity,
+    to: &transit::Recipient,
+) -> Vec<u8> {
+    let (mut results, mut pems) = (Vec::new(), Vec::new());
+    for g in genuine {
+        let mut r: serde_json::Value = serde_json::from_slice(g).unwrap();
+        let body = r["response"]["PrivateKeyBody"].as_str().unwrap().to_owned();
+        pems.push(transit::open(identity, &body).unwrap());
+        r["response"]["PrivateKeyBody"] = "".into();
+        results.push(serde_json::value::to_raw_value(&r).unwrap());
+    }
+    let keys: Vec<Option<&str>> = pems.iter().map(|p| Some(p.as_str())).collect();
+    let sealed = transit::seal_bytes(to, &results_message::pack_keys(&keys)).unwrap();
+    results_message::encode_group(batch, &results, &sealed).unwrap()
 }
 
 /// Publishes raw bytes to the batch's results, as anyone allowed on the exchange could.
@@ -398,4 +445,47 @@ async fn forged_failure_does_not_hide_the_created_key() {
     let pem = std::fs::read_to_string(last["private_key_file"].as_str().unwrap()).unwrap();
     let (_, sha256) = keygen::fingerprints_of_pem(&pem).unwrap();
     assert_eq!(sha256, last["fingerprint_sha256"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_results_whose_keys_do_not_decrypt_stay_on_the_queue_whole() {
+    let env = Env::new("v2kept");
+    let batch = "bv2kept";
+    env.track(batch);
+    let broker = connect(&env).await;
+    broker.declare_results_queue(batch).await.unwrap();
+    let (identity, made) = created_unpublished_jobs(&env, batch, &["v2-a", "v2-b"]).await;
+    let genuine: Vec<&[u8]> = made.iter().map(|(_, m)| m.as_slice()).collect();
+    // Sealed to someone else: this collect cannot read either key, so it writes neither and
+    // acks nothing.
+    let stranger = transit::Identity::generate().to_public();
+    publish_results(
+        &broker,
+        &env,
+        batch,
+        vec![v2_results(batch, &genuine, &identity, &stranger)],
+    )
+    .await;
+    let c = env.collect(batch, "out", Duration::from_secs(3)).await;
+    assert!(!c.complete, "{c:?}");
+    assert_eq!((c.kept, c.collected), (2, 0), "{c:?}");
+    // The message the batch's identity opens: both keys written, each the registered key; the
+    // other message is still on the queue, read again and kept again.
+    publish_results(
+        &broker,
+        &env,
+        batch,
+        vec![v2_results(
+            batch,
+            &genuine,
+            &identity,
+            &identity.to_public(),
+        )],
+    )
+    .await;
+    let c = env.collect(batch, "out", Duration::from_secs(10)).await;
+    assert!(c.complete, "{c:?}");
+    assert_eq!(c.kept, 2, "{c:?}");
+    let (created, _) = check_batch(&env, "out", 2).await;
+    assert_eq!(created, 2);
 }
