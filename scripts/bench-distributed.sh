@@ -10,7 +10,12 @@
 # the round before the clock starts and never refilled (--reservoir-once), then a `submit
 # --wait` of that many rows is timed: keys/s and CPU ms a key for each component — the worker,
 # `submit --wait` (producer and collector), RabbitMQ (beam.smp) and Redis (redis-server).
-# Needs RabbitMQ and Redis on loopback (scripts/test.sh starts them). Usage:
+# BIN_DIR=DIR takes keyfleet and keyfleet-worker from DIR instead of building them (two builds
+# side by side, alternated). KEEP_OUTPUT=1 leaves the key files in place at the end: on an ext4
+# without a journal, files created within minutes of a mass deletion cost several times the
+# CPU (the inode allocator passes over recently deleted inodes), so a run right after another
+# run's cleanup measures that. Needs RabbitMQ and Redis on loopback (scripts/test.sh starts
+# them). Usage:
 #   scripts/bench-distributed.sh [KEYS_PER_ROUND=200] [ROUNDS=3] [BACKLOG=100000]
 #   scripts/bench-distributed.sh --pooled [KEYS_PER_ROUND=2000] [ROUNDS=3]
 set -euo pipefail
@@ -18,8 +23,12 @@ cd "$(dirname "$0")/.."
 POOLED=0
 if [ "${1:-}" = "--pooled" ]; then POOLED=1; shift; fi
 KEYS=${1:-$([ $POOLED = 1 ] && echo 2000 || echo 200)}; ROUNDS=${2:-3}; BACKLOG=${3:-100000}
-cargo build --release -q -p keyfleet -p keyfleet-worker
-KF=target/release/keyfleet; W=target/release/keyfleet-worker
+if [ -n "${BIN_DIR:-}" ]; then
+  KF=$BIN_DIR/keyfleet; W=$BIN_DIR/keyfleet-worker
+else
+  cargo build --release -q -p keyfleet -p keyfleet-worker
+  KF=target/release/keyfleet; W=target/release/keyfleet-worker
+fi
 prefix="kfbench-$$"; dir=$(mktemp -d)
 # Identities of batches submitted without --wait go to the state folder: keep them in $dir.
 export XDG_STATE_HOME="$dir/state"
@@ -32,7 +41,7 @@ cleanup() {
     rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
   done
   redis-cli --scan --pattern "${prefix}*" | xargs -r redis-cli del >/dev/null
-  rm -rf "$dir"
+  if [ "${KEEP_OUTPUT:-0}" = 1 ]; then echo "output kept in $dir"; else rm -rf "$dir"; fi
 }
 trap cleanup EXIT
 

@@ -370,10 +370,9 @@ async fn run_jobs(
     let completed =
         futures::future::join_all(admissions.into_iter().enumerate().map(|(slot, a)| {
             let sink = sink.in_group(&group, slot);
-            let group = &group;
             async move {
                 let ending = handler.lifecycle.complete(a, &sink).await;
-                group.leave(slot, &sink).await;
+                sink.left().await;
                 ending
             }
         }))

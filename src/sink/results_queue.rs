@@ -6,7 +6,7 @@
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::result_group::{Pending, ResultGroup};
+use super::result_group::{Pending, Publisher, ResultGroup};
 use super::{DeliveryError, Sink};
 use crate::job::results_message::{encode_group, pack_keys};
 use crate::job::{set_private_key_body, take_private_key_body, JobResult};
@@ -137,13 +137,32 @@ impl<'a> ResultsQueue<'a> {
         }
     }
 
+    /// The job of this sink's group slot has ended: if it was the last one running and left
+    /// no result, the others' results are published now.
+    pub async fn left(&self) {
+        if let Some((group, slot)) = self.group {
+            if let Some(publisher) = group.leave(slot) {
+                // The waiting jobs get the outcome; this one has its ending already.
+                let _ = self.publish(group, publisher).await;
+            }
+        }
+    }
+
+    /// Publishes a group's results and tells its waiting jobs the outcome.
+    async fn publish(
+        &self,
+        group: &ResultGroup,
+        mut publisher: Publisher<'_>,
+    ) -> Result<(), DeliveryError> {
+        let pending = std::mem::take(&mut publisher.pending);
+        let outcome = self.publish_group(group.batch_id(), pending).await;
+        publisher.finish(outcome.clone());
+        outcome
+    }
+
     /// Publishes the results a message's jobs left ([`ResultGroup`]) as one v2 results
     /// message, their keys sealed together; the keys are dropped (zeroized) whatever happens.
-    pub(crate) async fn publish_group(
-        &self,
-        batch: &str,
-        pending: Vec<Pending>,
-    ) -> Result<(), DeliveryError> {
+    async fn publish_group(&self, batch: &str, pending: Vec<Pending>) -> Result<(), DeliveryError> {
         let Some(first) = pending.first() else {
             return Ok(());
         };
@@ -198,7 +217,16 @@ impl Sink for ResultsQueue<'_> {
 
     async fn deliver(&self, result: &mut JobResult) -> Result<(), DeliveryError> {
         if let Some((group, slot)) = self.group {
-            return group.deliver(slot, result, self).await;
+            let pending = Pending {
+                job_id: result.job_id,
+                key: result.take_private_key(),
+                encoded: serde_json::value::to_raw_value(result)
+                    .map_err(|e| DeliveryError::Undeliverable(format!("encoding a result: {e}")))?,
+            };
+            return match group.put(slot, pending)? {
+                Some(publisher) => self.publish(group, publisher).await,
+                None => group.outcome().await,
+            };
         }
         if let Some(pem) = result.take_private_key() {
             let body = self.body(&result.batch_id, &pem.0).await?;
