@@ -297,6 +297,11 @@ async fn drain(
     // may still confirm them, or their job may come back and replace the pair. Held unacked,
     // whole: a message is acked only once every result in it is written or superseded.
     let mut held: Vec<Arrived> = Vec::new();
+    let judge = Judge {
+        registry: &registry,
+        status: &status,
+        shutdown: &shutdown,
+    };
     let mut held_since = Instant::now();
     let mut last_result = Instant::now();
     let mut checked_total = Instant::now();
@@ -354,14 +359,7 @@ async fn drain(
                     held_since = Instant::now();
                 }
                 let still = desk
-                    .judge_and_take(
-                        &registry,
-                        &status,
-                        &shutdown,
-                        arrived,
-                        &mut unacked,
-                        &mut kept,
-                    )
+                    .judge_and_take(&judge, arrived, &mut unacked, &mut kept)
                     .await?;
                 held.extend(still);
                 // Results held a while are looked at again even while the queue is busy: at a
@@ -369,14 +367,7 @@ async fn drain(
                 if !held.is_empty() && held_since.elapsed() >= recheck_after(&held) {
                     let waiting = std::mem::take(&mut held);
                     held = desk
-                        .judge_and_take(
-                            &registry,
-                            &status,
-                            &shutdown,
-                            waiting,
-                            &mut unacked,
-                            &mut kept,
-                        )
+                        .judge_and_take(&judge, waiting, &mut unacked, &mut kept)
                         .await?;
                     held_since = Instant::now();
                 }
@@ -388,14 +379,7 @@ async fn drain(
                 let waiting = std::mem::take(&mut held);
                 let before = desk.seen.len();
                 held = desk
-                    .judge_and_take(
-                        &registry,
-                        &status,
-                        &shutdown,
-                        waiting,
-                        &mut unacked,
-                        &mut kept,
-                    )
+                    .judge_and_take(&judge, waiting, &mut unacked, &mut kept)
                     .await?;
                 held_since = Instant::now();
                 if desk.seen.len() > before {
@@ -420,13 +404,8 @@ async fn drain(
     // acked away now rather than left for the next collect.
     let mut still = Vec::new();
     for message in held.drain(..) {
-        let verdicts = futures::future::try_join_all(
-            message
-                .results
-                .iter()
-                .map(|r| verdict(&registry, &status, r, &shutdown)),
-        )
-        .await?;
+        let verdicts =
+            futures::future::try_join_all(message.results.iter().map(|r| judge.verdict(r))).await?;
         let stale = message.results.iter().zip(&verdicts).all(|(r, v)| {
             *v == Verdict::Superseded && (desk.seen.contains_key(&r.job_id) || r.is_created())
         });
@@ -621,6 +600,20 @@ enum Verdict {
     /// The registry holds this very pair but not yet as delivered (its worker has not
     /// confirmed it), or a failure is not yet recorded in the batch status. Decide later.
     Wait,
+}
+
+/// What a result is judged against: the registry and the batch status, the lookups retried
+/// until `shutdown`.
+struct Judge<'a> {
+    registry: &'a RedisRegistry,
+    status: &'a BatchStatusStore,
+    shutdown: &'a CancellationToken,
+}
+
+impl Judge<'_> {
+    async fn verdict(&self, r: &JobResult) -> Result<Verdict, RegistryError> {
+        verdict(self.registry, self.status, r, self.shutdown).await
+    }
 }
 
 /// A created result counts only once the registry holds its pair, for its job, with its
@@ -844,9 +837,7 @@ impl Desk {
     /// messages that wait.
     async fn judge_and_take(
         &mut self,
-        registry: &RedisRegistry,
-        status: &BatchStatusStore,
-        shutdown: &CancellationToken,
+        judge: &Judge<'_>,
         messages: Vec<Arrived>,
         unacked: &mut Vec<lapin::Acker>,
         kept: &mut Vec<lapin::Acker>,
@@ -867,7 +858,7 @@ impl Desk {
                     async move {
                         match done {
                             true => Ok(Verdict::Superseded),
-                            false => verdict(registry, status, result, shutdown).await,
+                            false => judge.verdict(result).await,
                         }
                     }
                 },

@@ -193,15 +193,10 @@ impl<'a> ResultsQueue<'a> {
                 .map_err(|e| DeliveryError::Undeliverable(format!("encoding results: {e}")))?,
         );
         drop(blob);
-        match self
-            .broker
+        self.broker
             .publish_results(&payload, &message_id, batch)
             .await
-        {
-            Ok(()) => Ok(()),
-            Err(e @ BrokerError::Unroutable(_)) => Err(DeliveryError::Undeliverable(e.to_string())),
-            Err(e) => Err(DeliveryError::Unconfirmed(crate::sink::error_chain(&e))),
-        }
+            .map_err(undelivered)
     }
 }
 
@@ -236,11 +231,7 @@ impl Sink for ResultsQueue<'_> {
         // Whatever happened, the key leaves this process at most once: drop (zeroize) the copy
         // in the response body now.
         drop(take_private_key_body(result.provider, &mut result.response));
-        match published {
-            Ok(()) => Ok(()),
-            Err(e @ BrokerError::Unroutable(_)) => Err(DeliveryError::Undeliverable(e.to_string())),
-            Err(e) => Err(DeliveryError::Unconfirmed(crate::sink::error_chain(&e))),
-        }
+        published.map_err(undelivered)
     }
 
     async fn settled(
@@ -253,5 +244,14 @@ impl Sink for ResultsQueue<'_> {
             .record(batch_id, job_id, outcome)
             .await
             .map(|_| ())
+    }
+}
+
+/// What a failed publish of results means for their jobs: no queue takes the batch's results
+/// (unroutable), or the broker did not confirm them.
+fn undelivered(e: BrokerError) -> DeliveryError {
+    match e {
+        e @ BrokerError::Unroutable(_) => DeliveryError::Undeliverable(e.to_string()),
+        e => DeliveryError::Unconfirmed(crate::sink::error_chain(&e)),
     }
 }
