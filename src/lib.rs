@@ -21,7 +21,7 @@
 //!   `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
 //!   quota, engine), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
-//!   file).
+//!   file; `packer.rs`, rows made into job messages on the reader's thread for `submit`).
 //! - `upstream/`: the cloud side — the seam (`mod.rs`), its settings, the signing HTTP client
 //!   (`client.rs`), the importing upstream (`http.rs`), the per-scope rate limit.
 //! - `sink/`: where results go — key files and the output folder (`key_files.rs`, `folder.rs`),

@@ -322,6 +322,11 @@ impl BatchInput {
         Ok(())
     }
 
+    /// The file read (`-` for standard input).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Reads row by row, handing each row to `emit`; stops early when `emit` returns false (the
     /// consumer has gone away). Returns the number of rows read.
     pub fn read_rows(

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod message;
+pub mod packer;
 pub mod results_message;
 
 use std::collections::BTreeMap;

@@ -9,10 +9,11 @@ use std::time::Instant;
 use lapin::PublisherConfirm;
 use tokio_util::sync::CancellationToken;
 
-use crate::dialect::{self, Catalog};
-use crate::job::batch::{self, Format, Row, RowDefaults};
+use crate::dialect::Catalog;
+use crate::job::batch::{self, Format, RowDefaults};
 use crate::job::message::MAX_JOBS_PER_MESSAGE;
-use crate::job::{Job, JobResult};
+use crate::job::packer::{self, Packed};
+use crate::job::Job;
 use crate::queue::broker::{self, Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
 use crate::registry::batch_status::BatchStatusStore;
@@ -20,7 +21,6 @@ use crate::registry::RegistryError;
 use crate::sink::transit;
 use crate::sink::{ResultsQueue, Sink};
 use crate::telemetry::progress::{Progress, ProgressMode};
-use crate::time::now_rfc3339;
 
 #[derive(Clone, Debug)]
 pub struct SubmitOptions {
@@ -80,8 +80,9 @@ pub enum SubmitError {
     },
 }
 
-/// Rows taken from the reader thread at once.
-const READ_AHEAD: usize = 1024;
+/// Runs of packed messages the reader thread may have ready ahead of publishing: 16 runs of
+/// 32 messages of 8 jobs is 4,096 rows.
+const RUNS_AHEAD: usize = 16;
 
 /// Enqueues a batch; returns once every job is confirmed by the broker.
 pub async fn submit(
@@ -92,7 +93,15 @@ pub async fn submit(
     let batch_id = opts.defaults.batch_id.clone();
     let (broker, status) = open_batch(&opts.endpoints, &batch_id, &opts.keys_to).await?;
 
-    let (mut rx, reader) = batch::spawn_reader(input, &opts.defaults, 4 * READ_AHEAD)?;
+    // Rows are checked, packed and encoded on the reader thread (`job::packer`); this loop
+    // publishes what it is handed and answers the rows that are not jobs.
+    let (mut rx, reader) = packer::spawn_packer(
+        input,
+        &opts.defaults,
+        opts.catalog.clone(),
+        opts.jobs_per_message,
+        RUNS_AHEAD,
+    )?;
 
     let mut progress = Progress::of_batch(opts.progress, &opts.input, opts.format);
     let started = Instant::now();
@@ -100,44 +109,43 @@ pub async fn submit(
         ConfirmWindow::new(&opts.endpoints, opts.confirm_window, opts.jobs_per_message);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
-    // Rows are taken as many as are ready at once: one wake-up of the reader thread (blocked on
-    // a full channel) for up to READ_AHEAD rows, not one a row.
-    let mut ready = Vec::with_capacity(READ_AHEAD);
     'read: loop {
-        tokio::select! {
+        let run = tokio::select! {
             _ = shutdown.cancelled() => { interrupted = true; break }
-            n = rx.recv_many(&mut ready, READ_AHEAD) => if n == 0 { break },
+            run = rx.recv() => match run { Some(run) => run, None => break },
         };
-        for row in ready.drain(..) {
+        for packed in run {
             if shutdown.is_cancelled() {
                 interrupted = true;
                 break 'read;
             }
-            rows += 1;
-            let answer = match row {
-                Row::Bad(bad) => Some(bad.into_result()),
-                Row::Job(job) => {
-                    match dialect::decode(job.provider, &job.owner, &job.params, &opts.catalog) {
-                        Err(e) => Some(JobResult::failed(&job, &e, now_rfc3339(), 1)),
-                        Ok(_) => {
-                            window.publish(&broker, job).await?;
-                            enqueued += 1;
-                            progress.enqueue();
-                            None
-                        }
-                    }
+            match packed {
+                Packed::Message {
+                    payload,
+                    message_id,
+                    jobs,
+                } => {
+                    window
+                        .publish_encoded(&broker, &payload, &message_id, &batch_id)
+                        .await?;
+                    rows += jobs;
+                    enqueued += jobs;
+                    progress.enqueue(jobs);
                 }
-            };
-            if let Some(mut result) = answer {
-                // Answered here, through the same sink a worker answers with.
-                let sink = ResultsQueue::new(&broker, &status);
-                sink.deliver(&mut result)
-                    .await
-                    .map_err(|e| SubmitError::Answer(e.to_string()))?;
-                sink.settled(&batch_id, result.job_id, result.outcome_label())
-                    .await?;
-                progress.record(&result);
-                rejected += 1;
+                Packed::Answer(result) => {
+                    let mut result = *result;
+                    rows += 1;
+                    // Answered here, through the same sink a worker answers with.
+                    let sink = ResultsQueue::new(&broker, &status);
+                    sink.deliver(&mut result)
+                        .await
+                        .map_err(|e| SubmitError::Answer(e.to_string()))?;
+                    sink.settled(&batch_id, result.job_id, result.outcome_label())
+                        .await?;
+                    progress.record(&result);
+                    rejected += 1;
+                }
+                Packed::Unencodable(e) => return Err(BrokerError::Encode(e).into()),
             }
         }
     }
@@ -253,14 +261,40 @@ impl ConfirmWindow {
         if self.gathered.is_empty() {
             return Ok(());
         }
+        self.make_room().await?;
+        self.waiting
+            .push_back(broker.publish_jobs(&self.gathered).await?);
+        self.gathered.clear();
+        Ok(())
+    }
+
+    /// Publishes a message already packed and encoded ([`crate::job::packer`]), in the same
+    /// window of confirms. Nothing may be gathered (`publish`) meanwhile: that message would
+    /// go out after this one.
+    pub async fn publish_encoded(
+        &mut self,
+        broker: &Broker,
+        payload: &[u8],
+        message_id: &str,
+        batch_id: &str,
+    ) -> Result<(), BrokerError> {
+        debug_assert!(self.gathered.is_empty());
+        self.make_room().await?;
+        self.waiting.push_back(
+            broker
+                .publish_encoded_job(payload, message_id, batch_id)
+                .await?,
+        );
+        Ok(())
+    }
+
+    /// Waits for the oldest confirm when `size` are outstanding.
+    async fn make_room(&mut self) -> Result<(), BrokerError> {
         if self.waiting.len() >= self.size {
             if let Some(c) = self.waiting.pop_front() {
                 broker::confirmed(c, &self.routing).await?;
             }
         }
-        self.waiting
-            .push_back(broker.publish_jobs(&self.gathered).await?);
-        self.gathered.clear();
         Ok(())
     }
 

@@ -146,9 +146,9 @@ impl Progress {
         }
     }
 
-    /// A row passed on for later (enqueued), not answered here.
-    pub fn enqueue(&mut self) {
-        self.enqueued += 1;
+    /// Rows passed on for later (enqueued), not answered here.
+    pub fn enqueue(&mut self, rows: u64) {
+        self.enqueued += rows;
         self.tick();
     }
 

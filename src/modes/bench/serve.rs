@@ -3,6 +3,11 @@
 //! reservoir warm (every create answered from keys made ahead) and cold (no reservoir: every
 //! create waits for its key), against raw key generation on the same threads. Rounds
 //! alternate raw / warm / cold; medians are reported. Numbers only; nothing asserts timing.
+//!
+//! The client runs on a thread of its own, so the CPU of each round is told apart by thread
+//! (`/proc/self/task/*/schedstat`, to the nanosecond): key generation, the state file's
+//! writer, the server's runtime, and the benchmark's own client, which a deployment would run
+//! elsewhere but which shares this machine's cores here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +30,83 @@ pub struct ServeMeasurement {
     pub creates_per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// CPU a create, by thread, while the creates ran.
+    pub cpu_ms_per_create: CpuShares,
+}
+
+/// CPU time in milliseconds a create, by the threads that spent it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CpuShares {
+    /// The key-generation pool (`keyfleet-keygen-*`).
+    pub keys: f64,
+    /// The state file's writer thread (redb commits and syncs).
+    pub state: f64,
+    /// The server's async runtime and its blocking pool (HTTP, signatures, the lifecycle).
+    pub runtime: f64,
+    /// The benchmark's client (signing, HTTP, reading the answers), as its thread counted it.
+    pub client: f64,
+    /// Every other thread of the process.
+    pub other: f64,
+}
+
+/// The benchmark client's thread name (a thread's name is cut to 15 bytes by Linux).
+const CLIENT_THREAD: &str = "keyfleet-bench-client";
+
+/// Nanoseconds on a CPU so far of each thread of this process, by thread id, with its name.
+fn thread_cpu() -> std::collections::HashMap<String, (String, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        if let Some(ns) = ns {
+            let id = task.file_name().to_string_lossy().into_owned();
+            out.insert(id, (name.trim().to_owned(), ns));
+        }
+    }
+    out
+}
+
+impl CpuShares {
+    /// What the threads spent between two [`thread_cpu`] readings, a create.
+    fn between(
+        before: &std::collections::HashMap<String, (String, u64)>,
+        after: &std::collections::HashMap<String, (String, u64)>,
+        creates: usize,
+    ) -> CpuShares {
+        let mut shares = CpuShares::default();
+        let per = 1e6 * creates.max(1) as f64;
+        for (id, (name, ns)) in after {
+            let spent = ns.saturating_sub(before.get(id).map_or(0, |(_, b)| *b)) as f64 / per;
+            let slot = if name.starts_with("keyfleet-keygen") {
+                &mut shares.keys
+            } else if name.starts_with("keyfleet-state") {
+                &mut shares.state
+            } else if name.starts_with("tokio-rt-worker") {
+                &mut shares.runtime
+            } else {
+                &mut shares.other
+            };
+            *slot += spent;
+        }
+        shares
+    }
+
+    fn median_of(v: &[CpuShares]) -> CpuShares {
+        let m = |f: fn(&CpuShares) -> f64| median(v.iter().map(f).collect());
+        CpuShares {
+            keys: m(|c| c.keys),
+            state: m(|c| c.state),
+            runtime: m(|c| c.runtime),
+            client: m(|c| c.client),
+            other: m(|c| c.other),
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -98,50 +180,26 @@ async fn one_round(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let client = ApiClient::new(&addr.to_string()).map_err(|e| BenchError::Pool(e.to_string()))?;
+    let addr = addr.to_string();
     let signer = Signer::AliyunRpc {
         id: ID.into(),
         secret: SECRET.into(),
     };
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = thread_cpu();
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (client, signer, next) = (client.clone(), signer.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut times = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= creates {
-                    break;
-                }
-                let name = format!("bench-{i}");
-                let t = Instant::now();
-                let r = client
-                    .call(
-                        &signer,
-                        "CreateKeyPair",
-                        &[("RegionId", "cn-hangzhou"), ("KeyPairName", &name)],
-                    )
-                    .await;
-                match r {
-                    Ok(r) if r.status == 200 => times.push(t.elapsed()),
-                    Ok(r) => return Err(format!("create answered {}: {}", r.status, r.body)),
-                    Err(e) => return Err(format!("create failed: {e}")),
-                }
-            }
-            Ok(times)
-        }));
-    }
-    let mut times = Vec::with_capacity(creates);
-    for w in workers {
-        let got = w
-            .await
-            .map_err(|e| BenchError::Pool(e.to_string()))?
-            .map_err(BenchError::Pool)?;
-        times.extend(got);
-    }
+    let times = std::thread::Builder::new()
+        .name(CLIENT_THREAD.into())
+        .spawn(move || drive(&addr, signer, creates, concurrency))
+        .map_err(|e| BenchError::Pool(e.to_string()))?;
+    let times = tokio::task::spawn_blocking(move || times.join())
+        .await
+        .map_err(|e| BenchError::Pool(e.to_string()))?
+        .map_err(|_| BenchError::Pool("the benchmark client panicked".into()))?;
+    let (mut times, client_ns) = times.map_err(BenchError::Pool)?;
     let seconds = started.elapsed().as_secs_f64();
+    let mut cpu = CpuShares::between(&cpu_before, &thread_cpu(), creates);
+    // The client's thread has ended by now: it counted its own.
+    cpu.client = client_ns as f64 / (1e6 * creates.max(1) as f64);
     stop.cancel();
     let _ = server.await;
     times.sort();
@@ -151,7 +209,69 @@ async fn one_round(
         creates_per_second: creates as f64 / seconds,
         p50_ms: percentile(&times, 0.50),
         p99_ms: percentile(&times, 0.99),
+        cpu_ms_per_create: cpu,
     })
+}
+
+/// The client: `creates` signed creates, `concurrency` at a time, on a runtime of this thread's
+/// own; the latency of each, and the CPU this thread spent (nanoseconds).
+fn drive(
+    addr: &str,
+    signer: Signer,
+    creates: usize,
+    concurrency: usize,
+) -> Result<(Vec<Duration>, u64), String> {
+    let cpu = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    };
+    let before = cpu();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("the client's runtime: {e}"))?;
+    runtime
+        .block_on(async move {
+            // Made on this runtime: its connections' tasks run here, not on the server's.
+            let client = ApiClient::new(addr).map_err(|e| e.to_string())?;
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..concurrency {
+                let (client, signer, next) = (client.clone(), signer.clone(), next.clone());
+                workers.spawn(async move {
+                    let mut times = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= creates {
+                            break;
+                        }
+                        let name = format!("bench-{i}");
+                        let t = Instant::now();
+                        let r = client
+                            .call(
+                                &signer,
+                                "CreateKeyPair",
+                                &[("RegionId", "cn-hangzhou"), ("KeyPairName", &name)],
+                            )
+                            .await;
+                        match r {
+                            Ok(r) if r.status == 200 => times.push(t.elapsed()),
+                            Ok(r) => {
+                                return Err(format!("create answered {}: {}", r.status, r.body))
+                            }
+                            Err(e) => return Err(format!("create failed: {e}")),
+                        }
+                    }
+                    Ok(times)
+                });
+            }
+            let mut times = Vec::with_capacity(creates);
+            while let Some(got) = workers.join_next().await {
+                times.extend(got.map_err(|e| e.to_string())??);
+            }
+            Ok(times)
+        })
+        .map(|times| (times, cpu().saturating_sub(before)))
 }
 
 fn reservoir_keys(bits: KeyBits) -> usize {
@@ -192,6 +312,11 @@ pub async fn bench_serve(
         creates_per_second: median(v.iter().map(|m| m.creates_per_second).collect()),
         p50_ms: median(v.iter().map(|m| m.p50_ms).collect()),
         p99_ms: median(v.iter().map(|m| m.p99_ms).collect()),
+        cpu_ms_per_create: CpuShares::median_of(
+            &v.iter()
+                .map(|m| m.cpu_ms_per_create.clone())
+                .collect::<Vec<_>>(),
+        ),
     };
     let (warm, cold) = (med(&warm), med(&cold));
     let raw = median(raw);
@@ -207,11 +332,15 @@ pub async fn bench_serve(
 }
 
 pub fn render(r: &ServeReport) -> String {
+    let c = &r.cold.cpu_ms_per_create;
     format!(
         "keyfleet serve, RSA-{} on {} threads, {} signed creates per measurement, medians of {} rounds:\n\
          \x20 warm reservoir: {:.1} creates/s, p50 {:.2} ms, p99 {:.2} ms (concurrency {})\n\
          \x20 cold reservoir: {:.1} creates/s, p50 {:.1} ms, p99 {:.1} ms (concurrency {})\n\
-         \x20 raw key generation: {:.1} keys/s; cold serve = {:.0}% of raw\n",
+         \x20 raw key generation: {:.1} keys/s; cold serve = {:.0}% of raw\n\
+         \x20 CPU a cold create: keys {:.2} ms, state file {:.3}, server runtime {:.3}, \
+         bench client {:.3}, other {:.3}: plumbing {:.1}% of it without the client, \
+         {:.1}% with\n",
         r.bits,
         r.threads,
         r.warm.creates,
@@ -225,6 +354,14 @@ pub fn render(r: &ServeReport) -> String {
         r.cold.p99_ms,
         r.cold.concurrency,
         r.raw_keys_per_second,
-        r.cold_ratio_to_raw * 100.0
+        r.cold_ratio_to_raw * 100.0,
+        c.keys,
+        c.state,
+        c.runtime,
+        c.client,
+        c.other,
+        100.0 * (c.state + c.runtime + c.other) / (c.keys + c.state + c.runtime + c.other).max(1e-9),
+        100.0 * (c.state + c.runtime + c.other + c.client)
+            / (c.keys + c.state + c.runtime + c.other + c.client).max(1e-9),
     )
 }

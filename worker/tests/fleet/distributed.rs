@@ -433,3 +433,101 @@ async fn batch_on_a_redis_cluster_with_a_worker_killed() {
     let (created, failed) = check_batch(&env, "out", 60).await;
     assert_eq!((created, failed.len()), (60, 0), "{failed:?}");
 }
+
+/// Rows written to `submit -` one at a time reach the jobs queue while the pipe is still open:
+/// the reader thread, which packs rows into messages, hands over a message as soon as the
+/// publishing loop is waiting for one, rather than holding it for a full run. A row that is
+/// not valid is answered at once, in its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_from_a_pipe_publishes_each_row_while_the_pipe_is_open() {
+    use std::io::Write;
+    let env = Env::new("pipe");
+    let batch = "pipe-batch";
+    env.track(batch);
+    let mut child = env
+        .cli(&[
+            "submit",
+            "-",
+            "--format",
+            "csv",
+            "--batch-id",
+            batch,
+            "--jobs-per-message",
+            "1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "RegionId,KeyPairName").unwrap();
+
+    let conn = lapin::Connection::connect(&crate::util::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    // A channel a depth: a passive declare of a queue not declared yet closes its channel.
+    let depth = |queue: String| {
+        let conn = &conn;
+        async move {
+            let Ok(ch) = conn.create_channel().await else {
+                return 0;
+            };
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let n = match ch
+                .queue_declare(queue.as_str().into(), passive, Default::default())
+                .await
+            {
+                Ok(q) => q.message_count(),
+                Err(_) => 0,
+            };
+            let _ = ch.close(200, "".into()).await;
+            n
+        }
+    };
+    let jobs_queue = env.topology().jobs_queue();
+    let results_queue = env.topology().results_queue(batch);
+    let until = |queue: String, want: u32| {
+        let depth = &depth;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let n = depth(queue.clone()).await;
+                if n >= want || std::time::Instant::now() > deadline {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    for i in 1..=3u32 {
+        writeln!(stdin, "cn-hangzhou,pipe-{i}").unwrap();
+        stdin.flush().unwrap();
+        assert_eq!(
+            until(jobs_queue.clone(), i).await,
+            i,
+            "row {i} was not published while the pipe stayed open"
+        );
+    }
+    // Not a valid Alibaba name (it must start with a letter): answered at once.
+    writeln!(stdin, "cn-hangzhou,9-bad").unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(until(results_queue.clone(), 1).await, 1);
+    writeln!(stdin, "cn-hangzhou,pipe-4").unwrap();
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("5 rows, 4 enqueued, 1 answered at once as failed"),
+        "{stderr}"
+    );
+    assert_eq!(depth(jobs_queue).await, 4);
+    assert_eq!(depth(results_queue).await, 1);
+}
