@@ -639,11 +639,12 @@ pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
-    fn defaults() -> RowDefaults {
+    /// A batch's defaults for the tests (also `packer`'s).
+    pub(crate) fn defaults() -> RowDefaults {
         RowDefaults {
             batch_id: "b".into(),
             provider: Provider::Aliyun,

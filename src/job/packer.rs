@@ -144,20 +144,10 @@ impl Packer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialect::Provider;
+    use crate::job::batch::tests::defaults;
     use crate::job::message::JobMessage;
     use crate::job::Status;
-    use crate::keys::keygen::KeyBits;
     use std::io::Write;
-
-    fn defaults() -> RowDefaults {
-        RowDefaults {
-            batch_id: "b".into(),
-            provider: Provider::Aliyun,
-            owner: "acct".into(),
-            key_bits: KeyBits::B2048,
-        }
-    }
 
     /// Everything a file packs into, runs flattened, in order.
     fn packed(text: &str, jobs_per_message: usize) -> Vec<Packed> {
