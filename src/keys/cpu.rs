@@ -63,7 +63,14 @@ impl CpuPool {
 
     /// Whether a thread is free right now (nothing queued behind the running tasks).
     pub fn has_idle_thread(&self) -> bool {
-        self.busy.load(Ordering::SeqCst) < self.threads()
+        self.has_idle_thread_beside(0)
+    }
+
+    /// Whether a thread is free once `own` of the running tasks — the caller's own, about to
+    /// end — have ended: a task that wants to start its successor asks this, not
+    /// [`CpuPool::has_idle_thread`], since it still counts as busy itself.
+    pub fn has_idle_thread_beside(&self, own: usize) -> bool {
+        self.busy.load(Ordering::SeqCst).saturating_sub(own) < self.threads()
     }
 
     /// Whether no task is running or queued.

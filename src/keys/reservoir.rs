@@ -116,6 +116,17 @@ impl Reservoir {
     /// generated) is full. Each finished key tops up again, so filling continues exactly as
     /// long as threads stay idle.
     fn top_up(&self, bits: KeyBits) {
+        self.top_up_beside(bits, 0);
+    }
+
+    /// [`Reservoir::top_up`] from a filler about to end (`own` = 1): its own thread counts as
+    /// free, for its successor and for any filler missing beside it (two fillers ending at
+    /// once can leave one without a successor; the next to end starts it again). Asked as if
+    /// it were busy, a finishing filler never started its successor while another filler ran,
+    /// so a pool of n threads lost a filler at each such coincidence and never got it back:
+    /// `serve`'s 2-thread pool filled on one thread, and a pool of one stopped after its first
+    /// key.
+    fn top_up_beside(&self, bits: KeyBits, own: usize) {
         loop {
             {
                 let mut pools = self.lock();
@@ -124,7 +135,7 @@ impl Reservoir {
                 };
                 if pool.keys.len() + pool.filling >= self.inner.capacity
                     || !self.inner.refill.load(Ordering::Relaxed)
-                    || !self.inner.cpu.has_idle_thread()
+                    || !self.inner.cpu.has_idle_thread_beside(own)
                 {
                     return;
                 }
@@ -159,7 +170,7 @@ impl Reservoir {
                         crate::telemetry::metrics::reservoir_fill(bits.bits(), pool.keys.len());
                     }
                 }
-                me.top_up(bits);
+                me.top_up_beside(bits, 1);
             });
         }
     }
@@ -192,6 +203,31 @@ mod tests {
             assert!(Instant::now() < deadline, "reservoir did not refill");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A finishing filler counted itself as busy when it looked for an idle thread to start
+    /// the next key on: a pool of one thread stopped after its first key (and a pool of two
+    /// filled on one thread: `bench --serve` showed its key threads at 1.0 CPU-second a second
+    /// while the reservoir filled).
+    #[test]
+    fn a_finishing_filler_hands_its_thread_on_so_a_one_thread_pool_fills_up() {
+        let cpu = CpuPool::new(1).unwrap();
+        let r = Reservoir::new(cpu.clone(), Engine::Fast, 3, &[KeyBits::B2048]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while r.len(KeyBits::B2048) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "reservoir stopped at {} of 3 keys",
+                r.len(KeyBits::B2048)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cpu.is_idle() {
+            assert!(Instant::now() < deadline, "the pool kept working once full");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(r.len(KeyBits::B2048), 3, "never above capacity");
     }
 
     /// A stopped server's reservoir kept refilling on the pool, taking the cores from whatever
