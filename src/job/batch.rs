@@ -322,9 +322,16 @@ impl BatchInput {
         Ok(())
     }
 
-    /// The file read (`-` for standard input).
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Runs `read` with this input on the batch reader's thread; join it for the outcome.
+    pub fn read_on_thread(
+        self,
+        read: impl FnOnce(BatchInput) -> Result<u64, BatchError> + Send + 'static,
+    ) -> Result<Reader, BatchError> {
+        let path = self.path.clone();
+        std::thread::Builder::new()
+            .name("keyfleet-batch-reader".into())
+            .spawn(move || read(self))
+            .map_err(|source| BatchError::Io { path, source })
     }
 
     /// Reads row by row, handing each row to `emit`; stops early when `emit` returns false (the
@@ -607,11 +614,9 @@ pub fn spawn_reader(
 ) -> Result<(tokio::sync::mpsc::Receiver<Row>, Reader), BatchError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Row>(capacity.max(1));
     let defaults = defaults.clone();
-    let path = input.path.clone();
-    let handle = std::thread::Builder::new()
-        .name("keyfleet-batch-reader".into())
-        .spawn(move || input.read_rows(&defaults, |row| tx.blocking_send(row).is_ok()))
-        .map_err(|source| BatchError::Io { path, source })?;
+    let handle = input.read_on_thread(move |input| {
+        input.read_rows(&defaults, |row| tx.blocking_send(row).is_ok())
+    })?;
     Ok((rx, handle))
 }
 

@@ -47,28 +47,25 @@ pub fn spawn_packer(
 ) -> Result<(mpsc::Receiver<Vec<Packed>>, Reader), BatchError> {
     let (tx, rx) = mpsc::channel::<Vec<Packed>>(runs.max(1));
     let defaults = defaults.clone();
-    let path = input.path().to_owned();
-    let handle = std::thread::Builder::new()
-        .name("keyfleet-batch-reader".into())
-        .spawn(move || {
-            let mut packer = Packer::new(catalog, jobs_per_message);
-            let mut open = true;
-            let read = input.read_rows(&defaults, |row| {
-                packer.take(row);
-                if packer.run.len() >= RUN || (!packer.run.is_empty() && idle(&tx)) {
-                    open = tx.blocking_send(std::mem::take(&mut packer.run)).is_ok();
-                }
-                open
-            });
-            if open {
-                packer.finish();
-                if !packer.run.is_empty() {
-                    let _ = tx.blocking_send(std::mem::take(&mut packer.run));
-                }
+    let handle = input.read_on_thread(move |input| {
+        let mut packer = Packer::new(catalog, jobs_per_message);
+        let mut open = true;
+        let read = input.read_rows(&defaults, |row| {
+            packer.take(row);
+            if packer.run.len() >= RUN || (!packer.run.is_empty() && idle(&tx)) {
+                open = tx.blocking_send(packer.hand_over()).is_ok();
             }
-            read
-        })
-        .map_err(|source| BatchError::Io { path, source })?;
+            open
+        });
+        if open {
+            // The end of the input: the last, partly filled message.
+            packer.seal();
+            if !packer.run.is_empty() {
+                let _ = tx.blocking_send(packer.hand_over());
+            }
+        }
+        read
+    })?;
     Ok((rx, handle))
 }
 
@@ -135,9 +132,9 @@ impl Packer {
         self.gathered.clear();
     }
 
-    /// The end of the input: the last, partly filled message.
-    fn finish(&mut self) {
-        self.seal();
+    /// The run so far, for the loop; the next starts with room for a whole run.
+    fn hand_over(&mut self) -> Vec<Packed> {
+        std::mem::replace(&mut self.run, Vec::with_capacity(RUN))
     }
 }
 

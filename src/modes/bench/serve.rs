@@ -97,6 +97,14 @@ impl CpuShares {
         shares
     }
 
+    /// The share of the CPU that went to anything but keys, in per cent, with or without the
+    /// benchmark's own client counted.
+    fn plumbing_percent(&self, with_client: bool) -> f64 {
+        let client = if with_client { self.client } else { 0.0 };
+        let plumbing = self.state + self.runtime + self.other + client;
+        100.0 * plumbing / (self.keys + plumbing).max(1e-9)
+    }
+
     fn median_of(v: &[CpuShares]) -> CpuShares {
         let m = |f: fn(&CpuShares) -> f64| median(v.iter().map(f).collect());
         CpuShares {
@@ -360,8 +368,7 @@ pub fn render(r: &ServeReport) -> String {
         c.runtime,
         c.client,
         c.other,
-        100.0 * (c.state + c.runtime + c.other) / (c.keys + c.state + c.runtime + c.other).max(1e-9),
-        100.0 * (c.state + c.runtime + c.other + c.client)
-            / (c.keys + c.state + c.runtime + c.other + c.client).max(1e-9),
+        c.plumbing_percent(false),
+        c.plumbing_percent(true),
     )
 }
