@@ -4,9 +4,14 @@
 //! bound). An idle process pays what it paid before, one sync for one item; a busy one pays one
 //! sync for many, and no item waits for a timer. The state file (`registry/embedded.rs`) and the
 //! key files (`sink/key_files.rs`) are written this way.
+//!
+//! A group may also be left open ([`Group::spawn_lingering`]): the state file answers writes
+//! that need no sync before their transaction commits, and commits them with whatever comes
+//! next — or, when nothing comes for a moment, on its own.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// The thread and the way to it. Dropping it lets the thread finish the work already queued,
 /// then waits for it (so whatever the thread holds, a database file say, is let go of when the
@@ -24,11 +29,43 @@ impl<T: Send + 'static> Group<T> {
         most: usize,
         mut each: impl FnMut(Vec<T>) + Send + 'static,
     ) -> std::io::Result<Self> {
+        Self::spawn_lingering(name, most, move |group| {
+            each(group);
+            None
+        })
+    }
+
+    /// As [`Group::spawn`], but `each` may leave work open: when it returns `Some(wait)`, it is
+    /// called again with an empty group once `wait` passes with nothing queued, and once more
+    /// when the last sender is gone — so it can finish what it left open.
+    pub fn spawn_lingering(
+        name: &str,
+        most: usize,
+        mut each: impl FnMut(Vec<T>) -> Option<Duration> + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (queue, rx) = mpsc::channel::<T>();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                let mut linger = None;
+                loop {
+                    let first = match linger {
+                        None => match rx.recv() {
+                            Ok(item) => item,
+                            Err(_) => return,
+                        },
+                        Some(wait) => match rx.recv_timeout(wait) {
+                            Ok(item) => item,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                linger = each(Vec::new());
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                each(Vec::new());
+                                return;
+                            }
+                        },
+                    };
                     let mut group = vec![first];
                     while group.len() < most {
                         match rx.try_recv() {
@@ -36,7 +73,7 @@ impl<T: Send + 'static> Group<T> {
                             Err(_) => break,
                         }
                     }
-                    each(group);
+                    linger = each(group);
                 }
             })?;
         Ok(Group {
@@ -94,5 +131,32 @@ mod tests {
         drop(group);
         let groups = groups.lock().unwrap().clone();
         assert_eq!(groups, vec![vec![0], vec![1, 2, 3], vec![4, 5]]);
+    }
+
+    #[test]
+    fn lingering_work_is_called_again_when_nothing_comes_and_when_the_senders_go() {
+        let (calls_tx, calls_rx) = mpsc::channel::<Vec<u32>>();
+        let group = Group::spawn_lingering("test-linger", 8, move |items: Vec<u32>| {
+            // After 1, a short linger; after 2, one longer than the test.
+            let linger = match items.as_slice() {
+                [1] => Some(Duration::from_millis(5)),
+                [2] => Some(Duration::from_secs(600)),
+                _ => None,
+            };
+            calls_tx.send(items).unwrap();
+            linger
+        })
+        .unwrap();
+        let next = || calls_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        group.send(1).unwrap();
+        assert_eq!(next(), vec![1]);
+        // Nothing more comes: called again, empty, once the linger passes.
+        assert_eq!(next(), Vec::<u32>::new());
+        group.send(2).unwrap();
+        assert_eq!(next(), vec![2]);
+        // The owner goes while work is open: one last empty call before the thread ends.
+        drop(group);
+        let rest: Vec<Vec<u32>> = calls_rx.iter().collect();
+        assert_eq!(rest, vec![Vec::<u32>::new()]);
     }
 }

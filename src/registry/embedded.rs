@@ -1,8 +1,11 @@
 //! The registry in one local file (redb): what `keyfleet run`, `describe` and `delete` use when
 //! no servers are configured. Every write runs on one writer thread, in groups (`group.rs`):
-//! the writes queued while the last group committed share one transaction and one sync, and
-//! each is answered only once that transaction has committed. Every operation is atomic and
-//! survives a crash at any point. A damaged file is refused when opened
+//! the writes queued while the last group committed share one transaction and one sync. A
+//! write that must be durable is answered once its transaction has committed and synced; one
+//! that need not be (a reservation, a delivered mark, a nonce) is answered as soon as it is
+//! applied, and rides on the next commit. Every read first commits what was answered, so it
+//! sees every write answered before it began. Every operation is atomic and survives a crash
+//! at any point. A damaged file is refused when opened
 //! (every page checked against redb's checksums) and, should damage show later, every call
 //! fails with [`RegistryError::Corrupt`] naming the file — no partial listing, no panic.
 
@@ -11,7 +14,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
@@ -49,6 +54,9 @@ pub struct EmbeddedRegistry {
     /// The one writer (declared after `db`: when the last clone goes, the writer thread, which
     /// holds the database too, is waited for, so the file is closed when the registry is).
     writer: Arc<Group<WriteOp>>,
+    /// Set while the writer holds writes it answered but has not committed: a read asks it to
+    /// commit them first, so it sees every write answered before it began.
+    uncommitted: Arc<AtomicBool>,
     path: PathBuf,
     nonces_since_sweep: Arc<std::sync::atomic::AtomicU64>,
     /// Set once the file is found damaged: every later call fails with it, so nothing goes on
@@ -157,16 +165,24 @@ impl EmbeddedRegistry {
         let e = match tables {
             Ok(Ok(())) => {
                 let db = Arc::new(store);
-                let writer = Group::spawn("keyfleet-state", WRITES_PER_GROUP, {
-                    let db = db.clone();
-                    move |ops| commit_group(&db, ops)
-                })
-                .map_err(|e| {
-                    RegistryError::Storage(format!("cannot start the state writer: {e}"))
-                })?;
+                let uncommitted = Arc::new(AtomicBool::new(false));
+                let mut state = Writer {
+                    open: None,
+                    store: db.clone(),
+                    answered: 0,
+                    uncommitted: uncommitted.clone(),
+                };
+                let writer =
+                    Group::spawn_lingering("keyfleet-state", WRITES_PER_GROUP, move |ops| {
+                        state.take(ops)
+                    })
+                    .map_err(|e| {
+                        RegistryError::Storage(format!("cannot start the state writer: {e}"))
+                    })?;
                 return Ok(EmbeddedRegistry {
                     db,
                     writer: Arc::new(writer),
+                    uncommitted,
                     path: path.to_owned(),
                     nonces_since_sweep: Arc::new(std::sync::atomic::AtomicU64::new(0)),
                     damage,
@@ -195,6 +211,14 @@ impl EmbeddedRegistry {
         if let Some(e) = self.damage.get() {
             return Err(e.clone());
         }
+        if self.uncommitted.load(Ordering::Acquire) {
+            let (done, committed) = tokio::sync::oneshot::channel();
+            if self.writer.send(WriteOp::Commit(done)).is_ok() {
+                // If that commit fails, the writes it held are gone, and what is read is what
+                // the file holds: nothing to report here.
+                let _ = committed.await;
+            }
+        }
         let store = self.db.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             contained(|| match &store.db {
@@ -213,9 +237,10 @@ impl EmbeddedRegistry {
         Err(self.damage.get_or_init(|| e).clone())
     }
 
-    /// Runs `f` inside the writer thread's next group transaction and answers with its outcome
-    /// once that transaction has committed — synced to disk first when `synced`. `f` returns
-    /// a refusal only before writing anything (see [`leaves_transaction_whole`]).
+    /// Runs `f` inside the writer thread's open transaction and answers with its outcome: once
+    /// that transaction has committed and synced when `synced`, else as soon as `f` has run
+    /// (see [`Writer::take`]). `f` returns a refusal only before writing anything (see
+    /// [`leaves_transaction_whole`]).
     async fn write<T, F>(&self, synced: bool, f: F) -> Result<T, RegistryError>
     where
         T: Send + 'static,
@@ -250,7 +275,7 @@ impl EmbeddedRegistry {
                 spoiled,
             }
         };
-        let op = WriteOp {
+        let op = WriteOp::Write {
             synced,
             apply: Box::new(apply),
         };
@@ -287,23 +312,38 @@ impl EmbeddedRegistry {
 /// enough that one group's transaction stays small.
 const WRITES_PER_GROUP: usize = 256;
 
-/// One write, as the writer thread runs it: applied inside its group's transaction, answered
-/// once that transaction has committed (or failed).
-struct WriteOp {
-    /// The write must be on disk before it is answered: the group's commit is synced.
-    synced: bool,
-    apply: Box<dyn FnOnce(&redb::WriteTransaction) -> Applied + Send>,
+/// How long writes answered before their commit may wait for company (a synced write, or
+/// more of their kind) before they are committed on their own. Nothing is lost by waiting:
+/// until a synced commit they are no more durable committed than not, and every read of the
+/// registry commits them first.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// One request to the writer thread.
+enum WriteOp {
+    /// A write, applied inside the open transaction.
+    Write {
+        /// The write must be on disk before it is answered: the transaction is committed, and
+        /// synced, before the answer goes. A write that need not be is answered as soon as it
+        /// is applied, and committed with what follows it.
+        synced: bool,
+        apply: Box<dyn FnOnce(&redb::WriteTransaction) -> Applied + Send>,
+    },
+    /// Commit what is open now, then answer (a read is about to start: it must see every write
+    /// already answered).
+    Commit(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Where the outcome of a queued write comes.
 type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, RegistryError>>;
 
-/// A write applied to its group's transaction.
+/// Gives a write's own outcome to its caller, or the transaction's failure.
+type GiveAnswer = Box<dyn FnOnce(Result<(), RegistryError>) + Send>;
+
+/// A write applied to the open transaction.
 struct Applied {
-    /// Gives the write's own outcome to its caller, or the group's failure.
-    answer: Box<dyn FnOnce(Result<(), RegistryError>) + Send>,
+    answer: GiveAnswer,
     /// The store failed part-way through this write: the transaction may hold half of it, so
-    /// the whole group is abandoned (each caller gets this error, and retries).
+    /// it is abandoned (each caller still waiting gets this error, and retries).
     spoiled: Option<RegistryError>,
 }
 
@@ -320,56 +360,112 @@ fn leaves_transaction_whole(e: &RegistryError) -> bool {
     )
 }
 
-/// Commits a group of writes, then answers each. Runs on the writer thread.
-///
-/// The writes that need no sync go first, in a transaction of their own committed without a
-/// sync, and are answered at once: a reservation does not wait for the sync of other jobs'
-/// commits. Writes in one group are concurrent (a caller waits for each answer before its next
-/// write), so committing them in another order than they came is an order their callers could
-/// have met anyway. The synced ones follow in one transaction, synced once, and make the first
-/// durable too.
-fn commit_group(store: &Store, ops: Vec<WriteOp>) {
-    let (synced, unsynced): (Vec<_>, Vec<_>) = ops.into_iter().partition(|op| op.synced);
-    if !unsynced.is_empty() {
-        commit_writes(store, unsynced, false);
-    }
-    if !synced.is_empty() {
-        commit_writes(store, synced, true);
-    }
+/// The writer thread's state between groups: the transaction left open, holding writes that
+/// were answered already.
+struct Writer {
+    /// Declared before `store`, so it is dropped (aborted) first: the database's own drop
+    /// waits for an open write transaction to end, and would wait forever for this one.
+    open: Option<redb::WriteTransaction>,
+    store: Arc<Store>,
+    /// Writes in `open`, answered.
+    answered: usize,
+    /// Shared with the registry: set while `open` holds answered writes, so a read commits them
+    /// first ([`EmbeddedRegistry::blocking`]).
+    uncommitted: Arc<AtomicBool>,
 }
 
-/// Applies `ops` in one transaction and commits it (synced if `synced`), then answers each.
-fn commit_writes(store: &Store, ops: Vec<WriteOp>, synced: bool) {
-    let mut answers = Vec::with_capacity(ops.len());
-    let committed = contained(|| -> Result<(), RegistryError> {
-        let Some(db) = &store.db else {
-            return Err(RegistryError::Storage("the state file is closed".into()));
-        };
-        let mut txn = db.begin_write().map_err(storage)?;
-        if !synced {
-            // Nothing here must be on disk before it is answered; the next synced commit
-            // (redb orders commits) makes it durable with itself.
-            txn.set_durability(redb::Durability::None)
-                .map_err(storage)?;
+impl Writer {
+    /// Applies a group of writes, in the order they came, to the open transaction. A write that
+    /// needs no sync is answered at once (its caller goes on while the key is made); the
+    /// transaction is committed when a write in it must be synced, when a read asks for it,
+    /// when it holds [`WRITES_PER_GROUP`] writes, or when [`LINGER`] passes with nothing new
+    /// (an empty `ops`: see [`Group::spawn_lingering`]). Returns how long to linger.
+    ///
+    /// Writes answered before their commit are exactly as safe as writes committed without a
+    /// sync, which is what they were before: a crash loses both, and the one thing that would
+    /// lose them while the process lives — the transaction abandoned because a later write in
+    /// it failed in the storage engine, or its commit failed — leaves the registry as such a
+    /// crash would (a lost reservation is found lost by its job's commit, which retries; a
+    /// lost delivered mark makes a rerun take its key file up again; a lost nonce lets its
+    /// request be replayed once).
+    fn take(&mut self, ops: Vec<WriteOp>) -> Option<Duration> {
+        let mut waiting: Vec<GiveAnswer> = Vec::new();
+        let mut commits: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+        let mut synced = false;
+        let linger_over = ops.is_empty();
+        let outcome = contained(|| -> Result<(), RegistryError> {
+            let Some(db) = &self.store.db else {
+                return Err(RegistryError::Storage("the state file is closed".into()));
+            };
+            for op in ops {
+                let (op_synced, apply) = match op {
+                    WriteOp::Commit(done) => {
+                        commits.push(done);
+                        continue;
+                    }
+                    WriteOp::Write { synced, apply } => (synced, apply),
+                };
+                if self.open.is_none() {
+                    let mut txn = db.begin_write().map_err(storage)?;
+                    // Made durable by the first synced commit (redb orders commits).
+                    txn.set_durability(redb::Durability::None)
+                        .map_err(storage)?;
+                    self.open = Some(txn);
+                }
+                let Some(txn) = &self.open else {
+                    unreachable!("a transaction was just opened");
+                };
+                let applied = (apply)(txn);
+                if let Some(e) = applied.spoiled {
+                    waiting.push(applied.answer);
+                    // Dropping the transaction aborts it.
+                    return Err(e);
+                }
+                if op_synced {
+                    synced = true;
+                    waiting.push(applied.answer);
+                } else {
+                    self.uncommitted.store(true, Ordering::Release);
+                    self.answered += 1;
+                    (applied.answer)(Ok(()));
+                }
+            }
+            let due = !waiting.is_empty()
+                || !commits.is_empty()
+                || linger_over
+                || self.answered >= WRITES_PER_GROUP;
+            if due {
+                if let Some(mut txn) = self.open.take() {
+                    if synced {
+                        txn.set_durability(redb::Durability::Immediate)
+                            .map_err(storage)?;
+                    }
+                    txn.commit().map_err(storage)?;
+                }
+            }
+            Ok(())
+        });
+        // A panic inside redb is damage (see `blocking`); the writes not yet applied were
+        // dropped with it, which their callers see as the same.
+        let outcome =
+            outcome.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
+        if outcome.is_err() {
+            if let Some(txn) = self.open.take() {
+                // Aborting may itself trip over the damage that failed the write.
+                let _ = contained(move || drop(txn));
+            }
         }
-        let mut spoiled = None;
-        for op in ops {
-            let applied = (op.apply)(&txn);
-            answers.push(applied.answer);
-            spoiled = spoiled.or(applied.spoiled);
+        if self.open.is_none() {
+            self.answered = 0;
+            self.uncommitted.store(false, Ordering::Release);
         }
-        match spoiled {
-            // Dropping the transaction aborts it.
-            Some(e) => Err(e),
-            None => txn.commit().map_err(storage),
+        for answer in waiting {
+            answer(outcome.clone());
         }
-    });
-    // A panic inside redb is damage (see `blocking`); the writes not yet applied were dropped
-    // with it, which their callers see as the same.
-    let outcome =
-        committed.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
-    for answer in answers {
-        answer(outcome.clone());
+        for done in commits {
+            let _ = done.send(());
+        }
+        self.open.as_ref().map(|_| LINGER)
     }
 }
 
@@ -1174,6 +1270,61 @@ mod tests {
                 Some(Entry::Pair(_))
             ));
         }
+    }
+
+    /// A reservation is answered before its transaction commits (it rides on the next commit).
+    /// A read that starts after the answer still sees it — the read has the writer commit it
+    /// first — and closing the registry commits what is still open, so the file keeps it.
+    #[tokio::test]
+    async fn a_write_answered_before_its_commit_is_read_back_and_kept_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let registry = EmbeddedRegistry::open(&path).unwrap();
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acct".into(),
+            region: "cn-hangzhou".into(),
+        };
+        let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
+        let claim = |name: &'static str, job_id: Uuid| Claim {
+            scope: &scope,
+            name,
+            job_id,
+            quota: 10,
+            ttl_ms: 60_000,
+        };
+        assert_eq!(
+            registry.reserve(&claim("early", early)).await,
+            Ok(Reserved::Fresh)
+        );
+        // Read at once, well inside the writer's linger: only the commit the read asks for
+        // can show the reservation.
+        assert!(
+            matches!(
+                registry.lookup(&scope, "early").await.unwrap(),
+                Some(Entry::Reserved { job_id, .. }) if job_id == early
+            ),
+            "a reservation already answered is not read back"
+        );
+        assert_eq!(
+            registry.reserve(&claim("late", late)).await,
+            Ok(Reserved::Fresh)
+        );
+        assert_eq!(registry.quota_used(&scope).await.unwrap(), 2);
+        assert_eq!(
+            registry.reserve(&claim("later", Uuid::new_v4())).await,
+            Ok(Reserved::Fresh)
+        );
+        drop(registry);
+        let reopened = EmbeddedRegistry::open(&path).unwrap();
+        assert!(
+            matches!(
+                reopened.lookup(&scope, "later").await.unwrap(),
+                Some(Entry::Reserved { .. })
+            ),
+            "a reservation answered just before the registry closed was not kept"
+        );
+        assert_eq!(reopened.quota_used(&scope).await.unwrap(), 3);
     }
 
     async fn filled(path: &Path, pairs: usize) {
