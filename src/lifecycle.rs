@@ -10,6 +10,8 @@
 //! the result; only then is the pair marked delivered. A job that comes back before that (a
 //! worker died) replaces its undelivered pair with a new key, so a reader of results accepts a
 //! key only once the registry holds it, delivered, with the same fingerprint (`collect.rs`).
+//! A sink whose delivery is a hand-over inside this process that cannot fail (an HTTP answer)
+//! has its pairs committed delivered instead: there is nothing a separate mark would wait for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -512,7 +514,8 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             tags: req.tags.clone(),
             resource_group_id: req.resource_group_id.clone(),
             zone: req.zone.clone(),
-            delivered: false,
+            // Committed undelivered, unless delivering cannot fail (see `Sink::DELIVERED_AT_COMMIT`).
+            delivered: S::DELIVERED_AT_COMMIT,
             earlier_keys,
         };
         // A failed commit means our reservation was taken over (we were slower than its TTL):
@@ -616,7 +619,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                 };
             }
         }
-        if let Some((scope, name)) = &pair {
+        if let Some((scope, name)) = pair.as_ref().filter(|_| !S::DELIVERED_AT_COMMIT) {
             let confirmed = self
                 .retry
                 .run("mark delivered", &self.shutdown, || {

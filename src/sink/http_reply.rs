@@ -1,7 +1,8 @@
 //! The answer to one API request (`keyfleet serve`): the private key goes into the HTTP
 //! response of the request that asked for it, and nowhere else. Delivery is handing the key to
-//! the request's handler; the registry marks the pair delivered right after, before the answer
-//! is written, so an answered create is always committed.
+//! the request's handler, which cannot fail: the pair is committed delivered (synced) before
+//! the key is made available, so an answered create is always committed, and no separate
+//! delivered mark follows.
 
 use std::sync::Mutex;
 
@@ -31,7 +32,9 @@ impl HttpReply {
 impl Sink for HttpReply {
     // Each request is its own job: it never comes back.
     const ANSWERS_REPEATED_JOBS: bool = true;
+    const DELIVERED_AT_COMMIT: bool = true;
 
+    // Never fails: see `DELIVERED_AT_COMMIT`.
     async fn deliver(&self, result: &mut JobResult) -> Result<(), DeliveryError> {
         if let Some(key) = result.take_private_key() {
             *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);

@@ -72,6 +72,12 @@ pub trait Sink: Send + Sync {
     /// answer (a queue already carries the job's one answer).
     const ANSWERS_REPEATED_JOBS: bool;
 
+    /// Whether delivering is a hand-over inside this process that cannot fail (the key goes to
+    /// the HTTP handler that renders the answer): the pair is then committed delivered, and no
+    /// separate delivered mark is written. A sink that can fail, or whose destination must
+    /// confirm, keeps the default: committed undelivered, marked once delivery is confirmed.
+    const DELIVERED_AT_COMMIT: bool = false;
+
     /// Hands `result` to the destination, with its private key when it was created. The key is
     /// out of `result` afterwards, delivered or dropped (zeroized).
     fn deliver(

@@ -874,6 +874,68 @@ async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
     .await
 }
 
+/// An answered create is committed delivered before its key is answered: SIGKILLed right after
+/// its last answer, the server leaves a state file holding every answered key, each stored as
+/// delivered with the public key of the private key it answered. (A separate delivered mark
+/// written after the commit, as before, was lost with the kill for the last creates.)
+#[tokio::test(flavor = "multi_thread")]
+async fn answered_creates_are_in_the_state_file_delivered_after_a_sigkill() {
+    within(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path(), &[]);
+        let c = server.client();
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let name = format!("k-{i:02}");
+                let r = c
+                    .call(
+                        &rpc(),
+                        "CreateKeyPair",
+                        &[("RegionId", "cn-shanghai"), ("KeyPairName", &name)],
+                    )
+                    .await
+                    .unwrap();
+                (name, r)
+            }));
+        }
+        let mut answered = Vec::new();
+        for t in tasks {
+            let (name, r) = t.await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+            let pem = r.json()["PrivateKeyBody"].as_str().unwrap().to_owned();
+            answered.push((name, pem));
+        }
+        server.kill();
+
+        let registry =
+            keyfleet::registry::embedded::EmbeddedRegistry::open(&dir.path().join("state.redb"))
+                .unwrap();
+        let scope = keyfleet::dialect::Scope {
+            provider: keyfleet::dialect::Provider::Aliyun,
+            owner: "acme".into(),
+            region: "cn-shanghai".into(),
+        };
+        for (name, pem) in &answered {
+            let (public, _) = check_private_key(dir.path(), pem);
+            let entry = keyfleet::registry::Registry::lookup(&registry, &scope, name)
+                .await
+                .unwrap();
+            let Some(keyfleet::registry::Entry::Pair(record)) = entry else {
+                panic!("{name}: answered, but the state file holds {entry:?}");
+            };
+            assert!(record.delivered, "{name}: answered, but stored undelivered");
+            assert_eq!(
+                record.public_key.split_whitespace().nth(1),
+                public.split_whitespace().nth(1),
+                "{name}: the stored key is not the answered key"
+            );
+        }
+    })
+    .await
+}
+
 /// Two `serve` instances sharing one Redis race for the last free slots of one region: exactly
 /// the free count succeeds, and a nonce used on one is refused by the other.
 #[tokio::test(flavor = "multi_thread")]

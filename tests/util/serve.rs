@@ -141,6 +141,13 @@ impl Server {
             .unwrap()
     }
 
+    /// SIGKILL, as a crash: nothing of the server runs after it. Returns the log.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// SIGTERM, then waits (at most 60 s); returns the exit status and the log.
     pub fn stop(mut self) -> (ExitStatus, String) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
