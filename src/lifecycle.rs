@@ -11,7 +11,8 @@
 //! worker died) replaces its undelivered pair with a new key, so a reader of results accepts a
 //! key only once the registry holds it, delivered, with the same fingerprint (`collect.rs`).
 //! A sink whose delivery is a hand-over inside this process that cannot fail (an HTTP answer)
-//! has its pairs committed delivered instead: there is nothing a separate mark would wait for.
+//! has its pairs committed delivered instead, on a registry whose failed commits certainly did
+//! not happen: there is nothing a separate mark would wait for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -384,6 +385,14 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         }
     }
 
+    /// Whether a pair made for sink `S` is committed delivered, with no mark after: when
+    /// delivering to `S` cannot fail, and a commit reported failed certainly did not happen
+    /// (else the job's retry could meet its own delivered pair, which it may not replace,
+    /// with the key gone).
+    fn delivered_at_commit<S: Sink>() -> bool {
+        S::DELIVERED_AT_COMMIT && R::FAILED_COMMIT_IS_CERTAIN
+    }
+
     fn failed(&self, a: &Admitted, err: &ApiError) -> JobResult {
         JobResult::failed(&a.job, err, a.started_at.clone(), a.attempt)
     }
@@ -457,7 +466,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
     }
 
     /// One try at the key pair: a key (from the destination, the reservoir or the rayon pool),
-    /// its registration upstream, and the commit of the undelivered record.
+    /// its registration upstream, and the commit of its record.
     async fn make<S: Sink>(&self, a: &Admitted, sink: &S) -> Result<JobResult, LifecycleError> {
         let (job, req) = (&a.job, &a.req);
         let scope = &req.scope;
@@ -514,8 +523,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             tags: req.tags.clone(),
             resource_group_id: req.resource_group_id.clone(),
             zone: req.zone.clone(),
-            // Committed undelivered, unless delivering cannot fail (see `Sink::DELIVERED_AT_COMMIT`).
-            delivered: S::DELIVERED_AT_COMMIT,
+            delivered: Self::delivered_at_commit::<S>(),
             earlier_keys,
         };
         // A failed commit means our reservation was taken over (we were slower than its TTL):
@@ -619,19 +627,18 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                 };
             }
         }
-        if let Some((scope, name)) = pair.as_ref().filter(|_| !S::DELIVERED_AT_COMMIT) {
-            let confirmed = self
-                .retry
-                .run("mark delivered", &self.shutdown, || {
-                    self.registry.mark_delivered(scope, name, result.job_id)
-                })
-                .await;
-            match confirmed {
-                Ok(()) => {}
+        if let Some((scope, name)) = &pair {
+            if !Self::delivered_at_commit::<S>() {
+                let confirmed = self
+                    .retry
+                    .run("mark delivered", &self.shutdown, || {
+                        self.registry.mark_delivered(scope, name, result.job_id)
+                    })
+                    .await;
                 // Another attempt of this job replaced or released the pair: this copy of the
-                // result is superseded (readers check the registry), and the job must still get
-                // its one answer, so it goes back.
-                Err(e) => {
+                // result is superseded (readers check the registry), and the job must still
+                // get its one answer, so it goes back.
+                if let Err(e) = confirmed {
                     let why = format!("marking the pair delivered: {e}");
                     return self.unsettled(result, clock, why);
                 }

@@ -170,6 +170,7 @@ impl EmbeddedRegistry {
                     open: None,
                     store: db.clone(),
                     answered: 0,
+                    opened: None,
                     uncommitted: uncommitted.clone(),
                 };
                 let writer =
@@ -312,10 +313,9 @@ impl EmbeddedRegistry {
 /// enough that one group's transaction stays small.
 const WRITES_PER_GROUP: usize = 256;
 
-/// How long writes answered before their commit may wait for company (a synced write, or
-/// more of their kind) before they are committed on their own. Nothing is lost by waiting:
-/// until a synced commit they are no more durable committed than not, and every read of the
-/// registry commits them first.
+/// How long the writes answered before their commit may wait, at most, for company (a synced
+/// write, a read, more of their kind) before their transaction is committed on its own. Until a
+/// synced commit they are no more durable committed than not, and a read commits them first.
 const LINGER: Duration = Duration::from_millis(20);
 
 /// One request to the writer thread.
@@ -343,7 +343,8 @@ type GiveAnswer = Box<dyn FnOnce(Result<(), RegistryError>) + Send>;
 struct Applied {
     answer: GiveAnswer,
     /// The store failed part-way through this write: the transaction may hold half of it, so
-    /// it is abandoned (each caller still waiting gets this error, and retries).
+    /// it is abandoned. This write and those after it in its group get this error, and retry;
+    /// the writes answered before it in the transaction are lost (see [`Writer::take`]).
     spoiled: Option<RegistryError>,
 }
 
@@ -369,6 +370,8 @@ struct Writer {
     store: Arc<Store>,
     /// Writes in `open`, answered.
     answered: usize,
+    /// When `open` was begun: it is committed [`LINGER`] after, whatever keeps arriving.
+    opened: Option<std::time::Instant>,
     /// Shared with the registry: set while `open` holds answered writes, so a read commits them
     /// first ([`EmbeddedRegistry::blocking`]).
     uncommitted: Arc<AtomicBool>,
@@ -378,16 +381,18 @@ impl Writer {
     /// Applies a group of writes, in the order they came, to the open transaction. A write that
     /// needs no sync is answered at once (its caller goes on while the key is made); the
     /// transaction is committed when a write in it must be synced, when a read asks for it,
-    /// when it holds [`WRITES_PER_GROUP`] writes, or when [`LINGER`] passes with nothing new
-    /// (an empty `ops`: see [`Group::spawn_lingering`]). Returns how long to linger.
+    /// when it holds [`WRITES_PER_GROUP`] answered writes, or [`LINGER`] after it was begun
+    /// (an empty `ops` is the linger passing: see [`Group::spawn_lingering`]). Returns how long
+    /// to linger.
     ///
-    /// Writes answered before their commit are exactly as safe as writes committed without a
-    /// sync, which is what they were before: a crash loses both, and the one thing that would
-    /// lose them while the process lives — the transaction abandoned because a later write in
-    /// it failed in the storage engine, or its commit failed — leaves the registry as such a
-    /// crash would (a lost reservation is found lost by its job's commit, which retries; a
-    /// lost delivered mark makes a rerun take its key file up again; a lost nonce lets its
-    /// request be replayed once).
+    /// A write answered before its commit is lost by a crash, as a write committed without a
+    /// sync is, and, while the process lives, when its transaction is abandoned: a later write
+    /// in it failed inside the storage engine, or its commit failed, or the file was found
+    /// damaged. Each leaves the registry as a crash at that point would: a lost reservation is
+    /// found lost by its job's commit, which tries the job again; a lost delivered mark makes
+    /// a rerun take its key file up again; a lost nonce lets its request be replayed once. A
+    /// write that needs no sync and comes after a synced one in the same group sees that one's
+    /// effect, and is lost with it when its commit fails.
     fn take(&mut self, ops: Vec<WriteOp>) -> Option<Duration> {
         let mut waiting: Vec<GiveAnswer> = Vec::new();
         let mut commits: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
@@ -397,6 +402,7 @@ impl Writer {
             let Some(db) = &self.store.db else {
                 return Err(RegistryError::Storage("the state file is closed".into()));
             };
+            let mut spoiled = None;
             for op in ops {
                 let (op_synced, apply) = match op {
                     WriteOp::Commit(done) => {
@@ -411,18 +417,17 @@ impl Writer {
                     txn.set_durability(redb::Durability::None)
                         .map_err(storage)?;
                     self.open = Some(txn);
+                    self.opened = Some(std::time::Instant::now());
                 }
                 let Some(txn) = &self.open else {
                     unreachable!("a transaction was just opened");
                 };
                 let applied = (apply)(txn);
-                if let Some(e) = applied.spoiled {
-                    waiting.push(applied.answer);
-                    // Dropping the transaction aborts it.
-                    return Err(e);
-                }
-                if op_synced {
-                    synced = true;
+                // From a spoiled write on, the group's writes are still applied (their answers
+                // come from applying them) but all wait, and get its error.
+                spoiled = spoiled.or(applied.spoiled);
+                if op_synced || spoiled.is_some() {
+                    synced |= op_synced;
                     waiting.push(applied.answer);
                 } else {
                     self.uncommitted.store(true, Ordering::Release);
@@ -430,10 +435,18 @@ impl Writer {
                     (applied.answer)(Ok(()));
                 }
             }
+            if let Some(e) = spoiled {
+                return Err(e);
+            }
+            // Nothing more is written to a file found damaged.
+            if let Some(e) = self.store.damage.get() {
+                return Err(e.clone());
+            }
             let due = !waiting.is_empty()
                 || !commits.is_empty()
                 || linger_over
-                || self.answered >= WRITES_PER_GROUP;
+                || self.answered >= WRITES_PER_GROUP
+                || self.opened.is_some_and(|t| t.elapsed() >= LINGER);
             if due {
                 if let Some(mut txn) = self.open.take() {
                     if synced {
@@ -451,12 +464,13 @@ impl Writer {
             outcome.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
         if outcome.is_err() {
             if let Some(txn) = self.open.take() {
-                // Aborting may itself trip over the damage that failed the write.
+                // Dropping it aborts it, which may itself trip over the damage that failed it.
                 let _ = contained(move || drop(txn));
             }
         }
         if self.open.is_none() {
             self.answered = 0;
+            self.opened = None;
             self.uncommitted.store(false, Ordering::Release);
         }
         for answer in waiting {
@@ -465,7 +479,7 @@ impl Writer {
         for done in commits {
             let _ = done.send(());
         }
-        self.open.as_ref().map(|_| LINGER)
+        self.opened.map(|t| LINGER.saturating_sub(t.elapsed()))
     }
 }
 
@@ -844,6 +858,11 @@ fn sweep_expired(
 }
 
 impl Registry for EmbeddedRegistry {
+    // A commit that reports a failure did not happen, as far as this process goes on: redb
+    // fails before the new state takes effect, except when the final sync fails, and from
+    // then on it refuses every write (`PreviousIo`), so no retry meets a pair it half-made.
+    const FAILED_COMMIT_IS_CERTAIN: bool = true;
+
     async fn note_key(
         &self,
         scope: &Scope,
@@ -1116,14 +1135,17 @@ impl Registry for EmbeddedRegistry {
 
     async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {
         let scope_key = scope.key();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(storage)?;
+        // Counted by the writer, in its open transaction: it sees every write answered before,
+        // with no commit asked for (a create reads it for the gauge, and the writes of the
+        // creates in flight would otherwise be committed one read at a time).
+        self.write(false, move |txn| {
             let counts = txn.open_table(COUNTS).map_err(storage)?;
-            Ok(counts
+            let used = counts
                 .get(scope_key.as_str())
                 .map_err(storage)?
                 .map(|v| v.value())
-                .unwrap_or(0))
+                .unwrap_or(0);
+            Ok(used)
         })
         .await
     }
@@ -1325,6 +1347,47 @@ mod tests {
             "a reservation answered just before the registry closed was not kept"
         );
         assert_eq!(reopened.quota_used(&scope).await.unwrap(), 3);
+    }
+
+    /// A write that fails inside the storage engine spoils its transaction: the writes grouped
+    /// with it still get an answer — that error, which they retry — and the file is not taken
+    /// for damaged. (They were dropped unanswered once, which reads as a damaged file.)
+    #[tokio::test]
+    async fn a_failing_write_fails_the_writes_grouped_with_it_and_damages_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = EmbeddedRegistry::open(&dir.path().join("state.redb")).unwrap();
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acct".into(),
+            region: "cn-hangzhou".into(),
+        };
+        let claim = Claim {
+            scope: &scope,
+            name: "victim",
+            job_id: Uuid::new_v4(),
+            quota: 10,
+            ttl_ms: 60_000,
+        };
+        // Holds the writer while the next two are queued, so that they form one group.
+        let busy = registry.queue_write(false, |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        });
+        let spoiler = registry.queue_write(false, |_| -> Result<(), RegistryError> {
+            Err(RegistryError::Storage("injected".into()))
+        });
+        let victim = registry.queue_reserve(&claim);
+        registry.written(busy).await.unwrap();
+        assert_eq!(
+            registry.written(spoiler).await,
+            Err(RegistryError::Storage("injected".into()))
+        );
+        assert_eq!(
+            registry.written(victim).await,
+            Err(RegistryError::Storage("injected".into()))
+        );
+        assert!(registry.damage().is_none(), "{:?}", registry.damage());
+        assert_eq!(registry.reserve(&claim).await, Ok(Reserved::Fresh));
     }
 
     async fn filled(path: &Path, pairs: usize) {

@@ -197,6 +197,13 @@ pub struct Claim<'a> {
 
 /// The registry seam. Every method is atomic on its own.
 pub trait Registry: Send + Sync + 'static {
+    /// Whether a [`Registry::commit`] that reports a failure certainly did not happen. A store
+    /// across a network can run a commit and lose its answer (a dropped connection, replicas
+    /// that did not confirm in time); the job is then tried again, which replaces its pair
+    /// while it is undelivered but not once it is delivered. So only a store whose failed
+    /// commits did not happen has pairs committed delivered (`Sink::DELIVERED_AT_COMMIT`).
+    const FAILED_COMMIT_IS_CERTAIN: bool;
+
     /// Binds the claim's name in its scope to its job for its TTL, counting it against its
     /// quota unless the job already holds it.
     fn reserve(
@@ -221,7 +228,8 @@ pub trait Registry: Send + Sync + 'static {
         }
     }
 
-    /// Turns the job's reservation into a record (not yet delivered).
+    /// Turns the job's reservation into `record`: undelivered, unless the record says it is
+    /// delivered (see [`Registry::FAILED_COMMIT_IS_CERTAIN`]).
     fn commit(
         &self,
         record: &KeyPairRecord,

@@ -279,6 +279,10 @@ impl RedisRegistry {
 }
 
 impl Registry for RedisRegistry {
+    // A commit can run and its answer be lost (a dropped connection, a WAIT that came back
+    // short): the job's next try replaces the undelivered pair.
+    const FAILED_COMMIT_IS_CERTAIN: bool = false;
+
     async fn note_key(
         &self,
         scope: &Scope,

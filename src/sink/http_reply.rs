@@ -1,8 +1,9 @@
 //! The answer to one API request (`keyfleet serve`): the private key goes into the HTTP
 //! response of the request that asked for it, and nowhere else. Delivery is handing the key to
-//! the request's handler, which cannot fail: the pair is committed delivered (synced) before
-//! the key is made available, so an answered create is always committed, and no separate
-//! delivered mark follows.
+//! the request's handler, which cannot fail. On the state file the pair is committed delivered
+//! (synced) before the key is made available, and no separate delivered mark follows; on Redis,
+//! where a failed commit may have happened, it is committed undelivered and marked after. Either
+//! way an answered create is committed.
 
 use std::sync::Mutex;
 

@@ -8,7 +8,9 @@
 //! - [`http_reply`]: the HTTP answer of one API request (`keyfleet serve`).
 //!
 //! The lifecycle (`lifecycle.rs`) calls [`Sink::deliver`] once per result; only when it succeeds
-//! is a created pair marked delivered in the registry, and only then is [`Sink::settled`] told.
+//! is a created pair marked delivered in the registry (or, for a sink whose delivery cannot
+//! fail, [`Sink::DELIVERED_AT_COMMIT`], the pair was committed delivered), and only then is
+//! [`Sink::settled`] told.
 //! A sink whose destinations outlive a crash (key files) also says what a destination already
 //! holds ([`Sink::at_destination`]), so a rerun takes up the key an interrupted attempt left
 //! there instead of making another.
@@ -74,7 +76,8 @@ pub trait Sink: Send + Sync {
 
     /// Whether delivering is a hand-over inside this process that cannot fail (the key goes to
     /// the HTTP handler that renders the answer): the pair is then committed delivered, and no
-    /// separate delivered mark is written. A sink that can fail, or whose destination must
+    /// separate delivered mark is written — on a registry whose failed commits certainly did
+    /// not happen (`Registry::FAILED_COMMIT_IS_CERTAIN`; Redis keeps the mark). A sink that can fail, or whose destination must
     /// confirm, keeps the default: committed undelivered, marked once delivery is confirmed.
     const DELIVERED_AT_COMMIT: bool = false;
 

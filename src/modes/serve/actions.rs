@@ -1,6 +1,7 @@
 //! The four key-pair actions of `keyfleet serve`, on the same registry and lifecycle as `run`
 //! and the workers: a create is a job through [`Lifecycle::process`] (so it is reserved,
-//! made, registered upstream, committed and marked delivered exactly as a batch row is);
+//! made, registered upstream and committed exactly as a batch row is, and delivered to its HTTP
+//! answer);
 //! import, describe and delete are registry operations — import and delete also reach the
 //! upstream cloud when one is configured, describe answers from the registry.
 
