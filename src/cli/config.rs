@@ -965,8 +965,9 @@ pub struct BenchArgs {
     pub pooled: bool,
     /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
     /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,
-    /// against raw key generation on the same threads (rounds alternated, medians), and the CPU
-    /// a cold create costs by thread (keys, state file, server runtime, the benchmark's client).
+    /// against raw key generation on the same threads (each round raw, then cold, then warm;
+    /// medians, and the cold ratio as the median of each round's own), and the CPU a cold
+    /// create costs by thread (keys, state file, server runtime, the benchmark's client).
     #[arg(long, conflicts_with_all = ["compare", "pipeline"])]
     pub serve: bool,
     /// Instead: measure `keyfleet submit` of --keys generated rows against a bare publisher (the

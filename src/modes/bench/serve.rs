@@ -2,7 +2,8 @@
 //! with signed requests (Alibaba RPC, HMAC-SHA1, as the classic SDK sends them), with the key
 //! reservoir warm (every create answered from keys made ahead) and cold (no reservoir: every
 //! create waits for its key), against raw key generation on the same threads. Rounds
-//! alternate raw / warm / cold; medians are reported. Numbers only; nothing asserts timing.
+//! alternate raw / cold / warm; medians are reported, and the cold ratio is the median of each
+//! round's own cold ÷ raw. Numbers only; nothing asserts timing.
 //!
 //! The client runs on a thread of its own, so the CPU of each round is told apart by thread
 //! (`/proc/self/task/*/schedstat`, to the nanosecond): key generation, the state file's
@@ -126,8 +127,11 @@ pub struct ServeReport {
     pub warm: ServeMeasurement,
     pub cold: ServeMeasurement,
     pub raw_keys_per_second: f64,
-    /// Cold creates/s over raw keys/s.
+    /// Each round's cold creates/s over the same round's raw keys/s: the median.
     pub cold_ratio_to_raw: f64,
+    /// The lowest and highest of those ratios: how much the rounds disagree (the primes a
+    /// round happens to draw, and the machine's speed, differ from round to round).
+    pub cold_ratio_range: (f64, f64),
 }
 
 const ID: &str = "benchid";
@@ -291,7 +295,7 @@ fn reservoir_keys(bits: KeyBits) -> usize {
         .map_or(0, |v| v as usize)
 }
 
-/// Alternates raw / warm / cold for `rounds` rounds of `creates` creates each.
+/// Alternates raw / cold / warm for `rounds` rounds of `creates` creates each.
 pub async fn bench_serve(
     spec: KeySpec,
     creates: usize,
@@ -311,9 +315,20 @@ pub async fn bench_serve(
             .await
             .map_err(|e| BenchError::Pool(e.to_string()))??;
         raw.push(r.keys_per_second);
-        warm.push(one_round(engine, bits, threads, creates, concurrency, creates).await?);
+        // Cold right after raw: the machine's speed drifts over seconds (shared cores), and
+        // the ratio is taken round by round.
         cold.push(one_round(engine, bits, threads, creates, concurrency, 0).await?);
+        warm.push(one_round(engine, bits, threads, creates, concurrency, creates).await?);
     }
+    let ratios: Vec<f64> = cold
+        .iter()
+        .zip(&raw)
+        .map(|(c, r)| c.creates_per_second / r.max(1e-9))
+        .collect();
+    let ratio_range = (
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
     let med = |v: &[ServeMeasurement]| ServeMeasurement {
         creates,
         concurrency,
@@ -332,7 +347,8 @@ pub async fn bench_serve(
         bits: bits.bits(),
         threads,
         rounds: rounds.max(1),
-        cold_ratio_to_raw: cold.creates_per_second / raw,
+        cold_ratio_to_raw: median(ratios),
+        cold_ratio_range: ratio_range,
         warm,
         cold,
         raw_keys_per_second: raw,
@@ -345,10 +361,12 @@ pub fn render(r: &ServeReport) -> String {
         "keyfleet serve, RSA-{} on {} threads, {} signed creates per measurement, medians of {} rounds:\n\
          \x20 warm reservoir: {:.1} creates/s, p50 {:.2} ms, p99 {:.2} ms (concurrency {})\n\
          \x20 cold reservoir: {:.1} creates/s, p50 {:.1} ms, p99 {:.1} ms (concurrency {})\n\
-         \x20 raw key generation: {:.1} keys/s; cold serve = {:.0}% of raw\n\
+         \x20 raw key generation: {:.1} keys/s; cold serve = {:.0}% of raw (median of the rounds' \
+         own ratios; {:.0}–{:.0}%)\n\
          \x20 CPU a cold create: keys {:.2} ms, state file {:.3}, server runtime {:.3}, \
          bench client {:.3}, other {:.3}: plumbing {:.1}% of it without the client, \
-         {:.1}% with\n",
+         {:.1}% with (the cores are busy in a cold round, so the keys' share, {:.1}%, is the \
+         ratio the rounds scatter around)\n",
         r.bits,
         r.threads,
         r.warm.creates,
@@ -363,6 +381,8 @@ pub fn render(r: &ServeReport) -> String {
         r.cold.concurrency,
         r.raw_keys_per_second,
         r.cold_ratio_to_raw * 100.0,
+        r.cold_ratio_range.0 * 100.0,
+        r.cold_ratio_range.1 * 100.0,
         c.keys,
         c.state,
         c.runtime,
@@ -370,5 +390,6 @@ pub fn render(r: &ServeReport) -> String {
         c.other,
         c.plumbing_percent(false),
         c.plumbing_percent(true),
+        100.0 - c.plumbing_percent(true),
     )
 }
