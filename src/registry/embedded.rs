@@ -169,8 +169,6 @@ impl EmbeddedRegistry {
                 let mut state = Writer {
                     open: None,
                     store: db.clone(),
-                    answered: 0,
-                    opened: None,
                     uncommitted: uncommitted.clone(),
                 };
                 let writer =
@@ -366,15 +364,20 @@ fn leaves_transaction_whole(e: &RegistryError) -> bool {
 struct Writer {
     /// Declared before `store`, so it is dropped (aborted) first: the database's own drop
     /// waits for an open write transaction to end, and would wait forever for this one.
-    open: Option<redb::WriteTransaction>,
+    open: Option<Open>,
     store: Arc<Store>,
-    /// Writes in `open`, answered.
-    answered: usize,
-    /// When `open` was begun: it is committed [`LINGER`] after, whatever keeps arriving.
-    opened: Option<std::time::Instant>,
     /// Shared with the registry: set while `open` holds answered writes, so a read commits them
     /// first ([`EmbeddedRegistry::blocking`]).
     uncommitted: Arc<AtomicBool>,
+}
+
+/// The transaction the writer holds open.
+struct Open {
+    txn: redb::WriteTransaction,
+    /// It is committed [`LINGER`] after this, whatever keeps arriving.
+    began: std::time::Instant,
+    /// Writes in it, answered.
+    answered: usize,
 }
 
 impl Writer {
@@ -411,18 +414,21 @@ impl Writer {
                     }
                     WriteOp::Write { synced, apply } => (synced, apply),
                 };
-                if self.open.is_none() {
-                    let mut txn = db.begin_write().map_err(storage)?;
-                    // Made durable by the first synced commit (redb orders commits).
-                    txn.set_durability(redb::Durability::None)
-                        .map_err(storage)?;
-                    self.open = Some(txn);
-                    self.opened = Some(std::time::Instant::now());
-                }
-                let Some(txn) = &self.open else {
-                    unreachable!("a transaction was just opened");
+                let open = match &mut self.open {
+                    Some(open) => open,
+                    None => {
+                        let mut txn = db.begin_write().map_err(storage)?;
+                        // Made durable by the first synced commit (redb orders commits).
+                        txn.set_durability(redb::Durability::None)
+                            .map_err(storage)?;
+                        self.open.insert(Open {
+                            txn,
+                            began: std::time::Instant::now(),
+                            answered: 0,
+                        })
+                    }
                 };
-                let applied = (apply)(txn);
+                let applied = (apply)(&open.txn);
                 // From a spoiled write on, the group's writes are still applied (their answers
                 // come from applying them) but all wait, and get its error.
                 spoiled = spoiled.or(applied.spoiled);
@@ -431,7 +437,7 @@ impl Writer {
                     waiting.push(applied.answer);
                 } else {
                     self.uncommitted.store(true, Ordering::Release);
-                    self.answered += 1;
+                    open.answered += 1;
                     (applied.answer)(Ok(()));
                 }
             }
@@ -445,10 +451,11 @@ impl Writer {
             let due = !waiting.is_empty()
                 || !commits.is_empty()
                 || linger_over
-                || self.answered >= WRITES_PER_GROUP
-                || self.opened.is_some_and(|t| t.elapsed() >= LINGER);
+                || self.open.as_ref().is_some_and(|open| {
+                    open.answered >= WRITES_PER_GROUP || open.began.elapsed() >= LINGER
+                });
             if due {
-                if let Some(mut txn) = self.open.take() {
+                if let Some(Open { mut txn, .. }) = self.open.take() {
                     if synced {
                         txn.set_durability(redb::Durability::Immediate)
                             .map_err(storage)?;
@@ -463,14 +470,12 @@ impl Writer {
         let outcome =
             outcome.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
         if outcome.is_err() {
-            if let Some(txn) = self.open.take() {
+            if let Some(Open { txn, .. }) = self.open.take() {
                 // Dropping it aborts it, which may itself trip over the damage that failed it.
                 let _ = contained(move || drop(txn));
             }
         }
         if self.open.is_none() {
-            self.answered = 0;
-            self.opened = None;
             self.uncommitted.store(false, Ordering::Release);
         }
         for answer in waiting {
@@ -479,7 +484,9 @@ impl Writer {
         for done in commits {
             let _ = done.send(());
         }
-        self.opened.map(|t| LINGER.saturating_sub(t.elapsed()))
+        self.open
+            .as_ref()
+            .map(|open| LINGER.saturating_sub(open.began.elapsed()))
     }
 }
 

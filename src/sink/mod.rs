@@ -77,8 +77,9 @@ pub trait Sink: Send + Sync {
     /// Whether delivering is a hand-over inside this process that cannot fail (the key goes to
     /// the HTTP handler that renders the answer): the pair is then committed delivered, and no
     /// separate delivered mark is written — on a registry whose failed commits certainly did
-    /// not happen (`Registry::FAILED_COMMIT_IS_CERTAIN`; Redis keeps the mark). A sink that can fail, or whose destination must
-    /// confirm, keeps the default: committed undelivered, marked once delivery is confirmed.
+    /// not happen (`Registry::FAILED_COMMIT_IS_CERTAIN`; Redis keeps the mark). A sink that
+    /// can fail, or whose destination must confirm, keeps the default: committed undelivered,
+    /// marked once delivery is confirmed.
     const DELIVERED_AT_COMMIT: bool = false;
 
     /// Hands `result` to the destination, with its private key when it was created. The key is
