@@ -1375,15 +1375,21 @@ mod tests {
             quota: 10,
             ttl_ms: 60_000,
         };
-        // Holds the writer while the next two are queued, so that they form one group.
-        let busy = registry.queue_write(false, |_| {
-            std::thread::sleep(Duration::from_millis(300));
+        // Holds the writer, already past forming its group, while the next two are queued,
+        // so that they form the next group together.
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let busy = registry.queue_write(false, move |_| {
+            started_tx.send(()).unwrap();
+            go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
             Ok(())
         });
+        started.recv_timeout(Duration::from_secs(60)).unwrap();
         let spoiler = registry.queue_write(false, |_| -> Result<(), RegistryError> {
             Err(RegistryError::Storage("injected".into()))
         });
         let victim = registry.queue_reserve(&claim);
+        go.send(()).unwrap();
         registry.written(busy).await.unwrap();
         assert_eq!(
             registry.written(spoiler).await,
