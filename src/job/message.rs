@@ -81,8 +81,8 @@ pub fn message_id(jobs: &[Job]) -> Uuid {
     match jobs {
         [job] => job.job_id,
         _ => {
-            let ids: Vec<u8> = jobs.iter().flat_map(|j| *j.job_id.as_bytes()).collect();
-            Uuid::new_v5(&Uuid::NAMESPACE_OID, &ids)
+            let ids: Vec<&[u8]> = jobs.iter().map(|j| &j.job_id.as_bytes()[..]).collect();
+            crate::job::name_based_id(&ids)
         }
     }
 }

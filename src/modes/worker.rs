@@ -488,7 +488,7 @@ async fn reject_undecodable(
             .message_id()
             .as_ref()
             .and_then(|m| uuid::Uuid::parse_str(m.as_str()).ok())
-            .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &delivery.data));
+            .unwrap_or_else(|| crate::job::name_based_id(&[&delivery.data]));
         let result = JobResult::rejected(batch, job_id, None, Provider::Aliyun, "", &reason);
         if let Finished::HandBack(_) = handler.lifecycle.answer(result, sink).await {
             return requeue(delivery).await;
@@ -513,7 +513,7 @@ async fn refuse_bad_job(
     tracing::warn!("dead-lettering an undecodable job of a v2 message: {reason}");
     let job_id = field(&bad.bytes, "job_id")
         .and_then(|id| uuid::Uuid::parse_str(&id).ok())
-        .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &bad.bytes));
+        .unwrap_or_else(|| crate::job::name_based_id(&[&bad.bytes]));
     let result = JobResult::rejected(batch_id, job_id, None, Provider::Aliyun, "", &reason);
     if let Finished::HandBack(_) = handler.lifecycle.answer(result, sink).await {
         return false;
