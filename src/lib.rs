@@ -20,7 +20,7 @@
 //!   around them `describe.rs`, `delete.rs`, `reconcile.rs` (registry against cloud),
 //!   `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
-//!   quota, engine), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
+//!   quota, engine), `quota_gauge.rs` (the quota gauge read again off the jobs' path), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
 //!   file; `packer.rs`, rows made into job messages on the reader's thread for `submit`).
 //! - `upstream/`: the cloud side — the seam (`mod.rs`), its settings, the signing HTTP client
 //!   (`client.rs`), the importing upstream (`http.rs`), the per-scope rate limit.
@@ -58,6 +58,7 @@ pub mod lifecycle;
 pub mod modes;
 pub mod prime;
 pub mod queue;
+pub mod quota_gauge;
 pub mod registry;
 pub mod retry;
 pub mod scheduling;

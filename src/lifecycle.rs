@@ -27,6 +27,7 @@ use crate::job::{CreatedPair, Job, JobResult, SecretPem, Status, CREATED};
 use crate::keys::cpu::{CpuError, CpuPool};
 use crate::keys::keygen::{self, KeyMaterial, KeygenError};
 use crate::keys::reservoir::Reservoir;
+use crate::quota_gauge::QuotaGauge;
 use crate::registry::{Claim, Entry, Registry, RegistryError};
 use crate::retry::{GiveUp, RetryPolicy, Transient};
 use crate::settings::Settings;
@@ -126,6 +127,7 @@ pub struct Lifecycle<R, U> {
     reservoir: Option<Reservoir>,
     retry: RetryPolicy,
     shutdown: CancellationToken,
+    quota_gauge: QuotaGauge,
 }
 
 impl<R, U> Clone for Lifecycle<R, U> {
@@ -138,6 +140,7 @@ impl<R, U> Clone for Lifecycle<R, U> {
             reservoir: self.reservoir.clone(),
             retry: self.retry,
             shutdown: self.shutdown.clone(),
+            quota_gauge: self.quota_gauge.clone(),
         }
     }
 }
@@ -152,6 +155,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         shutdown: CancellationToken,
     ) -> Self {
         Lifecycle {
+            quota_gauge: QuotaGauge::start(&registry, &shutdown),
             registry,
             upstream,
             cpu,
@@ -643,20 +647,9 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                     return self.unsettled(result, clock, why);
                 }
             }
-            // A registry read per key: only worth it when someone can scrape the gauge.
-            if crate::telemetry::metrics::installed() {
-                if let Ok(used) = self.registry.quota_used(scope).await {
-                    let limit = self.settings.quota.for_region(&scope.region);
-                    let provider = scope.provider.as_str();
-                    crate::telemetry::metrics::quota_used(
-                        provider,
-                        &scope.owner,
-                        &scope.region,
-                        used,
-                        limit,
-                    );
-                }
-            }
+            // Read again off the job's path, with the other creates of the next moment.
+            self.quota_gauge
+                .changed(scope, self.settings.quota.for_region(&scope.region));
         }
         self.settle(
             sink,

@@ -534,7 +534,10 @@ mod tests {
         // Ids already in queues, registries and manifests were made by uuid's own v5; a rerun
         // must find them, so the hash in pieces has to give the same ids.
         // The expected ids are Python's `uuid.uuid5(uuid.NAMESPACE_OID, name)`.
-        assert_eq!(job_id("b", 2).to_string(), "229f8d20-67bc-509b-9fea-4d97888b4182");
+        assert_eq!(
+            job_id("b", 2).to_string(),
+            "229f8d20-67bc-509b-9fea-4d97888b4182"
+        );
         assert_eq!(
             job_id("批次-7", u64::MAX).to_string(),
             "f33b42fe-5324-5ddc-a4fc-104245ab8c59"

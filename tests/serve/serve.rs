@@ -865,6 +865,23 @@ async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
         );
         assert!(metrics.contains("keyfleet_api_request_duration_seconds_bucket"));
         assert!(metrics.contains("keyfleet_signature_failures_total"));
+        // The quota gauge is read again off the creates' path, with the creates of the next
+        // moment (src/quota_gauge.rs): once the burst is over it must come to every pair, the
+        // last creates' included.
+        let quota_used = |metrics: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("keyfleet_quota_used{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut metrics = server.metrics().await;
+        while quota_used(&metrics) != 50.0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            metrics = server.metrics().await;
+        }
+        assert_eq!(quota_used(&metrics), 50.0, "{metrics}");
         let ready = reqwest::get(format!("http://{}/readyz", server.addr))
             .await
             .unwrap();
