@@ -176,6 +176,12 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         &self.registry
     }
 
+    /// The quota gauge's side for jobs: a mode that changes a scope outside a job (`serve`'s
+    /// delete) notes it here too.
+    pub fn quota_gauge(&self) -> &QuotaGauge {
+        &self.quota_gauge
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

@@ -72,7 +72,7 @@ impl QuotaGauge {
         gauge
     }
 
-    /// A pair was created (or released) in `scope`, whose quota is `limit`: its count is read
+    /// A pair was created (or deleted) in `scope`, whose quota is `limit`: its count is read
     /// again with the next refresh. Only the first scope noted after a refresh wakes the task.
     pub fn changed(&self, scope: &Scope, limit: u64) {
         if self.inner.closed.is_cancelled() {

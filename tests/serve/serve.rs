@@ -875,13 +875,33 @@ async fn fifty_concurrent_creates_get_distinct_keys_and_metrics_count_them() {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum()
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let mut metrics = server.metrics().await;
-        while quota_used(&metrics) != 50.0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            metrics = server.metrics().await;
-        }
-        assert_eq!(quota_used(&metrics), 50.0, "{metrics}");
+        let gauge_comes_to = |want: f64| {
+            let server = &server;
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let mut metrics = server.metrics().await;
+                while quota_used(&metrics) != want && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    metrics = server.metrics().await;
+                }
+                assert_eq!(quota_used(&metrics), want, "{metrics}");
+            }
+        };
+        gauge_comes_to(50.0).await;
+        // And after a delete, which changes the count outside any job.
+        let r = c
+            .call(
+                &rpc(),
+                "DeleteKeyPairs",
+                &[
+                    ("RegionId", "cn-beijing"),
+                    ("KeyPairNames", r#"["c-00","c-03"]"#),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        gauge_comes_to(48.0).await;
         let ready = reqwest::get(format!("http://{}/readyz", server.addr))
             .await
             .unwrap();

@@ -241,18 +241,9 @@ impl<R: Registry> Actions<R> {
                 .await
                 .map_err(registry_error)?;
         }
-        if !names.is_empty() && crate::telemetry::metrics::installed() {
-            if let Ok(used) = registry.quota_used(&req.scope).await {
-                let s = &req.scope;
-                let limit = settings.quota.for_region(&s.region);
-                crate::telemetry::metrics::quota_used(
-                    s.provider.as_str(),
-                    &s.owner,
-                    &s.region,
-                    used,
-                    limit,
-                );
-            }
+        if !names.is_empty() {
+            let limit = settings.quota.for_region(&req.scope.region);
+            self.lifecycle.quota_gauge().changed(&req.scope, limit);
         }
         Ok(dialect::delete_body(req.scope.provider, Uuid::new_v4()))
     }
