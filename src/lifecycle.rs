@@ -176,10 +176,12 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         &self.registry
     }
 
-    /// The quota gauge's side for jobs: a mode that changes a scope outside a job (`serve`'s
-    /// delete) notes it here too.
-    pub fn quota_gauge(&self) -> &QuotaGauge {
-        &self.quota_gauge
+    /// The count of `scope` changed: its quota gauge is read again off this path, with the
+    /// other scopes changed in the next moment. Jobs that create call it; so does a mode that
+    /// changes a scope outside a job (`serve`'s delete).
+    pub fn quota_changed(&self, scope: &dialect::Scope) {
+        self.quota_gauge
+            .changed(scope, self.settings.quota.for_region(&scope.region));
     }
 
     pub fn settings(&self) -> &Settings {
@@ -653,9 +655,7 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
                     return self.unsettled(result, clock, why);
                 }
             }
-            // Read again off the job's path, with the other creates of the next moment.
-            self.quota_gauge
-                .changed(scope, self.settings.quota.for_region(&scope.region));
+            self.quota_changed(scope);
         }
         self.settle(
             sink,

@@ -1143,8 +1143,8 @@ impl Registry for EmbeddedRegistry {
     async fn quota_used(&self, scope: &Scope) -> Result<u64, RegistryError> {
         let scope_key = scope.key();
         // Counted by the writer, in its open transaction: it sees every write answered before,
-        // with no commit asked for (a create reads it for the gauge, and the writes of the
-        // creates in flight would otherwise be committed one read at a time).
+        // with no commit asked for (a read would first have the writer commit them, and the
+        // quota gauge reads every scope with creates in flight ten times a second).
         self.write(false, move |txn| {
             let counts = txn.open_table(COUNTS).map_err(storage)?;
             let used = counts

@@ -221,7 +221,7 @@ impl<R: Registry> Actions<R> {
 
     async fn delete(&self, caller: &Caller) -> Result<serde_json::Value, ApiError> {
         let req = self.decode(caller, dialect::decode_delete)?;
-        let (registry, settings) = (self.lifecycle.registry(), self.lifecycle.settings());
+        let registry = self.lifecycle.registry();
         let names: Vec<String> = match &req.targets {
             Targets::Names(names) => names.clone(),
             Targets::Ids(ids) => self
@@ -242,8 +242,7 @@ impl<R: Registry> Actions<R> {
                 .map_err(registry_error)?;
         }
         if !names.is_empty() {
-            let limit = settings.quota.for_region(&req.scope.region);
-            self.lifecycle.quota_gauge().changed(&req.scope, limit);
+            self.lifecycle.quota_changed(&req.scope);
         }
         Ok(dialect::delete_body(req.scope.provider, Uuid::new_v4()))
     }
