@@ -681,6 +681,24 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
         }
     }
 
+    /// Settles, in one call where the sink can, jobs of one batch whose sinks left settling
+    /// to the end of their message (a v2 message's jobs in the worker), retried by the one
+    /// policy like a single job's.
+    pub async fn settle_many<S: Sink>(&self, sink: &S, batch_id: &str, outcomes: &[(Uuid, &str)]) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let settled = self
+            .retry
+            .run("batch status", &self.shutdown, || {
+                sink.settled_many(batch_id, outcomes)
+            })
+            .await;
+        if let Err(e) = settled {
+            tracing::warn!(jobs = outcomes.len(), "batch status not recorded: {e}");
+        }
+    }
+
     /// The job's metrics, in one place for every mode.
     fn record(&self, result: &JobResult, clock: Instant) {
         crate::telemetry::metrics::job_finished(

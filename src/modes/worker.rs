@@ -377,6 +377,14 @@ async fn run_jobs(
             }
         }))
         .await;
+    // Their progress in one call, before the message is acked.
+    let settled = group.take_settled();
+    let settled: Vec<(uuid::Uuid, &str)> =
+        settled.iter().map(|(id, o)| (*id, o.as_str())).collect();
+    handler
+        .lifecycle
+        .settle_many(sink, batch_id, &settled)
+        .await;
     endings.extend(completed);
     endings
 }

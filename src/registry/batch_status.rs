@@ -240,16 +240,33 @@ impl BatchStatusStore {
         job_id: Uuid,
         outcome: &str,
     ) -> Result<bool, RegistryError> {
+        Ok(self.record_many(batch_id, &[(job_id, outcome)]).await? == 1)
+    }
+
+    /// Records the outcomes of several jobs of one batch (a v2 message's) in one script call,
+    /// each as [`BatchStatusStore::record`] would. Returns how many were counted; the others
+    /// were recorded before.
+    pub async fn record_many(
+        &self,
+        batch_id: &str,
+        outcomes: &[(Uuid, &str)],
+    ) -> Result<u64, RegistryError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
         let keys = self.batch_keys(batch_id)?;
         let mut call = ScriptCall::new(&RECORD);
         call.key(&keys.counts)
             .key(&keys.jobs)
             .key(&keys.recipient)
-            .arg(job_id.hyphenated().to_string())
-            .arg(outcome)
             .arg(self.ttl_ms());
+        let mut id = Uuid::encode_buffer();
+        for (job_id, outcome) in outcomes {
+            call.arg(&*job_id.hyphenated().encode_lower(&mut id))
+                .arg(*outcome);
+        }
         let counted: i64 = self.conn.run_script(&call).await?;
-        Ok(counted == 1)
+        Ok(u64::try_from(counted).unwrap_or(0))
     }
 
     /// The outcome recorded for one job of the batch (by the worker or producer that answered

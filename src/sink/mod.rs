@@ -116,6 +116,22 @@ pub trait Sink: Send + Sync {
         job_id: Uuid,
         outcome: &str,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// [`Sink::settled`] for several jobs of one batch at once: the jobs of a v2 message, whose
+    /// settling the message's sinks left to the end of the message. One by one, unless the
+    /// sink can record them together.
+    fn settled_many(
+        &self,
+        batch_id: &str,
+        outcomes: &[(Uuid, &str)],
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send {
+        async move {
+            for (job_id, outcome) in outcomes {
+                self.settled(batch_id, *job_id, outcome).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `error: cause: cause` on one line, each cause once (for messages that outlive the error).

@@ -4,8 +4,10 @@
 //! left a result, or ended without one (handed back, answered before, stopped) — the job that
 //! made it so is handed every result left ([`Publisher`]) to publish with one confirm, and
 //! every waiting job then gets that confirm's outcome as its own delivery's. Nothing is marked
-//! delivered before the message holding its key is confirmed. The publishing itself is the
-//! results queue's (`results_queue.rs`); this file only counts and hands over.
+//! delivered before the message holding its key is confirmed. The jobs answered for good are
+//! noted here too, so their batch's progress is counted in one call at the message's end. The
+//! publishing itself is the results queue's (`results_queue.rs`); this file only counts and
+//! hands over.
 
 use std::sync::Mutex;
 
@@ -36,6 +38,8 @@ struct State {
     slots: Vec<Slot>,
     running: usize,
     pending: Vec<Pending>,
+    /// Jobs settled (answered for good), with their outcome labels, to count together.
+    settled: Vec<(Uuid, String)>,
 }
 
 type Outcome = Option<Result<(), DeliveryError>>;
@@ -84,6 +88,7 @@ impl ResultGroup {
                 slots: vec![Slot::Running; jobs],
                 running: jobs,
                 pending: Vec::with_capacity(jobs),
+                settled: Vec::with_capacity(jobs),
             }),
             outcome: watch::channel(None).0,
         }
@@ -138,6 +143,18 @@ impl ResultGroup {
         })
     }
 
+    /// The job `job_id` is answered for good with `outcome`: it is counted in its batch's
+    /// progress with the others, once the message's jobs have all ended
+    /// ([`ResultGroup::take_settled`]).
+    pub fn settled(&self, job_id: Uuid, outcome: &str) {
+        self.state().settled.push((job_id, outcome.to_owned()));
+    }
+
+    /// The jobs settled so far, to count.
+    pub fn take_settled(&self) -> Vec<(Uuid, String)> {
+        std::mem::take(&mut self.state().settled)
+    }
+
     /// The outcome of the group's publish, once it is known.
     pub async fn outcome(&self) -> Result<(), DeliveryError> {
         let unpublished =
@@ -190,6 +207,22 @@ mod tests {
             group.put(0, pending()).is_err(),
             "a second delivery of a job"
         );
+    }
+
+    #[test]
+    fn settled_jobs_are_handed_over_once_with_their_outcomes() {
+        let group = ResultGroup::new("b", 3);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        group.settled(a, "created");
+        group.settled(b, "QuotaExceed.KeyPair");
+        assert_eq!(
+            group.take_settled(),
+            vec![
+                (a, "created".to_owned()),
+                (b, "QuotaExceed.KeyPair".to_owned())
+            ]
+        );
+        assert!(group.take_settled().is_empty(), "counted once");
     }
 
     #[tokio::test]

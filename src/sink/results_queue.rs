@@ -1,7 +1,8 @@
 //! The worker's sink: a result is published to its batch's results queue with a publisher
 //! confirm, its private key encrypted to the batch's recipient (`transit.rs`), and the batch's
 //! progress is counted in Redis once the job is settled. The jobs of a v2 job message publish
-//! their results together, as one v2 results message (`result_group.rs`).
+//! their results together, as one v2 results message (`result_group.rs`), and their progress
+//! is counted together at the end of the message.
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -240,8 +241,28 @@ impl Sink for ResultsQueue<'_> {
         job_id: Uuid,
         outcome: &str,
     ) -> Result<(), RegistryError> {
+        // A job of a group is counted with the others at the end of its message, in one
+        // script call (the worker's `run_jobs`, through [`Lifecycle::settle_many`]), still
+        // before the message is acked.
+        //
+        // [`Lifecycle::settle_many`]: crate::lifecycle::Lifecycle::settle_many
+        if let Some((group, _)) = self.group {
+            group.settled(job_id, outcome);
+            return Ok(());
+        }
         self.status
             .record(batch_id, job_id, outcome)
+            .await
+            .map(|_| ())
+    }
+
+    async fn settled_many(
+        &self,
+        batch_id: &str,
+        outcomes: &[(Uuid, &str)],
+    ) -> Result<(), RegistryError> {
+        self.status
+            .record_many(batch_id, outcomes)
             .await
             .map(|_| ())
     }

@@ -1243,6 +1243,48 @@ async fn batch_status_counts_each_job_once() {
     .await;
 }
 
+#[tokio::test]
+async fn batch_status_counts_a_messages_outcomes_in_one_call_each_job_once() {
+    bounded(async {
+        let (store, _cleanup) = batch_fixture().await;
+        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        // One job recorded alone before (its message came back after a partial answer).
+        assert!(store.record("m", ids[0], CREATED).await.unwrap());
+        let outcomes: Vec<(Uuid, &str)> = vec![
+            (ids[0], CREATED),
+            (ids[1], CREATED),
+            (ids[2], "QuotaExceed.KeyPair"),
+            (ids[3], CREATED),
+            (ids[4], "QuotaExceed.KeyPair"),
+            (ids[5], "KeyPair.AlreadyExist"),
+        ];
+        assert_eq!(store.record_many("m", &outcomes).await.unwrap(), 5);
+        // The whole message again (a redelivery): nothing counted twice.
+        assert_eq!(store.record_many("m", &outcomes).await.unwrap(), 0);
+        assert_eq!(store.record_many("m", &[]).await.unwrap(), 0);
+        let status = store.status("m").await.unwrap().unwrap();
+        assert_eq!(
+            status,
+            BatchStatus {
+                batch_id: "m".into(),
+                total: None,
+                answered: 6,
+                created: 3,
+                failed: BTreeMap::from([
+                    ("KeyPair.AlreadyExist".to_owned(), 1),
+                    ("QuotaExceed.KeyPair".to_owned(), 2)
+                ]),
+            }
+        );
+        // Each job's own outcome is what `collect` reads.
+        assert_eq!(
+            store.outcome("m", ids[4]).await.unwrap().as_deref(),
+            Some("QuotaExceed.KeyPair")
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_status_under_concurrent_records() {
     bounded(async {

@@ -251,6 +251,18 @@ async fn a_v2_message_runs_every_job_and_dead_letters_a_bad_one_alone() {
             .find(|l| l["job_id"] == broken_id.to_string())
             .expect("the broken job is answered under its own id");
         assert_eq!(broken_line["status"], "failed");
+        // The progress of the four jobs that ran together was counted together, and the
+        // broken one's alone, before the message was acked: each job once.
+        let status = store.status("bv2").await.unwrap().unwrap();
+        assert_eq!(
+            (status.answered, status.created, status.pending()),
+            (5, 3, Some(0))
+        );
+        let failed: BTreeMap<String, u64> = failed
+            .into_iter()
+            .map(|(code, n)| (code, n as u64))
+            .collect();
+        assert_eq!(status.failed, failed);
 
         // The dead-letter queue holds the broken job alone, as it was sent, with its reason.
         let mut dead = crate::util::dead_letters(&broker, &env).await;
