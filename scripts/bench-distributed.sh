@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Distributed-mode benchmarks on this machine (numbers only, nothing asserted):
 #   1. end-to-end keys/s through RabbitMQ and Redis with one worker, against raw key generation
-#      on the same cores, alternating rounds so machine noise hits both alike (medians);
+#      on the same cores, alternating rounds so machine noise hits both alike (medians), and
+#      the CPU a key of each component (as --pooled below prints it) while keys are made;
 #   2. `keyfleet submit` enqueue rate with publisher confirms (100,000 jobs, no worker running);
 #   3. worker memory with that 100,000-job backlog: RSS sampled while it works, and peak RSS
 #      (BACKLOG=0 skips steps 2 and 3).
@@ -54,6 +55,35 @@ fleet() { # rows file: spread over regions so the 500 quota never binds (an owne
 cpu_of() { awk '{ sub(/^.*\) /, ""); print ($12 + $13) / 100 }' "/proc/$1/stat"; }
 # Redis's own count, to the microsecond (its work per key is well under one 10 ms tick).
 redis_cpu() { redis-cli info cpu | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { print s }'; }
+# `submit --wait` of CSV as batch BATCH into OUT, timed: prints its wall seconds and its own CPU
+# seconds (its rusage as a child of this python). An owner per round: every round's keys fit
+# the quota of 500 a region (10 regions).
+timed_submit() {
+  python3 - "$KF" "$1" "$prefix" "$2" "$3" <<'PY'
+import resource, subprocess, sys, time
+kf, csv, prefix, batch, out = sys.argv[1:]
+t0 = time.monotonic()
+subprocess.run([kf, "submit", csv, "--prefix", prefix, "--batch-id", batch, "--wait", "--out", out,
+                "--owner", "bench-" + batch, "--progress", "off", "--json"], check=True,
+               stdout=subprocess.DEVNULL)
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(wall, ru.ru_utime + ru.ru_stime)
+PY
+}
+# The CPU a key of each component, from rows "wall submit_cpu worker_cpu beam_cpu redis_cpu".
+cpu_split() {
+  python3 - "$@" <<'PY'
+import statistics, sys
+keys = int(sys.argv[1])
+runs = [[float(x) for x in r.split()] for r in sys.argv[2:]]
+for i, name in [(2, "worker"), (1, "submit --wait (producer + collector)"), (3, "RabbitMQ (beam.smp)"), (4, "Redis")]:
+    ms = [r[i] * 1000 / keys for r in runs]
+    print(f"  CPU a key, {name}: {', '.join(f'{x:.3f}' for x in ms)} ms  median {statistics.median(ms):.3f}")
+total = [sum(r[1:5]) * 1000 / keys for r in runs]
+print(f"  CPU a key, all: median {statistics.median(total):.2f} ms")
+PY
+}
 
 if [ $POOLED = 1 ]; then
   beam=$(pgrep -o beam.smp)
@@ -70,20 +100,7 @@ if [ $POOLED = 1 ]; then
       sleep 0.5
     done
     w0=$(cpu_of "$wpid"); b0=$(cpu_of "$beam"); r0=$(redis_cpu)
-    # submit --wait's own CPU: its rusage as a child of this python.
-    row=$(python3 - "$KF" "$dir/pooled.csv" "$prefix" "p$r" "$dir/outp$r" <<'PY'
-import resource, subprocess, sys, time
-kf, csv, prefix, batch, out = sys.argv[1:]
-t0 = time.monotonic()
-# An owner per round: every round's keys fit the quota of 500 a region (10 regions).
-subprocess.run([kf, "submit", csv, "--prefix", prefix, "--batch-id", batch, "--wait", "--out", out,
-                "--owner", "bench-" + batch, "--progress", "off", "--json"], check=True,
-               stdout=subprocess.DEVNULL)
-wall = time.monotonic() - t0
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(wall, ru.ru_utime + ru.ru_stime)
-PY
-)
+    row=$(timed_submit "$dir/pooled.csv" "p$r" "$dir/outp$r")
     w1=$(cpu_of "$wpid"); b1=$(cpu_of "$beam"); r1=$(redis_cpu)
     kill -TERM "$wpid"; wait "$wpid" || true; wpid=
     rows+=("$row $(python3 -c "print($w1 - $w0, $b1 - $b0, $r1 - $r0)")")
@@ -91,31 +108,28 @@ PY
   python3 - "$KEYS" "${rows[@]}" <<'PY'
 import statistics, sys
 keys = int(sys.argv[1])
-runs = [[float(x) for x in r.split()] for r in sys.argv[2:]]
-kps = [keys / r[0] for r in runs]
+kps = [keys / float(r.split()[0]) for r in sys.argv[2:]]
 print(f"pooled, {keys} keys a round, 1 worker (2 threads), all on this machine's cores:")
 print(f"  plumbing: {', '.join(f'{x:.0f}' for x in kps)} keys/s  median {statistics.median(kps):.0f}")
-for i, name in [(2, "worker"), (1, "submit --wait (producer + collector)"), (3, "RabbitMQ (beam.smp)"), (4, "Redis")]:
-    ms = [r[i] * 1000 / keys for r in runs]
-    print(f"  CPU a key, {name}: {', '.join(f'{x:.3f}' for x in ms)} ms  median {statistics.median(ms):.3f}")
-total = [sum(r[1:5]) * 1000 / keys for r in runs]
-print(f"  CPU a key, all: median {statistics.median(total):.2f} ms")
 PY
+  cpu_split "$KEYS" "${rows[@]}"
   exit 0
 fi
 
-raws=(); e2es=()
+raws=(); e2es=(); rows=()
+beam=$(pgrep -o beam.smp)
 for ((r = 0; r < ROUNDS; r++)); do
   raws+=("$($KF bench --keys "$KEYS" --threads 2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys_per_second"])')")
   fleet "$KEYS" "r$r" "$dir/e2e.csv"
   $W --prefix "$prefix" --threads 2 --metrics-addr off --reservoir 0 --upstream-rps 0 --log warn &
   wpid=$!
   sleep 1
-  t0=$(date +%s.%N)
-  $KF submit "$dir/e2e.csv" --prefix "$prefix" --batch-id "e2e$r" --owner "bench-e2e$r" --wait --out "$dir/out$r" --progress off --json > "$dir/e2e$r.json"
-  t1=$(date +%s.%N)
+  w0=$(cpu_of "$wpid"); b0=$(cpu_of "$beam"); r0=$(redis_cpu)
+  row=$(timed_submit "$dir/e2e.csv" "e2e$r" "$dir/out$r")
+  w1=$(cpu_of "$wpid"); b1=$(cpu_of "$beam"); r1=$(redis_cpu)
   kill -TERM "$wpid"; wait "$wpid" || true; wpid=
-  e2es+=("$(python3 -c "print($KEYS / ($t1 - $t0))")")
+  rows+=("$row $(python3 -c "print($w1 - $w0, $b1 - $b0, $r1 - $r0)")")
+  e2es+=("$(python3 -c "print($KEYS / ${row%% *})")")
 done
 python3 - "${raws[*]}" "${e2es[*]}" <<'PY'
 import statistics, sys
@@ -123,7 +137,9 @@ raw = [float(x) for x in sys.argv[1].split()]; e2e = [float(x) for x in sys.argv
 print(f"raw keygen (2 threads):        {', '.join(f'{x:.1f}' for x in raw)} keys/s  median {statistics.median(raw):.1f}")
 print(f"end to end (1 worker, 2 thr.): {', '.join(f'{x:.1f}' for x in e2e)} keys/s  median {statistics.median(e2e):.1f}")
 print(f"ratio of medians: {statistics.median(e2e) / statistics.median(raw) * 100:.1f}%")
+print(f"raw key on 2 threads: {2000 / statistics.median(raw):.3f} ms of the cores a key; end to end: {2000 / statistics.median(e2e):.3f}")
 PY
+cpu_split "$KEYS" "${rows[@]}"
 
 if [ "$BACKLOG" = 0 ]; then exit 0; fi
 fleet "$BACKLOG" big "$dir/big.csv"

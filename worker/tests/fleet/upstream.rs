@@ -313,6 +313,8 @@ async fn three_workers_within_one_budget(mut env: Env) {
                 .unwrap_or_else(|| panic!("serve printed {line:?}"))
                 .to_owned()
         };
+        // Killed with the test's other processes, even when an assertion below fails.
+        env.keep_helper(cloud);
         let endpoint = format!("aliyun=http://{addr}");
         let creds = [
             ("ALIBABA_CLOUD_ACCESS_KEY_ID", "testid"),
@@ -359,8 +361,6 @@ async fn three_workers_within_one_budget(mut env: Env) {
             took >= Duration::from_millis(44 * 200),
             "the fleet went faster than its budget: {took:?}"
         );
-        let _ = cloud.kill();
-        let _ = cloud.wait();
     })
     .await
     .expect("test timed out");

@@ -43,14 +43,16 @@ pub struct Env {
     pub jobs_per_message: usize,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
+    /// Other processes the test started (a `keyfleet serve` as the cloud), killed with it.
+    helpers: Vec<Child>,
     /// Batches whose results queues this test created, deleted at the end.
     batches: std::sync::Mutex<Vec<String>>,
 }
 
-/// Kills a worker process when dropped, so a failing test leaves nothing running.
+/// Kills its workers and helpers when dropped, so a failing test leaves nothing running.
 impl Drop for Env {
     fn drop(&mut self) {
-        for w in &mut self.workers {
+        for w in self.workers.iter_mut().chain(&mut self.helpers) {
             let _ = w.kill();
             let _ = w.wait();
         }
@@ -122,6 +124,7 @@ impl Env {
             jobs_per_message: keyfleet::job::message::DEFAULT_JOBS_PER_MESSAGE,
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
+            helpers: Vec::new(),
             batches: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -239,6 +242,12 @@ impl Env {
             .expect("start keyfleet-worker");
         self.workers.push(child);
         n
+    }
+
+    /// Another process of the test's (a `keyfleet serve` standing in for the cloud): killed
+    /// when the test ends, passed or failed.
+    pub fn keep_helper(&mut self, child: Child) {
+        self.helpers.push(child);
     }
 
     pub fn worker(&mut self, n: usize) -> &mut Child {
