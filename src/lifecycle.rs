@@ -685,9 +685,6 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
     /// to the end of their message (a v2 message's jobs in the worker), retried by the one
     /// policy like a single job's.
     pub async fn settle_many<S: Sink>(&self, sink: &S, batch_id: &str, outcomes: &[(Uuid, &str)]) {
-        if outcomes.is_empty() {
-            return;
-        }
         let settled = self
             .retry
             .run("batch status", &self.shutdown, || {

@@ -242,10 +242,8 @@ impl Sink for ResultsQueue<'_> {
         outcome: &str,
     ) -> Result<(), RegistryError> {
         // A job of a group is counted with the others at the end of its message, in one
-        // script call (the worker's `run_jobs`, through [`Lifecycle::settle_many`]), still
+        // script call (the worker's `run_jobs`, through the lifecycle's `settle_many`), still
         // before the message is acked.
-        //
-        // [`Lifecycle::settle_many`]: crate::lifecycle::Lifecycle::settle_many
         if let Some((group, _)) = self.group {
             group.settled(job_id, outcome);
             return Ok(());
