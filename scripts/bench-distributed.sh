@@ -6,7 +6,8 @@
 #   2. `keyfleet submit` enqueue rate with publisher confirms (100,000 jobs, no worker running);
 #   3. worker memory with that 100,000-job backlog: RSS sampled while it works, and peak RSS
 #      (BACKLOG=0 skips steps 2 and 3).
-# `submit` packs KEYFLEET_JOBS_PER_MESSAGE jobs a message (default 8; 1 for v1 messages).
+# `submit` packs KEYFLEET_JOBS_PER_MESSAGE jobs a message (default auto: 8 for a batch's first
+# 256 jobs, 32 after; 1 for v1 messages).
 # With --pooled instead: the plumbing alone. The worker's reservoir is filled with every key of
 # the round before the clock starts and never refilled (--reservoir-once), then a `submit
 # --wait` of that many rows is timed: keys/s and CPU ms a key for each component — the worker,

@@ -803,6 +803,7 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
             compare: args.compare,
             pipeline: args.pipeline,
             pooled: args.pooled,
+            keep_output: args.keep_output,
         };
         let report = crate::modes::bench::bench(spec, plan)
             .await

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::dialect::Provider;
 use crate::job::batch::Format;
+use crate::job::jobs_per_message::JobsPerMessage;
 use crate::keys::keygen::{Engine, KeyBits};
 use crate::telemetry::progress::ProgressMode;
 
@@ -433,11 +434,18 @@ pub struct SubmitArgs {
     /// Publisher confirms (one a message) kept in flight.
     #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
-    /// Jobs packed into one RabbitMQ message, 1 to 1000: one message, one confirm and one
-    /// ack carry that many jobs (the v2 message of docs/distributed.md). 1 publishes v1
-    /// messages, one job each, for workers older than v2.
-    #[arg(long, env = "KEYFLEET_JOBS_PER_MESSAGE", default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE, value_parser = parse_jobs_per_message)]
-    pub jobs_per_message: usize,
+    /// Jobs packed into one RabbitMQ message, `auto` or 1 to 1000: one message, one confirm
+    /// and one ack carry that many jobs (the v2 message of docs/distributed.md), and a message
+    /// goes to one worker. `auto`: 8 a message for a batch's first 256 jobs (a small batch
+    /// spreads over up to 32 workers), 32 after (a third of the broker's work a job). 1
+    /// publishes v1 messages, one job each, for workers older than v2.
+    #[arg(
+        long,
+        env = "KEYFLEET_JOBS_PER_MESSAGE",
+        default_value = "auto",
+        value_name = "auto|N"
+    )]
+    pub jobs_per_message: JobsPerMessage,
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
     /// <batch-id>.age-identity in the --out folder with --wait, otherwise in
@@ -846,11 +854,15 @@ pub struct RotateArgs {
     /// With --submit: publisher confirms awaited at most this many messages behind.
     #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
-    /// With --submit: jobs packed into one RabbitMQ message, 1 to 1000: one message, one confirm and one
-    /// ack carry that many jobs (the v2 message of docs/distributed.md). 1 publishes v1
-    /// messages, one job each, for workers older than v2.
-    #[arg(long, env = "KEYFLEET_JOBS_PER_MESSAGE", default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE, value_parser = parse_jobs_per_message)]
-    pub jobs_per_message: usize,
+    /// With --submit: jobs packed into one RabbitMQ message, as `submit --jobs-per-message`
+    /// (`auto` or 1 to 1000; 1 publishes v1 messages, one job each).
+    #[arg(
+        long,
+        env = "KEYFLEET_JOBS_PER_MESSAGE",
+        default_value = "auto",
+        value_name = "auto|N"
+    )]
+    pub jobs_per_message: JobsPerMessage,
     /// RabbitMQ and Redis, with --submit.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -963,6 +975,13 @@ pub struct BenchArgs {
     /// figure does not depend on how fast the CPU makes keys.
     #[arg(long, requires = "pipeline")]
     pub pooled: bool,
+    /// With --pipeline: leave the rounds' output folders in place (their path is printed)
+    /// instead of removing them at the end. On ext4 without a journal, files created within
+    /// ~5 minutes of many being deleted cost several times the CPU (the inode allocator passes
+    /// over each recently deleted inode), so the next benchmark would measure this one's
+    /// cleanup; remove the folder yourself, and wait, before a run that should not.
+    #[arg(long, requires = "pipeline", env = "KEYFLEET_BENCH_KEEP_OUTPUT")]
+    pub keep_output: bool,
     /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
     /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,
     /// against raw key generation on the same threads (each round raw, then cold, then warm;
@@ -979,14 +998,14 @@ pub struct BenchArgs {
     #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
     pub confirm_window: usize,
     /// With --submit: jobs a message (as `submit --jobs-per-message`); the bare publisher
-    /// sends messages of as many jobs.
+    /// sends messages of the same sizes.
     #[arg(
         long,
         env = "KEYFLEET_JOBS_PER_MESSAGE",
-        default_value_t = crate::job::message::DEFAULT_JOBS_PER_MESSAGE,
-        value_parser = parse_jobs_per_message
+        default_value = "auto",
+        value_name = "auto|N"
     )]
-    pub jobs_per_message: usize,
+    pub jobs_per_message: JobsPerMessage,
     /// With --submit: where RabbitMQ and Redis are.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -996,16 +1015,6 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_jobs_per_message(s: &str) -> Result<usize, String> {
-    let max = crate::job::message::MAX_JOBS_PER_MESSAGE;
-    match s.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "must be 1 to {max} (--jobs-per-message / KEYFLEET_JOBS_PER_MESSAGE)"
-        )),
-    }
 }
 
 pub(crate) fn parse_quota(s: &str) -> Result<u64, String> {

@@ -1,7 +1,7 @@
 //! A job message on the wire: v1 carries one job, v2 several jobs of one batch. `submit` packs
-//! rows into v2 messages (`--jobs-per-message`) so that RabbitMQ handles one message, one
-//! confirm and one ack for many jobs; a worker reads both, so other producers' v1 messages
-//! keep working. Each job inside a v2 message is a whole v1 job, decoded on its own: one bad
+//! rows into v2 messages (`--jobs-per-message`, sized by [`super::jobs_per_message`]) so that
+//! RabbitMQ handles one message, one confirm and one ack for many jobs; a worker reads both,
+//! so other producers' v1 messages keep working. Each job inside a v2 message is a whole v1 job, decoded on its own: one bad
 //! job is answered and dead-lettered alone, the others run.
 
 use serde::{Deserialize, Serialize};
@@ -12,10 +12,6 @@ use super::{check_batch_id, DecodeError, Job, MESSAGE_VERSION};
 
 /// The version of a message that carries several jobs.
 pub const GROUP_VERSION: u32 = 2;
-
-/// Jobs a message when `--jobs-per-message` is not given: the jobs queue's work a job falls
-/// about eightfold, while a worker's prefetch of messages holds at most eight times the jobs.
-pub const DEFAULT_JOBS_PER_MESSAGE: usize = 8;
 
 /// The most jobs one v2 message may carry: a message stays well under RabbitMQ's frame and
 /// memory comfort (a job is ~200 bytes), and one redelivery never repeats more than this.

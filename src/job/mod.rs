@@ -4,6 +4,7 @@
 //! `results_message`).
 
 pub mod batch;
+pub mod jobs_per_message;
 pub mod message;
 pub mod packer;
 pub mod results_message;

@@ -1,6 +1,6 @@
 //! A batch file made into publishable job messages on the batch reader's thread (`submit`):
-//! each row is checked against its dialect there, the valid ones are packed
-//! `jobs_per_message` to a message and encoded there, and the publishing loop is handed runs
+//! each row is checked against its dialect there, the valid ones are packed into messages
+//! as the batch's [`JobsPerMessage`] plan says and encoded there, and the publishing loop is handed runs
 //! of finished messages, not rows. So the loop only publishes; the reader thread is woken once
 //! a run instead of once a row; and every job is dropped by the thread that made it (glibc's
 //! allocator takes an arena's lock when another thread frees into it). Measured in
@@ -9,7 +9,8 @@
 use tokio::sync::mpsc;
 
 use super::batch::{BatchError, BatchInput, Reader, Row, RowDefaults};
-use super::message::{self, MAX_JOBS_PER_MESSAGE};
+use super::jobs_per_message::JobsPerMessage;
+use super::message;
 use super::{Job, JobResult};
 use crate::dialect::{self, Catalog};
 use crate::time::now_rfc3339;
@@ -42,7 +43,7 @@ pub fn spawn_packer(
     input: BatchInput,
     defaults: &RowDefaults,
     catalog: Catalog,
-    jobs_per_message: usize,
+    jobs_per_message: JobsPerMessage,
     runs: usize,
 ) -> Result<(mpsc::Receiver<Vec<Packed>>, Reader), BatchError> {
     let (tx, rx) = mpsc::channel::<Vec<Packed>>(runs.max(1));
@@ -77,18 +78,20 @@ fn idle(tx: &mpsc::Sender<Vec<Packed>>) -> bool {
 /// The packing itself, apart from the thread and the channel.
 struct Packer {
     catalog: Catalog,
-    jobs_per_message: usize,
+    plan: JobsPerMessage,
+    /// Jobs sealed into messages so far: where the plan is.
+    packed: u64,
     gathered: Vec<Job>,
     run: Vec<Packed>,
 }
 
 impl Packer {
-    fn new(catalog: Catalog, jobs_per_message: usize) -> Self {
-        let jobs_per_message = jobs_per_message.clamp(1, MAX_JOBS_PER_MESSAGE);
+    fn new(catalog: Catalog, plan: JobsPerMessage) -> Self {
         Packer {
             catalog,
-            jobs_per_message,
-            gathered: Vec::with_capacity(jobs_per_message),
+            plan,
+            packed: 0,
+            gathered: Vec::with_capacity(plan.largest()),
             run: Vec::with_capacity(RUN),
         }
     }
@@ -106,7 +109,7 @@ impl Packer {
                     )))),
                     Ok(_) => {
                         self.gathered.push(job);
-                        if self.gathered.len() >= self.jobs_per_message {
+                        if self.gathered.len() >= self.plan.next(self.packed) {
                             self.seal();
                         }
                     }
@@ -129,6 +132,7 @@ impl Packer {
             Err(e) => Packed::Unencodable(e.to_string()),
         };
         self.run.push(packed);
+        self.packed += self.gathered.len() as u64;
         self.gathered.clear();
     }
 
@@ -147,12 +151,12 @@ mod tests {
     use std::io::Write;
 
     /// Everything a file packs into, runs flattened, in order.
-    fn packed(text: &str, jobs_per_message: usize) -> Vec<Packed> {
+    fn packed(text: &str, plan: JobsPerMessage) -> Vec<Packed> {
         let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         let input = BatchInput::open(f.path(), None).unwrap();
         let (mut rx, reader) =
-            spawn_packer(input, &defaults(), Catalog::default(), jobs_per_message, 2).unwrap();
+            spawn_packer(input, &defaults(), Catalog::default(), plan, 2).unwrap();
         let mut out = Vec::new();
         while let Some(run) = rx.blocking_recv() {
             assert!(!run.is_empty() && run.len() <= RUN);
@@ -192,7 +196,7 @@ mod tests {
             }
         }
         text.push_str("cn-hangzhou,too,many\n");
-        let out = packed(&text, 8);
+        let out = packed(&text, JobsPerMessage::Fixed(8));
         // Rows 0..8 fill the first message; row 9 is answered where it stands, before the
         // message it would have joined; the rest fill a second message and a last one of 3.
         let kinds: Vec<&str> = out
@@ -237,7 +241,10 @@ mod tests {
 
     #[test]
     fn one_job_a_message_is_a_v1_message_under_the_jobs_own_id() {
-        let out = packed("RegionId,KeyPairName\ncn-hangzhou,a1\ncn-hangzhou,a2\n", 1);
+        let out = packed(
+            "RegionId,KeyPairName\ncn-hangzhou,a1\ncn-hangzhou,a2\n",
+            JobsPerMessage::Fixed(1),
+        );
         assert_eq!(out.len(), 2);
         for p in &out {
             let jobs = jobs_of(p);
@@ -249,12 +256,21 @@ mod tests {
     }
 
     #[test]
-    fn a_long_file_goes_in_runs_and_every_row_arrives_once() {
+    fn a_long_file_goes_in_runs_of_growing_messages_and_every_row_arrives_once() {
         let mut text = String::from("RegionId,KeyPairName\n");
         for i in 0..5000 {
             text.push_str(&format!("cn-hangzhou,host-{i:05}\n"));
         }
-        let out = packed(&text, 8);
+        let out = packed(&text, JobsPerMessage::Auto);
+        // The plan's sizes, message by message: 32 of 8, then 32s, the last one partly full.
+        let sizes: Vec<usize> = out.iter().map(|p| jobs_of(p).len()).collect();
+        assert_eq!(sizes.len() as u64, JobsPerMessage::Auto.messages(5000));
+        assert!(sizes[..32].iter().all(|&n| n == 8), "{sizes:?}");
+        assert!(
+            sizes[32..sizes.len() - 1].iter().all(|&n| n == 32),
+            "{sizes:?}"
+        );
+        assert_eq!(sizes.last(), Some(&((5000 - 256) % 32)));
         let mut names: Vec<String> = out
             .iter()
             .flat_map(jobs_of)

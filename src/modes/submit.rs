@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dialect::Catalog;
 use crate::job::batch::{self, Format, RowDefaults};
-use crate::job::message::MAX_JOBS_PER_MESSAGE;
+use crate::job::jobs_per_message::JobsPerMessage;
 use crate::job::packer::{self, Packed};
 use crate::job::Job;
 use crate::queue::broker::{self, Broker, BrokerError};
@@ -32,8 +32,8 @@ pub struct SubmitOptions {
     pub progress: ProgressMode,
     /// Publisher confirms awaited at most this many messages behind.
     pub confirm_window: usize,
-    /// Jobs packed into one message: 1 publishes v1 messages, more v2 ones.
-    pub jobs_per_message: usize,
+    /// Jobs packed into each message: 1 publishes v1 messages, more v2 ones.
+    pub jobs_per_message: JobsPerMessage,
     /// Where private keys are encrypted to.
     pub keys_to: KeysTo,
 }
@@ -81,7 +81,7 @@ pub enum SubmitError {
 }
 
 /// Runs of packed messages the reader thread may have ready ahead of publishing: 16 runs of
-/// 32 messages of 8 jobs is 4,096 rows.
+/// 32 messages of up to 32 jobs (`auto`) is 16,384 rows, ~4 MB encoded.
 const RUNS_AHEAD: usize = 16;
 
 /// Enqueues a batch; returns once every job is confirmed by the broker.
@@ -216,31 +216,35 @@ pub async fn open_batch(
 }
 
 /// Jobs packed into messages and publisher confirms kept in flight: jobs are gathered until
-/// `jobs_per_message` are waiting (one v1 message for a single job, a v2 message for several;
-/// [`crate::job::message`]), each message is published without waiting for its confirm, and
-/// a confirm is awaited only when `size` messages are outstanding (and all of them at the end).
+/// the next message's size as `plan` says are waiting (one v1 message for a single job, a v2
+/// message for several; [`crate::job::message`]), each message is published without waiting
+/// for its confirm, and a confirm is awaited only when `size` messages are outstanding (and
+/// all of them at the end).
 pub struct ConfirmWindow {
     routing: String,
     size: usize,
-    jobs_per_message: usize,
+    plan: JobsPerMessage,
+    /// Jobs of the batch being gathered already published: where the plan is.
+    packed: u64,
     gathered: Vec<Job>,
     waiting: VecDeque<PublisherConfirm>,
 }
 
 impl ConfirmWindow {
-    pub fn new(e: &Endpoints, size: usize, jobs_per_message: usize) -> Self {
-        let jobs_per_message = jobs_per_message.clamp(1, MAX_JOBS_PER_MESSAGE);
+    pub fn new(e: &Endpoints, size: usize, plan: JobsPerMessage) -> Self {
         ConfirmWindow {
             routing: e.topology().jobs_routing_key(),
             size: size.max(1),
-            jobs_per_message,
-            gathered: Vec::with_capacity(jobs_per_message),
+            plan,
+            packed: 0,
+            gathered: Vec::with_capacity(plan.largest()),
             waiting: VecDeque::with_capacity(size.max(1)),
         }
     }
 
     /// Takes a job; it is published once its message is full (or at [`ConfirmWindow::drain`]).
-    /// A job of another batch than those gathered starts a message of its own.
+    /// A job of another batch than those gathered starts a message of its own, and the plan
+    /// over.
     pub async fn publish(&mut self, broker: &Broker, job: Job) -> Result<(), BrokerError> {
         if self
             .gathered
@@ -248,9 +252,10 @@ impl ConfirmWindow {
             .is_some_and(|first| first.batch_id != job.batch_id)
         {
             self.flush(broker).await?;
+            self.packed = 0;
         }
         self.gathered.push(job);
-        if self.gathered.len() >= self.jobs_per_message {
+        if self.gathered.len() >= self.plan.next(self.packed) {
             self.flush(broker).await?;
         }
         Ok(())
@@ -264,6 +269,7 @@ impl ConfirmWindow {
         self.make_room().await?;
         self.waiting
             .push_back(broker.publish_jobs(&self.gathered).await?);
+        self.packed += self.gathered.len() as u64;
         self.gathered.clear();
         Ok(())
     }

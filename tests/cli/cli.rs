@@ -33,6 +33,19 @@ fn bad_values_exit_2_and_name_the_setting() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("`quota`"), "{}", text(&out));
+
+    for bad in ["0", "1001", "eight"] {
+        let out = keyfleet(dir.path())
+            .args(["submit", "f.csv", "--jobs-per-message", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(
+            text(&out).contains("must be auto or 1 to 1000"),
+            "{bad}: {}",
+            text(&out)
+        );
+    }
     assert!(
         !dir.path().join("o").exists(),
         "nothing written on a config error"
@@ -443,7 +456,8 @@ fn bench_submit_reports_submit_beside_a_bare_publisher_and_leaves_no_queue() {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
     assert_eq!(r["jobs"], 200, "{r}");
-    assert_eq!(r["jobs_per_message"], 8, "{r}");
+    assert_eq!(r["jobs_per_message"], "auto", "{r}");
+    assert_eq!(r["messages"], 25, "200 jobs, 8 a message: {r}");
     let queues = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "name", "--quiet", "--no-table-headers"])
         .output()

@@ -38,6 +38,8 @@ pub struct Plan {
     /// With `pipeline`: also time `run` with every key made before the clock starts, so the
     /// plumbing alone is measured (keys/s and CPU per key).
     pub pooled: bool,
+    /// With `pipeline`: leave the rounds' folders in place (see `measure_pipeline`).
+    pub keep_output: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -77,6 +79,9 @@ pub struct Report {
     pub pooled_keys_per_second: Option<f64>,
     /// CPU time of this process per key in the pooled run: what the plumbing costs.
     pub pooled_cpu_ms_per_key: Option<f64>,
+    /// With `--keep-output`: where the rounds' folders were left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_kept: Option<std::path::PathBuf>,
 }
 
 /// One timed `keyfleet run`.
@@ -309,6 +314,7 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
         compare,
         pipeline,
         pooled,
+        keep_output,
     } = plan;
     let rounds = rounds.max(1);
     let mut raws = Vec::new();
@@ -389,6 +395,7 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
         pipeline_cpu_ms_per_key: pipeline_cpu,
         pooled_keys_per_second: pooled_kps,
         pooled_cpu_ms_per_key: pooled_cpu,
+        output_kept: (pipeline && keep_output).then(|| scratch.keep()),
         baseline,
         engine: engine_m,
     })
@@ -426,6 +433,9 @@ pub fn render(r: &Report) -> String {
         s.push_str(&format!(
             "keyfleet run, keys made beforehand (the plumbing alone): {p:.1} keys/s  ({c:.2} ms CPU a key)\n"
         ));
+    }
+    if let Some(kept) = &r.output_kept {
+        s.push_str(&format!("output kept in {}\n", kept.display()));
     }
     s
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{median, process_cpu_seconds, write_rows};
 use crate::dialect::{Catalog, Provider};
 use crate::job::batch::RowDefaults;
+use crate::job::jobs_per_message::JobsPerMessage;
 use crate::job::Job;
 use crate::keys::keygen::KeyBits;
 use crate::modes::submit::{submit, KeysTo, SubmitError, SubmitOptions};
@@ -33,7 +34,11 @@ pub struct PublishReport {
     pub jobs: usize,
     pub rounds: usize,
     pub confirm_window: usize,
-    pub jobs_per_message: usize,
+    /// The packing plan both publishers followed (`"auto"` or a number).
+    pub jobs_per_message: JobsPerMessage,
+    /// Messages a round published.
+    pub messages: u64,
+    /// The bytes of the plan's largest message.
     pub message_bytes: usize,
     pub bare: Vec<PublishMeasurement>,
     pub submit: Vec<PublishMeasurement>,
@@ -61,7 +66,7 @@ pub async fn bench_submit(
     jobs: usize,
     rounds: usize,
     confirm_window: usize,
-    jobs_per_message: usize,
+    plan: JobsPerMessage,
 ) -> Result<PublishReport, PublishBenchError> {
     if jobs == 0 {
         return Err(PublishBenchError::NoJobs);
@@ -70,8 +75,8 @@ pub async fn bench_submit(
     let input = write_rows(dir.path(), jobs)?;
     let identity = dir.path().join("bench.age-identity");
     let message = sample_job();
-    let group = vec![message.clone(); jobs_per_message.clamp(1, jobs)];
-    let message_bytes = crate::job::message::encode(&group).map_or(0, |m| m.len());
+    let largest = vec![message.clone(); plan.largest().min(jobs)];
+    let message_bytes = crate::job::message::encode(&largest).map_or(0, |m| m.len());
     let (mut bare, mut subs) = (Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         for first in [round % 2 == 0, round % 2 != 0] {
@@ -84,7 +89,7 @@ pub async fn bench_submit(
                 ..endpoints.clone()
             };
             if first {
-                bare.push(measure_bare(&ep, &group, jobs, confirm_window).await?);
+                bare.push(measure_bare(&ep, &message, plan, jobs, confirm_window).await?);
             } else {
                 let opts = SubmitOptions {
                     input: input.clone(),
@@ -99,7 +104,7 @@ pub async fn bench_submit(
                     endpoints: ep.clone(),
                     progress: ProgressMode::Off,
                     confirm_window,
-                    jobs_per_message,
+                    jobs_per_message: plan,
                     keys_to: KeysTo::IdentityFile(identity.clone()),
                 };
                 let cpu = process_cpu_seconds();
@@ -119,7 +124,8 @@ pub async fn bench_submit(
         jobs,
         rounds: rounds.max(1),
         confirm_window,
-        jobs_per_message: group.len(),
+        jobs_per_message: plan,
+        messages: plan.messages(jobs as u64),
         message_bytes,
         bare,
         submit: subs,
@@ -148,31 +154,53 @@ fn sample_job() -> Job {
     }
 }
 
-/// The bare publisher: one encoded message of `group`, enough times for `jobs` jobs, confirms
-/// kept `window` deep.
+/// The bare publisher: messages of `job` repeated, sized as `plan` says, for `jobs` jobs,
+/// confirms kept `window` deep. Each size is encoded once, before the clock starts.
 async fn measure_bare(
     ep: &Endpoints,
-    group: &[Job],
+    job: &Job,
+    plan: JobsPerMessage,
     jobs: usize,
     window: usize,
 ) -> Result<PublishMeasurement, PublishBenchError> {
     let broker = Broker::connect_nodes(&ep.amqp_url, 0, ep.topology(), ep.connect_timeout).await?;
     broker.declare().await?;
-    let payload =
-        crate::job::message::encode(group).map_err(|e| BrokerError::Encode(e.to_string()))?;
-    let id = crate::job::message::message_id(group).to_string();
-    let batch = &group[0].batch_id;
+    let encode = |n: usize| {
+        let group = vec![job.clone(); n];
+        crate::job::message::encode(&group)
+            .map(|payload| {
+                (
+                    n,
+                    payload,
+                    crate::job::message::message_id(&group).to_string(),
+                )
+            })
+            .map_err(|e| BrokerError::Encode(e.to_string()))
+    };
+    // The sizes the plan uses; a last, partly filled message is sent full (as before).
+    let payloads = [
+        encode(plan.next(0).min(jobs))?,
+        encode(plan.largest().min(jobs))?,
+    ];
+    let batch = &job.batch_id;
     let routing = ep.topology().jobs_routing_key();
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
     let cpu = process_cpu_seconds();
     let started = Instant::now();
-    for _ in 0..jobs.div_ceil(group.len()) {
+    let mut sent = 0u64;
+    while sent < jobs as u64 {
+        let n = plan.next(sent).min(jobs);
+        let (_, payload, id) = payloads
+            .iter()
+            .find(|(size, ..)| *size == n)
+            .unwrap_or(&payloads[1]);
         if pending.len() >= window {
             if let Some(c) = pending.pop_front() {
                 broker::confirmed(c, &routing).await?;
             }
         }
-        pending.push_back(broker.publish_encoded_job(&payload, &id, batch).await?);
+        pending.push_back(broker.publish_encoded_job(payload, id, batch).await?);
+        sent += n as u64;
     }
     for c in pending.drain(..) {
         broker::confirmed(c, &routing).await?;
@@ -204,14 +232,15 @@ pub fn render(r: &PublishReport) -> String {
     };
     let cpu = |v: &[PublishMeasurement]| median(v.iter().map(|m| m.cpu_us_per_job).collect());
     format!(
-        "{} jobs a measurement, {} rounds alternated, {} confirms in flight, {} jobs in each \
-         {}-byte message\n\
+        "{} jobs a measurement, {} rounds alternated, {} confirms in flight, {} messages of \
+         --jobs-per-message {} (the largest {} bytes)\n\
          bare publisher: {} jobs/s  median {:.0}  ({:.1} µs CPU a job in this process)\n\
          keyfleet submit: {} jobs/s  median {:.0}  ({:.1} µs CPU a job in this process)\n\
          submit / bare: {:.1}%\n",
         r.jobs,
         r.rounds,
         r.confirm_window,
+        r.messages,
         r.jobs_per_message,
         r.message_bytes,
         list(&r.bare),

@@ -55,8 +55,8 @@ pub struct FleetOptions {
     /// Give up waiting after this long without a result (the workers are gone, or stuck).
     pub idle_timeout: Duration,
     pub confirm_window: usize,
-    /// Jobs packed into one message (`submit --jobs-per-message`).
-    pub jobs_per_message: usize,
+    /// Jobs packed into each message (`submit --jobs-per-message`).
+    pub jobs_per_message: crate::job::jobs_per_message::JobsPerMessage,
 }
 
 /// Runs (or resumes) a rotation through the workers.

@@ -40,7 +40,7 @@ pub struct Env {
     pub redis: String,
     /// `--redis-replicas` of this test's workers, producer and collector.
     pub redis_replicas: u32,
-    pub jobs_per_message: usize,
+    pub jobs_per_message: keyfleet::job::jobs_per_message::JobsPerMessage,
     pub dir: tempfile::TempDir,
     workers: Vec<Child>,
     /// Other processes the test started (a `keyfleet serve` as the cloud), killed with it.
@@ -121,7 +121,7 @@ impl Env {
             amqp: amqp_url(),
             redis: redis_url(),
             redis_replicas: 0,
-            jobs_per_message: keyfleet::job::message::DEFAULT_JOBS_PER_MESSAGE,
+            jobs_per_message: Default::default(),
             dir: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
             helpers: Vec::new(),
@@ -142,9 +142,9 @@ impl Env {
     }
 
     /// The same world with every write waiting for `n` Redis replicas (`--redis-replicas`).
-    /// Jobs a message when this env submits (1: v1 messages).
+    /// Jobs a message when this env submits (1: v1 messages); `auto` otherwise.
     pub fn with_jobs_per_message(mut self, n: usize) -> Env {
-        self.jobs_per_message = n;
+        self.jobs_per_message = keyfleet::job::jobs_per_message::JobsPerMessage::Fixed(n);
         self
     }
 
