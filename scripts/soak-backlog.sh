@@ -209,7 +209,7 @@ echo "# batch file: $JOBS rows in $(elapsed "$t0" "$(now_s)") s, $(du -h "$CSV" 
 # --- enqueue the whole backlog before any worker runs --------------------------------------
 # Jobs a message: as `submit`'s default (auto) unless KEYFLEET_JOBS_PER_MESSAGE says (1: v1
 # messages).
-JOBS_PER_MESSAGE=${KEYFLEET_JOBS_PER_MESSAGE:-auto}
+JOBS_PER_MESSAGE=$(echo "${KEYFLEET_JOBS_PER_MESSAGE:-auto}" | tr -d "[:space:]" | tr "[:upper:]" "[:lower:]")
 # The messages N jobs become: auto packs 8 a message for the first 256 jobs, 32 after
 # (src/job/jobs_per_message.rs); a number packs that many.
 messages_for() {
@@ -238,7 +238,7 @@ if (( src != 0 )) || [[ $sub_enqueued != "$JOBS" ]]; then
   exit 1
 fi
 rm -f "$CSV"
-BACKLOG=$(queue_depth_settled "$PREFIX.jobs" "$JOBS")
+BACKLOG=$(queue_depth_settled "$PREFIX.jobs" "$(messages_for "$JOBS")")
 echo "# jobs queue before the worker starts: $BACKLOG messages"
 
 # --- worker, collector, sampler ------------------------------------------------------------

@@ -437,7 +437,7 @@ pub struct SubmitArgs {
     /// Jobs packed into one RabbitMQ message, `auto` or 1 to 1000: one message, one confirm
     /// and one ack carry that many jobs (the v2 message of docs/distributed.md), and a message
     /// goes to one worker. `auto`: 8 a message for a batch's first 256 jobs (a small batch
-    /// spreads over up to 32 workers), 32 after (a third of the broker's work a job). 1
+    /// spreads over up to 32 workers), 32 after (half the broker's work a job, or less). 1
     /// publishes v1 messages, one job each, for workers older than v2.
     #[arg(
         long,
@@ -977,10 +977,11 @@ pub struct BenchArgs {
     pub pooled: bool,
     /// With --pipeline: leave the rounds' output folders in place (their path is printed)
     /// instead of removing them at the end. On ext4 without a journal, files created within
-    /// ~5 minutes of many being deleted cost several times the CPU (the inode allocator passes
-    /// over each recently deleted inode), so the next benchmark would measure this one's
-    /// cleanup; remove the folder yourself, and wait, before a run that should not.
-    #[arg(long, requires = "pipeline", env = "KEYFLEET_BENCH_KEEP_OUTPUT")]
+    /// 60 s (up to 5 minutes) of many being deleted cost several times the CPU (the inode
+    /// allocator passes over each recently deleted inode), so the next benchmark would measure
+    /// this one's cleanup; remove the folder yourself, and wait, before a run that should not.
+    /// Without --pipeline it does nothing, so it may be set in the environment.
+    #[arg(long, env = "KEYFLEET_BENCH_KEEP_OUTPUT")]
     pub keep_output: bool,
     /// Instead: measure `keyfleet serve` over loopback — --keys signed CreateKeyPair requests
     /// per measurement, creates/s and p50/p99 latency with the key reservoir warm and cold,

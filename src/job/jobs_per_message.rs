@@ -21,9 +21,10 @@ pub const AUTO_FIRST: usize = 8;
 /// A multiple of [`AUTO_FIRST`], so the first large message starts right after it.
 pub const AUTO_FIRST_JOBS: u64 = 256;
 
-/// With `auto`: jobs a message after the first [`AUTO_FIRST_JOBS`]. 32 carries the broker's
-/// and the collector's work a key to about a third of 8's (docs/benchmarks.md), while a
-/// worker's prefetch (72 messages on two threads) holds ~2,300 jobs, ~10 s of its keys.
+/// With `auto`: jobs a message after the first [`AUTO_FIRST_JOBS`]. Against 8, 32 halved
+/// RabbitMQ's CPU a key and cut the collector's by a quarter to a third (docs/benchmarks.md,
+/// 2026-12-06 evening), while a worker's prefetch (72 messages on two threads) holds ~2,300
+/// jobs, ~10 s of its keys.
 pub const AUTO_THEN: usize = 32;
 
 /// The packing plan of a batch.
@@ -67,6 +68,58 @@ impl JobsPerMessage {
             packed += same * n;
         }
         messages
+    }
+}
+
+/// Where a stream of jobs is in its plan: the batch it is on, and how many of that batch's
+/// jobs are in messages already. A batch of its own starts the plan over, as does the first
+/// job after [`Cursor::restart`].
+#[derive(Clone, Debug)]
+pub struct Cursor {
+    plan: JobsPerMessage,
+    batch: Option<String>,
+    packed: u64,
+}
+
+impl Cursor {
+    pub fn new(plan: JobsPerMessage) -> Self {
+        Cursor {
+            plan,
+            batch: None,
+            packed: 0,
+        }
+    }
+
+    /// Whether a job of `batch` goes on with the plan. When it does not, the jobs gathered
+    /// before it go out first, in a message of their own, and then [`Cursor::start`].
+    pub fn on(&self, batch: &str) -> bool {
+        self.batch.as_deref() == Some(batch)
+    }
+
+    /// The plan over, for `batch`.
+    pub fn start(&mut self, batch: &str) {
+        self.batch = Some(batch.to_owned());
+        self.packed = 0;
+    }
+
+    /// The size of the message being gathered.
+    pub fn size(&self) -> usize {
+        self.plan.next(self.packed)
+    }
+
+    /// `jobs` more jobs went out in a message.
+    pub fn sealed(&mut self, jobs: usize) {
+        self.packed += jobs as u64;
+    }
+
+    /// What comes next starts the plan over, whatever its batch.
+    pub fn restart(&mut self) {
+        self.batch = None;
+    }
+
+    /// The most jobs any message of the plan holds.
+    pub fn largest(&self) -> usize {
+        self.plan.largest()
     }
 }
 
@@ -146,6 +199,37 @@ mod tests {
                 assert_eq!(plan.messages(jobs), messages, "{plan} {jobs}");
             }
         }
+    }
+
+    /// Another batch, or the first job after a restart (a rotation's next wave), is packed as
+    /// a batch of its own: small messages first, whatever went before.
+    #[test]
+    fn a_cursor_starts_the_plan_over_for_another_batch_and_after_a_restart() {
+        let mut cursor = Cursor::new(JobsPerMessage::Auto);
+        assert!(!cursor.on("a"), "nothing is on before the first job");
+        cursor.start("a");
+        for _ in 0..32 {
+            assert_eq!(cursor.size(), 8);
+            cursor.sealed(8);
+        }
+        assert!(cursor.on("a"));
+        assert_eq!(cursor.size(), 32, "past the first 256 jobs of a");
+        assert!(!cursor.on("b"));
+        cursor.start("b");
+        assert_eq!(cursor.size(), 8, "b starts small");
+        cursor.sealed(300);
+        assert_eq!(cursor.size(), 32);
+        cursor.restart();
+        assert!(
+            !cursor.on("b"),
+            "the same batch after a restart starts over"
+        );
+        cursor.start("b");
+        assert_eq!(cursor.size(), 8);
+        let mut fixed = Cursor::new(JobsPerMessage::Fixed(5));
+        fixed.start("a");
+        fixed.sealed(1000);
+        assert_eq!(fixed.size(), 5);
     }
 
     #[test]

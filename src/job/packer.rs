@@ -31,7 +31,8 @@ pub enum Packed {
     Unencodable(String),
 }
 
-/// Messages (or answers) handed over at once, at most: 32 messages of 8 jobs is 256 rows.
+/// Messages (or answers) handed over at once, at most: 32 messages of up to 32 jobs is up to
+/// 1,024 rows.
 pub const RUN: usize = 32;
 
 /// Reads `input` on its own thread and packs it (see the module's text). The channel holds
@@ -237,6 +238,37 @@ mod tests {
         };
         assert_eq!(bad_row.line, Some(22));
         assert!(matches!(bad_row.status, Status::Failed(_)));
+    }
+
+    /// Under `auto`, the plan counts the jobs packed, not the rows read: a row answered at once
+    /// (not a job) neither fills a message nor moves the plan on.
+    #[test]
+    fn auto_counts_packed_jobs_not_rows() {
+        let mut text = String::from("RegionId,KeyPairName\n");
+        for i in 0..300 {
+            if i == 5 {
+                text.push_str("cn-hangzhou,9bad\n");
+            } else {
+                text.push_str(&format!("cn-hangzhou,web-{i:03}\n"));
+            }
+        }
+        let out = packed(&text, JobsPerMessage::Auto);
+        let sizes: Vec<usize> = out
+            .iter()
+            .filter(|p| matches!(p, Packed::Message { .. }))
+            .map(|p| jobs_of(p).len())
+            .collect();
+        // 299 jobs: 32 messages of 8 (256 jobs), then one of 32 and the last 11.
+        let mut want = vec![8; 32];
+        want.extend([32, 11]);
+        assert_eq!(sizes, want);
+        assert_eq!(JobsPerMessage::Auto.messages(299), want.len() as u64);
+        assert_eq!(
+            out.iter()
+                .filter(|p| matches!(p, Packed::Answer(_)))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dialect::Catalog;
 use crate::job::batch::{self, Format, RowDefaults};
-use crate::job::jobs_per_message::JobsPerMessage;
+use crate::job::jobs_per_message::{Cursor, JobsPerMessage};
 use crate::job::packer::{self, Packed};
 use crate::job::Job;
 use crate::queue::broker::{self, Broker, BrokerError};
@@ -223,9 +223,8 @@ pub async fn open_batch(
 pub struct ConfirmWindow {
     routing: String,
     size: usize,
-    plan: JobsPerMessage,
-    /// Jobs of the batch being gathered already published: where the plan is.
-    packed: u64,
+    /// Where the jobs published since the last drain are in their plan.
+    cursor: Cursor,
     gathered: Vec<Job>,
     waiting: VecDeque<PublisherConfirm>,
 }
@@ -235,27 +234,23 @@ impl ConfirmWindow {
         ConfirmWindow {
             routing: e.topology().jobs_routing_key(),
             size: size.max(1),
-            plan,
-            packed: 0,
+            cursor: Cursor::new(plan),
             gathered: Vec::with_capacity(plan.largest()),
             waiting: VecDeque::with_capacity(size.max(1)),
         }
     }
 
     /// Takes a job; it is published once its message is full (or at [`ConfirmWindow::drain`]).
-    /// A job of another batch than those gathered starts a message of its own, and the plan
-    /// over.
+    /// A job of another batch than the last one starts a message of its own, and the plan
+    /// over; so does the first job after a drain (each wave of a rotation, and each
+    /// re-publish of lost jobs, is spread over the workers as a batch of its own would be).
     pub async fn publish(&mut self, broker: &Broker, job: Job) -> Result<(), BrokerError> {
-        if self
-            .gathered
-            .first()
-            .is_some_and(|first| first.batch_id != job.batch_id)
-        {
+        if !self.cursor.on(&job.batch_id) {
             self.flush(broker).await?;
-            self.packed = 0;
+            self.cursor.start(&job.batch_id);
         }
         self.gathered.push(job);
-        if self.gathered.len() >= self.plan.next(self.packed) {
+        if self.gathered.len() >= self.cursor.size() {
             self.flush(broker).await?;
         }
         Ok(())
@@ -269,7 +264,7 @@ impl ConfirmWindow {
         self.make_room().await?;
         self.waiting
             .push_back(broker.publish_jobs(&self.gathered).await?);
-        self.packed += self.gathered.len() as u64;
+        self.cursor.sealed(self.gathered.len());
         self.gathered.clear();
         Ok(())
     }
@@ -304,12 +299,14 @@ impl ConfirmWindow {
         Ok(())
     }
 
-    /// Publishes what is gathered and waits for every confirm still outstanding.
+    /// Publishes what is gathered and waits for every confirm still outstanding. What is
+    /// published next starts the plan over.
     pub async fn drain(&mut self, broker: &Broker) -> Result<(), BrokerError> {
         self.flush(broker).await?;
         for c in self.waiting.drain(..) {
             broker::confirmed(c, &self.routing).await?;
         }
+        self.cursor.restart();
         Ok(())
     }
 }

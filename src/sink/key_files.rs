@@ -5,7 +5,7 @@
 //!
 //! A key file outlives a crash that the registry's "delivered" mark may not: the sink reports
 //! the key it finds at a destination ([`Sink::at_destination`]), and delivering a key that is
-//! already there, byte for byte, succeeds without writing it again.
+//! already there, byte for byte, succeeds and leaves that file as it is.
 //!
 //! Key files are written in groups (`group.rs`): the keys delivered while the last group was
 //! being synced are written together, made durable by one flush of their filesystem and one

@@ -391,8 +391,10 @@ fn bench_pooled_reports_the_plumbing_alone() {
             "1",
             "--pipeline",
             "--pooled",
+            "--keep-output",
             "--json",
         ])
+        .env("TMPDIR", dir.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -405,6 +407,23 @@ fn bench_pooled_reports_the_plumbing_alone() {
     ] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
+    // --keep-output: the two runs' folders are left where the report says, keys and all.
+    let kept = std::path::PathBuf::from(r["output_kept"].as_str().expect("output_kept"));
+    assert!(kept.starts_with(dir.path()), "{r}");
+    let manifests = std::fs::read_dir(&kept)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .join("out/manifest.jsonl")
+                .is_file()
+        })
+        .count();
+    assert_eq!(
+        manifests, 2,
+        "the pipeline's and the pooled run's folders: {r}"
+    );
     let out = keyfleet(dir.path())
         .args(["bench", "--keys", "2", "--pooled"])
         .output()
@@ -413,10 +432,11 @@ fn bench_pooled_reports_the_plumbing_alone() {
     assert!(text(&out).contains("--pipeline"), "{}", text(&out));
 }
 
-/// Settings of `bench --submit` and `bench --serve` exported for `submit` and the others
-/// (`KEYFLEET_CONFIRM_WINDOW`, `KEYFLEET_JOBS_PER_MESSAGE`, `KEYFLEET_BENCH_CONCURRENCY`) do not
-/// stop a plain `bench`: clap took a value from the environment for a flag given, and refused
-/// the run for want of `--submit`.
+/// Settings of `bench --submit`, `bench --serve` and `bench --pipeline` exported for `submit`
+/// and the others (`KEYFLEET_CONFIRM_WINDOW`, `KEYFLEET_JOBS_PER_MESSAGE`,
+/// `KEYFLEET_BENCH_CONCURRENCY`, `KEYFLEET_BENCH_KEEP_OUTPUT`) do not stop a plain `bench`:
+/// clap took a value from the environment for a flag given, and refused the run for want of
+/// `--submit` (or `--pipeline`).
 #[test]
 fn bench_runs_with_the_submit_settings_in_the_environment() {
     let dir = tempfile::tempdir().unwrap();
@@ -425,6 +445,7 @@ fn bench_runs_with_the_submit_settings_in_the_environment() {
         .env("KEYFLEET_CONFIRM_WINDOW", "64")
         .env("KEYFLEET_JOBS_PER_MESSAGE", "1")
         .env("KEYFLEET_BENCH_CONCURRENCY", "2")
+        .env("KEYFLEET_BENCH_KEEP_OUTPUT", "true")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

@@ -215,10 +215,10 @@ pub fn measure(
 /// is made first, into a reservoir that then stops refilling, so the clock sees the plumbing
 /// alone.
 ///
-/// The folder is left for the caller to remove after the last round: on ext4, files created
-/// within seconds of many others being deleted cost several times the CPU (the inode
-/// allocator passes over each recently deleted inode), so one round's cleanup would be paid
-/// by the next round.
+/// The folder is left for the caller to remove after the last round: on ext4 without a
+/// journal, files created within 60 s (up to 5 minutes) of many others being deleted cost
+/// several times the CPU (the inode allocator passes over each recently deleted inode), so
+/// one round's cleanup would be paid by the next round.
 pub async fn measure_pipeline(
     spec: KeySpec,
     keys: usize,
