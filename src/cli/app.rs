@@ -358,8 +358,8 @@ async fn rotate_through_workers(
         remove_identity,
         wait: args.wait,
         idle_timeout: args.idle_timeout,
-        confirm_window: args.confirm_window.max(1),
-        jobs_per_message: args.jobs_per_message,
+        confirm_window: args.publish.confirm_window.max(1),
+        jobs_per_message: args.publish.jobs_per_message,
     };
     match fleet::rotate(opts, fleet_opts, registry, cloud.as_ref(), shutdown).await {
         Ok(s) => Ok(s),
@@ -439,8 +439,8 @@ async fn submit_command(
         catalog: resolved.settings.catalog,
         endpoints: args.results.server.endpoints(),
         progress: args.results.report.progress,
-        confirm_window: args.confirm_window.max(1),
-        jobs_per_message: args.jobs_per_message,
+        confirm_window: args.publish.confirm_window.max(1),
+        jobs_per_message: args.publish.jobs_per_message,
         keys_to: match (&args.recipient, &args.identity) {
             (Some(r), _) => KeysTo::Recipient(r.clone()),
             (None, Some(path)) => KeysTo::IdentityFile(path.clone()),
@@ -773,8 +773,8 @@ async fn bench_command(args: BenchArgs) -> anyhow::Result<ExitCode> {
             &args.server.endpoints(),
             args.keys,
             args.rounds.unwrap_or(3),
-            args.confirm_window.max(1),
-            args.jobs_per_message,
+            args.publish.confirm_window.max(1),
+            args.publish.jobs_per_message,
         )
         .await
         .context("benchmark failed")?;

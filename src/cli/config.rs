@@ -330,6 +330,27 @@ impl UpstreamLimitArgs {
     }
 }
 
+/// How `submit` publishes jobs (and `rotate --submit`, `bench --submit`, which use it).
+#[derive(Args, Clone, Debug)]
+pub struct PublishArgs {
+    /// Publisher confirms (one a message) kept in flight; `rotate` and `bench`: with --submit.
+    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
+    pub confirm_window: usize,
+    /// Jobs packed into one RabbitMQ message, `auto` or 1 to 1000: one message, one confirm
+    /// and one ack carry that many jobs (the v2 message of docs/distributed.md), and a message
+    /// goes to one worker. `auto`: 8 a message for a batch's first 256 jobs (a small batch
+    /// spreads over up to 32 workers), 32 after (half the broker's work a job, or less). 1
+    /// publishes v1 messages, one job each, for workers older than v2. `rotate` and `bench`:
+    /// with --submit (`bench`'s bare publisher sends messages of the same sizes).
+    #[arg(
+        long,
+        env = "KEYFLEET_JOBS_PER_MESSAGE",
+        default_value = "auto",
+        value_name = "auto|N"
+    )]
+    pub jobs_per_message: JobsPerMessage,
+}
+
 /// Where the servers of distributed mode are.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -431,21 +452,9 @@ pub struct SubmitArgs {
     /// Output folder for --wait.
     #[arg(long, env = "KEYFLEET_OUT", value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Publisher confirms (one a message) kept in flight.
-    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
-    pub confirm_window: usize,
-    /// Jobs packed into one RabbitMQ message, `auto` or 1 to 1000: one message, one confirm
-    /// and one ack carry that many jobs (the v2 message of docs/distributed.md), and a message
-    /// goes to one worker. `auto`: 8 a message for a batch's first 256 jobs (a small batch
-    /// spreads over up to 32 workers), 32 after (half the broker's work a job, or less). 1
-    /// publishes v1 messages, one job each, for workers older than v2.
-    #[arg(
-        long,
-        env = "KEYFLEET_JOBS_PER_MESSAGE",
-        default_value = "auto",
-        value_name = "auto|N"
-    )]
-    pub jobs_per_message: JobsPerMessage,
+    /// How jobs are published: messages and confirms.
+    #[command(flatten)]
+    pub publish: PublishArgs,
     /// The batch's age identity file: private keys travel encrypted to it and only `collect`
     /// with this file can read them. Created (0600) when it does not exist. Default:
     /// <batch-id>.age-identity in the --out folder with --wait, otherwise in
@@ -851,18 +860,9 @@ pub struct RotateArgs {
     /// running?); run the same command again to go on.
     #[arg(long, env = "KEYFLEET_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub idle_timeout: std::time::Duration,
-    /// With --submit: publisher confirms awaited at most this many messages behind.
-    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
-    pub confirm_window: usize,
-    /// With --submit: jobs packed into one RabbitMQ message, as `submit --jobs-per-message`
-    /// (`auto` or 1 to 1000; 1 publishes v1 messages, one job each).
-    #[arg(
-        long,
-        env = "KEYFLEET_JOBS_PER_MESSAGE",
-        default_value = "auto",
-        value_name = "auto|N"
-    )]
-    pub jobs_per_message: JobsPerMessage,
+    /// How jobs are published: messages and confirms.
+    #[command(flatten)]
+    pub publish: PublishArgs,
     /// RabbitMQ and Redis, with --submit.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -995,18 +995,9 @@ pub struct BenchArgs {
     /// --amqp-url / --redis-url, rounds alternated, medians. Queues of its own, deleted after.
     #[arg(long, conflicts_with_all = ["compare", "pipeline", "serve"])]
     pub submit: bool,
-    /// With --submit: publisher confirms kept in flight (as `submit --confirm-window`).
-    #[arg(long, env = "KEYFLEET_CONFIRM_WINDOW", default_value_t = 4096)]
-    pub confirm_window: usize,
-    /// With --submit: jobs a message (as `submit --jobs-per-message`); the bare publisher
-    /// sends messages of the same sizes.
-    #[arg(
-        long,
-        env = "KEYFLEET_JOBS_PER_MESSAGE",
-        default_value = "auto",
-        value_name = "auto|N"
-    )]
-    pub jobs_per_message: JobsPerMessage,
+    /// How jobs are published: messages and confirms.
+    #[command(flatten)]
+    pub publish: PublishArgs,
     /// With --submit: where RabbitMQ and Redis are.
     #[command(flatten)]
     pub server: ServerArgs,
