@@ -73,7 +73,9 @@ impl JobsPerMessage {
 
 /// Where a stream of jobs is in its plan: the batch it is on, and how many of that batch's
 /// jobs are in messages already. A batch of its own starts the plan over, as does the first
-/// job after [`Cursor::restart`].
+/// job after [`Cursor::restart`]. The packer of one batch file only sizes and seals
+/// (`size`, `sealed`); `ConfirmWindow`, which may see several batches and drains between
+/// waves, also asks `on` and calls `start`.
 #[derive(Clone, Debug)]
 pub struct Cursor {
     plan: JobsPerMessage,

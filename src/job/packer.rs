@@ -9,7 +9,7 @@
 use tokio::sync::mpsc;
 
 use super::batch::{BatchError, BatchInput, Reader, Row, RowDefaults};
-use super::jobs_per_message::JobsPerMessage;
+use super::jobs_per_message::{Cursor, JobsPerMessage};
 use super::message;
 use super::{Job, JobResult};
 use crate::dialect::{self, Catalog};
@@ -79,9 +79,8 @@ fn idle(tx: &mpsc::Sender<Vec<Packed>>) -> bool {
 /// The packing itself, apart from the thread and the channel.
 struct Packer {
     catalog: Catalog,
-    plan: JobsPerMessage,
-    /// Jobs sealed into messages so far: where the plan is.
-    packed: u64,
+    /// Where the batch is in its plan.
+    cursor: Cursor,
     gathered: Vec<Job>,
     run: Vec<Packed>,
 }
@@ -90,8 +89,7 @@ impl Packer {
     fn new(catalog: Catalog, plan: JobsPerMessage) -> Self {
         Packer {
             catalog,
-            plan,
-            packed: 0,
+            cursor: Cursor::new(plan),
             gathered: Vec::with_capacity(plan.largest()),
             run: Vec::with_capacity(RUN),
         }
@@ -110,7 +108,7 @@ impl Packer {
                     )))),
                     Ok(_) => {
                         self.gathered.push(job);
-                        if self.gathered.len() >= self.plan.next(self.packed) {
+                        if self.gathered.len() >= self.cursor.size() {
                             self.seal();
                         }
                     }
@@ -133,7 +131,7 @@ impl Packer {
             Err(e) => Packed::Unencodable(e.to_string()),
         };
         self.run.push(packed);
-        self.packed += self.gathered.len() as u64;
+        self.cursor.sealed(self.gathered.len());
         self.gathered.clear();
     }
 
