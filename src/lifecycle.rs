@@ -464,6 +464,9 @@ impl<R: Registry, U: Upstream> Lifecycle<R, U> {
             match self.reservoir.as_ref().and_then(|r| r.take(bits)) {
                 Some(ready) => ready,
                 None => {
+                    // Its commit and key file follow in a few milliseconds: the writers may
+                    // wait for them (`group.rs`).
+                    let _coming = crate::group::expect_company();
                     self.cpu
                         .run(move || {
                             let t = Instant::now();

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::dialect::record::KeyPairRecord;
 use crate::dialect::Scope;
-use crate::group::Group;
+use crate::group::{Group, Held, GATHER};
 
 /// `scope key \n name` → JSON of [`Entry`].
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
@@ -128,6 +128,11 @@ impl EmbeddedRegistry {
     /// against its checksum, see [`verify`]): a damaged one is refused before anything reads
     /// or writes it.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        Self::open_gathering(path, GATHER)
+    }
+
+    /// [`EmbeddedRegistry::open`], with synced writes waiting up to `gather` for company.
+    fn open_gathering(path: &Path, gather: Duration) -> Result<Self, RegistryError> {
         let shown = path.display();
         // A missing folder is a typo far more often than a wish: say so instead of creating it.
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -170,6 +175,7 @@ impl EmbeddedRegistry {
                     open: None,
                     store: db.clone(),
                     uncommitted: uncommitted.clone(),
+                    gather,
                 };
                 let writer =
                     Group::spawn_lingering("keyfleet-state", WRITES_PER_GROUP, move |ops| {
@@ -369,6 +375,8 @@ struct Writer {
     /// Shared with the registry: set while `open` holds answered writes, so a read commits them
     /// first ([`EmbeddedRegistry::blocking`]).
     uncommitted: Arc<AtomicBool>,
+    /// How long synced writes may wait for the keys being made ([`GATHER`]; longer in tests).
+    gather: Duration,
 }
 
 /// The transaction the writer holds open.
@@ -378,15 +386,19 @@ struct Open {
     began: std::time::Instant,
     /// Writes in it, answered.
     answered: usize,
+    /// Writes in it that must be synced before they are answered, held while keys are still
+    /// being made so that one sync serves several ([`Held`]).
+    held: Held<GiveAnswer>,
 }
 
 impl Writer {
     /// Applies a group of writes, in the order they came, to the open transaction. A write that
     /// needs no sync is answered at once (its caller goes on while the key is made); the
-    /// transaction is committed when a write in it must be synced, when a read asks for it,
-    /// when it holds [`WRITES_PER_GROUP`] answered writes, or [`LINGER`] after it was begun
-    /// (an empty `ops` is the linger passing: see [`Group::spawn_lingering`]). Returns how long
-    /// to linger.
+    /// transaction is committed when a read asks for it, when it holds [`WRITES_PER_GROUP`]
+    /// writes, and otherwise [`LINGER`] after it was begun — unless a write in it must be
+    /// synced: then at once if no key is being made, else when the keys being made have sent
+    /// theirs or after [`GATHER`], so that one sync serves several (an empty `ops` is a wait
+    /// passing: see [`Group::spawn_lingering`]). Returns how long to wait.
     ///
     /// A write answered before its commit is lost by a crash, as a write committed without a
     /// sync is, and, while the process lives, when its transaction is abandoned: a later write
@@ -399,7 +411,6 @@ impl Writer {
     fn take(&mut self, ops: Vec<WriteOp>) -> Option<Duration> {
         let mut waiting: Vec<GiveAnswer> = Vec::new();
         let mut commits: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
-        let mut synced = false;
         let linger_over = ops.is_empty();
         let outcome = contained(|| -> Result<(), RegistryError> {
             let Some(db) = &self.store.db else {
@@ -425,6 +436,7 @@ impl Writer {
                             txn,
                             began: std::time::Instant::now(),
                             answered: 0,
+                            held: Held::new(self.gather),
                         })
                     }
                 };
@@ -432,9 +444,10 @@ impl Writer {
                 // From a spoiled write on, the group's writes are still applied (their answers
                 // come from applying them) but all wait, and get its error.
                 spoiled = spoiled.or(applied.spoiled);
-                if op_synced || spoiled.is_some() {
-                    synced |= op_synced;
+                if spoiled.is_some() {
                     waiting.push(applied.answer);
+                } else if op_synced {
+                    open.held.push(applied.answer);
                 } else {
                     self.uncommitted.store(true, Ordering::Release);
                     open.answered += 1;
@@ -448,14 +461,23 @@ impl Writer {
             if let Some(e) = self.store.damage.get() {
                 return Err(e.clone());
             }
-            let due = !waiting.is_empty()
-                || !commits.is_empty()
+            let due = !commits.is_empty()
                 || linger_over
                 || self.open.as_ref().is_some_and(|open| {
-                    open.answered >= WRITES_PER_GROUP || open.began.elapsed() >= LINGER
+                    // Synced writes held for company set the time; else the linger does.
+                    open.answered + open.held.len() >= WRITES_PER_GROUP
+                        || match open.held.is_empty() {
+                            true => open.began.elapsed() >= LINGER,
+                            false => open.held.left().is_none(),
+                        }
                 });
             if due {
-                if let Some(Open { mut txn, .. }) = self.open.take() {
+                if let Some(Open {
+                    mut txn, mut held, ..
+                }) = self.open.take()
+                {
+                    let synced = !held.is_empty();
+                    waiting.extend(held.take());
                     if synced {
                         txn.set_durability(redb::Durability::Immediate)
                             .map_err(storage)?;
@@ -470,7 +492,9 @@ impl Writer {
         let outcome =
             outcome.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
         if outcome.is_err() {
-            if let Some(Open { txn, .. }) = self.open.take() {
+            if let Some(Open { txn, mut held, .. }) = self.open.take() {
+                // The synced writes held in it are lost with it, and told so.
+                waiting.extend(held.take());
                 // Dropping it aborts it, which may itself trip over the damage that failed it.
                 let _ = contained(move || drop(txn));
             }
@@ -484,9 +508,11 @@ impl Writer {
         for done in commits {
             let _ = done.send(());
         }
-        self.open
-            .as_ref()
-            .map(|open| LINGER.saturating_sub(open.began.elapsed()))
+        self.open.as_ref().map(|open| match open.held.is_empty() {
+            true => LINGER.saturating_sub(open.began.elapsed()),
+            // Zero when the wait is over: the next call commits.
+            false => open.held.left().unwrap_or_default(),
+        })
     }
 }
 
@@ -1296,6 +1322,63 @@ mod tests {
             let name = format!("pair-{i:04}");
             assert!(matches!(
                 registry.lookup(&scope, &name).await.unwrap(),
+                Some(Entry::Pair(_))
+            ));
+        }
+    }
+
+    /// While a key is being made for a job, a synced commit waits for company instead of
+    /// syncing alone: a second one joins it, neither is answered until they are made durable
+    /// together (here by a read, which commits what is open), and both are then in the file.
+    /// The wait is a minute here so that only what the writer does decides the outcome.
+    #[tokio::test]
+    async fn a_synced_commit_waits_for_the_keys_being_made_and_shares_their_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let registry = EmbeddedRegistry::open_gathering(&path, Duration::from_secs(60)).unwrap();
+        let scope = Scope {
+            provider: Provider::Aliyun,
+            owner: "acct".into(),
+            region: "cn-hangzhou".into(),
+        };
+        let jobs = [Uuid::new_v4(), Uuid::new_v4()];
+        for (i, job) in jobs.iter().enumerate() {
+            let name = format!("pair-{i}");
+            let claim = Claim {
+                scope: &scope,
+                name: &name,
+                job_id: *job,
+                quota: 10,
+                ttl_ms: 60_000,
+            };
+            assert_eq!(registry.reserve(&claim).await, Ok(Reserved::Fresh));
+        }
+        let coming = crate::group::expect_company();
+        let commit = |i: usize| {
+            let registry = registry.clone();
+            let record = record(&scope, &format!("pair-{i}"), jobs[i]);
+            tokio::spawn(async move { registry.commit(&record).await })
+        };
+        let first = commit(0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !first.is_finished(),
+            "a synced commit did not wait for company"
+        );
+        let second = commit(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!first.is_finished() && !second.is_finished());
+        // A read commits what is open first: the two commits go together.
+        let read = registry.lookup(&scope, "pair-0").await.unwrap();
+        assert!(matches!(read, Some(Entry::Pair(_))));
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        drop(coming);
+        drop(registry);
+        let reopened = EmbeddedRegistry::open(&path).unwrap();
+        for i in 0..2 {
+            assert!(matches!(
+                reopened.lookup(&scope, &format!("pair-{i}")).await.unwrap(),
                 Some(Entry::Pair(_))
             ));
         }

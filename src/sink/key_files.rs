@@ -10,7 +10,8 @@
 //! Key files are written in groups (`group.rs`): the keys delivered while the last group was
 //! being synced are written together, made durable by one flush of their filesystem and one
 //! sync of each folder, and only then reported delivered — the syncs a key cost alone are
-//! shared by the group.
+//! shared by the group. While keys are still being made for jobs (`run`), the writer waits for
+//! theirs a few milliseconds before it syncs (`group.rs`).
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -18,6 +19,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -26,7 +28,7 @@ use zeroize::Zeroizing;
 
 use super::{AtDestination, DeliveryError, Sink};
 use crate::dialect::{Provider, Scope};
-use crate::group::Group;
+use crate::group::{Group, Held, GATHER};
 use crate::job::{set_private_key_body, JobResult, SecretPem};
 use crate::keys::keygen;
 use crate::registry::RegistryError;
@@ -45,7 +47,8 @@ pub enum KeyFileError {
     },
 }
 
-/// At most this many key files share a group's syncs.
+/// A group's syncs are shared by this many key files, or by those queued when its wait for
+/// company ends (up to twice as many).
 const FILES_PER_GROUP: usize = 128;
 
 /// One key file to write, and where its outcome goes.
@@ -72,14 +75,34 @@ impl std::fmt::Debug for KeyFiles {
 impl KeyFiles {
     /// The key files under `root`, and the thread that writes them.
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        let writer = Group::spawn(
+        Self::gathering(root, GATHER)
+    }
+
+    /// [`KeyFiles::new`], with keys waiting up to `gather` for company.
+    fn gathering(root: &Path, gather: Duration) -> std::io::Result<Self> {
+        // Keys queued while keys are still being made wait for theirs, a few milliseconds at
+        // most (`group.rs`), so that one group's syncs serve them all.
+        let mut held = Held::new(gather);
+        let writer = Group::spawn_lingering(
             "keyfleet-keyfiles",
             FILES_PER_GROUP,
-            |group: Vec<Queued>| {
-                let (writes, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+            move |group: Vec<Queued>| {
+                // An empty group: the wait passed, or the sink is being dropped.
+                let wait_over = group.is_empty();
+                held.extend(group);
+                if held.is_empty() {
+                    return None;
+                }
+                if !wait_over && held.len() < FILES_PER_GROUP {
+                    if let Some(left) = held.left() {
+                        return Some(left);
+                    }
+                }
+                let (writes, answers): (Vec<_>, Vec<_>) = held.take().into_iter().unzip();
                 for (written, answer) in write_group(writes).into_iter().zip(answers) {
                     let _ = answer.send(written);
                 }
+                None
             },
         )?;
         Ok(KeyFiles {
@@ -480,6 +503,37 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// While a key is being made for a job, keys queued for their files wait for it: none is
+    /// in place (or answered) while the wait lasts, and when it ends (here the sink is closed,
+    /// which ends it at once) all are written as one group and answered.
+    #[test]
+    fn key_files_wait_for_the_keys_being_made_then_are_written_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("aliyun/acct/cn-hangzhou");
+        let files = KeyFiles::gathering(dir.path(), Duration::from_secs(60)).unwrap();
+        let coming = crate::group::expect_company();
+        let mut answers = Vec::new();
+        for name in ["a", "b"] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            assert!(files
+                .writer
+                .send((write(&folder, name, &format!("KEY-{name}\n")), tx))
+                .is_ok());
+            answers.push(rx);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for answer in &mut answers {
+            assert!(answer.try_recv().is_err(), "a key file did not wait");
+        }
+        assert!(!folder.join("a.pem").exists() && !folder.join("b.pem").exists());
+        drop(files);
+        for answer in answers {
+            answer.blocking_recv().unwrap().unwrap();
+        }
+        drop(coming);
+        assert_eq!(names(&folder), ["a.pem", "a.pub", "b.pem", "b.pub"]);
     }
 
     /// The name is looked at only when `link` finds it taken: the same key there is the key

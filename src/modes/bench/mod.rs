@@ -184,6 +184,8 @@ pub fn measure(
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        // Named, so a profile of `bench` tells raw generation from the runtime that started it.
+        .thread_name(|i| format!("keyfleet-raw-{i}"))
         .build()
         .map_err(|e| BenchError::Pool(e.to_string()))?;
     let started = Instant::now();
