@@ -12,7 +12,8 @@
 //! Work that must be synced may also wait a little for company ([`company_coming`]): while
 //! keys are being made for jobs, each of whose writes will follow in a few milliseconds, a
 //! writer holds its synced work up to [`GATHER`] so that one sync serves several keys. With no
-//! key on its way (a lone request, keys taken from the reservoir, a `collect`) nothing waits.
+//! key on its way (a lone request, keys taken from the reservoir, a `collect`) nothing waits,
+//! and after a wait that found no company the next groups do not wait ([`Held`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -57,13 +58,27 @@ pub fn company_coming() -> bool {
 }
 
 /// Synced work a writer holds while keys are coming, so that one sync serves more of it.
+///
+/// A wait that found no company (the keys being made were not on their way here: a cloud's
+/// answer comes first, say) makes the next groups go without waiting — 2, then 4, … up to 64
+/// groups after waits in a row that found none — so a wrong hint costs little latency.
 pub struct Held<T> {
     items: Vec<T>,
     /// When the first of `items` came.
     since: Option<Instant>,
     /// The longest the first item waits ([`GATHER`] but in tests).
     gather: Duration,
+    /// How many items were held when this group began to wait, if it did.
+    waited_with: Option<usize>,
+    /// Waits in a row that found no company.
+    lonely: u32,
+    /// Groups still to go without waiting.
+    skip: u32,
 }
+
+/// After this many lonely waits in a row, the number of groups that skip the wait stops
+/// doubling (2⁶ = 64).
+const MOST_LONELY: u32 = 6;
 
 impl<T> Held<T> {
     pub fn new(gather: Duration) -> Self {
@@ -71,6 +86,9 @@ impl<T> Held<T> {
             items: Vec::new(),
             since: None,
             gather,
+            waited_with: None,
+            lonely: 0,
+            skip: 0,
         }
     }
 
@@ -88,20 +106,33 @@ impl<T> Held<T> {
     }
 
     /// How much longer the held work may wait for company, or `None` when it should be made
-    /// durable now: nothing is held, no key is coming, or the first item has waited long
-    /// enough.
-    pub fn left(&self) -> Option<Duration> {
+    /// durable now: nothing is held, no key is coming, the first item has waited long
+    /// enough, or recent waits found no company.
+    pub fn left(&mut self) -> Option<Duration> {
         let since = self.since?;
-        if !company_coming() {
+        if self.skip > 0 || !company_coming() {
             return None;
         }
-        self.gather
+        let left = self
+            .gather
             .checked_sub(since.elapsed())
-            .filter(|left| !left.is_zero())
+            .filter(|left| !left.is_zero());
+        if left.is_some() {
+            self.waited_with.get_or_insert(self.items.len());
+        }
+        left
     }
 
     /// Everything held, in the order it came; the next item starts a new wait.
     pub fn take(&mut self) -> Vec<T> {
+        match self.waited_with.take() {
+            Some(held) if self.items.len() > held => self.lonely = 0,
+            Some(_) => {
+                self.lonely = (self.lonely + 1).min(MOST_LONELY);
+                self.skip = 1 << self.lonely;
+            }
+            None => self.skip = self.skip.saturating_sub(1),
+        }
         self.since = None;
         std::mem::take(&mut self.items)
     }
@@ -255,6 +286,35 @@ mod tests {
         assert_eq!(short.left(), None, "waited long enough: due now");
         drop(coming);
         // Other tests in this process may be making keys: no claim here that none is coming.
+    }
+
+    /// A wait that finds no company: the next two groups go at once, then one waits again; a
+    /// wait that finds company keeps the waiting on; lonely waits in a row back off further.
+    #[test]
+    fn a_wait_that_finds_no_company_makes_the_next_groups_go_at_once() {
+        let _coming = expect_company();
+        let mut held = Held::new(Duration::from_secs(60));
+        let group = |items: &[u32], held: &mut Held<u32>| -> bool {
+            held.push(items[0]);
+            let waits = held.left().is_some();
+            held.extend(items[1..].iter().copied());
+            assert_eq!(held.take(), items);
+            waits
+        };
+        assert!(group(&[1], &mut held), "the first group waits");
+        assert!(!group(&[2], &mut held) && !group(&[3], &mut held));
+        assert!(
+            group(&[4, 5], &mut held),
+            "then one waits again, and finds company"
+        );
+        assert!(group(&[6], &mut held), "so the next waits too");
+        // Lonely once more: two groups skip. Lonely again after them: four skip.
+        assert!(!group(&[7], &mut held) && !group(&[8], &mut held));
+        assert!(group(&[9], &mut held));
+        for i in 0..4 {
+            assert!(!group(&[10 + i], &mut held), "group {i} of four waited");
+        }
+        assert!(group(&[14], &mut held));
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl EmbeddedRegistry {
                     open: None,
                     store: db.clone(),
                     uncommitted: uncommitted.clone(),
-                    gather,
+                    held: Held::new(gather),
                 };
                 let writer =
                     Group::spawn_lingering("keyfleet-state", WRITES_PER_GROUP, move |ops| {
@@ -375,8 +375,10 @@ struct Writer {
     /// Shared with the registry: set while `open` holds answered writes, so a read commits them
     /// first ([`EmbeddedRegistry::blocking`]).
     uncommitted: Arc<AtomicBool>,
-    /// How long synced writes may wait for the keys being made ([`GATHER`]; longer in tests).
-    gather: Duration,
+    /// The writes in `open` that must be synced before they are answered, held while keys
+    /// are still being made so that one sync serves several ([`Held`]; it keeps, from one
+    /// transaction to the next, whether waiting found company).
+    held: Held<GiveAnswer>,
 }
 
 /// The transaction the writer holds open.
@@ -386,9 +388,6 @@ struct Open {
     began: std::time::Instant,
     /// Writes in it, answered.
     answered: usize,
-    /// Writes in it that must be synced before they are answered, held while keys are still
-    /// being made so that one sync serves several ([`Held`]).
-    held: Held<GiveAnswer>,
 }
 
 impl Writer {
@@ -436,7 +435,6 @@ impl Writer {
                             txn,
                             began: std::time::Instant::now(),
                             answered: 0,
-                            held: Held::new(self.gather),
                         })
                     }
                 };
@@ -447,7 +445,7 @@ impl Writer {
                 if spoiled.is_some() {
                     waiting.push(applied.answer);
                 } else if op_synced {
-                    open.held.push(applied.answer);
+                    self.held.push(applied.answer);
                 } else {
                     self.uncommitted.store(true, Ordering::Release);
                     open.answered += 1;
@@ -465,19 +463,16 @@ impl Writer {
                 || linger_over
                 || self.open.as_ref().is_some_and(|open| {
                     // Synced writes held for company set the time; else the linger does.
-                    open.answered + open.held.len() >= WRITES_PER_GROUP
-                        || match open.held.is_empty() {
+                    open.answered + self.held.len() >= WRITES_PER_GROUP
+                        || match self.held.is_empty() {
                             true => open.began.elapsed() >= LINGER,
-                            false => open.held.left().is_none(),
+                            false => self.held.left().is_none(),
                         }
                 });
             if due {
-                if let Some(Open {
-                    mut txn, mut held, ..
-                }) = self.open.take()
-                {
-                    let synced = !held.is_empty();
-                    waiting.extend(held.take());
+                if let Some(Open { mut txn, .. }) = self.open.take() {
+                    let synced = !self.held.is_empty();
+                    waiting.extend(self.held.take());
                     if synced {
                         txn.set_durability(redb::Durability::Immediate)
                             .map_err(storage)?;
@@ -492,9 +487,9 @@ impl Writer {
         let outcome =
             outcome.unwrap_or_else(|()| Err(corrupt("a page of it cannot be read or written")));
         if outcome.is_err() {
-            if let Some(Open { txn, mut held, .. }) = self.open.take() {
+            if let Some(Open { txn, .. }) = self.open.take() {
                 // The synced writes held in it are lost with it, and told so.
-                waiting.extend(held.take());
+                waiting.extend(self.held.take());
                 // Dropping it aborts it, which may itself trip over the damage that failed it.
                 let _ = contained(move || drop(txn));
             }
@@ -508,10 +503,11 @@ impl Writer {
         for done in commits {
             let _ = done.send(());
         }
-        self.open.as_ref().map(|open| match open.held.is_empty() {
+        let open = self.open.as_ref()?;
+        Some(match self.held.is_empty() {
             true => LINGER.saturating_sub(open.began.elapsed()),
             // Zero when the wait is over: the next call commits.
-            false => open.held.left().unwrap_or_default(),
+            false => self.held.left().unwrap_or_default(),
         })
     }
 }
