@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 /// How long synced work waits, at most, for the writes of keys still being made.
 ///
 /// At two threads' ~250 keys/s a key is done every ~4 ms, so a wait of 10 ms shares each sync
-/// among two to three keys; a faster machine fills its groups without waiting. Only synced
-/// work waits (a write answered before its commit is answered at once), and a job's commit
-/// and key file each wait at most this long, so `run` and a cold `serve` keep their key
-/// threads busy with the jobs queued behind.
+/// among two to four keys; a faster machine fills its groups without waiting. Only synced
+/// work waits (a write answered before its commit is answered at once): each synced write of
+/// a job (its commit; before a cloud call, the key noted; a release) and its key file wait at
+/// most this long, so `run` and a cold `serve` keep their key threads busy with the jobs
+/// queued behind.
 pub const GATHER: Duration = Duration::from_millis(10);
 
 /// Keys being made (queued on the key threads or running) for jobs whose synced writes follow.
@@ -125,6 +126,10 @@ impl<T> Held<T> {
 
     /// Everything held, in the order it came; the next item starts a new wait.
     pub fn take(&mut self) -> Vec<T> {
+        if self.items.is_empty() {
+            // A commit with no synced work in it is no group: the back-off is left as it is.
+            return Vec::new();
+        }
         match self.waited_with.take() {
             Some(held) if self.items.len() > held => self.lonely = 0,
             Some(_) => {
@@ -302,6 +307,8 @@ mod tests {
             waits
         };
         assert!(group(&[1], &mut held), "the first group waits");
+        // Taking nothing (a commit with nothing held) is not a group that went at once.
+        assert!(held.take().is_empty());
         assert!(!group(&[2], &mut held) && !group(&[3], &mut held));
         assert!(
             group(&[4, 5], &mut held),

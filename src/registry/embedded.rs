@@ -384,7 +384,9 @@ struct Writer {
 /// The transaction the writer holds open.
 struct Open {
     txn: redb::WriteTransaction,
-    /// It is committed [`LINGER`] after this, whatever keeps arriving.
+    /// It is committed [`LINGER`] after this, whatever keeps arriving — or, while it holds
+    /// synced writes, when their wait for company ends ([`GATHER`] at most after the first),
+    /// so a write answered before its commit stays uncommitted [`LINGER`] + [`GATHER`] at most.
     began: std::time::Instant,
     /// Writes in it, answered.
     answered: usize,
@@ -1325,7 +1327,8 @@ mod tests {
 
     /// While a key is being made for a job, a synced commit waits for company instead of
     /// syncing alone: a second one joins it, neither is answered until they are made durable
-    /// together (here by a read, which commits what is open), and both are then in the file.
+    /// together (here by a read after a write answered at once, which commits what is open),
+    /// and both are then in the file.
     /// The wait is a minute here so that only what the writer does decides the outcome.
     #[tokio::test]
     async fn a_synced_commit_waits_for_the_keys_being_made_and_shares_their_sync() {
@@ -1364,7 +1367,18 @@ mod tests {
         let second = commit(1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!first.is_finished() && !second.is_finished());
-        // A read commits what is open first: the two commits go together.
+        // A read commits what is open first when a write in it was answered already (held
+        // writes were not, so no reader is owed them): a reservation answered at once, then a
+        // read, and the two commits go together with it.
+        let third = Claim {
+            scope: &scope,
+            name: "pair-2",
+            job_id: Uuid::new_v4(),
+            quota: 10,
+            ttl_ms: 60_000,
+        };
+        assert_eq!(registry.reserve(&third).await, Ok(Reserved::Fresh));
+        assert!(!first.is_finished() && !second.is_finished());
         let read = registry.lookup(&scope, "pair-0").await.unwrap();
         assert!(matches!(read, Some(Entry::Pair(_))));
         first.await.unwrap().unwrap();
