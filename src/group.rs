@@ -5,7 +5,7 @@
 //! sync for many, and no item waits for a timer. The state file (`registry/embedded.rs`) and the
 //! key files (`sink/key_files.rs`) are written this way.
 //!
-//! A group may also be left open ([`Group::spawn_lingering`]): the state file answers writes
+//! A group may also be left open ([`Group::spawn`] with a wait): the state file answers writes
 //! that need no sync before their transaction commits, and commits them with whatever comes
 //! next — or, when nothing comes for a moment, on its own.
 //!
@@ -161,22 +161,10 @@ pub struct Group<T> {
 
 impl<T: Send + 'static> Group<T> {
     /// Starts the thread `name`, which hands `each` the items queued, at most `most` at a time,
-    /// in the order they were sent.
+    /// in the order they were sent. `each` may leave work open: when it returns `Some(wait)`,
+    /// it is called again with an empty group once `wait` passes with nothing queued, and once
+    /// more when the last sender is gone — so it can finish what it left open.
     pub fn spawn(
-        name: &str,
-        most: usize,
-        mut each: impl FnMut(Vec<T>) + Send + 'static,
-    ) -> std::io::Result<Self> {
-        Self::spawn_lingering(name, most, move |group| {
-            each(group);
-            None
-        })
-    }
-
-    /// As [`Group::spawn`], but `each` may leave work open: when it returns `Some(wait)`, it is
-    /// called again with an empty group once `wait` passes with nothing queued, and once more
-    /// when the last sender is gone — so it can finish what it left open.
-    pub fn spawn_lingering(
         name: &str,
         most: usize,
         mut each: impl FnMut(Vec<T>) -> Option<Duration> + Send + 'static,
@@ -258,6 +246,7 @@ mod tests {
                 go_rx.recv().unwrap();
             }
             seen.lock().unwrap().push(items);
+            None
         })
         .unwrap();
         group.send(0).unwrap();
@@ -327,7 +316,7 @@ mod tests {
     #[test]
     fn lingering_work_is_called_again_when_nothing_comes_and_when_the_senders_go() {
         let (calls_tx, calls_rx) = mpsc::channel::<Vec<u32>>();
-        let group = Group::spawn_lingering("test-linger", 8, move |items: Vec<u32>| {
+        let group = Group::spawn("test-linger", 8, move |items: Vec<u32>| {
             // After 1, a short linger; after 2, one longer than the test.
             let linger = match items.as_slice() {
                 [1] => Some(Duration::from_millis(5)),

@@ -177,13 +177,12 @@ impl EmbeddedRegistry {
                     uncommitted: uncommitted.clone(),
                     held: Held::new(gather),
                 };
-                let writer =
-                    Group::spawn_lingering("keyfleet-state", WRITES_PER_GROUP, move |ops| {
-                        state.take(ops)
-                    })
-                    .map_err(|e| {
-                        RegistryError::Storage(format!("cannot start the state writer: {e}"))
-                    })?;
+                let writer = Group::spawn("keyfleet-state", WRITES_PER_GROUP, move |ops| {
+                    state.take(ops)
+                })
+                .map_err(|e| {
+                    RegistryError::Storage(format!("cannot start the state writer: {e}"))
+                })?;
                 return Ok(EmbeddedRegistry {
                     db,
                     writer: Arc::new(writer),
@@ -399,7 +398,7 @@ impl Writer {
     /// writes, and otherwise [`LINGER`] after it was begun — unless a write in it must be
     /// synced: then at once if no key is being made, else when the keys being made have sent
     /// theirs or after [`GATHER`], so that one sync serves several (an empty `ops` is a wait
-    /// passing: see [`Group::spawn_lingering`]). Returns how long to wait.
+    /// passing: see [`Group::spawn`]). Returns how long to wait.
     ///
     /// A write answered before its commit is lost by a crash, as a write committed without a
     /// sync is, and, while the process lives, when its transaction is abandoned: a later write
@@ -466,9 +465,10 @@ impl Writer {
                 || self.open.as_ref().is_some_and(|open| {
                     // Synced writes held for company set the time; else the linger does.
                     open.answered + self.held.len() >= WRITES_PER_GROUP
-                        || match self.held.is_empty() {
-                            true => open.began.elapsed() >= LINGER,
-                            false => self.held.left().is_none(),
+                        || if self.held.is_empty() {
+                            open.began.elapsed() >= LINGER
+                        } else {
+                            self.held.left().is_none()
                         }
                 });
             if due {
@@ -506,10 +506,11 @@ impl Writer {
             let _ = done.send(());
         }
         let open = self.open.as_ref()?;
-        Some(match self.held.is_empty() {
-            true => LINGER.saturating_sub(open.began.elapsed()),
+        Some(if self.held.is_empty() {
+            LINGER.saturating_sub(open.began.elapsed())
+        } else {
             // Zero when the wait is over: the next call commits.
-            false => self.held.left().unwrap_or_default(),
+            self.held.left().unwrap_or_default()
         })
     }
 }

@@ -83,7 +83,7 @@ impl KeyFiles {
         // Keys queued while keys are still being made wait for theirs, a few milliseconds at
         // most (`group.rs`), so that one group's syncs serve them all.
         let mut held = Held::new(gather);
-        let writer = Group::spawn_lingering(
+        let writer = Group::spawn(
             "keyfleet-keyfiles",
             FILES_PER_GROUP,
             move |group: Vec<Queued>| {
