@@ -375,8 +375,9 @@ fn progress_rate_has_no_four_decimals() {
     assert_eq!(keyfleet::telemetry::progress::rate(0.0), "0.0/s");
 }
 
-/// `bench --pipeline --pooled` reports the plumbing alone beside the pipeline (no figure is
-/// asserted: benchmarks are benchmarks), and `--pooled` alone is refused, naming --pipeline.
+/// `bench --pipeline --pooled` reports the plumbing alone beside the pipeline, and each
+/// round's figures beside the medians (no figure is asserted: benchmarks are benchmarks), and
+/// `--pooled` alone is refused, naming --pipeline.
 #[test]
 fn bench_pooled_reports_the_plumbing_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -388,7 +389,7 @@ fn bench_pooled_reports_the_plumbing_alone() {
             "--threads",
             "2",
             "--rounds",
-            "1",
+            "2",
             "--pipeline",
             "--pooled",
             "--keep-output",
@@ -407,6 +408,16 @@ fn bench_pooled_reports_the_plumbing_alone() {
     ] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
+    for field in ["pipeline_round_ratios", "pooled_rounds_keys_per_second"] {
+        let rounds = r[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("{field}: {r}"));
+        assert_eq!(rounds.len(), 2, "one figure a round: {field}: {r}");
+        assert!(
+            rounds.iter().all(|v| v.as_f64().is_some_and(|v| v > 0.0)),
+            "{r}"
+        );
+    }
     // --keep-output: the two runs' folders are left where the report says, keys and all.
     let kept = std::path::PathBuf::from(r["output_kept"].as_str().expect("output_kept"));
     assert!(kept.starts_with(dir.path()), "{r}");
@@ -421,9 +432,29 @@ fn bench_pooled_reports_the_plumbing_alone() {
         })
         .count();
     assert_eq!(
-        manifests, 2,
-        "the pipeline's and the pooled run's folders: {r}"
+        manifests, 4,
+        "each round's pipeline and pooled run folders: {r}"
     );
+    // Read by a person: each round's figures beside the medians.
+    let out = keyfleet(dir.path())
+        .args([
+            "bench",
+            "--keys",
+            "4",
+            "--threads",
+            "2",
+            "--rounds",
+            "2",
+            "--pipeline",
+            "--pooled",
+        ])
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("(the rounds' own ratios: "), "{report}");
+    assert!(report.contains("(rounds: "), "{report}");
     let out = keyfleet(dir.path())
         .args(["bench", "--keys", "2", "--pooled"])
         .output()

@@ -71,12 +71,21 @@ pub struct Report {
     pub ratio_to_openssl: Option<f64>,
     /// keys/s of `keyfleet run` on a generated batch (`--pipeline`).
     pub pipeline_keys_per_second: Option<f64>,
+    /// The pipeline's median keys/s over raw generation's median.
     pub pipeline_ratio_to_raw: Option<f64>,
+    /// Each round's pipeline keys/s over the same round's raw generation, in round order. A
+    /// round takes its two back to back, while raw generation alone drifted from 33.5 to 45.8
+    /// keys/s between runs on a shared machine (docs/benchmarks.md, 2026-12-07).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pipeline_round_ratios: Vec<f64>,
     /// CPU time of this process (every thread) per key while `run` ran (`--pipeline`).
     pub pipeline_cpu_ms_per_key: Option<f64>,
     /// keys/s of `keyfleet run` with every key taken from memory (`--pooled`): the plumbing
     /// alone — reading, registry, key files, manifest.
     pub pooled_keys_per_second: Option<f64>,
+    /// Each round's pooled keys/s, in round order (their median is the figure above).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pooled_rounds_keys_per_second: Vec<f64>,
     /// CPU time of this process per key in the pooled run: what the plumbing costs.
     pub pooled_cpu_ms_per_key: Option<f64>,
     /// With `--keep-output`: where the rounds' folders were left.
@@ -389,6 +398,12 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
             .as_ref()
             .map(|b| engine_m.keys_per_second / b.keys_per_second),
         pipeline_ratio_to_raw: pipeline_kps.map(|p| p / engine_m.keys_per_second),
+        pipeline_round_ratios: raws
+            .iter()
+            .zip(&pipes)
+            .map(|(raw, pipe)| pipe.keys_per_second / raw.keys_per_second)
+            .collect(),
+        pooled_rounds_keys_per_second: pools.iter().map(|m| m.keys_per_second).collect(),
         ratio_to_openssl: openssl
             .as_ref()
             .map(|o| engine_m.keys_per_second / o.keys_per_second),
@@ -401,6 +416,15 @@ pub async fn bench(spec: KeySpec, plan: Plan) -> Result<Report, BenchError> {
         baseline,
         engine: engine_m,
     })
+}
+
+/// `  (what: a, b, c)` for two rounds or more: the figures a median was taken of.
+fn rounds_of(figures: &[f64], what: &str, show: impl Fn(f64) -> String) -> String {
+    if figures.len() < 2 {
+        return String::new();
+    }
+    let shown: Vec<String> = figures.iter().map(|&x| show(x)).collect();
+    format!("  ({what}: {})", shown.join(", "))
 }
 
 /// Human-readable report.
@@ -424,8 +448,13 @@ pub fn render(r: &Report) -> String {
     }
     if let (Some(p), Some(ratio)) = (r.pipeline_keys_per_second, r.pipeline_ratio_to_raw) {
         s.push_str(&format!(
-            "keyfleet run pipeline: {p:.1} keys/s  → {:.1}% of raw generation{}\n",
+            "keyfleet run pipeline: {p:.1} keys/s  → {:.1}% of raw generation{}{}\n",
             ratio * 100.0,
+            rounds_of(
+                &r.pipeline_round_ratios,
+                "the rounds' own ratios",
+                |x| format!("{:.1}%", x * 100.0)
+            ),
             r.pipeline_cpu_ms_per_key
                 .map(|c| format!("  ({c:.2} ms CPU a key)"))
                 .unwrap_or_default()
@@ -433,7 +462,8 @@ pub fn render(r: &Report) -> String {
     }
     if let (Some(p), Some(c)) = (r.pooled_keys_per_second, r.pooled_cpu_ms_per_key) {
         s.push_str(&format!(
-            "keyfleet run, keys made beforehand (the plumbing alone): {p:.1} keys/s  ({c:.2} ms CPU a key)\n"
+            "keyfleet run, keys made beforehand (the plumbing alone): {p:.1} keys/s{}  ({c:.2} ms CPU a key)\n",
+            rounds_of(&r.pooled_rounds_keys_per_second, "rounds", |x| format!("{x:.0}"))
         ));
     }
     if let Some(kept) = &r.output_kept {
