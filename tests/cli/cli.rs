@@ -381,20 +381,20 @@ fn progress_rate_has_no_four_decimals() {
 #[test]
 fn bench_pooled_reports_the_plumbing_alone() {
     let dir = tempfile::tempdir().unwrap();
+    let bench = [
+        "bench",
+        "--keys",
+        "6",
+        "--threads",
+        "2",
+        "--rounds",
+        "2",
+        "--pipeline",
+        "--pooled",
+    ];
     let out = keyfleet(dir.path())
-        .args([
-            "bench",
-            "--keys",
-            "6",
-            "--threads",
-            "2",
-            "--rounds",
-            "2",
-            "--pipeline",
-            "--pooled",
-            "--keep-output",
-            "--json",
-        ])
+        .args(bench)
+        .args(["--keep-output", "--json"])
         .env("TMPDIR", dir.path())
         .output()
         .unwrap();
@@ -418,7 +418,7 @@ fn bench_pooled_reports_the_plumbing_alone() {
             "{r}"
         );
     }
-    // --keep-output: the two runs' folders are left where the report says, keys and all.
+    // --keep-output: each round's two runs' folders are left where the report says, keys and all.
     let kept = std::path::PathBuf::from(r["output_kept"].as_str().expect("output_kept"));
     assert!(kept.starts_with(dir.path()), "{r}");
     let manifests = std::fs::read_dir(&kept)
@@ -437,17 +437,7 @@ fn bench_pooled_reports_the_plumbing_alone() {
     );
     // Read by a person: each round's figures beside the medians.
     let out = keyfleet(dir.path())
-        .args([
-            "bench",
-            "--keys",
-            "4",
-            "--threads",
-            "2",
-            "--rounds",
-            "2",
-            "--pipeline",
-            "--pooled",
-        ])
+        .args(bench)
         .env("TMPDIR", dir.path())
         .output()
         .unwrap();
