@@ -3,7 +3,7 @@
 
 Checks the house rules of DESIGN.md §9 and prints what breaks them:
   - no import circles between files;
-  - at most MAX_UP imports that run from a lower wing up to a higher one (the order of WINGS);
+  - no import that runs from a lower wing up to a higher one (the order of WINGS; MAX_UP);
   - clap only under src/cli/ (and no file outside src/cli/ uses `crate::cli`);
   - at most MAX_TOP `.rs` files directly in src/.
 Exit 0 when all hold, 1 otherwise. `--edges` also prints every edge.
@@ -18,11 +18,11 @@ import re
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-MAX_UP = 3
+MAX_UP = 0
 MAX_TOP = 14
 # Wings from the door down: an import may run down this list or stay within a wing.
 WINGS = [
-    "main.rs", "cli", "modes", "lifecycle.rs", "quota_gauge.rs", "upstream", "credentials.rs",
+    "main.rs", "cli", "modes", "lifecycle.rs", "quota_gauge.rs", "reservoir.rs", "upstream", "credentials.rs",
     "sink", "retry.rs", "queue", "registry", "telemetry", "settings.rs", "job", "dialect", "keys", "prime", "sign",
     "escape.rs", "group.rs", "time.rs", "shutdown.rs", "hardening.rs", "lib.rs",
 ]

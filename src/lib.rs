@@ -20,8 +20,10 @@
 //!   around them `describe.rs`, `delete.rs`, `reconcile.rs` (registry against cloud),
 //!   `status.rs`, `bench/`.
 //! - The centre: `lifecycle.rs`, `retry.rs` (the one retry policy), `settings.rs` (catalogue,
-//!   quota, engine), `quota_gauge.rs` (the quota gauge read again off the jobs' path), `job/` (jobs and results and their wire form; `batch.rs`, rows of a batch
-//!   file; `packer.rs`, rows made into job messages on the reader's thread for `submit`).
+//!   quota, engine), `quota_gauge.rs` (the quota gauge read again off the jobs' path),
+//!   `reservoir.rs` (keys made ahead on idle key threads), `job/` (jobs and results and their
+//!   wire form; `batch.rs`, rows of a batch file; `packer.rs`, rows made into job messages on
+//!   the reader's thread for `submit`).
 //! - `upstream/`: the cloud side — the seam (`mod.rs`), its settings, the signing HTTP client
 //!   (`client.rs`), the importing upstream (`http.rs`), the per-scope rate limit.
 //! - `sink/`: where results go — key files and the output folder (`key_files.rs`, `folder.rs`),
@@ -32,11 +34,12 @@
 //!   record (`rotation.rs`).
 //! - `telemetry/`: every metric (`metrics.rs`; `metrics/http.rs` serves them), logging,
 //!   progress.
-//! - `keys/`: making keys — `keygen.rs`, `reservoir.rs` (keys made ahead), `fingerprint.rs`
-//!   (fingerprints and the OpenSSH public key), `cpu.rs` (the rayon pool, the one way CPU work
-//!   leaves the async runtime).
 //! - `dialect/`: everything provider-specific (`aliyun.rs`, `ucloud.rs`, the other actions in
 //!   `action.rs`, the registered pair in `record.rs`).
+//! - `keys/`: making keys — `keygen.rs`, `fingerprint.rs` (fingerprints and the OpenSSH public
+//!   key), `cpu.rs` (the rayon pool, the one way CPU work leaves the async runtime). It reports
+//!   to no metric itself (the reservoir and the lifecycle do), so it stands below the wings that
+//!   name a key's size or fingerprint: `telemetry/`, `job/`, `dialect/`.
 //! - `prime/`: the arithmetic — the prime search (`prime/lanes/` its AVX-512 IFMA lanes, the
 //!   only `unsafe` in `prime/lanes/dispatch.rs`), constant-time key assembly (`rsa_ct.rs`,
 //!   `inverse.rs`).
@@ -60,6 +63,7 @@ pub mod prime;
 pub mod queue;
 pub mod quota_gauge;
 pub mod registry;
+pub mod reservoir;
 pub mod retry;
 pub mod scheduling;
 pub mod settings;

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::dialect::Provider;
 use crate::job::batch::RowDefaults;
 use crate::keys::keygen::{self, Engine, KeyBits};
-use crate::keys::reservoir::Reservoir;
 use crate::modes::run::{run_locally, RunOptions};
+use crate::reservoir::Reservoir;
 use crate::settings::{KeyPairQuota, Settings};
 use crate::telemetry::progress::ProgressMode;
 
