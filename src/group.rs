@@ -22,13 +22,15 @@ use std::time::{Duration, Instant};
 
 /// How long synced work waits, at most, for the writes of keys still being made.
 ///
-/// At two threads' ~250 keys/s a key is done every ~4 ms, so a wait of 10 ms shares each sync
-/// among two to four keys; a faster machine fills its groups without waiting. Only synced
-/// work waits (a write answered before its commit is answered at once): each synced write of
-/// a job (its commit; before a cloud call, the key noted; a release) and its key file wait at
-/// most this long, so `run` and a cold `serve` keep their key threads busy with the jobs
-/// queued behind.
-pub const GATHER: Duration = Duration::from_millis(10);
+/// At two threads' ~220 keys/s a key is done every ~4.5 ms, so a wait of 20 ms shares each
+/// sync among several keys; a faster machine fills its groups without waiting. At 10 ms a
+/// sync served two to four, and a cold `serve` spent ~25 % more of the state file's CPU a
+/// create, for ~5 ms less latency at 8 in flight (docs/benchmarks.md, 2026-12-07 morning).
+/// Only synced work waits (a write answered before its commit is answered at once): each
+/// synced write of a job (its commit; before a cloud call, the key noted; a release) and its
+/// key file wait at most this long, so `run` and a cold `serve` keep their key threads busy
+/// with the jobs queued behind.
+pub const GATHER: Duration = Duration::from_millis(20);
 
 /// Keys being made (queued on the key threads or running) for jobs whose synced writes follow.
 /// One count for the process: it is a hint about the next few milliseconds, not a promise, and
