@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 ///
 /// At two threads' ~220 keys/s a key is done every ~4.5 ms, so a wait of 20 ms shares each
 /// sync among several keys; a faster machine fills its groups without waiting. At 10 ms a
-/// sync served two to four, and a cold `serve` spent ~25 % more of the state file's CPU a
+/// sync served two to four, and a cold `serve` spent a third more of the state file's CPU a
 /// create, for ~5 ms less latency at 8 in flight (docs/benchmarks.md, 2026-12-07 morning).
 /// Only synced work waits (a write answered before its commit is answered at once): each
 /// synced write of a job (its commit; before a cloud call, the key noted; a release) and its
