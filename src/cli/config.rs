@@ -339,7 +339,8 @@ pub struct PublishArgs {
     /// Jobs packed into one RabbitMQ message, `auto` or 1 to 1000: one message, one confirm
     /// and one ack carry that many jobs (the v2 message of docs/distributed.md), and a message
     /// goes to one worker. `auto`: 8 a message for a batch's first 256 jobs (a small batch
-    /// spreads over up to 32 workers), 32 after (half the broker's work a job, or less). 1
+    /// spreads over up to 32 workers), 32 after (half the broker's work a job, or less); 32
+    /// from the first job when exactly one worker consumes the jobs queue at `submit`. 1
     /// publishes v1 messages, one job each, for workers older than v2. `rotate` and `bench`:
     /// with --submit (`bench`'s bare publisher sends messages of the same sizes).
     #[arg(

@@ -52,6 +52,22 @@ impl JobsPerMessage {
         self.next(u64::MAX)
     }
 
+    /// The plan for a batch published while `workers` consumers are on the jobs queue (as
+    /// RabbitMQ answers its declare). `auto`'s small first messages are there to spread a
+    /// batch's start over many workers. With exactly one consuming, they spread nothing: its
+    /// prefetch (by default 64 messages and more) takes all 32 of them at once. They only
+    /// multiply the work paid a message at the keys' pace — the broker's, the worker's results
+    /// round and the collector's — so `auto` packs [`AUTO_THEN`] from the first job. Measured
+    /// with one worker on two cores: 94–96 % of raw key generation end to end against 87–95 %
+    /// (docs/benchmarks.md, 2026-12-07 (one worker)). With none consuming yet (workers started
+    /// later) or several, `auto` is kept as it is; a number is always kept.
+    pub fn for_workers(self, workers: u32) -> JobsPerMessage {
+        match self {
+            JobsPerMessage::Auto if workers == 1 => JobsPerMessage::Fixed(AUTO_THEN),
+            plan => plan,
+        }
+    }
+
     /// How many messages `jobs` valid jobs become.
     pub fn messages(self, jobs: u64) -> u64 {
         let (mut packed, mut messages) = (0u64, 0u64);
@@ -182,6 +198,33 @@ mod tests {
             plan.messages(1_000_000),
             32 + (1_000_000u64 - 256).div_ceil(32)
         );
+    }
+
+    #[test]
+    fn auto_with_one_worker_consuming_packs_32_from_the_first_job() {
+        assert_eq!(
+            JobsPerMessage::Auto.for_workers(1),
+            JobsPerMessage::Fixed(AUTO_THEN)
+        );
+        assert_eq!(JobsPerMessage::Auto.for_workers(1).next(0), 32);
+        // No worker yet (a backlog enqueued first), or several to spread over: as it is.
+        for workers in [0, 2, 3, 32, 1000] {
+            assert_eq!(
+                JobsPerMessage::Auto.for_workers(workers),
+                JobsPerMessage::Auto
+            );
+        }
+        // A number is the user's: never changed.
+        for workers in [0, 1, 2] {
+            assert_eq!(
+                JobsPerMessage::Fixed(8).for_workers(workers),
+                JobsPerMessage::Fixed(8)
+            );
+            assert_eq!(
+                JobsPerMessage::Fixed(1).for_workers(workers),
+                JobsPerMessage::Fixed(1)
+            );
+        }
     }
 
     #[test]

@@ -91,7 +91,8 @@ pub async fn submit(
 ) -> Result<SubmitSummary, SubmitError> {
     let input = batch::BatchInput::open(&opts.input, opts.format)?;
     let batch_id = opts.defaults.batch_id.clone();
-    let (broker, status) = open_batch(&opts.endpoints, &batch_id, &opts.keys_to).await?;
+    let (broker, status, workers) = open_batch(&opts.endpoints, &batch_id, &opts.keys_to).await?;
+    let plan = opts.jobs_per_message.for_workers(workers);
 
     // Rows are checked, packed and encoded on the reader thread (`job::packer`); this loop
     // publishes what it is handed and answers the rows that are not jobs.
@@ -99,14 +100,13 @@ pub async fn submit(
         input,
         &opts.defaults,
         opts.catalog.clone(),
-        opts.jobs_per_message,
+        plan,
         RUNS_AHEAD,
     )?;
 
     let mut progress = Progress::of_batch(opts.progress, &opts.input, opts.format);
     let started = Instant::now();
-    let mut window =
-        ConfirmWindow::new(&opts.endpoints, opts.confirm_window, opts.jobs_per_message);
+    let mut window = ConfirmWindow::new(&opts.endpoints, opts.confirm_window, plan);
     let (mut rows, mut enqueued, mut rejected) = (0u64, 0u64, 0u64);
     let mut interrupted = false;
     'read: loop {
@@ -173,17 +173,18 @@ pub async fn submit(
 /// Connects for a batch and readies it for its first job: the topology declared, the batch's
 /// recipient recorded (a worker refuses a job whose batch has none) and its results queue
 /// declared (results are kept even before a collector runs). `rotate --submit` shares it.
+/// Also returns how many workers consume the jobs queue now ([`Broker::declare`]).
 pub async fn open_batch(
     e: &Endpoints,
     batch_id: &str,
     keys_to: &KeysTo,
-) -> Result<(Broker, BatchStatusStore), SubmitError> {
+) -> Result<(Broker, BatchStatusStore, u32), SubmitError> {
     let broker = Broker::connect_nodes(&e.amqp_url, 0, e.topology(), e.connect_timeout).await?;
     let status = BatchStatusStore::connect(&e.redis_url, &e.prefix, e.connect_timeout)
         .await?
         .with_replicas(e.redis_replicas);
     status.check_replicas(e.connect_timeout).await?;
-    broker.declare().await?;
+    let workers = broker.declare().await?;
     // A batch published to before (a rerun) keeps its recipient: results already sealed to it
     // must stay readable, so another identity is refused, and none is made in its place.
     let recorded = status.recipient(batch_id).await?;
@@ -212,7 +213,7 @@ pub async fn open_batch(
         .set_recipient(batch_id, &recipient.to_string())
         .await?;
     broker.declare_results_queue(batch_id).await?;
-    Ok((broker, status))
+    Ok((broker, status, workers))
 }
 
 /// Jobs packed into messages and publisher confirms kept in flight: jobs are gathered until

@@ -230,8 +230,10 @@ impl Broker {
     }
 
     /// Declares the durable exchanges, the quorum jobs queue (dead-lettering to the DLX, with a
-    /// delivery limit) and the dead-letter queue. Idempotent.
-    pub async fn declare(&self) -> Result<(), BrokerError> {
+    /// delivery limit) and the dead-letter queue. Idempotent. Returns how many consumers (workers)
+    /// the jobs queue has, as RabbitMQ's answer to its declare counts them: `submit` sizes a
+    /// batch's first messages by it ([`crate::job::jobs_per_message::JobsPerMessage::for_workers`]).
+    pub async fn declare(&self) -> Result<u32, BrokerError> {
         let t = &self.topology;
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -257,7 +259,8 @@ impl Broker {
             durable: true,
             ..Default::default()
         };
-        ch.queue_declare(t.jobs_queue().into(), queue_opts, args)
+        let jobs = ch
+            .queue_declare(t.jobs_queue().into(), queue_opts, args)
             .await?;
         ch.queue_bind(
             t.jobs_queue().into(),
@@ -279,7 +282,7 @@ impl Broker {
             FieldTable::default(),
         )
         .await?;
-        Ok(())
+        Ok(jobs.consumer_count())
     }
 
     /// Declares the results queue of a batch, bound to the results exchange by batch id,

@@ -270,7 +270,7 @@ impl Publisher<'_> {
         let broker = match &mut self.broker {
             Some(b) => b,
             None => {
-                let (b, _) = open_batch(self.endpoints, &rotation.id, self.keys_to).await?;
+                let (b, _, _) = open_batch(self.endpoints, &rotation.id, self.keys_to).await?;
                 self.broker.insert(b)
             }
         };

@@ -446,6 +446,64 @@ async fn batch_on_a_redis_cluster_with_a_worker_killed() {
     assert_eq!((created, failed.len()), (60, 0), "{failed:?}");
 }
 
+/// `auto` packs a batch's first 256 jobs 8 to a message so that they spread over workers;
+/// with exactly one worker consuming the jobs queue there is nothing to spread over (its
+/// prefetch takes them all), and `submit` packs 32 from the first job. With none consuming yet
+/// (a backlog enqueued before its workers), the small first messages stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_packs_32_from_the_first_job_when_one_worker_consumes() {
+    use keyfleet::job::message::JobMessage;
+    let env = Env::new("auto-one");
+    let input = env.write("fleet.csv", &fleet_csv(300, "cn-hangzhou"));
+    // Published with no consumer on the jobs queue.
+    env.submit(&input, "nobody").await;
+
+    // One consumer, as RabbitMQ counts them (a worker's is the same basic.consume).
+    let conn = lapin::Connection::connect(&crate::util::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            env.topology().jobs_queue().into(),
+            "auto-one-test".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    env.submit(&input, "one-worker").await;
+
+    // Every message of both batches, as the sizes of its messages in order.
+    let mut sizes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sizes.values().flatten().sum::<usize>() < 600 {
+        let delivery = tokio::time::timeout_at(deadline, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("messages missing after 30 s: {sizes:?}"))
+            .expect("consumer ended")
+            .expect("delivery");
+        let (batch, n) = match JobMessage::decode(&delivery.data).unwrap() {
+            JobMessage::One(job) => (job.batch_id, 1),
+            JobMessage::Group { batch_id, jobs } => (batch_id, jobs.len()),
+        };
+        sizes.entry(batch).or_default().push(n);
+    }
+    let mut alone = vec![8; 32];
+    alone.extend([32, 12]);
+    assert_eq!(sizes["nobody"], alone, "no worker consuming: auto as it is");
+    let mut one = vec![32; 9];
+    one.push(12);
+    assert_eq!(
+        sizes["one-worker"], one,
+        "one worker consuming: 32 from the first job"
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
+
 /// Rows written to `submit -` one at a time reach the jobs queue while the pipe is still open:
 /// the reader thread, which packs rows into messages, hands over a message as soon as the
 /// publishing loop is waiting for one, rather than holding it for a full run. A row that is
