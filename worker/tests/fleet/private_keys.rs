@@ -84,7 +84,9 @@ fn pem_body_lines(pem: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_queue_holds_no_plaintext_key() {
-    let mut env = Env::new("sealed");
+    // Eight jobs a message, so that 12 jobs are two job messages (with one worker consuming,
+    // `auto` would pack them all in one).
+    let mut env = Env::new("sealed").with_jobs_per_message(8);
     env.start_worker(&["--threads", "1"]);
     let broker = connect(&env).await;
     broker.declare_results_queue("bsealed").await.unwrap();

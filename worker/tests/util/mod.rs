@@ -313,6 +313,7 @@ impl Env {
 
     pub async fn submit(&self, input: &Path, batch_id: &str) -> SubmitSummary {
         self.track(batch_id);
+        self.wait_for_workers().await;
         let opts = SubmitOptions {
             input: input.to_owned(),
             format: None,
@@ -336,6 +337,50 @@ impl Env {
         .await
         .expect("submit timed out")
         .expect("submit failed")
+    }
+
+    /// Waits (up to 30 s) until RabbitMQ counts as many consumers on the jobs queue as this
+    /// test has workers alive. `submit` sizes a batch's first messages by that count
+    /// (`JobsPerMessage::for_workers`), so a test gets the plan of the workers it started, not
+    /// of however many had subscribed by the time `submit` asked. A worker that never consumes
+    /// (a server down) costs the wait, and `submit` goes on.
+    async fn wait_for_workers(&self) {
+        let alive = self.workers.iter().filter(|w| is_alive(w.id())).count() as u32;
+        if alive == 0 {
+            return;
+        }
+        let mut conn = None;
+        for url in self.amqp.split(',') {
+            if let Ok(c) = lapin::Connection::connect(url, Default::default()).await {
+                conn = Some(c);
+                break;
+            }
+        }
+        let Some(conn) = conn else { return };
+        let queue = self.topology().jobs_queue();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // A channel a look: a passive declare of a queue not declared yet closes it.
+            let mut consumers = 0;
+            if let Ok(ch) = conn.create_channel().await {
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                if let Ok(q) = ch
+                    .queue_declare(queue.as_str().into(), passive, Default::default())
+                    .await
+                {
+                    consumers = q.consumer_count();
+                }
+                let _ = ch.close(200, "".into()).await;
+            }
+            if consumers >= alive || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = conn.close(200, "".into()).await;
     }
 
     pub async fn collect(&self, batch_id: &str, out: &str, idle: Duration) -> CollectSummary {
@@ -447,6 +492,14 @@ pub fn fleet_csv(n: usize, region: &str) -> String {
         s.push_str(&format!("{region},host-{i:05}\n"));
     }
     s
+}
+
+/// Whether process `pid` is running: not gone, and not a zombie (killed, not yet waited for).
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Sends SIGTERM (or another signal) through the `kill` command, keeping the crate free of
