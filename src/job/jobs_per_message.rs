@@ -58,9 +58,10 @@ impl JobsPerMessage {
     /// prefetch (by default 64 messages and more) takes all 32 of them at once. They only
     /// multiply the work paid a message at the keys' pace — the broker's, the worker's results
     /// round and the collector's — so `auto` packs [`AUTO_THEN`] from the first job. Measured
-    /// with one worker on two cores: 94–96 % of raw key generation end to end against 87–95 %
-    /// (docs/benchmarks.md, 2026-12-07 (one worker)). With none consuming yet (workers started
-    /// later) or several, `auto` is kept as it is; a number is always kept.
+    /// with one worker on two cores: 91–97 % of raw key generation end to end in seven runs,
+    /// against 87–95 % in seven (docs/benchmarks.md, 2026-12-07 (one worker)). With none
+    /// consuming yet (workers started later) or several, `auto` is kept as it is; a number is
+    /// always kept.
     pub fn for_workers(self, workers: u32) -> JobsPerMessage {
         match self {
             JobsPerMessage::Auto if workers == 1 => JobsPerMessage::Fixed(AUTO_THEN),
