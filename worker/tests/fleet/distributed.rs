@@ -359,12 +359,16 @@ async fn start_up_with_a_server_down_fails_with_a_clear_message() {
 
 /// The exactly-once fault of a worker killed between publishing a result and marking its pair
 /// delivered, tried for real: ten rounds, each killing one of two workers at a random point of
-/// a batch, half of them with v1 messages and half with v2. Every round, every key file must be the registered key (`check_batch`).
+/// a batch, with v1 messages or v2 ones of 8 or 32 jobs. Every round, every key file must be
+/// the registered key (`check_batch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_ten_times_every_delivered_key_is_the_registered_key() {
     for round in 0..10 {
-        // Odd rounds publish v1 messages (a job each), even rounds v2 (8 jobs a message).
-        let per_message = if round % 2 == 1 { 1 } else { 8 };
+        // v2 messages of 8 jobs (rounds 0, 3, 6, 9), v1 messages of a job each (1, 4, 7), v2
+        // of 32 (2, 5, 8: `auto` with one worker consuming, and every message after a batch's
+        // first 256 jobs). With 32, the batch is two messages, one a worker, and the status
+        // moves a message at a time: the kill comes once one of them is answered.
+        let per_message = [8, 1, 32][round % 3];
         let mut env = Env::new(&format!("kill10-{round}")).with_jobs_per_message(per_message);
         let victim =
             env.start_worker(&["--threads", "1", "--concurrency", "8", "--reservoir", "0"]);
