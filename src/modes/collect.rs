@@ -313,24 +313,15 @@ async fn drain(
             _ = shutdown.cancelled() => break,
             next = tokio::time::timeout(quiet_spell(&held), consumer.next()) => next,
         };
+        let mut lost_connection = false;
         match next {
-            // The connection is lost (a RabbitMQ node restarted or died): what was written
-            // is made durable, the results not yet acked go back to the queue with the old
-            // channel (those already written come back as duplicates and are acked away),
-            // and collecting goes on through a new connection, the next node first.
+            // The connection is lost: reconnected below.
             Ok(lost @ (Some(Err(_)) | None)) => {
                 match lost {
                     Some(Err(e)) => tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting"),
                     _ => tracing::warn!("RabbitMQ consumer ended; reconnecting"),
                 }
-                desk.out.sync()?;
-                unacked.clear();
-                held.clear();
-                kept.clear();
-                match reconnect(broker, &opts, &shutdown).await? {
-                    Some(c) => consumer = c,
-                    None => break,
-                }
+                lost_connection = true;
             }
             Ok(Some(Ok(delivery))) => {
                 // The messages that have arrived meanwhile join this one: one group, whose key
@@ -372,7 +363,7 @@ async fn drain(
                     held_since = Instant::now();
                 }
                 if unacked.len() >= ACK_EVERY {
-                    ack_all(&mut desk.out, &mut unacked).await?;
+                    lost_connection = acks_lost(ack_all(&mut desk.out, &mut unacked).await?);
                 }
             }
             Err(_) => {
@@ -385,7 +376,7 @@ async fn drain(
                 if desk.seen.len() > before {
                     last_result = Instant::now();
                 }
-                ack_all(&mut desk.out, &mut unacked).await?;
+                lost_connection = acks_lost(ack_all(&mut desk.out, &mut unacked).await?);
                 if checked_total.elapsed() > Duration::from_secs(1) {
                     // The total only decides when to stop: a Redis restart is ridden out.
                     match status.status(&opts.batch_id).await {
@@ -394,9 +385,24 @@ async fn drain(
                     }
                     checked_total = Instant::now();
                 }
-                if last_result.elapsed() >= opts.idle_timeout {
+                if last_result.elapsed() >= opts.idle_timeout && !lost_connection {
                     break;
                 }
+            }
+        }
+        // The connection is lost (a RabbitMQ node restarted or died), found by the consumer or
+        // by an ack that could not reach RabbitMQ: what was written is made durable, the
+        // results not yet acked go back to the queue with the old channel (those already
+        // written come back as duplicates and are acked away), and collecting goes on through
+        // a new connection, the next node first.
+        if std::mem::take(&mut lost_connection) {
+            desk.out.sync()?;
+            unacked.clear();
+            held.clear();
+            kept.clear();
+            match reconnect(broker, &opts, &shutdown).await? {
+                Some(c) => consumer = c,
+                None => break,
             }
         }
     }
@@ -432,7 +438,9 @@ async fn drain(
     // Dropped unacked: the broker keeps them for the next collect.
     drop(held);
     drop(kept);
-    ack_all(&mut desk.out, &mut unacked).await?;
+    // Everything is written; an ack lost now leaves duplicates on the queue and fails the
+    // collect, so that it is run again (and drops them) before the identity is removed.
+    ack_all(&mut desk.out, &mut unacked).await??;
     if let Ok(s) = status.status(&opts.batch_id).await {
         total = s.and_then(|s| s.total).or(total);
     }
@@ -576,17 +584,36 @@ async fn reconnect(
     }
 }
 
-async fn ack_all(out: &mut OutputDir, unacked: &mut Vec<lapin::Acker>) -> Result<(), CollectError> {
+/// Acks the results written so far, once they are synced. The inner `Err` is an ack that could
+/// not reach RabbitMQ: the channel went with its connection, and the messages not acked go
+/// back to the queue with it (to come back as duplicates of what was written).
+async fn ack_all(
+    out: &mut OutputDir,
+    unacked: &mut Vec<lapin::Acker>,
+) -> Result<Result<(), lapin::Error>, CollectError> {
     if unacked.is_empty() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     out.sync()?;
     // One by one: results held back for the registry sit between these on the channel, so a
     // `multiple` ack would take them too.
     for acker in unacked.drain(..) {
-        acker.ack(BasicAckOptions::default()).await?;
+        if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+            return Ok(Err(e));
+        }
     }
-    Ok(())
+    Ok(Ok(()))
+}
+
+/// Whether acking found the connection lost (logged; collecting reconnects).
+fn acks_lost(acked: Result<(), lapin::Error>) -> bool {
+    match acked {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::warn!("acking written results failed: {e}; reconnecting");
+            true
+        }
+    }
 }
 
 /// What to do with a result read from the queue.
