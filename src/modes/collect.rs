@@ -313,15 +313,14 @@ async fn drain(
             _ = shutdown.cancelled() => break,
             next = tokio::time::timeout(quiet_spell(&held), consumer.next()) => next,
         };
-        let mut lost_connection = false;
-        match next {
-            // The connection is lost: reconnected below.
+        // Each arm says whether it found the connection lost: reconnected below.
+        let lost_connection = match next {
             Ok(lost @ (Some(Err(_)) | None)) => {
                 match lost {
                     Some(Err(e)) => tracing::warn!("RabbitMQ consumer failed: {e}; reconnecting"),
                     _ => tracing::warn!("RabbitMQ consumer ended; reconnecting"),
                 }
-                lost_connection = true;
+                true
             }
             Ok(Some(Ok(delivery))) => {
                 // The messages that have arrived meanwhile join this one: one group, whose key
@@ -362,9 +361,7 @@ async fn drain(
                         .await?;
                     held_since = Instant::now();
                 }
-                if unacked.len() >= ACK_EVERY {
-                    lost_connection = acks_lost(ack_all(&mut desk.out, &mut unacked).await?);
-                }
+                unacked.len() >= ACK_EVERY && acks_lost(ack_all(&mut desk.out, &mut unacked).await?)
             }
             Err(_) => {
                 let waiting = std::mem::take(&mut held);
@@ -376,7 +373,7 @@ async fn drain(
                 if desk.seen.len() > before {
                     last_result = Instant::now();
                 }
-                lost_connection = acks_lost(ack_all(&mut desk.out, &mut unacked).await?);
+                let lost = acks_lost(ack_all(&mut desk.out, &mut unacked).await?);
                 if checked_total.elapsed() > Duration::from_secs(1) {
                     // The total only decides when to stop: a Redis restart is ridden out.
                     match status.status(&opts.batch_id).await {
@@ -385,17 +382,18 @@ async fn drain(
                     }
                     checked_total = Instant::now();
                 }
-                if last_result.elapsed() >= opts.idle_timeout && !lost_connection {
+                if last_result.elapsed() >= opts.idle_timeout && !lost {
                     break;
                 }
+                lost
             }
-        }
+        };
         // The connection is lost (a RabbitMQ node restarted or died), found by the consumer or
         // by an ack that could not reach RabbitMQ: what was written is made durable, the
         // results not yet acked go back to the queue with the old channel (those already
         // written come back as duplicates and are acked away), and collecting goes on through
         // a new connection, the next node first.
-        if std::mem::take(&mut lost_connection) {
+        if lost_connection {
             desk.out.sync()?;
             unacked.clear();
             held.clear();

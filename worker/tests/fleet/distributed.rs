@@ -542,27 +542,9 @@ async fn submit_from_a_pipe_publishes_each_row_while_the_pipe_is_open() {
     let conn = lapin::Connection::connect(&crate::util::amqp_url(), Default::default())
         .await
         .unwrap();
-    // A channel a depth: a passive declare of a queue not declared yet closes its channel.
     let depth = |queue: String| {
         let conn = &conn;
-        async move {
-            let Ok(ch) = conn.create_channel().await else {
-                return 0;
-            };
-            let passive = lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let n = match ch
-                .queue_declare(queue.as_str().into(), passive, Default::default())
-                .await
-            {
-                Ok(q) => q.message_count(),
-                Err(_) => 0,
-            };
-            let _ = ch.close(200, "".into()).await;
-            n
-        }
+        async move { crate::util::queue_counts(conn, &queue).await.0 }
     };
     let jobs_queue = env.topology().jobs_queue();
     let results_queue = env.topology().results_queue(batch);

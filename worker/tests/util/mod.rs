@@ -360,21 +360,7 @@ impl Env {
         let queue = self.topology().jobs_queue();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            // A channel a look: a passive declare of a queue not declared yet closes it.
-            let mut consumers = 0;
-            if let Ok(ch) = conn.create_channel().await {
-                let passive = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                if let Ok(q) = ch
-                    .queue_declare(queue.as_str().into(), passive, Default::default())
-                    .await
-                {
-                    consumers = q.consumer_count();
-                }
-                let _ = ch.close(200, "".into()).await;
-            }
+            let (_, consumers) = queue_counts(&conn, &queue).await;
             if consumers >= alive || std::time::Instant::now() > deadline {
                 break;
             }
@@ -492,6 +478,27 @@ pub fn fleet_csv(n: usize, region: &str) -> String {
         s.push_str(&format!("{region},host-{i:05}\n"));
     }
     s
+}
+
+/// A queue's messages and consumers as RabbitMQ counts them; (0, 0) for a queue not declared
+/// yet. A channel a look: a passive declare of a missing queue closes the channel it ran on.
+pub async fn queue_counts(conn: &lapin::Connection, queue: &str) -> (u32, u32) {
+    let Ok(ch) = conn.create_channel().await else {
+        return (0, 0);
+    };
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let counts = match ch
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+    {
+        Ok(q) => (q.message_count(), q.consumer_count()),
+        Err(_) => (0, 0),
+    };
+    let _ = ch.close(200, "".into()).await;
+    counts
 }
 
 /// Whether process `pid` is running: not gone, and not a zombie (killed, not yet waited for).
