@@ -41,7 +41,9 @@ use std::collections::BTreeMap;
 
 pub mod actions;
 
-use super::{is_chinese, ApiError, Call, CreateRequest, Created, ErrorReply, GatewayError, Tag};
+use super::{
+    is_chinese, ApiError, Call, CreateParts, CreateRequest, Created, ErrorReply, GatewayError, Tag,
+};
 
 /// `HostId` of every error body.
 pub const HOST_ID: &str = "ecs.aliyuncs.com";
@@ -218,7 +220,7 @@ fn gateway_reply(err: &GatewayError) -> (u16, String, String) {
 }
 
 /// Validate an Alibaba parameter map in the documented check order. The owner is the account.
-pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
+pub fn validate(call: Call<'_>) -> Result<CreateParts<'_>, ApiError> {
     // 1. names, 2. Action
     let known = |name: &str| {
         matches!(
@@ -231,22 +233,27 @@ pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
     call.required("RegionId")?;
     let name = call.required("KeyPairName")?;
     // 4. region
-    let scope = actions::scope(call)?;
+    let scope = actions::scope_ref(call)?;
     // 5. name
     if !name_is_valid(name) {
         return Err(ApiError::NameMalformed);
     }
     // 6. resource group
-    let resource_group_id = actions::resource_group(call)?;
+    let resource_group_id = actions::resource_group_ref(call)?;
     // 7. tags
     let tags = decode_tags(call.params)?;
-    Ok(CreateRequest {
+    Ok(CreateParts {
         scope,
-        name: name.clone(),
+        name,
         resource_group_id,
         tags,
         zone: None,
     })
+}
+
+/// [`validate`], the request copied out.
+pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
+    validate(call).map(CreateParts::into_request)
 }
 
 /// `KeyPairName` rule of the seed (see the module docs).

@@ -50,7 +50,9 @@ use rand_core::{OsRng, RngCore};
 
 pub mod actions;
 
-use super::{is_chinese, ApiError, Call, CreateRequest, Created, ErrorReply, GatewayError};
+use super::{
+    is_chinese, ApiError, Call, CreateParts, CreateRequest, Created, ErrorReply, GatewayError,
+};
 
 /// The only accepted `Action` value.
 pub const ACTION: &str = "CreateUHostKeyPair";
@@ -182,7 +184,7 @@ pub fn reply(err: &ApiError) -> ErrorReply {
 
 /// Validate a UCloud parameter map in the documented check order. The owner is the default
 /// project, used when `ProjectId` is absent.
-pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
+pub fn validate(call: Call<'_>) -> Result<CreateParts<'_>, ApiError> {
     let known = |name: &str| {
         matches!(
             name,
@@ -192,17 +194,22 @@ pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
     super::check_create(call.params, known, SIGNING_PARAMS, SIGNING_REASON, ACTION)?;
     let name = call.required("KeyPairName")?;
     // Project, region, zone: the rules every UCloud action shares.
-    let scope = actions::scope(call)?;
+    let scope = actions::scope_ref(call)?;
     if !name_is_valid(name) {
         return Err(ApiError::NameMalformed);
     }
-    Ok(CreateRequest {
+    Ok(CreateParts {
         scope,
-        name: name.clone(),
+        name,
         resource_group_id: None,
         tags: Vec::new(),
-        zone: call.params.get("Zone").cloned(),
+        zone: call.params.get("Zone").map(String::as_str),
     })
+}
+
+/// [`validate`], the request copied out.
+pub fn decode(call: Call<'_>) -> Result<CreateRequest, ApiError> {
+    validate(call).map(CreateParts::into_request)
 }
 
 /// `KeyPairName` rule (see the module docs).

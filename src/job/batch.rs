@@ -99,12 +99,19 @@ impl BadRow {
 const PROVIDER_COL: &str = "Provider";
 const OWNER_COL: &str = "Owner";
 
-fn build_row(line: u64, mut params: BTreeMap<String, String>, defaults: &RowDefaults) -> Row {
-    let owner = match params.remove(OWNER_COL) {
+/// A row's parameters made into its job. `own_columns`: whether `params` may hold keyfleet's
+/// own columns (a CSV whose header has neither is not searched for them, row after row).
+fn build_row(
+    line: u64,
+    mut params: BTreeMap<String, String>,
+    own_columns: bool,
+    defaults: &RowDefaults,
+) -> Row {
+    let owner = match own_columns.then(|| params.remove(OWNER_COL)).flatten() {
         Some(o) if !o.trim().is_empty() => o.trim().to_owned(),
         _ => defaults.owner.clone(),
     };
-    let provider = match params.remove(PROVIDER_COL) {
+    let provider = match own_columns.then(|| params.remove(PROVIDER_COL)).flatten() {
         Some(p) if !p.trim().is_empty() => match p.parse::<Provider>() {
             Ok(p) => p,
             Err(e) => {
@@ -152,7 +159,12 @@ pub struct BatchInput {
     line: u64,
     /// Lines read ahead for a record that turned out broken, to be read again (numbered).
     pending: VecDeque<(u64, Vec<u8>)>,
+    /// A line's buffer, done with, for the next line to be read into (one allocation a file,
+    /// not one a row).
+    spare: Vec<u8>,
     headers: Vec<String>,
+    /// Whether the CSV header has a column of keyfleet's own (`Owner`, `Provider`).
+    own_columns: bool,
 }
 
 /// One CSV record or JSONL line, not yet a job.
@@ -182,7 +194,9 @@ impl BatchInput {
             lines,
             line: 0,
             pending: VecDeque::new(),
+            spare: Vec::new(),
             headers: Vec::new(),
+            own_columns: false,
         };
         if format == Format::Csv {
             input.read_header()?;
@@ -197,8 +211,10 @@ impl BatchInput {
         if let Some(line) = self.pending.pop_front() {
             return Ok(Some(line));
         }
-        // Sized for a typical row, so reading one is one allocation, not a run of regrowths.
-        let mut buf = Vec::with_capacity(128);
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.clear();
+        // Sized for a typical row, so a first read is one allocation, not a run of regrowths.
+        buf.reserve(128);
         let n = self
             .lines
             .read_until(b'\n', &mut buf)
@@ -241,11 +257,18 @@ impl BatchInput {
     /// into. When such a record breaks, only its first line fails: the lines after it are
     /// read again as rows of their own.
     fn csv_record(&mut self, first: Vec<u8>) -> Result<Result<Vec<Vec<u8>>, String>, BatchError> {
-        let mut record = CsvRecord::default();
+        // Room for a row's fields (none known yet while the header is read).
+        let mut record = CsvRecord {
+            fields: Vec::with_capacity(self.headers.len()),
+            ..CsvRecord::default()
+        };
         let mut more: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut bytes = 0;
         let why = match record.feed(&first) {
-            Ok(true) => return Ok(Ok(record.fields)),
+            Ok(true) => {
+                self.spare = first;
+                return Ok(Ok(record.fields));
+            }
             Err(reason) => return Ok(Err(reason)),
             Ok(false) if !first.ends_with(b"\n") => None,
             Ok(false) => loop {
@@ -318,6 +341,7 @@ impl BatchInput {
                 path: self.path.clone(),
             });
         }
+        self.own_columns = headers.iter().any(|h| h == OWNER_COL || h == PROVIDER_COL);
         self.headers = headers;
         Ok(())
     }
@@ -359,13 +383,18 @@ impl BatchInput {
                     self.headers.len()
                 )),
                 RawRow::Csv(Ok(fields)) => match csv_text(&self.headers, fields) {
-                    Ok(fields) => build_row(line, csv_params(&self.headers, fields), defaults),
+                    Ok(fields) => build_row(
+                        line,
+                        csv_params(&self.headers, fields),
+                        self.own_columns,
+                        defaults,
+                    ),
                     Err(reason) => bad(reason),
                 },
                 RawRow::Csv(Err(reason)) => bad(reason),
                 RawRow::Jsonl(bytes) => match std::str::from_utf8(strip_eol(&bytes)) {
                     Ok(text) => match jsonl_params(text.trim()) {
-                        Ok(params) => build_row(line, params, defaults),
+                        Ok(params) => build_row(line, params, true, defaults),
                         Err(reason) => bad(reason),
                     },
                     Err(e) => bad(not_utf8_in_line(strip_eol(&bytes), e)),
@@ -389,7 +418,12 @@ fn strip_eol(line: &[u8]) -> &[u8] {
 /// A line of whitespace only (`str::trim`'s, Unicode whitespace such as U+3000 included) is
 /// skipped, not a row. A line that is not UTF-8 is not blank: it is a row, and fails.
 fn is_blank(line: &[u8]) -> bool {
-    std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty())
+    match line.first() {
+        // The common case, decided without reading the line: it starts with an ASCII
+        // character that is not whitespace as `trim` counts it (U+000B included).
+        Some(&b) if b.is_ascii() && !char::from(b).is_whitespace() => false,
+        _ => std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty()),
+    }
 }
 
 /// Why a JSON Lines row is not UTF-8: where, by character column, as an editor counts.
@@ -930,6 +964,15 @@ pub(crate) mod tests {
             let (mut fast, mut slow) = (CsvRecord::default(), CsvRecord::default());
             proptest::prop_assert_eq!(fast.feed(&line), slow.feed_bytes(&line));
             proptest::prop_assert_eq!(fast.fields, slow.fields);
+        }
+
+        /// Deciding a line is not blank by its first byte agrees with reading it all.
+        #[test]
+        fn a_blank_line_is_told_by_its_first_byte_as_by_trimming_it(line in proptest::collection::vec(
+            proptest::sample::select(vec![b'a', b' ', b'\t', 0x0B, 0x0C, b'\r', b'\n', 0x1C, 0x85, 0xC2, 0xA0, 0xE3, 0x80, 0xFF]), 0..8)
+        ) {
+            let trimmed = std::str::from_utf8(&line).is_ok_and(|s| s.trim().is_empty());
+            proptest::prop_assert_eq!(is_blank(&line), trimmed);
         }
     }
 }

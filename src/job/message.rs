@@ -4,7 +4,7 @@
 //! so other producers' v1 messages keep working. Each job inside a v2 message is a whole v1 job, decoded on its own: one bad
 //! job is answered and dead-lettered alone, the others run.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -36,13 +36,6 @@ pub struct BadJob {
     pub error: DecodeError,
 }
 
-#[derive(Serialize)]
-struct GroupOut<'a> {
-    v: u32,
-    batch_id: &'a str,
-    jobs: &'a [Job],
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GroupIn {
@@ -55,20 +48,16 @@ struct GroupIn {
 /// Encodes `jobs` as one message: v1 for a single job, v2 for several. All of them must be of
 /// one batch (the message's `correlation_id`); `submit` never mixes batches.
 pub fn encode(jobs: &[Job]) -> Result<Vec<u8>, serde_json::Error> {
-    // A job is ~200 bytes: one allocation for the message, not a run of regrowths.
-    let mut out = Vec::with_capacity(256 * jobs.len().max(1));
-    match jobs {
-        [job] => serde_json::to_writer(&mut out, job)?,
-        _ => serde_json::to_writer(
-            &mut out,
-            &GroupOut {
-                v: GROUP_VERSION,
-                batch_id: jobs.first().map_or("", |j| j.batch_id.as_str()),
-                jobs,
-            },
-        )?,
+    let mut writer = Writer::default();
+    writer.reserve(jobs.len());
+    for job in jobs {
+        writer.push(job)?;
     }
-    Ok(out)
+    Ok(match writer.finish() {
+        Some((payload, ..)) => payload,
+        // Nothing publishes an empty message; this is what the format would make of one.
+        None => br#"{"v":2,"batch_id":"","jobs":[]}"#.to_vec(),
+    })
 }
 
 /// The `message_id` of a message of `jobs`: the job id for one job; for several, a name-based
@@ -80,6 +69,140 @@ pub fn message_id(jobs: &[Job]) -> Uuid {
             let ids: Vec<&[u8]> = jobs.iter().map(|j| &j.job_id.as_bytes()[..]).collect();
             crate::job::name_based_id(&ids)
         }
+    }
+}
+
+/// One message written a job at a time, as [`encode`] writes it (`encode` is this writer over
+/// a slice). Each job is encoded when it is pushed, so the caller can drop it at once: the
+/// packer frees a row's allocations on the row that made them, which keeps glibc's per-thread
+/// cache of small blocks warm (freeing a message's 32 jobs together overflowed it, and every
+/// allocation of the next 32 rows went to the arena: a fifth of `submit`'s CPU a job; see
+/// docs/benchmarks.md, 2026-12-07 (Emerald Rapids)).
+#[derive(Default)]
+pub struct Writer {
+    out: Vec<u8>,
+    /// Where the first job starts in `out`, after the v2 opening.
+    jobs_at: usize,
+    jobs: u64,
+    first_id: Uuid,
+    /// The jobs' ids one after another, for a v2 message's id ([`message_id`]).
+    ids: Vec<u8>,
+}
+
+impl Writer {
+    /// Room for a message of about `jobs` jobs (~200 bytes each), taken before the first push.
+    pub fn reserve(&mut self, jobs: usize) {
+        self.out.reserve(256 * jobs.max(1));
+    }
+
+    /// Jobs pushed since the last [`Writer::finish`].
+    pub fn jobs(&self) -> u64 {
+        self.jobs
+    }
+
+    /// Adds `job`, which must be of the first job's batch. A job that does not serialize
+    /// leaves the message unfinishable: the caller stops.
+    pub fn push(&mut self, job: &Job) -> Result<(), serde_json::Error> {
+        if self.jobs == 0 {
+            self.out.extend_from_slice(br#"{"v":"#);
+            serde_json::to_writer(&mut self.out, &GROUP_VERSION)?;
+            self.out.extend_from_slice(br#","batch_id":"#);
+            serde_json::to_writer(&mut self.out, &job.batch_id)?;
+            self.out.extend_from_slice(br#","jobs":["#);
+            self.jobs_at = self.out.len();
+            self.first_id = job.job_id;
+        } else {
+            self.out.push(b',');
+        }
+        write_job(&mut self.out, job)?;
+        self.ids.extend_from_slice(job.job_id.as_bytes());
+        self.jobs += 1;
+        Ok(())
+    }
+
+    /// The message of the jobs pushed so far — a v1 message for one job, v2 for several — its
+    /// `message_id` and how many jobs it holds; `None` when none were. The writer starts over,
+    /// empty.
+    pub fn finish(&mut self) -> Option<(Vec<u8>, Uuid, u64)> {
+        let jobs = std::mem::take(&mut self.jobs);
+        if jobs == 0 {
+            return None;
+        }
+        let id = if jobs == 1 {
+            // One job is its own message (v1), without the v2 opening.
+            self.out.drain(..self.jobs_at);
+            self.first_id
+        } else {
+            self.out.extend_from_slice(b"]}");
+            crate::job::name_based_id(&[&self.ids])
+        };
+        self.ids.clear();
+        Some((std::mem::take(&mut self.out), id, jobs))
+    }
+}
+
+/// A job as `serde_json::to_writer(out, job)` writes it, byte for byte (a test holds the two
+/// to each other over arbitrary jobs), but with a string that needs no escaping copied as it
+/// is: serde_json looks at a string a byte at a time, and that was a fifth of `submit`'s
+/// packing thread. A string that does need escaping is left to serde_json.
+fn write_job(out: &mut Vec<u8>, job: &Job) -> Result<(), serde_json::Error> {
+    // Every field named, so a field added to `Job` does not compile until it is written here.
+    let Job {
+        v,
+        job_id,
+        batch_id,
+        line,
+        provider,
+        owner,
+        params,
+        key_bits,
+    } = job;
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(br#"{"v":"#);
+    out.extend_from_slice(digits.format(*v).as_bytes());
+    out.extend_from_slice(br#","job_id":""#);
+    out.extend_from_slice(
+        job_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.extend_from_slice(br#"","batch_id":"#);
+    write_str(out, batch_id)?;
+    if let Some(line) = line {
+        out.extend_from_slice(br#","line":"#);
+        out.extend_from_slice(digits.format(*line).as_bytes());
+    }
+    out.extend_from_slice(br#","provider":"#);
+    write_str(out, provider.as_str())?;
+    out.extend_from_slice(br#","owner":"#);
+    write_str(out, owner)?;
+    out.extend_from_slice(br#","params":{"#);
+    for (i, (name, value)) in params.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name)?;
+        out.push(b':');
+        write_str(out, value)?;
+    }
+    out.extend_from_slice(br#"},"key_bits":"#);
+    out.extend_from_slice(digits.format(u32::from(*key_bits)).as_bytes());
+    out.push(b'}');
+    Ok(())
+}
+
+/// A JSON string: quoted as it is when nothing in it needs escaping (JSON escapes only `"`,
+/// `\` and control characters below U+0020, and serde_json nothing else), by serde_json when
+/// something does.
+fn write_str(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(out, s)
     }
 }
 
@@ -142,6 +265,7 @@ mod tests {
     use super::*;
     use crate::dialect::Provider;
     use crate::keys::keygen::KeyBits;
+    use serde::Serialize;
 
     fn job(batch: &str, line: u64) -> Job {
         Job {
@@ -158,6 +282,84 @@ mod tests {
             .into_iter()
             .collect(),
             key_bits: KeyBits::B2048,
+        }
+    }
+
+    /// The v2 format as serde's derive writes it: what [`Writer`] must write byte for byte.
+    #[derive(Serialize)]
+    struct GroupOut<'a> {
+        v: u32,
+        batch_id: &'a str,
+        jobs: &'a [Job],
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// The hand-written job is serde's, byte for byte, whatever the strings hold: quotes,
+        /// backslashes, control characters, DEL, non-ASCII.
+        #[test]
+        fn a_job_is_written_as_serde_writes_it(
+            batch in "(?s).{0,12}",
+            owner in "[\\x00-\\x7f\"\\\\é\u{2028}\u{1F600}]{0,12}",
+            params in proptest::collection::btree_map(
+                "[a-zA-Z.\\x00-\\x1f\"\\\\]{0,10}", "(?s).{0,16}", 0..5),
+            line in proptest::option::of(proptest::num::u64::ANY),
+            ucloud in proptest::bool::ANY,
+            bits in proptest::sample::select(vec![KeyBits::B2048, KeyBits::B3072, KeyBits::B4096]),
+        ) {
+            let job = Job {
+                v: MESSAGE_VERSION,
+                job_id: Uuid::new_v4(),
+                batch_id: batch,
+                line,
+                provider: if ucloud { Provider::Ucloud } else { Provider::Aliyun },
+                owner,
+                params,
+                key_bits: bits,
+            };
+            let mut out = Vec::new();
+            write_job(&mut out, &job).unwrap();
+            proptest::prop_assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&job).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_writer_writes_what_serde_writes_and_starts_over_after_each_message() {
+        let mut writer = Writer::default();
+        assert!(writer.finish().is_none());
+        for n in [1, 2, 1, 32, 3] {
+            // A batch id and a name that need escaping, and a line that changes the width.
+            let jobs: Vec<Job> = (0..n)
+                .map(|l| {
+                    let mut j = job("b\"\\\u{1}é", 9 + l);
+                    j.params.insert("KeyPairName".into(), format!("a\"\n{l}"));
+                    j
+                })
+                .collect();
+            writer.reserve(jobs.len());
+            for j in &jobs {
+                writer.push(j).unwrap();
+            }
+            assert_eq!(writer.jobs(), n);
+            let (payload, id, count) = writer.finish().unwrap();
+            assert_eq!(count, n);
+            let want = if n == 1 {
+                serde_json::to_vec(&jobs[0]).unwrap()
+            } else {
+                serde_json::to_vec(&GroupOut {
+                    v: GROUP_VERSION,
+                    batch_id: &jobs[0].batch_id,
+                    jobs: &jobs,
+                })
+                .unwrap()
+            };
+            assert_eq!(String::from_utf8(payload.clone()), String::from_utf8(want));
+            assert_eq!(id, message_id(&jobs));
+            assert_eq!(payload, encode(&jobs).unwrap());
+            assert_eq!(writer.jobs(), 0);
         }
     }
 

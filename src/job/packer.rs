@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::batch::{BatchError, BatchInput, Reader, Row, RowDefaults};
 use super::jobs_per_message::{Cursor, JobsPerMessage};
 use super::message;
-use super::{Job, JobResult};
+use super::JobResult;
 use crate::dialect::{self, Catalog};
 use crate::time::now_rfc3339;
 
@@ -81,7 +81,8 @@ struct Packer {
     catalog: Catalog,
     /// Where the batch is in its plan.
     cursor: Cursor,
-    gathered: Vec<Job>,
+    /// The message being filled: each job is encoded into it as it is taken, and dropped.
+    message: message::Writer,
     run: Vec<Packed>,
 }
 
@@ -90,7 +91,7 @@ impl Packer {
         Packer {
             catalog,
             cursor: Cursor::new(plan),
-            gathered: Vec::with_capacity(plan.largest()),
+            message: message::Writer::default(),
             run: Vec::with_capacity(RUN),
         }
     }
@@ -99,7 +100,7 @@ impl Packer {
         match row {
             Row::Bad(bad) => self.run.push(Packed::Answer(Box::new(bad.into_result()))),
             Row::Job(job) => {
-                match dialect::decode(job.provider, &job.owner, &job.params, &self.catalog) {
+                match dialect::validate(job.provider, &job.owner, &job.params, &self.catalog) {
                     Err(e) => self.run.push(Packed::Answer(Box::new(JobResult::failed(
                         &job,
                         &e,
@@ -107,8 +108,16 @@ impl Packer {
                         1,
                     )))),
                     Ok(_) => {
-                        self.gathered.push(job);
-                        if self.gathered.len() >= self.cursor.size() {
+                        if self.message.jobs() == 0 {
+                            self.message.reserve(self.cursor.size());
+                        }
+                        if let Err(e) = self.message.push(&job) {
+                            // The publishing loop stops here; nothing after it is packed.
+                            self.message = message::Writer::default();
+                            self.run.push(Packed::Unencodable(e.to_string()));
+                            return;
+                        }
+                        if self.message.jobs() >= self.cursor.size() as u64 {
                             self.seal();
                         }
                     }
@@ -117,22 +126,16 @@ impl Packer {
         }
     }
 
-    /// The jobs gathered so far become one message.
+    /// The jobs written so far become one message.
     fn seal(&mut self) {
-        if self.gathered.is_empty() {
-            return;
-        }
-        let packed = match message::encode(&self.gathered) {
-            Ok(payload) => Packed::Message {
+        if let Some((payload, id, jobs)) = self.message.finish() {
+            self.run.push(Packed::Message {
                 payload,
-                message_id: message::message_id(&self.gathered).to_string(),
-                jobs: self.gathered.len() as u64,
-            },
-            Err(e) => Packed::Unencodable(e.to_string()),
-        };
-        self.run.push(packed);
-        self.cursor.sealed(self.gathered.len());
-        self.gathered.clear();
+                message_id: id.to_string(),
+                jobs,
+            });
+            self.cursor.sealed(jobs as usize);
+        }
     }
 
     /// The run so far, for the loop; the next starts with room for a whole run.
@@ -146,6 +149,7 @@ mod tests {
     use super::*;
     use crate::job::batch::tests::defaults;
     use crate::job::message::JobMessage;
+    use crate::job::Job;
     use crate::job::Status;
     use std::io::Write;
 

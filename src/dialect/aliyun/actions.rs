@@ -17,7 +17,7 @@ use super::super::action::{
     check_names, parse_bool, parse_number, DeleteRequest, DescribeRequest, ImportRequest,
     ImportRules, Targets, MAX_DELETE,
 };
-use super::super::{clip, ApiError, Call, Provider, Scope};
+use super::super::{clip, ApiError, Call, Provider, Scope, ScopeRef};
 use super::{decode_tags, name_is_valid, request_id, tag_param, xml_escape};
 use crate::dialect::record::KeyPairRecord;
 use crate::time::rfc3339;
@@ -28,24 +28,34 @@ pub const DEFAULT_PAGE_SIZE: usize = 10;
 
 /// `RegionId` given and in the catalogue (create uses it too).
 pub(super) fn scope(call: Call<'_>) -> Result<Scope, ApiError> {
+    scope_ref(call).map(ScopeRef::to_scope)
+}
+
+/// [`scope`], borrowed from the request.
+pub(super) fn scope_ref(call: Call<'_>) -> Result<ScopeRef<'_>, ApiError> {
     let region = call.required("RegionId")?;
     if !call.catalog.aliyun_regions.contains(region) {
         return Err(ApiError::RegionNotFound(clip(region)));
     }
-    Ok(Scope {
+    Ok(ScopeRef {
         provider: Provider::Aliyun,
-        owner: call.owner.to_owned(),
-        region: region.clone(),
+        owner: call.owner,
+        region,
     })
 }
 
 /// `ResourceGroupId`, if given (even empty), in the catalogue (create uses it too).
 pub(super) fn resource_group(call: Call<'_>) -> Result<Option<String>, ApiError> {
+    resource_group_ref(call).map(|rg| rg.map(str::to_owned))
+}
+
+/// [`resource_group`], borrowed from the request.
+pub(super) fn resource_group_ref(call: Call<'_>) -> Result<Option<&str>, ApiError> {
     match call.params.get("ResourceGroupId") {
         Some(rg) if !call.catalog.resource_groups.contains(rg) => {
             Err(ApiError::ResourceGroupNotFound(clip(rg)))
         }
-        rg => Ok(rg.cloned()),
+        rg => Ok(rg.map(String::as_str)),
     }
 }
 

@@ -16,7 +16,7 @@ use super::super::action::{
     check_names, parse_number, ActionKind, DeleteRequest, DescribeRequest, ImportRequest,
     ImportRules, Targets, MAX_DELETE,
 };
-use super::super::{clip, ApiError, Call, Provider, Scope};
+use super::super::{clip, ApiError, Call, Provider, Scope, ScopeRef};
 use super::{name_is_valid, project_id_is_valid, zone_in_region};
 use crate::dialect::record::KeyPairRecord;
 
@@ -26,6 +26,12 @@ pub const MAX_LIMIT: usize = 100;
 /// The scope of a UCloud request, checked in the documented order: `ProjectId`, `Region`,
 /// `Zone` (create uses it too).
 pub(super) fn scope(call: Call<'_>) -> Result<Scope, ApiError> {
+    scope_ref(call).map(ScopeRef::to_scope)
+}
+
+/// [`scope`], borrowed from the request (the default project and region from the caller and
+/// the catalogue).
+pub(super) fn scope_ref(call: Call<'_>) -> Result<ScopeRef<'_>, ApiError> {
     let params = call.params;
     let project = match params.get("ProjectId") {
         None => call.owner,
@@ -47,10 +53,10 @@ pub(super) fn scope(call: Call<'_>) -> Result<Scope, ApiError> {
             return Err(ApiError::ZoneNotFound(clip(z)));
         }
     }
-    Ok(Scope {
+    Ok(ScopeRef {
         provider: Provider::Ucloud,
-        owner: project.to_owned(),
-        region: region.to_owned(),
+        owner: project,
+        region,
     })
 }
 
