@@ -152,6 +152,7 @@ async fn results_queue_holds_no_plaintext_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_naming_its_own_recipient_does_not_redirect_keys() {
     let mut env = Env::new("redirect");
+    env.track("bredir");
     env.start_worker(&["--threads", "1"]);
     let broker = connect(&env).await;
     broker.declare_results_queue("bredir").await.unwrap();

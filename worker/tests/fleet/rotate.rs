@@ -33,6 +33,7 @@ fn text(out: &std::process::Output) -> String {
 async fn rotation_through_the_workers_killed_mid_way_leaves_exactly_the_successors_everywhere() {
     tokio::time::timeout(Duration::from_secs(900), async {
         let mut env = Env::new("rotfleet");
+        env.track("rot-fleet");
         let (addr, stop) = start_cloud(&env, 20, 0.2).await;
         let aliyun = format!("aliyun=http://{addr}");
         let ucloud = format!("ucloud=http://{addr}");
@@ -191,6 +192,8 @@ fn submit_and_wait(env: &Env, csv: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // Standard output is the batch id: its results queue goes with the test's.
+    env.track(String::from_utf8_lossy(&out.stdout).trim());
 }
 
 /// Seeds `n` pairs through a worker that is then SIGKILLed, so the rotation `id`'s first
@@ -200,6 +203,7 @@ fn first_jobs_left_queued(env: &mut Env, n: usize, id: &str) -> Vec<String> {
     seed(env, n);
     signal(env.worker(0), "KILL");
     let _ = env.worker(0).wait();
+    env.track(id);
     [
         "rotate",
         "--submit",
@@ -325,6 +329,7 @@ async fn a_rerun_after_a_crash_mid_publication_makes_each_successor_once() {
 async fn rotate_through_the_workers_in_waves_within_the_quota() {
     tokio::time::timeout(Duration::from_secs(300), async {
         let mut env = Env::new("rotwave");
+        env.track("rot-waves");
         env.start_worker(&["--threads", "1", "--quota", "10"]);
         seed(&env, 8);
         let args = [
@@ -405,6 +410,7 @@ async fn rotate_through_the_workers_in_waves_within_the_quota() {
 async fn retire_waits_for_the_successors_keys_in_the_folder_not_on_the_queue() {
     tokio::time::timeout(Duration::from_secs(300), async {
         let mut env = Env::new("rotret");
+        env.track("rot-ret");
         env.start_worker(&["--threads", "1"]);
         seed(&env, 6);
         let args = [
