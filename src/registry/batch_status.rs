@@ -176,6 +176,18 @@ impl BatchStatusStore {
         self.conn.run_script::<i64>(&call).await.map(drop)
     }
 
+    /// Deletes all that is recorded of the batch: for a benchmark's batches, which are
+    /// measured and thrown away (a real batch's record expires with its TTL).
+    pub async fn forget(&self, batch_id: &str) -> Result<(), RegistryError> {
+        let keys = self.batch_keys(batch_id)?;
+        let mut del = redis::cmd("DEL");
+        del.arg(&keys.counts)
+            .arg(&keys.jobs)
+            .arg(&keys.recipient)
+            .arg(&keys.collected);
+        self.conn.write::<i64>(&del, None).await.map(drop)
+    }
+
     /// Records the age recipient the batch's private keys are encrypted to. Only a producer
     /// (`submit`) calls it; workers read it with [`BatchStatusStore::recipient`].
     pub async fn set_recipient(

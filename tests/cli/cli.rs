@@ -475,8 +475,8 @@ fn bench_runs_with_the_submit_settings_in_the_environment() {
 }
 
 /// `bench --submit` times `submit` and the bare publisher on the real RabbitMQ and Redis
-/// (no figure is asserted: benchmarks are benchmarks), on queues of its own that are gone
-/// afterwards.
+/// (no figure is asserted: benchmarks are benchmarks), on queues and Redis keys of its own
+/// that are gone afterwards.
 #[test]
 fn bench_submit_reports_submit_beside_a_bare_publisher_and_leaves_no_queue() {
     let dir = tempfile::tempdir().unwrap();
@@ -510,4 +510,10 @@ fn bench_submit_reports_submit_beside_a_bare_publisher_and_leaves_no_queue() {
         .map(str::to_owned)
         .collect();
     assert!(left.is_empty(), "queues left behind: {left:?}");
+    let keys = std::process::Command::new("redis-cli")
+        .args(["--scan", "--pattern", &format!("{prefix}*")])
+        .output()
+        .expect("redis-cli (installed with Redis by scripts/test.sh)");
+    let left = String::from_utf8_lossy(&keys.stdout);
+    assert!(left.trim().is_empty(), "Redis keys left behind: {left}");
 }

@@ -3,7 +3,7 @@
 //! message), the same window of publisher confirms, and nothing else (no file, no validation, no encoding, no Redis). The
 //! bare rate is the broker's own ceiling on this machine; submit's share of it is what its
 //! plumbing costs. Rounds alternate which goes first; medians are reported. Each measurement
-//! uses a prefix of its own, deleted afterwards. Numbers only; nothing asserts timing.
+//! uses a prefix of its own, whose queues and Redis keys are deleted afterwards. Numbers only; nothing asserts timing.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -20,6 +20,8 @@ use crate::keys::keygen::KeyBits;
 use crate::modes::submit::{submit, KeysTo, SubmitError, SubmitOptions};
 use crate::queue::broker::{self, Broker, BrokerError};
 use crate::queue::endpoints::Endpoints;
+use crate::registry::batch_status::BatchStatusStore;
+use crate::registry::RegistryError;
 use crate::telemetry::progress::ProgressMode;
 
 /// One publisher's run: jobs per second (wall clock) and this process's CPU per job.
@@ -56,6 +58,8 @@ pub enum PublishBenchError {
     Broker(#[from] BrokerError),
     #[error("submit")]
     Submit(#[from] SubmitError),
+    #[error("Redis")]
+    Redis(#[from] RegistryError),
     #[error("temporary files")]
     Io(#[from] std::io::Error),
 }
@@ -215,11 +219,16 @@ async fn measure_bare(
     })
 }
 
-/// Deletes what a measurement's `submit` declared.
+/// Deletes what a measurement's `submit` declared and recorded: its queues and exchanges, and
+/// the batch's status in Redis.
 async fn remove(ep: &Endpoints, batch: &str) -> Result<(), PublishBenchError> {
     let broker = Broker::connect_nodes(&ep.amqp_url, 0, ep.topology(), ep.connect_timeout).await?;
     broker.remove(&[batch]).await?;
     broker.close().await;
+    BatchStatusStore::connect(&ep.redis_url, &ep.prefix, ep.connect_timeout)
+        .await?
+        .forget(batch)
+        .await?;
     Ok(())
 }
 
