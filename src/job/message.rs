@@ -105,9 +105,10 @@ impl Writer {
     pub fn push(&mut self, job: &Job) -> Result<(), serde_json::Error> {
         if self.jobs == 0 {
             self.out.extend_from_slice(br#"{"v":"#);
-            serde_json::to_writer(&mut self.out, &GROUP_VERSION)?;
+            self.out
+                .extend_from_slice(itoa::Buffer::new().format(GROUP_VERSION).as_bytes());
             self.out.extend_from_slice(br#","batch_id":"#);
-            serde_json::to_writer(&mut self.out, &job.batch_id)?;
+            write_str(&mut self.out, &job.batch_id)?;
             self.out.extend_from_slice(br#","jobs":["#);
             self.jobs_at = self.out.len();
             self.first_id = job.job_id;
