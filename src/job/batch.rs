@@ -62,6 +62,14 @@ pub enum Row {
     Bad(BadRow),
 }
 
+/// One row of a batch lent by [`BatchInput::lend_rows`]: a job (the reader's, written over by
+/// the next row), or why the row is not one.
+#[derive(Debug)]
+pub enum RowRef<'a> {
+    Job(&'a Job),
+    Bad(BadRow),
+}
+
 /// A row that is not a job (bad quoting, a wrong field count, an unknown provider).
 #[derive(Debug)]
 pub struct BadRow {
@@ -73,16 +81,6 @@ pub struct BadRow {
 }
 
 impl BadRow {
-    fn row(line: u64, provider: Provider, owner: String, reason: String, d: &RowDefaults) -> Row {
-        Row::Bad(BadRow {
-            batch_id: d.batch_id.clone(),
-            line,
-            provider,
-            owner,
-            reason,
-        })
-    }
-
     /// The row's answer: a failed result naming the line and what is wrong with it.
     pub fn into_result(self) -> crate::job::JobResult {
         crate::job::JobResult::rejected_row(
@@ -99,43 +97,44 @@ impl BadRow {
 const PROVIDER_COL: &str = "Provider";
 const OWNER_COL: &str = "Owner";
 
-/// A row's parameters made into its job. `own_columns`: whether `params` may hold keyfleet's
-/// own columns (a CSV whose header has neither is not searched for them, row after row).
-fn build_row(
+/// A row's job finished from its parameters, already in `job.params`: its line, its id, and
+/// (`own_columns`: `params` may hold keyfleet's own columns) its owner and provider. A CSV
+/// whose header has neither column is not searched for them, row after row, and its rows
+/// keep the defaults' owner and provider.
+fn finish_row(
+    job: &mut Job,
     line: u64,
-    mut params: BTreeMap<String, String>,
     own_columns: bool,
     defaults: &RowDefaults,
-) -> Row {
-    let owner = match own_columns.then(|| params.remove(OWNER_COL)).flatten() {
-        Some(o) if !o.trim().is_empty() => o.trim().to_owned(),
-        _ => defaults.owner.clone(),
-    };
-    let provider = match own_columns.then(|| params.remove(PROVIDER_COL)).flatten() {
+) -> Result<(), BadRow> {
+    job.line = Some(line);
+    job.job_id = job_id(&defaults.batch_id, line);
+    if !own_columns {
+        return Ok(());
+    }
+    let owner = job.params.remove(OWNER_COL);
+    job.owner.clear();
+    job.owner.push_str(match owner.as_deref().map(str::trim) {
+        Some(o) if !o.is_empty() => o,
+        _ => &defaults.owner,
+    });
+    job.provider = defaults.provider;
+    match job.params.remove(PROVIDER_COL) {
         Some(p) if !p.trim().is_empty() => match p.parse::<Provider>() {
-            Ok(p) => p,
+            Ok(p) => job.provider = p,
             Err(e) => {
-                return BadRow::row(
+                return Err(BadRow {
+                    batch_id: defaults.batch_id.clone(),
                     line,
-                    defaults.provider,
-                    owner,
-                    format!("line {line}: column Provider: {e}"),
-                    defaults,
-                )
+                    provider: defaults.provider,
+                    owner: job.owner.clone(),
+                    reason: format!("line {line}: column Provider: {e}"),
+                })
             }
         },
-        _ => defaults.provider,
-    };
-    Row::Job(Job {
-        v: MESSAGE_VERSION,
-        job_id: job_id(&defaults.batch_id, line),
-        batch_id: defaults.batch_id.clone(),
-        line: Some(line),
-        provider,
-        owner,
-        params,
-        key_bits: defaults.key_bits,
-    })
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The path that means standard input.
@@ -169,6 +168,8 @@ pub struct BatchInput {
 
 /// One CSV record or JSONL line, not yet a job.
 enum RawRow {
+    /// A CSV record of one line with no quote in it: its fields are read in place.
+    Plain(Vec<u8>),
     Csv(Result<Vec<Vec<u8>>, String>),
     Jsonl(Vec<u8>),
 }
@@ -249,6 +250,7 @@ impl BatchInput {
         };
         Ok(Some(match self.format {
             Format::Jsonl => (start, RawRow::Jsonl(first)),
+            Format::Csv if !first.contains(&b'"') => (start, RawRow::Plain(first)),
             Format::Csv => (start, RawRow::Csv(self.csv_record(first)?)),
         }))
     }
@@ -361,52 +363,124 @@ impl BatchInput {
     /// Reads row by row, handing each row to `emit`; stops early when `emit` returns false (the
     /// consumer has gone away). Returns the number of rows read.
     pub fn read_rows(
-        mut self,
+        self,
         defaults: &RowDefaults,
         mut emit: impl FnMut(Row) -> bool,
     ) -> Result<u64, BatchError> {
+        self.lend_rows(defaults, |row| {
+            emit(match row {
+                RowRef::Job(job) => Row::Job(job.clone()),
+                RowRef::Bad(bad) => Row::Bad(bad),
+            })
+        })
+    }
+
+    /// [`BatchInput::read_rows`], each job lent to `emit` rather than given: the reader keeps
+    /// one job and writes each row over it (its parameters' strings in place), so a row
+    /// costs no allocation. `submit`'s packer checks and encodes a job and is done with it;
+    /// making and freeing each row's job was two fifths of its thread's instructions
+    /// (docs/benchmarks.md, "a row read in place").
+    pub fn lend_rows(
+        mut self,
+        defaults: &RowDefaults,
+        mut emit: impl FnMut(RowRef<'_>) -> bool,
+    ) -> Result<u64, BatchError> {
+        let mut job = Job {
+            v: MESSAGE_VERSION,
+            job_id: uuid::Uuid::nil(),
+            batch_id: defaults.batch_id.clone(),
+            line: None,
+            provider: defaults.provider,
+            owner: defaults.owner.clone(),
+            params: BTreeMap::new(),
+            key_bits: defaults.key_bits,
+        };
         let mut rows = 0;
         while let Some((line, raw)) = self.next_raw()? {
-            let bad = |reason: String| {
-                BadRow::row(
+            let filled = match raw {
+                RawRow::Plain(bytes) => {
+                    let filled = fill_plain(&self.headers, &bytes, &mut job.params);
+                    self.spare = bytes;
+                    filled.map(|()| self.own_columns)
+                }
+                RawRow::Csv(Ok(fields)) if fields.len() != self.headers.len() => {
+                    Err(field_count(fields.len(), self.headers.len()))
+                }
+                RawRow::Csv(Ok(fields)) => csv_text(&self.headers, fields).map(|fields| {
+                    fill_csv(
+                        &mut job.params,
+                        &self.headers,
+                        fields.iter().map(String::as_str),
+                    );
+                    self.own_columns
+                }),
+                RawRow::Csv(Err(reason)) => Err(reason),
+                RawRow::Jsonl(bytes) => {
+                    let text = strip_eol(&bytes);
+                    let filled = match std::str::from_utf8(text) {
+                        Ok(text) => jsonl_params(text.trim()).map(|params| {
+                            job.params = params;
+                            true
+                        }),
+                        Err(e) => Err(not_utf8_in_line(text, e)),
+                    };
+                    self.spare = bytes;
+                    filled
+                }
+            };
+            let row = filled
+                .map_err(|reason| BadRow {
+                    batch_id: defaults.batch_id.clone(),
                     line,
-                    defaults.provider,
-                    defaults.owner.clone(),
-                    format!("line {line}: {reason}"),
-                    defaults,
-                )
-            };
-            let row = match raw {
-                RawRow::Csv(Ok(fields)) if fields.len() != self.headers.len() => bad(format!(
-                    "{} fields where the header has {}",
-                    fields.len(),
-                    self.headers.len()
-                )),
-                RawRow::Csv(Ok(fields)) => match csv_text(&self.headers, fields) {
-                    Ok(fields) => build_row(
-                        line,
-                        csv_params(&self.headers, fields),
-                        self.own_columns,
-                        defaults,
-                    ),
-                    Err(reason) => bad(reason),
-                },
-                RawRow::Csv(Err(reason)) => bad(reason),
-                RawRow::Jsonl(bytes) => match std::str::from_utf8(strip_eol(&bytes)) {
-                    Ok(text) => match jsonl_params(text.trim()) {
-                        Ok(params) => build_row(line, params, true, defaults),
-                        Err(reason) => bad(reason),
-                    },
-                    Err(e) => bad(not_utf8_in_line(strip_eol(&bytes), e)),
-                },
-            };
+                    provider: defaults.provider,
+                    owner: defaults.owner.clone(),
+                    reason: format!("line {line}: {reason}"),
+                })
+                .and_then(|own_columns| finish_row(&mut job, line, own_columns, defaults));
             rows += 1;
-            if !emit(row) {
+            let go = match row {
+                Ok(()) => emit(RowRef::Job(&job)),
+                Err(bad) => emit(RowRef::Bad(bad)),
+            };
+            if !go {
                 break;
             }
         }
         Ok(rows)
     }
+}
+
+/// Why a CSV record is not a row: its field count is not the header's.
+fn field_count(fields: usize, headers: usize) -> String {
+    format!("{fields} fields where the header has {headers}")
+}
+
+/// A CSV record with no quote in it, as most are: its fields are the pieces of `line` between
+/// commas, read where they lie (RFC 4180 gives such a record no other reading) into `params`.
+fn fill_plain(
+    headers: &[String],
+    line: &[u8],
+    params: &mut BTreeMap<String, String>,
+) -> Result<(), String> {
+    let bytes = strip_eol(line);
+    let fields = bytes.iter().filter(|&&b| b == b',').count() + 1;
+    if fields != headers.len() {
+        return Err(field_count(fields, headers.len()));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        // The first field that is not UTF-8 names the error, as a quoted record's would.
+        bytes
+            .split(|&b| b == b',')
+            .enumerate()
+            .find_map(|(i, f)| {
+                std::str::from_utf8(f)
+                    .err()
+                    .map(|e| not_utf8(i + 1, headers.get(i).map(String::as_str), f, e))
+            })
+            .unwrap_or_default()
+    })?;
+    fill_csv(params, headers, text.split(','));
+    Ok(())
 }
 
 /// `line` without its line ending (`\n` or `\r\n`).
@@ -548,13 +622,24 @@ impl CsvRecord {
     }
 }
 
-/// A CSV cannot tell an empty cell from an absent parameter, so an empty cell is absent — except
-/// `Tag.N.Value` next to a non-empty `Tag.N.Key`, where the API allows an empty value.
-fn csv_params(headers: &[String], fields: Vec<String>) -> BTreeMap<String, String> {
-    let mut params = BTreeMap::new();
+/// A CSV record's fields written over the last row's parameters, in place (a parameter the
+/// last row had keeps its strings' room). A CSV cannot tell an empty cell from an absent
+/// parameter, so an empty cell is absent — except `Tag.N.Value` next to a non-empty
+/// `Tag.N.Key`, where the API allows an empty value. Every column is written, so nothing of
+/// the last row is left.
+fn fill_csv<'a>(
+    params: &mut BTreeMap<String, String>,
+    headers: &[String],
+    fields: impl Iterator<Item = &'a str>,
+) {
     for (h, v) in headers.iter().zip(fields) {
-        if !v.is_empty() {
-            params.insert(h.clone(), v);
+        if v.is_empty() {
+            params.remove(h);
+        } else if let Some(slot) = params.get_mut(h) {
+            slot.clear();
+            slot.push_str(v);
+        } else {
+            params.insert(h.clone(), v.to_owned());
         }
     }
     for h in headers {
@@ -567,7 +652,6 @@ fn csv_params(headers: &[String], fields: Vec<String>) -> BTreeMap<String, Strin
             }
         }
     }
-    params
 }
 
 fn jsonl_params(text: &str) -> Result<BTreeMap<String, String>, String> {
@@ -671,7 +755,10 @@ pub fn count_rows(path: &Path, format: Option<Format>) -> Option<u64> {
     }
     let mut input = BatchInput::open(path, format).ok()?;
     let mut rows = 0u64;
-    while input.next_raw().ok()?.is_some() {
+    while let Some((_, raw)) = input.next_raw().ok()? {
+        if let RawRow::Plain(line) | RawRow::Jsonl(line) = raw {
+            input.spare = line;
+        }
         rows += 1;
     }
     Some(rows)
@@ -964,6 +1051,83 @@ pub(crate) mod tests {
             let (mut fast, mut slow) = (CsvRecord::default(), CsvRecord::default());
             proptest::prop_assert_eq!(fast.feed(&line), slow.feed_bytes(&line));
             proptest::prop_assert_eq!(fast.fields, slow.fields);
+        }
+
+        /// A record without quotes read in place gives what the byte-by-byte reader and a
+        /// fresh map give: the same parameters, or the same reason it is not a row.
+        #[test]
+        fn a_plain_record_is_read_in_place_as_byte_by_byte(line in proptest::collection::vec(
+            proptest::sample::select(vec![b'a', b'b', b',', b',', b' ', 0xC3, 0xA9, 0xFF]), 0..12),
+            eol in proptest::sample::select(vec!["", "\n", "\r\n"]),
+            stale in proptest::sample::select(vec!["", "x", "old"]),
+        ) {
+            let headers: Vec<String> =
+                ["KeyPairName", "Tag.1.Key", "Tag.1.Value"].map(String::from).to_vec();
+            let mut line = line;
+            line.extend_from_slice(eol.as_bytes());
+            let mut slow = CsvRecord::default();
+            proptest::prop_assert_eq!(slow.feed_bytes(&line), Ok(true));
+            let want = if slow.fields.len() != headers.len() {
+                Err(field_count(slow.fields.len(), headers.len()))
+            } else {
+                csv_text(&headers, slow.fields).map(|fields| {
+                    let mut params = BTreeMap::new();
+                    fill_csv(&mut params, &headers, fields.iter().map(String::as_str));
+                    params
+                })
+            };
+            // The map holds a row before this one, as the reader's does.
+            let mut params: BTreeMap<String, String> = headers
+                .iter()
+                .filter(|_| !stale.is_empty())
+                .map(|h| (h.clone(), stale.to_owned()))
+                .collect();
+            let got = fill_plain(&headers, &line, &mut params).map(|()| params);
+            proptest::prop_assert_eq!(got, want);
+        }
+
+        /// Each row's job, read over the last row's in place, is the job that row makes when
+        /// it is a file's only row: nothing of the rows before it is left in it.
+        #[test]
+        fn a_row_read_in_place_keeps_nothing_of_the_row_before(
+            own in proptest::bool::ANY,
+            quoted in proptest::bool::ANY,
+            rows in proptest::collection::vec(proptest::collection::vec(
+                proptest::sample::select(vec!["", "", "web-1", "x,y", "ucloud", " o ", "bogus"]), 6), 1..8),
+        ) {
+            let mut headers = vec!["RegionId", "KeyPairName", "Tag.1.Key", "Tag.1.Value"];
+            if own {
+                headers.extend(["Owner", "Provider"]);
+            }
+            let header = headers.join(",");
+            let cell = |c: &str| if quoted || c.contains(',') { format!("\"{c}\"") } else { c.to_owned() };
+            let lines: Vec<String> = rows
+                .iter()
+                .map(|r| r[..headers.len()].iter().map(|c| cell(c)).collect::<Vec<_>>().join(","))
+                .collect();
+            let whole = read(".csv", &format!("{header}\n{}\n", lines.join("\n")));
+            proptest::prop_assert_eq!(whole.len(), lines.len());
+            for (i, (row, line)) in whole.iter().zip(&lines).enumerate() {
+                let alone = read(".csv", &format!("{header}\n{line}\n"));
+                let at = i as u64 + 2;
+                match (row, &alone[0]) {
+                    (Row::Job(a), Row::Job(b)) => {
+                        proptest::prop_assert_eq!(a.line, Some(at));
+                        proptest::prop_assert_eq!(a.job_id, job_id(&a.batch_id, at));
+                        let a = Job { line: b.line, job_id: b.job_id, ..a.clone() };
+                        proptest::prop_assert_eq!(&a, b);
+                    }
+                    (Row::Bad(a), Row::Bad(b)) => {
+                        proptest::prop_assert_eq!(a.line, at);
+                        proptest::prop_assert_eq!(
+                            a.reason.replace(&format!("line {at}"), "line 2"),
+                            b.reason.clone()
+                        );
+                        proptest::prop_assert_eq!((&a.owner, a.provider), (&b.owner, b.provider));
+                    }
+                    (a, b) => proptest::prop_assert!(false, "{a:?} alone is {b:?}"),
+                }
+            }
         }
 
         /// Deciding a line is not blank by its first byte agrees with reading it all.

@@ -73,11 +73,11 @@ pub fn message_id(jobs: &[Job]) -> Uuid {
 }
 
 /// One message written a job at a time, as [`encode`] writes it (`encode` is this writer over
-/// a slice). Each job is encoded when it is pushed, so the caller can drop it at once: the
-/// packer frees a row's allocations on the row that made them, which keeps glibc's per-thread
-/// cache of small blocks warm (freeing a message's 32 jobs together overflowed it, and the
-/// next rows' allocations went to the arena; with a larger cache `submit` spent a fifth less
-/// user CPU: docs/benchmarks.md, 2026-12-07 (Emerald Rapids)).
+/// a slice). Each job is encoded when it is pushed, so the caller need not keep it: the
+/// packer pushes the batch reader's one lent job, written over by each row
+/// ([`super::batch::BatchInput::lend_rows`]). Before, it kept a message's 32 jobs and freed
+/// them together, which overflowed glibc's per-thread cache of small blocks (docs/benchmarks.md,
+/// 2026-12-07 (Emerald Rapids)).
 #[derive(Default)]
 pub struct Writer {
     out: Vec<u8>,

@@ -1,14 +1,15 @@
 //! A batch file made into publishable job messages on the batch reader's thread (`submit`):
 //! each row is checked against its dialect there, the valid ones are packed into messages
-//! as the batch's [`JobsPerMessage`] plan says and encoded there, and the publishing loop is handed runs
-//! of finished messages, not rows. So the loop only publishes; the reader thread is woken once
-//! a run instead of once a row; and every job is dropped by the thread that made it (glibc's
-//! allocator takes an arena's lock when another thread frees into it). Measured in
-//! docs/benchmarks.md ("`submit` packing on the reader's thread").
+//! as the batch's [`JobsPerMessage`] plan says and encoded there, and the publishing loop is
+//! handed runs of finished messages, not rows. So the loop only publishes, and the reader
+//! thread is woken once a run instead of once a row. A row's job is lent, not made: the reader
+//! writes each row over one job ([`BatchInput::lend_rows`]), which is checked and encoded in
+//! place, so a valid row costs no allocation. Measured in docs/benchmarks.md ("`submit`
+//! packing on the reader's thread", "a row read in place").
 
 use tokio::sync::mpsc;
 
-use super::batch::{BatchError, BatchInput, Reader, Row, RowDefaults};
+use super::batch::{BatchError, BatchInput, Reader, RowDefaults, RowRef};
 use super::jobs_per_message::{Cursor, JobsPerMessage};
 use super::message;
 use super::JobResult;
@@ -52,7 +53,7 @@ pub fn spawn_packer(
     let handle = input.read_on_thread(move |input| {
         let mut packer = Packer::new(catalog, jobs_per_message);
         let mut open = true;
-        let read = input.read_rows(&defaults, |row| {
+        let read = input.lend_rows(&defaults, |row| {
             packer.take(row);
             if packer.run.len() >= RUN || (!packer.run.is_empty() && idle(&tx)) {
                 open = tx.blocking_send(packer.hand_over()).is_ok();
@@ -96,13 +97,13 @@ impl Packer {
         }
     }
 
-    fn take(&mut self, row: Row) {
+    fn take(&mut self, row: RowRef<'_>) {
         match row {
-            Row::Bad(bad) => self.run.push(Packed::Answer(Box::new(bad.into_result()))),
-            Row::Job(job) => {
+            RowRef::Bad(bad) => self.run.push(Packed::Answer(Box::new(bad.into_result()))),
+            RowRef::Job(job) => {
                 match dialect::validate(job.provider, &job.owner, &job.params, &self.catalog) {
                     Err(e) => self.run.push(Packed::Answer(Box::new(JobResult::failed(
-                        &job,
+                        job,
                         &e,
                         now_rfc3339(),
                         1,
@@ -111,7 +112,7 @@ impl Packer {
                         if self.message.jobs() == 0 {
                             self.message.reserve(self.cursor.size());
                         }
-                        if let Err(e) = self.message.push(&job) {
+                        if let Err(e) = self.message.push(job) {
                             // The publishing loop stops here; nothing after it is packed.
                             self.message = message::Writer::default();
                             self.run.push(Packed::Unencodable(e.to_string()));
