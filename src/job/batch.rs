@@ -377,9 +377,9 @@ impl BatchInput {
 
     /// [`BatchInput::read_rows`], each job lent to `emit` rather than given: the reader keeps
     /// one job and writes each row over it (its parameters' strings in place), so a row
-    /// costs no allocation. `submit`'s packer checks and encodes a job and is done with it;
-    /// making and freeing each row's job was two fifths of its thread's instructions
-    /// (docs/benchmarks.md, "a row read in place").
+    /// whose columns were filled in the row before costs no allocation. `submit`'s packer
+    /// checks and encodes a job and is done with it; reading in place took 23 % off its
+    /// thread's instructions (docs/benchmarks.md, 2026-12-07 (Zen 4, noon)).
     pub fn lend_rows(
         mut self,
         defaults: &RowDefaults,
