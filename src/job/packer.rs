@@ -82,7 +82,8 @@ struct Packer {
     catalog: Catalog,
     /// Where the batch is in its plan.
     cursor: Cursor,
-    /// The message being filled: each job is encoded into it as it is taken, and dropped.
+    /// The message being filled: each job is encoded into it as it is taken (the reader then
+    /// writes the next row over that job).
     message: message::Writer,
     run: Vec<Packed>,
 }
