@@ -2,7 +2,7 @@
 //! input order, and the key files written by its sink (`sink/key_files.rs`).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -45,13 +45,13 @@ fn key_files(root: &Path) -> Result<KeyFiles, OutputError> {
     })
 }
 
-/// The jobs a manifest's text answers. A torn last line (crash mid-write) is simply not
-/// counted: its result was not acked, so it comes again. A later line for the same job (a
-/// created pair after a failure) supersedes the earlier one.
-fn written_in(text: &str) -> Written {
+/// The jobs a manifest's bytes answer. A torn last line (crash mid-write, perhaps in the
+/// middle of a character) is simply not counted: its result was not acked, so it comes again.
+/// A later line for the same job (a created pair after a failure) supersedes the earlier one.
+fn written_in(text: &[u8]) -> Written {
     let mut seen = Written::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+    for line in text.split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
             continue;
         };
         let id = v.get("job_id").and_then(|j| j.as_str());
@@ -68,11 +68,41 @@ fn written_in(text: &str) -> Written {
 /// collected there. No manifest answers nothing; an unreadable one is an error.
 pub fn read_written(root: &Path) -> Result<Written, OutputError> {
     let path = root.join(MANIFEST);
-    match fs::read_to_string(&path) {
-        Ok(text) => Ok(written_in(&text)),
+    let mut text = Vec::new();
+    match open_manifest(&path, OpenOptions::new().read(true))
+        .and_then(|mut f| f.read_to_end(&mut text))
+    {
+        Ok(_) => Ok(written_in(&text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && root.is_dir() => Ok(Written::new()),
         Err(source) => Err(OutputError::Manifest { path, source }),
     }
+}
+
+/// Opens the manifest at `path` as `options` say: created 0600, never through a symlink, and
+/// only if it is a regular file. The output folder may be one others could write to: a link
+/// planted as the manifest would have `collect`'s repair of a torn last line cut, and its lines
+/// appended to, whatever file the link points at.
+fn open_manifest(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+    let f = options
+        .mode(0o600)
+        .custom_flags(crate::sink::files::no_follow())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                std::io::Error::other(
+                    "it is a symbolic link, which keyfleet neither follows nor writes through; \
+                     move it away",
+                )
+            } else {
+                e
+            }
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "it is not a regular file; move it away",
+        ));
+    }
+    Ok(f)
 }
 
 /// Makes `root` a private folder (0700), sweeps what an interrupted process left in it, and
@@ -92,11 +122,13 @@ impl OutputDir {
     pub fn create(root: &Path) -> Result<Self, OutputError> {
         let manifest_path = open_folder(root)?;
         let mut rotated = None;
-        if manifest_path.exists() {
+        // Whatever is there is kept aside, a link as a link (even one pointing nowhere).
+        let present = |p: &Path| fs::symlink_metadata(p).is_ok();
+        if present(&manifest_path) {
             let mut n = crate::time::unix_now();
             let target = loop {
                 let candidate = root.join(format!("manifest-{n}.jsonl"));
-                if !candidate.exists() {
+                if !present(&candidate) {
                     break candidate;
                 }
                 n += 1;
@@ -107,15 +139,14 @@ impl OutputDir {
             })?;
             rotated = Some(target);
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&manifest_path)
-            .map_err(|source| OutputError::Manifest {
-                path: manifest_path.clone(),
-                source,
-            })?;
+        let file = open_manifest(
+            &manifest_path,
+            OpenOptions::new().write(true).create_new(true),
+        )
+        .map_err(|source| OutputError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        })?;
         Ok(OutputDir {
             root: root.to_owned(),
             keys: key_files(root)?,
@@ -133,35 +164,28 @@ impl OutputDir {
             path: manifest_path.clone(),
             source,
         };
-        let mut seen = Written::new();
-        if manifest_path.exists() {
-            let text = fs::read_to_string(&manifest_path).map_err(manifest_err)?;
-            seen = written_in(&text);
-            if !text.is_empty() && !text.ends_with('\n') {
-                let whole = text.rfind('\n').map_or(0, |i| i + 1);
-                let last = &text[whole..];
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&manifest_path)
-                    .map_err(manifest_err)?;
-                if serde_json::from_str::<serde_json::Value>(last).is_ok() {
-                    // Whole but for its line break (counted above): finish the line.
-                    (&f).seek(SeekFrom::End(0)).map_err(manifest_err)?;
-                    (&f).write_all(b"\n").map_err(manifest_err)?;
-                } else {
-                    // Torn: cut off, so the manifest stays one JSON object per line for
-                    // whoever reads it (`jq`); its result was not acked and comes again.
-                    f.set_len(whole as u64).map_err(manifest_err)?;
-                }
-                f.sync_all().map_err(manifest_err)?;
+        // One open for the read, the repair and the appends: what is read is what is written.
+        let mut file = open_manifest(
+            &manifest_path,
+            OpenOptions::new().read(true).append(true).create(true),
+        )
+        .map_err(manifest_err)?;
+        // Bytes, not text: a line torn by a kill may end inside a character.
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(manifest_err)?;
+        let seen = written_in(&text);
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if serde_json::from_slice::<serde_json::Value>(&text[whole..]).is_ok() {
+                // Whole but for its line break (counted above): finish the line.
+                file.write_all(b"\n").map_err(manifest_err)?;
+            } else {
+                // Torn: cut off, so the manifest stays one JSON object per line for
+                // whoever reads it (`jq`); its result was not acked and comes again.
+                file.set_len(whole as u64).map_err(manifest_err)?;
             }
+            file.sync_all().map_err(manifest_err)?;
         }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o644)
-            .open(&manifest_path)
-            .map_err(manifest_err)?;
         Ok((
             OutputDir {
                 root: root.to_owned(),

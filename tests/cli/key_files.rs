@@ -56,6 +56,7 @@ fn output_folders_are_private_and_keys_0600() {
         mode(&o.join("aliyun/default/cn-hangzhou/web-02.pem")),
         0o600
     );
+    assert_eq!(mode(&o.join("manifest.jsonl")), 0o600);
     // No temporary file is left behind.
     let names: Vec<String> = std::fs::read_dir(o.join("aliyun/default/cn-hangzhou"))
         .unwrap()
@@ -81,4 +82,81 @@ fn pem_symlink_is_never_written_through() {
     );
     let manifest = std::fs::read_to_string(dir.path().join("o/manifest.jsonl")).unwrap();
     assert!(manifest.contains("refusing to overwrite"), "{manifest}");
+}
+
+/// `collect` (and `rotate --fleet`) reopen the manifest to append to it, and cut a torn last
+/// line. A link planted as the manifest once had both done to the file it points at: here the
+/// victim's last line is not JSON, so the repair would have emptied it.
+#[test]
+fn a_manifest_planted_as_a_symlink_is_neither_cut_nor_appended_to() {
+    use keyfleet::sink::folder::{read_written, OutputDir};
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("o");
+    std::fs::create_dir(&o).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, o.join("manifest.jsonl")).unwrap();
+
+    let err = OutputDir::resume(&o)
+        .err()
+        .expect("a symlinked manifest is refused");
+    let why = format!("{err:#} {:?}", std::error::Error::source(&err));
+    assert!(why.contains("symbolic link"), "{why}");
+    let err = read_written(&o).expect_err("not read through the link either");
+    assert!(
+        format!("{:?}", std::error::Error::source(&err)).contains("symbolic link"),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    // `run` keeps what it finds under another name (the link itself) and starts a file of its
+    // own, 0600.
+    let out = OutputDir::create(&o).unwrap();
+    assert!(std::fs::symlink_metadata(out.rotated.as_ref().unwrap())
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(mode(&o.join("manifest.jsonl")), 0o600);
+    drop(out);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    // A link pointing nowhere is kept aside too, not created through.
+    let o2 = dir.path().join("o2");
+    std::fs::create_dir(&o2).unwrap();
+    let nowhere = dir.path().join("nowhere.txt");
+    std::os::unix::fs::symlink(&nowhere, o2.join("manifest.jsonl")).unwrap();
+    let out = OutputDir::create(&o2).unwrap();
+    assert!(out.rotated.is_some());
+    assert_eq!(mode(&o2.join("manifest.jsonl")), 0o600);
+    assert!(!nowhere.exists());
+}
+
+/// A kill mid-write can tear the manifest's last line inside a character (a name in Chinese is
+/// three bytes a character). That line is cut and its job comes again; the lines before it
+/// still count. The manifest was once read as text, and such a tear stopped every later
+/// `collect` with "stream did not contain valid UTF-8".
+#[test]
+fn a_manifest_line_torn_inside_a_character_is_cut_and_the_lines_before_it_kept() {
+    use keyfleet::sink::folder::OutputDir;
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("o");
+    std::fs::create_dir(&o).unwrap();
+    let kept = uuid::Uuid::new_v4();
+    let whole = format!("{{\"job_id\":\"{kept}\",\"status\":\"created\",\"name\":\"密钥\"}}\n");
+    let torn = format!(
+        "{{\"job_id\":\"{}\",\"status\":\"created\",\"name\":\"密",
+        uuid::Uuid::new_v4()
+    );
+    let mut bytes = format!("{whole}{torn}").into_bytes();
+    bytes.pop(); // the last byte of 密: the line now ends inside the character
+    std::fs::write(o.join("manifest.jsonl"), &bytes).unwrap();
+
+    let (out, seen) = OutputDir::resume(&o).unwrap();
+    drop(out);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen.get(&kept), Some(&true));
+    assert_eq!(
+        std::fs::read_to_string(o.join("manifest.jsonl")).unwrap(),
+        whole
+    );
 }
