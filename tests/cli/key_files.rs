@@ -84,7 +84,7 @@ fn pem_symlink_is_never_written_through() {
     assert!(manifest.contains("refusing to overwrite"), "{manifest}");
 }
 
-/// `collect` (and `rotate --fleet`) reopen the manifest to append to it, and cut a torn last
+/// `collect` (and `rotate --submit`) reopen the manifest to append to it, and cut a torn last
 /// line. A link planted as the manifest once had both done to the file it points at: here the
 /// victim's last line is not JSON, so the repair would have emptied it.
 #[test]
