@@ -143,6 +143,10 @@ impl EmbeddedRegistry {
                 )));
             }
         }
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            // Refused before the check below reads it (see `state_file`).
+            return Err(symlink_refused(path));
+        }
         if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
             return Err(RegistryError::Storage(format!(
                 "state file {shown} is empty, so it is not a keyfleet state file (a crash while \
@@ -623,7 +627,8 @@ fn contained<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
 fn open_database(path: &Path) -> Result<Database, RegistryError> {
     let mut tries = 0;
     loop {
-        match contained(|| Database::create(path)) {
+        let file = state_file(path)?;
+        match contained(|| Database::builder().create_file(file)) {
             Ok(Ok(db)) => return Ok(db),
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if tries < LOCK_TRIES => {
                 tries += 1;
@@ -633,6 +638,37 @@ fn open_database(path: &Path) -> Result<Database, RegistryError> {
             Err(()) => return Err(damaged(path, "truncated or overwritten")),
         }
     }
+}
+
+/// The state file opened as redb's `Database::create` opens it (read and write, created when
+/// missing, never truncated), but created 0600 and never through a symlink: a link planted
+/// where the state file goes would have redb create or write a file wherever it points.
+fn state_file(path: &Path) -> Result<File, RegistryError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        // O_NOFOLLOW, as `sink::files::no_follow` gives the sinks (the registry sits below them).
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                symlink_refused(path)
+            } else {
+                RegistryError::Storage(format!("cannot open state file {}: {e}", path.display()))
+            }
+        })
+}
+
+fn symlink_refused(path: &Path) -> RegistryError {
+    RegistryError::Storage(format!(
+        "cannot open state file {}: it is a symbolic link, which keyfleet neither follows nor \
+         writes through; name the file itself (--state)",
+        path.display()
+    ))
 }
 
 /// How long [`open_database`] waits for a lock held a moment: 10 × 50 ms. A file another

@@ -160,3 +160,37 @@ fn a_manifest_line_torn_inside_a_character_is_cut_and_the_lines_before_it_kept()
         whole
     );
 }
+
+/// The state file (./keyfleet.redb unless --state says otherwise) is the registry. A link
+/// planted in its place once had redb create the registry wherever the link pointed, or open
+/// the file there for writing; now it is refused, and the file keyfleet makes is 0600.
+#[test]
+fn a_state_file_planted_as_a_symlink_is_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("keyfleet.redb");
+    let rows = "RegionId,KeyPairName\ncn-hangzhou,web-04\n";
+
+    let elsewhere = dir.path().join("elsewhere.redb");
+    std::os::unix::fs::symlink(&elsewhere, &state).unwrap();
+    let out = run(dir.path(), rows);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = crate::util::text(&out);
+    assert!(
+        said.contains("keyfleet.redb") && said.contains("symbolic link"),
+        "{said}"
+    );
+    assert!(!elsewhere.exists(), "nothing created where the link points");
+
+    std::fs::remove_file(&state).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, &state).unwrap();
+    let out = run(dir.path(), rows);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    std::fs::remove_file(&state).unwrap();
+    let out = run(dir.path(), rows);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(mode(&state), 0o600);
+}
